@@ -1,0 +1,129 @@
+"""Batches of tasks: stack equal-shaped tasks for `torch.func.vmap`, or loop.
+
+A batch of tasks is a `Task` whose tensors carry a leading task axis of size B.
+Tasks with different shapes cannot be stacked; they run one after another.
+"""
+from __future__ import annotations
+
+from typing import Callable, Literal, Sequence, TypeVar
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from metaopt.types import Batch, Task
+
+__all__ = ["Batching", "TaskShapeMismatch", "stack_tasks", "unstack_tasks", "task_count",
+           "check_task", "resolve_batching"]
+
+Batching = Literal["auto", "vmap", "loop"]
+T = TypeVar("T")
+
+
+class TaskShapeMismatch(ValueError):
+    """Tasks (or the batches inside one task) have shapes that do not go together."""
+
+
+def _describe(task: Task) -> list[tuple[str, tuple[int, ...]]]:
+    names = [f"support[{t}].{f}" for t in range(len(task.support)) for f in Batch._fields]
+    names += [f"query.{f}" for f in Batch._fields]
+    leaves, _ = tree_flatten(task)
+    return [(n, tuple(v.shape)) for n, v in zip(names, leaves)]
+
+
+def check_task(task: Task, *, batched: bool = False) -> None:
+    """Check that a task's support and query batches go together.
+
+    Inputs must have the same per-example shape in every batch, and each batch as
+    many targets as inputs. With `batched`, every tensor has the same leading
+    task axis.
+
+    Raises:
+      TaskShapeMismatch: naming the batch and the shapes.
+    """
+    lead = 1 if batched else 0
+    batches = [(f"support[{t}]", b) for t, b in enumerate(task.support)] + [("query", task.query)]
+    if batched:
+        sizes = {name: b.x.shape[0] for name, b in batches} | {name + ".y": b.y.shape[0] for name, b in batches}
+        if len(set(sizes.values())) > 1:
+            raise TaskShapeMismatch(f"batched task has different task-axis sizes: {sizes}")
+    ref_name, ref = batches[-1]
+    for name, b in batches:
+        if b.x.shape[lead + 1:] != ref.x.shape[lead + 1:]:
+            raise TaskShapeMismatch(
+                f"task inputs differ in shape: {name}.x has examples of shape {tuple(b.x.shape[lead + 1:])}, "
+                f"{ref_name}.x of shape {tuple(ref.x.shape[lead + 1:])}")
+        if b.x.shape[:lead + 1] != b.y.shape[:lead + 1]:
+            raise TaskShapeMismatch(f"{name} has {tuple(b.x.shape[:lead + 1])} inputs but "
+                                    f"{tuple(b.y.shape[:lead + 1])} targets")
+
+
+def stack_tasks(tasks: Sequence[Task]) -> Task:
+    """Stack tasks of equal shapes along a new leading task axis.
+
+    Raises:
+      TaskShapeMismatch: the tasks differ in inner steps or in some tensor's shape
+        (the message names the task, the tensor and both shapes).
+    """
+    if not tasks:
+        raise ValueError("stack_tasks: no tasks given")
+    ref = _describe(tasks[0])
+    for i, task in enumerate(tasks[1:], start=1):
+        if len(task.support) != len(tasks[0].support):
+            raise TaskShapeMismatch(f"cannot stack tasks: task {i} has {len(task.support)} inner steps, "
+                                    f"task 0 has {len(tasks[0].support)}")
+        for (name, shape), (_, ref_shape) in zip(_describe(task), ref):
+            if shape != ref_shape:
+                raise TaskShapeMismatch(f"cannot stack tasks for vmap: task {i} {name} has shape {shape}, "
+                                        f"task 0 has {ref_shape} (use batching='loop' for unequal tasks)")
+    leaves = [tree_flatten(t)[0] for t in tasks]
+    _, spec = tree_flatten(tasks[0])
+    return tree_unflatten([torch.stack(column) for column in zip(*leaves)], spec)
+
+
+def task_count(tasks: Task) -> int:
+    """B, the size of the leading task axis of a batch of tasks."""
+    return tasks.query.x.shape[0]
+
+
+def unstack_tasks(tasks: Task) -> list[Task]:
+    """The B tasks of a batch of tasks, each without the task axis."""
+    return [tree_map(lambda v, i=i: v[i], tasks) for i in range(task_count(tasks))]
+
+
+def resolve_batching(tasks: Task | Sequence[Task], batching: Batching,
+                     supports_vmap: bool = True) -> tuple[Literal["vmap", "loop"], Task | list[Task]]:
+    """Decide how a batch of tasks runs, and put the tasks in that form.
+
+    Args:
+      tasks: a stacked batch of tasks (a `Task` with a leading task axis) or a list of tasks.
+      batching: "vmap" (stack, raise if shapes differ), "loop", or "auto" (vmap when the
+        tasks stack and the caller supports it, loop otherwise).
+      supports_vmap: whether the computation may run under vmap.
+
+    Returns:
+      ("vmap", stacked task) or ("loop", list of tasks).
+    """
+    if batching not in ("auto", "vmap", "loop"):
+        raise ValueError(f"batching must be 'auto', 'vmap' or 'loop', got {batching!r}")
+    if batching == "vmap" and not supports_vmap:
+        raise ValueError("batching='vmap' was asked for, but this computation cannot run under vmap; "
+                         "use batching='loop' or 'auto'")
+    if isinstance(tasks, Task):
+        check_task(tasks, batched=True)
+        if batching == "loop" or not supports_vmap:
+            return "loop", unstack_tasks(tasks)
+        return "vmap", tasks
+    tasks = list(tasks)
+    for i, task in enumerate(tasks):
+        try:
+            check_task(task)
+        except TaskShapeMismatch as e:
+            raise TaskShapeMismatch(f"task {i}: {e}") from None
+    if batching == "loop" or not supports_vmap:
+        return "loop", tasks
+    try:
+        return "vmap", stack_tasks(tasks)
+    except TaskShapeMismatch:
+        if batching == "vmap":
+            raise
+        return "loop", tasks

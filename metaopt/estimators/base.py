@@ -1,0 +1,188 @@
+"""The estimator interface, `MetaGrad`, and the registry by name.
+
+An estimator is one way of differentiating (or not) the same unrolled
+composition `outer_loss(step^T(init(meta)))`. Each one defines, for one task,
+a `TaskObjective`: a scalar *surrogate* whose gradient with respect to the
+meta-parameters is that estimator's meta-gradient (for `full`, the outer loss
+itself), and the outer loss for reporting. The base class then runs a batch of
+tasks under `torch.func.vmap` (one graph for all tasks) or in a loop (one task
+graph at a time, less memory) and returns a `MetaGrad`. Estimators have no side
+effects: only the training loop writes `.grad`.
+
+This package never imports `metaopt.metaparams`.
+"""
+from __future__ import annotations
+
+import abc
+import time
+from typing import Callable, ClassVar, NamedTuple, Sequence, TypeVar
+
+import torch
+from torch import Tensor
+
+from metaopt.batching import Batching, resolve_batching
+from metaopt.budget import Budget
+from metaopt.loop import InnerLoop
+from metaopt.types import MetaParams, Task
+
+__all__ = [
+    "MetaGrad",
+    "TaskObjective",
+    "AbstractEstimator",
+    "EstimatorUnsupported",
+    "UnknownEstimator",
+    "register",
+    "get_estimator",
+    "available_estimators",
+    "grads_of",
+]
+
+
+class MetaGrad(NamedTuple):
+    """What an estimator returns.
+
+    Attributes:
+      grads: one tensor per meta-parameter, keyed like `meta.named_parameters()`
+        (zeros for meta-parameters the outer loss does not depend on); the mean
+        over the batch of tasks.
+      outer_loss: mean outer loss over the tasks (detached, a scalar).
+      stats: "seconds" (wall-clock of the call), "tasks", "batching", and
+        estimator-specific figures.
+    """
+
+    grads: dict[str, Tensor]
+    outer_loss: Tensor
+    stats: dict[str, float | int | str]
+
+
+class TaskObjective(NamedTuple):
+    """One task's contribution.
+
+    Attributes:
+      surrogate: a scalar whose gradient w.r.t. the meta-parameters is the
+        estimator's meta-gradient for this task.
+      outer_loss: the task's outer loss (for reporting; may equal `surrogate`).
+    """
+
+    surrogate: Tensor
+    outer_loss: Tensor
+
+
+class EstimatorUnsupported(ValueError):
+    """An estimator cannot serve this inner loop or meta-parameter kind."""
+
+
+class UnknownEstimator(ValueError):
+    """No estimator is registered under this name."""
+
+
+def grads_of(loss: Tensor, meta: MetaParams) -> dict[str, Tensor]:
+    """d loss / d meta for every meta-parameter that requires grad (zeros where unused)."""
+    named = [(k, p) for k, p in meta.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("meta has no parameters that require grad: nothing to meta-learn")
+    grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
+    return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(named, grads)}
+
+
+class AbstractEstimator(abc.ABC):
+    """A way of computing the meta-gradient of the outer loss.
+
+    Subclasses define `task_objective` for one task and document, in their class
+    docstring, what they compute, their memory and time in T, whether they are
+    exact, and what they cannot serve.
+
+    Class attributes:
+      name: the registry name (set by `register`).
+      exact: True if the meta-gradient equals full backprop's up to rounding.
+      supports_vmap: whether `task_objective` may run under `torch.func.vmap`.
+    """
+
+    name: ClassVar[str] = "?"
+    exact: ClassVar[bool]
+    supports_vmap: ClassVar[bool] = True
+
+    def check(self, loop: InnerLoop, meta: MetaParams) -> None:
+        """Raise `EstimatorUnsupported` (why, and what to use instead) before any work."""
+        loop.check(meta)
+
+    @abc.abstractmethod
+    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task, budget: Budget) -> TaskObjective:
+        """The surrogate and outer loss of one task (no task axis)."""
+
+    def __call__(self, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
+                 budget: Budget | None = None, *, batching: Batching = "auto") -> MetaGrad:
+        """The meta-gradient of the mean outer loss over a batch of tasks.
+
+        Args:
+          loop: the inner loop.
+          meta: the meta-parameters.
+          tasks: a stacked batch of tasks (leading task axis) or a list of tasks.
+          budget: the per-task budget (None: unlimited).
+          batching: "vmap" runs all tasks in one vectorized graph (fast; memory grows
+            with B), "loop" one task graph at a time (memory of one task), "auto" vmap
+            where tasks stack and the estimator allows it.
+        """
+        budget = budget if budget is not None else Budget()
+        self.check(loop, meta)
+        start = time.perf_counter()
+        mode, prepared = resolve_batching(tasks, batching, self.supports_vmap)
+
+        def objective(task: Task) -> TaskObjective:
+            return self.task_objective(loop, meta, task, budget)
+
+        if mode == "vmap":
+            batch = torch.func.vmap(objective, randomness="different")(prepared)
+            n = batch.surrogate.shape[0]
+            grads = grads_of(batch.surrogate.mean(), meta)
+            outer_loss = batch.outer_loss.detach().mean()
+        else:
+            n = len(prepared)
+            grads, losses = {}, []
+            for task in prepared:
+                result = objective(task)
+                task_grads = grads_of(result.surrogate / n, meta)
+                grads = task_grads if not grads else {k: grads[k] + g for k, g in task_grads.items()}
+                losses.append(result.outer_loss.detach())
+            outer_loss = torch.stack(losses).mean()
+        stats = {"seconds": time.perf_counter() - start, "tasks": n, "batching": mode}
+        return MetaGrad(grads, outer_loss, stats)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+_REGISTRY: dict[str, type[AbstractEstimator]] = {}
+E = TypeVar("E", bound=type[AbstractEstimator])
+
+
+def register(name: str) -> Callable[[E], E]:
+    """Class decorator: make an estimator available as `get_estimator(name)`."""
+
+    def add(cls: E) -> E:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"estimator name {name!r} is already registered by {_REGISTRY[name].__name__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def available_estimators() -> list[str]:
+    """The registered estimator names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_estimator(name: str, **kwargs: object) -> AbstractEstimator:
+    """Build a registered estimator: `get_estimator("truncated", k=5)`.
+
+    Raises:
+      UnknownEstimator: the name is not registered (the message lists those that are).
+    """
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise UnknownEstimator(f"unknown estimator {name!r}; available: {', '.join(available_estimators())}") from None
+    return cls(**kwargs)

@@ -1,0 +1,30 @@
+"""First-order MAML (FOMAML): drop the second-order terms of the unroll."""
+from __future__ import annotations
+
+from metaopt.budget import Budget
+from metaopt.estimators.base import AbstractEstimator, TaskObjective, register
+from metaopt.loop import InnerLoop, unroll
+from metaopt.types import MetaParams, Task
+
+__all__ = ["FirstOrder"]
+
+
+@register("first_order")
+class FirstOrder(AbstractEstimator):
+    """First-order approximation (FOMAML, Finn et al. 2017, section 5.2).
+
+    Every inner gradient is treated as a constant: d params_{t+1} / d params_t = I,
+    so the initialization gets the outer gradient at the adapted parameters, and a
+    learning rate gets -sum_t <grad_t, d outer / d params_T> (exact for T = 1).
+    Memory: one forward unroll's parameters, no inner-gradient graphs; time O(T).
+    Biased (drops all Hessian terms). Serves every slot, but meta-parameters that
+    reach the inner loop only through the inner gradient (a learned loss, data
+    transforms) get zero meta-gradient.
+    """
+
+    exact = False
+
+    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task, budget: Budget) -> TaskObjective:
+        state = unroll(loop, loop.init(meta), task.support, meta, create_graph=False)
+        loss = loop.outer_loss(state, task.query, meta)
+        return TaskObjective(loss, loss)

@@ -1,0 +1,164 @@
+"""The inner loop: one pure step `state_{t+1} = step(state_t, batch_t, meta)`.
+
+An `InnerLoop` holds configuration only (a model, an inner optimizer, a loss);
+tensors move through arguments and return values. The model is an ordinary
+`nn.Module`, called with `torch.func.functional_call` on the inner parameters,
+so it is never modified and never monkey-patched.
+
+Meta-parameters plug into slots (see `metaopt.metaparams`):
+
+- "init":      `initial_params()` gives the inner parameters at step 0 (MAML);
+               without it, the model's own parameters (detached) are the start.
+- "optimizer": `hyper()` overrides the inner optimizer's hyperparameters (learned lrs).
+- "loss":      `inner_loss(pred, y, x)` replaces the inner loss (not the outer one).
+- "data":      `transform(batch)` is applied to each support batch before the step.
+
+Buffers (BatchNorm running statistics) are explicit inner state: each forward
+call runs on fresh copies, and the updated copies, detached, become the next
+state's buffers, so the model's own buffers never change and a step that is
+recomputed (checkpointing) cannot update them twice.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils._pytree import tree_map
+
+from metaopt.optim import InnerOptimizer
+from metaopt.types import Batch, Buffers, Hyper, InnerState, LossFn, MetaParams, Params
+
+__all__ = ["InnerLoop", "unroll", "detach_state", "SLOTS"]
+
+SLOTS = ("init", "optimizer", "loss", "data")
+
+StepHook = Callable[[int, InnerState], None]
+
+
+class InnerLoop:
+    """Configuration of an inner training loop: `init`, `step`, `outer_loss`.
+
+    Args:
+      model: an ordinary module; only its structure (and, without an "init"
+        meta-parameter, its current parameter values) is used.
+      optimizer: a pure inner optimizer (`metaopt.optim`).
+      loss_fn: the inner loss `loss(pred, y)`, also the outer loss unless
+        `outer_loss_fn` is given.
+      outer_loss_fn: the loss on the query batch after adaptation.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: InnerOptimizer, loss_fn: LossFn,
+                 outer_loss_fn: LossFn | None = None):
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.outer_loss_fn = outer_loss_fn if outer_loss_fn is not None else loss_fn
+        self.param_shapes = {k: p.shape for k, p in model.named_parameters()}
+
+    def __repr__(self) -> str:
+        return (f"InnerLoop(model={type(self.model).__name__}, optimizer={self.optimizer.name}, "
+                f"loss_fn={getattr(self.loss_fn, '__name__', self.loss_fn)})")
+
+    def check(self, meta: MetaParams) -> None:
+        """Raise ValueError if `meta` has an unknown slot or an init of the wrong shapes."""
+        unknown = set(meta.keys()) - set(SLOTS)
+        if unknown:
+            raise ValueError(f"unknown meta-parameter slot(s) {sorted(unknown)}; slots are {SLOTS}")
+        if "init" in meta:
+            shapes = {k: v.shape for k, v in meta["init"].initial_params().items()}
+            if shapes != self.param_shapes:
+                raise ValueError(f"meta 'init' gives parameters {shapes} but the model has "
+                                 f"{self.param_shapes}")
+
+    def init(self, meta: MetaParams) -> InnerState:
+        """The state at step 0: initial parameters, the model's buffers, fresh optimizer state."""
+        if "init" in meta:
+            params = meta["init"].initial_params()
+        else:
+            params = {k: p.detach() for k, p in self.model.named_parameters()}
+        buffers = {k: b.detach() for k, b in self.model.named_buffers()}
+        return InnerState(params, buffers, self.optimizer.init(params))
+
+    def forward(self, params: Params, buffers: Buffers, x: Tensor) -> tuple[Tensor, Buffers]:
+        """Run the model on `x` with the given parameters and buffers.
+
+        Returns the prediction and the (detached) buffers after the call.
+        """
+        if not buffers:
+            return functional_call(self.model, params, (x,)), buffers
+        fresh = {k: b.clone() for k, b in buffers.items()}
+        pred = functional_call(self.model, (params, fresh), (x,))
+        return pred, {k: b.detach() for k, b in fresh.items()}
+
+    def hyper(self, meta: MetaParams) -> Hyper:
+        """The optimizer hyperparameters that the "optimizer" meta-parameter sets ({} if none)."""
+        return meta["optimizer"].hyper() if "optimizer" in meta else {}
+
+    def step(self, state: InnerState, batch: Batch, meta: MetaParams, *,
+             create_graph: bool = True, hyper: Hyper | None = None) -> InnerState:
+        """One inner step. Pure: returns a new state.
+
+        Args:
+          state: the current inner state.
+          batch: the support batch of this step.
+          meta: the meta-parameters.
+          create_graph: if False, the inner gradient is detached, so the step is
+            differentiable only through the update itself (first-order MAML:
+            d params_{t+1} / d params_t = I, d params_{t+1} / d lr = -grad).
+          hyper: the optimizer hyperparameters, if already computed (`unroll`
+            computes them once for all steps).
+        """
+        if "data" in meta:
+            batch = meta["data"].transform(batch)
+        x, y = batch
+        loss_slot = meta["loss"] if "loss" in meta else None
+
+        def inner_loss(params: Params) -> tuple[Tensor, Buffers]:
+            pred, buffers = self.forward(params, state.buffers, x)
+            loss = loss_slot.inner_loss(pred, y, x) if loss_slot is not None else self.loss_fn(pred, y)
+            return loss, buffers
+
+        grads, buffers = torch.func.grad(inner_loss, has_aux=True)(state.params)
+        if not create_graph:
+            grads = {k: g.detach() for k, g in grads.items()}
+        if hyper is None:
+            hyper = self.hyper(meta)
+        params, opt_state = self.optimizer.update(state.params, grads, state.opt_state, hyper)
+        return InnerState(params, buffers, opt_state)
+
+    def predict(self, state: InnerState, x: Tensor) -> Tensor:
+        """The adapted model's prediction on `x` (buffers are not updated)."""
+        return self.forward(state.params, state.buffers, x)[0]
+
+    def outer_loss(self, state: InnerState, batch: Batch, meta: MetaParams) -> Tensor:
+        """The loss of the adapted parameters on the query batch (a scalar)."""
+        return self.outer_loss_fn(self.predict(state, batch.x), batch.y)
+
+
+def unroll(loop: InnerLoop, state: InnerState, batches: Iterable[Batch], meta: MetaParams, *,
+           create_graph: bool = True, on_step: StepHook | None = None) -> InnerState:
+    """Run one inner step per batch; the only loop over inner steps.
+
+    Args:
+      loop, state, meta: as in `InnerLoop.step`.
+      batches: one support batch per step.
+      create_graph: as in `InnerLoop.step`.
+      on_step: called as `on_step(t, state)` after step t (0-based), e.g. by a
+        budget guard that stops at a step boundary by raising.
+
+    Returns:
+      The state after the last step.
+    """
+    hyper = loop.hyper(meta)
+    for t, batch in enumerate(batches):
+        state = loop.step(state, batch, meta, create_graph=create_graph, hyper=hyper)
+        if on_step is not None:
+            on_step(t, state)
+    return state
+
+
+def detach_state(state: InnerState) -> InnerState:
+    """A copy of `state` with every tensor detached: no path leads back to the meta-parameters."""
+    return tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, state)

@@ -1,0 +1,101 @@
+"""Meta-parameter kinds: ordinary modules that fill one slot of the inner loop.
+
+A kind's `nn.Parameter`s are the meta-parameters; the outer optimizer takes
+`meta.parameters()`. Bases are abstract and one per slot; kinds are final. No
+kind knows which estimator runs (this package never imports `estimators`).
+"""
+from __future__ import annotations
+
+import abc
+from typing import ClassVar, Literal
+
+from torch import Tensor, nn
+
+from metaopt.types import Batch, Hyper, MetaParams, Params
+
+__all__ = [
+    "AbstractMetaParam",
+    "AbstractInitMetaParam",
+    "AbstractOptimizerMetaParam",
+    "AbstractLossMetaParam",
+    "AbstractDataMetaParam",
+    "meta_params",
+    "param_key",
+    "param_name",
+]
+
+Slot = Literal["init", "optimizer", "loss", "data"]
+
+
+def param_key(name: str) -> str:
+    """A functional_call name ("net.0.weight") as a ParameterDict key, which may not hold "."."""
+    return name.replace(".", "/")
+
+
+def param_name(key: str) -> str:
+    """Inverse of `param_key`."""
+    return key.replace("/", ".")
+
+
+class AbstractMetaParam(nn.Module, abc.ABC):
+    """A module of meta-parameters for one slot of the inner loop."""
+
+    slot: ClassVar[Slot]
+
+
+class AbstractInitMetaParam(AbstractMetaParam):
+    """The "init" slot: where inner training starts."""
+
+    slot = "init"
+
+    @abc.abstractmethod
+    def initial_params(self) -> Params:
+        """The inner parameters at step 0, keyed like the model's `named_parameters()`."""
+
+
+class AbstractOptimizerMetaParam(AbstractMetaParam):
+    """The "optimizer" slot: hyperparameters of the inner optimizer."""
+
+    slot = "optimizer"
+
+    @abc.abstractmethod
+    def hyper(self) -> Hyper:
+        """Hyperparameters that override the inner optimizer's defaults, e.g. {"lr": {...}}."""
+
+
+class AbstractLossMetaParam(AbstractMetaParam):
+    """The "loss" slot: the inner training loss."""
+
+    slot = "loss"
+
+    @abc.abstractmethod
+    def inner_loss(self, pred: Tensor, y: Tensor, x: Tensor) -> Tensor:
+        """A scalar inner loss for predictions `pred` on inputs `x` with targets `y`."""
+
+
+class AbstractDataMetaParam(AbstractMetaParam):
+    """The "data" slot: what the inner loop trains on."""
+
+    slot = "data"
+
+    @abc.abstractmethod
+    def transform(self, batch: Batch) -> Batch:
+        """The support batch actually used by one inner step."""
+
+
+def meta_params(*kinds: AbstractMetaParam) -> MetaParams:
+    """Key meta-parameter modules by their slot: `meta_params(Init(m), LearningRates(m))`.
+
+    Raises:
+      ValueError: two modules claim the same slot, or a module is not a meta-parameter kind.
+    """
+    meta = nn.ModuleDict()
+    for kind in kinds:
+        if not isinstance(kind, AbstractMetaParam):
+            raise ValueError(f"{type(kind).__name__} is not a meta-parameter kind "
+                             "(subclass one of metaopt.metaparams.Abstract*MetaParam)")
+        if kind.slot in meta:
+            raise ValueError(f"two meta-parameters for slot {kind.slot!r}: "
+                             f"{type(meta[kind.slot]).__name__} and {type(kind).__name__}")
+        meta[kind.slot] = kind
+    return meta

@@ -1,0 +1,77 @@
+"""Small reference models. Ordinary `nn.Module`s: the inner loop calls them functionally."""
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+from torch import Tensor, nn
+
+__all__ = ["MLP", "Conv4"]
+
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+
+class MLP(nn.Module):
+    """A multilayer perceptron: Linear -> activation, repeated, then a Linear head.
+
+    The sinusoid benchmark's model is `MLP(1, (40, 40), 1)` (Finn et al. 2017).
+
+    Args:
+      in_features: input size.
+      hidden: hidden layer sizes.
+      out_features: output size.
+      activation: "relu", "tanh" or "gelu".
+    """
+
+    def __init__(self, in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: int = 1,
+                 activation: Literal["relu", "tanh", "gelu"] = "relu"):
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"MLP: unknown activation {activation!r}; choose from {sorted(_ACTIVATIONS)}")
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), _ACTIVATIONS[activation]()]
+            width = h
+        layers.append(nn.Linear(width, out_features))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [n, in_features] -> [n, out_features]."""
+        return self.net(x)
+
+
+class Conv4(nn.Module):
+    """The four-block convolutional backbone of few-shot learning (Vinyals et al. 2016).
+
+    Each block: conv 3x3 (`channels` filters, padding 1), BatchNorm, ReLU, max-pool 2.
+    A 28x28 input ends as channels x 1 x 1; a linear head maps it to `out_features`.
+
+    BatchNorm uses batch statistics (training mode), as MAML does; with
+    `track_running_stats=True` its running statistics are buffers, which the
+    inner loop carries as explicit state.
+
+    Args:
+      in_channels: image channels (1 for Omniglot).
+      out_features: classes (N of N-way), or 0 for an embedding without head (ProtoNets).
+      channels: filters per block.
+      image_size: input height = width, to size the head.
+      track_running_stats: keep BatchNorm running statistics as buffers.
+    """
+
+    def __init__(self, in_channels: int = 1, out_features: int = 5, channels: int = 64,
+                 image_size: int = 28, track_running_stats: bool = False):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        c, size = in_channels, image_size
+        for _ in range(4):
+            blocks += [nn.Conv2d(c, channels, 3, padding=1),
+                       nn.BatchNorm2d(channels, track_running_stats=track_running_stats),
+                       nn.ReLU(), nn.MaxPool2d(2)]
+            c, size = channels, size // 2
+        self.features = nn.Sequential(*blocks, nn.Flatten())
+        self.embedding_size = channels * max(size, 1) ** 2
+        self.head = nn.Linear(self.embedding_size, out_features) if out_features else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [n, in_channels, image_size, image_size] -> [n, out_features] (or embeddings)."""
+        return self.head(self.features(x))

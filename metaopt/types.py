@@ -1,0 +1,97 @@
+"""The nouns of metaopt: parameters, batches, tasks, inner state.
+
+Everything here is a NamedTuple or a dict of tensors, so `torch.func` transforms
+(vmap, jvp, grad) and `torch.utils.checkpoint` see through them as pytrees.
+"""
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple, Protocol, Union
+
+from torch import Tensor, nn
+
+__all__ = [
+    "Params",
+    "Buffers",
+    "OptState",
+    "HyperValue",
+    "Hyper",
+    "Batch",
+    "Task",
+    "InnerState",
+    "MetaParams",
+    "LossFn",
+]
+
+Params = dict[str, Tensor]
+"""Inner parameters keyed by `torch.func.functional_call` names ("net.0.weight")."""
+
+Buffers = dict[str, Tensor]
+"""Module buffers (e.g. BatchNorm running statistics), keyed like `Params`."""
+
+OptState = dict[str, Union[Tensor, Params]]
+"""What an inner optimizer keeps between steps (momenta, step count, hidden state)."""
+
+HyperValue = Union[float, Tensor, Mapping[str, Tensor]]
+"""One hyperparameter: a float, a tensor (possibly requiring grad), or one tensor per
+parameter name (per-tensor or per-element values that broadcast against the parameter)."""
+
+Hyper = dict[str, HyperValue]
+"""Hyperparameters handed to an inner optimizer at update time, e.g. {"lr": 0.01}."""
+
+MetaParams = nn.ModuleDict
+"""Slot name ("init", "optimizer", "loss", "data") -> meta-parameter module."""
+
+
+class Batch(NamedTuple):
+    """One batch of examples.
+
+    Attributes:
+      x: inputs, shape [n, *input_shape] (or [B, n, *input_shape] for a batch of tasks).
+      y: targets, shape [n, *target_shape] (or [B, n, ...]).
+    """
+
+    x: Tensor
+    y: Tensor
+
+
+class Task(NamedTuple):
+    """One inner problem: a support batch per inner step, and a query batch.
+
+    For MAML the same support batch is used at every step (`Task.repeat`), so
+    `len(task.support)` is the number of inner steps T. A batch of tasks is a Task
+    whose tensors carry a leading task axis of size B (see `metaopt.batching`).
+    """
+
+    support: tuple[Batch, ...]
+    query: Batch
+
+    @property
+    def inner_steps(self) -> int:
+        return len(self.support)
+
+    @staticmethod
+    def repeat(support: Batch, query: Batch, inner_steps: int) -> "Task":
+        """A task that takes `inner_steps` steps on the same support batch."""
+        if inner_steps < 0:
+            raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+        return Task(support=(support,) * inner_steps, query=query)
+
+
+class InnerState(NamedTuple):
+    """The state carried from one inner step to the next.
+
+    Attributes:
+      params: the inner (fast) parameters.
+      buffers: module buffers, updated functionally (never in place on the model).
+      opt_state: the inner optimizer's state.
+    """
+
+    params: Params
+    buffers: Buffers
+    opt_state: OptState
+
+
+class LossFn(Protocol):
+    """A loss: predictions and targets -> scalar tensor (mean over examples)."""
+
+    def __call__(self, pred: Tensor, target: Tensor) -> Tensor: ...
