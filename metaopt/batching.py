@@ -91,23 +91,27 @@ def unstack_tasks(tasks: Task) -> list[Task]:
 
 
 def resolve_batching(tasks: Task | Sequence[Task], batching: Batching,
-                     supports_vmap: bool = True) -> tuple[Literal["vmap", "loop"], Task | list[Task]]:
+                     vmap_blocker: str | None = None) -> tuple[Literal["vmap", "loop"], Task | list[Task]]:
     """Decide how a batch of tasks runs, and put the tasks in that form.
 
     Args:
       tasks: a stacked batch of tasks (a `Task` with a leading task axis) or a list of tasks.
       batching: "vmap" (stack, raise if shapes differ), "loop", or "auto" (vmap when the
-        tasks stack and the caller supports it, loop otherwise).
-      supports_vmap: whether the computation may run under vmap.
+        tasks stack and nothing blocks it, loop otherwise).
+      vmap_blocker: why the computation must not run under vmap, or None if it may.
 
     Returns:
       ("vmap", stacked task) or ("loop", list of tasks).
+
+    Raises:
+      ValueError: batching="vmap" with a blocker (the message says why), or an unknown mode.
+      TaskShapeMismatch: batching="vmap" and the tasks do not stack.
     """
     if batching not in ("auto", "vmap", "loop"):
         raise ValueError(f"batching must be 'auto', 'vmap' or 'loop', got {batching!r}")
-    if batching == "vmap" and not supports_vmap:
-        raise ValueError("batching='vmap' was asked for, but this computation cannot run under vmap; "
-                         "use batching='loop' or 'auto'")
+    if batching == "vmap" and vmap_blocker is not None:
+        raise ValueError(f"batching='vmap' was asked for, but {vmap_blocker}; use batching='loop' or 'auto'")
+    supports_vmap = vmap_blocker is None
     if isinstance(tasks, Task):
         check_task(tasks, batched=True)
         if batching == "loop" or not supports_vmap:

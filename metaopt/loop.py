@@ -34,6 +34,12 @@ __all__ = ["InnerLoop", "unroll", "detach_state", "SLOTS"]
 
 SLOTS = ("init", "optimizer", "loss", "data")
 
+# Modules whose second derivatives PyTorch computes wrongly under vmap (the batching
+# rule of their backward is wrong for grad_input: functorch issue #534, still open in
+# torch 2.13). Measured: meta-gradients off by O(1) for parameters before the layer.
+# GroupNorm and BatchNorm in eval mode are exact; metaopt.models.BatchNorm is too.
+_SECOND_ORDER_VMAP_UNSAFE = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
 StepHook = Callable[[int, InnerState], None]
 
 
@@ -56,6 +62,17 @@ class InnerLoop:
         self.loss_fn = loss_fn
         self.outer_loss_fn = outer_loss_fn if outer_loss_fn is not None else loss_fn
         self.param_shapes = {k: p.shape for k, p in model.named_parameters()}
+
+    @property
+    def second_order_vmap_unsafe(self) -> list[str]:
+        """Names of the model's modules whose second derivatives are wrong under vmap.
+
+        Estimators that differentiate through inner gradients run such a model task
+        by task instead (see `AbstractEstimator.vmap_blocker`).
+        """
+        return [name for name, m in self.model.named_modules()
+                if isinstance(m, _SECOND_ORDER_VMAP_UNSAFE)
+                and not (isinstance(m, nn.modules.batchnorm._BatchNorm) and not m.training)]
 
     def __repr__(self) -> str:
         return (f"InnerLoop(model={type(self.model).__name__}, optimizer={self.optimizer.name}, "
@@ -88,7 +105,11 @@ class InnerLoop:
         """
         if not buffers:
             return functional_call(self.model, params, (x,)), buffers
-        fresh = {k: b.clone() for k, b in buffers.items()}
+        # Modules update buffers in place (BatchNorm). Under vmap, x is batched but a plain
+        # copy of an unbatched buffer would not be, and vmap forbids writing batched values
+        # into it; adding a zero taken from x gives each task its own copy (a new tensor).
+        zero = torch.zeros_like(x.reshape(-1)[0])
+        fresh = {k: b + zero.to(b.dtype) for k, b in buffers.items()}
         pred = functional_call(self.model, (params, fresh), (x,))
         return pred, {k: b.detach() for k, b in fresh.items()}
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from typing import Literal, Sequence
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP", "Conv4"]
+__all__ = ["MLP", "Conv4", "BatchNorm"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
@@ -40,15 +41,67 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class BatchNorm(nn.Module):
+    """Batch normalization over every dimension but dim 1 (channels), from primitive ops.
+
+    Same outputs and running statistics as `nn.BatchNorm1d/2d/3d` (float64 tests
+    check it), but its second derivatives are exact under `torch.func.vmap`, where
+    PyTorch's fused batch_norm kernel is not (functorch issue #534), so MAML over a
+    vmapped batch of tasks stays correct and fast.
+
+    Args:
+      num_features: channels C of an input [n, C, ...].
+      eps: added to the variance.
+      momentum: running-statistics update rate.
+      affine: learn a per-channel scale and shift.
+      track_running_stats: keep running mean/variance buffers (used in eval mode).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
+                 track_running_stats: bool = False):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.affine, self.track_running_stats = affine, track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_features))
+            self.bias = nn.Parameter(torch.zeros(num_features))
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features))
+            self.register_buffer("running_var", torch.ones(num_features))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [n, C, *spatial] -> same shape."""
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if self.training or not self.track_running_stats:
+            mean = x.mean(dims, keepdim=True)
+            var = x.var(dims, unbiased=False, keepdim=True)
+            if self.training and self.track_running_stats:
+                with torch.no_grad():  # running statistics never carry gradients
+                    n = x.numel() // x.shape[1]
+                    unbiased = var.detach().reshape(-1) * (n / max(n - 1, 1))
+                    self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean.detach().reshape(-1))
+                    self.running_var.mul_(1 - self.momentum).add_(self.momentum * unbiased)
+                    self.num_batches_tracked.add_(1)
+        else:
+            mean, var = self.running_mean.view(shape), self.running_var.view(shape)
+        y = (x - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
 class Conv4(nn.Module):
     """The four-block convolutional backbone of few-shot learning (Vinyals et al. 2016).
 
     Each block: conv 3x3 (`channels` filters, padding 1), BatchNorm, ReLU, max-pool 2.
     A 28x28 input ends as channels x 1 x 1; a linear head maps it to `out_features`.
 
-    BatchNorm uses batch statistics (training mode), as MAML does; with
-    `track_running_stats=True` its running statistics are buffers, which the
-    inner loop carries as explicit state.
+    BatchNorm (`metaopt.models.BatchNorm`, exact under vmap) uses batch statistics,
+    as MAML does (transductive: query batches are normalized with their own
+    statistics); with `track_running_stats=True` its running statistics are
+    buffers, which the inner loop carries as explicit state.
 
     Args:
       in_channels: image channels (1 for Omniglot).
@@ -65,7 +118,7 @@ class Conv4(nn.Module):
         c, size = in_channels, image_size
         for _ in range(4):
             blocks += [nn.Conv2d(c, channels, 3, padding=1),
-                       nn.BatchNorm2d(channels, track_running_stats=track_running_stats),
+                       BatchNorm(channels, track_running_stats=track_running_stats),
                        nn.ReLU(), nn.MaxPool2d(2)]
             c, size = channels, size // 2
         self.features = nn.Sequential(*blocks, nn.Flatten())

@@ -96,15 +96,28 @@ class AbstractEstimator(abc.ABC):
       name: the registry name (set by `register`).
       exact: True if the meta-gradient equals full backprop's up to rounding.
       supports_vmap: whether `task_objective` may run under `torch.func.vmap`.
+      second_order: whether it differentiates through inner gradients (then models
+        with layers that PyTorch gets wrong under vmap run task by task).
     """
 
     name: ClassVar[str] = "?"
     exact: ClassVar[bool]
     supports_vmap: ClassVar[bool] = True
+    second_order: ClassVar[bool] = True
 
     def check(self, loop: InnerLoop, meta: MetaParams) -> None:
         """Raise `EstimatorUnsupported` (why, and what to use instead) before any work."""
         loop.check(meta)
+
+    def vmap_blocker(self, loop: InnerLoop) -> str | None:
+        """Why this estimator must not vmap over tasks with this loop, or None if it may."""
+        if not self.supports_vmap:
+            return f"estimator {self.name!r} cannot run under vmap"
+        unsafe = loop.second_order_vmap_unsafe if self.second_order else []
+        if unsafe:
+            return (f"PyTorch computes second derivatives of {', '.join(unsafe)} wrongly under vmap "
+                    "(functorch issue #534); use metaopt.models.BatchNorm, GroupNorm, or task-by-task batching")
+        return None
 
     @abc.abstractmethod
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task, budget: Budget) -> TaskObjective:
@@ -126,7 +139,7 @@ class AbstractEstimator(abc.ABC):
         budget = budget if budget is not None else Budget()
         self.check(loop, meta)
         start = time.perf_counter()
-        mode, prepared = resolve_batching(tasks, batching, self.supports_vmap)
+        mode, prepared = resolve_batching(tasks, batching, self.vmap_blocker(loop))
 
         def objective(task: Task) -> TaskObjective:
             return self.task_objective(loop, meta, task, budget)

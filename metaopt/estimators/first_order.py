@@ -23,6 +23,7 @@ class FirstOrder(AbstractEstimator):
     """
 
     exact = False
+    second_order = False
 
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task, budget: Budget) -> TaskObjective:
         state = unroll(loop, loop.init(meta), task.support, meta, create_graph=False)

@@ -1,0 +1,70 @@
+"""Reference models: metaopt's BatchNorm equals torch's, and stays exact under vmap where torch's is not."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import metaopt as mo
+from problems import tiny_tasks
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (6, 3, 5, 5)])
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_equals_torch(shape, training):
+    ours = mo.models.BatchNorm(3, track_running_stats=True)
+    ref = (nn.BatchNorm1d if len(shape) == 2 else nn.BatchNorm2d)(3)
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.weight.copy_(torch.tensor([0.5, 1.5, -1.0]))
+            m.bias.copy_(torch.tensor([0.1, 0.0, -0.2]))
+    ours.train(training), ref.train(training)
+    for _ in range(3):
+        x = torch.randn(shape) * 2 + 1
+        torch.testing.assert_close(ours(x), ref(x))
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(ref, name))
+
+
+class NormNet(nn.Module):
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.lin, self.norm, self.out = nn.Linear(1, 4), norm, nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.norm(self.lin(x))))
+
+
+def _vmap_and_loop(model):
+    loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.1), mo.losses.mse)
+    meta = mo.meta_params(mo.Init(model))
+    tasks = tiny_tasks(3, 2)
+    return loop, meta, tasks
+
+
+def test_metaopt_batchnorm_second_order_exact_under_vmap():
+    loop, meta, tasks = _vmap_and_loop(NormNet(mo.models.BatchNorm(4, track_running_stats=True)))
+    assert loop.second_order_vmap_unsafe == []
+    vmapped = mo.Full()(loop, meta, tasks, batching="vmap")
+    looped = mo.Full()(loop, meta, tasks, batching="loop")
+    for k in vmapped.grads:
+        torch.testing.assert_close(vmapped.grads[k], looped.grads[k], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm1d, nn.LayerNorm], ids=lambda m: m.__name__)
+def test_torch_norm_layers_fall_back_to_loop_and_refuse_vmap(norm):
+    loop, meta, tasks = _vmap_and_loop(NormNet(norm(4)))
+    assert loop.second_order_vmap_unsafe == ["norm"]
+    with pytest.raises(ValueError, match="functorch issue #534"):
+        mo.Full()(loop, meta, tasks, batching="vmap")
+    auto = mo.Full()(loop, meta, tasks)
+    assert auto.stats["batching"] == "loop"
+    # First-order estimators never take second derivatives, so they may still vmap.
+    assert mo.FirstOrder()(loop, meta, tasks).stats["batching"] == "vmap"
+
+
+def test_conv4_shapes():
+    model = mo.Conv4(out_features=5, channels=8)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 5)
+    embed = mo.Conv4(out_features=0, channels=8)
+    assert embed(torch.randn(2, 1, 28, 28)).shape == (2, embed.embedding_size)
