@@ -56,7 +56,10 @@ def parse_bytes(value: str | int | float) -> int:
     Raises:
       ValueError: an unknown unit, a malformed string, or a value <= 0.
     """
-    return int(_parse(value, _BYTE_UNITS, "memory budget", "'512MB' or '2GiB'"))
+    number = _parse(value, _BYTE_UNITS, "memory budget", "'512MB' or '2GiB'")
+    if number < 1:
+        raise ValueError(f"memory budget: {value!r} is less than one byte")
+    return int(number)
 
 
 def parse_seconds(value: str | int | float) -> float:

@@ -1,0 +1,45 @@
+"""The Hydra entry points run end to end and keep the contract files and keys."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / "train.py"), f"hydra.run.dir={run_dir}",
+                           *overrides], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("experiment", [None, "sinusoid_maml", "sinusoid_metasgd"])
+def test_train_writes_metrics_and_checkpoint(tmp_path, experiment):
+    overrides = ["debug=tiny"] + ([f"experiment={experiment}"] if experiment else [])
+    result = run_train(tmp_path, *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("meta_test_loss", "meta_test_loss_ci95", "meta_steps", "estimator"):
+        assert key in metrics, key
+    assert metrics["meta_steps"] == 2 and metrics["estimator"] == "full"
+    assert (tmp_path / "checkpoint.pt").exists()
+    assert "meta-test loss" in result.stdout
+
+
+def test_train_with_first_order_and_top_level_overrides(tmp_path):
+    result = run_train(tmp_path, "debug=tiny", "estimator=first_order", "inner_steps=3", "meta_steps=3", "seed=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (metrics["estimator"], metrics["meta_steps"], metrics["inner_steps"]) == ("first_order", 3, 3)
+
+
+def test_unknown_estimator_fails_before_training(tmp_path):
+    result = run_train(tmp_path, "estimator=nonsense")
+    assert result.returncode != 0
+    assert "estimator" in result.stderr and "nonsense" in result.stderr
+    assert not (tmp_path / "metrics.json").exists()

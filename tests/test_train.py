@@ -1,0 +1,79 @@
+"""Meta-training: it learns, resumes exactly from a checkpoint, and stops clearly on NaN."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import metaopt as mo
+from metaopt.checkpoint import CorruptCheckpoint, load_checkpoint, save_atomic
+from metaopt.train import mean_ci95
+
+
+def _parts(seed: int = 0):
+    torch.manual_seed(seed)
+    model = mo.MLP(1, (16, 16), 1)
+    loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.01), mo.losses.mse)
+    meta = mo.meta_params(mo.Init(model), mo.LearningRates(model, granularity="tensor"))
+    return loop, meta, torch.optim.Adam(meta.parameters(), lr=1e-2)
+
+
+def _train(loop, meta, opt, steps, **kwargs):
+    return mo.meta_train(loop, meta, mo.Full(), mo.Sinusoid(k_shot=5), outer_optimizer=opt, meta_steps=steps,
+                         meta_batch_size=4, inner_steps=1, eval_n_tasks=50, progress=False, log_every=5, **kwargs)
+
+
+def test_meta_training_lowers_the_meta_test_loss():
+    loop, meta, opt = _parts()
+    before = mo.evaluate(loop, meta, mo.Sinusoid(k_shot=5), n_tasks=200)["meta_test_loss"]
+    metrics = _train(loop, meta, opt, 150, eval_tasks=mo.Sinusoid(k_shot=5))
+    assert metrics["meta_test_loss"] < 0.7 * before
+    assert metrics["meta_steps"] == 150 and metrics["estimator"] == "full"
+    assert len(metrics["history"]) == 30
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
+    loop, meta, opt = _parts()
+    straight = _train(loop, meta, opt, 10)
+    final = {k: v.clone() for k, v in meta.state_dict().items()}
+
+    loop, meta, opt = _parts()
+    _train(loop, meta, opt, 6, checkpoint_path=tmp_path / "ckpt.pt", checkpoint_every=3)
+    loop, meta, opt = _parts(seed=99)  # fresh objects, different initial values: all must come from the file
+    resumed = _train(loop, meta, opt, 10, checkpoint_path=tmp_path / "ckpt.pt", checkpoint_every=3)
+    for k, v in meta.state_dict().items():
+        torch.testing.assert_close(v, final[k], rtol=1e-12, atol=1e-12)
+    assert resumed["meta_test_loss"] == pytest.approx(straight["meta_test_loss"], rel=1e-9)
+    # The interrupted run logged its last step (6); the resumed one goes on from there.
+    assert [h["meta_step"] for h in resumed["history"]] == [5, 6, 10]
+
+
+def test_nan_stops_with_the_meta_step_and_keeps_the_checkpoint(tmp_path):
+    loop, meta, opt = _parts()
+    with torch.no_grad():
+        meta["optimizer"].lrs["net/0/weight"].fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="meta-step 0: outer loss is nan"):
+        _train(loop, meta, opt, 5, checkpoint_path=tmp_path / "ckpt.pt")
+    assert load_checkpoint(tmp_path / "ckpt.pt")["meta_step"] == 0
+
+
+def test_corrupt_checkpoint_is_named(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CorruptCheckpoint, match="ckpt.pt"):
+        load_checkpoint(path)
+
+
+def test_save_atomic_leaves_no_temporary_files(tmp_path):
+    save_atomic({"a": torch.ones(2)}, tmp_path / "x.pt")
+    save_atomic({"a": torch.zeros(2)}, tmp_path / "x.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+    assert torch.equal(load_checkpoint(tmp_path / "x.pt")["a"], torch.zeros(2))
+
+
+def test_mean_ci95_matches_formula():
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    mean, ci = mean_ci95(values)
+    assert mean == 2.5 and ci == pytest.approx(1.96 * values.std().item() / 2)
+    assert math.isnan(mean_ci95(torch.tensor([1.0]))[1])
