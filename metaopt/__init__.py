@@ -5,10 +5,12 @@ The flat public API. Importing metaopt never imports Hydra, wandb or CUDA code.
 from metaopt import losses, optim
 from metaopt.batching import TaskShapeMismatch, stack_tasks, unstack_tasks
 from metaopt.budget import Budget, BudgetExceeded, parse_bytes, parse_seconds
-from metaopt.estimators import (AbstractEstimator, EstimatorUnsupported, FirstOrder, Full, MetaGrad,
+from metaopt import estimators
+from metaopt.estimators import (AbstractEstimator, Checkpoint, EstimatorUnsupported, EvolutionStrategies, FirstOrder,
+                                ForwardMode, Full, Implicit, MetaGrad, PersistentES, Reptile, Truncated,
                                 UnknownEstimator, available_estimators, get_estimator)
 from metaopt.loop import InnerLoop, detach_state, unroll
-from metaopt.metaparams import Init, LearningRates, meta_params
+from metaopt.metaparams import Init, LearningRates, WeightDecay, meta_params
 from metaopt.models import MLP, Conv4
 from metaopt.tasks import Sinusoid, TaskDistribution
 from metaopt.train import evaluate, meta_train
@@ -20,8 +22,10 @@ __all__ = [
     "losses", "optim",
     "Batch", "Task", "InnerState",
     "InnerLoop", "unroll", "detach_state",
-    "Init", "LearningRates", "meta_params",
-    "AbstractEstimator", "MetaGrad", "Full", "FirstOrder", "get_estimator", "available_estimators",
+    "Init", "LearningRates", "WeightDecay", "meta_params",
+    "estimators", "AbstractEstimator", "MetaGrad", "get_estimator", "available_estimators",
+    "Full", "FirstOrder", "Truncated", "Checkpoint", "Implicit", "ForwardMode", "Reptile", "EvolutionStrategies",
+    "PersistentES",
     "EstimatorUnsupported", "UnknownEstimator",
     "Budget", "BudgetExceeded", "parse_bytes", "parse_seconds",
     "TaskShapeMismatch", "stack_tasks", "unstack_tasks",

@@ -10,7 +10,7 @@ Meta-parameters plug into slots (see `metaopt.metaparams`):
 - "init":      `initial_params()` gives the inner parameters at step 0 (MAML);
                without it, the model's own parameters (detached) are the start.
 - "optimizer": `hyper()` overrides the inner optimizer's hyperparameters (learned lrs).
-- "loss":      `inner_loss(pred, y, x)` replaces the inner loss (not the outer one).
+- "loss":      `inner_loss(pred, batch, params, base_loss)` is the inner loss (not the outer one).
 - "data":      `transform(batch)` is applied to each support batch before the step.
 
 Buffers (BatchNorm running statistics) are explicit inner state: each forward
@@ -20,7 +20,7 @@ recomputed (checkpointing) cannot update them twice.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -28,9 +28,9 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from metaopt.optim import InnerOptimizer
-from metaopt.types import Batch, Buffers, Hyper, InnerState, LossFn, MetaParams, Params
+from metaopt.types import Batch, Buffers, Hyper, InnerState, LossFn, MetaParams, Params, Task
 
-__all__ = ["InnerLoop", "unroll", "detach_state", "SLOTS"]
+__all__ = ["InnerLoop", "unroll", "task_outer_loss", "detach_state", "SLOTS"]
 
 SLOTS = ("init", "optimizer", "loss", "data")
 
@@ -41,6 +41,7 @@ SLOTS = ("init", "optimizer", "loss", "data")
 _SECOND_ORDER_VMAP_UNSAFE = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 StepHook = Callable[[int, InnerState], None]
+InnerGrad = Literal["func", "autograd"]
 
 
 class InnerLoop:
@@ -53,14 +54,20 @@ class InnerLoop:
       loss_fn: the inner loss `loss(pred, y)`, also the outer loss unless
         `outer_loss_fn` is given.
       outer_loss_fn: the loss on the query batch after adaptation.
+      proximal: lambda of iMAML's proximal term (Rajeswaran et al. 2019): the inner
+        objective becomes inner_loss + lambda/2 ||params - params_0||^2, which makes
+        the inner solution depend smoothly on the initialization params_0. 0: none.
     """
 
     def __init__(self, model: nn.Module, optimizer: InnerOptimizer, loss_fn: LossFn,
-                 outer_loss_fn: LossFn | None = None):
+                 outer_loss_fn: LossFn | None = None, proximal: float = 0.0):
+        if proximal < 0:
+            raise ValueError(f"InnerLoop: proximal must be >= 0, got {proximal}")
         self.model = model
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.outer_loss_fn = outer_loss_fn if outer_loss_fn is not None else loss_fn
+        self.proximal = proximal
         self.param_shapes = {k: p.shape for k, p in model.named_parameters()}
 
     @property
@@ -96,7 +103,8 @@ class InnerLoop:
         else:
             params = {k: p.detach() for k, p in self.model.named_parameters()}
         buffers = {k: b.detach() for k, b in self.model.named_buffers()}
-        return InnerState(params, buffers, self.optimizer.init(params))
+        anchor = params if self.proximal else {}
+        return InnerState(params, buffers, self.optimizer.init(params), anchor)
 
     def forward(self, params: Params, buffers: Buffers, x: Tensor) -> tuple[Tensor, Buffers]:
         """Run the model on `x` with the given parameters and buffers.
@@ -117,8 +125,24 @@ class InnerLoop:
         """The optimizer hyperparameters that the "optimizer" meta-parameter sets ({} if none)."""
         return meta["optimizer"].hyper() if "optimizer" in meta else {}
 
-    def step(self, state: InnerState, batch: Batch, meta: MetaParams, *,
-             create_graph: bool = True, hyper: Hyper | None = None) -> InnerState:
+    def inner_objective(self, params: Params, state: InnerState, batch: Batch,
+                        meta: MetaParams) -> tuple[Tensor, Buffers]:
+        """The inner loss of `params` on one (already transformed) batch, and the buffers after it.
+
+        Uses the "loss" meta-parameter if present, and adds the proximal term
+        lambda/2 ||params - state.anchor||^2 when the loop has one.
+        """
+        pred, buffers = self.forward(params, state.buffers, batch.x)
+        if "loss" in meta:
+            loss = meta["loss"].inner_loss(pred, batch, params, self.loss_fn)
+        else:
+            loss = self.loss_fn(pred, batch.y)
+        if self.proximal:
+            loss = loss + 0.5 * self.proximal * sum(((p - state.anchor[k]) ** 2).sum() for k, p in params.items())
+        return loss, buffers
+
+    def step(self, state: InnerState, batch: Batch, meta: MetaParams, *, create_graph: bool = True,
+             hyper: Hyper | None = None, inner_grad: InnerGrad = "func") -> InnerState:
         """One inner step. Pure: returns a new state.
 
         Args:
@@ -130,24 +154,29 @@ class InnerLoop:
             d params_{t+1} / d params_t = I, d params_{t+1} / d lr = -grad).
           hyper: the optimizer hyperparameters, if already computed (`unroll`
             computes them once for all steps).
+          inner_grad: how the inner gradient is taken. "func": `torch.func.grad`,
+            which composes with vmap and jvp (batched tasks, forward mode).
+            "autograd": `torch.autograd.grad`, which composes with saved-tensor hooks
+            (`torch.utils.checkpoint`, memory metering) but not with vmap. Same values.
         """
         if "data" in meta:
             batch = meta["data"].transform(batch)
-        x, y = batch
-        loss_slot = meta["loss"] if "loss" in meta else None
 
-        def inner_loss(params: Params) -> tuple[Tensor, Buffers]:
-            pred, buffers = self.forward(params, state.buffers, x)
-            loss = loss_slot.inner_loss(pred, y, x) if loss_slot is not None else self.loss_fn(pred, y)
-            return loss, buffers
+        def objective(params: Params) -> tuple[Tensor, Buffers]:
+            return self.inner_objective(params, state, batch, meta)
 
-        grads, buffers = torch.func.grad(inner_loss, has_aux=True)(state.params)
-        if not create_graph:
-            grads = {k: g.detach() for k, g in grads.items()}
+        if inner_grad == "func":
+            grads, buffers = torch.func.grad(objective, has_aux=True)(state.params)
+            if not create_graph:
+                grads = {k: g.detach() for k, g in grads.items()}
+        elif inner_grad == "autograd":
+            grads, buffers = _autograd_grad(objective, state.params, create_graph)
+        else:
+            raise ValueError(f"inner_grad must be 'func' or 'autograd', got {inner_grad!r}")
         if hyper is None:
             hyper = self.hyper(meta)
         params, opt_state = self.optimizer.update(state.params, grads, state.opt_state, hyper)
-        return InnerState(params, buffers, opt_state)
+        return InnerState(params, buffers, opt_state, state.anchor)
 
     def predict(self, state: InnerState, x: Tensor) -> Tensor:
         """The adapted model's prediction on `x` (buffers are not updated)."""
@@ -159,13 +188,14 @@ class InnerLoop:
 
 
 def unroll(loop: InnerLoop, state: InnerState, batches: Iterable[Batch], meta: MetaParams, *,
-           create_graph: bool = True, on_step: StepHook | None = None) -> InnerState:
+           create_graph: bool = True, inner_grad: InnerGrad = "func",
+           on_step: StepHook | None = None) -> InnerState:
     """Run one inner step per batch; the only loop over inner steps.
 
     Args:
       loop, state, meta: as in `InnerLoop.step`.
       batches: one support batch per step.
-      create_graph: as in `InnerLoop.step`.
+      create_graph, inner_grad: as in `InnerLoop.step`.
       on_step: called as `on_step(t, state)` after step t (0-based), e.g. by a
         budget guard that stops at a step boundary by raising.
 
@@ -174,10 +204,27 @@ def unroll(loop: InnerLoop, state: InnerState, batches: Iterable[Batch], meta: M
     """
     hyper = loop.hyper(meta)
     for t, batch in enumerate(batches):
-        state = loop.step(state, batch, meta, create_graph=create_graph, hyper=hyper)
+        state = loop.step(state, batch, meta, create_graph=create_graph, hyper=hyper, inner_grad=inner_grad)
         if on_step is not None:
             on_step(t, state)
     return state
+
+
+def task_outer_loss(loop: InnerLoop, meta: MetaParams, task: Task, *, create_graph: bool = True,
+                    inner_grad: InnerGrad = "func") -> Tensor:
+    """outer_loss(step^T(init(meta))): adapt on the task's support batches, score on its query batch."""
+    state = unroll(loop, loop.init(meta), task.support, meta, create_graph=create_graph, inner_grad=inner_grad)
+    return loop.outer_loss(state, task.query, meta)
+
+
+def _autograd_grad(objective: Callable[[Params], tuple[Tensor, Buffers]], params: Params,
+                   create_graph: bool) -> tuple[Params, Buffers]:
+    with torch.enable_grad():  # also inside torch.no_grad(), e.g. evaluation
+        # Parameters that carry no graph (a fixed init) become fresh leaves to differentiate.
+        leaves = {k: p if p.requires_grad else p.detach().requires_grad_() for k, p in params.items()}
+        loss, buffers = objective(leaves)
+        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=create_graph, allow_unused=True)
+    return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(leaves.items(), grads)}, buffers
 
 
 def detach_state(state: InnerState) -> InnerState:

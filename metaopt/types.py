@@ -84,11 +84,14 @@ class InnerState(NamedTuple):
       params: the inner (fast) parameters.
       buffers: module buffers, updated functionally (never in place on the model).
       opt_state: the inner optimizer's state.
+      anchor: the initial parameters, kept when the inner loss has a proximal term
+        (iMAML); an empty dict otherwise.
     """
 
     params: Params
     buffers: Buffers
     opt_state: OptState
+    anchor: Params
 
 
 class LossFn(Protocol):

@@ -26,6 +26,7 @@ META_KINDS: dict[str, Callable[[torch.nn.Module], MetaParams]] = {
     "lrs_tensor": lambda m: mo.meta_params(mo.LearningRates(m, init=(0.05, 0.15), granularity="tensor")),
     "init+lrs_element": lambda m: mo.meta_params(mo.Init(m), mo.LearningRates(m, init=(0.05, 0.15),
                                                                                granularity="element")),
+    "weight_decay": lambda m: mo.meta_params(mo.WeightDecay(m, init=0.05)),
 }
 
 

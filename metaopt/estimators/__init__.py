@@ -2,8 +2,15 @@
 from metaopt.estimators.base import (AbstractEstimator, EstimatorUnsupported, MetaGrad, TaskObjective,
                                      UnknownEstimator, available_estimators, get_estimator, grads_of,
                                      register)
+from metaopt.estimators.checkpoint import Checkpoint
+from metaopt.estimators.es import EvolutionStrategies
 from metaopt.estimators.first_order import FirstOrder
+from metaopt.estimators.forward import ForwardMode
 from metaopt.estimators.full import Full
+from metaopt.estimators.implicit import Implicit
+from metaopt.estimators.pes import PersistentES
+from metaopt.estimators.reptile import Reptile
+from metaopt.estimators.truncated import Truncated
 
 __all__ = [
     "AbstractEstimator",
@@ -17,4 +24,11 @@ __all__ = [
     "register",
     "Full",
     "FirstOrder",
+    "Truncated",
+    "Checkpoint",
+    "Implicit",
+    "ForwardMode",
+    "Reptile",
+    "EvolutionStrategies",
+    "PersistentES",
 ]

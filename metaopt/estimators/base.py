@@ -18,7 +18,7 @@ import time
 from typing import Callable, ClassVar, NamedTuple, Sequence, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from metaopt.batching import Batching, resolve_batching
 from metaopt.budget import Budget
@@ -35,6 +35,9 @@ __all__ = [
     "get_estimator",
     "available_estimators",
     "grads_of",
+    "meta_values",
+    "call_with_meta",
+    "linear_surrogate",
 ]
 
 
@@ -62,10 +65,13 @@ class TaskObjective(NamedTuple):
       surrogate: a scalar whose gradient w.r.t. the meta-parameters is the
         estimator's meta-gradient for this task.
       outer_loss: the task's outer loss (for reporting; may equal `surrogate`).
+      stats: scalar tensors to report (e.g. a solver residual); averaged over tasks,
+        and their maximum reported as "<name>_max".
     """
 
     surrogate: Tensor
     outer_loss: Tensor
+    stats: dict[str, Tensor] = {}
 
 
 class EstimatorUnsupported(ValueError):
@@ -76,11 +82,41 @@ class UnknownEstimator(ValueError):
     """No estimator is registered under this name."""
 
 
+class _MetaCall(nn.Module):
+    def __init__(self, meta: MetaParams):
+        super().__init__()
+        self.meta = meta
+
+    def forward(self, fn: Callable[..., Tensor], *args: object) -> Tensor:
+        return fn(self.meta, *args)
+
+
+def meta_values(meta: MetaParams) -> dict[str, Tensor]:
+    """The meta-parameters that require grad, detached: the point at which estimates are taken."""
+    return {k: p.detach() for k, p in meta.named_parameters() if p.requires_grad}
+
+
+def call_with_meta(meta: MetaParams, values: dict[str, Tensor], fn: Callable[..., Tensor], *args: object) -> Tensor:
+    """`fn(meta, *args)` with the meta-parameters replaced by `values` (keyed like named_parameters).
+
+    Uses `torch.func.functional_call`, so it composes with jvp and vmap; the module is not changed.
+    """
+    return torch.func.functional_call(_MetaCall(meta), {f"meta.{k}": v for k, v in values.items()}, (fn, *args))
+
+
+def linear_surrogate(meta: MetaParams, grads: dict[str, Tensor]) -> Tensor:
+    """sum_k <meta_k, grads_k.detach()>: a scalar whose gradient w.r.t. meta is `grads`."""
+    params = dict(meta.named_parameters())
+    return sum((params[k] * g.detach()).sum() for k, g in grads.items())
+
+
 def grads_of(loss: Tensor, meta: MetaParams) -> dict[str, Tensor]:
     """d loss / d meta for every meta-parameter that requires grad (zeros where unused)."""
     named = [(k, p) for k, p in meta.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("meta has no parameters that require grad: nothing to meta-learn")
+    if not loss.requires_grad:  # no path from any meta-parameter (e.g. truncated before the only one used)
+        return {k: torch.zeros_like(p) for k, p in named}
     grads = torch.autograd.grad(loss, [p for _, p in named], allow_unused=True)
     return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(named, grads)}
 
@@ -148,18 +184,23 @@ class AbstractEstimator(abc.ABC):
             batch = torch.func.vmap(objective, randomness="different")(prepared)
             n = batch.surrogate.shape[0]
             grads = grads_of(batch.surrogate.mean(), meta)
-            outer_loss = batch.outer_loss.detach().mean()
+            outer_losses, task_stats = batch.outer_loss.detach(), batch.stats
         else:
             n = len(prepared)
-            grads, losses = {}, []
+            grads, losses, stats_rows = {}, [], []
             for task in prepared:
                 result = objective(task)
                 task_grads = grads_of(result.surrogate / n, meta)
                 grads = task_grads if not grads else {k: grads[k] + g for k, g in task_grads.items()}
                 losses.append(result.outer_loss.detach())
-            outer_loss = torch.stack(losses).mean()
-        stats = {"seconds": time.perf_counter() - start, "tasks": n, "batching": mode}
-        return MetaGrad(grads, outer_loss, stats)
+                stats_rows.append(result.stats)
+            outer_losses = torch.stack(losses)
+            task_stats = {k: torch.stack([row[k] for row in stats_rows]) for k in stats_rows[0]}
+        stats: dict[str, float | int | str] = {"seconds": time.perf_counter() - start, "tasks": n, "batching": mode}
+        for k, v in task_stats.items():
+            stats[k] = v.detach().double().mean().item()
+            stats[f"{k}_max"] = v.detach().double().max().item()
+        return MetaGrad(grads, outer_losses.mean(), stats)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from metaopt.budget import Budget
 from metaopt.estimators.base import AbstractEstimator, TaskObjective, register
-from metaopt.loop import InnerLoop, unroll
+from metaopt.loop import InnerLoop, task_outer_loss
 from metaopt.types import MetaParams, Task
 
 __all__ = ["FirstOrder"]
@@ -26,6 +26,5 @@ class FirstOrder(AbstractEstimator):
     second_order = False
 
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task, budget: Budget) -> TaskObjective:
-        state = unroll(loop, loop.init(meta), task.support, meta, create_graph=False)
-        loss = loop.outer_loss(state, task.query, meta)
+        loss = task_outer_loss(loop, meta, task, create_graph=False)
         return TaskObjective(loss, loss)

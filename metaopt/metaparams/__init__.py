@@ -4,6 +4,7 @@ from metaopt.metaparams.base import (AbstractDataMetaParam, AbstractInitMetaPara
                                      AbstractOptimizerMetaParam, meta_params)
 from metaopt.metaparams.init import Init
 from metaopt.metaparams.lrs import LearningRates
+from metaopt.metaparams.regularizer import WeightDecay
 
 __all__ = [
     "AbstractMetaParam",
@@ -14,4 +15,5 @@ __all__ = [
     "meta_params",
     "Init",
     "LearningRates",
+    "WeightDecay",
 ]

@@ -11,7 +11,7 @@ from typing import ClassVar, Literal
 
 from torch import Tensor, nn
 
-from metaopt.types import Batch, Hyper, MetaParams, Params
+from metaopt.types import Batch, Hyper, LossFn, MetaParams, Params
 
 __all__ = [
     "AbstractMetaParam",
@@ -69,8 +69,15 @@ class AbstractLossMetaParam(AbstractMetaParam):
     slot = "loss"
 
     @abc.abstractmethod
-    def inner_loss(self, pred: Tensor, y: Tensor, x: Tensor) -> Tensor:
-        """A scalar inner loss for predictions `pred` on inputs `x` with targets `y`."""
+    def inner_loss(self, pred: Tensor, batch: Batch, params: Params, base_loss: LossFn) -> Tensor:
+        """The scalar inner loss.
+
+        Args:
+          pred: the model's predictions on `batch.x`.
+          batch: the support batch (inputs and targets).
+          params: the inner parameters (for regularizers).
+          base_loss: the task's own loss `base_loss(pred, y)`, to add to or to replace.
+        """
 
 
 class AbstractDataMetaParam(AbstractMetaParam):

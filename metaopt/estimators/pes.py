@@ -1,0 +1,80 @@
+"""Persistent evolution strategies over truncated windows of the unroll (Vicol et al. 2021)."""
+from __future__ import annotations
+
+import torch
+
+from metaopt.budget import Budget
+from metaopt.estimators.base import (AbstractEstimator, TaskObjective, call_with_meta, linear_surrogate, meta_values,
+                                     register)
+from metaopt.loop import InnerLoop, task_outer_loss, unroll
+from metaopt.types import InnerState, MetaParams, Params, Task
+
+__all__ = ["PersistentES"]
+
+
+@register("pes")
+class PersistentES(AbstractEstimator):
+    """PES: ES whose perturbation is redrawn every `k` inner steps and accumulated per particle.
+
+    The unroll is cut into windows of k steps. Each antithetic particle pair runs
+    its own inner trajectory; in window j it uses meta +- sigma e_j with a fresh
+    e_j, and accumulates xi = sum_j e_j. The estimate
+    (1 / (2 sigma n)) sum_pairs [L+ - L-] xi is unbiased for the gradient of the
+    smoothed loss of the whole unroll (Vicol et al. 2021, Algorithm 2), where
+    truncated ES (`persistent=False`: only the last window perturbed, earlier
+    windows at meta) is biased: it cannot see how meta acts before the last
+    window (e.g. an initialization gets zero gradient).
+
+    Memory O(1) in T, time O(population T). Serves every slot. This form runs all
+    windows of one task inside one call; the online form (meta updated between
+    windows of one long unroll carried across meta-steps) needs inner state that
+    persists across calls and is not provided yet.
+
+    Args:
+      population: particles per task (even: population/2 antithetic pairs).
+      sigma: perturbation scale.
+      k: inner steps per window (truncation length).
+      persistent: accumulate perturbations across windows (PES) or not (truncated ES).
+    """
+
+    exact = False
+    second_order = False
+
+    def __init__(self, population: int = 16, sigma: float = 0.01, k: int = 5, persistent: bool = True):
+        if population < 2 or population % 2:
+            raise ValueError(f"pes: population must be an even number >= 2, got {population}")
+        if sigma <= 0 or k < 1:
+            raise ValueError(f"pes: need sigma > 0 and k >= 1, got sigma={sigma}, k={k}")
+        self.population, self.sigma, self.k, self.persistent = population, sigma, k, persistent
+
+    def _particle_loss(self, loop: InnerLoop, meta: MetaParams, task: Task, windows: list[Params]) -> torch.Tensor:
+        state: InnerState | None = None
+        for j, vals in enumerate(windows):
+            batches = task.support[j * self.k:(j + 1) * self.k]
+            if state is None:  # the initialization belongs to the first window
+                state = call_with_meta(meta, vals, lambda m: loop.init(m))
+            state = call_with_meta(meta, vals, lambda m, s: unroll(loop, s, batches, m, create_graph=False), state)
+        return call_with_meta(meta, windows[-1], lambda m, s: loop.outer_loss(s, task.query, m), state)
+
+    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task, budget: Budget) -> TaskObjective:
+        values = meta_values(meta)
+        n_windows = max(1, -(-task.inner_steps // self.k))
+        pairs = self.population // 2
+        with torch.no_grad():
+            grads = {k: torch.zeros_like(v) for k, v in values.items()}
+            for _ in range(pairs):
+                plus, minus = [], []
+                xi = {k: torch.zeros_like(v) for k, v in values.items()}
+                for j in range(n_windows):
+                    if self.persistent or j == n_windows - 1:
+                        noise = {k: torch.randn_like(v) for k, v in values.items()}
+                        xi = {k: xi[k] + noise[k] for k in xi}
+                    else:
+                        noise = {k: torch.zeros_like(v) for k, v in values.items()}
+                    plus.append({k: v + self.sigma * noise[k] for k, v in values.items()})
+                    minus.append({k: v - self.sigma * noise[k] for k, v in values.items()})
+                scale = (self._particle_loss(loop, meta, task, plus) -
+                         self._particle_loss(loop, meta, task, minus)) / (2 * self.sigma * pairs)
+                grads = {k: grads[k] + scale * xi[k] for k in grads}
+            loss = task_outer_loss(loop, meta, task, create_graph=False)
+        return TaskObjective(linear_surrogate(meta, grads), loss)

@@ -1,0 +1,41 @@
+"""Reptile: move the initialization towards the adapted parameters."""
+from __future__ import annotations
+
+import torch
+
+from metaopt.budget import Budget
+from metaopt.estimators.base import AbstractEstimator, EstimatorUnsupported, TaskObjective, register
+from metaopt.loop import InnerLoop, unroll
+from metaopt.types import MetaParams, Task
+
+__all__ = ["Reptile"]
+
+
+@register("reptile")
+class Reptile(AbstractEstimator):
+    """Reptile's update direction as a meta-gradient: params_0 - params_T (Nichol et al. 2018).
+
+    With an outer SGD of rate epsilon this is Reptile's theta <- theta + epsilon
+    (phi_T - theta). Uses only the support batches; the query loss is reported, not
+    differentiated. Memory O(1) graphs, time O(T). Not a gradient of the outer
+    loss (approximates it to first order for small inner rates). Serves only the
+    "init" slot.
+    """
+
+    exact = False
+    second_order = False
+
+    def check(self, loop: InnerLoop, meta: MetaParams) -> None:
+        super().check(loop, meta)
+        if "init" not in meta or set(meta.keys()) != {"init"}:
+            raise EstimatorUnsupported(
+                f"reptile meta-learns only an initialization (slot 'init'), but meta has slots "
+                f"{sorted(meta.keys())}; use first_order or full for other meta-parameters")
+
+    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task, budget: Budget) -> TaskObjective:
+        start = loop.init(meta).params
+        with torch.no_grad():
+            state = unroll(loop, loop.init(meta), task.support, meta, create_graph=False)
+            loss = loop.outer_loss(state, task.query, meta)
+        surrogate = sum((p * (p - state.params[k]).detach()).sum() for k, p in start.items())
+        return TaskObjective(surrogate, loss)

@@ -1,0 +1,43 @@
+"""Truncated backpropagation through the last `k` inner steps."""
+from __future__ import annotations
+
+import torch
+
+from metaopt.budget import Budget
+from metaopt.estimators.base import AbstractEstimator, TaskObjective, register
+from metaopt.loop import InnerLoop, detach_state, unroll
+from metaopt.types import MetaParams, Task
+
+__all__ = ["Truncated"]
+
+
+@register("truncated")
+class Truncated(AbstractEstimator):
+    """Backprop through the last `k` of T inner steps; the state before them is detached.
+
+    Memory O(k) in T (the first T-k steps run without any graph), time O(T).
+    Biased for k < T; equals `full` exactly when k >= T. Meta-parameters used only
+    before step T-k (e.g. the initialization, when k < T) get zero gradient.
+    Williams & Peng 1990; Shaban et al. 2019 for meta-learning.
+
+    Args:
+      k: number of differentiated inner steps.
+    """
+
+    exact = False
+
+    def __init__(self, k: int = 5):
+        if k < 1:
+            raise ValueError(f"truncated: k must be >= 1, got {k}")
+        self.k = k
+
+    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task, budget: Budget) -> TaskObjective:
+        cut = max(task.inner_steps - self.k, 0)
+        state = loop.init(meta)
+        if cut:
+            with torch.no_grad():  # no graph at all before the cut: memory O(k)
+                state = unroll(loop, state, task.support[:cut], meta, create_graph=False)
+            state = detach_state(state)
+        state = unroll(loop, state, task.support[cut:], meta)
+        loss = loop.outer_loss(state, task.query, meta)
+        return TaskObjective(loss, loss)

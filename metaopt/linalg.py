@@ -1,0 +1,69 @@
+"""Matrix-free linear solvers on dicts of tensors, for implicit differentiation.
+
+Both run a fixed number of iterations (no data-dependent stopping), so they run
+unchanged under `torch.func.vmap`; the caller reports the residual.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from metaopt.types import Params
+
+__all__ = ["conjugate_gradient", "neumann", "relative_residual"]
+
+MatVec = Callable[[Params], Params]
+
+
+def _dot(a: Params, b: Params) -> Tensor:
+    return sum((a[k] * b[k]).sum() for k in a)
+
+
+def conjugate_gradient(matvec: MatVec, b: Params, iters: int = 20) -> Params:
+    """Solve A x = b for symmetric positive definite A, given only x -> A x.
+
+    Exact after n iterations for an n x n system in exact arithmetic; each
+    iteration costs one matrix-vector product (one Hessian-vector product).
+    """
+    x = {k: torch.zeros_like(v) for k, v in b.items()}
+    r = dict(b)
+    p = dict(b)
+    rs = _dot(r, r)
+    for _ in range(iters):
+        ap = matvec(p)
+        curvature = _dot(p, ap)
+        # Stop moving (alpha = 0) once converged (rs = 0) or on non-positive curvature (A not
+        # positive definite there): x stays finite and the caller's residual shows the failure.
+        ok = curvature > 0
+        alpha = torch.where(ok, rs / torch.where(ok, curvature, 1.0), 0.0)
+        x = {k: x[k] + alpha * p[k] for k in x}
+        r = {k: r[k] - alpha * ap[k] for k in r}
+        rs_new = _dot(r, r)
+        beta = torch.where(rs > 0, rs_new / torch.where(rs > 0, rs, 1.0), 0.0)
+        p = {k: r[k] + beta * p[k] for k in r}
+        rs = rs_new
+    return x
+
+
+def neumann(matvec: MatVec, b: Params, iters: int = 50, alpha: float = 0.1) -> Params:
+    """Approximate A^{-1} b by the truncated Neumann series alpha * sum_i (I - alpha A)^i b.
+
+    Converges when the eigenvalues of A lie in (0, 2 / alpha); cheaper per
+    iteration than CG but slower to converge (Lorraine et al. 2020).
+    """
+    term = dict(b)
+    total = dict(b)
+    for _ in range(iters):
+        a_term = matvec(term)
+        term = {k: term[k] - alpha * a_term[k] for k in term}
+        total = {k: total[k] + term[k] for k in total}
+    return {k: alpha * v for k, v in total.items()}
+
+
+def relative_residual(matvec: MatVec, x: Params, b: Params) -> Tensor:
+    """||A x - b|| / ||b||."""
+    ax = matvec(x)
+    return torch.sqrt(_dot({k: ax[k] - b[k] for k in b}, {k: ax[k] - b[k] for k in b}) /
+                      _dot(b, b).clamp_min(torch.finfo(ax[next(iter(ax))].dtype).tiny))

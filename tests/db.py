@@ -1,0 +1,50 @@
+"""The estimator table: what each estimator promises, so one suite tests them all (torch's OptimizerInfo)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+from metaopt import estimators as E
+
+ALL_KINDS = frozenset({"init", "lrs_scalar", "lrs_tensor", "init+lrs_element", "weight_decay"})
+
+
+@dataclass(frozen=True)
+class EstimatorInfo:
+    """One estimator configuration under test.
+
+    Attributes:
+      id: test id.
+      make: T -> estimator.
+      promise: "exact" (equals full to 1e-6), "unbiased" (mean of samples within 4 standard errors
+        of full), or "approximate" (only finite and well-formed).
+      kinds: meta-parameter kinds (problems.META_KINDS) it serves; the others must raise EstimatorUnsupported.
+    """
+
+    id: str
+    make: Callable[[int], E.AbstractEstimator]
+    promise: Literal["exact", "unbiased", "approximate"]
+    kinds: frozenset[str] = field(default=ALL_KINDS)
+
+    def __str__(self) -> str:
+        return self.id
+
+
+ESTIMATORS = [
+    EstimatorInfo("full", lambda T: E.Full(), "exact"),
+    EstimatorInfo("checkpoint", lambda T: E.Checkpoint(), "exact"),
+    EstimatorInfo("checkpoint_S2", lambda T: E.Checkpoint(segment=2), "exact"),
+    EstimatorInfo("truncated_k=T", lambda T: E.Truncated(k=T), "exact"),
+    EstimatorInfo("forward_exact", lambda T: E.ForwardMode(max_scalars=20), "exact",
+                  frozenset({"lrs_scalar", "lrs_tensor", "weight_decay"})),
+    EstimatorInfo("forward_random", lambda T: E.ForwardMode(mode="random"), "unbiased"),
+    EstimatorInfo("es", lambda T: E.EvolutionStrategies(population=2, sigma=1e-4), "unbiased"),
+    EstimatorInfo("pes", lambda T: E.PersistentES(population=2, sigma=1e-4, k=1), "unbiased"),
+    EstimatorInfo("truncated_k=1", lambda T: E.Truncated(k=1), "approximate"),
+    EstimatorInfo("first_order", lambda T: E.FirstOrder(), "approximate"),
+    EstimatorInfo("truncated_es", lambda T: E.PersistentES(population=2, sigma=1e-4, k=1, persistent=False),
+                  "approximate"),
+    EstimatorInfo("reptile", lambda T: E.Reptile(), "approximate", frozenset({"init"})),
+    # Implicit's exactness needs a converged, proximal inner problem: tested on its own problem.
+    EstimatorInfo("implicit", lambda T: E.Implicit(), "approximate", frozenset({"weight_decay"})),
+]

@@ -1,0 +1,136 @@
+"""One suite over the estimator table: each estimator keeps its promise against full backprop."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import metaopt as mo
+from db import ESTIMATORS
+from problems import META_KINDS, tiny_model, tiny_tasks
+
+T = 3
+
+
+def _problem(kind: str, n_tasks: int = 2, inner_steps: int = T):
+    model = tiny_model()
+    loop = mo.InnerLoop(model, mo.optim.momentum(lr=0.05, momentum=0.5), mo.losses.mse)
+    return loop, META_KINDS[kind](model), tiny_tasks(n_tasks, inner_steps)
+
+
+@pytest.mark.parametrize("kind", sorted(META_KINDS))
+@pytest.mark.parametrize("info", ESTIMATORS, ids=str)
+def test_every_estimator_serves_or_refuses_every_kind(info, kind):
+    loop, meta, tasks = _problem(kind)
+    estimator = info.make(T)
+    if kind not in info.kinds:
+        with pytest.raises(mo.EstimatorUnsupported, match="use "):
+            estimator(loop, meta, tasks)
+        return
+    result = estimator(loop, meta, tasks)
+    names = {k for k, p in meta.named_parameters()}
+    assert set(result.grads) == names
+    assert all(torch.isfinite(g).all() and g.shape == dict(meta.named_parameters())[k].shape
+               for k, g in result.grads.items())
+    assert torch.isfinite(result.outer_loss) and result.stats["seconds"] >= 0
+
+
+@pytest.mark.parametrize("kind", sorted(META_KINDS))
+@pytest.mark.parametrize("info", [i for i in ESTIMATORS if i.promise == "exact"], ids=str)
+def test_exact_estimators_equal_full(info, kind):
+    if kind not in info.kinds:
+        pytest.skip(f"{info} does not serve {kind}")
+    loop, meta, tasks = _problem(kind, n_tasks=3)
+    reference = mo.Full()(loop, meta, tasks)
+    result = info.make(T)(loop, meta, tasks)
+    torch.testing.assert_close(result.outer_loss, reference.outer_loss, rtol=1e-12, atol=0)
+    for k, g in reference.grads.items():
+        torch.testing.assert_close(result.grads[k], g, rtol=1e-6, atol=1e-10)
+
+
+def _projections(samples: list[dict[str, torch.Tensor]], directions: list[dict[str, torch.Tensor]]):
+    return torch.tensor([[sum((s[k] * d[k]).sum() for k in d).item() for s in samples] for d in directions])
+
+
+@pytest.mark.parametrize("kind", ["lrs_tensor", "init"])
+@pytest.mark.parametrize("info", [i for i in ESTIMATORS if i.promise == "unbiased"], ids=str)
+def test_stochastic_estimators_are_unbiased(info, kind):
+    """The mean of n independent estimates lies within 4 standard errors (computed from the samples) of full."""
+    torch.manual_seed(7)
+    loop, meta, tasks = _problem(kind, n_tasks=1)
+    reference = mo.Full()(loop, meta, tasks).grads
+    estimator = info.make(T)
+    samples = [estimator(loop, meta, tasks, batching="loop").grads for _ in range(400)]
+    g = torch.Generator().manual_seed(0)
+    directions = [{k: torch.randn(v.shape, generator=g) for k, v in reference.items()} for _ in range(3)]
+    projected = _projections(samples, directions)
+    truth = _projections([reference], directions)[:, 0]
+    mean, stderr = projected.mean(dim=1), projected.std(dim=1) / projected.shape[1] ** 0.5
+    assert (stderr > 0).all()
+    assert ((mean - truth).abs() < 4 * stderr).all(), f"mean {mean}, full {truth}, 4 SE {4 * stderr}"
+
+
+def test_truncated_es_is_biased_where_pes_is_not():
+    """Truncated ES never perturbs the initialization when it acts before the last window: zero gradient."""
+    torch.manual_seed(3)
+    loop, meta, tasks = _problem("init", n_tasks=1)
+    truncated = mo.estimators.PersistentES(population=8, sigma=1e-4, k=1, persistent=False)(loop, meta, tasks)
+    assert all(torch.count_nonzero(g) == 0 for g in truncated.grads.values())
+    pes = mo.estimators.PersistentES(population=8, sigma=1e-4, k=1)(loop, meta, tasks)
+    assert any(torch.count_nonzero(g) > 0 for g in pes.grads.values())
+
+
+def test_truncated_k1_differs_from_full_and_zeroes_the_init():
+    loop, meta, tasks = _problem("init+lrs_element")
+    result = mo.estimators.Truncated(k=1)(loop, meta, tasks).grads
+    full = mo.Full()(loop, meta, tasks).grads
+    assert all(torch.count_nonzero(g) == 0 for k, g in result.items() if k.startswith("init"))
+    key = "optimizer.lrs.net/0/weight"
+    assert not torch.allclose(result[key], full[key], rtol=1e-3)
+
+
+def test_checkpoint_recomputes_each_step_once():
+    loop, meta, tasks = _problem("init", n_tasks=1, inner_steps=6)
+    calls = []
+    original = loop.step
+
+    def counting_step(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    loop.step = counting_step  # instance attribute: only this loop object counts
+    for segment in (1, 2, 4, 6):
+        calls.clear()
+        mo.estimators.Checkpoint(segment=segment)(loop, meta, tasks)
+        assert len(calls) == 2 * 6, segment  # forward sweep + each step recomputed exactly once
+    calls.clear()
+    mo.Full()(loop, meta, tasks)
+    assert len(calls) == 6
+
+
+def test_reptile_moves_init_towards_adapted_params():
+    loop, meta, tasks = _problem("init", n_tasks=1)
+    grads = mo.estimators.Reptile()(loop, meta, tasks).grads
+    task = mo.unstack_tasks(tasks)[0]
+    with torch.no_grad():
+        adapted = mo.unroll(loop, loop.init(meta), task.support, meta, create_graph=False).params
+    for name, p in meta["init"].initial_params().items():
+        torch.testing.assert_close(grads["init.params." + name.replace(".", "/")], p.detach() - adapted[name])
+
+
+def test_forward_exact_refuses_many_meta_scalars():
+    loop, meta, tasks = _problem("init")
+    with pytest.raises(mo.EstimatorUnsupported, match=r"meta has 61 \(> max_scalars=20\); use forward with "
+                                                     r"mode='random'"):
+        mo.estimators.ForwardMode(max_scalars=20)(loop, meta, tasks)
+
+
+def test_estimator_constructor_arguments_are_checked():
+    E = mo.estimators
+    for make, message in [(lambda: E.Truncated(k=0), "k must be >= 1"),
+                          (lambda: E.Checkpoint(segment=0), "segment must be >= 1"),
+                          (lambda: E.EvolutionStrategies(population=3), "population must be an even number"),
+                          (lambda: E.PersistentES(sigma=0), "need sigma > 0"),
+                          (lambda: E.ForwardMode(mode="sideways"), "mode must be 'exact' or 'random'"),
+                          (lambda: E.Implicit(solver="lu"), "solver must be 'cg' or 'neumann'")]:
+        with pytest.raises(ValueError, match=message):
+            make()
