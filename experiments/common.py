@@ -41,15 +41,20 @@ def build(cfg: DictConfig) -> Parts:
     tasks = instantiate(cfg.task)
     eval_tasks = instantiate(cfg.task, **cfg.eval.task) if cfg.eval.task else tasks
     model = instantiate(cfg.model).to(cfg.device)
-    slots = {k: v for k, v in instantiate(cfg.metaparam).items() if v is not None}
-    meta = meta_params(*(make(model) for make in slots.values())).to(cfg.device)
-    loop = InnerLoop(model, instantiate(cfg.inner_optim), tasks.loss_fn)
+    meta = build_meta(cfg, model)
+    loop = InnerLoop(model, instantiate(cfg.inner_optim), tasks.loss_fn, proximal=cfg.proximal)
     log.info("Instantiating estimator <%s>", cfg.estimator._target_)
     estimator = instantiate(cfg.estimator)
     budget = instantiate(cfg.budget)
     log.info("tasks=%r model=%s meta=%s estimator=%r budget=%r", tasks, type(model).__name__,
              {k: type(v).__name__ for k, v in meta.items()}, estimator, budget)
     return Parts(tasks, eval_tasks, model, loop, meta, estimator, budget)
+
+
+def build_meta(cfg: DictConfig, model: torch.nn.Module) -> MetaParams:
+    """The meta-parameter modules of `cfg.metaparam` (slot -> partial constructor taking the model)."""
+    slots = {k: v for k, v in instantiate(cfg.metaparam).items() if v is not None}
+    return meta_params(*(make(model) for make in slots.values())).to(cfg.device)
 
 
 def make_logger(cfg: DictConfig, run_dir: Path) -> tuple[Callable[[dict, int], None] | None, Callable[[], None]]:

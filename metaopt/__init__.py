@@ -12,7 +12,7 @@ from metaopt.estimators import (AbstractEstimator, Checkpoint, EstimatorUnsuppor
 from metaopt.loop import InnerLoop, detach_state, unroll
 from metaopt.metaparams import Init, LearningRates, WeightDecay, meta_params
 from metaopt.models import MLP, Conv4
-from metaopt.tasks import Sinusoid, TaskDistribution
+from metaopt.tasks import RandomPatterns, Sinusoid, TaskDistribution
 from metaopt.train import evaluate, meta_train
 from metaopt.types import Batch, InnerState, Task
 
@@ -30,6 +30,6 @@ __all__ = [
     "Budget", "BudgetExceeded", "parse_bytes", "parse_seconds",
     "TaskShapeMismatch", "stack_tasks", "unstack_tasks",
     "MLP", "Conv4",
-    "TaskDistribution", "Sinusoid",
+    "TaskDistribution", "Sinusoid", "RandomPatterns",
     "meta_train", "evaluate",
 ]

@@ -88,10 +88,15 @@ class Checkpoint(AbstractEstimator):
             lambda c, v: call_with_meta(meta, v, lambda m, s: loop.outer_loss(s, task.query, m), _join(c, buffers)),
             carry, values)
         adjoint, grads = pullback(torch.ones_like(loss))
-        for batches, (carry_in, buffers_in) in zip(reversed(segments), reversed(inputs)):
+        # Each pullback holds its segment's graph: drop it before the next segment is recomputed,
+        # or two segments' graphs are alive at once.
+        del pullback
+        while segments:
+            batches, (carry_in, buffers_in) = segments.pop(), inputs.pop()
             _, pullback, _ = torch.func.vjp(lambda c, v: run(c, v, buffers_in, batches), carry_in, values,
                                             has_aux=True)
             adjoint, segment_grads = pullback(adjoint)
+            del pullback
             grads = _add(grads, segment_grads)
         _, pullback, _ = torch.func.vjp(init, values, has_aux=True)
         grads = _add(grads, pullback(adjoint)[0])

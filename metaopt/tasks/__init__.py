@@ -1,5 +1,6 @@
 """Task distributions: sinusoid regression, ..."""
 from metaopt.tasks.base import TaskDistribution
+from metaopt.tasks.patterns import RandomPatterns
 from metaopt.tasks.sinusoid import Sinusoid
 
-__all__ = ["TaskDistribution", "Sinusoid"]
+__all__ = ["TaskDistribution", "Sinusoid", "RandomPatterns"]
