@@ -9,14 +9,17 @@ inner steps. Implementations, all computing the same gradient (checked here):
   torch.func     a minimal hand-written functional_call + grad + vmap reference
   higher         higher 0.2.1's innerloop_ctx, looping over tasks in Python
 
-Timings are interleaved round-robin (so drift on a shared machine hits all alike);
-the table gives the median over repeats and each one's ratio to torch.func.
+Timings are interleaved: each round runs every implementation once, in a freshly
+shuffled (seeded) order, so drift on a shared machine hits all alike and no
+implementation always runs right after another; the table gives the median over
+rounds and each one's ratio to torch.func.
 
     python experiments/bench_step.py [--steps 1 5 20] [--repeats 30] [--threads 2]
 """
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from typing import Callable
@@ -91,10 +94,13 @@ def bench(steps: int, repeats: int, with_higher: bool) -> dict[str, float]:
         for a, b in zip(fn(), reference):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"{name} differs from torch.func")
     times: dict[str, list[float]] = {name: [] for name in impls}
+    order = list(impls)
+    shuffler = random.Random(steps)
     for _ in range(repeats):
-        for name, fn in impls.items():
+        shuffler.shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            fn()
+            impls[name]()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
