@@ -1,11 +1,11 @@
-"""Check the CPU peak-memory figure (metaopt.memory) against an independent measure: peak RSS.
+"""Check metaopt's CPU peak-memory figure against an independent measure: a fresh process's peak RSS.
 
-For each (estimator, T), two fresh child processes build the same sinusoid MAML problem and
-run one warm-up meta-gradient at T=2. One then measures a meta-gradient at T with
-`measure_peak_memory` (torch.profiler allocation events); the other resets its peak
-resident set size (/proc/self/clear_refs), runs the same call, and reports
-VmHWM - VmRSS-before. RSS also counts allocator overhead and fragmentation, so it should
-be at least the profiler figure and close to it when tensors dominate.
+For each (estimator, T), fresh child processes build the same sinusoid MAML problem
+(one task, MLP 1-40-40-1) and run one warm-up meta-gradient at T=2, then:
+  in-process  metaopt.memory.measure_peak_memory() (method "rss"), in a process that first ran
+              other meta-gradients (T = 1000, 300, 50) to dirty its heap, as in training;
+  fresh       a process that did nothing else: VmHWM after the call minus VmRSS before it;
+  tensors     the "profiler" method: tensor storage only, for scale.
 
     python experiments/bench_memory.py [--steps 300 1000 3000]
 """
@@ -36,8 +36,11 @@ def child(estimator_name: str, steps: int, method: str) -> None:
     tasks = mo.Sinusoid(k_shot=10).sample(1, steps, torch.Generator().manual_seed(0))
     estimator(loop, meta, mo.Sinusoid(k_shot=10).sample(1, 2, torch.Generator().manual_seed(1)))  # warm-up
     gc.collect()
-    if method == "profiler":
-        with measure_peak_memory() as memory:
+    if method in ("profiler", "in-process"):
+        if method == "in-process":
+            for other in (1000, 300, 50):
+                mo.Full()(loop, meta, mo.Sinusoid(k_shot=10).sample(4, other, torch.Generator().manual_seed(2)))
+        with measure_peak_memory(method="profiler" if method == "profiler" else "rss") as memory:
             estimator(loop, meta, tasks)
         print(json.dumps({"bytes": memory.peak_bytes}))
     else:
@@ -64,13 +67,16 @@ def main() -> None:
     if args.child:
         child(args.child[0], int(args.child[1]), args.child[2])
         return
-    print(f"{'estimator':<11} {'T':>5} {'profiler MB':>12} {'peak RSS MB':>12} {'RSS / profiler':>15}")
+    print(f"{'estimator':<11} {'T':>5} {'in-process MB':>14} {'fresh RSS MB':>13} {'in-process/fresh':>17} "
+          f"{'tensors MB':>11}")
     for steps in args.steps:
         for estimator in ESTIMATORS:
-            profiled = run_child(estimator, steps, "profiler")
-            rss = run_child(estimator, steps, "rss")
-            ratio = f"{rss / profiled:.2f}" if profiled > 0 and rss >= 0 else "-"
-            print(f"{estimator:<11} {steps:>5} {profiled / 1e6:>12.2f} {rss / 1e6:>12.2f} {ratio:>15}")
+            ours = run_child(estimator, steps, "in-process")
+            fresh = run_child(estimator, steps, "rss")
+            tensors = run_child(estimator, steps, "profiler")
+            ratio = f"{ours / fresh:.2f}" if fresh > 0 else "-"
+            print(f"{estimator:<11} {steps:>5} {ours / 1e6:>14.2f} {fresh / 1e6:>13.2f} {ratio:>17} "
+                  f"{tensors / 1e6:>11.2f}", flush=True)
 
 
 if __name__ == "__main__":

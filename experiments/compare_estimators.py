@@ -7,12 +7,12 @@ For every T in the grid and every estimator, each of `tasks` tasks runs alone:
   cosine_to_full, rel_error  the estimate against full backprop's meta-gradient of the same task
                              (cosine similarity, and ||g - g_full|| / ||g_full||), averaged over tasks;
   seconds                    the median wall-clock of one meta-gradient over tasks x repeats;
-  peak_bytes                 the largest, over tasks, peak of live tensor bytes during one call,
-                             above the level before it. CPU: every allocation and free recorded by
-                             torch.profiler(profile_memory=True), peak of the running sum. CUDA:
-                             torch.cuda.max_memory_allocated after reset_peak_memory_stats. Both count
-                             tensor storage only (see metaopt/memory.py; experiments/bench_memory.py
-                             checks the CPU figure against a fresh process's peak RSS).
+  peak_bytes                 the largest, over tasks, peak memory of one call above the level before
+                             it (metaopt.memory). CPU: the process's peak resident set size after
+                             malloc_trim and a peak reset, so it includes autograd-graph overhead
+                             (experiments/bench_memory.py checks it against a fresh process's peak
+                             RSS). CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats
+                             (device tensor bytes).
 An estimator that cannot serve the configuration gets a row with its reason in `status`.
 Writes comparison.csv and comparison.png (error, time and memory against T, log axes) in the run dir.
 """

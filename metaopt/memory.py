@@ -1,71 +1,71 @@
-"""Measuring peak memory of a block of code, in bytes above the level at its start.
+"""Measuring the peak memory of a block of code, in bytes above the level at its start.
 
-CUDA: the caching allocator's own counters (`torch.cuda.reset_peak_memory_stats`,
-`max_memory_allocated` minus `memory_allocated` at entry): bytes of live tensors,
-not the allocator's reserved pool.
+Three methods, chosen by `measure_peak_memory(device, method="auto")`:
 
-CPU: PyTorch keeps no peak counter for the CPU allocator, so the block runs under
-`torch.profiler` with `profile_memory=True`, which records every tensor
-allocation and free with its size; the peak is the largest running sum of those
-events. Like the CUDA figure it counts tensor storage only (not Python objects,
-not the allocator's cached free memory). Profiling slows the block down: measure
-separately from timing. `experiments/compare_estimators.py` checks the CPU figure
-against a fresh process's peak resident set size.
+- "cuda" (CUDA devices): the caching allocator's counters, `max_memory_allocated`
+  after `reset_peak_memory_stats`, minus `memory_allocated` at entry. Live tensor
+  bytes on the device (not the allocator's reserved pool); autograd's bookkeeping
+  lives in host memory and is not counted, as it does not use device memory.
+- "rss" (CPU on Linux, the default there): the process's peak resident set size
+  (VmHWM) above its resident size at entry. Before the block, freed heap memory is
+  returned to the OS (`malloc_trim(0)`) and the peak is reset (/proc/self/clear_refs),
+  so reuse of cached memory does not hide growth. Counts everything the block
+  allocates: tensors and also autograd graph nodes and functorch wrappers, which
+  for small models are most of the cost (measured: 8.5x the tensor bytes for full
+  backprop on the 1-40-40-1 MLP). Process-wide: other threads' allocations count.
+  Granularity one page (4 KiB). `experiments/bench_memory.py` checks it against a
+  fresh process's peak RSS.
+- "profiler" (CPU fallback): every tensor allocation and free recorded by
+  `torch.profiler(profile_memory=True)`; the peak of their running sum. Tensor
+  storage only; slow (profiling overhead).
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import os
-from typing import Iterator
+from typing import Iterator, Literal
 
 import torch
 
-__all__ = ["PeakMemory", "measure_peak_memory", "peak_rss_bytes", "reset_peak_rss"]
+__all__ = ["PeakMemory", "measure_peak_memory", "current_bytes", "peak_rss_bytes", "reset_peak_rss",
+           "rss_bytes", "default_method"]
+
+Method = Literal["auto", "cuda", "rss", "profiler"]
 
 
 class PeakMemory:
     """Filled in when the `measure_peak_memory` block exits.
 
     Attributes:
-      peak_bytes: the peak of live tensor bytes allocated inside the block, above the level at entry.
-      method: "cuda.max_memory_allocated" or "profiler.memory_events".
+      peak_bytes: the peak inside the block above the level at entry, in bytes.
+      method: the method used ("cuda", "rss" or "profiler").
     """
 
     peak_bytes: int = 0
     method: str = ""
 
 
-@contextlib.contextmanager
-def measure_peak_memory(device: torch.device | str = "cpu") -> Iterator[PeakMemory]:
-    """Measure the peak tensor memory of the enclosed block (see the module docstring).
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
 
-    Example:
-      with measure_peak_memory() as mem:
-          estimator(loop, meta, tasks)
-      print(mem.peak_bytes)
-    """
-    result = PeakMemory()
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        yield result
-        torch.cuda.synchronize(device)
-        result.peak_bytes = int(torch.cuda.max_memory_allocated(device) - base)
-        result.method = "cuda.max_memory_allocated"
-        return
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
-        yield result
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    result.peak_bytes = int(peak)
-    result.method = "profiler.memory_events"
+
+_LIBC = _libc()
+
+
+def rss_bytes() -> int:
+    """This process's current resident set size in bytes (-1 where /proc is unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return -1
 
 
 def reset_peak_rss() -> bool:
@@ -81,10 +81,72 @@ def reset_peak_rss() -> bool:
 def peak_rss_bytes() -> int:
     """This process's peak resident set size (VmHWM) in bytes, or -1 where /proc is unavailable."""
     try:
-        with open(f"/proc/{os.getpid()}/status") as f:
+        with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return -1
+
+
+def _trim_heap() -> None:
+    gc.collect()
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+def default_method(device: torch.device | str = "cpu") -> Method:
+    """"cuda" on CUDA devices, "rss" on CPU where /proc allows it, else "profiler"."""
+    if torch.device(device).type == "cuda":
+        return "cuda"
+    return "rss" if rss_bytes() > 0 and reset_peak_rss() else "profiler"
+
+
+def current_bytes(device: torch.device | str = "cpu") -> int:
+    """A cheap reading of memory in use now (for step-boundary guards): CUDA allocated bytes, or RSS."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return rss_bytes()
+
+
+@contextlib.contextmanager
+def measure_peak_memory(device: torch.device | str = "cpu", method: Method = "auto") -> Iterator[PeakMemory]:
+    """Measure the peak memory of the enclosed block (see the module docstring for the methods).
+
+    Example:
+      with measure_peak_memory() as mem:
+          estimator(loop, meta, tasks)
+      print(mem.peak_bytes, mem.method)
+    """
+    result = PeakMemory()
+    device = torch.device(device)
+    method = default_method(device) if method == "auto" else method
+    result.method = method
+    if method == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield result
+        torch.cuda.synchronize(device)
+        result.peak_bytes = int(torch.cuda.max_memory_allocated(device) - base)
+    elif method == "rss":
+        _trim_heap()
+        reset_peak_rss()
+        base = rss_bytes()
+        yield result
+        result.peak_bytes = max(0, peak_rss_bytes() - base)
+    elif method == "profiler":
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            yield result
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+        live = peak = 0
+        for _, nbytes in events:
+            live += nbytes
+            peak = max(peak, live)
+        result.peak_bytes = int(peak)
+    else:
+        raise ValueError(f"unknown memory method {method!r}; use auto, cuda, rss or profiler")
