@@ -32,11 +32,19 @@ def main(cfg: DictConfig) -> dict:
             inner_steps=cfg.inner_steps, budget=parts.budget, batching=cfg.batching, seed=cfg.seed,
             eval_tasks=parts.eval_tasks, eval_inner_steps=cfg.eval.inner_steps, eval_n_tasks=cfg.eval.n_tasks,
             checkpoint_path=run_dir / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every,
-            log=log_fn, log_every=cfg.log_every, progress=cfg.progress, device=cfg.device)
+            log=log_fn, log_every=cfg.log_every, progress=cfg.progress, device=cfg.device, on_nan=cfg.on_nan)
         if log_fn is not None:
             log_fn({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, cfg.meta_steps)
+    except Exception as error:
+        # The checkpoint is already saved; leave a readable record of why the run stopped.
+        write_json_atomic({"status": "failed", "error": f"{type(error).__name__}: {error}",
+                           "estimator": parts.estimator.name, "meta_steps": cfg.meta_steps,
+                           "budget_memory_bytes": parts.budget.memory, "budget_time_seconds": parts.budget.time,
+                           "config": OmegaConf.to_container(cfg, resolve=True)}, run_dir / "metrics.json")
+        raise
     finally:
         finish()
+    metrics["status"] = "ok"
     metrics["config"] = OmegaConf.to_container(cfg, resolve=True)
     write_json_atomic(metrics, run_dir / "metrics.json")
     summary = f"meta-test loss {metrics['meta_test_loss']:.4f} ± {metrics['meta_test_loss_ci95']:.4f}"

@@ -6,7 +6,7 @@ from metaopt import losses, optim
 from metaopt.batching import TaskShapeMismatch, stack_tasks, unstack_tasks
 from metaopt.budget import Budget, BudgetExceeded, parse_bytes, parse_seconds
 from metaopt import estimators
-from metaopt.estimators import (AbstractEstimator, Checkpoint, EstimatorUnsupported, EvolutionStrategies, FirstOrder,
+from metaopt.estimators import (AbstractEstimator, Auto, Checkpoint, EstimatorUnsupported, EvolutionStrategies, FirstOrder,
                                 ForwardMode, Full, Implicit, MetaGrad, PersistentES, Reptile, Truncated,
                                 UnknownEstimator, available_estimators, get_estimator)
 from metaopt.loop import InnerLoop, detach_state, unroll
@@ -25,7 +25,7 @@ __all__ = [
     "Init", "LearningRates", "WeightDecay", "meta_params",
     "estimators", "AbstractEstimator", "MetaGrad", "get_estimator", "available_estimators",
     "Full", "FirstOrder", "Truncated", "Checkpoint", "Implicit", "ForwardMode", "Reptile", "EvolutionStrategies",
-    "PersistentES",
+    "PersistentES", "Auto",
     "EstimatorUnsupported", "UnknownEstimator",
     "Budget", "BudgetExceeded", "parse_bytes", "parse_seconds",
     "TaskShapeMismatch", "stack_tasks", "unstack_tasks",

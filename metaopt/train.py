@@ -5,11 +5,12 @@ talks to a logger or a config system itself.
 """
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -19,14 +20,21 @@ from metaopt import losses
 from metaopt.batching import Batching, resolve_batching
 from metaopt.budget import Budget
 from metaopt.checkpoint import load_checkpoint, save_atomic
+from metaopt.batching import unstack_tasks
+from metaopt.diagnose import locate_nonfinite
+from metaopt.estimators import Auto
 from metaopt.estimators.base import AbstractEstimator, MetaGrad
+from metaopt.guard import format_bytes
 from metaopt.loop import InnerLoop, unroll
+from metaopt.memory import default_method, measure_peak_memory
+from metaopt.planning import Plan, describe, plan
 from metaopt.tasks.base import TaskDistribution
 from metaopt.types import MetaParams, Task
 
 __all__ = ["meta_train", "evaluate", "mean_ci95", "apply_meta_grad", "task_to"]
 
 LogFn = Callable[[dict[str, float], int], None]
+logger = logging.getLogger("metaopt")
 
 
 def mean_ci95(values: Tensor) -> tuple[float, float]:
@@ -86,86 +94,145 @@ def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_ta
     return metrics
 
 
+def _first_plan(estimator: AbstractEstimator, loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution,
+                meta_batch_size: int, inner_steps: int, budget: Budget, batching: Batching, seed: int,
+                device: torch.device | str) -> Plan:
+    """Plan on a batch drawn from its own generator, so planning never changes the training tasks."""
+    batch = task_to(tasks.sample(meta_batch_size, inner_steps, torch.Generator().manual_seed(seed + 7919)), device)
+    if isinstance(estimator, Auto):
+        return estimator.choose(loop, meta, batch, budget, batching, device)
+    return plan(estimator, loop, meta, batch, budget, batching=batching, device=device)
+
+
 def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, tasks: TaskDistribution, *,
                outer_optimizer: torch.optim.Optimizer, meta_steps: int, meta_batch_size: int = 25,
                inner_steps: int = 1, budget: Budget | None = None, batching: Batching = "auto",
                seed: int = 0, eval_tasks: TaskDistribution | None = None, eval_inner_steps: int | None = None,
                eval_n_tasks: int = 600, checkpoint_path: str | Path | None = None,
                checkpoint_every: int = 1000, log: LogFn | None = None, log_every: int = 100,
-               progress: bool = True, device: torch.device | str = "cpu") -> dict:
-    """Meta-train `meta` with `estimator`, then evaluate on fresh tasks.
+               progress: bool = True, device: torch.device | str = "cpu", on_nan: Literal["raise", "skip"] = "raise",
+               memory_every: int = 100, clock: Callable[[], float] | None = None,
+               memory_probe: Callable[[], int] | None = None) -> dict:
+    """Meta-train `meta` with `estimator` under a per-task budget, then evaluate on fresh tasks.
 
-    Each meta-step samples `meta_batch_size` tasks, asks the estimator for a
-    `MetaGrad`, writes it into `.grad` and steps the outer optimizer. If
-    `checkpoint_path` holds a checkpoint, training resumes from it (meta-parameters,
-    outer optimizer, task generator, step count); checkpoints are written
-    atomically every `checkpoint_every` steps and at the end.
+    Before the first step the meta-gradient is planned (`metaopt.planning`): its peak
+    memory is predicted and fitted to `budget.memory` (vmap chunks, or task by task);
+    a configuration that cannot fit raises `BudgetExceeded` before any training. Each
+    meta-step samples `meta_batch_size` tasks, asks the estimator for a `MetaGrad`
+    under the budget (a guard stops tasks that overrun, see `metaopt.guard`), writes
+    it into `.grad` and steps the outer optimizer. Peak memory is measured on the
+    first two meta-steps and every `memory_every` after. If `checkpoint_path` holds a
+    checkpoint, training resumes from it; checkpoints are written atomically every
+    `checkpoint_every` steps, at the end, and before any error leaves this function.
+
+    Args:
+      on_nan: a non-finite task loss either raises `FloatingPointError` naming the
+        meta-step, the task and the inner step ("raise"), or the task is dropped from
+        that meta-step and counted ("skip").
+      clock, memory_probe: passed to the estimator's budget guard (tests inject them).
 
     Returns:
-      Metrics: "meta_steps", "estimator", "meta_train_loss" (mean of the last
-      `log_every` steps), "seconds_per_meta_step" (median), "train_seconds",
-      "history" (one entry per `log_every` steps), and `evaluate`'s figures.
-
-    Raises:
-      FloatingPointError: a meta-step's outer loss is NaN or inf (names the step).
+      Metrics: "meta_steps", "estimator", "estimator_chosen", "predicted_peak_bytes",
+      "measured_peak_bytes", "memory_method", "plan", "batching", "chunk_size",
+      "tasks_truncated", "tasks_skipped", "tasks_nan_skipped", "meta_train_loss",
+      "seconds_per_meta_step" (median), "train_seconds", "history", and `evaluate`'s figures.
     """
     if meta_steps < 0 or meta_batch_size < 1 or inner_steps < 0:
         raise ValueError(f"meta_train: need meta_steps >= 0, meta_batch_size >= 1, inner_steps >= 0; "
                          f"got {meta_steps}, {meta_batch_size}, {inner_steps}")
+    if on_nan not in ("raise", "skip"):
+        raise ValueError(f"meta_train: on_nan must be 'raise' or 'skip', got {on_nan!r}")
     budget = budget if budget is not None else Budget()
     estimator.check(loop, meta)
+    chosen = _first_plan(estimator, loop, meta, tasks, meta_batch_size, inner_steps, budget, batching, seed, device)
+    logger.info("plan: %s, %s, chunks of %d tasks, predicted peak %s (%s)", describe(chosen.estimator),
+                chosen.batching, chosen.chunk_size, format_bytes(chosen.predicted_peak_bytes), chosen.reason)
     generator = torch.Generator().manual_seed(seed)
     start_step, history = 0, []
+    counts = {"tasks_truncated": 0, "tasks_skipped": 0, "tasks_nan_skipped": 0}
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         ckpt = load_checkpoint(checkpoint_path)
         meta.load_state_dict(ckpt["meta"])
         outer_optimizer.load_state_dict(ckpt["outer_optimizer"])
         generator.set_state(ckpt["generator"])
         start_step, history = ckpt["meta_step"], ckpt["history"]
+        counts.update(ckpt.get("counts", {}))
 
     def save(step: int) -> None:
         if checkpoint_path is not None:
             save_atomic({"meta": meta.state_dict(), "outer_optimizer": outer_optimizer.state_dict(),
                          "generator": generator.get_state(), "meta_step": step, "history": history,
-                         "estimator": estimator.name}, checkpoint_path)
+                         "counts": counts, "estimator": estimator.name}, checkpoint_path)
 
     step_seconds: list[float] = []
     recent: list[float] = []
+    measured_peak, memory_method = -1, default_method(device)
     bar = tqdm(range(start_step, meta_steps), initial=start_step, total=meta_steps, disable=not progress,
                desc=f"meta-train ({estimator.name})", dynamic_ncols=True)
     train_start = time.perf_counter()
-    for step in bar:
-        t0 = time.perf_counter()
-        batch = task_to(tasks.sample(meta_batch_size, inner_steps, generator), device)
-        meta_grad = estimator(loop, meta, batch, budget, batching=batching)
-        loss = meta_grad.outer_loss.item()
-        if not math.isfinite(loss):
-            save(step)
-            raise FloatingPointError(f"meta-step {step}: outer loss is {loss} ({estimator.name}, "
-                                     f"inner_steps={inner_steps}); meta-parameters before this step are "
-                                     f"saved in {checkpoint_path}")
-        apply_meta_grad(meta, meta_grad)
-        outer_optimizer.step()
-        outer_optimizer.zero_grad(set_to_none=True)
-        step_seconds.append(time.perf_counter() - t0)
-        recent.append(loss)
-        if (step + 1) % log_every == 0 or step + 1 == meta_steps:
-            entry = {"meta_step": step + 1, "meta_train_loss": statistics.fmean(recent),
-                     "seconds_per_meta_step": statistics.median(step_seconds[-len(recent):])}
-            history.append(entry)
-            bar.set_postfix(loss=f"{entry['meta_train_loss']:.4f}")
-            if log is not None:
-                log(entry, step + 1)
-            recent = []
-        if checkpoint_every and (step + 1) % checkpoint_every == 0:
-            save(step + 1)
-    bar.close()
+    step = start_step
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            batch = task_to(tasks.sample(meta_batch_size, inner_steps, generator), device)
+
+            def meta_gradient(these: Task | list[Task]) -> MetaGrad:
+                return chosen.estimator(loop, meta, these, budget, batching=chosen.batching,
+                                        chunk_size=chosen.chunk_size, clock=clock, memory_probe=memory_probe)
+
+            if step - start_step < 2 or step % memory_every == 0:
+                with measure_peak_memory(device, memory_method) as memory:
+                    meta_grad = meta_gradient(batch)
+                measured_peak = max(measured_peak, memory.peak_bytes // max(1, meta_grad.stats["tasks"] //
+                                                                            max(1, meta_grad.stats["chunk_size"])))
+            else:
+                meta_grad = meta_gradient(batch)
+            meta_grad = _finite_or_handle(meta_grad, batch, step, on_nan, loop, meta, meta_gradient, counts)
+            counts["tasks_truncated"] += int(meta_grad.stats["tasks_truncated"])
+            counts["tasks_skipped"] += int(meta_grad.stats["tasks_skipped"])
+            if meta_grad.stats["tasks_truncated"] or meta_grad.stats["tasks_skipped"]:
+                logger.warning("meta-step %d: %d task(s) truncated, %d skipped (budget %s)", step,
+                               meta_grad.stats["tasks_truncated"], meta_grad.stats["tasks_skipped"], budget)
+            if meta_grad.stats["tasks_skipped"] == meta_grad.stats["tasks"]:
+                continue  # nothing to learn from this meta-step; the counts say so
+            loss = meta_grad.outer_loss.item()
+            apply_meta_grad(meta, meta_grad)
+            outer_optimizer.step()
+            outer_optimizer.zero_grad(set_to_none=True)
+            step_seconds.append(time.perf_counter() - t0)
+            recent.append(loss)
+            if (step + 1) % log_every == 0 or step + 1 == meta_steps:
+                entry = {"meta_step": step + 1, "meta_train_loss": statistics.fmean(recent) if recent else math.nan,
+                         "seconds_per_meta_step": statistics.median(step_seconds[-max(len(recent), 1):]), **counts}
+                history.append(entry)
+                bar.set_postfix(loss=f"{entry['meta_train_loss']:.4f}")
+                if log is not None:
+                    log(entry, step + 1)
+                recent = []
+            if checkpoint_every and (step + 1) % checkpoint_every == 0:
+                save(step + 1)
+    except BaseException:
+        save(step)  # everything learned before the failing meta-step stays on disk
+        raise
+    finally:
+        bar.close()
     train_seconds = time.perf_counter() - train_start
     save(meta_steps)
 
     metrics: dict = {
         "meta_steps": meta_steps,
         "estimator": estimator.name,
+        "estimator_chosen": chosen.estimator.name,
+        "estimator_config": describe(chosen.estimator),
+        "plan": chosen.reason,
+        "batching": chosen.batching,
+        "chunk_size": chosen.chunk_size,
+        "predicted_peak_bytes": chosen.predicted_peak_bytes,
+        "measured_peak_bytes": measured_peak,
+        "memory_method": memory_method,
+        "budget_memory_bytes": budget.memory,
+        "budget_time_seconds": budget.time,
+        **counts,
         "inner_steps": inner_steps,
         "meta_batch_size": meta_batch_size,
         "meta_train_loss": history[-1]["meta_train_loss"] if history else float("nan"),
@@ -177,3 +244,29 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, 
                             batching=batching, device=device))
     metrics["history"] = history
     return metrics
+
+
+def _finite_or_handle(meta_grad: MetaGrad, batch: Task, step: int, on_nan: str, loop: InnerLoop, meta: MetaParams,
+                      meta_gradient: Callable[[Task | list[Task]], MetaGrad], counts: dict[str, int]) -> MetaGrad:
+    """Check the tasks' losses and the meta-gradient; raise with the location, or drop the bad tasks."""
+    losses = meta_grad.task_losses
+    skipped = torch.isnan(losses) & torch.tensor(meta_grad.stats["tasks_skipped"] > 0)
+    bad = ~torch.isfinite(losses) & ~skipped
+    grads_ok = all(bool(torch.isfinite(g).all()) for g in meta_grad.grads.values())
+    if not bool(bad.any()) and grads_ok:
+        return meta_grad
+    tasks = unstack_tasks(batch)
+    bad_indices = [int(i) for i in torch.nonzero(bad).flatten()] or list(range(len(tasks)))
+    if on_nan == "skip":
+        good = [t for i, t in enumerate(tasks) if i not in bad_indices]
+        counts["tasks_nan_skipped"] += len(tasks) - len(good)
+        logger.warning("meta-step %d: dropped %d task(s) with non-finite values", step, len(tasks) - len(good))
+        if not good:
+            return meta_grad._replace(stats={**meta_grad.stats, "tasks_skipped": len(tasks)})
+        result = meta_gradient(good)
+        if all(bool(torch.isfinite(g).all()) for g in result.grads.values()):
+            return result
+        bad_indices = list(range(len(tasks)))
+    where = locate_nonfinite(loop, meta, tasks[bad_indices[0]])
+    raise FloatingPointError(f"meta-step {step}, task {bad_indices[0]}: {where} "
+                             f"(outer loss {losses[bad_indices[0]].item()}); use on_nan='skip' to drop such tasks")

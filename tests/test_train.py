@@ -53,7 +53,8 @@ def test_nan_stops_with_the_meta_step_and_keeps_the_checkpoint(tmp_path):
     loop, meta, opt = _parts()
     with torch.no_grad():
         meta["optimizer"].lrs["net/0/weight"].fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="meta-step 0: outer loss is nan"):
+    with pytest.raises(FloatingPointError, match="meta-step 0, task 0: inner step 1: parameter 'net.0.weight' "
+                                                 "becomes non-finite"):
         _train(loop, meta, opt, 5, checkpoint_path=tmp_path / "ckpt.pt")
     assert load_checkpoint(tmp_path / "ckpt.pt")["meta_step"] == 0
 

@@ -2,6 +2,7 @@
 from metaopt.estimators.base import (AbstractEstimator, EstimatorUnsupported, MetaGrad, TaskObjective,
                                      UnknownEstimator, available_estimators, get_estimator, grads_of,
                                      register)
+from metaopt.estimators.auto import Auto
 from metaopt.estimators.checkpoint import Checkpoint
 from metaopt.estimators.es import EvolutionStrategies
 from metaopt.estimators.first_order import FirstOrder
@@ -31,4 +32,5 @@ __all__ = [
     "Reptile",
     "EvolutionStrategies",
     "PersistentES",
+    "Auto",
 ]

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import abc
 import time
-from typing import Callable, ClassVar, NamedTuple, Sequence, TypeVar
+from typing import Callable, ClassVar, NamedTuple, Protocol, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
-from metaopt.batching import Batching, resolve_batching
+from metaopt.batching import Batching, resolve_batching, task_count
 from metaopt.budget import Budget
+from metaopt.guard import StepGuard, TaskSkipped, UnrollTruncated
 from metaopt.loop import InnerLoop
+from metaopt.memory import current_bytes
 from metaopt.types import MetaParams, Task
 
 __all__ = [
@@ -41,6 +44,12 @@ __all__ = [
 ]
 
 
+class Measure(Protocol):
+    """Measured peak bytes of an estimator (default: the one predicting) on the task cut to `steps` steps."""
+
+    def __call__(self, steps: int, estimator: "AbstractEstimator | None" = None) -> int: ...
+
+
 class MetaGrad(NamedTuple):
     """What an estimator returns.
 
@@ -51,11 +60,13 @@ class MetaGrad(NamedTuple):
       outer_loss: mean outer loss over the tasks (detached, a scalar).
       stats: "seconds" (wall-clock of the call), "tasks", "batching", and
         estimator-specific figures.
+      task_losses: each task's outer loss, [B] (NaN for skipped tasks).
     """
 
     grads: dict[str, Tensor]
     outer_loss: Tensor
     stats: dict[str, float | int | str]
+    task_losses: Tensor | None = None
 
 
 class TaskObjective(NamedTuple):
@@ -80,6 +91,23 @@ class EstimatorUnsupported(ValueError):
 
 class UnknownEstimator(ValueError):
     """No estimator is registered under this name."""
+
+
+def linear_prediction(measure: Measure, steps: int, low: int, high: int,
+                      estimator: AbstractEstimator | None = None) -> int:
+    """measure(steps) if steps <= high, else the line through the probes at `low` and `high` steps."""
+    if steps <= high:
+        return measure(steps, estimator)
+    at_low, at_high = measure(low, estimator), measure(high, estimator)
+    return int(at_high + max(at_high - at_low, 0) * (steps - high) / (high - low))
+
+
+def _truncate_tasks(prepared: Task | list[Task], first: int, last: int, steps: int,
+                    mode: str) -> Task | list[Task]:
+    """Cut tasks first..last-1 to their first `steps` inner steps (a stacked batch is cut whole)."""
+    if mode == "vmap":
+        return prepared._replace(support=prepared.support[:steps])
+    return [t._replace(support=t.support[:steps]) if first <= i < last else t for i, t in enumerate(prepared)]
 
 
 class _MetaCall(nn.Module):
@@ -156,51 +184,107 @@ class AbstractEstimator(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task, budget: Budget) -> TaskObjective:
-        """The surrogate and outer loss of one task (no task axis)."""
+    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
+                       guard: StepGuard | None) -> TaskObjective:
+        """The surrogate and outer loss of one task (no task axis).
+
+        `guard` (None when unlimited) must be passed as `on_step` to every unroll.
+        """
+
+    def predict_peak_bytes(self, measure: Measure, steps: int) -> int:
+        """Peak memory at T = `steps`, from `measure(t)`: the measured peak of this estimator at t steps
+        (`measure(t, other)` measures another estimator instead).
+
+        Default: linear in T (the cost of every estimator that keeps O(T) or O(1) graphs; even
+        graph-free unrolls grow the process a little per step), from probes at 16 and 64 steps:
+        wide apart, because the heap grows in coarse increments that swamp a slope measured
+        over a few steps.
+        """
+        return linear_prediction(measure, steps, 16, 64)
 
     def __call__(self, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
-                 budget: Budget | None = None, *, batching: Batching = "auto") -> MetaGrad:
+                 budget: Budget | None = None, *, batching: Batching = "auto", chunk_size: int | None = None,
+                 clock: Callable[[], float] | None = None,
+                 memory_probe: Callable[[], int] | None = None) -> MetaGrad:
         """The meta-gradient of the mean outer loss over a batch of tasks.
 
         Args:
           loop: the inner loop.
           meta: the meta-parameters.
           tasks: a stacked batch of tasks (leading task axis) or a list of tasks.
-          budget: the per-task budget (None: unlimited).
-          batching: "vmap" runs all tasks in one vectorized graph (fast; memory grows
-            with B), "loop" one task graph at a time (memory of one task), "auto" vmap
-            where tasks stack and the estimator allows it.
+          budget: the per-task budget, enforced at inner-step boundaries by a `StepGuard`
+            (None: unlimited, no guard). Up-front prediction is `metaopt.planning.plan`'s job.
+          batching: "vmap" runs tasks in one vectorized graph (fast; memory grows with the
+            tasks in it), "loop" one task graph at a time, "auto" vmap where tasks stack and
+            the estimator allows it.
+          chunk_size: under vmap, at most this many tasks per vectorized graph (None: all).
+          clock, memory_probe: for the guard (defaults: time.monotonic and
+            `metaopt.memory.current_bytes` on the tasks' device); injectable for tests.
+
+        Returns:
+          The mean over the tasks that were not skipped. `stats` has "seconds", "tasks",
+          "batching", "chunk_size", "tasks_truncated", "tasks_skipped" and the estimator's own
+          figures; `task_losses` has each task's outer loss (NaN for a skipped task).
         """
         budget = budget if budget is not None else Budget()
         self.check(loop, meta)
         start = time.perf_counter()
         mode, prepared = resolve_batching(tasks, batching, self.vmap_blocker(loop))
-
-        def objective(task: Task) -> TaskObjective:
-            return self.task_objective(loop, meta, task, budget)
-
         if mode == "vmap":
-            batch = torch.func.vmap(objective, randomness="different")(prepared)
-            n = batch.surrogate.shape[0]
-            grads = grads_of(batch.surrogate.mean(), meta)
-            outer_losses, task_stats = batch.outer_loss.detach(), batch.stats
+            total = task_count(prepared)
+            size = total if chunk_size is None else max(1, min(chunk_size, total))
+            units = [(i, min(i + size, total)) for i in range(0, total, size)]
         else:
-            n = len(prepared)
-            grads, losses, stats_rows = {}, [], []
-            for task in prepared:
-                result = objective(task)
-                task_grads = grads_of(result.surrogate / n, meta)
-                grads = task_grads if not grads else {k: grads[k] + g for k, g in task_grads.items()}
-                losses.append(result.outer_loss.detach())
-                stats_rows.append(result.stats)
-            outer_losses = torch.stack(losses)
-            task_stats = {k: torch.stack([row[k] for row in stats_rows]) for k in stats_rows[0]}
-        stats: dict[str, float | int | str] = {"seconds": time.perf_counter() - start, "tasks": n, "batching": mode}
-        for k, v in task_stats.items():
-            stats[k] = v.detach().double().mean().item()
-            stats[f"{k}_max"] = v.detach().double().max().item()
-        return MetaGrad(grads, outer_losses.mean(), stats)
+            total, size = len(prepared), 1
+            units = [(i, i + 1) for i in range(total)]
+        device = (prepared.query.x if mode == "vmap" else prepared[0].query.x).device
+        probe = memory_probe if memory_probe is not None else (lambda: current_bytes(device))
+        guard = None if budget.unlimited else StepGuard(budget, clock or time.monotonic, probe)
+
+        def run(first: int, last: int, unit_guard: StepGuard | None) -> TaskObjective:
+            def objective(task: Task) -> TaskObjective:
+                return self.task_objective(loop, meta, task, unit_guard)
+            if mode == "vmap":
+                return torch.func.vmap(objective, randomness="different")(
+                    tree_map(lambda v: v[first:last], prepared))
+            one = objective(prepared[first])
+            return tree_map(lambda v: v.unsqueeze(0), one)
+
+        grads: dict[str, Tensor] | None = None
+        task_losses = torch.full((total,), float("nan"))
+        stats_rows: list[dict[str, Tensor]] = []
+        truncated = skipped = 0
+        for first, last in units:
+            if guard is not None:
+                guard.what = f"task {first}" if last - first == 1 else f"tasks {first}-{last - 1}"
+                guard.start()
+            try:
+                result = run(first, last, guard)
+            except UnrollTruncated as cut:
+                truncated += last - first
+                prepared = _truncate_tasks(prepared, first, last, cut.steps, mode)
+                result = run(first, last, None)
+            except TaskSkipped:
+                skipped += last - first
+                continue
+            unit_grads = grads_of(result.surrogate.sum(), meta)
+            grads = unit_grads if grads is None else {k: grads[k] + g for k, g in unit_grads.items()}
+            task_losses[first:last] = result.outer_loss.detach().to(task_losses)
+            stats_rows.append(result.stats)
+        used = total - skipped
+        if grads is None:
+            grads = {k: torch.zeros_like(p) for k, p in meta.named_parameters() if p.requires_grad}
+        else:
+            grads = {k: g / used for k, g in grads.items()}
+        stats: dict[str, float | int | str] = {
+            "seconds": time.perf_counter() - start, "tasks": total, "batching": mode, "chunk_size": size,
+            "tasks_truncated": truncated, "tasks_skipped": skipped}
+        for k in (stats_rows[0] if stats_rows else {}):
+            values = torch.cat([row[k].detach().double().reshape(-1) for row in stats_rows])
+            stats[k] = values.mean().item()
+            stats[f"{k}_max"] = values.max().item()
+        kept = task_losses[~torch.isnan(task_losses)] if used else task_losses
+        return MetaGrad(grads, kept.mean() if used else torch.tensor(float("nan")), stats, task_losses)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

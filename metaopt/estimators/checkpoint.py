@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from metaopt.budget import Budget
+from metaopt.guard import StepGuard, shifted
 from metaopt.estimators.base import (AbstractEstimator, TaskObjective, call_with_meta, linear_surrogate, meta_values,
                                      register)
 from metaopt.loop import InnerLoop, unroll
@@ -65,7 +65,21 @@ class Checkpoint(AbstractEstimator):
         """S for an unroll of T steps."""
         return self.segment if self.segment is not None else max(1, math.ceil(math.sqrt(inner_steps)))
 
-    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task, budget: Budget) -> TaskObjective:
+    def predict_peak_bytes(self, measure, steps: int) -> int:
+        """One segment's graph plus one kept state per further segment: p(S) + (ceil(T/S) - 1) c.
+
+        c, the bytes kept per segment boundary, is measured as (p(3S) - p(S)) / 2 with S fixed.
+        """
+        size = self.segment_for(steps)
+        if steps <= 3 * size:
+            return measure(steps)
+        fixed = Checkpoint(segment=size)
+        one, three = measure(size, fixed), measure(3 * size, fixed)
+        per_boundary = max(three - one, 0) / 2
+        return int(one + per_boundary * (math.ceil(steps / size) - 1))
+
+    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
+                       guard: StepGuard | None) -> TaskObjective:
         values = meta_values(meta)
         size = self.segment_for(task.inner_steps)
         segments = [task.support[i:i + size] for i in range(0, task.inner_steps, size)]
@@ -73,16 +87,19 @@ class Checkpoint(AbstractEstimator):
         def init(vals: Params) -> tuple[Carry, Buffers]:
             return _split(call_with_meta(meta, vals, lambda m: loop.init(m)))
 
-        def run(carry: Carry, vals: Params, buffers: Buffers, batches: Sequence[Batch]) -> tuple[Carry, Buffers]:
-            state = call_with_meta(meta, vals, lambda m, s: unroll(loop, s, batches, m), _join(carry, buffers))
+        def run(carry: Carry, vals: Params, buffers: Buffers, batches: Sequence[Batch],
+                offset: int) -> tuple[Carry, Buffers]:
+            hook = shifted(guard, offset)
+            state = call_with_meta(meta, vals, lambda m, s: unroll(loop, s, batches, m, on_step=hook),
+                                   _join(carry, buffers))
             return _split(state)
 
         with torch.no_grad():  # forward sweep: no graph, keep segment inputs only
             carry, buffers = init(values)
             inputs = []
-            for batches in segments:
+            for i, batches in enumerate(segments):
                 inputs.append((carry, buffers))
-                carry, buffers = run(carry, values, buffers, batches)
+                carry, buffers = run(carry, values, buffers, batches, i * size)
 
         loss, pullback = torch.func.vjp(
             lambda c, v: call_with_meta(meta, v, lambda m, s: loop.outer_loss(s, task.query, m), _join(c, buffers)),
@@ -92,8 +109,9 @@ class Checkpoint(AbstractEstimator):
         # or two segments' graphs are alive at once.
         del pullback
         while segments:
+            offset = (len(segments) - 1) * size
             batches, (carry_in, buffers_in) = segments.pop(), inputs.pop()
-            _, pullback, _ = torch.func.vjp(lambda c, v: run(c, v, buffers_in, batches), carry_in, values,
+            _, pullback, _ = torch.func.vjp(lambda c, v: run(c, v, buffers_in, batches, offset), carry_in, values,
                                             has_aux=True)
             adjoint, segment_grads = pullback(adjoint)
             del pullback

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from metaopt.budget import Budget
+from metaopt.guard import StepGuard, shifted
 from metaopt.estimators.base import (AbstractEstimator, TaskObjective, call_with_meta, linear_surrogate, meta_values,
                                      register)
 from metaopt.loop import InnerLoop, task_outer_loss
@@ -37,11 +37,13 @@ class EvolutionStrategies(AbstractEstimator):
             raise ValueError(f"es: sigma must be > 0, got {sigma}")
         self.population, self.sigma = population, sigma
 
-    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task, budget: Budget) -> TaskObjective:
+    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
+                       guard: StepGuard | None) -> TaskObjective:
         values = meta_values(meta)
 
         def outer(vals: Params) -> torch.Tensor:
-            return call_with_meta(meta, vals, lambda m: task_outer_loss(loop, m, task, create_graph=False))
+            return call_with_meta(meta, vals, lambda m: task_outer_loss(loop, m, task, create_graph=False,
+                                                                         on_step=guard))
 
         pairs = self.population // 2
         with torch.no_grad():

@@ -1,7 +1,7 @@
 """First-order MAML (FOMAML): drop the second-order terms of the unroll."""
 from __future__ import annotations
 
-from metaopt.budget import Budget
+from metaopt.guard import StepGuard, shifted
 from metaopt.estimators.base import AbstractEstimator, TaskObjective, register
 from metaopt.loop import InnerLoop, task_outer_loss
 from metaopt.types import MetaParams, Task
@@ -25,6 +25,7 @@ class FirstOrder(AbstractEstimator):
     exact = False
     second_order = False
 
-    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task, budget: Budget) -> TaskObjective:
-        loss = task_outer_loss(loop, meta, task, create_graph=False)
+    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
+                       guard: StepGuard | None) -> TaskObjective:
+        loss = task_outer_loss(loop, meta, task, create_graph=False, on_step=guard)
         return TaskObjective(loss, loss)

@@ -6,7 +6,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from metaopt.budget import Budget
+from metaopt.guard import StepGuard, shifted
 from metaopt.estimators.base import (AbstractEstimator, EstimatorUnsupported, TaskObjective, call_with_meta,
                                      linear_surrogate, meta_values, register)
 from metaopt.loop import InnerLoop, task_outer_loss
@@ -56,11 +56,12 @@ class ForwardMode(AbstractEstimator):
                 f"(> max_scalars={self.max_scalars}); use forward with mode='random' (unbiased, noisy), "
                 "full or checkpoint")
 
-    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task, budget: Budget) -> TaskObjective:
+    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
+                       guard: StepGuard | None) -> TaskObjective:
         values = meta_values(meta)
 
         def outer(vals: Params) -> torch.Tensor:
-            return call_with_meta(meta, vals, lambda m: task_outer_loss(loop, m, task))
+            return call_with_meta(meta, vals, lambda m: task_outer_loss(loop, m, task, on_step=guard))
 
         if self.mode == "exact":
             grads = {}

@@ -1,7 +1,7 @@
 """Full backpropagation through the whole unrolled inner loop."""
 from __future__ import annotations
 
-from metaopt.budget import Budget
+from metaopt.guard import StepGuard, shifted
 from metaopt.estimators.base import AbstractEstimator, TaskObjective, register
 from metaopt.loop import InnerLoop, task_outer_loss
 from metaopt.types import MetaParams, Task
@@ -21,6 +21,7 @@ class Full(AbstractEstimator):
 
     exact = True
 
-    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task, budget: Budget) -> TaskObjective:
-        loss = task_outer_loss(loop, meta, task, create_graph=True)
+    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
+                       guard: StepGuard | None) -> TaskObjective:
+        loss = task_outer_loss(loop, meta, task, create_graph=True, on_step=guard)
         return TaskObjective(loss, loss)

@@ -5,7 +5,7 @@ from typing import Literal
 
 import torch
 
-from metaopt.budget import Budget
+from metaopt.guard import StepGuard, shifted
 from metaopt.estimators.base import AbstractEstimator, EstimatorUnsupported, TaskObjective, register
 from metaopt.linalg import conjugate_gradient, neumann, relative_residual
 from metaopt.loop import InnerLoop, detach_state, unroll
@@ -69,12 +69,13 @@ class Implicit(AbstractEstimator):
                 "implicit needs InnerLoop(proximal=lambda > 0) to meta-learn an initialization (iMAML): without the "
                 "proximal term the inner solution does not depend on the initialization; or use full or checkpoint")
 
-    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task, budget: Budget) -> TaskObjective:
+    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
+                       guard: StepGuard | None) -> TaskObjective:
         if task.inner_steps < 1:
             raise ValueError("implicit: the task has no inner steps, so there is no inner solution")
         start = loop.init(meta)
         with torch.no_grad():
-            solved = unroll(loop, detach_state(start), task.support, meta, create_graph=False)
+            solved = unroll(loop, detach_state(start), task.support, meta, create_graph=False, on_step=guard)
         batch = task.support[-1]
         if "data" in meta:
             batch = meta["data"].transform(batch)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from metaopt.budget import Budget
+from metaopt.guard import StepGuard, shifted
 from metaopt.estimators.base import (AbstractEstimator, TaskObjective, call_with_meta, linear_surrogate, meta_values,
                                      register)
 from metaopt.loop import InnerLoop, task_outer_loss, unroll
@@ -47,16 +47,20 @@ class PersistentES(AbstractEstimator):
             raise ValueError(f"pes: need sigma > 0 and k >= 1, got sigma={sigma}, k={k}")
         self.population, self.sigma, self.k, self.persistent = population, sigma, k, persistent
 
-    def _particle_loss(self, loop: InnerLoop, meta: MetaParams, task: Task, windows: list[Params]) -> torch.Tensor:
+    def _particle_loss(self, loop: InnerLoop, meta: MetaParams, task: Task, windows: list[Params],
+                       guard: StepGuard | None) -> torch.Tensor:
         state: InnerState | None = None
         for j, vals in enumerate(windows):
             batches = task.support[j * self.k:(j + 1) * self.k]
             if state is None:  # the initialization belongs to the first window
                 state = call_with_meta(meta, vals, lambda m: loop.init(m))
-            state = call_with_meta(meta, vals, lambda m, s: unroll(loop, s, batches, m, create_graph=False), state)
+            hook = shifted(guard, j * self.k)
+            state = call_with_meta(meta, vals, lambda m, s: unroll(loop, s, batches, m, create_graph=False,
+                                                                   on_step=hook), state)
         return call_with_meta(meta, windows[-1], lambda m, s: loop.outer_loss(s, task.query, m), state)
 
-    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task, budget: Budget) -> TaskObjective:
+    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
+                       guard: StepGuard | None) -> TaskObjective:
         values = meta_values(meta)
         n_windows = max(1, -(-task.inner_steps // self.k))
         pairs = self.population // 2
@@ -73,8 +77,8 @@ class PersistentES(AbstractEstimator):
                         noise = {k: torch.zeros_like(v) for k, v in values.items()}
                     plus.append({k: v + self.sigma * noise[k] for k, v in values.items()})
                     minus.append({k: v - self.sigma * noise[k] for k, v in values.items()})
-                scale = (self._particle_loss(loop, meta, task, plus) -
-                         self._particle_loss(loop, meta, task, minus)) / (2 * self.sigma * pairs)
+                scale = (self._particle_loss(loop, meta, task, plus, guard) -
+                         self._particle_loss(loop, meta, task, minus, guard)) / (2 * self.sigma * pairs)
                 grads = {k: grads[k] + scale * xi[k] for k in grads}
-            loss = task_outer_loss(loop, meta, task, create_graph=False)
+            loss = task_outer_loss(loop, meta, task, create_graph=False, on_step=guard)
         return TaskObjective(linear_surrogate(meta, grads), loss)

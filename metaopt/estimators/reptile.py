@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from metaopt.budget import Budget
+from metaopt.guard import StepGuard, shifted
 from metaopt.estimators.base import AbstractEstimator, EstimatorUnsupported, TaskObjective, register
 from metaopt.loop import InnerLoop, unroll
 from metaopt.types import MetaParams, Task
@@ -32,10 +32,11 @@ class Reptile(AbstractEstimator):
                 f"reptile meta-learns only an initialization (slot 'init'), but meta has slots "
                 f"{sorted(meta.keys())}; use first_order or full for other meta-parameters")
 
-    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task, budget: Budget) -> TaskObjective:
+    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
+                       guard: StepGuard | None) -> TaskObjective:
         start = loop.init(meta).params
         with torch.no_grad():
-            state = unroll(loop, loop.init(meta), task.support, meta, create_graph=False)
+            state = unroll(loop, loop.init(meta), task.support, meta, create_graph=False, on_step=guard)
             loss = loop.outer_loss(state, task.query, meta)
         surrogate = sum((p * (p - state.params[k]).detach()).sum() for k, p in start.items())
         return TaskObjective(surrogate, loss)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from metaopt.budget import Budget
-from metaopt.estimators.base import AbstractEstimator, TaskObjective, register
+from metaopt.guard import StepGuard, shifted
+from metaopt.estimators.base import AbstractEstimator, TaskObjective, linear_prediction, register
 from metaopt.loop import InnerLoop, detach_state, unroll
 from metaopt.types import MetaParams, Task
 
@@ -31,13 +31,20 @@ class Truncated(AbstractEstimator):
             raise ValueError(f"truncated: k must be >= 1, got {k}")
         self.k = k
 
-    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task, budget: Budget) -> TaskObjective:
+    def predict_peak_bytes(self, measure, steps: int) -> int:
+        # Up to k steps it is full backprop; past k only the graph-free prefix grows (slowly).
+        if steps <= self.k:
+            return super().predict_peak_bytes(measure, steps)
+        return linear_prediction(measure, steps, self.k + 16, self.k + 64)
+
+    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
+                       guard: StepGuard | None) -> TaskObjective:
         cut = max(task.inner_steps - self.k, 0)
         state = loop.init(meta)
         if cut:
             with torch.no_grad():  # no graph at all before the cut: memory O(k)
-                state = unroll(loop, state, task.support[:cut], meta, create_graph=False)
+                state = unroll(loop, state, task.support[:cut], meta, create_graph=False, on_step=guard)
             state = detach_state(state)
-        state = unroll(loop, state, task.support[cut:], meta)
+        state = unroll(loop, state, task.support[cut:], meta, on_step=shifted(guard, cut))
         loss = loop.outer_loss(state, task.query, meta)
         return TaskObjective(loss, loss)
