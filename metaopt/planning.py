@@ -15,7 +15,7 @@ tasks that run at once: one vmapped chunk, or one task in a loop.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -28,7 +28,9 @@ from metaopt.loop import InnerLoop
 from metaopt.memory import Method, measure_peak_memory
 from metaopt.types import MetaParams, Task
 
-__all__ = ["Plan", "Predictor", "plan", "choose", "describe"]
+__all__ = ["Plan", "Predictor", "Meter", "plan", "choose", "describe"]
+
+Meter = Callable[[AbstractEstimator, "Task | list[Task]", str], int]
 
 
 class Plan(NamedTuple):
@@ -68,11 +70,13 @@ class Predictor:
       tasks: the batch of tasks to plan for (stacked, or a list).
       device: where the tasks run (selects the memory method).
       method: `metaopt.memory` method ("auto": allocator on CUDA, RSS on CPU).
+      meter: replaces the measurement: `meter(estimator, tasks, batching) -> peak bytes`
+        (tests inject a deterministic one).
     """
 
     def __init__(self, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
-                 device: torch.device | str = "cpu", method: Method = "auto"):
-        self.loop, self.meta, self.device, self.method = loop, meta, device, method
+                 device: torch.device | str = "cpu", method: Method = "auto", meter: Meter | None = None):
+        self.loop, self.meta, self.device, self.method, self.meter = loop, meta, device, method, meter
         self.tasks = unstack_tasks(tasks) if isinstance(tasks, Task) else list(tasks)
         self.steps = self.tasks[0].inner_steps
         self._cache: dict[tuple[str, int, int], int] = {}
@@ -85,6 +89,9 @@ class Predictor:
             cut = [t._replace(support=t.support[:steps]) for t in self.tasks[:n_tasks]]
             batch = stack_tasks(cut) if n_tasks > 1 else cut
             batching = "vmap" if n_tasks > 1 else "loop"
+            if self.meter is not None:
+                self._cache[key] = self.meter(estimator, batch, batching)
+                return self._cache[key]
             if describe(estimator) not in self._warm:  # first calls pay one-off costs (kernels, forward-AD setup)
                 warm = [t._replace(support=t.support[:min(steps, 2)]) for t in self.tasks[:1]]
                 estimator(self.loop, self.meta, warm, batching="loop")
@@ -147,7 +154,7 @@ def _alternatives(loop: InnerLoop, meta: MetaParams, steps: int) -> list[Abstrac
 
 def plan(estimator: AbstractEstimator, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
          budget: Budget, *, batching: Batching = "auto", device: torch.device | str = "cpu",
-         predictor: Predictor | None = None) -> Plan:
+         meter: Meter | None = None) -> Plan:
     """Predict `estimator`'s peak memory on these tasks and fit it to the budget.
 
     Raises:
@@ -155,7 +162,7 @@ def plan(estimator: AbstractEstimator, loop: InnerLoop, meta: MetaParams, tasks:
         predicted and the allowed bytes, and the configurations that would fit.
     """
     estimator.check(loop, meta)
-    predictor = predictor or Predictor(loop, meta, tasks, device)
+    predictor = Predictor(loop, meta, tasks, device, meter=meter)
     found = _fit(predictor, estimator, budget, batching)
     if found is not None:
         return found
@@ -174,7 +181,7 @@ def plan(estimator: AbstractEstimator, loop: InnerLoop, meta: MetaParams, tasks:
 
 
 def choose(loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task], budget: Budget, *,
-           batching: Batching = "auto", device: torch.device | str = "cpu") -> Plan:
+           batching: Batching = "auto", device: torch.device | str = "cpu", meter: Meter | None = None) -> Plan:
     """The cheapest exact estimator that fits, else the least-biased approximation that fits.
 
     Order: full; checkpoint with the segment size of smallest predicted memory;
@@ -184,7 +191,7 @@ def choose(loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task], budg
     Raises:
       BudgetExceeded: nothing fits (names what was tried).
     """
-    predictor = Predictor(loop, meta, tasks, device)
+    predictor = Predictor(loop, meta, tasks, device, meter=meter)
     steps = predictor.steps
     tried = []
     full = _fit(predictor, Full(), budget, batching)

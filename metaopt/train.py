@@ -27,7 +27,7 @@ from metaopt.estimators.base import AbstractEstimator, MetaGrad
 from metaopt.guard import format_bytes
 from metaopt.loop import InnerLoop, unroll
 from metaopt.memory import default_method, measure_peak_memory
-from metaopt.planning import Plan, describe, plan
+from metaopt.planning import Meter, Plan, describe, plan
 from metaopt.tasks.base import TaskDistribution
 from metaopt.types import MetaParams, Task
 
@@ -96,12 +96,12 @@ def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_ta
 
 def _first_plan(estimator: AbstractEstimator, loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution,
                 meta_batch_size: int, inner_steps: int, budget: Budget, batching: Batching, seed: int,
-                device: torch.device | str) -> Plan:
+                device: torch.device | str, meter: Meter | None) -> Plan:
     """Plan on a batch drawn from its own generator, so planning never changes the training tasks."""
     batch = task_to(tasks.sample(meta_batch_size, inner_steps, torch.Generator().manual_seed(seed + 7919)), device)
     if isinstance(estimator, Auto):
-        return estimator.choose(loop, meta, batch, budget, batching, device)
-    return plan(estimator, loop, meta, batch, budget, batching=batching, device=device)
+        return estimator.choose(loop, meta, batch, budget, batching, device, meter)
+    return plan(estimator, loop, meta, batch, budget, batching=batching, device=device, meter=meter)
 
 
 def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, tasks: TaskDistribution, *,
@@ -112,7 +112,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, 
                checkpoint_every: int = 1000, log: LogFn | None = None, log_every: int = 100,
                progress: bool = True, device: torch.device | str = "cpu", on_nan: Literal["raise", "skip"] = "raise",
                memory_every: int = 100, clock: Callable[[], float] | None = None,
-               memory_probe: Callable[[], int] | None = None) -> dict:
+               memory_probe: Callable[[], int] | None = None, meter: Meter | None = None) -> dict:
     """Meta-train `meta` with `estimator` under a per-task budget, then evaluate on fresh tasks.
 
     Before the first step the meta-gradient is planned (`metaopt.planning`): its peak
@@ -130,6 +130,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, 
         meta-step, the task and the inner step ("raise"), or the task is dropped from
         that meta-step and counted ("skip").
       clock, memory_probe: passed to the estimator's budget guard (tests inject them).
+      meter: replaces the planner's memory measurement (see `metaopt.planning.Predictor`).
 
     Returns:
       Metrics: "meta_steps", "estimator", "estimator_chosen", "predicted_peak_bytes",
@@ -144,7 +145,8 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, 
         raise ValueError(f"meta_train: on_nan must be 'raise' or 'skip', got {on_nan!r}")
     budget = budget if budget is not None else Budget()
     estimator.check(loop, meta)
-    chosen = _first_plan(estimator, loop, meta, tasks, meta_batch_size, inner_steps, budget, batching, seed, device)
+    chosen = _first_plan(estimator, loop, meta, tasks, meta_batch_size, inner_steps, budget, batching, seed, device,
+                         meter)
     logger.info("plan: %s, %s, chunks of %d tasks, predicted peak %s (%s)", describe(chosen.estimator),
                 chosen.batching, chosen.chunk_size, format_bytes(chosen.predicted_peak_bytes), chosen.reason)
     generator = torch.Generator().manual_seed(seed)

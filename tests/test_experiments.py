@@ -43,3 +43,21 @@ def test_unknown_estimator_fails_before_training(tmp_path):
     assert result.returncode != 0
     assert "estimator" in result.stderr and "nonsense" in result.stderr
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_contract_impossible_budget_fails_fast_with_the_prediction(tmp_path):
+    result = run_train(tmp_path, "estimator=full", "budget.memory=1MB", "inner_steps=150", "meta_batch_size=2")
+    assert result.returncode != 0
+    assert "BudgetExceeded" in result.stderr and "predicts" in result.stderr and "bytes" in result.stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "BudgetExceeded" in metrics["error"]
+    assert not (tmp_path / "checkpoint.pt").exists()  # no training started
+
+
+def test_contract_auto_fits_a_memory_saving_estimator(tmp_path):
+    result = run_train(tmp_path, "estimator=auto", "budget.memory=4MB", "inner_steps=150", "meta_batch_size=2",
+                       "meta_steps=2", "eval.n_tasks=4", "progress=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["estimator_chosen"] not in ("full", "auto")
+    assert metrics["predicted_peak_bytes"] <= 4_000_000 and metrics["measured_peak_bytes"] >= 0

@@ -33,7 +33,7 @@ class Auto(AbstractEstimator):
         self.plan = None
 
     def choose(self, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task], budget: Budget,
-               batching: Batching = "auto", device: str = "cpu"):
+               batching: Batching = "auto", device: str = "cpu", meter=None):
         """The `metaopt.planning.Plan` for these tasks (cached by task count and inner steps)."""
         from metaopt.planning import choose  # planning imports this package
 
@@ -41,7 +41,7 @@ class Auto(AbstractEstimator):
         steps = tasks.inner_steps if isinstance(tasks, Task) else tasks[0].inner_steps
         key = (n, steps, budget)
         if key not in self._plans:
-            self._plans[key] = choose(loop, meta, tasks, budget, batching=batching, device=device)
+            self._plans[key] = choose(loop, meta, tasks, budget, batching=batching, device=device, meter=meter)
         self.plan = self._plans[key]
         return self.plan
 
