@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from metaopt.types import Batch, Task
 
 __all__ = ["Batching", "TaskShapeMismatch", "stack_tasks", "unstack_tasks", "task_count",
-           "check_task", "resolve_batching"]
+           "check_task", "resolve_batching", "compress_support", "expand_support"]
 
 Batching = Literal["auto", "vmap", "loop"]
 T = TypeVar("T")
@@ -77,7 +77,15 @@ def stack_tasks(tasks: Sequence[Task]) -> Task:
                                         f"task 0 has {ref_shape} (use batching='loop' for unequal tasks)")
     leaves = [tree_flatten(t)[0] for t in tasks]
     _, spec = tree_flatten(tasks[0])
-    return tree_unflatten([torch.stack(column) for column in zip(*leaves)], spec)
+    # A support batch repeated over inner steps is one object: stack it once, not once per step.
+    stacked: dict[tuple[int, ...], torch.Tensor] = {}
+    out = []
+    for column in zip(*leaves):
+        key = tuple(id(v) for v in column)
+        if key not in stacked:
+            stacked[key] = torch.stack(column)
+        out.append(stacked[key])
+    return tree_unflatten(out, spec)
 
 
 def task_count(tasks: Task) -> int:
@@ -87,7 +95,42 @@ def task_count(tasks: Task) -> int:
 
 def unstack_tasks(tasks: Task) -> list[Task]:
     """The B tasks of a batch of tasks, each without the task axis."""
-    return [tree_map(lambda v, i=i: v[i], tasks) for i in range(task_count(tasks))]
+    return [_shared_map(lambda v, i=i: v[i], tasks) for i in range(task_count(tasks))]
+
+
+def _shared_map(fn: Callable[[torch.Tensor], torch.Tensor], task: Task) -> Task:
+    """tree_map that maps a tensor appearing several times (a repeated support batch) only once."""
+    done: dict[int, torch.Tensor] = {}
+
+    def once(v: torch.Tensor) -> torch.Tensor:
+        if id(v) not in done:
+            done[id(v)] = fn(v)
+        return done[id(v)]
+
+    return tree_map(once, task)
+
+
+def compress_support(task: Task) -> tuple[Task, tuple[int, ...]]:
+    """The task with each distinct support batch once, and the step -> batch index pattern.
+
+    vmap wraps every input leaf separately, so a support batch repeated T times would
+    become 2T wrappers; passing the distinct batches and `expand_support` inside keeps
+    memory O(1) in T for MAML-style tasks.
+    """
+    unique: dict[int, int] = {}
+    batches: list[Batch] = []
+    pattern = []
+    for batch in task.support:
+        if id(batch) not in unique:
+            unique[id(batch)] = len(batches)
+            batches.append(batch)
+        pattern.append(unique[id(batch)])
+    return task._replace(support=tuple(batches)), tuple(pattern)
+
+
+def expand_support(task: Task, pattern: tuple[int, ...]) -> Task:
+    """Inverse of `compress_support`."""
+    return task._replace(support=tuple(task.support[i] for i in pattern))
 
 
 def resolve_batching(tasks: Task | Sequence[Task], batching: Batching,

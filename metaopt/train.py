@@ -20,7 +20,7 @@ from metaopt import losses
 from metaopt.batching import Batching, resolve_batching
 from metaopt.budget import Budget
 from metaopt.checkpoint import load_checkpoint, save_atomic
-from metaopt.batching import unstack_tasks
+from metaopt.batching import compress_support, expand_support, unstack_tasks
 from metaopt.diagnose import locate_nonfinite
 from metaopt.estimators import Auto
 from metaopt.estimators.base import AbstractEstimator, MetaGrad
@@ -83,7 +83,9 @@ def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_ta
             batch = task_to(tasks.sample(min(batch_size, n_tasks - start), inner_steps, generator), device)
             mode, prepared = resolve_batching(batch, batching)
             if mode == "vmap":
-                loss, score = torch.func.vmap(per_task, randomness="different")(prepared)
+                compressed, pattern = compress_support(prepared)
+                loss, score = torch.func.vmap(lambda t: per_task(expand_support(t, pattern)),
+                                              randomness="different")(compressed)
             else:
                 loss, score = (torch.stack(v) for v in zip(*(per_task(t) for t in prepared)))
             task_losses.append(loss)
@@ -185,8 +187,9 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, 
             if step - start_step < 2 or step % memory_every == 0:
                 with measure_peak_memory(device, memory_method) as memory:
                     meta_grad = meta_gradient(batch)
-                measured_peak = max(measured_peak, memory.peak_bytes // max(1, meta_grad.stats["tasks"] //
-                                                                            max(1, meta_grad.stats["chunk_size"])))
+                # Chunks run one after another, so the meta-step's peak is its largest chunk's: the
+                # same unit as the prediction.
+                measured_peak = max(measured_peak, memory.peak_bytes)
             else:
                 meta_grad = meta_gradient(batch)
             meta_grad = _finite_or_handle(meta_grad, batch, step, on_nan, loop, meta, meta_gradient, counts)

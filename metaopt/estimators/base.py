@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from metaopt.batching import Batching, resolve_batching, task_count
+from metaopt.batching import Batching, compress_support, expand_support, resolve_batching, task_count
 from metaopt.budget import Budget
 from metaopt.guard import StepGuard, TaskSkipped, UnrollTruncated
 from metaopt.loop import InnerLoop
@@ -245,8 +245,9 @@ class AbstractEstimator(abc.ABC):
             def objective(task: Task) -> TaskObjective:
                 return self.task_objective(loop, meta, task, unit_guard)
             if mode == "vmap":
-                return torch.func.vmap(objective, randomness="different")(
-                    tree_map(lambda v: v[first:last], prepared))
+                compressed, pattern = compress_support(prepared)
+                return torch.func.vmap(lambda t: objective(expand_support(t, pattern)), randomness="different")(
+                    tree_map(lambda v: v[first:last], compressed))
             one = objective(prepared[first])
             return tree_map(lambda v: v.unsqueeze(0), one)
 

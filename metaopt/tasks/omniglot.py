@@ -1,0 +1,241 @@
+"""Omniglot (Lake et al. 2015): N-way K-shot tasks from the official layout, zipped or not.
+
+The official layout is `images_background/`, `images_evaluation/` (or the
+`images_background_small1/2` subsets), each `alphabet/character/drawer.png`,
+as folders or as zips of those folders. `OmniglotImages.load(root)` reads every
+such source under `root` (or `root` itself if it is one), counts a file that
+appears in several sources once, decodes to grayscale, inverts (strokes = 1),
+resizes, and caches the result as one uint8 tensor, so sampling a task is
+tensor indexing (microseconds). Nothing is downloaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from metaopt import losses
+from metaopt.checkpoint import load_checkpoint, save_atomic
+from metaopt.tasks.base import TaskDistribution
+from metaopt.types import Batch, LossFn, Task
+
+__all__ = ["OmniglotImages", "Omniglot", "OmniglotDataError"]
+
+DRAWERS = 20
+
+
+class OmniglotDataError(ValueError):
+    """The Omniglot data is missing, malformed or too small for the request."""
+
+
+def _sources(root: Path) -> list[Path]:
+    if not root.exists():
+        raise OmniglotDataError(f"omniglot: {str(root)!r} does not exist; point data.root at a folder holding "
+                                "images_background*/images_evaluation (folders or .zip files)")
+    if root.is_file():
+        return [root]
+    found = sorted(p for p in root.iterdir() if p.name.startswith("images_") and (p.is_dir() or p.suffix == ".zip"))
+    if found:
+        return found
+    if any(p.is_dir() for p in root.iterdir()):
+        return [root]  # root is itself alphabet/character/drawer.png
+    raise OmniglotDataError(f"omniglot: no images_* folders or zips under {str(root)!r}")
+
+
+def _entries(source: Path) -> dict[tuple[str, str, str], tuple[Path, str]]:
+    """(alphabet, character, file) -> (source, member) for every png of one source."""
+    out = {}
+    if source.suffix == ".zip":
+        try:
+            with zipfile.ZipFile(source) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise OmniglotDataError(f"omniglot: {str(source)!r} is not a readable zip ({e})") from None
+        for name in names:
+            parts = name.split("/")
+            if name.endswith(".png") and len(parts) >= 3:
+                out[(parts[-3], parts[-2], parts[-1])] = (source, name)
+    else:
+        for path in source.rglob("*.png"):
+            rel = path.relative_to(source).parts
+            if len(rel) >= 3:
+                out[(rel[-3], rel[-2], rel[-1])] = (source, str(path))
+    return out
+
+
+def _decode(data: bytes, where: str, size: int) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+    try:
+        image = Image.open(io.BytesIO(data)).convert("L").resize((size, size), Image.BILINEAR)
+    except (UnidentifiedImageError, OSError) as e:
+        raise OmniglotDataError(f"omniglot: cannot decode image {where!r} ({e})") from None
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size)
+    return 255 - pixels  # strokes are dark on white: make them 1
+
+
+@dataclass
+class OmniglotImages:
+    """All characters as one tensor.
+
+    Attributes:
+      images: uint8 [characters, 20, size, size], strokes high.
+      alphabets: the alphabet of each character.
+      characters: "alphabet/characterNN" of each character.
+    """
+
+    images: torch.Tensor
+    alphabets: list[str]
+    characters: list[str]
+
+    @classmethod
+    def load(cls, root: str | os.PathLike, size: int = 28, cache_dir: str | os.PathLike | None = None) -> "OmniglotImages":
+        """Read (or reuse the cache of) every Omniglot source under `root`.
+
+        Raises:
+          OmniglotDataError: a missing path, an unreadable zip or image, or a character
+            without exactly 20 drawers (names the character).
+        """
+        entries: dict[tuple[str, str, str], tuple[Path, str]] = {}
+        for source in _sources(Path(root)):
+            for key, value in _entries(source).items():
+                entries.setdefault(key, value)  # the same file in two subsets counts once
+        if not entries:
+            raise OmniglotDataError(f"omniglot: no .png images found under {str(root)!r}")
+        keys = sorted(entries)
+        digest = hashlib.sha1(repr((keys, size)).encode()).hexdigest()[:16]
+        cache = Path(cache_dir if cache_dir is not None else Path.home() / ".cache" / "metaopt") / f"omniglot-{digest}.pt"
+        if cache.exists():
+            cached = load_checkpoint(cache)
+            return cls(cached["images"], cached["alphabets"], cached["characters"])
+        by_character: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
+        for key in keys:
+            by_character.setdefault(key[:2], []).append(key)
+        bad = {f"{a}/{c}": len(v) for (a, c), v in by_character.items() if len(v) != DRAWERS}
+        if bad:
+            raise OmniglotDataError(f"omniglot: characters need {DRAWERS} drawings each; found {bad}")
+        archives: dict[Path, zipfile.ZipFile] = {}
+        images = torch.empty((len(by_character), DRAWERS, size, size), dtype=torch.uint8)
+        try:
+            for i, files in enumerate(by_character.values()):
+                for j, key in enumerate(files):
+                    source, member = entries[key]
+                    if source.suffix == ".zip":
+                        if source not in archives:
+                            archives[source] = zipfile.ZipFile(source)
+                        try:
+                            data = archives[source].read(member)
+                        except (zipfile.BadZipFile, OSError) as e:
+                            raise OmniglotDataError(f"omniglot: cannot read {member!r} from {str(source)!r} ({e})") \
+                                from None
+                    else:
+                        data = Path(member).read_bytes()
+                    images[i, j] = _decode(data, member, size)
+        finally:
+            for archive in archives.values():
+                archive.close()
+        alphabets = [a for a, _ in by_character]
+        characters = [f"{a}/{c}" for a, c in by_character]
+        save_atomic({"images": images, "alphabets": alphabets, "characters": characters}, cache)
+        return cls(images, alphabets, characters)
+
+
+class Omniglot(TaskDistribution):
+    """N-way K-shot Q-query classification tasks from one split of Omniglot.
+
+    Classes are characters, and with `rotations` each character rotated by 90,
+    180 and 270 degrees is a further class (the standard augmentation; all
+    rotations of a character stay in its split). Splits are fixed by `seed`:
+    `split_by="alphabet"` holds out whole alphabets (`val_alphabets`,
+    `test_alphabets` of them), `split_by="character"` holds out a fraction of the
+    characters. Each task draws N classes and K + Q distinct drawers per class;
+    labels 0..N-1 follow the random class order. Images are float [1, size, size]
+    in [0, 1].
+
+    Args:
+      root: the data folder (see `OmniglotImages.load`).
+      n_way, k_shot, k_query: N, K, Q.
+      split: "train", "val" or "test".
+      split_by: "alphabet" or "character".
+      val_alphabets, test_alphabets: alphabets held out (split_by="alphabet").
+      val_fraction, test_fraction: characters held out (split_by="character").
+      rotations: add the rotated classes.
+      size: image side in pixels.
+      seed: fixes the split.
+      cache_dir: where decoded images are cached (default ~/.cache/metaopt).
+
+    Raises:
+      OmniglotDataError: K + Q > 20, too few classes in the split for N, or bad data.
+    """
+
+    kind = "classification"
+
+    def __init__(self, root: str, n_way: int = 5, k_shot: int = 1, k_query: int = 15,
+                 split: Literal["train", "val", "test"] = "train",
+                 split_by: Literal["alphabet", "character"] = "alphabet", val_alphabets: int = 1,
+                 test_alphabets: int = 2, val_fraction: float = 0.1, test_fraction: float = 0.2,
+                 rotations: bool = True, size: int = 28, seed: int = 0, cache_dir: str | None = None):
+        if k_shot < 1 or k_query < 1 or k_shot + k_query > DRAWERS:
+            raise OmniglotDataError(f"omniglot: k_shot + k_query = {k_shot} + {k_query} must be between 2 and the "
+                                    f"{DRAWERS} drawings each character has")
+        if split not in ("train", "val", "test") or split_by not in ("alphabet", "character"):
+            raise OmniglotDataError(f"omniglot: split must be train/val/test and split_by alphabet/character, "
+                                    f"got {split!r}, {split_by!r}")
+        self.root, self.n_way, self.k_shot, self.k_query, self.split = root, n_way, k_shot, k_query, split
+        data = OmniglotImages.load(root, size, cache_dir)
+        order = torch.Generator().manual_seed(seed)
+        if split_by == "alphabet":
+            names = sorted(set(data.alphabets))
+            if val_alphabets + test_alphabets >= len(names):
+                raise OmniglotDataError(f"omniglot: {len(names)} alphabets cannot hold out {val_alphabets} + "
+                                        f"{test_alphabets} and still train")
+            shuffled = [names[i] for i in torch.randperm(len(names), generator=order)]
+            held = {"test": shuffled[:test_alphabets], "val": shuffled[test_alphabets:test_alphabets + val_alphabets]}
+            held["train"] = shuffled[test_alphabets + val_alphabets:]
+            chosen = [i for i, a in enumerate(data.alphabets) if a in held[split]]
+            self.alphabets = sorted(held[split])
+        else:
+            perm = torch.randperm(len(data.characters), generator=order).tolist()
+            n_test, n_val = round(test_fraction * len(perm)), round(val_fraction * len(perm))
+            parts = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
+            chosen = sorted(parts[split])
+            self.alphabets = sorted({data.alphabets[i] for i in chosen})
+        images = data.images[chosen]
+        if rotations:
+            images = torch.cat([torch.rot90(images, r, dims=(2, 3)) for r in range(4)])
+        self.images = images.unsqueeze(2)  # [classes, 20, 1, size, size]
+        if self.images.shape[0] < n_way:
+            raise OmniglotDataError(f"omniglot: the {split} split has {self.images.shape[0]} classes, fewer than "
+                                    f"n_way = {n_way}")
+
+    def __repr__(self) -> str:
+        return (f"Omniglot({self.split}: {self.images.shape[0]} classes from {len(self.alphabets)} alphabets, "
+                f"{self.n_way}-way {self.k_shot}-shot {self.k_query}-query)")
+
+    @property
+    def loss_fn(self) -> LossFn:
+        return losses.cross_entropy
+
+    @property
+    def num_classes(self) -> int:
+        return self.images.shape[0]
+
+    def sample(self, n_tasks: int, inner_steps: int, generator: torch.Generator) -> Task:
+        n, per_class = self.n_way, self.k_shot + self.k_query
+        classes = torch.rand((n_tasks, self.num_classes), generator=generator).argsort(dim=1)[:, :n]
+        drawers = torch.rand((n_tasks, n, DRAWERS), generator=generator).argsort(dim=2)[:, :, :per_class]
+        x = self.images[classes.unsqueeze(-1), drawers].to(torch.get_default_dtype()) / 255.0
+        y = torch.arange(n).view(1, n, 1).expand(n_tasks, n, per_class)
+        shape = x.shape[3:]
+
+        def flat(xs: torch.Tensor, ys: torch.Tensor) -> Batch:
+            return Batch(xs.reshape(n_tasks, -1, *shape), ys.reshape(n_tasks, -1))
+
+        support = flat(x[:, :, :self.k_shot], y[:, :, :self.k_shot])
+        query = flat(x[:, :, self.k_shot:], y[:, :, self.k_shot:])
+        return Task.repeat(support, query, inner_steps)
