@@ -76,12 +76,13 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = [("rel_error", "relative error to full"), ("seconds", "seconds per meta-gradient"),
               ("peak_bytes", "peak memory (bytes)")]
-    for name in dict.fromkeys(r["estimator"] for r in rows):
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, name in enumerate(dict.fromkeys(r["estimator"] for r in rows)):
         ok = [r for r in rows if r["estimator"] == name and r["status"] == "ok"]
         for ax, (key, _) in zip(axes, panels):
-            points = [(r["T"], r[key]) for r in ok if r[key] > 0]
+            points = [(r["T"], r[key]) for r in ok if r[key] > 0]  # log axes: exact zeros are not drawn
             if points:
-                ax.plot(*zip(*points), marker="o", label=name)
+                ax.plot(*zip(*points), marker="o", label=name, color=colors[i % len(colors)])
     for ax, (_, title) in zip(axes, panels):
         ax.set(xscale="log", yscale="log", xlabel="inner steps T", title=title)
         ax.grid(True, which="both", alpha=0.3)
