@@ -1,0 +1,112 @@
+"""The Omniglot loader and sampler, on tiny data in the official layout that the test writes itself."""
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from metaopt.tasks.omniglot import DRAWERS, Omniglot, OmniglotDataError, OmniglotImages
+
+
+def _png(seed: int) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand((12, 12), generator=g) > 0.5).to(torch.uint8) * 255
+    out = io.BytesIO()
+    Image.fromarray(pixels.numpy(), mode="L").save(out, format="PNG")
+    return out.getvalue()
+
+
+def _write(root: Path, subset: str, alphabets: dict[str, int], zipped: bool) -> None:
+    files = {f"{subset}/{a}/character{c:02d}/{c:02d}{a[:2]}_{d:02d}.png": _png(hash((a, c, d)) % 10**6)
+             for a, n in alphabets.items() for c in range(1, n + 1) for d in range(1, DRAWERS + 1)}
+    if zipped:
+        with zipfile.ZipFile(root / f"{subset}.zip", "w") as archive:
+            for name, data in files.items():
+                archive.writestr(name, data)
+    else:
+        for name, data in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(data)
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    """Two overlapping zipped subsets (Greek in both), like the shared small1/small2 pair: 4 alphabets."""
+    _write(tmp_path, "images_background_small1", {"Greek": 3, "Latin": 2, "Korean": 2}, zipped=True)
+    _write(tmp_path, "images_background_small2", {"Greek": 3, "Tagalog": 2}, zipped=True)
+    return tmp_path
+
+
+def test_overlapping_subsets_count_each_file_once(data, tmp_path):
+    images = OmniglotImages.load(data, size=8, cache_dir=tmp_path / "cache")
+    assert images.images.shape == (3 + 2 + 2 + 2, DRAWERS, 8, 8)
+    assert sorted(set(images.alphabets)) == ["Greek", "Korean", "Latin", "Tagalog"]
+    assert images.images.dtype == torch.uint8 and images.images.max() > 0
+
+
+def test_zipped_and_unzipped_layouts_load_the_same(tmp_path):
+    zipped, folders = tmp_path / "z", tmp_path / "f"
+    zipped.mkdir(), folders.mkdir()
+    _write(zipped, "images_background", {"Latin": 2}, zipped=True)
+    _write(folders, "images_background", {"Latin": 2}, zipped=False)
+    a = OmniglotImages.load(zipped, size=8, cache_dir=tmp_path / "c1")
+    b = OmniglotImages.load(folders, size=8, cache_dir=tmp_path / "c2")
+    assert torch.equal(a.images, b.images) and a.characters == b.characters
+
+
+def test_cache_is_reused(data, tmp_path):
+    first = OmniglotImages.load(data, size=8, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("omniglot-*.pt"))) == 1
+    second = OmniglotImages.load(data, size=8, cache_dir=tmp_path / "cache")
+    assert torch.equal(first.images, second.images)
+
+
+def test_alphabet_split_is_disjoint_and_rotations_add_classes(data, tmp_path):
+    kwargs = dict(size=8, cache_dir=tmp_path / "cache", val_alphabets=1, test_alphabets=1, n_way=2)
+    splits = {s: Omniglot(data, split=s, **kwargs) for s in ("train", "val", "test")}
+    alphabets = [set(o.alphabets) for o in splits.values()]
+    assert not (alphabets[0] & alphabets[1] or alphabets[0] & alphabets[2] or alphabets[1] & alphabets[2])
+    assert sum(len(a) for a in alphabets) == 4
+    plain = Omniglot(data, split="train", rotations=False, **kwargs)
+    assert splits["train"].num_classes == 4 * plain.num_classes
+
+
+def test_sampler_shapes_labels_and_reproducibility(data, tmp_path):
+    omniglot = Omniglot(data, n_way=3, k_shot=2, k_query=4, size=8, cache_dir=tmp_path / "cache",
+                        split_by="character", test_fraction=0.2, val_fraction=0.0)
+    task = omniglot.sample(5, 2, torch.Generator().manual_seed(0))
+    assert task.support[0].x.shape == (5, 6, 1, 8, 8) and task.query.x.shape == (5, 12, 1, 8, 8)
+    assert task.support[0].y[0].tolist() == [0, 0, 1, 1, 2, 2] and task.inner_steps == 2
+    assert 0.0 <= task.query.x.min() and task.query.x.max() <= 1.0
+    again = omniglot.sample(5, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(task.query.x, again.query.x)
+    # Support and query images of a class are different drawings.
+    assert not any(torch.equal(task.support[0].x[0, 0], task.query.x[0, q]) for q in range(4))
+
+
+def test_clear_errors(data, tmp_path):
+    with pytest.raises(OmniglotDataError, match="does not exist; point data.root"):
+        Omniglot(tmp_path / "nowhere")
+    with pytest.raises(OmniglotDataError, match=r"k_shot \+ k_query = 5 \+ 16 must be between 2 and the 20"):
+        Omniglot(data, k_shot=5, k_query=16, cache_dir=tmp_path / "cache")
+    with pytest.raises(OmniglotDataError, match="fewer than n_way = 500"):
+        Omniglot(data, n_way=500, size=8, cache_dir=tmp_path / "cache")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "images_background.zip").write_bytes(b"this is not a zip")
+    with pytest.raises(OmniglotDataError, match="images_background.zip' is not a readable zip"):
+        OmniglotImages.load(broken, cache_dir=tmp_path / "cache")
+    bad_image = tmp_path / "bad_image"
+    _write(bad_image.mkdir() or bad_image, "images_background", {"Latin": 1}, zipped=False)
+    next((bad_image / "images_background" / "Latin" / "character01").glob("*.png")).write_bytes(b"garbage")
+    with pytest.raises(OmniglotDataError, match="cannot decode image"):
+        OmniglotImages.load(bad_image, cache_dir=tmp_path / "cache")
+    missing = tmp_path / "missing"
+    _write(missing.mkdir() or missing, "images_background", {"Latin": 1}, zipped=False)
+    next((missing / "images_background" / "Latin" / "character01").glob("*.png")).unlink()
+    with pytest.raises(OmniglotDataError, match=r"need 20 drawings each; found \{'Latin/character01': 19\}"):
+        OmniglotImages.load(missing, cache_dir=tmp_path / "cache")
