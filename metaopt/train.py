@@ -255,8 +255,7 @@ def _finite_or_handle(meta_grad: MetaGrad, batch: Task, step: int, on_nan: str, 
                       meta_gradient: Callable[[Task | list[Task]], MetaGrad], counts: dict[str, int]) -> MetaGrad:
     """Check the tasks' losses and the meta-gradient; raise with the location, or drop the bad tasks."""
     losses = meta_grad.task_losses
-    skipped = torch.isnan(losses) & torch.tensor(meta_grad.stats["tasks_skipped"] > 0)
-    bad = ~torch.isfinite(losses) & ~skipped
+    bad = ~torch.isfinite(losses) & meta_grad.task_used
     grads_ok = all(bool(torch.isfinite(g).all()) for g in meta_grad.grads.values())
     if not bool(bad.any()) and grads_ok:
         return meta_grad

@@ -219,3 +219,11 @@ def test_meta_train_records_plan_and_memory(tmp_path):
     metrics = _train(mo.Sinusoid(k_shot=5), tmp_path)
     assert metrics["estimator_chosen"] == "full" and metrics["predicted_peak_bytes"] > 0
     assert metrics["measured_peak_bytes"] >= 0 and metrics["memory_method"] in ("rss", "profiler", "cuda")
+
+
+def test_a_diverged_task_is_not_hidden_from_the_mean():
+    loop, meta, _ = _problem()
+    tasks = PoisonedSinusoid(k_shot=5).sample(3, 2, torch.Generator().manual_seed(0))
+    result = E.Full()(loop, meta, tasks)
+    assert math.isnan(result.outer_loss.item()) and bool(result.task_used.all())
+    assert math.isnan(result.task_losses[1].item()) and math.isfinite(result.task_losses[0].item())

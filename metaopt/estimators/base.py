@@ -61,12 +61,14 @@ class MetaGrad(NamedTuple):
       stats: "seconds" (wall-clock of the call), "tasks", "batching", and
         estimator-specific figures.
       task_losses: each task's outer loss, [B] (NaN for skipped tasks).
+      task_used: bool [B], False for tasks skipped under the budget.
     """
 
     grads: dict[str, Tensor]
     outer_loss: Tensor
     stats: dict[str, float | int | str]
     task_losses: Tensor | None = None
+    task_used: Tensor | None = None
 
 
 class TaskObjective(NamedTuple):
@@ -253,6 +255,7 @@ class AbstractEstimator(abc.ABC):
 
         grads: dict[str, Tensor] | None = None
         task_losses = torch.full((total,), float("nan"))
+        task_used = torch.zeros(total, dtype=torch.bool)
         stats_rows: list[dict[str, Tensor]] = []
         truncated = skipped = 0
         for first, last in units:
@@ -271,6 +274,7 @@ class AbstractEstimator(abc.ABC):
             unit_grads = grads_of(result.surrogate.sum(), meta)
             grads = unit_grads if grads is None else {k: grads[k] + g for k, g in unit_grads.items()}
             task_losses[first:last] = result.outer_loss.detach().to(task_losses)
+            task_used[first:last] = True
             stats_rows.append(result.stats)
         used = total - skipped
         if grads is None:
@@ -284,8 +288,9 @@ class AbstractEstimator(abc.ABC):
             values = torch.cat([row[k].detach().double().reshape(-1) for row in stats_rows])
             stats[k] = values.mean().item()
             stats[f"{k}_max"] = values.max().item()
-        kept = task_losses[~torch.isnan(task_losses)] if used else task_losses
-        return MetaGrad(grads, kept.mean() if used else torch.tensor(float("nan")), stats, task_losses)
+        # A task that diverged keeps its NaN in the mean: only skipped tasks are left out.
+        outer_loss = task_losses[task_used].mean() if used else torch.tensor(float("nan"))
+        return MetaGrad(grads, outer_loss, stats, task_losses, task_used)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
