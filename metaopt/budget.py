@@ -76,8 +76,12 @@ class Budget:
     """What one task's meta-gradient may cost.
 
     Args:
-      memory: peak bytes for one task (an int or a string like "512MB"); None: no limit.
-      time: seconds for one task (a number or a string like "30s"); None: no limit.
+      memory: the peak bytes allowed while a meta-gradient runs (an int or a string like
+        "512MB"); None: no limit. It bounds what runs at once: one task, or one vmapped chunk
+        of tasks, which the planner sizes to fit (`metaopt.planning`). Measured as in
+        `metaopt.memory`: device tensor bytes on CUDA, process peak RSS on CPU.
+      time: seconds for one task (a number or a string like "30s"); a vmapped chunk shares one
+        clock. None: no limit.
       on_exceed: what happens to a task that runs past its budget: "raise" an error,
         "truncate" its unroll at that step boundary, or "skip" the task.
     """
