@@ -72,7 +72,7 @@ def _entries(source: Path) -> dict[tuple[str, str, str], tuple[Path, str]]:
 def _decode(data: bytes, where: str, size: int) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
     try:
-        image = Image.open(io.BytesIO(data)).convert("L").resize((size, size), Image.BILINEAR)
+        image = Image.open(io.BytesIO(data)).convert("L").resize((size, size), Image.Resampling.BILINEAR)
     except (UnidentifiedImageError, OSError) as e:
         raise OmniglotDataError(f"omniglot: cannot decode image {where!r} ({e})") from None
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size)
