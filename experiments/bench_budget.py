@@ -12,6 +12,7 @@ call, after returning freed heap memory to the OS (malloc_trim) and resetting th
 On CUDA it is torch.cuda.max_memory_allocated.
 
     OMP_NUM_THREADS=1 python experiments/bench_budget.py [--problems sinusoid conv4]
+    OMP_NUM_THREADS=1 python experiments/bench_budget.py --problems conv4 --steps 10 1000 --estimators implicit forward
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, nargs="+", help="grid of T (default: the problem's)")
+    parser.add_argument("--estimators", nargs="+", help="registry names to keep (default: all)")
     args = parser.parse_args()
     print(f"{'problem':<9} {'T':>5} {'estimator':<28} {'predicted':>10} {'measured':>10} {'pred/meas':>9}")
     for name in args.problems:
@@ -51,12 +54,14 @@ def main() -> None:
         distribution = make_tasks()
         loop = mo.InnerLoop(model, mo.optim.sgd(lr=lr), distribution.loss_fn, proximal=1.0)
         meta = mo.meta_params(mo.Init(model))
-        for steps in grid:
+        for steps in args.steps or grid:
             batch = distribution.sample(8, steps, torch.Generator().manual_seed(steps))
             batch = torch.utils._pytree.tree_map(lambda v: v.to(args.device), batch)
             predictor = Predictor(loop, meta, batch, args.device)
             one = mo.unstack_tasks(batch)[:1]
             rows = [(e, 1) for e in estimators()] + [(E.Full(), 8)]
+            if args.estimators:
+                rows = [(e, n) for e, n in rows if e.name in args.estimators]
             for estimator, n in rows:
                 if n > 1 and steps > 100:
                     continue  # 8 full graphs of 1000 steps: minutes, and the per-task rows already show the law

@@ -117,14 +117,15 @@ def compress_support(task: Task) -> tuple[Task, tuple[int, ...]]:
     become 2T wrappers; passing the distinct batches and `expand_support` inside keeps
     memory O(1) in T for MAML-style tasks.
     """
-    unique: dict[int, int] = {}
+    unique: dict[tuple[int, ...], int] = {}
     batches: list[Batch] = []
     pattern = []
     for batch in task.support:
-        if id(batch) not in unique:
-            unique[id(batch)] = len(batches)
+        key = tuple(id(v) for v in batch)  # the tensors, not the tuple: unstacking rebuilds tuples
+        if key not in unique:
+            unique[key] = len(batches)
             batches.append(batch)
-        pattern.append(unique[id(batch)])
+        pattern.append(unique[key])
     return task._replace(support=tuple(batches)), tuple(pattern)
 
 
