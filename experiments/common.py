@@ -42,7 +42,7 @@ def build(cfg: DictConfig) -> Parts:
     eval_tasks = instantiate(cfg.task, **cfg.eval.task) if cfg.eval.task else tasks
     model = instantiate(cfg.model).to(cfg.device)
     meta = build_meta(cfg, model)
-    loop = InnerLoop(model, instantiate(cfg.inner_optim), tasks.loss_fn, proximal=cfg.proximal)
+    loop = instantiate(cfg.loop)(model=model, optimizer=instantiate(cfg.inner_optim), loss_fn=tasks.loss_fn)
     log.info("Instantiating estimator <%s>", cfg.estimator._target_)
     estimator = instantiate(cfg.estimator)
     budget = instantiate(cfg.budget)

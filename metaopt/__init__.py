@@ -12,6 +12,7 @@ from metaopt.estimators import (AbstractEstimator, Auto, Checkpoint, EstimatorUn
 from metaopt.loop import InnerLoop, detach_state, unroll
 from metaopt.metaparams import Init, LearningRates, WeightDecay, meta_params
 from metaopt.models import MLP, Conv4
+from metaopt.prototypes import PrototypeLoop
 from metaopt.tasks import RandomPatterns, Sinusoid, TaskDistribution
 from metaopt.train import evaluate, meta_train
 from metaopt.types import Batch, InnerState, Task
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "losses", "optim",
     "Batch", "Task", "InnerState",
-    "InnerLoop", "unroll", "detach_state",
+    "InnerLoop", "PrototypeLoop", "unroll", "detach_state",
     "Init", "LearningRates", "WeightDecay", "meta_params",
     "estimators", "AbstractEstimator", "MetaGrad", "get_estimator", "available_estimators",
     "Full", "FirstOrder", "Truncated", "Checkpoint", "Implicit", "ForwardMode", "Reptile", "EvolutionStrategies",

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 from common import build  # noqa: E402
 
-GROUPS = ["task", "model", "metaparam", "inner_optim", "estimator", "budget", "outer_optim", "logger", "experiment"]
+GROUPS = ["task", "loop", "model", "metaparam", "inner_optim", "estimator", "budget", "outer_optim", "logger", "experiment"]
 
 
 def _options(group: str) -> list[str]:

@@ -1,0 +1,57 @@
+"""Prototypical Networks (Snell et al. 2017) as an inner loop whose adaptation is non-parametric."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metaopt import losses
+from metaopt.loop import InnerLoop
+from metaopt.optim import InnerOptimizer, sgd
+from metaopt.types import Batch, Hyper, InnerState, LossFn, MetaParams
+
+__all__ = ["PrototypeLoop"]
+
+
+class PrototypeLoop(InnerLoop):
+    """ProtoNets: a step embeds the support batch and keeps each class's mean embedding.
+
+    `step` replaces the gradient step: prototypes c_k = mean of the embeddings of
+    class k's support examples go into the inner state; `predict` returns logits
+    -||f(x) - c_k||^2. The embedding network's parameters are meta-learned through
+    the "init" slot (`Init(model)`), so `full` backpropagates through the support
+    and query embeddings, every estimator and `evaluate` work unchanged, and tasks
+    vmap. Use one inner step (the support batch); with several, the last batch's
+    prototypes are used.
+
+    Args:
+      model: the embedding network (e.g. `Conv4(out_features=0)`): [n, ...] -> [n, D].
+      optimizer: unused (accepted so configs build every loop alike).
+      loss_fn: the outer loss on the logits (cross-entropy).
+      n_way: classes per task; labels are 0..n_way-1.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: InnerOptimizer | None = None,
+                 loss_fn: LossFn = losses.cross_entropy, n_way: int = 5, **unused: object):
+        super().__init__(model, sgd(lr=0.0), loss_fn)
+        if n_way < 2:
+            raise ValueError(f"PrototypeLoop: n_way must be >= 2, got {n_way}")
+        self.n_way = n_way
+
+    def step(self, state: InnerState, batch: Batch, meta: MetaParams, *, create_graph: bool = True,
+             hyper: Hyper | None = None, inner_grad: str = "func") -> InnerState:
+        if "data" in meta:
+            batch = meta["data"].transform(batch)
+        embeddings, buffers = self.forward(state.params, state.buffers, batch.x)
+        one_hot = F.one_hot(batch.y, self.n_way).to(embeddings.dtype)          # [n, N]
+        prototypes = one_hot.T @ embeddings / one_hot.sum(0).clamp_min(1).unsqueeze(1)  # [N, D]
+        return InnerState(state.params, buffers, {"prototypes": prototypes}, state.anchor)
+
+    def predict(self, state: InnerState, x: Tensor) -> Tensor:
+        if "prototypes" not in state.opt_state:
+            raise ValueError("PrototypeLoop needs one inner step on the support batch before predicting "
+                             "(inner_steps >= 1)")
+        embeddings = self.forward(state.params, state.buffers, x)[0]
+        prototypes = state.opt_state["prototypes"]
+        assert isinstance(prototypes, Tensor)
+        return -((embeddings.unsqueeze(1) - prototypes.unsqueeze(0)) ** 2).sum(-1)
