@@ -36,7 +36,8 @@ def test_every_group_has_options(group):
 
 @pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in _options(g)])
 def test_every_option_composes_and_builds(override):
-    extra = ["task=patterns", "model.out_features=0"] if override == "loop=protonet" else []
+    extra = ["task=patterns", "model=conv4", "model.out_features=0", "model.channels=8"] \
+        if override == "loop=protonet" else []
     cfg = _compose([override, "debug=tiny", *extra])  # ProtoNets needs a classification task
     if cfg.model._target_.endswith("Conv4") and cfg.task._target_.endswith("Sinusoid"):
         pytest.skip("conv4 needs an image task")
