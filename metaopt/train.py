@@ -113,7 +113,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, 
                eval_n_tasks: int = 600, checkpoint_path: str | Path | None = None,
                checkpoint_every: int = 1000, log: LogFn | None = None, log_every: int = 100,
                progress: bool = True, device: torch.device | str = "cpu", on_nan: Literal["raise", "skip"] = "raise",
-               memory_every: int = 100, clock: Callable[[], float] | None = None,
+               memory_every: int = 1000, clock: Callable[[], float] | None = None,
                memory_probe: Callable[[], int] | None = None, meter: Meter | None = None) -> dict:
     """Meta-train `meta` with `estimator` under a per-task budget, then evaluate on fresh tasks.
 
