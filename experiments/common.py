@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from metaopt import Budget, InnerLoop, meta_params
+from metaopt import Budget, InnerLoop, losses, meta_params
 from metaopt.estimators import AbstractEstimator
 from metaopt.tasks import TaskDistribution
 from metaopt.types import MetaParams
@@ -34,15 +34,24 @@ class Parts(NamedTuple):
     budget: Budget
 
 
-def build(cfg: DictConfig) -> Parts:
-    """Seed, set the dtype, and instantiate every part named by the config."""
+def build(cfg: DictConfig, load_tasks: bool = True) -> Parts:
+    """Seed, set the dtype, and instantiate every part named by the config.
+
+    With `load_tasks=False` the task distributions are not built (no data is read); the
+    loss comes from the task's kind (`Parts.tasks` is None).
+    """
     torch.manual_seed(cfg.seed)
     torch.set_default_dtype(getattr(torch, cfg.dtype))
-    tasks = instantiate(cfg.task)
-    eval_tasks = instantiate(cfg.task, **cfg.eval.task) if cfg.eval.task else tasks
+    if load_tasks:
+        tasks = instantiate(cfg.task)
+        eval_tasks = instantiate(cfg.task, **cfg.eval.task) if cfg.eval.task else tasks
+        loss_fn = tasks.loss_fn
+    else:
+        tasks = eval_tasks = None
+        loss_fn = losses.cross_entropy
     model = instantiate(cfg.model).to(cfg.device)
     meta = build_meta(cfg, model)
-    loop = instantiate(cfg.loop)(model=model, optimizer=instantiate(cfg.inner_optim), loss_fn=tasks.loss_fn)
+    loop = instantiate(cfg.loop)(model=model, optimizer=instantiate(cfg.inner_optim), loss_fn=loss_fn)
     log.info("Instantiating estimator <%s>", cfg.estimator._target_)
     estimator = instantiate(cfg.estimator)
     budget = instantiate(cfg.budget)

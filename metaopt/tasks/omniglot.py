@@ -25,7 +25,7 @@ from metaopt.checkpoint import load_checkpoint, save_atomic
 from metaopt.tasks.base import TaskDistribution
 from metaopt.types import Batch, LossFn, Task
 
-__all__ = ["OmniglotImages", "Omniglot", "OmniglotDataError"]
+__all__ = ["OmniglotImages", "Omniglot", "OmniglotDataError", "load_one_shot_runs"]
 
 DRAWERS = 20
 
@@ -239,3 +239,49 @@ class Omniglot(TaskDistribution):
         support = flat(x[:, :, :self.k_shot], y[:, :, :self.k_shot])
         query = flat(x[:, :, self.k_shot:], y[:, :, self.k_shot:])
         return Task.repeat(support, query, inner_steps)
+
+
+def load_one_shot_runs(runs_dir: str | os.PathLike, size: int = 28) -> list[tuple[str, Task]]:
+    """Lake et al.'s 20-way one-shot classification runs as tasks.
+
+    Layout: `runNN/training/classMM.png` (one image per class), `runNN/test/itemMM.png`,
+    and `runNN/class_labels.txt` whose lines read `runNN/test/itemMM.png runNN/training/classKK.png`.
+    Each run becomes a task whose support is the training images (labels in the order of
+    their sorted file names) and whose query is the test items with their answers.
+
+    Raises:
+      OmniglotDataError: no runs, a missing file, or an answer naming an unknown class.
+    """
+    root = Path(runs_dir)
+    runs = sorted(p for p in root.glob("run*") if p.is_dir()) if root.is_dir() else []
+    if not runs:
+        raise OmniglotDataError(f"omniglot runs: no run*/ folders in {str(root)!r}")
+    out = []
+    for run in runs:
+        labels_file = run / "class_labels.txt"
+        if not labels_file.exists():
+            raise OmniglotDataError(f"omniglot runs: {str(labels_file)!r} is missing")
+        classes = sorted((run / "training").glob("*.png"))
+        index = {f"{run.name}/training/{p.name}": i for i, p in enumerate(classes)}
+        items, answers = [], []
+        for line in labels_file.read_text().split("\n"):
+            if not line.strip():
+                continue
+            item, answer = line.split()
+            if answer not in index:
+                raise OmniglotDataError(f"omniglot runs: {str(labels_file)!r} names {answer!r}, which is not in "
+                                        f"{run.name}/training/")
+            items.append(root / item)
+            answers.append(index[answer])
+        for path in [*classes, *items]:
+            if not path.exists():
+                raise OmniglotDataError(f"omniglot runs: {str(path)!r} is missing")
+
+        def images(paths: list[Path]) -> torch.Tensor:
+            stacked = torch.stack([_decode(p.read_bytes(), str(p), size) for p in paths])
+            return (stacked.to(torch.get_default_dtype()) / 255.0).unsqueeze(1)
+
+        support = Batch(images(classes), torch.arange(len(classes)))
+        query = Batch(images(items), torch.tensor(answers))
+        out.append((run.name, Task(support=(support,), query=query)))
+    return out

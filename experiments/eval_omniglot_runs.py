@@ -1,0 +1,63 @@
+"""Lake et al.'s 20-way one-shot classification runs, on a trained checkpoint.
+
+    python experiments/eval_omniglot_runs.py checkpoint=DIR runs_dir=PATH
+
+DIR is a training run's directory (experiments/train.py). MAML-style runs adapt on the
+20 training images (the run's eval.inner_steps inner steps) and classify the 20 test
+items; ProtoNets classify by the nearest prototype. The model must produce 20-way outputs:
+a MAML run trained 5-way has a 5-way head and is refused (train it with task.n_way=20);
+ProtoNets work at any N. Prints the error per run and, last, `error_rate=<percent>`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from common import build
+from metaopt import PrototypeLoop, losses, unroll
+from metaopt.checkpoint import load_checkpoint
+from metaopt.tasks.omniglot import load_one_shot_runs
+
+WAYS = 20
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval_runs")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(cfg.checkpoint)
+    config_path, checkpoint_path = run_dir / ".hydra" / "config.yaml", run_dir / "checkpoint.pt"
+    for path in (config_path, checkpoint_path):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: checkpoint= must be a run directory of experiments/train.py")
+    train_cfg = OmegaConf.load(config_path)
+    OmegaConf.resolve(train_cfg)  # freeze the trained shapes (a MAML head keeps its N)
+    if "n_way" in train_cfg.loop:
+        with open_dict(train_cfg):
+            train_cfg.loop.n_way = WAYS  # a ProtoNet classifies any number of classes
+    parts = build(train_cfg, load_tasks=False)
+    parts.meta.load_state_dict(load_checkpoint(checkpoint_path)["meta"])
+    steps = cfg.inner_steps if cfg.inner_steps is not None else train_cfg.eval.inner_steps
+    size = train_cfg.task.get("size", 28)
+    runs = load_one_shot_runs(cfg.runs_dir, size=size)
+    errors = []
+    with torch.no_grad():
+        if not isinstance(parts.loop, PrototypeLoop):
+            start = parts.loop.init(parts.meta)
+            outputs = parts.loop.predict(start, runs[0][1].query.x[:1]).shape[-1]
+            if outputs != WAYS:
+                raise ValueError(f"the checkpoint's model gives {outputs} outputs but the runs are {WAYS}-way: "
+                                 f"train it with task.n_way={WAYS} (or use a ProtoNet)")
+        for name, task in runs:
+            task = task._replace(support=task.support * max(steps, 1))
+            state = unroll(parts.loop, parts.loop.init(parts.meta), task.support, parts.meta, create_graph=False)
+            logits = parts.loop.predict(state, task.query.x)
+            error = 100 * (1 - losses.accuracy(logits, task.query.y).item())
+            errors.append(error)
+            print(f"{name}: error {error:.1f}%")
+    print(f"error_rate={sum(errors) / len(errors):.2f}")
+
+
+if __name__ == "__main__":
+    main()
