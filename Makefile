@@ -23,6 +23,7 @@ run: $(STAMP)
 	$(PY) experiments/train.py
 
 test: $(STAMP)
+	$(PY) -m mypy
 	WANDB_MODE=disabled $(PY) -m pytest -m "not slow"
 
 test-all: $(STAMP)

@@ -5,6 +5,7 @@ Tasks with different shapes cannot be stacked; they run one after another.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Literal, Sequence, TypeVar
 
 import torch
@@ -95,7 +96,11 @@ def task_count(tasks: Task) -> int:
 
 def unstack_tasks(tasks: Task) -> list[Task]:
     """The B tasks of a batch of tasks, each without the task axis."""
-    return [_shared_map(lambda v, i=i: v[i], tasks) for i in range(task_count(tasks))]
+    return [_shared_map(functools.partial(_index, i=i), tasks) for i in range(task_count(tasks))]
+
+
+def _index(v: torch.Tensor, i: int) -> torch.Tensor:
+    return v[i]
 
 
 def _shared_map(fn: Callable[[torch.Tensor], torch.Tensor], task: Task) -> Task:

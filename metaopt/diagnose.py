@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 
 from metaopt.loop import InnerLoop
-from metaopt.types import MetaParams, Task
+from metaopt.types import DataSlot, MetaParams, Task
 
 __all__ = ["locate_nonfinite"]
 
@@ -25,7 +26,7 @@ def locate_nonfinite(loop: InnerLoop, meta: MetaParams, task: Task) -> str:
                 return f"the initial parameter {name!r} is not finite"
         for t, batch in enumerate(task.support):
             if "data" in meta:
-                batch = meta["data"].transform(batch)
+                batch = cast(DataSlot, meta["data"]).transform(batch)
             with torch.enable_grad():
                 loss = loop.inner_objective(state.params, state, batch, meta)[0]
             if not math.isfinite(loss.item()):

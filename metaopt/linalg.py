@@ -18,7 +18,7 @@ MatVec = Callable[[Params], Params]
 
 
 def _dot(a: Params, b: Params) -> Tensor:
-    return sum((a[k] * b[k]).sum() for k in a)
+    return torch.stack([(a[k] * b[k]).sum() for k in a]).sum()
 
 
 def conjugate_gradient(matvec: MatVec, b: Params, iters: int = 20) -> Params:

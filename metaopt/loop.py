@@ -20,7 +20,7 @@ recomputed (checkpointing) cannot update them twice.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,8 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from metaopt.optim import InnerOptimizer
-from metaopt.types import Batch, Buffers, Hyper, InnerState, LossFn, MetaParams, Params, Task
+from metaopt.types import (Batch, Buffers, DataSlot, Hyper, InitSlot, InnerState, LossFn, LossSlot, MetaParams,
+                           OptimizerSlot, Params, Task)
 
 __all__ = ["InnerLoop", "unroll", "task_outer_loss", "detach_state", "SLOTS"]
 
@@ -91,7 +92,7 @@ class InnerLoop:
         if unknown:
             raise ValueError(f"unknown meta-parameter slot(s) {sorted(unknown)}; slots are {SLOTS}")
         if "init" in meta:
-            shapes = {k: v.shape for k, v in meta["init"].initial_params().items()}
+            shapes = {k: v.shape for k, v in cast(InitSlot, meta["init"]).initial_params().items()}
             if shapes != self.param_shapes:
                 raise ValueError(f"meta 'init' gives parameters {shapes} but the model has "
                                  f"{self.param_shapes}")
@@ -99,7 +100,7 @@ class InnerLoop:
     def init(self, meta: MetaParams) -> InnerState:
         """The state at step 0: initial parameters, the model's buffers, fresh optimizer state."""
         if "init" in meta:
-            params = meta["init"].initial_params()
+            params = cast(InitSlot, meta["init"]).initial_params()
         else:
             params = {k: p.detach() for k, p in self.model.named_parameters()}
         buffers = {k: b.detach() for k, b in self.model.named_buffers()}
@@ -123,7 +124,7 @@ class InnerLoop:
 
     def hyper(self, meta: MetaParams) -> Hyper:
         """The optimizer hyperparameters that the "optimizer" meta-parameter sets ({} if none)."""
-        return meta["optimizer"].hyper() if "optimizer" in meta else {}
+        return cast(OptimizerSlot, meta["optimizer"]).hyper() if "optimizer" in meta else {}
 
     def inner_objective(self, params: Params, state: InnerState, batch: Batch,
                         meta: MetaParams) -> tuple[Tensor, Buffers]:
@@ -134,7 +135,7 @@ class InnerLoop:
         """
         pred, buffers = self.forward(params, state.buffers, batch.x)
         if "loss" in meta:
-            loss = meta["loss"].inner_loss(pred, batch, params, self.loss_fn)
+            loss = cast(LossSlot, meta["loss"]).inner_loss(pred, batch, params, self.loss_fn)
         else:
             loss = self.loss_fn(pred, batch.y)
         if self.proximal:
@@ -160,7 +161,7 @@ class InnerLoop:
             (`torch.utils.checkpoint`, memory metering) but not with vmap. Same values.
         """
         if "data" in meta:
-            batch = meta["data"].transform(batch)
+            batch = cast(DataSlot, meta["data"]).transform(batch)
 
         def objective(params: Params) -> tuple[Tensor, Buffers]:
             return self.inner_objective(params, state, batch, meta)

@@ -57,6 +57,10 @@ class BatchNorm(nn.Module):
       track_running_stats: keep running mean/variance buffers (used in eval mode).
     """
 
+    running_mean: Tensor
+    running_var: Tensor
+    num_batches_tracked: Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
                  track_running_stats: bool = False):
         super().__init__()

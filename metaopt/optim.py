@@ -12,7 +12,7 @@ optimizer state and the hyperparameters.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, NamedTuple
+from typing import Callable, Mapping, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -146,9 +146,8 @@ def adam(lr: float = 1e-3, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
     def update(params: Params, grads: Params, opt_state: OptState, hyper: Hyper) -> tuple[Params, OptState]:
         h = {**defaults, **hyper}
         grads = _with_weight_decay(params, grads, h["weight_decay"])
-        step = opt_state["step"] + 1
-        m_old, v_old = opt_state["exp_avg"], opt_state["exp_avg_sq"]
-        assert isinstance(step, Tensor) and isinstance(m_old, dict) and isinstance(v_old, dict)
+        step = cast(Tensor, opt_state["step"]) + 1
+        m_old, v_old = cast(Params, opt_state["exp_avg"]), cast(Params, opt_state["exp_avg_sq"])
         m, v, new = {}, {}, {}
         for k, p in params.items():
             b1_k, b2_k = hyper_for(h["b1"], k), hyper_for(h["b2"], k)

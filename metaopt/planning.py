@@ -15,7 +15,7 @@ tasks that run at once: one vmapped chunk, or one task in a loop.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Literal, NamedTuple, Sequence
 
 import torch
 
@@ -46,7 +46,7 @@ class Plan(NamedTuple):
     """
 
     estimator: AbstractEstimator
-    batching: str
+    batching: Literal["vmap", "loop"]
     chunk_size: int
     predicted_peak_bytes: int
     task_peak_bytes: int
@@ -88,7 +88,7 @@ class Predictor:
         if key not in self._cache:
             cut = [t._replace(support=t.support[:steps]) for t in self.tasks[:n_tasks]]
             batch = stack_tasks(cut) if n_tasks > 1 else cut
-            batching = "vmap" if n_tasks > 1 else "loop"
+            batching: Literal["vmap", "loop"] = "vmap" if n_tasks > 1 else "loop"
             if self.meter is not None:
                 self._cache[key] = self.meter(estimator, batch, batching)
                 return self._cache[key]
@@ -101,11 +101,11 @@ class Predictor:
             self._cache[key] = memory.peak_bytes
         return self._cache[key]
 
-    def predict(self, estimator: AbstractEstimator, n_tasks: int = 1, steps: int | None = None) -> int:
-        """Predicted peak bytes of `estimator` at T = `steps` (default: the tasks') on `n_tasks` at once."""
-        def measure(t: int, other: AbstractEstimator | None = None) -> int:
-            return self.measure(other if other is not None else estimator, t, n_tasks)
-        return estimator.predict_peak_bytes(measure, self.steps if steps is None else steps)
+    def predict(self, target: AbstractEstimator, n_tasks: int = 1, steps: int | None = None) -> int:
+        """Predicted peak bytes of `target` at T = `steps` (default: the tasks') on `n_tasks` at once."""
+        def measure(steps: int, estimator: AbstractEstimator | None = None) -> int:
+            return self.measure(estimator if estimator is not None else target, steps, n_tasks)
+        return target.predict_peak_bytes(measure, self.steps if steps is None else steps)
 
 
 def _fit(predictor: Predictor, estimator: AbstractEstimator, budget: Budget, batching: Batching) -> Plan | None:

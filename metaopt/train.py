@@ -81,8 +81,8 @@ def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_ta
     with torch.no_grad():  # torch.func.grad still computes the inner gradients
         for start in range(0, n_tasks, batch_size):
             batch = task_to(tasks.sample(min(batch_size, n_tasks - start), inner_steps, generator), device)
-            mode, prepared = resolve_batching(batch, batching)
-            if mode == "vmap":
+            _, prepared = resolve_batching(batch, batching)
+            if isinstance(prepared, Task):  # vmap
                 compressed, pattern = compress_support(prepared)
                 loss, score = torch.func.vmap(lambda t: per_task(expand_support(t, pattern)),
                                               randomness="different")(compressed)
@@ -254,8 +254,9 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, 
 def _finite_or_handle(meta_grad: MetaGrad, batch: Task, step: int, on_nan: str, loop: InnerLoop, meta: MetaParams,
                       meta_gradient: Callable[[Task | list[Task]], MetaGrad], counts: dict[str, int]) -> MetaGrad:
     """Check the tasks' losses and the meta-gradient; raise with the location, or drop the bad tasks."""
-    losses = meta_grad.task_losses
-    bad = ~torch.isfinite(losses) & meta_grad.task_used
+    losses, used = meta_grad.task_losses, meta_grad.task_used
+    assert losses is not None and used is not None  # always set by AbstractEstimator.__call__
+    bad = ~torch.isfinite(losses) & used
     grads_ok = all(bool(torch.isfinite(g).all()) for g in meta_grad.grads.values())
     if not bool(bad.any()) and grads_ok:
         return meta_grad

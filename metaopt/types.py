@@ -5,7 +5,7 @@ Everything here is a NamedTuple or a dict of tensors, so `torch.func` transforms
 """
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Protocol, Union
+from typing import Callable, Mapping, NamedTuple, Protocol, Union
 
 from torch import Tensor, nn
 
@@ -20,6 +20,10 @@ __all__ = [
     "InnerState",
     "MetaParams",
     "LossFn",
+    "InitSlot",
+    "OptimizerSlot",
+    "LossSlot",
+    "DataSlot",
 ]
 
 Params = dict[str, Tensor]
@@ -94,7 +98,29 @@ class InnerState(NamedTuple):
     anchor: Params
 
 
-class LossFn(Protocol):
-    """A loss: predictions and targets -> scalar tensor (mean over examples)."""
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""A loss: (predictions, targets) -> scalar tensor (mean over examples)."""
 
-    def __call__(self, pred: Tensor, target: Tensor) -> Tensor: ...
+
+class InitSlot(Protocol):
+    """What the inner loop calls on an "init" meta-parameter."""
+
+    def initial_params(self) -> Params: ...
+
+
+class OptimizerSlot(Protocol):
+    """What the inner loop calls on an "optimizer" meta-parameter."""
+
+    def hyper(self) -> Hyper: ...
+
+
+class LossSlot(Protocol):
+    """What the inner loop calls on a "loss" meta-parameter."""
+
+    def inner_loss(self, pred: Tensor, batch: "Batch", params: Params, base_loss: LossFn) -> Tensor: ...
+
+
+class DataSlot(Protocol):
+    """What the inner loop calls on a "data" meta-parameter."""
+
+    def transform(self, batch: "Batch") -> "Batch": ...

@@ -1,7 +1,9 @@
 """`auto`: pick the estimator that fits the budget."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
 
 from metaopt.batching import Batching
 from metaopt.budget import Budget
@@ -9,6 +11,9 @@ from metaopt.estimators.base import AbstractEstimator, MetaGrad, TaskObjective, 
 from metaopt.guard import StepGuard
 from metaopt.loop import InnerLoop
 from metaopt.types import MetaParams, Task
+
+if TYPE_CHECKING:
+    from metaopt.planning import Meter, Plan
 
 __all__ = ["Auto"]
 
@@ -29,11 +34,11 @@ class Auto(AbstractEstimator):
     exact = True
 
     def __init__(self) -> None:
-        self._plans: dict[tuple[int, int, Budget], object] = {}
-        self.plan = None
+        self._plans: dict[tuple[int, int, Budget], Plan] = {}
+        self.plan: Plan | None = None
 
     def choose(self, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task], budget: Budget,
-               batching: Batching = "auto", device: str = "cpu", meter=None):
+               batching: Batching = "auto", device: torch.device | str = "cpu", meter: Meter | None = None) -> Plan:
         """The `metaopt.planning.Plan` for these tasks (cached by task count and inner steps)."""
         from metaopt.planning import choose  # planning imports this package
 

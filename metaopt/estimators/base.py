@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import time
-from typing import Callable, ClassVar, NamedTuple, Protocol, Sequence, TypeVar
+from typing import Callable, ClassVar, NamedTuple, Protocol, Sequence, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -107,7 +107,7 @@ def linear_prediction(measure: Measure, steps: int, low: int, high: int,
 def _truncate_tasks(prepared: Task | list[Task], first: int, last: int, steps: int,
                     mode: str) -> Task | list[Task]:
     """Cut tasks first..last-1 to their first `steps` inner steps (a stacked batch is cut whole)."""
-    if mode == "vmap":
+    if isinstance(prepared, Task):
         return prepared._replace(support=prepared.support[:steps])
     return [t._replace(support=t.support[:steps]) if first <= i < last else t for i, t in enumerate(prepared)]
 
@@ -117,7 +117,7 @@ class _MetaCall(nn.Module):
         super().__init__()
         self.meta = meta
 
-    def forward(self, fn: Callable[..., Tensor], *args: object) -> Tensor:
+    def forward(self, fn: Callable[..., object], *args: object) -> object:
         return fn(self.meta, *args)
 
 
@@ -126,18 +126,21 @@ def meta_values(meta: MetaParams) -> dict[str, Tensor]:
     return {k: p.detach() for k, p in meta.named_parameters() if p.requires_grad}
 
 
-def call_with_meta(meta: MetaParams, values: dict[str, Tensor], fn: Callable[..., Tensor], *args: object) -> Tensor:
+R = TypeVar("R")
+
+
+def call_with_meta(meta: MetaParams, values: dict[str, Tensor], fn: Callable[..., R], *args: object) -> R:
     """`fn(meta, *args)` with the meta-parameters replaced by `values` (keyed like named_parameters).
 
     Uses `torch.func.functional_call`, so it composes with jvp and vmap; the module is not changed.
     """
-    return torch.func.functional_call(_MetaCall(meta), {f"meta.{k}": v for k, v in values.items()}, (fn, *args))
+    return cast(R, torch.func.functional_call(_MetaCall(meta), {f"meta.{k}": v for k, v in values.items()}, (fn, *args)))
 
 
 def linear_surrogate(meta: MetaParams, grads: dict[str, Tensor]) -> Tensor:
     """sum_k <meta_k, grads_k.detach()>: a scalar whose gradient w.r.t. meta is `grads`."""
     params = dict(meta.named_parameters())
-    return sum((params[k] * g.detach()).sum() for k, g in grads.items())
+    return torch.stack([(params[k] * g.detach()).sum() for k, g in grads.items()]).sum()
 
 
 def grads_of(loss: Tensor, meta: MetaParams) -> dict[str, Tensor]:
@@ -167,7 +170,7 @@ class AbstractEstimator(abc.ABC):
     """
 
     name: ClassVar[str] = "?"
-    exact: ClassVar[bool]
+    exact: bool  # a class default; ForwardMode sets it per instance (exact or random mode)
     supports_vmap: ClassVar[bool] = True
     second_order: ClassVar[bool] = True
 
@@ -232,21 +235,22 @@ class AbstractEstimator(abc.ABC):
         self.check(loop, meta)
         start = time.perf_counter()
         mode, prepared = resolve_batching(tasks, batching, self.vmap_blocker(loop))
-        if mode == "vmap":
+        if isinstance(prepared, Task):  # vmap
             total = task_count(prepared)
             size = total if chunk_size is None else max(1, min(chunk_size, total))
             units = [(i, min(i + size, total)) for i in range(0, total, size)]
+            device = prepared.query.x.device
         else:
             total, size = len(prepared), 1
             units = [(i, i + 1) for i in range(total)]
-        device = (prepared.query.x if mode == "vmap" else prepared[0].query.x).device
+            device = prepared[0].query.x.device
         probe = memory_probe if memory_probe is not None else (lambda: current_bytes(device))
         guard = None if budget.unlimited else StepGuard(budget, clock or time.monotonic, probe)
 
         def run(first: int, last: int, unit_guard: StepGuard | None) -> TaskObjective:
             def objective(task: Task) -> TaskObjective:
                 return self.task_objective(loop, meta, task, unit_guard)
-            if mode == "vmap":
+            if isinstance(prepared, Task):
                 compressed, pattern = compress_support(prepared)
                 return torch.func.vmap(lambda t: objective(expand_support(t, pattern)), randomness="different")(
                     tree_map(lambda v: v[first:last], compressed))

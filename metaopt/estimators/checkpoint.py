@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -29,6 +29,16 @@ def _join(carry: Carry, buffers: Buffers) -> InnerState:
 
 def _add(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: a[k] + b[k] for k in a}
+
+
+def _vjp(fn: Callable[..., torch.Tensor], *primals: object) -> tuple[torch.Tensor, Callable[..., tuple]]:
+    out = torch.func.vjp(fn, *primals)
+    return out[0], out[1]
+
+
+def _vjp_with_aux(fn: Callable[..., tuple], *primals: object) -> Callable[..., tuple]:
+    """The pullback of fn's first output; fn returns (output, aux) and the aux is not differentiated."""
+    return torch.func.vjp(fn, *primals, has_aux=True)[1]
 
 
 @register("checkpoint")
@@ -101,7 +111,7 @@ class Checkpoint(AbstractEstimator):
                 inputs.append((carry, buffers))
                 carry, buffers = run(carry, values, buffers, batches, i * size)
 
-        loss, pullback = torch.func.vjp(
+        loss, pullback = _vjp(
             lambda c, v: call_with_meta(meta, v, lambda m, s: loop.outer_loss(s, task.query, m), _join(c, buffers)),
             carry, values)
         adjoint, grads = pullback(torch.ones_like(loss))
@@ -111,11 +121,10 @@ class Checkpoint(AbstractEstimator):
         while segments:
             offset = (len(segments) - 1) * size
             batches, (carry_in, buffers_in) = segments.pop(), inputs.pop()
-            _, pullback, _ = torch.func.vjp(lambda c, v: run(c, v, buffers_in, batches, offset), carry_in, values,
-                                            has_aux=True)
+            pullback = _vjp_with_aux(lambda c, v: run(c, v, buffers_in, batches, offset), carry_in, values)
             adjoint, segment_grads = pullback(adjoint)
             del pullback
             grads = _add(grads, segment_grads)
-        _, pullback, _ = torch.func.vjp(init, values, has_aux=True)
-        grads = _add(grads, pullback(adjoint)[0])
+        init_pullback = _vjp_with_aux(init, values)
+        grads = _add(grads, init_pullback(adjoint)[0])
         return TaskObjective(linear_surrogate(meta, grads), loss.detach())

@@ -1,7 +1,7 @@
 """Forward-mode meta-gradients: tangents carried through the unrolled loop."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,11 @@ from metaopt.loop import InnerLoop, task_outer_loss
 from metaopt.types import MetaParams, Params, Task
 
 __all__ = ["ForwardMode"]
+
+
+def _jvp(fn: Callable[[Params], torch.Tensor], values: Params, tangent: Params) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.func.jvp(fn, (values,), (tangent,))
+    return out[0], out[1]
 
 
 @register("forward")
@@ -70,13 +75,13 @@ class ForwardMode(AbstractEstimator):
                 for i in range(value.numel()):
                     tangent = {k: torch.zeros_like(v) for k, v in values.items()}
                     tangent[name] = F.one_hot(torch.tensor(i), value.numel()).to(value).view_as(value)
-                    loss, derivative = torch.func.jvp(outer, (values,), (tangent,))
+                    loss, derivative = _jvp(outer, values, tangent)
                     derivatives.append(derivative)
                 grads[name] = torch.stack(derivatives).view_as(value)
         else:
             grads = {k: torch.zeros_like(v) for k, v in values.items()}
             for _ in range(self.directions):
                 tangent = {k: torch.randn_like(v) for k, v in values.items()}
-                loss, derivative = torch.func.jvp(outer, (values,), (tangent,))
+                loss, derivative = _jvp(outer, values, tangent)
                 grads = {k: grads[k] + derivative * tangent[k] / self.directions for k in grads}
         return TaskObjective(linear_surrogate(meta, grads), loss.detach())

@@ -1,7 +1,7 @@
 """Implicit differentiation at the inner solution (iMAML and hyperparameter implicit gradients)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
@@ -9,7 +9,7 @@ from metaopt.guard import StepGuard, shifted
 from metaopt.estimators.base import AbstractEstimator, EstimatorUnsupported, TaskObjective, register
 from metaopt.linalg import conjugate_gradient, neumann, relative_residual
 from metaopt.loop import InnerLoop, detach_state, unroll
-from metaopt.types import MetaParams, Params, Task
+from metaopt.types import DataSlot, MetaParams, Params, Task
 
 __all__ = ["Implicit"]
 
@@ -78,7 +78,7 @@ class Implicit(AbstractEstimator):
             solved = unroll(loop, detach_state(start), task.support, meta, create_graph=False, on_step=guard)
         batch = task.support[-1]
         if "data" in meta:
-            batch = meta["data"].transform(batch)
+            batch = cast(DataSlot, meta["data"]).transform(batch)
         at = solved._replace(anchor={k: v.detach() for k, v in start.anchor.items()})
         params = {k: v.detach() for k, v in solved.params.items()}
 
@@ -96,7 +96,7 @@ class Implicit(AbstractEstimator):
             else:
                 v = neumann(hvp, outer_grad, self.iters, self.neumann_alpha)
             residual = relative_residual(hvp, v, outer_grad)
-            stationarity = torch.sqrt(sum((g ** 2).sum() for g in inner_grad(params).values()))
+            stationarity = torch.stack([(g ** 2).sum() for g in inner_grad(params).values()]).sum().sqrt()
             loss = loop.outer_loss(solved, task.query, meta)
         # d/d meta of -<grad_params J(params*, meta), v>, with params* and v held fixed; the anchor
         # carries the initialization's graph.

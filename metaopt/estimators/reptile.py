@@ -38,5 +38,5 @@ class Reptile(AbstractEstimator):
         with torch.no_grad():
             state = unroll(loop, loop.init(meta), task.support, meta, create_graph=False, on_step=guard)
             loss = loop.outer_loss(state, task.query, meta)
-        surrogate = sum((p * (p - state.params[k]).detach()).sum() for k, p in start.items())
+        surrogate = torch.stack([(p * (p - state.params[k]).detach()).sum() for k, p in start.items()]).sum()
         return TaskObjective(surrogate, loss)

@@ -13,6 +13,11 @@ from metaopt.types import Batch, LossFn, Task
 __all__ = ["Sinusoid"]
 
 
+def _pair(bounds: Sequence[float]) -> tuple[float, float]:
+    low, high = bounds
+    return float(low), float(high)
+
+
 class Sinusoid(TaskDistribution):
     """y = A sin(x - phase) with A ~ U[0.1, 5], phase ~ U[0, pi], x ~ U[-5, 5].
 
@@ -46,7 +51,7 @@ class Sinusoid(TaskDistribution):
                              f"points are needed per task but points_per_task = {points_per_task}; "
                              "lower k_shot/k_query or raise points_per_task")
         self.k_shot, self.k_query = k_shot, k_query
-        self.amplitude, self.phase, self.x_range = tuple(amplitude), tuple(phase), tuple(x_range)
+        self.amplitude, self.phase, self.x_range = _pair(amplitude), _pair(phase), _pair(x_range)
         self.points_per_task = points_per_task
 
     def __repr__(self) -> str:
