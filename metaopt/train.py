@@ -211,6 +211,9 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, 
                          "seconds_per_meta_step": statistics.median(step_seconds[-max(len(recent), 1):]), **counts}
                 history.append(entry)
                 bar.set_postfix(loss=f"{entry['meta_train_loss']:.4f}")
+                if not progress:  # no bar: say how it goes in the log (console and Hydra's train.log)
+                    logger.info("meta-step %d/%d: meta_train_loss %.4f, %.3f s/meta-step", step + 1, meta_steps,
+                                entry["meta_train_loss"], entry["seconds_per_meta_step"])
                 if log is not None:
                     log(entry, step + 1)
                 recent = []
