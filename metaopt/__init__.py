@@ -2,13 +2,27 @@
 
 The flat public API. Importing metaopt never imports Hydra, wandb or CUDA code.
 """
-from metaopt import losses, optim
+from metaopt import estimators, losses, optim
 from metaopt.batching import TaskShapeMismatch, stack_tasks, unstack_tasks
 from metaopt.budget import Budget, BudgetExceeded, parse_bytes, parse_seconds
-from metaopt import estimators
-from metaopt.estimators import (AbstractEstimator, Auto, Checkpoint, EstimatorUnsupported, EvolutionStrategies, FirstOrder,
-                                ForwardMode, Full, Implicit, MetaGrad, PersistentES, Reptile, Truncated,
-                                UnknownEstimator, available_estimators, get_estimator)
+from metaopt.estimators import (
+                                AbstractEstimator,
+                                Auto,
+                                Checkpoint,
+                                EstimatorUnsupported,
+                                EvolutionStrategies,
+                                FirstOrder,
+                                ForwardMode,
+                                Full,
+                                Implicit,
+                                MetaGrad,
+                                PersistentES,
+                                Reptile,
+                                Truncated,
+                                UnknownEstimator,
+                                available_estimators,
+                                get_estimator,
+)
 from metaopt.loop import InnerLoop, detach_state, unroll
 from metaopt.metaparams import Init, LearningRates, WeightDecay, meta_params
 from metaopt.models import MLP, Conv4

@@ -28,8 +28,20 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from metaopt.optim import InnerOptimizer
-from metaopt.types import (Batch, Buffers, DataSlot, Hyper, InitSlot, InnerState, LossFn, LossSlot, MetaParams,
-                           OptimizerSlot, Params, Task)
+from metaopt.types import (
+    Batch,
+    Buffers,
+    DataSlot,
+    Hyper,
+    InitSlot,
+    InnerState,
+    LossFn,
+    LossSlot,
+    MetaParams,
+    OptimizerSlot,
+    Params,
+    Task,
+)
 
 __all__ = ["InnerLoop", "unroll", "task_outer_loss", "detach_state", "SLOTS"]
 

@@ -21,8 +21,16 @@ import torch
 
 from metaopt.batching import Batching, resolve_batching, stack_tasks, unstack_tasks
 from metaopt.budget import Budget, BudgetExceeded
-from metaopt.estimators import (AbstractEstimator, Checkpoint, EstimatorUnsupported, FirstOrder, ForwardMode, Full,
-                                Implicit, Truncated)
+from metaopt.estimators import (
+    AbstractEstimator,
+    Checkpoint,
+    EstimatorUnsupported,
+    FirstOrder,
+    ForwardMode,
+    Full,
+    Implicit,
+    Truncated,
+)
 from metaopt.guard import format_bytes
 from metaopt.loop import InnerLoop
 from metaopt.memory import Method, measure_peak_memory

@@ -17,10 +17,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from metaopt import losses
-from metaopt.batching import Batching, resolve_batching
+from metaopt.batching import Batching, compress_support, expand_support, resolve_batching, unstack_tasks
 from metaopt.budget import Budget
 from metaopt.checkpoint import load_checkpoint, save_atomic
-from metaopt.batching import compress_support, expand_support, unstack_tasks
 from metaopt.diagnose import locate_nonfinite
 from metaopt.estimators import Auto
 from metaopt.estimators.base import AbstractEstimator, MetaGrad

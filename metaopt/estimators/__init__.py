@@ -1,8 +1,16 @@
 """Meta-gradient estimators, one per file, registered by name (`get_estimator`)."""
-from metaopt.estimators.base import (AbstractEstimator, EstimatorUnsupported, MetaGrad, TaskObjective,
-                                     UnknownEstimator, available_estimators, get_estimator, grads_of,
-                                     register)
 from metaopt.estimators.auto import Auto
+from metaopt.estimators.base import (
+                                     AbstractEstimator,
+                                     EstimatorUnsupported,
+                                     MetaGrad,
+                                     TaskObjective,
+                                     UnknownEstimator,
+                                     available_estimators,
+                                     get_estimator,
+                                     grads_of,
+                                     register,
+)
 from metaopt.estimators.checkpoint import Checkpoint
 from metaopt.estimators.es import EvolutionStrategies
 from metaopt.estimators.first_order import FirstOrder

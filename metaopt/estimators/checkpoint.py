@@ -6,9 +6,15 @@ from typing import Callable, Sequence
 
 import torch
 
+from metaopt.estimators.base import (
+    AbstractEstimator,
+    TaskObjective,
+    call_with_meta,
+    linear_surrogate,
+    meta_values,
+    register,
+)
 from metaopt.guard import StepGuard, shifted
-from metaopt.estimators.base import (AbstractEstimator, TaskObjective, call_with_meta, linear_surrogate, meta_values,
-                                     register)
 from metaopt.loop import InnerLoop, unroll
 from metaopt.types import Batch, Buffers, InnerState, MetaParams, Params, Task
 

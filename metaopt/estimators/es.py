@@ -3,9 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from metaopt.guard import StepGuard, shifted
-from metaopt.estimators.base import (AbstractEstimator, TaskObjective, call_with_meta, linear_surrogate, meta_values,
-                                     register)
+from metaopt.estimators.base import (
+    AbstractEstimator,
+    TaskObjective,
+    call_with_meta,
+    linear_surrogate,
+    meta_values,
+    register,
+)
+from metaopt.guard import StepGuard
 from metaopt.loop import InnerLoop, task_outer_loss
 from metaopt.types import MetaParams, Params, Task
 

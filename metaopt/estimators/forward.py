@@ -6,9 +6,16 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 
-from metaopt.guard import StepGuard, shifted
-from metaopt.estimators.base import (AbstractEstimator, EstimatorUnsupported, TaskObjective, call_with_meta,
-                                     linear_surrogate, meta_values, register)
+from metaopt.estimators.base import (
+    AbstractEstimator,
+    EstimatorUnsupported,
+    TaskObjective,
+    call_with_meta,
+    linear_surrogate,
+    meta_values,
+    register,
+)
+from metaopt.guard import StepGuard
 from metaopt.loop import InnerLoop, task_outer_loss
 from metaopt.types import MetaParams, Params, Task
 

@@ -1,8 +1,8 @@
 """Full backpropagation through the whole unrolled inner loop."""
 from __future__ import annotations
 
-from metaopt.guard import StepGuard, shifted
 from metaopt.estimators.base import AbstractEstimator, TaskObjective, register
+from metaopt.guard import StepGuard
 from metaopt.loop import InnerLoop, task_outer_loss
 from metaopt.types import MetaParams, Task
 

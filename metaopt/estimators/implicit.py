@@ -5,8 +5,8 @@ from typing import Literal, cast
 
 import torch
 
-from metaopt.guard import StepGuard, shifted
 from metaopt.estimators.base import AbstractEstimator, EstimatorUnsupported, TaskObjective, register
+from metaopt.guard import StepGuard
 from metaopt.linalg import conjugate_gradient, neumann, relative_residual
 from metaopt.loop import InnerLoop, detach_state, unroll
 from metaopt.types import DataSlot, MetaParams, Params, Task

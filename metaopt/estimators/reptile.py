@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from metaopt.guard import StepGuard, shifted
 from metaopt.estimators.base import AbstractEstimator, EstimatorUnsupported, TaskObjective, register
+from metaopt.guard import StepGuard
 from metaopt.loop import InnerLoop, unroll
 from metaopt.types import MetaParams, Task
 

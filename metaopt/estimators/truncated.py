@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from metaopt.guard import StepGuard, shifted
 from metaopt.estimators.base import AbstractEstimator, TaskObjective, linear_prediction, register
+from metaopt.guard import StepGuard, shifted
 from metaopt.loop import InnerLoop, detach_state, unroll
 from metaopt.types import MetaParams, Task
 

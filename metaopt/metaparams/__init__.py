@@ -1,7 +1,12 @@
 """Meta-parameter kinds, one per file, each filling one slot of the inner loop."""
-from metaopt.metaparams.base import (AbstractDataMetaParam, AbstractInitMetaParam,
-                                     AbstractLossMetaParam, AbstractMetaParam,
-                                     AbstractOptimizerMetaParam, meta_params)
+from metaopt.metaparams.base import (
+                                     AbstractDataMetaParam,
+                                     AbstractInitMetaParam,
+                                     AbstractLossMetaParam,
+                                     AbstractMetaParam,
+                                     AbstractOptimizerMetaParam,
+                                     meta_params,
+)
 from metaopt.metaparams.init import Init
 from metaopt.metaparams.lrs import LearningRates
 from metaopt.metaparams.regularizer import WeightDecay
