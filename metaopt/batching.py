@@ -6,7 +6,7 @@ Tasks with different shapes cannot be stacked; they run one after another.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Literal, Sequence, TypeVar
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
@@ -17,7 +17,6 @@ __all__ = ["Batching", "TaskShapeMismatch", "stack_tasks", "unstack_tasks", "tas
            "check_task", "resolve_batching", "compress_support", "expand_support"]
 
 Batching = Literal["auto", "vmap", "loop"]
-T = TypeVar("T")
 
 
 class TaskShapeMismatch(ValueError):

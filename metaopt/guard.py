@@ -58,7 +58,6 @@ class StepGuard:
     def __init__(self, budget: Budget, clock: Callable[[], float] = time.monotonic,
                  memory_probe: Callable[[], int] | None = None, what: str = "task"):
         self.budget, self.clock, self.memory_probe, self.what = budget, clock, memory_probe, what
-        self.steps_seen = 0
         self.start()
 
     def start(self) -> None:
@@ -67,7 +66,6 @@ class StepGuard:
         self.memory_base = self.memory_probe() if self.memory_probe and self.budget.memory else 0
 
     def __call__(self, step: int, state: InnerState) -> None:
-        self.steps_seen += 1
         reason = None
         if self.budget.time is not None:
             elapsed = self.clock() - self.started

@@ -43,7 +43,7 @@ from metaopt.types import (
     Task,
 )
 
-__all__ = ["InnerLoop", "unroll", "task_outer_loss", "detach_state", "SLOTS"]
+__all__ = ["InnerLoop", "InnerGrad", "unroll", "task_outer_loss", "detach_state", "SLOTS"]
 
 SLOTS = ("init", "optimizer", "loss", "data")
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaopt import losses
-from metaopt.loop import InnerLoop
+from metaopt.loop import InnerGrad, InnerLoop
 from metaopt.optim import InnerOptimizer, sgd
 from metaopt.types import Batch, DataSlot, Hyper, InnerState, LossFn, MetaParams
 
@@ -40,7 +40,7 @@ class PrototypeLoop(InnerLoop):
         self.n_way = n_way
 
     def step(self, state: InnerState, batch: Batch, meta: MetaParams, *, create_graph: bool = True,
-             hyper: Hyper | None = None, inner_grad: str = "func") -> InnerState:
+             hyper: Hyper | None = None, inner_grad: InnerGrad = "func") -> InnerState:
         if "data" in meta:
             batch = cast(DataSlot, meta["data"]).transform(batch)
         embeddings, buffers = self.forward(state.params, state.buffers, batch.x)

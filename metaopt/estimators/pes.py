@@ -39,28 +39,33 @@ class PersistentES(AbstractEstimator):
     Args:
       population: particles per task (even: population/2 antithetic pairs).
       sigma: perturbation scale.
-      k: inner steps per window (truncation length).
+      k: inner steps per window (truncation length); None: one window, which is plain
+        antithetic ES (`es`).
       persistent: accumulate perturbations across windows (PES) or not (truncated ES).
     """
 
     exact = False
     second_order = False
 
-    def __init__(self, population: int = 16, sigma: float = 0.01, k: int = 5, persistent: bool = True):
+    def __init__(self, population: int = 16, sigma: float = 0.01, k: int | None = 5, persistent: bool = True):
         if population < 2 or population % 2:
-            raise ValueError(f"pes: population must be an even number >= 2, got {population}")
-        if sigma <= 0 or k < 1:
-            raise ValueError(f"pes: need sigma > 0 and k >= 1, got sigma={sigma}, k={k}")
+            raise ValueError(f"{self.name}: population must be an even number >= 2, got {population}")
+        if sigma <= 0 or (k is not None and k < 1):
+            raise ValueError(f"{self.name}: need sigma > 0 and k >= 1, got sigma={sigma}, k={k}")
         self.population, self.sigma, self.k, self.persistent = population, sigma, k, persistent
+
+    def _window(self, task: Task) -> int:
+        return self.k if self.k is not None else max(1, task.inner_steps)
 
     def _particle_loss(self, loop: InnerLoop, meta: MetaParams, task: Task, windows: list[Params],
                        guard: StepGuard | None) -> torch.Tensor:
         state: InnerState | None = None
+        size = self._window(task)
         for j, vals in enumerate(windows):
-            batches = task.support[j * self.k:(j + 1) * self.k]
+            batches = task.support[j * size:(j + 1) * size]
             if state is None:  # the initialization belongs to the first window
                 state = call_with_meta(meta, vals, lambda m: loop.init(m))
-            hook = shifted(guard, j * self.k)
+            hook = shifted(guard, j * size)
             state = call_with_meta(meta, vals, lambda m, s: unroll(loop, s, batches, m, create_graph=False,
                                                                    on_step=hook), state)
         return call_with_meta(meta, windows[-1], lambda m, s: loop.outer_loss(s, task.query, m), state)
@@ -68,7 +73,7 @@ class PersistentES(AbstractEstimator):
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
                        guard: StepGuard | None) -> TaskObjective:
         values = meta_values(meta)
-        n_windows = max(1, -(-task.inner_steps // self.k))
+        n_windows = max(1, -(-task.inner_steps // self._window(task)))
         pairs = self.population // 2
         with torch.no_grad():
             grads = {k: torch.zeros_like(v) for k, v in values.items()}
