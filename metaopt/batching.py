@@ -6,7 +6,7 @@ Tasks with different shapes cannot be stacked; they run one after another.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from metaopt.types import Batch, Task
 
 __all__ = ["Batching", "TaskShapeMismatch", "stack_tasks", "unstack_tasks", "task_count",
-           "check_task", "resolve_batching", "compress_support", "expand_support"]
+           "check_task", "resolve_batching", "compress_support", "expand_support", "vmap_tasks"]
 
 Batching = Literal["auto", "vmap", "loop"]
 
@@ -81,6 +81,9 @@ def stack_tasks(tasks: Sequence[Task]) -> Task:
     stacked: dict[tuple[int, ...], torch.Tensor] = {}
     out = []
     for column in zip(*leaves):
+        if column[0] is None:  # no Task.init
+            out.append(None)
+            continue
         key = tuple(id(v) for v in column)
         if key not in stacked:
             stacked[key] = torch.stack(column)
@@ -106,7 +109,9 @@ def _shared_map(fn: Callable[[torch.Tensor], torch.Tensor], task: Task) -> Task:
     """tree_map that maps a tensor appearing several times (a repeated support batch) only once."""
     done: dict[int, torch.Tensor] = {}
 
-    def once(v: torch.Tensor) -> torch.Tensor:
+    def once(v: torch.Tensor | None) -> torch.Tensor | None:
+        if v is None:  # no Task.init (torch's pytree treats None as a leaf)
+            return None
         if id(v) not in done:
             done[id(v)] = fn(v)
         return done[id(v)]
@@ -179,3 +184,13 @@ def resolve_batching(tasks: Task | Sequence[Task], batching: Batching,
         if batching == "vmap":
             raise
         return "loop", tasks
+
+
+def vmap_tasks(fn: Callable[[Task], Any], tasks: Task, pattern: tuple[int, ...]) -> Any:
+    """`fn` over each task of a compressed batch of tasks (`compress_support`), in one vmapped graph.
+
+    Each task draws its own random numbers (randomness="different"); a field that is
+    None (no `Task.init`) is not mapped.
+    """
+    in_dims = (tree_map(lambda v: None if v is None else 0, tasks),)
+    return torch.func.vmap(lambda t: fn(expand_support(t, pattern)), in_dims=in_dims, randomness="different")(tasks)

@@ -20,7 +20,7 @@ def locate_nonfinite(loop: InnerLoop, meta: MetaParams, task: Task) -> str:
       "the outer loss (after 5 inner steps) is nan", or "no non-finite value on replay".
     """
     with torch.no_grad():
-        state = loop.init(meta)
+        state = loop.init(meta, task.init)
         for name, p in state.params.items():
             if not torch.isfinite(p).all():
                 return f"the initial parameter {name!r} is not finite"

@@ -9,7 +9,8 @@ Meta-parameters plug into slots (see `metaopt.metaparams`):
 
 - "init":      `initial_params()` gives the inner parameters at step 0 (MAML);
                without it, the model's own parameters (detached) are the start.
-- "optimizer": `hyper()` overrides the inner optimizer's hyperparameters (learned lrs).
+- "optimizer": `hyper()` overrides the inner optimizer's hyperparameters (learned lrs);
+               `init_state`/`update` may replace the update rule (a learned optimizer).
 - "loss":      `inner_loss(pred, batch, params, base_loss)` is the inner loss (not the outer one).
 - "data":      `transform(batch)` is applied to each support batch before the step.
 
@@ -39,6 +40,7 @@ from metaopt.types import (
     LossSlot,
     MetaParams,
     OptimizerSlot,
+    OptState,
     Params,
     Task,
 )
@@ -109,15 +111,29 @@ class InnerLoop:
                 raise ValueError(f"meta 'init' gives parameters {shapes} but the model has "
                                  f"{self.param_shapes}")
 
-    def init(self, meta: MetaParams) -> InnerState:
-        """The state at step 0: initial parameters, the model's buffers, fresh optimizer state."""
+    def init(self, meta: MetaParams, start: Params | None = None) -> InnerState:
+        """The state at step 0: initial parameters, the model's buffers, fresh optimizer state.
+
+        Args:
+          meta: the meta-parameters; an "init" one gives the initial parameters.
+          start: a task's own initial parameters (`Task.init`), used when there is no
+            "init" meta-parameter; without either, the model's own parameters (detached).
+
+        Raises:
+          ValueError: both an "init" meta-parameter and a task initialization are given.
+        """
         if "init" in meta:
+            if start is not None:
+                raise ValueError("the task carries its own initialization (Task.init) but the meta-parameters "
+                                 "learn one (slot 'init'): drop one of them")
             params = cast(InitSlot, meta["init"]).initial_params()
+        elif start is not None:
+            params = dict(start)
         else:
             params = {k: p.detach() for k, p in self.model.named_parameters()}
         buffers = {k: b.detach() for k, b in self.model.named_buffers()}
         anchor = params if self.proximal else {}
-        return InnerState(params, buffers, self.optimizer.init(params), anchor)
+        return InnerState(params, buffers, self.optimizer_init(meta, params), anchor)
 
     def forward(self, params: Params, buffers: Buffers, x: Tensor) -> tuple[Tensor, Buffers]:
         """Run the model on `x` with the given parameters and buffers.
@@ -133,6 +149,12 @@ class InnerLoop:
         fresh = {k: b + zero.to(b.dtype) for k, b in buffers.items()}
         pred = functional_call(self.model, (params, fresh), (x,))
         return pred, {k: b.detach() for k, b in fresh.items()}
+
+    def optimizer_init(self, meta: MetaParams, params: Params) -> OptState:
+        """The inner optimizer's state at step 0 (a learned optimizer's hidden state, momenta, ...)."""
+        if "optimizer" in meta:
+            return cast(OptimizerSlot, meta["optimizer"]).init_state(self.optimizer, params)
+        return self.optimizer.init(params)
 
     def hyper(self, meta: MetaParams) -> Hyper:
         """The optimizer hyperparameters that the "optimizer" meta-parameter sets ({} if none)."""
@@ -188,7 +210,11 @@ class InnerLoop:
             raise ValueError(f"inner_grad must be 'func' or 'autograd', got {inner_grad!r}")
         if hyper is None:
             hyper = self.hyper(meta)
-        params, opt_state = self.optimizer.update(state.params, grads, state.opt_state, hyper)
+        if "optimizer" in meta:
+            params, opt_state = cast(OptimizerSlot, meta["optimizer"]).update(
+                self.optimizer, state.params, grads, state.opt_state, hyper)
+        else:
+            params, opt_state = self.optimizer.update(state.params, grads, state.opt_state, hyper)
         return InnerState(params, buffers, opt_state, state.anchor)
 
     def predict(self, state: InnerState, x: Tensor) -> Tensor:
@@ -226,7 +252,7 @@ def unroll(loop: InnerLoop, state: InnerState, batches: Iterable[Batch], meta: M
 def task_outer_loss(loop: InnerLoop, meta: MetaParams, task: Task, *, create_graph: bool = True,
                     inner_grad: InnerGrad = "func", on_step: StepHook | None = None) -> Tensor:
     """outer_loss(step^T(init(meta))): adapt on the task's support batches, score on its query batch."""
-    state = unroll(loop, loop.init(meta), task.support, meta, create_graph=create_graph, inner_grad=inner_grad,
+    state = unroll(loop, loop.init(meta, task.init), task.support, meta, create_graph=create_graph, inner_grad=inner_grad,
                    on_step=on_step)
     return loop.outer_loss(state, task.query, meta)
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from metaopt import losses
-from metaopt.batching import Batching, compress_support, expand_support, resolve_batching, unstack_tasks
+from metaopt.batching import Batching, compress_support, resolve_batching, unstack_tasks, vmap_tasks
 from metaopt.budget import Budget
 from metaopt.checkpoint import load_checkpoint, save_atomic
 from metaopt.diagnose import locate_nonfinite
@@ -46,7 +46,7 @@ def mean_ci95(values: Tensor) -> tuple[float, float]:
 
 def task_to(task: Task, device: torch.device | str) -> Task:
     """The task with every tensor moved to `device`."""
-    return torch.utils._pytree.tree_map(lambda v: v.to(device), task)
+    return torch.utils._pytree.tree_map(lambda v: None if v is None else v.to(device), task)
 
 
 def apply_meta_grad(meta: MetaParams, meta_grad: MetaGrad) -> None:
@@ -61,7 +61,7 @@ def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_ta
              batching: Batching = "auto", device: torch.device | str = "cpu") -> dict[str, float]:
     """Post-adaptation performance on `n_tasks` fresh tasks from a seeded generator.
 
-    Each task adapts from `loop.init(meta)` for `inner_steps` steps on its support
+    Each task adapts from `loop.init(meta, task.init)` for `inner_steps` steps on its support
     set; the adapted model is scored on its query set. No meta-gradient is built.
 
     Returns:
@@ -71,7 +71,7 @@ def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_ta
     generator = torch.Generator().manual_seed(seed)
 
     def per_task(task: Task) -> tuple[Tensor, Tensor]:
-        state = unroll(loop, loop.init(meta), task.support, meta, create_graph=False)
+        state = unroll(loop, loop.init(meta, task.init), task.support, meta, create_graph=False)
         pred = loop.predict(state, task.query.x)
         score = losses.accuracy(pred, task.query.y) if tasks.kind == "classification" else pred.new_zeros(())
         return loop.outer_loss_fn(pred, task.query.y), score
@@ -83,8 +83,7 @@ def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_ta
             _, prepared = resolve_batching(batch, batching)
             if isinstance(prepared, Task):  # vmap
                 compressed, pattern = compress_support(prepared)
-                loss, score = torch.func.vmap(lambda t: per_task(expand_support(t, pattern)),
-                                              randomness="different")(compressed)
+                loss, score = vmap_tasks(per_task, compressed, pattern)
             else:
                 loss, score = (torch.stack(v) for v in zip(*(per_task(t) for t in prepared)))
             task_losses.append(loss)

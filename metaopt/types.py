@@ -5,9 +5,12 @@ Everything here is a NamedTuple or a dict of tensors, so `torch.func` transforms
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, NamedTuple, Protocol, Union
+from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Protocol, Union
 
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from metaopt.optim import InnerOptimizer
 
 __all__ = [
     "Params",
@@ -64,10 +67,17 @@ class Task(NamedTuple):
     For MAML the same support batch is used at every step (`Task.repeat`), so
     `len(task.support)` is the number of inner steps T. A batch of tasks is a Task
     whose tensors carry a leading task axis of size B (see `metaopt.batching`).
+
+    `init`, when given, is the task's own starting point of the inner parameters
+    (a fresh random initialization per task, as dataset distillation and learned
+    optimizers train on; see `metaopt.tasks.RandomInit`). It is data, not a
+    meta-parameter, so recomputing a task (checkpointing, antithetic ES pairs)
+    starts from the same point. None: the "init" meta-parameter or the model's own.
     """
 
     support: tuple[Batch, ...]
     query: Batch
+    init: Params | None = None
 
     @property
     def inner_steps(self) -> int:
@@ -109,9 +119,19 @@ class InitSlot(Protocol):
 
 
 class OptimizerSlot(Protocol):
-    """What the inner loop calls on an "optimizer" meta-parameter."""
+    """What the inner loop calls on an "optimizer" meta-parameter.
+
+    `hyper` fills the inner optimizer's hyperparameters (learned lrs); `init_state` and
+    `update` own the update rule (a learned optimizer replaces it; the others delegate
+    to the loop's `InnerOptimizer`).
+    """
 
     def hyper(self) -> Hyper: ...
+
+    def init_state(self, optimizer: InnerOptimizer, params: Params) -> OptState: ...
+
+    def update(self, optimizer: InnerOptimizer, params: Params, grads: Params, opt_state: OptState,
+               hyper: Hyper) -> tuple[Params, OptState]: ...
 
 
 class LossSlot(Protocol):

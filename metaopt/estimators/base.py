@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from metaopt.batching import Batching, compress_support, expand_support, resolve_batching, task_count
+from metaopt.batching import Batching, compress_support, resolve_batching, task_count, vmap_tasks
 from metaopt.budget import Budget
 from metaopt.guard import StepGuard, TaskSkipped, UnrollTruncated
 from metaopt.loop import InnerLoop
@@ -252,10 +252,10 @@ class AbstractEstimator(abc.ABC):
                 return self.task_objective(loop, meta, task, unit_guard)
             if isinstance(prepared, Task):
                 compressed, pattern = compress_support(prepared)
-                return torch.func.vmap(lambda t: objective(expand_support(t, pattern)), randomness="different")(
-                    tree_map(lambda v: v[first:last], compressed))
+                return vmap_tasks(objective, tree_map(lambda v: None if v is None else v[first:last], compressed),
+                                  pattern)
             one = objective(prepared[first])
-            return tree_map(lambda v: v.unsqueeze(0), one)
+            return tree_map(lambda v: None if v is None else v.unsqueeze(0), one)
 
         grads: dict[str, Tensor] | None = None
         task_losses = torch.full((total,), float("nan"))

@@ -101,7 +101,7 @@ class Checkpoint(AbstractEstimator):
         segments = [task.support[i:i + size] for i in range(0, task.inner_steps, size)]
 
         def init(vals: Params) -> tuple[Carry, Buffers]:
-            return _split(call_with_meta(meta, vals, lambda m: loop.init(m)))
+            return _split(call_with_meta(meta, vals, lambda m: loop.init(m, task.init)))
 
         def run(carry: Carry, vals: Params, buffers: Buffers, batches: Sequence[Batch],
                 offset: int) -> tuple[Carry, Buffers]:

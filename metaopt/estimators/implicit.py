@@ -73,7 +73,7 @@ class Implicit(AbstractEstimator):
                        guard: StepGuard | None) -> TaskObjective:
         if task.inner_steps < 1:
             raise ValueError("implicit: the task has no inner steps, so there is no inner solution")
-        start = loop.init(meta)
+        start = loop.init(meta, task.init)
         with torch.no_grad():
             solved = unroll(loop, detach_state(start), task.support, meta, create_graph=False, on_step=guard)
         batch = task.support[-1]

@@ -64,7 +64,7 @@ class PersistentES(AbstractEstimator):
         for j, vals in enumerate(windows):
             batches = task.support[j * size:(j + 1) * size]
             if state is None:  # the initialization belongs to the first window
-                state = call_with_meta(meta, vals, lambda m: loop.init(m))
+                state = call_with_meta(meta, vals, lambda m: loop.init(m, task.init))
             hook = shifted(guard, j * size)
             state = call_with_meta(meta, vals, lambda m, s: unroll(loop, s, batches, m, create_graph=False,
                                                                    on_step=hook), state)

@@ -34,9 +34,9 @@ class Reptile(AbstractEstimator):
 
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
                        guard: StepGuard | None) -> TaskObjective:
-        start = loop.init(meta).params
+        start = loop.init(meta, task.init).params
         with torch.no_grad():
-            state = unroll(loop, loop.init(meta), task.support, meta, create_graph=False, on_step=guard)
+            state = unroll(loop, loop.init(meta, task.init), task.support, meta, create_graph=False, on_step=guard)
             loss = loop.outer_loss(state, task.query, meta)
         surrogate = torch.stack([(p * (p - state.params[k]).detach()).sum() for k, p in start.items()]).sum()
         return TaskObjective(surrogate, loss)

@@ -40,7 +40,7 @@ class Truncated(AbstractEstimator):
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
                        guard: StepGuard | None) -> TaskObjective:
         cut = max(task.inner_steps - self.k, 0)
-        state = loop.init(meta)
+        state = loop.init(meta, task.init)
         if cut:
             with torch.no_grad():  # no graph at all before the cut: memory O(k)
                 state = unroll(loop, state, task.support[:cut], meta, create_graph=False, on_step=guard)

@@ -11,7 +11,8 @@ from typing import ClassVar, Literal
 
 from torch import Tensor, nn
 
-from metaopt.types import Batch, Hyper, LossFn, MetaParams, Params
+from metaopt.optim import InnerOptimizer
+from metaopt.types import Batch, Hyper, LossFn, MetaParams, OptState, Params
 
 __all__ = [
     "AbstractMetaParam",
@@ -61,6 +62,19 @@ class AbstractOptimizerMetaParam(AbstractMetaParam):
     @abc.abstractmethod
     def hyper(self) -> Hyper:
         """Hyperparameters that override the inner optimizer's defaults, e.g. {"lr": {...}}."""
+
+    def init_state(self, optimizer: InnerOptimizer, params: Params) -> OptState:
+        """The optimizer state at step 0. Default: the loop's optimizer's."""
+        return optimizer.init(params)
+
+    def update(self, optimizer: InnerOptimizer, params: Params, grads: Params, opt_state: OptState,
+               hyper: Hyper) -> tuple[Params, OptState]:
+        """One update. Default: the loop's optimizer with `hyper` (this kind's `hyper()`).
+
+        A learned update rule (`LearnedOptimizer`) overrides this and `init_state` and
+        ignores `optimizer`.
+        """
+        return optimizer.update(params, grads, opt_state, hyper)
 
 
 class AbstractLossMetaParam(AbstractMetaParam):
