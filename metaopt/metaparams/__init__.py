@@ -7,9 +7,13 @@ from metaopt.metaparams.base import (
                                      AbstractOptimizerMetaParam,
                                      meta_params,
 )
+from metaopt.metaparams.augmentation import LearnedAffineAugmentation
 from metaopt.metaparams.init import Init
+from metaopt.metaparams.learned_loss import LearnedLoss
+from metaopt.metaparams.learned_optimizer import LearnedOptimizer
 from metaopt.metaparams.lrs import LearningRates
 from metaopt.metaparams.regularizer import WeightDecay
+from metaopt.metaparams.synthetic import SyntheticData
 
 __all__ = [
     "AbstractMetaParam",
@@ -21,4 +25,8 @@ __all__ = [
     "Init",
     "LearningRates",
     "WeightDecay",
+    "LearnedLoss",
+    "LearnedOptimizer",
+    "LearnedAffineAugmentation",
+    "SyntheticData",
 ]
