@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metaopt import Budget, InnerLoop, losses, meta_params
 from metaopt.estimators import AbstractEstimator
-from metaopt.tasks import TaskDistribution
+from metaopt.tasks import RandomInit, TaskDistribution
 from metaopt.types import MetaParams
 
 log = logging.getLogger("metaopt")
@@ -50,6 +50,9 @@ def build(cfg: DictConfig, load_tasks: bool = True) -> Parts:
         tasks = eval_tasks = None
         loss_fn = losses.cross_entropy
     model = instantiate(cfg.model).to(cfg.device)
+    if cfg.get("random_init", False) and tasks is not None:
+        # Every task starts from its own fresh initialization of the model (Task.init).
+        tasks, eval_tasks = RandomInit(tasks, model), RandomInit(eval_tasks, model)
     meta = build_meta(cfg, model)
     loop = instantiate(cfg.loop)(model=model, optimizer=instantiate(cfg.inner_optim), loss_fn=loss_fn)
     log.info("Instantiating estimator <%s>", cfg.estimator._target_)

@@ -2,7 +2,8 @@
 
 Writes into the Hydra run dir: `checkpoint.pt` (atomic; a rerun in the same dir
 resumes from it), `metrics.json` (meta_test_loss, meta_test_loss_ci95, meta_steps,
-estimator, ...), and Hydra's `.hydra/` config record.
+estimator, ...; with a `compare` section also `learned`, `baseline`, `metric_direction`:
+see experiments/baselines.py), and Hydra's `.hydra/` config record.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from baselines import compare
 from common import build, make_logger, write_json_atomic
 from metaopt.train import meta_train
 
@@ -33,6 +35,8 @@ def main(cfg: DictConfig) -> dict:
             eval_tasks=parts.eval_tasks, eval_inner_steps=cfg.eval.inner_steps, eval_n_tasks=cfg.eval.n_tasks,
             checkpoint_path=run_dir / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every,
             log=log_fn, log_every=cfg.log_every, progress=cfg.progress, device=cfg.device, on_nan=cfg.on_nan)
+        if cfg.get("compare"):
+            metrics.update(compare(cfg, parts, run_dir))
         if log_fn is not None:
             log_fn({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, cfg.meta_steps)
     except Exception as error:
@@ -50,6 +54,11 @@ def main(cfg: DictConfig) -> dict:
     summary = f"meta-test loss {metrics['meta_test_loss']:.4f} ± {metrics['meta_test_loss_ci95']:.4f}"
     if "test_accuracy" in metrics:
         summary += f", accuracy {100 * metrics['test_accuracy']:.2f} ± {100 * metrics['test_accuracy_ci95']:.2f}%"
+    if "learned" in metrics:
+        print(f"{metrics['metric']}: learned {metrics['learned']:.4f} ± {metrics['learned_ci95']:.4f}, baseline "
+              f"{metrics['baseline']:.4f} ± {metrics['baseline_ci95']:.4f} ({metrics['baseline_name']}); "
+              f"learned - baseline {metrics['difference']:+.4f} ± {metrics['difference_ci95']:.4f} "
+              f"(paired, same tasks; {metrics['metric_direction']})")
     print(f"{summary} (95% CI over {cfg.eval.n_tasks} tasks, {cfg.eval.inner_steps} inner step(s), "
           f"{parts.estimator.name}, {cfg.meta_steps} meta-steps) -> {run_dir / 'metrics.json'}")
     return metrics

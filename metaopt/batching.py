@@ -79,7 +79,7 @@ def stack_tasks(tasks: Sequence[Task]) -> Task:
     _, spec = tree_flatten(tasks[0])
     # A support batch repeated over inner steps is one object: stack it once, not once per step.
     stacked: dict[tuple[int, ...], torch.Tensor] = {}
-    out = []
+    out: list[torch.Tensor | None] = []
     for column in zip(*leaves):
         if column[0] is None:  # no Task.init
             out.append(None)

@@ -10,7 +10,7 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
@@ -58,7 +58,8 @@ def apply_meta_grad(meta: MetaParams, meta_grad: MetaGrad) -> None:
 
 def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_tasks: int = 600,
              inner_steps: int = 1, batch_size: int = 100, seed: int = 1234,
-             batching: Batching = "auto", device: torch.device | str = "cpu") -> dict[str, float]:
+             batching: Batching = "auto", device: torch.device | str = "cpu",
+             return_per_task: bool = False) -> dict[str, Any]:
     """Post-adaptation performance on `n_tasks` fresh tasks from a seeded generator.
 
     Each task adapts from `loop.init(meta, task.init)` for `inner_steps` steps on its support
@@ -66,7 +67,9 @@ def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_ta
 
     Returns:
       "meta_test_loss" and "meta_test_loss_ci95" (mean and 95% CI half-width over
-      tasks), plus "test_accuracy" and "test_accuracy_ci95" for classification.
+      tasks), plus "test_accuracy" and "test_accuracy_ci95" for classification. With
+      `return_per_task`, also "task_losses" (and "task_accuracies"): tensors [n_tasks] in
+      task order, for paired comparisons of two methods on the same seeded tasks.
     """
     generator = torch.Generator().manual_seed(seed)
 
@@ -88,9 +91,14 @@ def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_ta
                 loss, score = (torch.stack(v) for v in zip(*(per_task(t) for t in prepared)))
             task_losses.append(loss)
             scores.append(score)
-    metrics = dict(zip(("meta_test_loss", "meta_test_loss_ci95"), mean_ci95(torch.cat(task_losses))))
+    all_losses, all_scores = torch.cat(task_losses), torch.cat(scores)
+    metrics: dict[str, Any] = dict(zip(("meta_test_loss", "meta_test_loss_ci95"), mean_ci95(all_losses)))
     if tasks.kind == "classification":
-        metrics.update(zip(("test_accuracy", "test_accuracy_ci95"), mean_ci95(torch.cat(scores))))
+        metrics.update(zip(("test_accuracy", "test_accuracy_ci95"), mean_ci95(all_scores)))
+    if return_per_task:
+        metrics["task_losses"] = all_losses.cpu()
+        if tasks.kind == "classification":
+            metrics["task_accuracies"] = all_scores.cpu()
     return metrics
 
 
@@ -245,9 +253,10 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, 
         "seconds_per_meta_step": statistics.median(step_seconds) if step_seconds else float("nan"),
         "train_seconds": train_seconds,
     }
-    metrics.update(evaluate(loop, meta, eval_tasks or tasks, n_tasks=eval_n_tasks,
-                            inner_steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
-                            batching=batching, device=device))
+    if eval_n_tasks > 0:  # 0: the caller evaluates (e.g. several unroll lengths)
+        metrics.update(evaluate(loop, meta, eval_tasks or tasks, n_tasks=eval_n_tasks,
+                                inner_steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
+                                batching=batching, device=device))
     metrics["history"] = history
     return metrics
 

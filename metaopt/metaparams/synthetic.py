@@ -1,7 +1,7 @@
 """Learned training sets: dataset distillation (Wang et al. 2018)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +53,8 @@ class SyntheticData(AbstractDataMetaParam):
 
     def targets(self) -> Tensor:
         """Class labels [n] (long), or soft labels [n, n_classes] (rows sum to 1) when learned."""
-        return self.label_logits.softmax(-1) if self.learn_labels else self.labels
+        labels = cast(Tensor, self.labels)
+        return self.label_logits.softmax(-1) if self.learn_labels else labels
 
     def transform(self, batch: Batch) -> Batch:
         # The task's support batch is ignored: the learned set is all the inner loop sees.

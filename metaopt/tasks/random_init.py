@@ -48,7 +48,8 @@ class RandomInit(TaskDistribution):
             for seed in seeds:
                 torch.manual_seed(seed)
                 for module in self._model.modules():
-                    if hasattr(module, "reset_parameters"):
-                        module.reset_parameters()
+                    reset = getattr(module, "reset_parameters", None)
+                    if callable(reset):
+                        reset()
                 inits.append({k: p.detach().clone() for k, p in self._model.named_parameters()})
         return task._replace(init={k: torch.stack([i[k] for i in inits]) for k in inits[0]})
