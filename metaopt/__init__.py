@@ -24,10 +24,19 @@ from metaopt.estimators import (
                                 get_estimator,
 )
 from metaopt.loop import InnerLoop, detach_state, unroll
-from metaopt.metaparams import Init, LearningRates, WeightDecay, meta_params
+from metaopt.metaparams import (
+    Init,
+    LearnedAffineAugmentation,
+    LearnedLoss,
+    LearnedOptimizer,
+    LearningRates,
+    SyntheticData,
+    WeightDecay,
+    meta_params,
+)
 from metaopt.models import MLP, Conv4
 from metaopt.prototypes import PrototypeLoop
-from metaopt.tasks import RandomPatterns, Sinusoid, TaskDistribution
+from metaopt.tasks import Digits, RandomInit, RandomPatterns, Sinusoid, TaskDistribution
 from metaopt.train import evaluate, meta_train
 from metaopt.types import Batch, InnerState, Task
 
@@ -37,7 +46,8 @@ __all__ = [
     "losses", "optim",
     "Batch", "Task", "InnerState",
     "InnerLoop", "PrototypeLoop", "unroll", "detach_state",
-    "Init", "LearningRates", "WeightDecay", "meta_params",
+    "Init", "LearningRates", "WeightDecay", "LearnedLoss", "LearnedOptimizer", "LearnedAffineAugmentation",
+    "SyntheticData", "meta_params",
     "estimators", "AbstractEstimator", "MetaGrad", "get_estimator", "available_estimators",
     "Full", "FirstOrder", "Truncated", "Checkpoint", "Implicit", "ForwardMode", "Reptile", "EvolutionStrategies",
     "PersistentES", "Auto",
@@ -45,6 +55,6 @@ __all__ = [
     "Budget", "BudgetExceeded", "parse_bytes", "parse_seconds",
     "TaskShapeMismatch", "stack_tasks", "unstack_tasks",
     "MLP", "Conv4",
-    "TaskDistribution", "Sinusoid", "RandomPatterns",
+    "TaskDistribution", "Sinusoid", "RandomPatterns", "Digits", "RandomInit",
     "meta_train", "evaluate",
 ]

@@ -6,7 +6,8 @@ from typing import Callable, Literal
 
 from metaopt import estimators as E
 
-ALL_KINDS = frozenset({"init", "lrs_scalar", "lrs_tensor", "init+lrs_element", "weight_decay"})
+ALL_KINDS = frozenset({"init", "lrs_scalar", "lrs_tensor", "init+lrs_element", "weight_decay", "learned_loss",
+                       "learned_optimizer_lstm", "learned_optimizer_mlp", "synthetic_data"})
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ ESTIMATORS = [
     EstimatorInfo("checkpoint_S2", lambda T: E.Checkpoint(segment=2), "exact"),
     EstimatorInfo("truncated_k=T", lambda T: E.Truncated(k=T), "exact"),
     EstimatorInfo("forward_exact", lambda T: E.ForwardMode(max_scalars=20), "exact",
-                  frozenset({"lrs_scalar", "lrs_tensor", "weight_decay"})),
+                  frozenset({"lrs_scalar", "lrs_tensor", "weight_decay", "synthetic_data"})),
     EstimatorInfo("forward_random", lambda T: E.ForwardMode(mode="random"), "unbiased"),
     EstimatorInfo("es", lambda T: E.EvolutionStrategies(population=2, sigma=1e-4), "unbiased"),
     EstimatorInfo("pes", lambda T: E.PersistentES(population=2, sigma=1e-4, k=1), "unbiased"),
@@ -46,5 +47,6 @@ ESTIMATORS = [
                   "approximate"),
     EstimatorInfo("reptile", lambda T: E.Reptile(), "approximate", frozenset({"init"})),
     # Implicit's exactness needs a converged, proximal inner problem: tested on its own problem.
-    EstimatorInfo("implicit", lambda T: E.Implicit(), "approximate", frozenset({"weight_decay"})),
+    EstimatorInfo("implicit", lambda T: E.Implicit(), "approximate",
+                  frozenset({"weight_decay", "learned_loss", "synthetic_data"})),
 ]

@@ -27,7 +27,25 @@ META_KINDS: dict[str, Callable[[torch.nn.Module], MetaParams]] = {
     "init+lrs_element": lambda m: mo.meta_params(mo.Init(m), mo.LearningRates(m, init=(0.05, 0.15),
                                                                                granularity="element")),
     "weight_decay": lambda m: mo.meta_params(mo.WeightDecay(m, init=0.05)),
+    "learned_loss": lambda m: _live(mo.meta_params(
+        mo.LearnedLoss(m, pred_features=1, target="regression", input_features=1, hidden=(5,)))),
+    "learned_optimizer_lstm": lambda m: _live(mo.meta_params(
+        mo.LearnedOptimizer(m, "lstm", hidden=3, decays=(0.5,), base_lr=0.05))),
+    "learned_optimizer_mlp": lambda m: _live(mo.meta_params(
+        mo.LearnedOptimizer(m, "mlp", hidden=3, decays=(0.5,), base_lr=0.05))),
+    "synthetic_data": lambda m: mo.meta_params(mo.SyntheticData(m, shape=(1,), n_classes=0, n_per_class=4)),
 }
+
+
+def _live(meta: MetaParams) -> MetaParams:
+    """Meta-parameters whose zero-initialized read-outs (LearnedLoss, LearnedOptimizer) are made non-zero,
+    so every meta-parameter gets a non-zero meta-gradient and exactness tests can fail."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in meta.named_parameters():
+            if p.abs().sum() == 0:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return meta
 
 
 def tiny_model(hidden: int = 6) -> torch.nn.Module:

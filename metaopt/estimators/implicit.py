@@ -35,9 +35,11 @@ class Implicit(AbstractEstimator):
     Exact only at an exact stationary point (the unroll must converge); reports
     the solver's relative residual ("residual") and the inner gradient norm at
     the end of the unroll ("stationarity"). The support batch of the last inner
-    step defines J. Cannot serve "optimizer" or "data" meta-parameters (they do
-    not change the stationarity condition), nor "init" without a proximal term
-    (the solution would not depend on it): use full, checkpoint or forward.
+    step (after the "data" slot's transform: learned or augmented training data
+    changes J, so dataset distillation is served) defines J. Cannot serve "optimizer"
+    meta-parameters (an update rule does not change the stationarity condition), nor
+    "init" without a proximal term (the solution would not depend on it): use full,
+    checkpoint or forward.
 
     Args:
       solver: "cg" (conjugate gradient) or "neumann".
@@ -59,11 +61,10 @@ class Implicit(AbstractEstimator):
 
     def check(self, loop: InnerLoop, meta: MetaParams) -> None:
         super().check(loop, meta)
-        unsupported = sorted(set(meta.keys()) & {"optimizer", "data"})
-        if unsupported:
+        if "optimizer" in meta:
             raise EstimatorUnsupported(
-                f"implicit cannot differentiate meta-parameters in slot(s) {unsupported}: they do not change "
-                "the inner stationarity condition, so their implicit gradient is zero; use full, checkpoint or forward")
+                "implicit cannot differentiate meta-parameters in slot 'optimizer': an update rule does not change "
+                "the inner stationarity condition, so its implicit gradient is zero; use full, checkpoint or forward")
         if "init" in meta and not loop.proximal:
             raise EstimatorUnsupported(
                 "implicit needs InnerLoop(proximal=lambda > 0) to meta-learn an initialization (iMAML): without the "

@@ -2,20 +2,56 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaopt.metaparams.base import AbstractDataMetaParam
 from metaopt.types import Batch
 
-__all__ = ["LearnedAffineAugmentation"]
+__all__ = ["LearnedAffineAugmentation", "bilinear_sample"]
+
+
+def _affine_grid(theta: Tensor, height: int, width: int) -> Tensor:
+    """F.affine_grid(theta, [n, C, height, width], align_corners=False) as one einsum.
+
+    Written out because affine_grid's backward has no vmap batching rule (torch 2.13).
+    theta [n, 2, 3] -> sampling grid [n, height, width, 2] in [-1, 1] coordinates.
+    """
+    xs = (2 * torch.arange(width, dtype=theta.dtype, device=theta.device) + 1) / width - 1
+    ys = (2 * torch.arange(height, dtype=theta.dtype, device=theta.device) + 1) / height - 1
+    base = torch.stack([xs.expand(height, width), ys.unsqueeze(1).expand(height, width),
+                        torch.ones(height, width, dtype=theta.dtype, device=theta.device)], dim=-1)
+    return torch.einsum("hwk,nck->nhwc", base, theta)
+
+
+def bilinear_sample(images: Tensor, grid: Tensor) -> Tensor:
+    """F.grid_sample(images, grid, "bilinear", padding_mode="zeros", align_corners=False), by gathers.
+
+    Written out because grid_sample has no forward-mode derivative (torch 2.13), which the
+    `forward` estimator needs; gathers and products have every derivative and vmap rule.
+    images [n, C, H, W], grid [n, H', W', 2] (x, y in [-1, 1]) -> [n, C, H', W'].
+    """
+    n, c, h, w = images.shape
+    x = ((grid[..., 0] + 1) * w - 1) / 2  # pixel coordinates, [n, H', W']
+    y = ((grid[..., 1] + 1) * h - 1) / 2
+    x0, y0 = torch.floor(x).detach(), torch.floor(y).detach()
+    flat = images.reshape(n, c, h * w)
+    out = images.new_zeros(n, c, *grid.shape[1:3])
+    for dx in (0, 1):
+        for dy in (0, 1):
+            xi, yi = x0 + dx, y0 + dy
+            weight = (1 - (x - xi).abs()) * (1 - (y - yi).abs())
+            inside = ((xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)).to(images.dtype)
+            index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).long().reshape(n, 1, -1).expand(n, c, -1)
+            values = torch.gather(flat, 2, index).reshape(out.shape)
+            out = out + (weight * inside).unsqueeze(1) * values
+    return out
 
 
 class LearnedAffineAugmentation(AbstractDataMetaParam):
     """Adds `copies` learned affine warps of every support image to the support set.
 
     Copy j of image x is `grid_sample(x, affine_grid(I + delta_j))` (bilinear, zero
-    padding) with a learned 2x3 offset delta_j from the identity, plus a learned
+    padding; both written out, see `bilinear_sample`) with a learned 2x3 offset delta_j from the identity, plus a learned
     brightness offset, so the meta-gradient reaches the warps through the interpolation.
     The warps are deterministic (drawn once, at construction, as small random offsets so
     the copies differ, then learned): recomputing a step (checkpointing) or evaluating an
@@ -55,7 +91,7 @@ class LearnedAffineAugmentation(AbstractDataMetaParam):
         n = x.shape[0]
         theta = self.warps().repeat_interleave(n, dim=0)  # [copies * n, 2, 3]
         images = x.repeat(self.copies, 1, 1, 1)
-        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-        warped = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        grid = _affine_grid(theta, images.shape[-2], images.shape[-1])
+        warped = bilinear_sample(images, grid)
         warped = warped + self.brightness.repeat_interleave(n).view(-1, 1, 1, 1)
         return Batch(torch.cat([x, warped]), torch.cat([batch.y, batch.y.repeat(self.copies)]))
