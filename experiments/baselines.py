@@ -39,7 +39,8 @@ _PER_TASK = {"meta_test_loss": "task_losses", "test_accuracy": "task_accuracies"
 def candidates(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
     """(label, config) of every baseline candidate of `cfg.compare`."""
     out = []
-    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # interpolations keep the learned run's values
+    # Resolved first, so interpolations keep the learned run's values when overrides null a node.
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     for name, spec in cfg.compare.baselines.items():
         grid = dict(spec.get("grid") or {})
         for values in itertools.product(*grid.values()):

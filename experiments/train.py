@@ -11,10 +11,10 @@ import logging
 from pathlib import Path
 
 import hydra
+from baselines import compare
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from baselines import compare
 from common import build, make_logger, write_json_atomic
 from metaopt.train import meta_train
 

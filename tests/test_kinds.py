@@ -14,7 +14,6 @@ from torch import nn
 
 import metaopt as mo
 from db import ESTIMATORS
-from metaopt.batching import stack_tasks
 from metaopt.metaparams.learned_optimizer import preprocess_log_sign
 from problems import central_difference, tiny_model, tiny_tasks
 

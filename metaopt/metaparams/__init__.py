@@ -1,4 +1,5 @@
 """Meta-parameter kinds, one per file, each filling one slot of the inner loop."""
+from metaopt.metaparams.augmentation import LearnedAffineAugmentation
 from metaopt.metaparams.base import (
                                      AbstractDataMetaParam,
                                      AbstractInitMetaParam,
@@ -7,7 +8,6 @@ from metaopt.metaparams.base import (
                                      AbstractOptimizerMetaParam,
                                      meta_params,
 )
-from metaopt.metaparams.augmentation import LearnedAffineAugmentation
 from metaopt.metaparams.init import Init
 from metaopt.metaparams.learned_loss import LearnedLoss
 from metaopt.metaparams.learned_optimizer import LearnedOptimizer

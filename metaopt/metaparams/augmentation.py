@@ -51,8 +51,9 @@ class LearnedAffineAugmentation(AbstractDataMetaParam):
     """Adds `copies` learned affine warps of every support image to the support set.
 
     Copy j of image x is `grid_sample(x, affine_grid(I + delta_j))` (bilinear, zero
-    padding; both written out, see `bilinear_sample`) with a learned 2x3 offset delta_j from the identity, plus a learned
-    brightness offset, so the meta-gradient reaches the warps through the interpolation.
+    padding; both written out, see `bilinear_sample`) with a learned 2x3 offset
+    delta_j from the identity, plus a learned brightness offset, so the meta-gradient
+    reaches the warps through the interpolation.
     The warps are deterministic (drawn once, at construction, as small random offsets so
     the copies differ, then learned): recomputing a step (checkpointing) or evaluating an
     antithetic ES pair sees the same augmentation. The support set grows from n to

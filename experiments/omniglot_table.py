@@ -1,0 +1,111 @@
+"""The Omniglot table: trained runs at 5-way and 20-way 1-shot beside the published numbers.
+
+    bash experiments/omniglot_runs.sh outputs/omniglot        # the training runs (one CPU thread each)
+    python experiments/omniglot_table.py outputs/omniglot [--n-tasks 600] [--data-root PATH]
+
+Every run directory under the given folder (its .hydra/config.yaml and checkpoint.pt) is
+evaluated on held-out alphabets at 1 shot, 15 queries per class, 600 seeded tasks (95% CI
+over tasks): at its own N for MAML-style runs (the head has N outputs), at both 5 and 20
+for ProtoNets (a prototype classifier takes any N). On the same tasks, a non-learned
+reference: nearest neighbour on pixels (Euclidean). Prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf, open_dict
+
+from common import build
+from metaopt.checkpoint import load_checkpoint
+from metaopt.tasks import TaskDistribution
+from metaopt.train import evaluate, mean_ci95
+
+# Published full-background results (30 background alphabets), 5-way / 20-way 1-shot accuracy in %.
+PUBLISHED = {
+    "omniglot_maml": (98.7, 95.8),            # Finn et al. 2017
+    "omniglot_fomaml": (98.3, 89.4),          # Finn et al. 2017
+    "omniglot_protonet": (98.8, 96.0),        # Snell et al. 2017
+    "omniglot_maml_learned_lr": (None, None),  # CS330 HW2's option; no published figure
+}
+
+
+def pixel_nearest_neighbour(tasks: TaskDistribution, n_tasks: int, seed: int) -> tuple[float, float]:
+    """Accuracy (mean, 95% CI over tasks) of 1-nearest-neighbour on raw pixels, on the seeded tasks
+    that `metaopt.train.evaluate` draws with the same seed and batch size (100)."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = []
+    for start in range(0, n_tasks, 100):
+        batch = tasks.sample(min(100, n_tasks - start), 1, generator)
+        support, query = batch.support[0], batch.query
+        s = support.x.flatten(2)  # [B, n_support, pixels]
+        q = query.x.flatten(2)
+        nearest = torch.cdist(q, s).argmin(-1)  # [B, n_query]
+        predicted = torch.gather(support.y, 1, nearest)
+        scores.append((predicted == query.y).to(torch.float64).mean(-1))
+    return mean_ci95(torch.cat(scores))
+
+
+def evaluate_run(run_dir: Path, n_way: int, n_tasks: int,
+                 data_root: str | None) -> tuple[tuple[float, float], TaskDistribution, int]:
+    """The run's accuracy (mean, CI) at `n_way` 1-shot, the meta-test tasks it used, and their seed."""
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    OmegaConf.resolve(cfg)
+    with open_dict(cfg):
+        if data_root:
+            cfg.data.root = cfg.task.root = data_root
+        cfg.eval.task = {**cfg.eval.task, "n_way": n_way, "k_shot": 1}
+        if "n_way" in cfg.loop:
+            cfg.loop.n_way = n_way
+    parts = build(cfg)
+    parts.meta.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["meta"])
+    metrics = evaluate(parts.loop, parts.meta, parts.eval_tasks, n_tasks=n_tasks, inner_steps=cfg.eval.inner_steps,
+                       seed=cfg.eval.seed, batching=cfg.batching)
+    return (metrics["test_accuracy"], metrics["test_accuracy_ci95"]), parts.eval_tasks, cfg.eval.seed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path)
+    parser.add_argument("--n-tasks", type=int, default=600)
+    parser.add_argument("--data-root", default=None, help="override the runs' data.root")
+    args = parser.parse_args()
+    rows, nn_ref = [], {}
+    for config in sorted(args.runs.glob("*/.hydra/config.yaml")):
+        run_dir = config.parents[1]
+        metrics_path = run_dir / "metrics.json"
+        if not (run_dir / "checkpoint.pt").exists() or not metrics_path.exists():
+            continue
+        metrics = json.loads(metrics_path.read_text())
+        cfg = OmegaConf.load(config)
+        name = next((o.split("=", 1)[1] for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
+                     if o.startswith("experiment=")), "?")
+        ways = (5, 20) if "n_way" in cfg.loop else (int(cfg.task.n_way),)
+        results = {}
+        for n in ways:
+            results[n], tasks, seed = evaluate_run(run_dir, n, args.n_tasks, args.data_root)
+            if n not in nn_ref:  # the same seeded tasks as the runs (same split settings assumed)
+                nn_ref[n] = pixel_nearest_neighbour(tasks, args.n_tasks, seed)
+        rows.append((name, int(cfg.task.n_way), metrics.get("meta_steps"), metrics.get("train_seconds", 0) / 60,
+                     results))
+    if not rows:
+        raise SystemExit(f"no finished runs (checkpoint.pt + metrics.json) under {args.runs}")
+
+    def cell(value: tuple[float, float] | None) -> str:
+        return "—" if value is None else f"{100 * value[0]:.1f} ± {100 * value[1]:.1f}"
+
+    print("| run | trained N-way | meta-steps | train wall-clock | 5-way 1-shot (%) | 20-way 1-shot (%) "
+          "| published 5 / 20 (30 alphabets) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, trained, steps, minutes, results in rows:
+        published = PUBLISHED.get(name, (None, None))
+        pub = " / ".join("—" if p is None else f"{p}" for p in published)
+        print(f"| {name} | {trained} | {steps} | {minutes:.0f} min | {cell(results.get(5))} | "
+              f"{cell(results.get(20))} | {pub} |")
+    print(f"| pixel nearest neighbour | — | 0 | 0 | {cell(nn_ref.get(5))} | {cell(nn_ref.get(20))} | — |")
+
+
+if __name__ == "__main__":
+    main()
