@@ -30,7 +30,7 @@ META_KINDS: dict[str, Callable[[torch.nn.Module], MetaParams]] = {
     "learned_loss": lambda m: _live(mo.meta_params(
         mo.LearnedLoss(m, pred_features=1, target="regression", input_features=1, hidden=(5,)))),
     "learned_optimizer_lstm": lambda m: _live(mo.meta_params(
-        mo.LearnedOptimizer(m, "lstm", hidden=3, decays=(0.5,), base_lr=0.05))),
+        mo.LearnedOptimizer(m, "lstm", hidden=3, decays=(0.5,), base="adam", base_lr=0.05))),
     "learned_optimizer_mlp": lambda m: _live(mo.meta_params(
         mo.LearnedOptimizer(m, "mlp", hidden=3, decays=(0.5,), base_lr=0.05))),
     "synthetic_data": lambda m: mo.meta_params(mo.SyntheticData(m, shape=(1,), n_classes=0, n_per_class=4)),

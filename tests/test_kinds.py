@@ -95,14 +95,15 @@ def test_log_sign_preprocessing():
     torch.testing.assert_close(out[3], torch.tensor([-1.0, math.exp(10) * 1e-6]))
 
 
+@pytest.mark.parametrize("base", ["sgd", "adam"])
 @pytest.mark.parametrize("architecture", ["lstm", "mlp"])
-def test_learned_optimizer_starts_as_sgd_and_keeps_per_coordinate_state(architecture):
+def test_learned_optimizer_starts_as_its_base_and_keeps_per_coordinate_state(architecture, base):
     model = tiny_model()
-    rule = mo.LearnedOptimizer(model, architecture, hidden=4, base_lr=0.07)
+    rule = mo.LearnedOptimizer(model, architecture, hidden=4, base=base, base_lr=0.07)
     meta = mo.meta_params(rule)
-    loop = mo.InnerLoop(model, mo.optim.adam(), mo.losses.mse)  # ignored: the rule owns the update
-    sgd = mo.InnerLoop(model, mo.optim.sgd(0.07), mo.losses.mse)
-    task = mo.unstack_tasks(tiny_tasks(1, 2))[0]
+    loop = mo.InnerLoop(model, mo.optim.momentum(), mo.losses.mse)  # ignored: the rule owns the update
+    sgd = mo.InnerLoop(model, mo.optim.sgd(0.07) if base == "sgd" else mo.optim.adam(0.07), mo.losses.mse)
+    task = mo.unstack_tasks(tiny_tasks(1, 3))[0]
     mine = mo.unroll(loop, loop.init(meta), task.support, meta)
     theirs = mo.unroll(sgd, sgd.init(mo.meta_params()), task.support, mo.meta_params())
     for k, p in theirs.params.items():
@@ -119,6 +120,8 @@ def test_learned_optimizer_arguments_are_checked():
         mo.LearnedOptimizer(tiny_model(), "gru")
     with pytest.raises(ValueError, match="decays"):
         mo.LearnedOptimizer(tiny_model(), decays=(1.0,))
+    with pytest.raises(ValueError, match="base must be"):
+        mo.LearnedOptimizer(tiny_model(), base="rmsprop")
 
 
 # --- learned loss -----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from metaopt.types import Hyper, OptState, Params
 __all__ = ["LearnedOptimizer", "preprocess_log_sign"]
 
 Architecture = Literal["lstm", "mlp"]
+Base = Literal["sgd", "adam"]
 
 
 def preprocess_log_sign(x: Tensor, p: float = 10.0) -> Tensor:
@@ -36,17 +37,20 @@ def preprocess_log_sign(x: Tensor, p: float = 10.0) -> Tensor:
 class LearnedOptimizer(AbstractOptimizerMetaParam):
     """A coordinate-wise learned update rule (slot "optimizer").
 
-    Per coordinate, the features are the preprocessed gradient and momenta
-    m_d <- d m_d + (1 - d) g for each decay d (2 features each, `preprocess_log_sign`).
-    The network ("lstm": one LSTM cell with per-coordinate hidden state, then a linear
-    read-out; "mlp": two hidden layers, stateless apart from the momenta) outputs one
-    number per coordinate, and the update is
+    Per coordinate, the features are the gradient g and the momenta
+    m_d <- d m_d + (1 - d) g for each decay d, each preprocessed two ways: Andrychowicz
+    et al.'s log-magnitude and sign (`preprocess_log_sign`, 2 features each) and divided
+    by the root of a bias-corrected second-moment average v (Metz et al. 2022's
+    normalized features; v <- 0.999 v + 0.001 g^2). The network ("lstm": one LSTM cell
+    with per-coordinate hidden state, then a linear read-out; "mlp": two hidden layers,
+    stateless apart from the moments) outputs one number per coordinate, and
 
-        p <- p - exp(log_base_lr) * g - exp(log_output_scale) * network(features).
+        p <- p - exp(log_base_lr) * base - exp(log_output_scale) * network(features)
 
-    The read-out starts at zero, so before meta-training the rule is plain SGD with
-    `base_lr` (None: no SGD term, the network alone); meta-training learns what to add.
-    The rule ignores the loop's own `InnerOptimizer` and its hyperparameters.
+    where base is the gradient ("sgd") or m_0.9 / sqrt(v) with bias corrections
+    ("adam"), or absent (None). The read-out starts at zero, so before meta-training
+    the rule is its base with `base_lr`; meta-training learns the step size and what to
+    add. The rule ignores the loop's own `InnerOptimizer` and its hyperparameters.
 
     Args:
       model: the inner model (only its parameters' dtype is used: the rule's size is
@@ -54,23 +58,29 @@ class LearnedOptimizer(AbstractOptimizerMetaParam):
       architecture: "lstm" or "mlp".
       hidden: hidden units.
       decays: momentum decay rates used as features.
-      base_lr: the initial learning rate of the SGD term (learned), or None for none.
+      base: "sgd", "adam" or None.
+      base_lr: the initial learning rate of the base term (learned).
       output_scale: the initial scale of the network's output (learned).
     """
 
+    second_moment_decay = 0.999
+    adam_decay = 0.9
+
     def __init__(self, model: nn.Module, architecture: Architecture = "lstm", hidden: int = 20,
-                 decays: Sequence[float] = (0.5, 0.9, 0.99), base_lr: float | None = 0.1,
+                 decays: Sequence[float] = (0.5, 0.9, 0.99), base: Base | None = "sgd", base_lr: float = 0.1,
                  output_scale: float = 0.01):
         super().__init__()
         if architecture not in ("lstm", "mlp"):
             raise ValueError(f"LearnedOptimizer: architecture must be 'lstm' or 'mlp', got {architecture!r}")
         if hidden < 1 or not all(0 <= d < 1 for d in decays):
             raise ValueError(f"LearnedOptimizer: need hidden >= 1 and decays in [0, 1); got {hidden}, {decays}")
-        if (base_lr is not None and base_lr <= 0) or output_scale <= 0:
+        if base not in ("sgd", "adam", None):
+            raise ValueError(f"LearnedOptimizer: base must be 'sgd', 'adam' or None, got {base!r}")
+        if base_lr <= 0 or output_scale <= 0:
             raise ValueError(f"LearnedOptimizer: base_lr and output_scale must be > 0, got {base_lr}, {output_scale}")
         dtype = next(model.parameters()).dtype
-        self.architecture, self.hidden, self.decays = architecture, hidden, tuple(decays)
-        features = 2 * (1 + len(self.decays))
+        self.architecture, self.hidden, self.decays, self.base = architecture, hidden, tuple(decays), base
+        features = 3 * (1 + len(self.decays))
         if architecture == "lstm":
             self.cell = nn.LSTMCell(features, hidden, dtype=dtype)
             with torch.no_grad():
@@ -83,18 +93,22 @@ class LearnedOptimizer(AbstractOptimizerMetaParam):
             self.readout.weight.zero_()
             self.readout.bias.zero_()
         self.log_output_scale = nn.Parameter(torch.tensor(math.log(output_scale), dtype=dtype))
-        self.log_base_lr = (nn.Parameter(torch.tensor(math.log(base_lr), dtype=dtype))
-                            if base_lr is not None else None)
+        self.log_base_lr = nn.Parameter(torch.tensor(math.log(base_lr), dtype=dtype)) if base else None
 
     def extra_repr(self) -> str:
-        return f"architecture={self.architecture!r}, hidden={self.hidden}, decays={self.decays}"
+        return f"architecture={self.architecture!r}, hidden={self.hidden}, decays={self.decays}, base={self.base!r}"
 
     def hyper(self) -> Hyper:
         return {}
 
     def init_state(self, optimizer: InnerOptimizer, params: Params) -> OptState:
+        first = next(iter(params.values()))
         state: OptState = {f"momentum_{i}": {k: torch.zeros_like(p) for k, p in params.items()}
                            for i in range(len(self.decays))}
+        state["step"] = torch.zeros((), dtype=first.dtype, device=first.device)
+        state["second_moment"] = {k: torch.zeros_like(p) for k, p in params.items()}
+        if self.base == "adam":
+            state["adam_momentum"] = {k: torch.zeros_like(p) for k, p in params.items()}
         if self.architecture == "lstm":
             for name in ("h", "c"):
                 state[name] = {k: p.new_zeros(*p.shape, self.hidden) for k, p in params.items()}
@@ -109,28 +123,39 @@ class LearnedOptimizer(AbstractOptimizerMetaParam):
 
     def update(self, optimizer: InnerOptimizer, params: Params, grads: Params, opt_state: OptState,
                hyper: Hyper) -> tuple[Params, OptState]:
-        new_state: OptState = {}
+        step = cast(Tensor, opt_state["step"]) + 1
+        b2 = self.second_moment_decay
+        v = {k: b2 * cast(Params, opt_state["second_moment"])[k] + (1 - b2) * g ** 2 for k, g in grads.items()}
+        new_state: OptState = {"step": step, "second_moment": v}
         momenta = []
         for i, d in enumerate(self.decays):
             old = cast(Params, opt_state[f"momentum_{i}"])
             m = {k: d * old[k] + (1 - d) * g for k, g in grads.items()}
             new_state[f"momentum_{i}"] = m
             momenta.append(m)
+        if self.base == "adam":
+            b1 = self.adam_decay
+            adam_m = {k: b1 * cast(Params, opt_state["adam_momentum"])[k] + (1 - b1) * g for k, g in grads.items()}
+            new_state["adam_momentum"] = adam_m
         hs: Params = {}
         cs: Params = {}
         new_params = {}
         scale = self.log_output_scale.exp()
         for k, p in params.items():
-            feats = torch.cat([preprocess_log_sign(grads[k])] + [preprocess_log_sign(m[k]) for m in momenta], dim=-1)
+            rms = torch.sqrt(v[k] / (1 - b2 ** step) + 1e-16) + 1e-8  # eps inside the root: finite 2nd derivatives
+            inputs = [grads[k]] + [m[k] for m in momenta]
+            feats = torch.cat([preprocess_log_sign(x) for x in inputs] + [torch.stack([x / rms for x in inputs], -1)],
+                              dim=-1)
             if self.architecture == "lstm":
                 hs[k], cs[k] = self._lstm(feats, cast(Params, opt_state["h"])[k], cast(Params, opt_state["c"])[k])
                 hidden = hs[k]
             else:
                 hidden = self.mlp(feats)
-            step = scale * self.readout(hidden).squeeze(-1)
+            delta = scale * self.readout(hidden).squeeze(-1)
             if self.log_base_lr is not None:
-                step = step + self.log_base_lr.exp() * grads[k]
-            new_params[k] = p - step
+                direction = grads[k] if self.base == "sgd" else adam_m[k] / (1 - self.adam_decay ** step) / rms
+                delta = delta + self.log_base_lr.exp() * direction
+            new_params[k] = p - delta
         if self.architecture == "lstm":
             new_state["h"], new_state["c"] = hs, cs
         return new_params, new_state
