@@ -72,5 +72,5 @@ def test_implicit_refuses_what_it_cannot_serve():
     tasks = mo.Sinusoid().sample(1, 2, torch.Generator().manual_seed(0))
     with pytest.raises(mo.EstimatorUnsupported, match=r"needs InnerLoop\(proximal=lambda > 0\)"):
         mo.estimators.Implicit()(loop, mo.meta_params(mo.Init(model)), tasks)
-    with pytest.raises(mo.EstimatorUnsupported, match=r"slot\(s\) \['optimizer'\]"):
+    with pytest.raises(mo.EstimatorUnsupported, match=r"in slot 'optimizer': an update rule"):
         mo.estimators.Implicit()(loop, mo.meta_params(mo.LearningRates(model)), tasks)
