@@ -61,3 +61,38 @@ def test_contract_auto_fits_a_memory_saving_estimator(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["estimator_chosen"] not in ("full", "auto")
     assert metrics["predicted_peak_bytes"] <= 4_000_000 and metrics["measured_peak_bytes"] >= 0
+
+
+KIND_EXPERIMENTS = {
+    "distill_digits": ["meta_steps=2", "eval.n_tasks=8", "compare.select_n_tasks=4", "inner_steps=2"],
+    "learned_optimizer": ["meta_steps=2", "eval.n_tasks=4", "compare.select_n_tasks=2", "inner_steps=2",
+                          "compare.eval_inner_steps=[2,4]", "metaparam.optimizer.hidden=4"],
+    "learned_loss": ["meta_steps=2", "eval.n_tasks=8"],
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(KIND_EXPERIMENTS))
+def test_contract_kind_experiments_write_learned_and_baseline(tmp_path, experiment):
+    result = run_train(tmp_path, f"experiment={experiment}", "progress=false", *KIND_EXPERIMENTS[experiment])
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert isinstance(metrics["learned"], float) and isinstance(metrics["baseline"], float)
+    assert metrics["metric_direction"] in ("lower is better", "higher is better")
+    assert metrics["difference"] == pytest.approx(metrics["learned"] - metrics["baseline"], abs=1e-6)
+    assert "learned" in result.stdout and "baseline" in result.stdout
+
+
+def test_contract_learned_augmentation_on_generated_omniglot(tmp_path):
+    from test_omniglot import _write
+    data = tmp_path / "data"
+    data.mkdir()
+    _write(data, "images_background_small1", {"Greek": 3, "Latin": 2, "Korean": 2}, zipped=True)
+    _write(data, "images_background_small2", {"Greek": 3, "Tagalog": 2}, zipped=True)
+    run = tmp_path / "run"
+    result = run_train(run, "experiment=learned_augmentation", f"data.root={data}", "task.size=16",
+                       "model.channels=4", "meta_steps=2", "meta_batch_size=2",
+                       "eval.n_tasks=4", "progress=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["metric_direction"] == "higher is better" and 0 <= metrics["learned"] <= 1
+    assert metrics["baseline_name"] == "maml"
