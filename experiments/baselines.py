@@ -9,7 +9,7 @@ A config's `compare` section (see conf/experiment/distill_digits.yaml):
       select_n_tasks: 200            # validation tasks that pick the best baseline candidate
       baselines:
         real_images:                 # a name
-          overrides: {metaparam: {data: null}}   # merged into the run's config
+          overrides: {metaparam: {data: null}}   # merged into the run's config (a list: merged in order)
           grid: {inner_optim.lr: [0.1, 0.3]}     # optional: one candidate per combination
 
 Each candidate is built from the merged config and, if it still has meta-parameters and
@@ -44,7 +44,9 @@ def candidates(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
     for name, spec in cfg.compare.baselines.items():
         grid = dict(spec.get("grid") or {})
         for values in itertools.product(*grid.values()):
-            base = OmegaConf.merge(resolved, spec.get("overrides") or {})
+            overrides = spec.get("overrides") or {}
+            # A list is merged in order: [{slot: null}, {slot: {...}}] replaces a node instead of merging into it.
+            base = OmegaConf.merge(resolved, *(overrides if OmegaConf.is_list(overrides) else [overrides]))
             with open_dict(base):
                 base.compare = None
                 for key, value in zip(grid, values):
