@@ -76,7 +76,7 @@ def _train(cfg: DictConfig, parts: Parts, run_dir: Path) -> None:
                meta_steps=cfg.meta_steps, meta_batch_size=cfg.meta_batch_size, inner_steps=cfg.inner_steps,
                budget=parts.budget, batching=cfg.batching, seed=cfg.seed, eval_n_tasks=0,
                checkpoint_path=run_dir / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every,
-               progress=cfg.progress, device=cfg.device, on_nan=cfg.on_nan)
+               progress=cfg.progress, device=cfg.device, on_nan=cfg.on_nan, max_grad_norm=cfg.max_grad_norm)
 
 
 def compare(cfg: DictConfig, learned: Parts, run_dir: Path) -> dict[str, Any]:

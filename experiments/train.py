@@ -34,7 +34,8 @@ def main(cfg: DictConfig) -> dict:
             inner_steps=cfg.inner_steps, budget=parts.budget, batching=cfg.batching, seed=cfg.seed,
             eval_tasks=parts.eval_tasks, eval_inner_steps=cfg.eval.inner_steps, eval_n_tasks=cfg.eval.n_tasks,
             checkpoint_path=run_dir / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every,
-            log=log_fn, log_every=cfg.log_every, progress=cfg.progress, device=cfg.device, on_nan=cfg.on_nan)
+            log=log_fn, log_every=cfg.log_every, progress=cfg.progress, device=cfg.device, on_nan=cfg.on_nan,
+            max_grad_norm=cfg.max_grad_norm)
         if cfg.get("compare"):
             metrics.update(compare(cfg, parts, run_dir))
         if log_fn is not None:

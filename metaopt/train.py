@@ -120,7 +120,8 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, 
                checkpoint_every: int = 1000, log: LogFn | None = None, log_every: int = 100,
                progress: bool = True, device: torch.device | str = "cpu", on_nan: Literal["raise", "skip"] = "raise",
                memory_every: int = 1000, clock: Callable[[], float] | None = None,
-               memory_probe: Callable[[], int] | None = None, meter: Meter | None = None) -> dict:
+               memory_probe: Callable[[], int] | None = None, meter: Meter | None = None,
+               max_grad_norm: float | None = None) -> dict:
     """Meta-train `meta` with `estimator` under a per-task budget, then evaluate on fresh tasks.
 
     Before the first step the meta-gradient is planned (`metaopt.planning`): its peak
@@ -139,6 +140,9 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, 
         that meta-step and counted ("skip").
       clock, memory_probe: passed to the estimator's budget guard (tests inject them).
       meter: replaces the planner's memory measurement (see `metaopt.planning.Predictor`).
+      max_grad_norm: clip the meta-gradient's global norm before each outer step (None: no
+        clipping); long unrolls with learned step sizes (dataset distillation) spike without it.
+      eval_n_tasks: 0 skips the final evaluation (the caller evaluates).
 
     Returns:
       Metrics: "meta_steps", "estimator", "estimator_chosen", "predicted_peak_bytes",
@@ -208,6 +212,8 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, 
                 continue  # nothing to learn from this meta-step; the counts say so
             loss = meta_grad.outer_loss.item()
             apply_meta_grad(meta, meta_grad)
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(list(meta.parameters()), max_grad_norm)
             outer_optimizer.step()
             outer_optimizer.zero_grad(set_to_none=True)
             step_seconds.append(time.perf_counter() - t0)
