@@ -252,8 +252,8 @@ def unroll(loop: InnerLoop, state: InnerState, batches: Iterable[Batch], meta: M
 def task_outer_loss(loop: InnerLoop, meta: MetaParams, task: Task, *, create_graph: bool = True,
                     inner_grad: InnerGrad = "func", on_step: StepHook | None = None) -> Tensor:
     """outer_loss(step^T(init(meta))): adapt on the task's support batches, score on its query batch."""
-    state = unroll(loop, loop.init(meta, task.init), task.support, meta, create_graph=create_graph, inner_grad=inner_grad,
-                   on_step=on_step)
+    state = unroll(loop, loop.init(meta, task.init), task.support, meta, create_graph=create_graph,
+                   inner_grad=inner_grad, on_step=on_step)
     return loop.outer_loss(state, task.query, meta)
 
 
