@@ -25,6 +25,7 @@ from metaopt import estimators as E
 from metaopt.guard import format_bytes
 from metaopt.memory import measure_peak_memory
 from metaopt.planning import Predictor, describe
+from metaopt.train import task_to
 
 PROBLEMS = {
     # name: (model, task distribution, inner lr, grid of T)
@@ -56,7 +57,7 @@ def main() -> None:
         meta = mo.meta_params(mo.Init(model))
         for steps in args.steps or grid:
             batch = distribution.sample(8, steps, torch.Generator().manual_seed(steps))
-            batch = torch.utils._pytree.tree_map(lambda v: v.to(args.device), batch)
+            batch = task_to(batch, args.device)
             predictor = Predictor(loop, meta, batch, args.device)
             one = mo.unstack_tasks(batch)[:1]
             rows = [(e, 1) for e in estimators()] + [(E.Full(), 8)]

@@ -26,7 +26,6 @@ from metaopt.memory import measure_peak_memory
 from metaopt.train import task_to
 from metaopt.types import MetaParams
 
-
 DEVICE = "cuda"
 
 

@@ -35,6 +35,7 @@ from common import build_meta
 from metaopt import InnerLoop, unstack_tasks
 from metaopt.estimators import EstimatorUnsupported, Full
 from metaopt.memory import measure_peak_memory
+from metaopt.train import task_to
 
 log = logging.getLogger("metaopt")
 COLUMNS = ["estimator", "T", "cosine_to_full", "rel_error", "seconds", "peak_bytes", "status"]
@@ -106,7 +107,7 @@ def main(cfg: DictConfig) -> None:
     rows = []
     for steps in cfg.inner_steps:
         tasks = [t for t in unstack_tasks(task_distribution.sample(cfg.tasks, steps, generator))]
-        tasks = [torch.utils._pytree.tree_map(lambda v: v.to(cfg.device), t) for t in tasks]
+        tasks = [task_to(t, cfg.device) for t in tasks]
         references = [_flat(Full()(loop, meta, [t]).grads) for t in tasks]
         for name, estimator in estimators.items():
             try:
