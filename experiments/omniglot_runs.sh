@@ -19,4 +19,3 @@ run maml_5way omniglot_maml meta_steps="$steps5"
 run maml_learned_lr_5way omniglot_maml_learned_lr meta_steps="$steps5"
 run fomaml_5way omniglot_fomaml meta_steps="$steps5"
 run maml_20way omniglot_maml meta_steps="$steps20" task.n_way=20
-run fomaml_20way omniglot_fomaml meta_steps="$steps20" task.n_way=20
