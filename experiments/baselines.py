@@ -62,6 +62,7 @@ def _evaluate(cfg: DictConfig, parts: Parts, steps: int, *, validation: bool = F
               n_tasks: int | None = None) -> dict[str, Any]:
     tasks = parts.tasks if validation else parts.eval_tasks
     return evaluate(parts.loop, parts.meta, tasks, n_tasks=n_tasks or cfg.eval.n_tasks, inner_steps=steps,
+                    batch_size=cfg.eval.batch_size,
                     seed=cfg.eval.seed + (1 if validation else 0), batching=cfg.batching, device=cfg.device,
                     return_per_task=True)
 

@@ -32,13 +32,14 @@ PUBLISHED = {
 }
 
 
-def pixel_nearest_neighbour(tasks: TaskDistribution, n_tasks: int, seed: int) -> tuple[float, float]:
+def pixel_nearest_neighbour(tasks: TaskDistribution, n_tasks: int, seed: int,
+                            batch_size: int) -> tuple[float, float]:
     """Accuracy (mean, 95% CI over tasks) of 1-nearest-neighbour on raw pixels, on the seeded tasks
-    that `metaopt.train.evaluate` draws with the same seed and batch size (100)."""
+    that `metaopt.train.evaluate` draws with the same seed and batch size."""
     generator = torch.Generator().manual_seed(seed)
     scores = []
-    for start in range(0, n_tasks, 100):
-        batch = tasks.sample(min(100, n_tasks - start), 1, generator)
+    for start in range(0, n_tasks, batch_size):
+        batch = tasks.sample(min(batch_size, n_tasks - start), 1, generator)
         support, query = batch.support[0], batch.query
         s = support.x.flatten(2)  # [B, n_support, pixels]
         q = query.x.flatten(2)
@@ -49,8 +50,8 @@ def pixel_nearest_neighbour(tasks: TaskDistribution, n_tasks: int, seed: int) ->
 
 
 def evaluate_run(run_dir: Path, n_way: int, n_tasks: int,
-                 data_root: str | None) -> tuple[tuple[float, float], TaskDistribution, int]:
-    """The run's accuracy (mean, CI) at `n_way` 1-shot, the meta-test tasks it used, and their seed."""
+                 data_root: str | None) -> tuple[tuple[float, float], TaskDistribution, int, int]:
+    """The run's accuracy (mean, CI) at `n_way` 1-shot, the meta-test tasks it used, their seed and batch size."""
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     OmegaConf.resolve(cfg)
     with open_dict(cfg):
@@ -61,9 +62,10 @@ def evaluate_run(run_dir: Path, n_way: int, n_tasks: int,
             cfg.loop.n_way = n_way
     parts = build(cfg)
     parts.meta.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["meta"])
+    batch_size = cfg.eval.get("batch_size", 20)
     metrics = evaluate(parts.loop, parts.meta, parts.eval_tasks, n_tasks=n_tasks, inner_steps=cfg.eval.inner_steps,
-                       seed=cfg.eval.seed, batching=cfg.batching)
-    return (metrics["test_accuracy"], metrics["test_accuracy_ci95"]), parts.eval_tasks, cfg.eval.seed
+                       seed=cfg.eval.seed, batching=cfg.batching, batch_size=batch_size)
+    return (metrics["test_accuracy"], metrics["test_accuracy_ci95"]), parts.eval_tasks, cfg.eval.seed, batch_size
 
 
 def main() -> None:
@@ -85,9 +87,9 @@ def main() -> None:
         ways = (5, 20) if "n_way" in cfg.loop else (int(cfg.task.n_way),)
         results = {}
         for n in ways:
-            results[n], tasks, seed = evaluate_run(run_dir, n, args.n_tasks, args.data_root)
+            results[n], tasks, seed, batch_size = evaluate_run(run_dir, n, args.n_tasks, args.data_root)
             if n not in nn_ref:  # the same seeded tasks as the runs (same split settings assumed)
-                nn_ref[n] = pixel_nearest_neighbour(tasks, args.n_tasks, seed)
+                nn_ref[n] = pixel_nearest_neighbour(tasks, args.n_tasks, seed, batch_size)
         rows.append((name, int(cfg.task.n_way), metrics.get("meta_steps"), metrics.get("train_seconds", 0) / 60,
                      results))
     if not rows:

@@ -35,7 +35,7 @@ def main(cfg: DictConfig) -> dict:
             eval_tasks=parts.eval_tasks, eval_inner_steps=cfg.eval.inner_steps, eval_n_tasks=cfg.eval.n_tasks,
             checkpoint_path=run_dir / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every,
             log=log_fn, log_every=cfg.log_every, progress=cfg.progress, device=cfg.device, on_nan=cfg.on_nan,
-            max_grad_norm=cfg.max_grad_norm)
+            max_grad_norm=cfg.max_grad_norm, eval_batch_size=cfg.eval.batch_size)
         if cfg.get("compare"):
             metrics.update(compare(cfg, parts, run_dir))
         if log_fn is not None:

@@ -121,7 +121,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, 
                progress: bool = True, device: torch.device | str = "cpu", on_nan: Literal["raise", "skip"] = "raise",
                memory_every: int = 1000, clock: Callable[[], float] | None = None,
                memory_probe: Callable[[], int] | None = None, meter: Meter | None = None,
-               max_grad_norm: float | None = None) -> dict:
+               max_grad_norm: float | None = None, eval_batch_size: int = 100) -> dict:
     """Meta-train `meta` with `estimator` under a per-task budget, then evaluate on fresh tasks.
 
     Before the first step the meta-gradient is planned (`metaopt.planning`): its peak
@@ -143,6 +143,8 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, 
       max_grad_norm: clip the meta-gradient's global norm before each outer step (None: no
         clipping); long unrolls with learned step sizes (dataset distillation) spike without it.
       eval_n_tasks: 0 skips the final evaluation (the caller evaluates).
+      eval_batch_size: meta-test tasks evaluated at once (one vmapped graph); lower it when
+        a task is large (20-way Omniglot: 100 tasks at once need tens of GB).
 
     Returns:
       Metrics: "meta_steps", "estimator", "estimator_chosen", "predicted_peak_bytes",
@@ -262,7 +264,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, 
     if eval_n_tasks > 0:  # 0: the caller evaluates (e.g. several unroll lengths)
         metrics.update(evaluate(loop, meta, eval_tasks or tasks, n_tasks=eval_n_tasks,
                                 inner_steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
-                                batching=batching, device=device))
+                                batch_size=eval_batch_size, batching=batching, device=device))
     metrics["history"] = history
     return metrics
 
