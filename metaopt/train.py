@@ -150,7 +150,8 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, 
       Metrics: "meta_steps", "estimator", "estimator_chosen", "predicted_peak_bytes",
       "measured_peak_bytes", "memory_method", "plan", "batching", "chunk_size",
       "tasks_truncated", "tasks_skipped", "tasks_nan_skipped", "meta_train_loss",
-      "seconds_per_meta_step" (median), "train_seconds", "history", and `evaluate`'s figures.
+      "seconds_per_meta_step" (median), "train_seconds" (summed over resumed sessions), "history", and
+      `evaluate`'s figures.
     """
     if meta_steps < 0 or meta_batch_size < 1 or inner_steps < 0:
         raise ValueError(f"meta_train: need meta_steps >= 0, meta_batch_size >= 1, inner_steps >= 0; "
@@ -164,7 +165,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, 
     logger.info("plan: %s, %s, chunks of %d tasks, predicted peak %s (%s)", describe(chosen.estimator),
                 chosen.batching, chosen.chunk_size, format_bytes(chosen.predicted_peak_bytes), chosen.reason)
     generator = torch.Generator().manual_seed(seed)
-    start_step, history = 0, []
+    start_step, history, earlier_seconds = 0, [], 0.0
     counts = {"tasks_truncated": 0, "tasks_skipped": 0, "tasks_nan_skipped": 0}
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         ckpt = load_checkpoint(checkpoint_path)
@@ -173,12 +174,14 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, 
         generator.set_state(ckpt["generator"])
         start_step, history = ckpt["meta_step"], ckpt["history"]
         counts.update(ckpt.get("counts", {}))
+        earlier_seconds = ckpt.get("train_seconds", 0.0)  # training time before this resume
 
     def save(step: int) -> None:
         if checkpoint_path is not None:
             save_atomic({"meta": meta.state_dict(), "outer_optimizer": outer_optimizer.state_dict(),
                          "generator": generator.get_state(), "meta_step": step, "history": history,
-                         "counts": counts, "estimator": estimator.name}, checkpoint_path)
+                         "counts": counts, "estimator": estimator.name,
+                         "train_seconds": earlier_seconds + time.perf_counter() - train_start}, checkpoint_path)
 
     step_seconds: list[float] = []
     recent: list[float] = []
@@ -238,7 +241,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, 
         raise
     finally:
         bar.close()
-    train_seconds = time.perf_counter() - train_start
+    train_seconds = earlier_seconds + time.perf_counter() - train_start  # all sessions of this run
     save(meta_steps)
 
     metrics: dict = {

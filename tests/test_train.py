@@ -39,7 +39,8 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     final = {k: v.clone() for k, v in meta.state_dict().items()}
 
     loop, meta, opt = _parts()
-    _train(loop, meta, opt, 6, checkpoint_path=tmp_path / "ckpt.pt", checkpoint_every=3)
+    first = _train(loop, meta, opt, 6, checkpoint_path=tmp_path / "ckpt.pt", checkpoint_every=3)
+    assert load_checkpoint(tmp_path / "ckpt.pt")["train_seconds"] >= first["train_seconds"]
     loop, meta, opt = _parts(seed=99)  # fresh objects, different initial values: all must come from the file
     resumed = _train(loop, meta, opt, 10, checkpoint_path=tmp_path / "ckpt.pt", checkpoint_every=3)
     for k, v in meta.state_dict().items():
@@ -47,6 +48,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     assert resumed["meta_test_loss"] == pytest.approx(straight["meta_test_loss"], rel=1e-9)
     # The interrupted run logged its last step (6); the resumed one goes on from there.
     assert [h["meta_step"] for h in resumed["history"]] == [5, 6, 10]
+    assert resumed["train_seconds"] > first["train_seconds"]  # both sessions' training time
 
 
 def test_nan_stops_with_the_meta_step_and_keeps_the_checkpoint(tmp_path):
