@@ -28,8 +28,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from common import Parts, build
-from metaopt.train import evaluate, mean_ci95, meta_train
+from common import Parts, build, train_from_config
+from metaopt.train import evaluate, mean_ci95
 
 log = logging.getLogger("metaopt")
 
@@ -70,14 +70,8 @@ def _evaluate(cfg: DictConfig, parts: Parts, steps: int, *, validation: bool = F
 def _train(cfg: DictConfig, parts: Parts, run_dir: Path) -> None:
     if cfg.meta_steps <= 0 or not any(True for _ in parts.meta.parameters()):
         return  # nothing to learn: the baseline is its config as written
-    import hydra
-    outer = hydra.utils.instantiate(cfg.outer_optim)(parts.meta.parameters())
     run_dir.mkdir(parents=True, exist_ok=True)
-    meta_train(parts.loop, parts.meta, parts.estimator, parts.tasks, outer_optimizer=outer,
-               meta_steps=cfg.meta_steps, meta_batch_size=cfg.meta_batch_size, inner_steps=cfg.inner_steps,
-               budget=parts.budget, batching=cfg.batching, seed=cfg.seed, eval_n_tasks=0,
-               checkpoint_path=run_dir / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every,
-               progress=cfg.progress, device=cfg.device, on_nan=cfg.on_nan, max_grad_norm=cfg.max_grad_norm)
+    train_from_config(cfg, parts, run_dir, evaluate=False)
 
 
 def compare(cfg: DictConfig, learned: Parts, run_dir: Path) -> dict[str, Any]:
@@ -101,11 +95,11 @@ def compare(cfg: DictConfig, learned: Parts, run_dir: Path) -> dict[str, Any]:
         parts = build(base_cfg)
         _train(base_cfg, parts, run_dir / "baselines" / str(i))
         score = (_evaluate(base_cfg, parts, lengths[0], validation=True, n_tasks=spec.select_n_tasks)[metric]
-                 if len(pool) > 1 else float("nan"))
+                 if len(pool) > 1 else float("nan"))  # one candidate: nothing to select
         log.info("baseline candidate %s: validation %s %.4f", label, metric, score)
         scored.append((score, label, parts, base_cfg))
     sign = 1 if direction == "lower" else -1
-    _, label, best, best_cfg = min(scored, key=lambda s: sign * s[0] if s[0] == s[0] else 0.0)
+    _, label, best, best_cfg = scored[0] if len(scored) == 1 else min(scored, key=lambda s: sign * s[0])
     out: dict[str, Any] = {"metric": metric, "metric_direction": f"{direction} is better", "baseline_name": label,
                            "baseline_candidates": {lab: sc for sc, lab, _, _ in scored}, "at_inner_steps": {}}
     for steps in lengths:

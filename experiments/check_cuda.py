@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Callable
 
 import torch
 
@@ -29,20 +30,19 @@ from metaopt.types import MetaParams
 DEVICE = "cuda"
 
 
-def _kinds(model: torch.nn.Module) -> dict[str, MetaParams]:
-    return {
-        "init+lrs": mo.meta_params(mo.Init(model), mo.LearningRates(model, init=0.1, granularity="tensor")),
-        "learned_optimizer": mo.meta_params(mo.LearnedOptimizer(model, "lstm", hidden=4, base="adam", base_lr=0.05)),
-        "learned_loss": mo.meta_params(mo.LearnedLoss(model, pred_features=1, input_features=1, mode="replace")),
-    }
+KINDS: dict[str, Callable[[torch.nn.Module], MetaParams]] = {
+    "init+lrs": lambda m: mo.meta_params(mo.Init(m), mo.LearningRates(m, init=0.1, granularity="tensor")),
+    "learned_optimizer": lambda m: mo.meta_params(mo.LearnedOptimizer(m, "lstm", hidden=4, base="adam", base_lr=0.05)),
+    "learned_loss": lambda m: mo.meta_params(mo.LearnedLoss(m, pred_features=1, input_features=1, mode="replace")),
+}
 
 
 def check_exactness(failures: list[str]) -> None:
     torch.set_default_dtype(torch.float64)
-    for kind in ("init+lrs", "learned_optimizer", "learned_loss"):
+    for kind, make in KINDS.items():
         torch.manual_seed(0)
         model = mo.MLP(1, (16, 16), 1, activation="tanh")
-        meta = _kinds(model)[kind]
+        meta = make(model)
         tasks = mo.Sinusoid(k_shot=5, k_query=7).sample(4, 5, torch.Generator().manual_seed(1))
         loop = mo.InnerLoop(model, mo.optim.momentum(0.05, 0.5), mo.losses.mse)
         cpu = mo.Full()(loop, meta, tasks).grads

@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from metaopt import Budget, InnerLoop, losses, meta_params
+from metaopt import Budget, InnerLoop, losses, meta_params, meta_train
 from metaopt.estimators import AbstractEstimator
 from metaopt.tasks import RandomInit, TaskDistribution
 from metaopt.types import MetaParams
@@ -67,6 +67,24 @@ def build_meta(cfg: DictConfig, model: torch.nn.Module) -> MetaParams:
     """The meta-parameter modules of `cfg.metaparam` (slot -> partial constructor taking the model)."""
     slots = {k: v for k, v in instantiate(cfg.metaparam).items() if v is not None}
     return meta_params(*(make(model) for make in slots.values())).to(cfg.device)
+
+
+def train_from_config(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Callable[[dict, int], None] | None = None,
+                      evaluate: bool = True) -> dict:
+    """`meta_train` with the config's settings, checkpointing in `run_dir` (resumes from it).
+
+    With `evaluate=False` the final meta-test evaluation is skipped (the caller evaluates).
+    """
+    outer_optimizer = instantiate(cfg.outer_optim)(parts.meta.parameters())
+    return meta_train(
+        parts.loop, parts.meta, parts.estimator, parts.tasks,
+        outer_optimizer=outer_optimizer, meta_steps=cfg.meta_steps, meta_batch_size=cfg.meta_batch_size,
+        inner_steps=cfg.inner_steps, budget=parts.budget, batching=cfg.batching, seed=cfg.seed,
+        eval_tasks=parts.eval_tasks, eval_inner_steps=cfg.eval.inner_steps,
+        eval_n_tasks=cfg.eval.n_tasks if evaluate else 0, eval_batch_size=cfg.eval.batch_size,
+        checkpoint_path=run_dir / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every,
+        log=log, log_every=cfg.log_every, progress=cfg.progress, device=cfg.device, on_nan=cfg.on_nan,
+        max_grad_norm=cfg.max_grad_norm)
 
 
 def make_logger(cfg: DictConfig, run_dir: Path) -> tuple[Callable[[dict, int], None] | None, Callable[[], None]]:

@@ -15,8 +15,7 @@ from baselines import compare
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from common import build, make_logger, write_json_atomic
-from metaopt.train import meta_train
+from common import build, make_logger, train_from_config, write_json_atomic
 
 log = logging.getLogger("metaopt")
 
@@ -25,17 +24,9 @@ log = logging.getLogger("metaopt")
 def main(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     parts = build(cfg)
-    outer_optimizer = hydra.utils.instantiate(cfg.outer_optim)(parts.meta.parameters())
     log_fn, finish = make_logger(cfg, run_dir)
     try:
-        metrics = meta_train(
-            parts.loop, parts.meta, parts.estimator, parts.tasks,
-            outer_optimizer=outer_optimizer, meta_steps=cfg.meta_steps, meta_batch_size=cfg.meta_batch_size,
-            inner_steps=cfg.inner_steps, budget=parts.budget, batching=cfg.batching, seed=cfg.seed,
-            eval_tasks=parts.eval_tasks, eval_inner_steps=cfg.eval.inner_steps, eval_n_tasks=cfg.eval.n_tasks,
-            checkpoint_path=run_dir / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every,
-            log=log_fn, log_every=cfg.log_every, progress=cfg.progress, device=cfg.device, on_nan=cfg.on_nan,
-            max_grad_norm=cfg.max_grad_norm, eval_batch_size=cfg.eval.batch_size)
+        metrics = train_from_config(cfg, parts, run_dir, log=log_fn)
         if cfg.get("compare"):
             metrics.update(compare(cfg, parts, run_dir))
         if log_fn is not None:

@@ -9,7 +9,7 @@ import functools
 from typing import Any, Callable, Literal, Sequence
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_map_only, tree_unflatten
 
 from metaopt.types import Batch, Task
 
@@ -109,14 +109,12 @@ def _shared_map(fn: Callable[[torch.Tensor], torch.Tensor], task: Task) -> Task:
     """tree_map that maps a tensor appearing several times (a repeated support batch) only once."""
     done: dict[int, torch.Tensor] = {}
 
-    def once(v: torch.Tensor | None) -> torch.Tensor | None:
-        if v is None:  # no Task.init (torch's pytree treats None as a leaf)
-            return None
+    def once(v: torch.Tensor) -> torch.Tensor:
         if id(v) not in done:
             done[id(v)] = fn(v)
         return done[id(v)]
 
-    return tree_map(once, task)
+    return tree_map_only(torch.Tensor, once, task)  # a task without init has a None leaf
 
 
 def compress_support(task: Task) -> tuple[Task, tuple[int, ...]]:

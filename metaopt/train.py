@@ -46,7 +46,7 @@ def mean_ci95(values: Tensor) -> tuple[float, float]:
 
 def task_to(task: Task, device: torch.device | str) -> Task:
     """The task with every tensor moved to `device`."""
-    return torch.utils._pytree.tree_map(lambda v: None if v is None else v.to(device), task)
+    return torch.utils._pytree.tree_map_only(Tensor, lambda v: v.to(device), task)
 
 
 def apply_meta_grad(meta: MetaParams, meta_grad: MetaGrad) -> None:

@@ -30,9 +30,14 @@ def test_digits_tasks_are_balanced_reproducible_and_permuted_per_task():
     assert torch.equal(a.support[0].y[0], torch.arange(10).repeat_interleave(2))
     torch.testing.assert_close(a.query.x, b.query.x)
     assert a.support[0] is a.support[1]  # one batch reused (few-shot)
-    # each task permutes pixels its own way: sorted pixel values agree with the unpermuted image, order differs
-    plain = mo.Digits(k_shot=2, k_query=3, query_split="test").sample(4, 2, torch.Generator().manual_seed(0))
-    assert not torch.equal(a.query.x, plain.query.x)
+    # each task permutes its pixels its own way: the sampler draws the permutations first, then the images
+    g = torch.Generator().manual_seed(0)
+    perms = [torch.randperm(64, generator=g) for _ in range(4)]
+    plain = mo.Digits(k_shot=2, k_query=3, query_split="test").sample(4, 2, g)
+    for i, perm in enumerate(perms):
+        torch.testing.assert_close(a.query.x[i], plain.query.x[i][:, perm])
+        torch.testing.assert_close(a.support[0].x[i], plain.support[0].x[i][:, perm])
+    assert not torch.equal(perms[0], perms[1])
 
 
 def test_digits_resamples_support_per_step_and_refuses_impossible_k():
@@ -62,12 +67,10 @@ def test_random_init_is_reproducible_differs_per_task_and_never_touches_the_mode
 def test_task_init_is_where_each_task_starts_and_conflicts_with_a_learned_init():
     model = tiny_model()
     loop = mo.InnerLoop(model, mo.optim.sgd(0.1), mo.losses.mse)
-    task = mo.unstack_tasks(tiny_tasks(1, 1))[0]
     start = {k: torch.full_like(p, 0.5) for k, p in model.named_parameters()}
     assert all(torch.equal(loop.init(mo.meta_params(), start).params[k], v) for k, v in start.items())
     with pytest.raises(ValueError, match="Task.init.*slot 'init'"):
         loop.init(mo.meta_params(mo.Init(model)), start)
-    del task
 
 
 @pytest.mark.parametrize("estimator", [mo.Checkpoint(segment=1), mo.Truncated(k=T)], ids=str)

@@ -19,7 +19,7 @@ from typing import Callable, ClassVar, NamedTuple, Protocol, Sequence, TypeVar, 
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_map_only
 
 from metaopt.batching import Batching, compress_support, resolve_batching, task_count, vmap_tasks
 from metaopt.budget import Budget
@@ -252,10 +252,10 @@ class AbstractEstimator(abc.ABC):
                 return self.task_objective(loop, meta, task, unit_guard)
             if isinstance(prepared, Task):
                 compressed, pattern = compress_support(prepared)
-                return vmap_tasks(objective, tree_map(lambda v: None if v is None else v[first:last], compressed),
+                return vmap_tasks(objective, tree_map_only(Tensor, lambda v: v[first:last], compressed),
                                   pattern)
             one = objective(prepared[first])
-            return tree_map(lambda v: None if v is None else v.unsqueeze(0), one)
+            return tree_map_only(Tensor, lambda v: v.unsqueeze(0), one)
 
         grads: dict[str, Tensor] | None = None
         task_losses = torch.full((total,), float("nan"))

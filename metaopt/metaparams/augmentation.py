@@ -89,10 +89,12 @@ class LearnedAffineAugmentation(AbstractDataMetaParam):
         if x.dim() != 4:
             raise ValueError(f"LearnedAffineAugmentation needs images [n, C, H, W], got inputs of shape "
                              f"{tuple(x.shape)}")
-        n = x.shape[0]
-        theta = self.warps().repeat_interleave(n, dim=0)  # [copies * n, 2, 3]
-        images = x.repeat(self.copies, 1, 1, 1)
-        grid = _affine_grid(theta, images.shape[-2], images.shape[-1])
-        warped = bilinear_sample(images, grid)
-        warped = warped + self.brightness.repeat_interleave(n).view(-1, 1, 1, 1)
-        return Batch(torch.cat([x, warped]), torch.cat([batch.y, batch.y.repeat(self.copies)]))
+        n, c, h, w = x.shape
+        grid = _affine_grid(self.warps(), h, w)  # one grid per copy: [copies, h, w, 2]
+        # All n images ride along as channels of one sample per copy, so each warp's
+        # sampling positions and weights are computed once, not once per image.
+        stacked = x.reshape(1, n * c, h, w).expand(self.copies, n * c, h, w)
+        warped = bilinear_sample(stacked, grid).reshape(self.copies, n, c, h, w)
+        warped = warped + self.brightness.view(-1, 1, 1, 1, 1)
+        return Batch(torch.cat([x, warped.reshape(self.copies * n, c, h, w)]),
+                     torch.cat([batch.y, batch.y.repeat(self.copies)]))

@@ -140,9 +140,13 @@ class LearnedOptimizer(AbstractOptimizerMetaParam):
         hs: Params = {}
         cs: Params = {}
         new_params = {}
+        # Per-step scalars, computed once for all parameter tensors.
         scale = self.log_output_scale.exp()
+        base_lr = self.log_base_lr.exp() if self.log_base_lr is not None else None
+        v_correction = 1 - b2 ** step
+        m_correction = 1 - self.adam_decay ** step
         for k, p in params.items():
-            rms = torch.sqrt(v[k] / (1 - b2 ** step) + 1e-16) + 1e-8  # eps inside the root: finite 2nd derivatives
+            rms = torch.sqrt(v[k] / v_correction + 1e-16) + 1e-8  # eps inside the root: finite 2nd derivatives
             inputs = [grads[k]] + [m[k] for m in momenta]
             feats = torch.cat([preprocess_log_sign(x) for x in inputs] + [torch.stack([x / rms for x in inputs], -1)],
                               dim=-1)
@@ -152,9 +156,9 @@ class LearnedOptimizer(AbstractOptimizerMetaParam):
             else:
                 hidden = self.mlp(feats)
             delta = scale * self.readout(hidden).squeeze(-1)
-            if self.log_base_lr is not None:
-                direction = grads[k] if self.base == "sgd" else adam_m[k] / (1 - self.adam_decay ** step) / rms
-                delta = delta + self.log_base_lr.exp() * direction
+            if base_lr is not None:
+                direction = grads[k] if self.base == "sgd" else adam_m[k] / m_correction / rms
+                delta = delta + base_lr * direction
             new_params[k] = p - delta
         if self.architecture == "lstm":
             new_state["h"], new_state["c"] = hs, cs
