@@ -30,7 +30,7 @@ from typing import Iterator, Literal
 import torch
 
 __all__ = ["PeakMemory", "measure_peak_memory", "current_bytes", "peak_rss_bytes", "reset_peak_rss",
-           "rss_bytes", "default_method"]
+           "rss_bytes", "default_method", "reset_peak", "peak_bytes", "tensor_bytes"]
 
 Method = Literal["auto", "cuda", "rss", "profiler"]
 
@@ -109,6 +109,41 @@ def current_bytes(device: torch.device | str = "cpu") -> int:
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
     return rss_bytes()
+
+
+def reset_peak(device: torch.device | str = "cpu") -> None:
+    """Start a new peak reading (for `peak_bytes`): the CUDA allocator's peak, or the process's VmHWM.
+
+    Process-wide, like `measure_peak_memory`: an enclosing measurement that reset earlier keeps
+    everything allocated since (live memory stays in the new peak); only a transient peak
+    between the two resets is forgotten.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
+
+
+def peak_bytes(device: torch.device | str = "cpu") -> int:
+    """The peak since the last `reset_peak`: CUDA max allocated bytes, or peak RSS (current RSS where
+    /proc has no VmHWM). Cheap enough for step-boundary guards (one small /proc read)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = peak_rss_bytes()
+    return peak if peak > 0 else rss_bytes()
+
+
+def tensor_bytes(tree: object) -> int:
+    """Bytes of the tensor storage in a (nested) dict/list/tuple of tensors (0 for anything else)."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(tensor_bytes(v) for v in tree)
+    return 0
 
 
 @contextlib.contextmanager
