@@ -1,18 +1,19 @@
-"""Benchmark: predicted vs measured peak memory of every estimator (metaopt.planning).
+"""Benchmark: predicted vs measured peak memory of every estimator, of chunked plans, and of `auto` under budgets.
 
-For each problem, T and estimator: the prediction (`Predictor.predict`: the estimator
-measured on the task cut to a few inner steps, extrapolated with its growth law in T)
-against the measured peak of the real call at T (`metaopt.memory.measure_peak_memory`,
-after one warm-up call). Both are per task, task by task ("loop"); one row per problem
-also checks a vmapped batch of 8 tasks under `full`.
+Three tables (CPU: peak RSS above the level before the call, after returning freed heap
+memory to the OS; CUDA: torch.cuda.max_memory_allocated; see metaopt/memory.py):
 
-"measured" on CPU is the process's peak resident set size above its level before the
-call, after returning freed heap memory to the OS (malloc_trim) and resetting the peak
-(see metaopt/memory.py; experiments/bench_memory.py checks it against fresh processes).
-On CUDA it is torch.cuda.max_memory_allocated.
+1. estimators: each estimator on one task (task by task) and `full` on a vmapped batch of 8:
+   `Predictor.predict` (the estimator measured on the task cut to a few inner steps,
+   extrapolated with its growth law in T) against the real call at T, after one warm-up call.
+2. chunks: `full` on 25 tasks in vmapped chunks of 1, 6 and 25 (sinusoid T = 100 and 200,
+   conv4 T = 10): the prediction of the whole chunked call against the call as it runs.
+3. budgets: `meta_train` for 2 meta-steps under budgets of 1/2, 1/3 and 1/10 of full's
+   measured need, with estimator=full and estimator=auto: the plan's prediction against the
+   measured peak of the meta-steps (every chunk, forward and backward, the optimizer step),
+   and whether the measured peak stayed under the budget (or the plan was refused before work).
 
-    OMP_NUM_THREADS=1 python experiments/bench_budget.py [--problems sinusoid conv4]
-    OMP_NUM_THREADS=1 python experiments/bench_budget.py --problems conv4 --steps 10 1000 --estimators implicit forward
+    OMP_NUM_THREADS=1 python experiments/bench_budget.py [--tables estimators chunks budgets] [--problems ...]
 """
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ from metaopt.planning import Predictor, describe
 from metaopt.train import task_to
 
 PROBLEMS = {
-    # name: (model, task distribution, inner lr, grid of T)
-    "sinusoid": (lambda: mo.MLP(1, (40, 40), 1), lambda: mo.Sinusoid(k_shot=10), 0.01, [10, 100, 1000]),
+    # name: (model, task distribution, inner lr, grid of T, T of the chunk and budget tables)
+    "sinusoid": (lambda: mo.MLP(1, (40, 40), 1), lambda: mo.Sinusoid(k_shot=10), 0.01, [10, 100, 1000], [100, 200]),
     "conv4": (lambda: mo.Conv4(out_features=5, channels=32), lambda: mo.RandomPatterns(n_way=5, k_shot=1), 0.1,
-              [10, 100]),
+              [10, 100], [10]),
 }
 
 
@@ -40,41 +41,105 @@ def estimators() -> list[E.AbstractEstimator]:
             E.FirstOrder(), E.Reptile(), E.EvolutionStrategies(population=4), E.PersistentES(population=4, k=10)]
 
 
+def _ratio(predicted: int, measured: int) -> str:
+    return f"{predicted / measured:>9.2f}" if measured > 0 else f"{'nan':>9}"
+
+
+def _setup(name: str, device: str):
+    make_model, make_tasks, lr, _, _ = PROBLEMS[name]
+    torch.manual_seed(0)
+    model = make_model().to(device)
+    distribution = make_tasks()
+    loop = mo.InnerLoop(model, mo.optim.sgd(lr=lr), distribution.loss_fn, proximal=1.0)
+    return model, distribution, loop, mo.meta_params(mo.Init(model))
+
+
+def estimator_table(name: str, args: argparse.Namespace) -> None:
+    _, distribution, loop, meta = _setup(name, args.device)
+    for steps in args.steps or PROBLEMS[name][3]:
+        batch = task_to(distribution.sample(8, steps, torch.Generator().manual_seed(steps)), args.device)
+        predictor = Predictor(loop, meta, batch, args.device)
+        one = mo.unstack_tasks(batch)[:1]
+        rows = [(e, 1) for e in estimators()] + [(E.Full(), 8)]
+        if args.estimators:
+            rows = [(e, n) for e, n in rows if e.name in args.estimators]
+        for estimator, n in rows:
+            if n > 1 and steps > 100:
+                continue  # 8 full graphs of 1000 steps: minutes, and the per-task rows already show the law
+            predicted = predictor.predict(estimator, n, n)
+            tasks, batching = (one, "loop") if n == 1 else (batch, "vmap")
+            estimator(loop, meta, tasks, batching=batching)  # warm-up
+            with measure_peak_memory(args.device) as memory:
+                estimator(loop, meta, tasks, batching=batching)
+            label = describe(estimator) + ("" if n == 1 else f" x{n} vmap")
+            print(f"{name:<9} {steps:>5} {label:<28} {format_bytes(predicted):>10} "
+                  f"{format_bytes(memory.peak_bytes):>10} {_ratio(predicted, memory.peak_bytes)}", flush=True)
+
+
+def chunk_table(name: str, args: argparse.Namespace) -> None:
+    _, distribution, loop, meta = _setup(name, args.device)
+    for steps in PROBLEMS[name][4]:
+        batch = task_to(distribution.sample(25, steps, torch.Generator().manual_seed(steps)), args.device)
+        predictor = Predictor(loop, meta, batch, args.device)
+        for chunk in (1, 6, 25):
+            predicted = predictor.predict(E.Full(), 25, chunk)
+            batching = "loop" if chunk == 1 else "vmap"
+            E.Full()(loop, meta, batch, batching=batching, chunk_size=chunk)  # warm-up
+            with measure_peak_memory(args.device) as memory:
+                E.Full()(loop, meta, batch, batching=batching, chunk_size=chunk)
+            print(f"{name:<9} {steps:>5} {f'full(), 25 tasks, chunks of {chunk}':<32} {format_bytes(predicted):>10} "
+                  f"{format_bytes(memory.peak_bytes):>10} {_ratio(predicted, memory.peak_bytes)}", flush=True)
+
+
+def _train(name: str, args: argparse.Namespace, estimator, steps: int, budget: mo.Budget) -> dict:
+    _, distribution, loop, meta = _setup(name, args.device)
+    return mo.meta_train(loop, meta, estimator, distribution, outer_optimizer=torch.optim.Adam(meta.parameters()),
+                         meta_steps=2, meta_batch_size=25, inner_steps=steps, budget=budget, eval_n_tasks=0,
+                         progress=False, device=args.device)
+
+
+def budget_table(name: str, args: argparse.Namespace) -> None:
+    for steps in PROBLEMS[name][4]:
+        need = _train(name, args, E.Full(), steps, mo.Budget())["measured_peak_bytes"]
+        for fraction in (2, 3, 10):
+            budget = mo.Budget(memory=need // fraction)
+            for estimator in (E.Full(), mo.Auto()):
+                try:
+                    m = _train(name, args, estimator, steps, budget)
+                except mo.BudgetExceeded as refused:
+                    print(f"{name:<9} {steps:>5} {f'1/{fraction}':>6} {format_bytes(budget.memory):>9} "
+                          f"{estimator.name:<6} refused before any work: {str(refused)[:70]}...", flush=True)
+                    continue
+                plan = f"{m['estimator_config']} {m['batching']} x{m['chunk_size']}"
+                under = "yes" if m["measured_peak_bytes"] <= budget.memory else "NO"
+                print(f"{name:<9} {steps:>5} {f'1/{fraction}':>6} {format_bytes(budget.memory):>9} "
+                      f"{estimator.name:<6} {plan:<34} {format_bytes(m['predicted_peak_bytes']):>10} "
+                      f"{format_bytes(m['measured_peak_bytes']):>10} "
+                      f"{_ratio(m['predicted_peak_bytes'], m['measured_peak_bytes'])} {under:>6}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
+    parser.add_argument("--tables", nargs="+", default=["estimators", "chunks", "budgets"],
+                        choices=["estimators", "chunks", "budgets"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, nargs="+", help="grid of T (default: the problem's)")
-    parser.add_argument("--estimators", nargs="+", help="registry names to keep (default: all)")
+    parser.add_argument("--steps", type=int, nargs="+", help="grid of T of the estimator table (default: the problem's)")
+    parser.add_argument("--estimators", nargs="+", help="registry names to keep in the estimator table (default: all)")
     args = parser.parse_args()
-    print(f"{'problem':<9} {'T':>5} {'estimator':<28} {'predicted':>10} {'measured':>10} {'pred/meas':>9}")
-    for name in args.problems:
-        make_model, make_tasks, lr, grid = PROBLEMS[name]
-        torch.manual_seed(0)
-        model = make_model().to(args.device)
-        distribution = make_tasks()
-        loop = mo.InnerLoop(model, mo.optim.sgd(lr=lr), distribution.loss_fn, proximal=1.0)
-        meta = mo.meta_params(mo.Init(model))
-        for steps in args.steps or grid:
-            batch = distribution.sample(8, steps, torch.Generator().manual_seed(steps))
-            batch = task_to(batch, args.device)
-            predictor = Predictor(loop, meta, batch, args.device)
-            one = mo.unstack_tasks(batch)[:1]
-            rows = [(e, 1) for e in estimators()] + [(E.Full(), 8)]
-            if args.estimators:
-                rows = [(e, n) for e, n in rows if e.name in args.estimators]
-            for estimator, n in rows:
-                if n > 1 and steps > 100:
-                    continue  # 8 full graphs of 1000 steps: minutes, and the per-task rows already show the law
-                predicted = predictor.predict(estimator, n)
-                tasks, batching = (one, "loop") if n == 1 else (batch, "vmap")
-                estimator(loop, meta, tasks, batching=batching)  # warm-up
-                with measure_peak_memory(args.device) as memory:
-                    estimator(loop, meta, tasks, batching=batching)
-                label = describe(estimator) + ("" if n == 1 else f" x{n} vmap")
-                ratio = predicted / memory.peak_bytes if memory.peak_bytes else float("nan")
-                print(f"{name:<9} {steps:>5} {label:<28} {format_bytes(predicted):>10} "
-                      f"{format_bytes(memory.peak_bytes):>10} {ratio:>9.2f}", flush=True)
+    if "estimators" in args.tables:
+        print(f"{'problem':<9} {'T':>5} {'estimator':<28} {'predicted':>10} {'measured':>10} {'pred/meas':>9}")
+        for name in args.problems:
+            estimator_table(name, args)
+    if "chunks" in args.tables:
+        print(f"\n{'problem':<9} {'T':>5} {'chunked call':<32} {'predicted':>10} {'measured':>10} {'pred/meas':>9}")
+        for name in args.problems:
+            chunk_table(name, args)
+    if "budgets" in args.tables:
+        print(f"\n{'problem':<9} {'T':>5} {'budget':>6} {'bytes':>9} {'method':<6} {'plan':<34} {'predicted':>10} "
+              f"{'measured':>10} {'pred/meas':>9} {'under':>6}")
+        for name in args.problems:
+            budget_table(name, args)
 
 
 if __name__ == "__main__":

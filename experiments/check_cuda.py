@@ -103,14 +103,13 @@ def check_budget(failures: list[str]) -> None:
         failures.append("budget refusal")
     except mo.BudgetExceeded as error:
         print(f"budget: refused before work: {str(error)[:160]}... ok")
-    chosen = mo.Auto().choose(loop, meta, batch, budget, "loop", DEVICE, None)
-    task = mo.stack_tasks(mo.unstack_tasks(batch)[:1])
-    chosen.estimator(loop, meta, task, batching="loop")  # warm-up
+    chosen = planning.choose(loop, meta, batch, budget, batching="loop", device=DEVICE)
+    chosen.estimator(loop, meta, batch, batching=chosen.batching, chunk_size=chosen.chunk_size)  # warm-up
     with measure_peak_memory(DEVICE) as mem:
-        chosen.estimator(loop, meta, task, batching="loop")
+        chosen.estimator(loop, meta, batch, batching=chosen.batching, chunk_size=chosen.chunk_size)
     peak = mem.peak_bytes
     ok = peak <= budget.memory
-    print(f"budget: auto chose {planning.describe(chosen.estimator)}; measured {format_bytes(peak)} per task "
+    print(f"budget: auto chose {planning.describe(chosen.estimator)}; measured {format_bytes(peak)} for the batch "
           f"<= budget {format_bytes(budget.memory)} {'ok' if ok else 'FAIL'}")
     if not ok:
         failures.append("auto under budget")

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metaopt import Budget, InnerLoop, losses, meta_params, meta_train
-from metaopt.estimators import AbstractEstimator
+from metaopt.estimators import MetaGradientMethod
 from metaopt.tasks import RandomInit, TaskDistribution
 from metaopt.types import MetaParams
 
@@ -30,7 +30,7 @@ class Parts(NamedTuple):
     model: torch.nn.Module
     loop: InnerLoop
     meta: MetaParams
-    estimator: AbstractEstimator
+    estimator: MetaGradientMethod
     budget: Budget
 
 

@@ -7,7 +7,6 @@ from metaopt.batching import TaskShapeMismatch, stack_tasks, unstack_tasks
 from metaopt.budget import Budget, BudgetExceeded, parse_bytes, parse_seconds
 from metaopt.estimators import (
                                 AbstractEstimator,
-                                Auto,
                                 Checkpoint,
                                 EstimatorUnsupported,
                                 EvolutionStrategies,
@@ -35,6 +34,7 @@ from metaopt.metaparams import (
     meta_params,
 )
 from metaopt.models import MLP, Conv4
+from metaopt.planning import Auto
 from metaopt.prototypes import PrototypeLoop
 from metaopt.tasks import Digits, RandomInit, RandomPatterns, Sinusoid, TaskDistribution
 from metaopt.train import evaluate, meta_train

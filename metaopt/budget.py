@@ -76,25 +76,32 @@ class Budget:
     """What one task's meta-gradient may cost.
 
     Args:
-      memory: the peak bytes allowed while a meta-gradient runs (an int or a string like
-        "512MB"); None: no limit. It bounds what runs at once: one task, or one vmapped chunk
-        of tasks, which the planner sizes to fit (`metaopt.planning`). Measured as in
-        `metaopt.memory`: device tensor bytes on CUDA, process peak RSS on CPU.
+      memory: the peak bytes allowed above the level at its start while one meta-step runs (an
+        int or a string like "512MB"); None: no limit. It bounds the whole meta-gradient call
+        (every vmapped chunk in sequence, forward and backward, the accumulated gradients) plus
+        the outer optimizer's step; the planner sizes chunks to fit (`metaopt.planning`) and the
+        guard watches it (`metaopt.guard`). Measured as in `metaopt.memory`: device tensor bytes
+        on CUDA, process peak RSS on CPU.
       time: seconds for one task (a number or a string like "30s"); a vmapped chunk shares one
         clock. None: no limit.
       on_exceed: what happens to a task that runs past its budget: "raise" an error,
         "truncate" its unroll at that step boundary, or "skip" the task.
+      headroom: the share of `memory` the planner keeps free: it emits no plan predicted above
+        `(1 - headroom) x memory` (the run-time guard still allows up to `memory`).
     """
 
     memory: int | None = None
     time: float | None = None
     on_exceed: OnExceed = "raise"
+    headroom: float = 0.1
 
     def __post_init__(self) -> None:
         if self.memory is not None:
             object.__setattr__(self, "memory", parse_bytes(self.memory))
         if self.time is not None:
             object.__setattr__(self, "time", parse_seconds(self.time))
+        if not 0 <= self.headroom < 1:
+            raise ValueError(f"budget headroom must be in [0, 1), got {self.headroom!r}")
         if self.on_exceed not in ("raise", "truncate", "skip"):
             raise ValueError(f"budget on_exceed must be 'raise', 'truncate' or 'skip', got {self.on_exceed!r}")
 

@@ -18,6 +18,7 @@ Three methods, chosen by `measure_peak_memory(device, method="auto")`:
 - "profiler" (CPU fallback): every tensor allocation and free recorded by
   `torch.profiler(profile_memory=True)`; the peak of their running sum. Tensor
   storage only; slow (profiling overhead).
+- "none": measures nothing (peak 0), for code that measures only some iterations.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import torch
 __all__ = ["PeakMemory", "measure_peak_memory", "current_bytes", "peak_rss_bytes", "reset_peak_rss",
            "rss_bytes", "default_method", "reset_peak", "peak_bytes", "tensor_bytes"]
 
-Method = Literal["auto", "cuda", "rss", "profiler"]
+Method = Literal["auto", "cuda", "rss", "profiler", "none"]
 
 
 class PeakMemory:
@@ -172,6 +173,8 @@ def measure_peak_memory(device: torch.device | str = "cpu", method: Method = "au
         base = rss_bytes()
         yield result
         result.peak_bytes = max(0, peak_rss_bytes() - base)
+    elif method == "none":  # measure nothing (peak_bytes stays 0): the same block, unmeasured
+        yield result
     elif method == "profiler":
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:

@@ -1,44 +1,46 @@
-"""Planning a meta-gradient under a budget: predict its peak memory, choose chunks, choose an estimator.
+"""Planning a meta-gradient under a budget: fit an estimator's chunks to it, or choose an estimator (`auto`).
 
-Prediction measures the estimator itself on the task cut to a few inner steps
-(probes at 2 and 8 steps, more for checkpointing) with `metaopt.memory`, and
-extrapolates with the estimator's own growth law in T (`predict_peak_bytes`).
-Probes run task by task and, where vmap is possible, on the whole batch, so the
-prediction for a vmapped chunk of c tasks interpolates between the two: a
-vmapped graph has as many autograd nodes as one task's, so it costs far less
-than c separate tasks (measured: 25 sinusoid tasks at T=100 under vmap take
-about 7x one task, not 25x).
+A plan's prediction is the peak of the meta-gradient call as it will run (every
+chunk in sequence, forward and backward; `metaopt.prediction`), plus the bytes the
+caller adds around it (`fixed_bytes`: the outer optimizer's state). A plan is
+emitted only when that prediction is at most `(1 - budget.headroom) x
+budget.memory`; the reason says so.
 
-The memory budget is the peak allowed while computing the meta-gradient of the
-tasks that run at once: one vmapped chunk, or one task in a loop.
+Chunk sizes start from an interpolation between one task and the whole batch
+under vmap (a vmapped graph has as many autograd nodes as one task's, so a chunk
+of c tasks costs far less than c tasks: measured, 25 sinusoid tasks at T=100 take
+about 7x one task), and each candidate chunk is then *measured* as the whole
+chunked call before it is accepted.
+
+`auto` is a planning policy, not an estimator: it ranks the configurations that
+the registered estimators declare (`AbstractEstimator.auto_candidates`) by their
+declared bias, then relative time, then predicted memory, and plans the first
+that fits. Adding an estimator adds its candidates here without any change.
 """
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Callable, Literal, NamedTuple, Sequence
+from typing import Callable, ClassVar, Literal, NamedTuple, Sequence
 
 import torch
 
-from metaopt.batching import Batching, resolve_batching, stack_tasks, unstack_tasks
+from metaopt.batching import Batching, resolve_batching
 from metaopt.budget import Budget, BudgetExceeded
-from metaopt.estimators import (
+from metaopt.estimators.base import (
     AbstractEstimator,
-    Checkpoint,
     EstimatorUnsupported,
-    FirstOrder,
-    ForwardMode,
-    Full,
-    Implicit,
-    Truncated,
+    MetaGrad,
+    MetaGradientMethod,
+    register,
+    registered_estimators,
 )
 from metaopt.guard import format_bytes
 from metaopt.loop import InnerLoop
-from metaopt.memory import Method, measure_peak_memory
+from metaopt.prediction import Meter, Predictor, describe
 from metaopt.types import MetaParams, Task
 
-__all__ = ["Plan", "Predictor", "Meter", "plan", "choose", "describe"]
-
-Meter = Callable[[AbstractEstimator, "Task | list[Task]", str], int]
+__all__ = ["Plan", "Predictor", "Meter", "Auto", "plan", "choose", "describe", "ranked_candidates"]
 
 
 class Plan(NamedTuple):
@@ -48,7 +50,7 @@ class Plan(NamedTuple):
       estimator: the estimator to call.
       batching: "vmap" or "loop".
       chunk_size: tasks per vmapped graph (1 with "loop").
-      predicted_peak_bytes: predicted peak of one chunk (one task in a loop).
+      predicted_peak_bytes: predicted peak of the whole call (all chunks) plus `fixed_bytes`.
       task_peak_bytes: predicted peak of one task alone.
       reason: why this plan, in words.
     """
@@ -61,162 +63,170 @@ class Plan(NamedTuple):
     reason: str
 
 
-def describe(estimator: AbstractEstimator) -> str:
-    """`checkpoint(segment=10)`: the registry name and the constructor arguments."""
-    args = ", ".join(f"{k}={v!r}" for k, v in vars(estimator).items() if not k.startswith("_") and k != "exact")
-    return f"{estimator.name}({args})"
+def _limit(budget: Budget) -> float:
+    return math.inf if budget.memory is None else (1 - budget.headroom) * budget.memory
 
 
-class Predictor:
-    """Measures probes of estimators on one batch of tasks and predicts their peak memory.
-
-    Measurements are cached per (estimator, steps, tasks at once), so planning
-    several candidates on the same batch shares them.
-
-    Args:
-      loop, meta: the inner loop and meta-parameters.
-      tasks: the batch of tasks to plan for (stacked, or a list).
-      device: where the tasks run (selects the memory method).
-      method: `metaopt.memory` method ("auto": allocator on CUDA, RSS on CPU).
-      meter: replaces the measurement: `meter(estimator, tasks, batching) -> peak bytes`
-        (tests inject a deterministic one).
-    """
-
-    def __init__(self, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
-                 device: torch.device | str = "cpu", method: Method = "auto", meter: Meter | None = None):
-        self.loop, self.meta, self.device, self.method, self.meter = loop, meta, device, method, meter
-        self.tasks = unstack_tasks(tasks) if isinstance(tasks, Task) else list(tasks)
-        self.steps = self.tasks[0].inner_steps
-        self._cache: dict[tuple[str, int, int], int] = {}
-        self._warm: set[str] = set()
-
-    def measure(self, estimator: AbstractEstimator, steps: int, n_tasks: int) -> int:
-        """Peak bytes of one call of `estimator` on `n_tasks` tasks cut to `steps` inner steps."""
-        key = (describe(estimator), steps, n_tasks)
-        if key not in self._cache:
-            cut = [t._replace(support=t.support[:steps]) for t in self.tasks[:n_tasks]]
-            batch = stack_tasks(cut) if n_tasks > 1 else cut
-            batching: Literal["vmap", "loop"] = "vmap" if n_tasks > 1 else "loop"
-            if self.meter is not None:
-                self._cache[key] = self.meter(estimator, batch, batching)
-                return self._cache[key]
-            if describe(estimator) not in self._warm:  # first calls pay one-off costs (kernels, forward-AD setup)
-                warm = [t._replace(support=t.support[:min(steps, 2)]) for t in self.tasks[:1]]
-                estimator(self.loop, self.meta, warm, batching="loop")
-                self._warm.add(describe(estimator))
-            with measure_peak_memory(self.device, self.method) as memory:
-                estimator(self.loop, self.meta, batch, batching=batching)
-            self._cache[key] = memory.peak_bytes
-        return self._cache[key]
-
-    def predict(self, target: AbstractEstimator, n_tasks: int = 1, steps: int | None = None) -> int:
-        """Predicted peak bytes of `target` at T = `steps` (default: the tasks') on `n_tasks` at once."""
-        def measure(steps: int, estimator: AbstractEstimator | None = None) -> int:
-            return self.measure(estimator if estimator is not None else target, steps, n_tasks)
-        return target.predict_peak_bytes(measure, self.steps if steps is None else steps)
+def _limit_words(budget: Budget) -> str:
+    return (f"{format_bytes(_limit(budget))} = {1 - budget.headroom:.0%} of the budget "
+            f"{format_bytes(budget.memory or 0)}")
 
 
-def _fit(predictor: Predictor, estimator: AbstractEstimator, budget: Budget, batching: Batching) -> Plan | None:
-    """The plan with the largest vmapped chunk that fits the memory budget, or None if nothing fits."""
-    n = len(predictor.tasks)
+def _fit(predictor: Predictor, estimator: AbstractEstimator, budget: Budget, batching: Batching,
+         fixed_bytes: int) -> Plan | None:
+    """The plan with the largest vmapped chunk whose whole call fits under the headroom, or None."""
+    n, limit = len(predictor.tasks), _limit(budget) - fixed_bytes
+    mode, _ = resolve_batching(predictor.tasks, batching, estimator.vmap_blocker(predictor.loop))
     task_bytes = predictor.predict(estimator, 1)
-    limit = budget.memory if budget.memory is not None else math.inf
     if task_bytes > limit:
         return None  # a vmapped chunk costs at least one task
-    mode, _ = resolve_batching(predictor.tasks, batching, estimator.vmap_blocker(predictor.loop))
+
+    def made(batching: Literal["vmap", "loop"], chunk: int, predicted: int, why: str) -> Plan:
+        total = predicted + fixed_bytes
+        if budget.memory is not None:
+            why += f"; predicted {format_bytes(total)} <= {_limit_words(budget)}"
+        return Plan(estimator, batching, chunk, total, task_bytes, why)
+
     if mode == "vmap" and n > 1:
-        batch_bytes = predictor.predict(estimator, n)
-        if batch_bytes <= limit:
-            return Plan(estimator, "vmap", n, batch_bytes, task_bytes, f"all {n} tasks fit in one vmapped graph")
-        per_extra_task = max(batch_bytes - task_bytes, 0) / (n - 1)
-        chunk = int((limit - task_bytes) // per_extra_task) + 1 if per_extra_task > 0 else n
-        if chunk >= 2:
-            predicted = int(task_bytes + per_extra_task * (chunk - 1))
-            return Plan(estimator, "vmap", chunk, predicted, task_bytes,
-                        f"{n} tasks at once would take {format_bytes(batch_bytes)}; vmapped chunks of {chunk} fit")
-    if task_bytes <= limit:
-        why = "one task at a time fits" if mode == "vmap" else "tasks run one at a time"
-        return Plan(estimator, "loop", 1, task_bytes, task_bytes, why)
+        whole = predictor.predict(estimator, n, n)
+        if whole <= limit:
+            return made("vmap", n, whole, f"all {n} tasks fit in one vmapped graph")
+        per_extra_task = max(whole - task_bytes, 0) / (n - 1)
+        chunk = n - 1 if per_extra_task == 0 else min(n - 1, int((limit - task_bytes) // per_extra_task) + 1)
+        while chunk >= 2:  # measure the whole chunked call; shrink until it fits
+            predicted = predictor.predict(estimator, n, chunk)
+            if predicted <= limit:
+                return made("vmap", chunk, predicted, f"{n} tasks at once would take {format_bytes(whole)}; "
+                                                      f"vmapped chunks of {chunk} fit")
+            chunk = min(chunk - 1, int(chunk * limit / predicted))
+    predicted = predictor.predict(estimator, n, 1)
+    if predicted <= limit:
+        return made("loop", 1, predicted, "one task at a time fits" if mode == "vmap" else "tasks run one at a time")
     return None
 
 
-def _alternatives(loop: InnerLoop, meta: MetaParams, steps: int) -> list[AbstractEstimator]:
-    """Memory-saving estimators to try, most exact first."""
-    root = max(1, math.ceil(math.sqrt(steps)))
-    candidates: list[AbstractEstimator] = [Checkpoint(segment=s) for s in sorted({root, max(1, root // 2), 2 * root})
-                                           if s < steps]
-    candidates += [Implicit(), ForwardMode()]
-    if set(meta.keys()) != {"init"}:  # an initialization alone gets zero gradient from any truncation k < T
-        candidates += [Truncated(k=k) for k in sorted({max(1, steps // d) for d in (2, 4, 8, 16, 64)}, reverse=True)
-                       if k < steps]
-    candidates.append(FirstOrder())
+def ranked_candidates(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, steps: int,
+                      predictor: Predictor) -> list[AbstractEstimator]:
+    """`method`'s candidates that serve this loop and meta, most exact first, then fastest, then smallest."""
     usable = []
-    for c in candidates:
+    for candidate in method.candidates(loop, meta, steps):
         try:
-            c.check(loop, meta)
-            usable.append(c)
+            candidate.check(loop, meta)
+            usable.append(candidate)
         except EstimatorUnsupported:
             pass
-    return usable
+
+    def declared(c: AbstractEstimator) -> tuple[float, float]:
+        return c.bias(steps), c.relative_time
+
+    ranked: list[AbstractEstimator] = []
+    for _, group in itertools.groupby(sorted(usable, key=declared), key=declared):
+        same = list(group)  # equally exact and fast (checkpoint segments): the smallest first
+        ranked += same if len(same) == 1 else sorted(same, key=lambda c: predictor.predict(c, 1))
+    return ranked
 
 
-def plan(estimator: AbstractEstimator, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
+def plan(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
          budget: Budget, *, batching: Batching = "auto", device: torch.device | str = "cpu",
-         meter: Meter | None = None) -> Plan:
-    """Predict `estimator`'s peak memory on these tasks and fit it to the budget.
+         meter: Meter | None = None, fixed_bytes: int = 0) -> Plan:
+    """Predict the peak memory of `method` on these tasks and fit it to the budget.
+
+    For an estimator: its largest vmapped chunks that fit. For a policy such as `auto`: the
+    first of its ranked candidates that fits.
+
+    Args:
+      fixed_bytes: bytes the caller adds around the call (e.g. the outer optimizer's state),
+        added to every prediction.
 
     Raises:
-      BudgetExceeded: not even one task fits; the message names the estimator, T, the
-        predicted and the allowed bytes, and the configurations that would fit.
+      BudgetExceeded: nothing fits; the message names the estimator, T, the predicted and the
+        allowed bytes, and (for one estimator) the configurations that would fit.
     """
-    estimator.check(loop, meta)
-    predictor = Predictor(loop, meta, tasks, device, meter=meter)
-    found = _fit(predictor, estimator, budget, batching)
-    if found is not None:
-        return found
-    task_bytes = predictor.predict(estimator, 1)
+    method.check(loop, meta)
+    predictor = Predictor(loop, meta, tasks, device, meter=meter, limit=_limit(budget))
+    steps = predictor.steps
+    candidates = ranked_candidates(method, loop, meta, steps, predictor)
+    tried: list[str] = []
+    for candidate in candidates:
+        found = _fit(predictor, candidate, budget, batching, fixed_bytes)
+        if found is not None:
+            if candidate is candidates[0]:
+                return found
+            kind = "exact" if candidate.exact else "approximate"
+            return found._replace(reason=f"{tried[0]} > {_limit_words(budget)}; {describe(candidate)} is the first "
+                                         f"{kind} estimator that fits ({found.reason})")
+        tried.append(f"{describe(candidate)} predicts {format_bytes(predictor.predict(candidate, 1) + fixed_bytes)}")
+    if len(candidates) == 1:
+        raise BudgetExceeded(_refusal(candidates[0], loop, meta, budget, predictor, fixed_bytes))
+    raise BudgetExceeded(f"no estimator fits the memory budget {format_bytes(budget.memory or 0)} at T={steps} "
+                         f"(per task: {'; '.join(tried)})")
+
+
+def _refusal(estimator: AbstractEstimator, loop: InnerLoop, meta: MetaParams, budget: Budget, predictor: Predictor,
+             fixed_bytes: int) -> str:
+    task_bytes = predictor.predict(estimator, 1) + fixed_bytes
     fits = []
-    for other in _alternatives(loop, meta, predictor.steps):
-        predicted = predictor.predict(other, 1)
-        if budget.memory is not None and predicted <= budget.memory:
+    for other in ranked_candidates(Auto(), loop, meta, predictor.steps, predictor):
+        predicted = predictor.predict(other, 1) + fixed_bytes
+        if predicted <= _limit(budget) and describe(other) != describe(estimator):
             fits.append(f"{describe(other)} fits: {format_bytes(predicted)} predicted")
             if len(fits) == 3:
                 break
     hint = "; ".join(fits) if fits else "no estimator fits: raise the budget or lower inner_steps"
-    raise BudgetExceeded(
-        f"{describe(estimator)} at T={predictor.steps} predicts {task_bytes} bytes ({format_bytes(task_bytes)}) "
-        f"for one task > memory budget {budget.memory} bytes ({format_bytes(budget.memory or 0)}); {hint}")
+    return (f"{describe(estimator)} at T={predictor.steps} predicts {task_bytes} bytes ({format_bytes(task_bytes)}) "
+            f"for one task > memory budget {budget.memory} bytes ({_limit_words(budget)}); {hint}")
 
 
 def choose(loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task], budget: Budget, *,
-           batching: Batching = "auto", device: torch.device | str = "cpu", meter: Meter | None = None) -> Plan:
-    """The cheapest exact estimator that fits, else the least-biased approximation that fits.
+           batching: Batching = "auto", device: torch.device | str = "cpu", meter: Meter | None = None,
+           fixed_bytes: int = 0) -> Plan:
+    """`plan(Auto(), ...)`: the most exact, then fastest, estimator that fits."""
+    return plan(Auto(), loop, meta, tasks, budget, batching=batching, device=device, meter=meter,
+                fixed_bytes=fixed_bytes)
 
-    Order: full; checkpoint with the segment size of smallest predicted memory;
-    implicit, then exact forward mode, where they serve the meta-parameters;
-    then truncated with the largest k that fits; then first_order.
 
-    Raises:
-      BudgetExceeded: nothing fits (names what was tried).
+@register("auto")
+class Auto:
+    """The planning policy `auto`: the most exact, then fastest, estimator that fits the memory budget.
+
+    Its candidates are every registered estimator's `auto_candidates` (full; checkpoint
+    with segments around sqrt(T); exact forward mode and implicit where they serve the
+    meta-parameters; truncated with k = T/2 ... T/64; first_order), ranked by declared
+    bias, then relative time, then predicted memory. Without a memory budget: full.
+    Training plans it like any estimator (`plan`). Called directly, it plans at the first
+    call for a given number of tasks and inner steps and reports the choice in every
+    result's stats ("estimator_chosen", "choice_reason", "predicted_peak_bytes").
     """
-    predictor = Predictor(loop, meta, tasks, device, meter=meter)
-    steps = predictor.steps
-    tried = []
-    full = _fit(predictor, Full(), budget, batching)
-    if full is not None:
-        return full._replace(reason=f"full fits ({full.reason})")
-    tried.append(f"full: {format_bytes(predictor.predict(Full(), 1))}")
-    alternatives = _alternatives(loop, meta, steps)
-    checkpoints = sorted((predictor.predict(c, 1), c.segment, c) for c in alternatives if isinstance(c, Checkpoint))
-    ordered = [c for _, _, c in checkpoints] + [c for c in alternatives if isinstance(c, (Implicit, ForwardMode))]
-    truncations = [c for c in alternatives if isinstance(c, Truncated)]  # largest k first
-    for candidate in ordered + truncations + [c for c in alternatives if isinstance(c, FirstOrder)]:
-        found = _fit(predictor, candidate, budget, batching)
-        if found is not None:
-            kind = "exact" if candidate.exact else "approximate"
-            return found._replace(reason=f"full predicts {tried[0].split(': ')[1]} > budget "
-                                         f"{format_bytes(budget.memory or 0)}; {describe(candidate)} is the first "
-                                         f"{kind} estimator that fits ({found.reason})")
-        tried.append(f"{describe(candidate)}: {format_bytes(predictor.predict(candidate, 1))}")
-    raise BudgetExceeded(f"no estimator fits the memory budget {format_bytes(budget.memory or 0)} at T={steps} "
-                         f"(predicted per task: {'; '.join(tried)})")
+
+    name: ClassVar[str] = "auto"
+    exact = False  # what it runs may be approximate; the plan says which
+
+    def __init__(self, meter: Meter | None = None) -> None:
+        self.meter = meter  # replaces the planner's measurement when called directly (tests)
+        self._plans: dict[tuple[int, int, Budget, str], Plan] = {}
+
+    def check(self, loop: InnerLoop, meta: MetaParams) -> None:
+        loop.check(meta)
+
+    def candidates(self, loop: InnerLoop, meta: MetaParams, steps: int) -> list[AbstractEstimator]:
+        return [c for cls in registered_estimators() for c in cls.auto_candidates(loop, meta, steps)]
+
+    def __call__(self, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
+                 budget: Budget | None = None, *, batching: Batching = "auto", chunk_size: int | None = None,
+                 clock: Callable[[], float] | None = None,
+                 memory_probe: Callable[[], int] | None = None) -> MetaGrad:
+        budget = budget if budget is not None else Budget()
+        n = tasks.query.x.shape[0] if isinstance(tasks, Task) else len(tasks)
+        steps = tasks.inner_steps if isinstance(tasks, Task) else tasks[0].inner_steps
+        key = (n, steps, budget, batching)
+        if key not in self._plans:
+            self._plans[key] = plan(self, loop, meta, tasks, budget, batching=batching, meter=self.meter)
+        chosen = self._plans[key]
+        result = chosen.estimator(loop, meta, tasks, budget, batching=chosen.batching, chunk_size=chosen.chunk_size,
+                                  clock=clock, memory_probe=memory_probe)
+        result.stats.update({"estimator_chosen": chosen.estimator.name, "choice_reason": chosen.reason,
+                             "predicted_peak_bytes": chosen.predicted_peak_bytes})
+        return result
+
+    def __repr__(self) -> str:
+        return "Auto()"

@@ -1,4 +1,11 @@
-"""Meta-training: outer optimizer, evaluation, checkpoint/resume, metrics.
+"""Meta-training: an explicit train state, one meta-step, and `meta_train`, a short driver around them.
+
+`TrainState` holds everything a run carries from one meta-step to the next
+(meta-parameters, outer optimizer, the task generator, counters, history) and
+checkpoints and resumes as one object. `meta_step(state, batch, config)` plans
+nothing and loops over nothing: it asks the planned estimator for a meta-gradient,
+handles non-finite tasks, and steps the outer optimizer. `meta_train` plans once,
+then loops: sample, step, record, checkpoint; and evaluates at the end.
 
 The library returns a metrics dict and calls an optional `log` callback; it never
 talks to a logger or a config system itself.
@@ -9,44 +16,31 @@ import logging
 import math
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
-from metaopt import losses
-from metaopt.batching import Batching, compress_support, resolve_batching, unstack_tasks, vmap_tasks
+from metaopt.batching import Batching, unstack_tasks
 from metaopt.budget import Budget
 from metaopt.checkpoint import load_checkpoint, save_atomic
 from metaopt.diagnose import locate_nonfinite
-from metaopt.estimators import Auto
-from metaopt.estimators.base import AbstractEstimator, MetaGrad
+from metaopt.estimators.base import MetaGrad, MetaGradientMethod
+from metaopt.evaluation import evaluate, mean_ci95, task_to
 from metaopt.guard import format_bytes
-from metaopt.loop import InnerLoop, unroll
-from metaopt.memory import default_method, measure_peak_memory
+from metaopt.loop import InnerLoop
+from metaopt.memory import default_method, measure_peak_memory, tensor_bytes
 from metaopt.planning import Meter, Plan, describe, plan
 from metaopt.tasks.base import TaskDistribution
 from metaopt.types import MetaParams, Task
 
-__all__ = ["meta_train", "evaluate", "mean_ci95", "apply_meta_grad", "task_to"]
+__all__ = ["meta_train", "meta_step", "TrainState", "StepConfig", "evaluate", "mean_ci95", "apply_meta_grad",
+           "task_to", "optimizer_state_bytes"]
 
 LogFn = Callable[[dict[str, float], int], None]
 logger = logging.getLogger("metaopt")
-
-
-def mean_ci95(values: Tensor) -> tuple[float, float]:
-    """Mean and half-width of the normal-approximation 95% confidence interval (1.96 s / sqrt(n))."""
-    values = values.detach().double().flatten()
-    n = values.numel()
-    std = values.std(unbiased=True).item() if n > 1 else float("nan")
-    return values.mean().item(), 1.96 * std / math.sqrt(n)
-
-
-def task_to(task: Task, device: torch.device | str) -> Task:
-    """The task with every tensor moved to `device`."""
-    return torch.utils._pytree.tree_map_only(Tensor, lambda v: v.to(device), task)
 
 
 def apply_meta_grad(meta: MetaParams, meta_grad: MetaGrad) -> None:
@@ -56,63 +50,190 @@ def apply_meta_grad(meta: MetaParams, meta_grad: MetaGrad) -> None:
             p.grad = meta_grad.grads[name]
 
 
-def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_tasks: int = 600,
-             inner_steps: int = 1, batch_size: int = 100, seed: int = 1234,
-             batching: Batching = "auto", device: torch.device | str = "cpu",
-             return_per_task: bool = False) -> dict[str, Any]:
-    """Post-adaptation performance on `n_tasks` fresh tasks from a seeded generator.
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the state `optimizer.step()` keeps for its parameters, measured exactly on a copy
+    (zero gradients; the optimizer itself is untouched). Adam: two tensors per parameter."""
+    if optimizer.state:
+        return tensor_bytes(list(optimizer.state.values()))
+    params = [p.detach().clone().requires_grad_(True) for g in optimizer.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    copy = type(optimizer)(params, **optimizer.defaults)
+    copy.step()
+    return tensor_bytes(list(copy.state.values()))
 
-    Each task adapts from `loop.init(meta, task.init)` for `inner_steps` steps on its support
-    set; the adapted model is scored on its query set. No meta-gradient is built.
 
-    Returns:
-      "meta_test_loss" and "meta_test_loss_ci95" (mean and 95% CI half-width over
-      tasks), plus "test_accuracy" and "test_accuracy_ci95" for classification. With
-      `return_per_task`, also "task_losses" (and "task_accuracies"): tensors [n_tasks] in
-      task order, for paired comparisons of two methods on the same seeded tasks.
+@dataclass
+class TrainState:
+    """What a run carries between meta-steps; `state_dict` / `load_state_dict` checkpoint it as one object.
+
+    Attributes:
+      meta: the meta-parameters (updated in place by the outer optimizer).
+      outer_optimizer: a torch optimizer over `meta.parameters()`.
+      generator: the task sampler's random stream.
+      step: meta-steps done.
+      counts: tasks truncated / skipped under the budget / dropped as non-finite, summed over the run.
+      history: one entry per logging interval (meta_step, meta_train_loss, seconds_per_meta_step, counts).
+      train_seconds: training wall-clock of earlier sessions of this run (before a resume).
     """
-    generator = torch.Generator().manual_seed(seed)
 
-    def per_task(task: Task) -> tuple[Tensor, Tensor]:
-        state = unroll(loop, loop.init(meta, task.init), task.support, meta, create_graph=False)
-        pred = loop.predict(state, task.query.x)
-        score = losses.accuracy(pred, task.query.y) if tasks.kind == "classification" else pred.new_zeros(())
-        return loop.outer_loss_fn(pred, task.query.y), score
+    meta: MetaParams
+    outer_optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    step: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: {
+        "tasks_truncated": 0, "tasks_skipped": 0, "tasks_nan_skipped": 0})
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
 
-    task_losses, scores = [], []
-    with torch.no_grad():  # torch.func.grad still computes the inner gradients
-        for start in range(0, n_tasks, batch_size):
-            batch = task_to(tasks.sample(min(batch_size, n_tasks - start), inner_steps, generator), device)
-            _, prepared = resolve_batching(batch, batching)
-            if isinstance(prepared, Task):  # vmap
-                compressed, pattern = compress_support(prepared)
-                loss, score = vmap_tasks(per_task, compressed, pattern)
-            else:
-                loss, score = (torch.stack(v) for v in zip(*(per_task(t) for t in prepared)))
-            task_losses.append(loss)
-            scores.append(score)
-    all_losses, all_scores = torch.cat(task_losses), torch.cat(scores)
-    metrics: dict[str, Any] = dict(zip(("meta_test_loss", "meta_test_loss_ci95"), mean_ci95(all_losses)))
-    if tasks.kind == "classification":
-        metrics.update(zip(("test_accuracy", "test_accuracy_ci95"), mean_ci95(all_scores)))
-    if return_per_task:
-        metrics["task_losses"] = all_losses.cpu()
-        if tasks.kind == "classification":
-            metrics["task_accuracies"] = all_scores.cpu()
-    return metrics
+    def state_dict(self) -> dict[str, Any]:
+        return {"meta": self.meta.state_dict(), "outer_optimizer": self.outer_optimizer.state_dict(),
+                "generator": self.generator.get_state(), "meta_step": self.step, "history": self.history,
+                "counts": self.counts, "train_seconds": self.train_seconds}
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        self.meta.load_state_dict(ckpt["meta"])
+        self.outer_optimizer.load_state_dict(ckpt["outer_optimizer"])
+        self.generator.set_state(ckpt["generator"])
+        self.step, self.history = ckpt["meta_step"], ckpt["history"]
+        self.counts.update(ckpt.get("counts", {}))
+        self.train_seconds = ckpt.get("train_seconds", 0.0)
 
 
-def _first_plan(estimator: AbstractEstimator, loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution,
-                meta_batch_size: int, inner_steps: int, budget: Budget, batching: Batching, seed: int,
-                device: torch.device | str, meter: Meter | None) -> Plan:
-    """Plan on a batch drawn from its own generator, so planning never changes the training tasks."""
+@dataclass
+class StepConfig:
+    """How each meta-step runs (fixed for a run).
+
+    Attributes:
+      loop: the inner loop.
+      plan: the planned estimator, batching and chunk size (`metaopt.planning.plan`).
+      budget: the per-meta-step budget the run-time guard enforces.
+      on_nan: "raise" (naming meta-step, task and inner step) or "skip" (drop the task, count it).
+      max_grad_norm: clip the meta-gradient's global norm (None: no clipping).
+      clock, memory_probe: the guard's clock and memory probe (tests inject them).
+    """
+
+    loop: InnerLoop
+    plan: Plan
+    budget: Budget
+    on_nan: Literal["raise", "skip"] = "raise"
+    max_grad_norm: float | None = None
+    clock: Callable[[], float] | None = None
+    memory_probe: Callable[[], int] | None = None
+
+    def meta_gradient(self, meta: MetaParams, tasks: Task | list[Task]) -> MetaGrad:
+        return self.plan.estimator(self.loop, meta, tasks, self.budget, batching=self.plan.batching,
+                                   chunk_size=self.plan.chunk_size, clock=self.clock, memory_probe=self.memory_probe)
+
+
+def meta_step(state: TrainState, batch: Task, config: StepConfig) -> tuple[TrainState, dict[str, float]]:
+    """One outer step on a batch of tasks: meta-gradient, non-finite handling, optional clipping, optimizer step.
+
+    Returns the state (its meta-parameters, optimizer and counters updated; `step` advanced) and
+    this step's metrics: "meta_train_loss" (NaN when every task was skipped: no update then),
+    "tasks", "tasks_truncated", "tasks_skipped".
+    """
+    meta_grad = config.meta_gradient(state.meta, batch)
+    meta_grad = _finite_or_handle(meta_grad, batch, state, config)
+    stats = meta_grad.stats
+    state.counts["tasks_truncated"] += int(stats["tasks_truncated"])
+    state.counts["tasks_skipped"] += int(stats["tasks_skipped"])
+    if stats["tasks_truncated"] or stats["tasks_skipped"]:
+        logger.warning("meta-step %d: %d task(s) truncated, %d skipped (budget %s)", state.step,
+                       stats["tasks_truncated"], stats["tasks_skipped"], config.budget)
+    metrics = {"meta_train_loss": math.nan, "tasks": float(stats["tasks"]),
+               "tasks_truncated": float(stats["tasks_truncated"]), "tasks_skipped": float(stats["tasks_skipped"])}
+    state.step += 1
+    if stats["tasks_skipped"] == stats["tasks"]:
+        return state, metrics  # nothing to learn from this meta-step; the counts say so
+    metrics["meta_train_loss"] = meta_grad.outer_loss.item()
+    apply_meta_grad(state.meta, meta_grad)
+    if config.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(list(state.meta.parameters()), config.max_grad_norm)
+    state.outer_optimizer.step()
+    state.outer_optimizer.zero_grad(set_to_none=True)
+    return state, metrics
+
+
+def _finite_or_handle(meta_grad: MetaGrad, batch: Task, state: TrainState, config: StepConfig) -> MetaGrad:
+    """Check the tasks' losses and the meta-gradient; raise with the location, or drop the bad tasks."""
+    losses, used = meta_grad.task_losses, meta_grad.task_used
+    assert losses is not None and used is not None  # always set by the runner
+    bad = ~torch.isfinite(losses) & used
+    grads_ok = all(bool(torch.isfinite(g).all()) for g in meta_grad.grads.values())
+    if not bool(bad.any()) and grads_ok:
+        return meta_grad
+    tasks = unstack_tasks(batch)
+    bad_indices = [int(i) for i in torch.nonzero(bad).flatten()] or list(range(len(tasks)))
+    if config.on_nan == "skip":
+        good = [t for i, t in enumerate(tasks) if i not in bad_indices]
+        state.counts["tasks_nan_skipped"] += len(tasks) - len(good)
+        logger.warning("meta-step %d: dropped %d task(s) with non-finite values", state.step, len(tasks) - len(good))
+        if not good:
+            return meta_grad._replace(stats={**meta_grad.stats, "tasks_skipped": len(tasks)})
+        result = config.meta_gradient(state.meta, good)
+        if all(bool(torch.isfinite(g).all()) for g in result.grads.values()):
+            return result
+        bad_indices = list(range(len(tasks)))
+    where = locate_nonfinite(config.loop, state.meta, tasks[bad_indices[0]])
+    raise FloatingPointError(f"meta-step {state.step}, task {bad_indices[0]}: {where} "
+                             f"(outer loss {losses[bad_indices[0]].item()}); use on_nan='skip' to drop such tasks")
+
+
+class _Recorder:
+    """History entries every `log_every` steps, the progress bar or log line, and the caller's `log`."""
+
+    def __init__(self, state: TrainState, meta_steps: int, log_every: int, log: LogFn | None, progress: bool,
+                 name: str):
+        self.meta_steps, self.log_every, self.log, self.progress = meta_steps, log_every, log, progress
+        self.bar = tqdm(range(state.step, meta_steps), initial=state.step, total=meta_steps, disable=not progress,
+                        desc=f"meta-train ({name})", dynamic_ncols=True)
+        self.step_seconds: list[float] = []
+        self.recent: list[float] = []
+
+    def record(self, state: TrainState, metrics: dict[str, float], seconds: float) -> None:
+        if not math.isnan(metrics["meta_train_loss"]):
+            self.step_seconds.append(seconds)
+            self.recent.append(metrics["meta_train_loss"])
+        if state.step % self.log_every and state.step != self.meta_steps:
+            return
+        entry = {"meta_step": state.step,
+                 "meta_train_loss": statistics.fmean(self.recent) if self.recent else math.nan,
+                 "seconds_per_meta_step": statistics.median(self.step_seconds[-max(len(self.recent), 1):])
+                 if self.step_seconds else math.nan, **state.counts}
+        state.history.append(entry)
+        self.bar.set_postfix(loss=f"{entry['meta_train_loss']:.4f}")
+        if not self.progress:  # no bar: say how it goes in the log (console and Hydra's train.log)
+            logger.info("meta-step %d/%d: meta_train_loss %.4f, %.3f s/meta-step", state.step, self.meta_steps,
+                        entry["meta_train_loss"], entry["seconds_per_meta_step"])
+        if self.log is not None:
+            self.log(entry, state.step)
+        self.recent = []
+
+
+def _check_arguments(meta_steps: int, meta_batch_size: int, inner_steps: int, on_nan: str) -> None:
+    if meta_steps < 0 or meta_batch_size < 1 or inner_steps < 0:
+        raise ValueError(f"meta_train: need meta_steps >= 0, meta_batch_size >= 1, inner_steps >= 0; "
+                         f"got {meta_steps}, {meta_batch_size}, {inner_steps}")
+    if on_nan not in ("raise", "skip"):
+        raise ValueError(f"meta_train: on_nan must be 'raise' or 'skip', got {on_nan!r}")
+
+
+def plan_training(estimator: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution,
+                  outer_optimizer: torch.optim.Optimizer, *, meta_batch_size: int, inner_steps: int, budget: Budget,
+                  batching: Batching = "auto", seed: int = 0, device: torch.device | str = "cpu",
+                  meter: Meter | None = None) -> Plan:
+    """The plan of a run's meta-steps, on a batch drawn from its own generator (planning never changes the
+    training tasks); the outer optimizer's state counts in the prediction."""
     batch = task_to(tasks.sample(meta_batch_size, inner_steps, torch.Generator().manual_seed(seed + 7919)), device)
-    if isinstance(estimator, Auto):
-        return estimator.choose(loop, meta, batch, budget, batching, device, meter)
-    return plan(estimator, loop, meta, batch, budget, batching=batching, device=device, meter=meter)
+    chosen = plan(estimator, loop, meta, batch, budget, batching=batching, device=device, meter=meter,
+                  fixed_bytes=optimizer_state_bytes(outer_optimizer))
+    logger.info("plan: %s, %s, chunks of %d tasks, predicted peak %s (%s)", describe(chosen.estimator),
+                chosen.batching, chosen.chunk_size, format_bytes(chosen.predicted_peak_bytes), chosen.reason)
+    return chosen
 
 
-def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, tasks: TaskDistribution, *,
+def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod, tasks: TaskDistribution, *,
                outer_optimizer: torch.optim.Optimizer, meta_steps: int, meta_batch_size: int = 25,
                inner_steps: int = 1, budget: Budget | None = None, batching: Batching = "auto",
                seed: int = 0, eval_tasks: TaskDistribution | None = None, eval_inner_steps: int | None = None,
@@ -122,130 +243,84 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, 
                memory_every: int = 1000, clock: Callable[[], float] | None = None,
                memory_probe: Callable[[], int] | None = None, meter: Meter | None = None,
                max_grad_norm: float | None = None, eval_batch_size: int = 100) -> dict:
-    """Meta-train `meta` with `estimator` under a per-task budget, then evaluate on fresh tasks.
+    """Meta-train `meta` with `estimator` (or the `auto` policy) under a budget, then evaluate on fresh tasks.
 
-    Before the first step the meta-gradient is planned (`metaopt.planning`): its peak
-    memory is predicted and fitted to `budget.memory` (vmap chunks, or task by task);
-    a configuration that cannot fit raises `BudgetExceeded` before any training. Each
-    meta-step samples `meta_batch_size` tasks, asks the estimator for a `MetaGrad`
-    under the budget (a guard stops tasks that overrun, see `metaopt.guard`), writes
-    it into `.grad` and steps the outer optimizer. Peak memory is measured on the
-    first two meta-steps and every `memory_every` after. If `checkpoint_path` holds a
-    checkpoint, training resumes from it; checkpoints are written atomically every
-    `checkpoint_every` steps, at the end, and before any error leaves this function.
+    Before the first step the meta-step is planned (`plan_training`): its peak memory is
+    predicted and fitted to `budget.memory` (vmap chunks, or task by task); a configuration
+    that cannot fit raises `BudgetExceeded` before any training. Each meta-step samples
+    `meta_batch_size` tasks and runs `meta_step` (a guard stops tasks that overrun, see
+    `metaopt.guard`). The peak memory of the whole meta-step (sampling, every chunk forward and
+    backward, the optimizer step) is measured on the first two meta-steps and every
+    `memory_every` after. If `checkpoint_path` holds a checkpoint, training resumes from it;
+    checkpoints are written atomically every `checkpoint_every` steps, at the end, and before
+    any error leaves this function.
 
     Args:
-      on_nan: a non-finite task loss either raises `FloatingPointError` naming the
-        meta-step, the task and the inner step ("raise"), or the task is dropped from
-        that meta-step and counted ("skip").
-      clock, memory_probe: passed to the estimator's budget guard (tests inject them).
-      meter: replaces the planner's memory measurement (see `metaopt.planning.Predictor`).
-      max_grad_norm: clip the meta-gradient's global norm before each outer step (None: no
-        clipping); long unrolls with learned step sizes (dataset distillation) spike without it.
+      on_nan, max_grad_norm: see `StepConfig`.
+      clock, memory_probe: passed to the budget guard (tests inject them).
+      meter: replaces the planner's memory measurement (see `metaopt.prediction.Meter`).
       eval_n_tasks: 0 skips the final evaluation (the caller evaluates).
-      eval_batch_size: meta-test tasks evaluated at once (one vmapped graph); lower it when
-        a task is large (20-way Omniglot: 100 tasks at once need tens of GB).
+      eval_batch_size: meta-test tasks evaluated at once at most (fewer where the budget needs it).
 
     Returns:
       Metrics: "meta_steps", "estimator", "estimator_chosen", "predicted_peak_bytes",
       "measured_peak_bytes", "memory_method", "plan", "batching", "chunk_size",
       "tasks_truncated", "tasks_skipped", "tasks_nan_skipped", "meta_train_loss",
       "seconds_per_meta_step" (median), "train_seconds" (summed over resumed sessions), "history", and
-      `evaluate`'s figures.
+      `evaluate`'s figures (including "eval_peak_bytes").
     """
-    if meta_steps < 0 or meta_batch_size < 1 or inner_steps < 0:
-        raise ValueError(f"meta_train: need meta_steps >= 0, meta_batch_size >= 1, inner_steps >= 0; "
-                         f"got {meta_steps}, {meta_batch_size}, {inner_steps}")
-    if on_nan not in ("raise", "skip"):
-        raise ValueError(f"meta_train: on_nan must be 'raise' or 'skip', got {on_nan!r}")
+    _check_arguments(meta_steps, meta_batch_size, inner_steps, on_nan)
     budget = budget if budget is not None else Budget()
     estimator.check(loop, meta)
-    chosen = _first_plan(estimator, loop, meta, tasks, meta_batch_size, inner_steps, budget, batching, seed, device,
-                         meter)
-    logger.info("plan: %s, %s, chunks of %d tasks, predicted peak %s (%s)", describe(chosen.estimator),
-                chosen.batching, chosen.chunk_size, format_bytes(chosen.predicted_peak_bytes), chosen.reason)
-    generator = torch.Generator().manual_seed(seed)
-    start_step, history, earlier_seconds = 0, [], 0.0
-    counts = {"tasks_truncated": 0, "tasks_skipped": 0, "tasks_nan_skipped": 0}
+    chosen = plan_training(estimator, loop, meta, tasks, outer_optimizer, meta_batch_size=meta_batch_size,
+                           inner_steps=inner_steps, budget=budget, batching=batching, seed=seed, device=device,
+                           meter=meter)
+    state = TrainState(meta, outer_optimizer, torch.Generator().manual_seed(seed))
     if checkpoint_path is not None and Path(checkpoint_path).exists():
-        ckpt = load_checkpoint(checkpoint_path)
-        meta.load_state_dict(ckpt["meta"])
-        outer_optimizer.load_state_dict(ckpt["outer_optimizer"])
-        generator.set_state(ckpt["generator"])
-        start_step, history = ckpt["meta_step"], ckpt["history"]
-        counts.update(ckpt.get("counts", {}))
-        earlier_seconds = ckpt.get("train_seconds", 0.0)  # training time before this resume
+        state.load_state_dict(load_checkpoint(checkpoint_path))
+    config = StepConfig(loop, chosen, budget, on_nan, max_grad_norm, clock, memory_probe)
+    session_start, earlier = time.perf_counter(), state.train_seconds
 
-    def save(step: int) -> None:
+    def save() -> None:
+        state.train_seconds = earlier + time.perf_counter() - session_start  # all sessions of this run
         if checkpoint_path is not None:
-            save_atomic({"meta": meta.state_dict(), "outer_optimizer": outer_optimizer.state_dict(),
-                         "generator": generator.get_state(), "meta_step": step, "history": history,
-                         "counts": counts, "estimator": estimator.name,
-                         "train_seconds": earlier_seconds + time.perf_counter() - train_start}, checkpoint_path)
+            save_atomic({**state.state_dict(), "estimator": estimator.name}, checkpoint_path)
 
-    step_seconds: list[float] = []
-    recent: list[float] = []
-    measured_peak, memory_method = -1, default_method(device)
-    bar = tqdm(range(start_step, meta_steps), initial=start_step, total=meta_steps, disable=not progress,
-               desc=f"meta-train ({estimator.name})", dynamic_ncols=True)
-    train_start = time.perf_counter()
-    step = start_step
+    recorder = _Recorder(state, meta_steps, log_every, log, progress, estimator.name)
+    measured_peak, memory_method, first = -1, default_method(device), state.step
     try:
-        for step in bar:
+        while state.step < meta_steps:
             t0 = time.perf_counter()
-            batch = task_to(tasks.sample(meta_batch_size, inner_steps, generator), device)
-
-            def meta_gradient(these: Task | list[Task]) -> MetaGrad:
-                return chosen.estimator(loop, meta, these, budget, batching=chosen.batching,
-                                        chunk_size=chosen.chunk_size, clock=clock, memory_probe=memory_probe)
-
-            if step - start_step < 2 or step % memory_every == 0:
-                with measure_peak_memory(device, memory_method) as memory:
-                    meta_grad = meta_gradient(batch)
-                # Chunks run one after another, so the meta-step's peak is its largest chunk's: the
-                # same unit as the prediction.
-                measured_peak = max(measured_peak, memory.peak_bytes)
-            else:
-                meta_grad = meta_gradient(batch)
-            meta_grad = _finite_or_handle(meta_grad, batch, step, on_nan, loop, meta, meta_gradient, counts)
-            counts["tasks_truncated"] += int(meta_grad.stats["tasks_truncated"])
-            counts["tasks_skipped"] += int(meta_grad.stats["tasks_skipped"])
-            if meta_grad.stats["tasks_truncated"] or meta_grad.stats["tasks_skipped"]:
-                logger.warning("meta-step %d: %d task(s) truncated, %d skipped (budget %s)", step,
-                               meta_grad.stats["tasks_truncated"], meta_grad.stats["tasks_skipped"], budget)
-            if meta_grad.stats["tasks_skipped"] == meta_grad.stats["tasks"]:
-                continue  # nothing to learn from this meta-step; the counts say so
-            loss = meta_grad.outer_loss.item()
-            apply_meta_grad(meta, meta_grad)
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(list(meta.parameters()), max_grad_norm)
-            outer_optimizer.step()
-            outer_optimizer.zero_grad(set_to_none=True)
-            step_seconds.append(time.perf_counter() - t0)
-            recent.append(loss)
-            if (step + 1) % log_every == 0 or step + 1 == meta_steps:
-                entry = {"meta_step": step + 1, "meta_train_loss": statistics.fmean(recent) if recent else math.nan,
-                         "seconds_per_meta_step": statistics.median(step_seconds[-max(len(recent), 1):]), **counts}
-                history.append(entry)
-                bar.set_postfix(loss=f"{entry['meta_train_loss']:.4f}")
-                if not progress:  # no bar: say how it goes in the log (console and Hydra's train.log)
-                    logger.info("meta-step %d/%d: meta_train_loss %.4f, %.3f s/meta-step", step + 1, meta_steps,
-                                entry["meta_train_loss"], entry["seconds_per_meta_step"])
-                if log is not None:
-                    log(entry, step + 1)
-                recent = []
-            if checkpoint_every and (step + 1) % checkpoint_every == 0:
-                save(step + 1)
+            measure = state.step - first < 2 or state.step % memory_every == 0
+            with measure_peak_memory(device, memory_method if measure else "none") as memory:
+                batch = task_to(tasks.sample(meta_batch_size, inner_steps, state.generator), device)
+                state, step_metrics = meta_step(state, batch, config)
+            measured_peak = max(measured_peak, memory.peak_bytes if measure else -1)
+            recorder.record(state, step_metrics, time.perf_counter() - t0)
+            recorder.bar.update()
+            if checkpoint_every and state.step % checkpoint_every == 0:
+                save()
     except BaseException:
-        save(step)  # everything learned before the failing meta-step stays on disk
+        save()  # everything learned before the failing meta-step stays on disk
         raise
     finally:
-        bar.close()
-    train_seconds = earlier_seconds + time.perf_counter() - train_start  # all sessions of this run
-    save(meta_steps)
+        recorder.bar.close()
+    save()
+    metrics: dict[str, Any] = _run_metrics(state, estimator, chosen, budget, recorder, measured_peak, memory_method,
+                           meta_steps=meta_steps, inner_steps=inner_steps, meta_batch_size=meta_batch_size)
+    metrics["train_seconds"] = state.train_seconds
+    if eval_n_tasks > 0:  # 0: the caller evaluates (e.g. several unroll lengths)
+        metrics.update(evaluate(loop, meta, eval_tasks or tasks, n_tasks=eval_n_tasks,
+                                inner_steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
+                                batch_size=eval_batch_size, batching=batching, device=device, budget=budget))
+    metrics["history"] = state.history
+    return metrics
 
-    metrics: dict = {
-        "meta_steps": meta_steps,
+
+def _run_metrics(state: TrainState, estimator: MetaGradientMethod, chosen: Plan, budget: Budget,
+                 recorder: _Recorder, measured_peak: int, memory_method: str, **settings: int) -> dict[str, Any]:
+    return {
+        "meta_steps": settings["meta_steps"],
         "estimator": estimator.name,
         "estimator_chosen": chosen.estimator.name,
         "estimator_config": describe(chosen.estimator),
@@ -257,42 +332,10 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: AbstractEstimator, 
         "memory_method": memory_method,
         "budget_memory_bytes": budget.memory,
         "budget_time_seconds": budget.time,
-        **counts,
-        "inner_steps": inner_steps,
-        "meta_batch_size": meta_batch_size,
-        "meta_train_loss": history[-1]["meta_train_loss"] if history else float("nan"),
-        "seconds_per_meta_step": statistics.median(step_seconds) if step_seconds else float("nan"),
-        "train_seconds": train_seconds,
+        "budget_headroom": budget.headroom,
+        **state.counts,
+        "inner_steps": settings["inner_steps"],
+        "meta_batch_size": settings["meta_batch_size"],
+        "meta_train_loss": state.history[-1]["meta_train_loss"] if state.history else float("nan"),
+        "seconds_per_meta_step": statistics.median(recorder.step_seconds) if recorder.step_seconds else math.nan,
     }
-    if eval_n_tasks > 0:  # 0: the caller evaluates (e.g. several unroll lengths)
-        metrics.update(evaluate(loop, meta, eval_tasks or tasks, n_tasks=eval_n_tasks,
-                                inner_steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
-                                batch_size=eval_batch_size, batching=batching, device=device))
-    metrics["history"] = history
-    return metrics
-
-
-def _finite_or_handle(meta_grad: MetaGrad, batch: Task, step: int, on_nan: str, loop: InnerLoop, meta: MetaParams,
-                      meta_gradient: Callable[[Task | list[Task]], MetaGrad], counts: dict[str, int]) -> MetaGrad:
-    """Check the tasks' losses and the meta-gradient; raise with the location, or drop the bad tasks."""
-    losses, used = meta_grad.task_losses, meta_grad.task_used
-    assert losses is not None and used is not None  # always set by AbstractEstimator.__call__
-    bad = ~torch.isfinite(losses) & used
-    grads_ok = all(bool(torch.isfinite(g).all()) for g in meta_grad.grads.values())
-    if not bool(bad.any()) and grads_ok:
-        return meta_grad
-    tasks = unstack_tasks(batch)
-    bad_indices = [int(i) for i in torch.nonzero(bad).flatten()] or list(range(len(tasks)))
-    if on_nan == "skip":
-        good = [t for i, t in enumerate(tasks) if i not in bad_indices]
-        counts["tasks_nan_skipped"] += len(tasks) - len(good)
-        logger.warning("meta-step %d: dropped %d task(s) with non-finite values", step, len(tasks) - len(good))
-        if not good:
-            return meta_grad._replace(stats={**meta_grad.stats, "tasks_skipped": len(tasks)})
-        result = meta_gradient(good)
-        if all(bool(torch.isfinite(g).all()) for g in result.grads.values()):
-            return result
-        bad_indices = list(range(len(tasks)))
-    where = locate_nonfinite(loop, meta, tasks[bad_indices[0]])
-    raise FloatingPointError(f"meta-step {step}, task {bad_indices[0]}: {where} "
-                             f"(outer loss {losses[bad_indices[0]].item()}); use on_nan='skip' to drop such tasks")

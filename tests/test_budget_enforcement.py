@@ -57,9 +57,12 @@ def test_plan_keeps_the_whole_batch_in_one_vmap_when_it_fits():
 def test_plan_splits_the_batch_into_chunks_that_fit():
     loop, meta, tasks = _problem()
     one = FIXED + GRAPH_STEP * 16
-    found = plan(E.Full(), loop, meta, tasks, mo.Budget(memory=int(one * 1.25)), meter=synthetic_meter)
+    found = plan(E.Full(), loop, meta, tasks, mo.Budget(memory=int(one * 1.25 / 0.9)), meter=synthetic_meter)
     assert (found.batching, found.chunk_size) == ("vmap", 2)
-    assert "vmapped chunks of 2 fit" in found.reason
+    assert "vmapped chunks of 2 fit" in found.reason and "90% of the budget" in found.reason
+    # Without the headroom's 10% a chunk of 2 (1.2 x one task) no longer fits: task by task.
+    found = plan(E.Full(), loop, meta, tasks, mo.Budget(memory=int(one * 1.25)), meter=synthetic_meter)
+    assert (found.batching, found.chunk_size) == ("loop", 1)
     # The chunked call gives the same meta-gradient as one big vmap.
     chunked = E.Full()(loop, meta, tasks, chunk_size=2)
     whole = E.Full()(loop, meta, tasks)
@@ -71,7 +74,7 @@ def test_plan_splits_the_batch_into_chunks_that_fit():
 def test_budget_too_small_for_every_estimator():
     loop, meta, tasks = _problem()
     with pytest.raises(mo.BudgetExceeded, match=r"no estimator fits the memory budget 100 B at T=16 "
-                                                r"\(predicted per task: full: 16.5 kB"):
+                                                r"\(per task: full\(\) predicts 16.5 kB"):
         choose(loop, meta, tasks, mo.Budget(memory=100), meter=synthetic_meter)
     with pytest.raises(mo.BudgetExceeded, match=r"full\(\) at T=16 predicts 16500 bytes .* > memory budget 100 bytes"
                                                 r".*no estimator fits: raise the budget or lower inner_steps"):
@@ -87,11 +90,11 @@ def test_error_names_the_configurations_that_fit():
 
 def test_auto_picks_checkpoint_when_full_does_not_fit_and_stays_exact():
     loop, meta, tasks = _problem()
-    auto = E.Auto()
+    auto = mo.Auto(meter=synthetic_meter)
     budget = mo.Budget(memory=14000)
-    chosen = auto.choose(loop, meta, tasks, budget, meter=synthetic_meter)
+    chosen = choose(loop, meta, tasks, budget, meter=synthetic_meter)
     assert isinstance(chosen.estimator, E.Checkpoint)
-    assert "full predicts 16.5 kB > budget 14 kB" in chosen.reason
+    assert "full() predicts 16.5 kB > 12.6 kB = 90% of the budget 14 kB" in chosen.reason
     result = auto(loop, meta, tasks, budget, memory_probe=lambda: 0)  # synthetic bytes: no real guard
     assert result.stats["estimator_chosen"] == "checkpoint"
     reference = E.Full()(loop, meta, tasks)

@@ -9,6 +9,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+import metaopt as mo
 from metaopt.estimators import AbstractEstimator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,10 @@ def test_every_option_composes_and_builds(override):
     if cfg.task._target_.endswith("Omniglot") and not (ROOT / cfg.data.root).exists():
         pytest.skip(f"no Omniglot data at {cfg.data.root}")
     parts = build(cfg)
-    assert len(parts.meta) > 0 and isinstance(parts.estimator, AbstractEstimator)
+    assert len(parts.meta) > 0
+    assert isinstance(parts.estimator, (AbstractEstimator, mo.Auto))
+    if override.startswith("estimator="):
+        assert override == f"estimator={parts.estimator.name}"
     parts.loop.check(parts.meta)
     assert isinstance(instantiate(cfg.outer_optim)(parts.meta.parameters()), torch.optim.Optimizer)
 

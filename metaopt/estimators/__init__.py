@@ -1,15 +1,16 @@
 """Meta-gradient estimators, one per file, registered by name (`get_estimator`)."""
-from metaopt.estimators.auto import Auto
 from metaopt.estimators.base import (
                                      AbstractEstimator,
                                      EstimatorUnsupported,
                                      MetaGrad,
+                                     MetaGradientMethod,
                                      TaskObjective,
                                      UnknownEstimator,
                                      available_estimators,
                                      get_estimator,
                                      grads_of,
                                      register,
+                                     registered_estimators,
 )
 from metaopt.estimators.checkpoint import Checkpoint
 from metaopt.estimators.es import EvolutionStrategies
@@ -25,11 +26,13 @@ __all__ = [
     "AbstractEstimator",
     "EstimatorUnsupported",
     "MetaGrad",
+    "MetaGradientMethod",
     "TaskObjective",
     "UnknownEstimator",
     "available_estimators",
     "get_estimator",
     "grads_of",
+    "registered_estimators",
     "register",
     "Full",
     "FirstOrder",
@@ -40,5 +43,4 @@ __all__ = [
     "Reptile",
     "EvolutionStrategies",
     "PersistentES",
-    "Auto",
 ]

@@ -35,6 +35,8 @@ __all__ = [
     "register",
     "get_estimator",
     "available_estimators",
+    "registered_estimators",
+    "MetaGradientMethod",
     "grads_of",
     "meta_values",
     "call_with_meta",
@@ -115,6 +117,23 @@ class AbstractEstimator(abc.ABC):
     exact: bool  # a class default; ForwardMode sets it per instance (exact or random mode)
     supports_vmap: ClassVar[bool] = True
     second_order: ClassVar[bool] = True
+    relative_time: float = 1.0
+    """Time of a meta-gradient relative to full backprop's (the planner ranks equally exact estimators by it)."""
+
+    @classmethod
+    def auto_candidates(cls, loop: InnerLoop, meta: MetaParams, steps: int) -> list["AbstractEstimator"]:
+        """The configurations of this estimator that `auto` may choose at T = `steps` (none by default:
+        noisy or approximate baselines are never chosen for the user). Checked by the planner."""
+        return []
+
+    def bias(self, steps: int) -> float:
+        """How far the estimate is from the exact meta-gradient, for ranking by `auto`: 0 exact,
+        1 first-order (every second-order term dropped), in between for partial truncations."""
+        return 0.0 if self.exact else 1.0
+
+    def candidates(self, loop: InnerLoop, meta: MetaParams, steps: int) -> list["AbstractEstimator"]:
+        """What the planner may run for this estimator: itself (a planning policy such as `auto` lists more)."""
+        return [self]
 
     def check(self, loop: InnerLoop, meta: MetaParams) -> None:
         """Raise `EstimatorUnsupported` (why, and what to use instead) before any work."""
@@ -138,16 +157,17 @@ class AbstractEstimator(abc.ABC):
         `guard` (None when unlimited) must be passed as `on_step` to every unroll.
         """
 
-    def predict_peak_bytes(self, measure: Measure, steps: int) -> int:
+    def predict_peak_bytes(self, measure: Measure, steps: int, probes: tuple[int, int] = (16, 64)) -> int:
         """Peak memory at T = `steps`, from `measure(t)`: the measured peak of this estimator at t steps
         (`measure(t, other)` measures another estimator instead).
 
         Default: linear in T (the cost of every estimator that keeps O(T) or O(1) graphs; even
-        graph-free unrolls grow the process a little per step), from probes at 16 and 64 steps:
+        graph-free unrolls grow the process a little per step), from probes at `probes` steps:
         wide apart, because the heap grows in coarse increments that swamp a slope measured
-        over a few steps.
+        over a few steps. The planner refines a prediction with probes at T/4 and T/2 where
+        that is affordable (`metaopt.prediction`); laws with their own probes ignore `probes`.
         """
-        return linear_prediction(measure, steps, 16, 64)
+        return linear_prediction(measure, steps, *probes)
 
     def __call__(self, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
                  budget: Budget | None = None, *, batching: Batching = "auto", chunk_size: int | None = None,
@@ -163,17 +183,33 @@ class AbstractEstimator(abc.ABC):
         return f"{type(self).__name__}({args})"
 
 
-_REGISTRY: dict[str, type[AbstractEstimator]] = {}
-E = TypeVar("E", bound=type[AbstractEstimator])
+class MetaGradientMethod(Protocol):
+    """What the registry holds and training accepts: an estimator, or a planning policy such as `auto`
+    (`metaopt.planning.Auto`) whose `candidates` are ranked estimators."""
+
+    name: ClassVar[str]
+
+    def check(self, loop: InnerLoop, meta: MetaParams) -> None: ...
+
+    def candidates(self, loop: InnerLoop, meta: MetaParams, steps: int) -> list[AbstractEstimator]: ...
+
+    def __call__(self, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task], budget: Budget | None = None,
+                 *, batching: Batching = "auto", chunk_size: int | None = None,
+                 clock: Callable[[], float] | None = None,
+                 memory_probe: Callable[[], int] | None = None) -> MetaGrad: ...
 
 
-def register(name: str) -> Callable[[E], E]:
-    """Class decorator: make an estimator available as `get_estimator(name)`."""
+_REGISTRY: dict[str, type] = {}
+C = TypeVar("C", bound=type)
 
-    def add(cls: E) -> E:
+
+def register(name: str) -> Callable[[C], C]:
+    """Class decorator: make an estimator (or a planning policy) available as `get_estimator(name)`."""
+
+    def add(cls: C) -> C:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"estimator name {name!r} is already registered by {_REGISTRY[name].__name__}")
-        cls.name = name
+        cls.name = name  # type: ignore[attr-defined]
         _REGISTRY[name] = cls
         return cls
 
@@ -181,12 +217,17 @@ def register(name: str) -> Callable[[E], E]:
 
 
 def available_estimators() -> list[str]:
-    """The registered estimator names, sorted."""
+    """The registered names, sorted."""
     return sorted(_REGISTRY)
 
 
-def get_estimator(name: str, **kwargs: object) -> AbstractEstimator:
-    """Build a registered estimator: `get_estimator("truncated", k=5)`.
+def registered_estimators() -> list[type[AbstractEstimator]]:
+    """The registered estimator classes (planning policies left out), in name order."""
+    return [cls for _, cls in sorted(_REGISTRY.items()) if issubclass(cls, AbstractEstimator)]
+
+
+def get_estimator(name: str, **kwargs: object) -> MetaGradientMethod:
+    """Build a registered estimator: `get_estimator("truncated", k=5)`, or the `auto` policy.
 
     Raises:
       UnknownEstimator: the name is not registered (the message lists those that are).

@@ -71,6 +71,13 @@ class Checkpoint(AbstractEstimator):
     """
 
     exact = True
+    relative_time = 1.5  # every inner step runs twice, the second time with its graph
+
+    @classmethod
+    def auto_candidates(cls, loop: InnerLoop, meta: MetaParams, steps: int) -> list[AbstractEstimator]:
+        """Segments around sqrt(T) (memory O(T/S + S) is smallest there), shorter than T."""
+        root = max(1, math.ceil(math.sqrt(steps)))
+        return [cls(segment=s) for s in sorted({root, max(1, root // 2), 2 * root}) if s < steps]
 
     def __init__(self, segment: int | None = None):
         if segment is not None and segment < 1:
@@ -81,7 +88,7 @@ class Checkpoint(AbstractEstimator):
         """S for an unroll of T steps."""
         return self.segment if self.segment is not None else max(1, math.ceil(math.sqrt(inner_steps)))
 
-    def predict_peak_bytes(self, measure, steps: int) -> int:
+    def predict_peak_bytes(self, measure, steps: int, probes: tuple[int, int] = (16, 64)) -> int:
         """One segment's graph plus one kept state per further segment: p(S) + (ceil(T/S) - 1) c.
 
         c, the bytes kept per segment boundary, is measured as (p(3S) - p(S)) / 2 with S fixed.

@@ -23,6 +23,10 @@ class FirstOrder(AbstractEstimator):
     """
 
     exact = False
+
+    @classmethod
+    def auto_candidates(cls, loop: InnerLoop, meta: MetaParams, steps: int) -> list[AbstractEstimator]:
+        return [cls()]
     second_order = False
 
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,

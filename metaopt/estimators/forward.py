@@ -58,6 +58,11 @@ class ForwardMode(AbstractEstimator):
             raise ValueError(f"forward: directions must be >= 1, got {directions}")
         self.mode, self.directions, self.max_scalars = mode, directions, max_scalars
         self.exact = mode == "exact"
+        self.relative_time = float(max_scalars) if self.exact else 1.0  # one forward pass per meta-scalar
+
+    @classmethod
+    def auto_candidates(cls, loop: InnerLoop, meta: MetaParams, steps: int) -> list[AbstractEstimator]:
+        return [cls()]  # exact mode; refused above max_scalars
 
     def check(self, loop: InnerLoop, meta: MetaParams) -> None:
         super().check(loop, meta)

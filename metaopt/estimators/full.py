@@ -21,6 +21,10 @@ class Full(AbstractEstimator):
 
     exact = True
 
+    @classmethod
+    def auto_candidates(cls, loop: InnerLoop, meta: MetaParams, steps: int) -> list[AbstractEstimator]:
+        return [cls()]
+
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
                        guard: StepGuard | None) -> TaskObjective:
         loss = task_outer_loss(loop, meta, task, create_graph=True, on_step=guard)

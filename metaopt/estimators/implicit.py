@@ -49,6 +49,15 @@ class Implicit(AbstractEstimator):
     """
 
     exact = True
+    relative_time = 2.0  # an unroll plus a linear solve of Hessian-vector products
+
+    @classmethod
+    def auto_candidates(cls, loop: InnerLoop, meta: MetaParams, steps: int) -> list[AbstractEstimator]:
+        return [cls()]
+
+    def bias(self, steps: int) -> float:
+        """Exact only at a stationary point of the inner problem: ranked after the exact estimators."""
+        return 0.01
     second_order = True
 
     def __init__(self, solver: Literal["cg", "neumann"] = "cg", iters: int = 20, damping: float = 0.0,

@@ -26,12 +26,24 @@ class Truncated(AbstractEstimator):
 
     exact = False
 
+    @classmethod
+    def auto_candidates(cls, loop: InnerLoop, meta: MetaParams, steps: int) -> list[AbstractEstimator]:
+        """k = T/2, T/4, ..., T/64 when some meta-parameter acts after the first inner step: an
+        initialization alone gets a zero gradient from any k < T."""
+        if set(meta.keys()) == {"init"}:
+            return []
+        return [cls(k=k) for k in sorted({max(1, steps // d) for d in (2, 4, 8, 16, 64)}, reverse=True) if k < steps]
+
+    def bias(self, steps: int) -> float:
+        """The share of the unroll left out of the graph (0 when k >= T)."""
+        return max(0.0, 1.0 - self.k / max(steps, 1))
+
     def __init__(self, k: int = 5):
         if k < 1:
             raise ValueError(f"truncated: k must be >= 1, got {k}")
         self.k = k
 
-    def predict_peak_bytes(self, measure, steps: int) -> int:
+    def predict_peak_bytes(self, measure, steps: int, probes: tuple[int, int] = (16, 64)) -> int:
         # Up to k steps it is full backprop; past k only the graph-free prefix grows (slowly).
         if steps <= self.k:
             return super().predict_peak_bytes(measure, steps)
