@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import math
-from typing import cast
 
 import torch
 
 from metaopt.loop import InnerLoop
-from metaopt.types import DataSlot, MetaParams, Task
+from metaopt.types import MetaParams, Task
 
 __all__ = ["locate_nonfinite"]
 
@@ -25,8 +24,7 @@ def locate_nonfinite(loop: InnerLoop, meta: MetaParams, task: Task) -> str:
             if not torch.isfinite(p).all():
                 return f"the initial parameter {name!r} is not finite"
         for t, batch in enumerate(task.support):
-            if "data" in meta:
-                batch = cast(DataSlot, meta["data"]).transform(batch)
+            batch = loop.support_batch(batch, meta)
             with torch.enable_grad():
                 loss = loop.inner_objective(state.params, state, batch, meta)[0]
             if not math.isfinite(loss.item()):

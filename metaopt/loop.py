@@ -21,7 +21,7 @@ recomputed (checkpointing) cannot update them twice.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Literal, cast
+from typing import Callable, Iterable, cast
 
 import torch
 from torch import Tensor, nn
@@ -29,23 +29,10 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
 from metaopt.optim import InnerOptimizer
-from metaopt.types import (
-    Batch,
-    Buffers,
-    DataSlot,
-    Hyper,
-    InitSlot,
-    InnerState,
-    LossFn,
-    LossSlot,
-    MetaParams,
-    OptimizerSlot,
-    OptState,
-    Params,
-    Task,
-)
+from metaopt.slots import DataSlot, InitSlot, LossSlot, OptimizerSlot
+from metaopt.types import Batch, Buffers, Hyper, InnerState, LossFn, MetaParams, OptState, Params, Task
 
-__all__ = ["InnerLoop", "InnerGrad", "unroll", "task_outer_loss", "detach_state", "SLOTS"]
+__all__ = ["InnerLoop", "unroll", "task_outer_loss", "detach_state", "SLOTS"]
 
 SLOTS = ("init", "optimizer", "loss", "data")
 
@@ -56,7 +43,6 @@ SLOTS = ("init", "optimizer", "loss", "data")
 _SECOND_ORDER_VMAP_UNSAFE = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 StepHook = Callable[[int, InnerState], None]
-InnerGrad = Literal["func", "autograd"]
 
 
 class InnerLoop:
@@ -160,6 +146,11 @@ class InnerLoop:
         """The optimizer hyperparameters that the "optimizer" meta-parameter sets ({} if none)."""
         return cast(OptimizerSlot, meta["optimizer"]).hyper() if "optimizer" in meta else {}
 
+    def support_batch(self, batch: Batch, meta: MetaParams) -> Batch:
+        """The batch an inner step trains on: the "data" slot's transform of the support batch (augmented or
+        synthetic data), or the batch itself. The only place that reads the data slot."""
+        return cast(DataSlot, meta["data"]).transform(batch) if "data" in meta else batch
+
     def inner_objective(self, params: Params, state: InnerState, batch: Batch,
                         meta: MetaParams) -> tuple[Tensor, Buffers]:
         """The inner loss of `params` on one (already transformed) batch, and the buffers after it.
@@ -177,7 +168,7 @@ class InnerLoop:
         return loss, buffers
 
     def step(self, state: InnerState, batch: Batch, meta: MetaParams, *, create_graph: bool = True,
-             hyper: Hyper | None = None, inner_grad: InnerGrad = "func") -> InnerState:
+             hyper: Hyper | None = None) -> InnerState:
         """One inner step. Pure: returns a new state.
 
         Args:
@@ -189,25 +180,18 @@ class InnerLoop:
             d params_{t+1} / d params_t = I, d params_{t+1} / d lr = -grad).
           hyper: the optimizer hyperparameters, if already computed (`unroll`
             computes them once for all steps).
-          inner_grad: how the inner gradient is taken. "func": `torch.func.grad`,
-            which composes with vmap and jvp (batched tasks, forward mode).
-            "autograd": `torch.autograd.grad`, which composes with saved-tensor hooks
-            (`torch.utils.checkpoint`, memory metering) but not with vmap. Same values.
+
+        The inner gradient is `torch.func.grad`'s, which composes with vmap and jvp
+        (batched tasks, forward mode).
         """
-        if "data" in meta:
-            batch = cast(DataSlot, meta["data"]).transform(batch)
+        batch = self.support_batch(batch, meta)
 
         def objective(params: Params) -> tuple[Tensor, Buffers]:
             return self.inner_objective(params, state, batch, meta)
 
-        if inner_grad == "func":
-            grads, buffers = torch.func.grad(objective, has_aux=True)(state.params)
-            if not create_graph:
-                grads = {k: g.detach() for k, g in grads.items()}
-        elif inner_grad == "autograd":
-            grads, buffers = _autograd_grad(objective, state.params, create_graph)
-        else:
-            raise ValueError(f"inner_grad must be 'func' or 'autograd', got {inner_grad!r}")
+        grads, buffers = torch.func.grad(objective, has_aux=True)(state.params)
+        if not create_graph:
+            grads = {k: g.detach() for k, g in grads.items()}
         if hyper is None:
             hyper = self.hyper(meta)
         if "optimizer" in meta:
@@ -227,14 +211,14 @@ class InnerLoop:
 
 
 def unroll(loop: InnerLoop, state: InnerState, batches: Iterable[Batch], meta: MetaParams, *,
-           create_graph: bool = True, inner_grad: InnerGrad = "func",
+           create_graph: bool = True,
            on_step: StepHook | None = None) -> InnerState:
     """Run one inner step per batch; the only loop over inner steps.
 
     Args:
       loop, state, meta: as in `InnerLoop.step`.
       batches: one support batch per step.
-      create_graph, inner_grad: as in `InnerLoop.step`.
+      create_graph: as in `InnerLoop.step`.
       on_step: called as `on_step(t, state)` after step t (0-based), e.g. by a
         budget guard that stops at a step boundary by raising.
 
@@ -243,30 +227,18 @@ def unroll(loop: InnerLoop, state: InnerState, batches: Iterable[Batch], meta: M
     """
     hyper = loop.hyper(meta)
     for t, batch in enumerate(batches):
-        state = loop.step(state, batch, meta, create_graph=create_graph, hyper=hyper, inner_grad=inner_grad)
+        state = loop.step(state, batch, meta, create_graph=create_graph, hyper=hyper)
         if on_step is not None:
             on_step(t, state)
     return state
 
 
 def task_outer_loss(loop: InnerLoop, meta: MetaParams, task: Task, *, create_graph: bool = True,
-                    inner_grad: InnerGrad = "func", on_step: StepHook | None = None) -> Tensor:
+                    on_step: StepHook | None = None) -> Tensor:
     """outer_loss(step^T(init(meta))): adapt on the task's support batches, score on its query batch."""
     state = unroll(loop, loop.init(meta, task.init), task.support, meta, create_graph=create_graph,
-                   inner_grad=inner_grad, on_step=on_step)
+                   on_step=on_step)
     return loop.outer_loss(state, task.query, meta)
-
-
-def _autograd_grad(objective: Callable[[Params], tuple[Tensor, Buffers]], params: Params,
-                   create_graph: bool) -> tuple[Params, Buffers]:
-    with torch.enable_grad():  # also inside torch.no_grad(), e.g. evaluation
-        # Parameters that carry no graph (a fixed init) become fresh leaves to differentiate.
-        leaves = {k: p if p.requires_grad else p.detach().requires_grad_() for k, p in params.items()}
-        loss, buffers = objective(leaves)
-        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=create_graph, allow_unused=True)
-    return {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(leaves.items(), grads)}, buffers
-
-
 def detach_state(state: InnerState) -> InnerState:
     """A copy of `state` with every tensor detached: no path leads back to the meta-parameters."""
     return tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, state)

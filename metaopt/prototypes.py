@@ -1,15 +1,13 @@
 """Prototypical Networks (Snell et al. 2017) as an inner loop whose adaptation is non-parametric."""
 from __future__ import annotations
 
-from typing import cast
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaopt import losses
-from metaopt.loop import InnerGrad, InnerLoop
+from metaopt.loop import InnerLoop
 from metaopt.optim import InnerOptimizer, sgd
-from metaopt.types import Batch, DataSlot, Hyper, InnerState, LossFn, MetaParams
+from metaopt.types import Batch, Hyper, InnerState, LossFn, MetaParams
 
 __all__ = ["PrototypeLoop"]
 
@@ -40,9 +38,8 @@ class PrototypeLoop(InnerLoop):
         self.n_way = n_way
 
     def step(self, state: InnerState, batch: Batch, meta: MetaParams, *, create_graph: bool = True,
-             hyper: Hyper | None = None, inner_grad: InnerGrad = "func") -> InnerState:
-        if "data" in meta:
-            batch = cast(DataSlot, meta["data"]).transform(batch)
+             hyper: Hyper | None = None) -> InnerState:
+        batch = self.support_batch(batch, meta)
         embeddings, buffers = self.forward(state.params, state.buffers, batch.x)
         one_hot = F.one_hot(batch.y, self.n_way).to(embeddings.dtype)          # [n, N]
         prototypes = one_hot.T @ embeddings / one_hot.sum(0).clamp_min(1).unsqueeze(1)  # [N, D]

@@ -31,7 +31,7 @@ from metaopt.estimators.base import MetaGrad, MetaGradientMethod
 from metaopt.evaluation import evaluate, mean_ci95, task_to
 from metaopt.guard import format_bytes
 from metaopt.loop import InnerLoop
-from metaopt.memory import default_method, measure_peak_memory, tensor_bytes
+from metaopt.memory import Method, default_method, measure_peak_memory, tensor_bytes
 from metaopt.planning import Meter, Plan, describe, plan
 from metaopt.tasks.base import TaskDistribution
 from metaopt.types import MetaParams, Task
@@ -188,6 +188,7 @@ class _Recorder:
         self.meta_steps, self.log_every, self.log, self.progress = meta_steps, log_every, log, progress
         self.bar = tqdm(range(state.step, meta_steps), initial=state.step, total=meta_steps, disable=not progress,
                         desc=f"meta-train ({name})", dynamic_ncols=True)
+        self.first = state.step  # the first meta-step of this session
         self.step_seconds: list[float] = []
         self.recent: list[float] = []
 
@@ -286,15 +287,37 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
         if checkpoint_path is not None:
             save_atomic({**state.state_dict(), "estimator": estimator.name}, checkpoint_path)
 
+    def sample() -> Task:
+        return task_to(tasks.sample(meta_batch_size, inner_steps, state.generator), device)
+
     recorder = _Recorder(state, meta_steps, log_every, log, progress, estimator.name)
-    measured_peak, memory_method, first = -1, default_method(device), state.step
+    memory_method = default_method(device)
+    measured_peak = _loop(state, config, sample, meta_steps, recorder, save, checkpoint_every,
+                          lambda step: step - recorder.first < 2 or step % memory_every == 0, device, memory_method)
+    metrics: dict[str, Any] = _run_metrics(state, estimator, chosen, budget, recorder, measured_peak, memory_method,
+                                           meta_steps=meta_steps, inner_steps=inner_steps,
+                                           meta_batch_size=meta_batch_size)
+    metrics["train_seconds"] = state.train_seconds
+    if eval_n_tasks > 0:  # 0: the caller evaluates (e.g. several unroll lengths)
+        metrics.update(evaluate(loop, meta, eval_tasks or tasks, n_tasks=eval_n_tasks,
+                                inner_steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
+                                batch_size=eval_batch_size, batching=batching, device=device, budget=budget))
+    metrics["history"] = state.history
+    return metrics
+
+
+def _loop(state: TrainState, config: StepConfig, sample: Callable[[], Task], meta_steps: int, recorder: _Recorder,
+          save: Callable[[], None], checkpoint_every: int, measure_at: Callable[[int], bool],
+          device: torch.device | str, memory_method: Method) -> int:
+    """Meta-steps until `meta_steps`, checkpointing every `checkpoint_every` and at the end (also before any
+    error leaves); returns the largest measured peak of a whole meta-step (-1 if none was measured)."""
+    measured_peak = -1
     try:
         while state.step < meta_steps:
             t0 = time.perf_counter()
-            measure = state.step - first < 2 or state.step % memory_every == 0
+            measure = measure_at(state.step)
             with measure_peak_memory(device, memory_method if measure else "none") as memory:
-                batch = task_to(tasks.sample(meta_batch_size, inner_steps, state.generator), device)
-                state, step_metrics = meta_step(state, batch, config)
+                state, step_metrics = meta_step(state, sample(), config)
             measured_peak = max(measured_peak, memory.peak_bytes if measure else -1)
             recorder.record(state, step_metrics, time.perf_counter() - t0)
             recorder.bar.update()
@@ -306,15 +329,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     finally:
         recorder.bar.close()
     save()
-    metrics: dict[str, Any] = _run_metrics(state, estimator, chosen, budget, recorder, measured_peak, memory_method,
-                           meta_steps=meta_steps, inner_steps=inner_steps, meta_batch_size=meta_batch_size)
-    metrics["train_seconds"] = state.train_seconds
-    if eval_n_tasks > 0:  # 0: the caller evaluates (e.g. several unroll lengths)
-        metrics.update(evaluate(loop, meta, eval_tasks or tasks, n_tasks=eval_n_tasks,
-                                inner_steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
-                                batch_size=eval_batch_size, batching=batching, device=device, budget=budget))
-    metrics["history"] = state.history
-    return metrics
+    return measured_peak
 
 
 def _run_metrics(state: TrainState, estimator: MetaGradientMethod, chosen: Plan, budget: Budget,

@@ -5,12 +5,9 @@ Everything here is a NamedTuple or a dict of tensors, so `torch.func` transforms
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Protocol, Union
+from typing import Callable, Mapping, NamedTuple, Union
 
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from metaopt.optim import InnerOptimizer
 
 __all__ = [
     "Params",
@@ -23,10 +20,6 @@ __all__ = [
     "InnerState",
     "MetaParams",
     "LossFn",
-    "InitSlot",
-    "OptimizerSlot",
-    "LossSlot",
-    "DataSlot",
 ]
 
 Params = dict[str, Tensor]
@@ -110,37 +103,3 @@ class InnerState(NamedTuple):
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """A loss: (predictions, targets) -> scalar tensor (mean over examples)."""
-
-
-class InitSlot(Protocol):
-    """What the inner loop calls on an "init" meta-parameter."""
-
-    def initial_params(self) -> Params: ...
-
-
-class OptimizerSlot(Protocol):
-    """What the inner loop calls on an "optimizer" meta-parameter.
-
-    `hyper` fills the inner optimizer's hyperparameters (learned lrs); `init_state` and
-    `update` own the update rule (a learned optimizer replaces it; the others delegate
-    to the loop's `InnerOptimizer`).
-    """
-
-    def hyper(self) -> Hyper: ...
-
-    def init_state(self, optimizer: InnerOptimizer, params: Params) -> OptState: ...
-
-    def update(self, optimizer: InnerOptimizer, params: Params, grads: Params, opt_state: OptState,
-               hyper: Hyper) -> tuple[Params, OptState]: ...
-
-
-class LossSlot(Protocol):
-    """What the inner loop calls on a "loss" meta-parameter."""
-
-    def inner_loss(self, pred: Tensor, batch: "Batch", params: Params, base_loss: LossFn) -> Tensor: ...
-
-
-class DataSlot(Protocol):
-    """What the inner loop calls on a "data" meta-parameter."""
-
-    def transform(self, batch: "Batch") -> "Batch": ...

@@ -1,7 +1,7 @@
 """Implicit differentiation at the inner solution (iMAML and hyperparameter implicit gradients)."""
 from __future__ import annotations
 
-from typing import Literal, cast
+from typing import Literal
 
 import torch
 
@@ -9,7 +9,7 @@ from metaopt.estimators.base import AbstractEstimator, EstimatorUnsupported, Tas
 from metaopt.guard import StepGuard
 from metaopt.linalg import conjugate_gradient, neumann, relative_residual
 from metaopt.loop import InnerLoop, detach_state, unroll
-from metaopt.types import DataSlot, MetaParams, Params, Task
+from metaopt.types import MetaParams, Params, Task
 
 __all__ = ["Implicit"]
 
@@ -86,9 +86,7 @@ class Implicit(AbstractEstimator):
         start = loop.init(meta, task.init)
         with torch.no_grad():
             solved = unroll(loop, detach_state(start), task.support, meta, create_graph=False, on_step=guard)
-        batch = task.support[-1]
-        if "data" in meta:
-            batch = cast(DataSlot, meta["data"]).transform(batch)
+        batch = loop.support_batch(task.support[-1], meta)
         at = solved._replace(anchor={k: v.detach() for k, v in start.anchor.items()})
         params = {k: v.detach() for k, v in solved.params.items()}
 
