@@ -31,11 +31,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from common import build_meta
 from metaopt import InnerLoop, unstack_tasks
 from metaopt.estimators import EstimatorUnsupported, Full
 from metaopt.memory import measure_peak_memory
 from metaopt.train import task_to
+from metaopt_hydra.build import build_meta
 
 log = logging.getLogger("metaopt")
 COLUMNS = ["estimator", "T", "cosine_to_full", "rel_error", "seconds", "peak_bytes", "status"]

@@ -16,10 +16,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from common import build
 from metaopt import PrototypeLoop, losses, unroll
 from metaopt.checkpoint import load_checkpoint
 from metaopt.tasks.omniglot import load_one_shot_runs
+from metaopt_hydra.build import build
 
 WAYS = 20
 

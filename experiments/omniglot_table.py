@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from common import build
 from metaopt.checkpoint import load_checkpoint
 from metaopt.tasks import TaskDistribution
 from metaopt.train import evaluate, mean_ci95
+from metaopt_hydra.build import build
 
 # Published full-background results (30 background alphabets), 5-way / 20-way 1-shot accuracy in %.
 PUBLISHED = {

@@ -73,8 +73,13 @@ class TrainState:
       generator: the task sampler's random stream.
       step: meta-steps done.
       counts: tasks truncated / skipped under the budget / dropped as non-finite, summed over the run.
-      history: one entry per logging interval (meta_step, meta_train_loss, seconds_per_meta_step, counts).
+      history: one entry per logging interval (meta_step, meta_train_loss, seconds_per_meta_step, counts,
+        and the validation metrics where validation ran).
       train_seconds: training wall-clock of earlier sessions of this run (before a resume).
+
+    The checkpoint also holds torch's global random state (CPU and CUDA), from which the stochastic
+    estimators (es, pes, random forward mode) and vmapped dropout draw, so a resumed run draws what
+    the uninterrupted run would have drawn: resume is bit-exact for every estimator.
     """
 
     meta: MetaParams
@@ -87,9 +92,12 @@ class TrainState:
     train_seconds: float = 0.0
 
     def state_dict(self) -> dict[str, Any]:
+        rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"meta": self.meta.state_dict(), "outer_optimizer": self.outer_optimizer.state_dict(),
                 "generator": self.generator.get_state(), "meta_step": self.step, "history": self.history,
-                "counts": self.counts, "train_seconds": self.train_seconds}
+                "counts": self.counts, "train_seconds": self.train_seconds, "rng": rng}
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         self.meta.load_state_dict(ckpt["meta"])
@@ -98,6 +106,14 @@ class TrainState:
         self.step, self.history = ckpt["meta_step"], ckpt["history"]
         self.counts.update(ckpt.get("counts", {}))
         self.train_seconds = ckpt.get("train_seconds", 0.0)
+        if "rng" in ckpt:
+            torch.set_rng_state(ckpt["rng"]["cpu"])
+            if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+
+    def finite(self) -> bool:
+        """Whether every meta-parameter is finite (a state that is not is never checkpointed)."""
+        return all(bool(torch.isfinite(p).all()) for p in self.meta.parameters())
 
 
 @dataclass
@@ -181,27 +197,45 @@ def _finite_or_handle(meta_grad: MetaGrad, batch: Task, state: TrainState, confi
 
 
 class _Recorder:
-    """History entries every `log_every` steps, the progress bar or log line, and the caller's `log`."""
+    """History entries every `log_every` steps (with validation metrics every `validate_every`), the progress bar or
+    log line, and the caller's `log`."""
 
     def __init__(self, state: TrainState, meta_steps: int, log_every: int, log: LogFn | None, progress: bool,
-                 name: str):
+                 name: str, validate: Callable[[], dict[str, float]] | None = None, validate_every: int = 0):
         self.meta_steps, self.log_every, self.log, self.progress = meta_steps, log_every, log, progress
+        self.validate, self.validate_every = validate, validate_every
+        self.validated: tuple[int, dict[str, float]] | None = None  # (meta-step, metrics) of the latest validation
         self.bar = tqdm(range(state.step, meta_steps), initial=state.step, total=meta_steps, disable=not progress,
                         desc=f"meta-train ({name})", dynamic_ncols=True)
         self.first = state.step  # the first meta-step of this session
         self.step_seconds: list[float] = []
         self.recent: list[float] = []
 
+    def final_validation(self, state: TrainState) -> dict[str, float]:
+        """The validation metrics at the last meta-step (run now if the last entry has none, e.g. on a resume
+        that had no step left); {} without validation."""
+        if self.validate is None:
+            return {}
+        if self.validated is None or self.validated[0] != state.step:
+            self.validated = (state.step, self.validate())
+        return self.validated[1]
+
     def record(self, state: TrainState, metrics: dict[str, float], seconds: float) -> None:
         if not math.isnan(metrics["meta_train_loss"]):
             self.step_seconds.append(seconds)
             self.recent.append(metrics["meta_train_loss"])
-        if state.step % self.log_every and state.step != self.meta_steps:
+        last = state.step == self.meta_steps
+        validating = self.validate is not None and (
+            last or (self.validate_every > 0 and state.step % self.validate_every == 0))
+        if state.step % self.log_every and not last and not validating:
             return
         entry = {"meta_step": state.step,
                  "meta_train_loss": statistics.fmean(self.recent) if self.recent else math.nan,
                  "seconds_per_meta_step": statistics.median(self.step_seconds[-max(len(self.recent), 1):])
                  if self.step_seconds else math.nan, **state.counts}
+        if validating and self.validate is not None:
+            self.validated = (state.step, self.validate())
+            entry.update(self.validated[1])
         state.history.append(entry)
         self.bar.set_postfix(loss=f"{entry['meta_train_loss']:.4f}")
         if not self.progress:  # no bar: say how it goes in the log (console and Hydra's train.log)
@@ -243,7 +277,9 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
                progress: bool = True, device: torch.device | str = "cpu", on_nan: Literal["raise", "skip"] = "raise",
                memory_every: int = 1000, clock: Callable[[], float] | None = None,
                memory_probe: Callable[[], int] | None = None, meter: Meter | None = None,
-               max_grad_norm: float | None = None, eval_batch_size: int = 100) -> dict:
+               max_grad_norm: float | None = None, eval_batch_size: int = 100,
+               validate: Callable[[MetaParams], dict[str, float]] | None = None, validate_every: int = 0,
+               checkpoint_extra: dict[str, Any] | None = None) -> dict:
     """Meta-train `meta` with `estimator` (or the `auto` policy) under a budget, then evaluate on fresh tasks.
 
     Before the first step the meta-step is planned (`plan_training`): its peak memory is
@@ -262,6 +298,10 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
       meter: replaces the planner's memory measurement (see `metaopt.prediction.Meter`).
       eval_n_tasks: 0 skips the final evaluation (the caller evaluates).
       eval_batch_size: meta-test tasks evaluated at once at most (fewer where the budget needs it).
+      validate: `validate(meta) -> metrics` (e.g. {"val_loss": ...} on validation tasks, never the
+        meta-test tasks), run every `validate_every` meta-steps and at the end; its metrics join the
+        history entries and the returned metrics.
+      checkpoint_extra: more entries for the checkpoint (e.g. the run's resolved config).
 
     Returns:
       Metrics: "meta_steps", "estimator", "estimator_chosen", "predicted_peak_bytes",
@@ -280,17 +320,13 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         state.load_state_dict(load_checkpoint(checkpoint_path))
     config = StepConfig(loop, chosen, budget, on_nan, max_grad_norm, clock, memory_probe)
-    session_start, earlier = time.perf_counter(), state.train_seconds
-
-    def save() -> None:
-        state.train_seconds = earlier + time.perf_counter() - session_start  # all sessions of this run
-        if checkpoint_path is not None:
-            save_atomic({**state.state_dict(), "estimator": estimator.name}, checkpoint_path)
+    save = _Checkpointer(state, checkpoint_path, {"estimator": estimator.name, **(checkpoint_extra or {})})
 
     def sample() -> Task:
         return task_to(tasks.sample(meta_batch_size, inner_steps, state.generator), device)
 
-    recorder = _Recorder(state, meta_steps, log_every, log, progress, estimator.name)
+    recorder = _Recorder(state, meta_steps, log_every, log, progress, estimator.name,
+                         None if validate is None else (lambda: validate(meta)), validate_every)
     memory_method = default_method(device)
     measured_peak = _loop(state, config, sample, meta_steps, recorder, save, checkpoint_every,
                           lambda step: step - recorder.first < 2 or step % memory_every == 0, device, memory_method)
@@ -302,8 +338,27 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
         metrics.update(evaluate(loop, meta, eval_tasks or tasks, n_tasks=eval_n_tasks,
                                 inner_steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
                                 batch_size=eval_batch_size, batching=batching, device=device, budget=budget))
+    metrics.update(recorder.final_validation(state))
     metrics["history"] = state.history
     return metrics
+
+
+class _Checkpointer:
+    """Saves the train state atomically with `extra` entries, summing training time over sessions; never a
+    state with non-finite meta-parameters (the last good checkpoint stays: a non-finite one could never resume)."""
+
+    def __init__(self, state: TrainState, path: str | Path | None, extra: dict[str, Any]):
+        self.state, self.path, self.extra = state, path, extra
+        self.session_start, self.earlier = time.perf_counter(), state.train_seconds
+
+    def __call__(self) -> None:
+        self.state.train_seconds = self.earlier + time.perf_counter() - self.session_start
+        if self.path is None:
+            return
+        if not self.state.finite():
+            logger.warning("meta-step %d: meta-parameters are not finite; checkpoint not written", self.state.step)
+            return
+        save_atomic({**self.state.state_dict(), **self.extra}, self.path)
 
 
 def _loop(state: TrainState, config: StepConfig, sample: Callable[[], Task], meta_steps: int, recorder: _Recorder,

@@ -1,7 +1,6 @@
 """Every option of every config group composes and builds; the plain-Python API is what configs build."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,8 @@ from metaopt.estimators import AbstractEstimator
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-sys.path.insert(0, str(ROOT / "experiments"))
 
-from common import build  # noqa: E402
+from metaopt_hydra.build import build
 
 GROUPS = ["task", "loop", "model", "metaparam", "inner_optim", "estimator", "budget", "outer_optim", "logger", "experiment"]
 
@@ -37,8 +35,12 @@ def test_every_group_has_options(group):
 
 @pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in _options(g)])
 def test_every_option_composes_and_builds(override):
-    extra = ["task=patterns", "model=conv4", "model.out_features=0", "model.channels=8"] \
-        if override == "loop=protonet" else []
+    # A task needs a model that takes its inputs (build checks it): pair each task with one.
+    image_model = ["model=conv4", "model.out_features=${task.n_way}", "model.image_size=${task.size}",
+                   "model.channels=8"]
+    extra = {"loop=protonet": ["task=patterns", "model=conv4", "model.out_features=0", "model.channels=8"],
+             "task=patterns": image_model, "task=omniglot": image_model,
+             "task=digits": ["model.in_features=64", "model.out_features=10"]}.get(override, [])
     cfg = _compose([override, "debug=tiny", *extra])  # ProtoNets needs a classification task
     if cfg.model._target_.endswith("Conv4") and cfg.task._target_.endswith("Sinusoid"):
         pytest.skip("conv4 needs an image task")

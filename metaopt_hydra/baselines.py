@@ -24,12 +24,12 @@ from __future__ import annotations
 import itertools
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from common import Parts, build, train_from_config
 from metaopt.train import evaluate, mean_ci95
+from metaopt_hydra.build import Parts, build, train_from_config
 
 log = logging.getLogger("metaopt")
 
@@ -52,7 +52,7 @@ def candidates(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
                 for key, value in zip(grid, values):
                     OmegaConf.update(base, key, value, force_add=True)
             label = name + "".join(f" {k}={v}" for k, v in zip(grid, values))
-            out.append((label, base))
+            out.append((label, cast(DictConfig, base)))
     if not out:
         raise ValueError("compare.baselines is empty: name at least one baseline")
     return out

@@ -5,26 +5,27 @@ plain-Python example in README builds exactly what a config builds.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from metaopt import Budget, InnerLoop, losses, meta_params, meta_train
+from metaopt import Budget, InnerLoop, evaluate, losses, meta_params, meta_train
 from metaopt.estimators import MetaGradientMethod
 from metaopt.tasks import RandomInit, TaskDistribution
 from metaopt.types import MetaParams
+from metaopt_hydra.checks import check_device_and_dtype, check_task_fits_model
 
 log = logging.getLogger("metaopt")
 
 
 class Parts(NamedTuple):
+    """What a config builds. `tasks`: meta-training; `val_tasks`: validation (never the meta-test tasks:
+    another seed, and `eval.val_task` overrides such as a validation split); `eval_tasks`: meta-test."""
+
     tasks: TaskDistribution
     eval_tasks: TaskDistribution
     model: torch.nn.Module
@@ -32,35 +33,45 @@ class Parts(NamedTuple):
     meta: MetaParams
     estimator: MetaGradientMethod
     budget: Budget
+    val_tasks: TaskDistribution | None = None
 
 
 def build(cfg: DictConfig, load_tasks: bool = True) -> Parts:
-    """Seed, set the dtype, and instantiate every part named by the config.
+    """Check, seed, set the dtype, and instantiate every part named by the config.
 
     With `load_tasks=False` the task distributions are not built (no data is read); the
     loss comes from the task's kind (`Parts.tasks` is None).
+
+    Raises:
+      ValueError: a dtype/device combination that cannot work, or a task the model cannot take
+        (naming the config keys to change), before any training.
     """
+    check_device_and_dtype(cfg)
     torch.manual_seed(cfg.seed)
     torch.set_default_dtype(getattr(torch, cfg.dtype))
+    budget = instantiate(cfg.budget)  # a bad budget fails here, before data is read
     if load_tasks:
         tasks = instantiate(cfg.task)
         eval_tasks = instantiate(cfg.task, **cfg.eval.task) if cfg.eval.task else tasks
+        val_overrides = cfg.eval.get("val_task") or {}
+        val_tasks = instantiate(cfg.task, **val_overrides) if val_overrides else tasks
         loss_fn = tasks.loss_fn
     else:
-        tasks = eval_tasks = None
+        tasks = eval_tasks = val_tasks = None
         loss_fn = losses.cross_entropy
     model = instantiate(cfg.model).to(cfg.device)
+    if tasks is not None:
+        check_task_fits_model(cfg, tasks, model)
     if cfg.get("random_init", False) and tasks is not None:
         # Every task starts from its own fresh initialization of the model (Task.init).
-        tasks, eval_tasks = RandomInit(tasks, model), RandomInit(eval_tasks, model)
+        tasks, eval_tasks, val_tasks = (RandomInit(t, model) for t in (tasks, eval_tasks, val_tasks))
     meta = build_meta(cfg, model)
     loop = instantiate(cfg.loop)(model=model, optimizer=instantiate(cfg.inner_optim), loss_fn=loss_fn)
     log.info("Instantiating estimator <%s>", cfg.estimator._target_)
     estimator = instantiate(cfg.estimator)
-    budget = instantiate(cfg.budget)
     log.info("tasks=%r model=%s meta=%s estimator=%r budget=%r", tasks, type(model).__name__,
              {k: type(v).__name__ for k, v in meta.items()}, estimator, budget)
-    return Parts(tasks, eval_tasks, model, loop, meta, estimator, budget)
+    return Parts(tasks, eval_tasks, model, loop, meta, estimator, budget, val_tasks)
 
 
 def build_meta(cfg: DictConfig, model: torch.nn.Module) -> MetaParams:
@@ -69,8 +80,28 @@ def build_meta(cfg: DictConfig, model: torch.nn.Module) -> MetaParams:
     return meta_params(*(make(model) for make in slots.values())).to(cfg.device)
 
 
+def validation(cfg: DictConfig, parts: Parts) -> Callable[[MetaParams], dict[str, float]] | None:
+    """`validate(meta) -> {"val_loss", ["val_accuracy"]}` on `eval.val_n_tasks` validation tasks (seed
+    eval.seed + 1, so never the meta-test tasks), or None when `eval.val_n_tasks` is 0."""
+    n_tasks = int(cfg.eval.get("val_n_tasks", 0) or 0)
+    val_tasks = parts.val_tasks
+    if n_tasks <= 0 or val_tasks is None:
+        return None
+
+    def validate(meta: MetaParams) -> dict[str, float]:
+        scores = evaluate(parts.loop, meta, val_tasks, n_tasks=n_tasks, inner_steps=cfg.eval.inner_steps,
+                          batch_size=cfg.eval.batch_size, seed=cfg.eval.seed + 1, batching=cfg.batching,
+                          device=cfg.device, budget=parts.budget)
+        out = {"val_loss": scores["meta_test_loss"]}
+        if "test_accuracy" in scores:
+            out["val_accuracy"] = scores["test_accuracy"]
+        return out
+
+    return validate
+
+
 def train_from_config(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Callable[[dict, int], None] | None = None,
-                      evaluate: bool = True) -> dict:
+                      evaluate: bool = True, checkpoint_extra: dict[str, Any] | None = None) -> dict:
     """`meta_train` with the config's settings, checkpointing in `run_dir` (resumes from it).
 
     With `evaluate=False` the final meta-test evaluation is skipped (the caller evaluates).
@@ -84,28 +115,5 @@ def train_from_config(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Call
         eval_n_tasks=cfg.eval.n_tasks if evaluate else 0, eval_batch_size=cfg.eval.batch_size,
         checkpoint_path=run_dir / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every,
         log=log, log_every=cfg.log_every, progress=cfg.progress, device=cfg.device, on_nan=cfg.on_nan,
-        max_grad_norm=cfg.max_grad_norm)
-
-
-def make_logger(cfg: DictConfig, run_dir: Path) -> tuple[Callable[[dict, int], None] | None, Callable[[], None]]:
-    """A `log(metrics, step)` callback and a `finish()` for the configured logger."""
-    if cfg.logger.name == "none":
-        return None, lambda: None
-    if cfg.logger.name != "wandb":
-        raise ValueError(f"unknown logger {cfg.logger.name!r}; use logger=none or logger=wandb")
-    try:
-        import wandb
-    except ImportError:
-        raise ImportError("logger=wandb needs wandb: pip install 'metaopt[wandb]'") from None
-    mode = os.environ.get("WANDB_MODE", cfg.logger.mode)
-    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=mode, dir=str(run_dir),
-                     tags=list(cfg.logger.tags), config=OmegaConf.to_container(cfg, resolve=True))
-    return (lambda metrics, step: run.log(metrics, step=step)), run.finish
-
-
-def write_json_atomic(obj: Any, path: Path) -> None:
-    """Write JSON through a temporary file and `os.replace`, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+        max_grad_norm=cfg.max_grad_norm, validate=validation(cfg, parts) if evaluate else None,
+        validate_every=int(cfg.eval.get("val_every", 0) or 0), checkpoint_extra=checkpoint_extra)

@@ -1,0 +1,35 @@
+"""Summarize a sweep: python experiments/summarize.py DIR
+
+Reads every run under DIR (a Hydra multirun directory, or an explore directory), prints a
+Markdown table (one row per run: overrides, status, metrics, error) and writes DIR/summary.csv.
+Failed or missing runs are listed with their error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from metaopt_hydra.summary import collect_runs, markdown_table, write_csv
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dir", type=Path)
+    args = parser.parse_args()
+    if not args.dir.is_dir():
+        print(f"summarize: {args.dir} is not a directory", file=sys.stderr)
+        return 2
+    rows = collect_runs(args.dir)
+    if not rows:
+        print(f"summarize: no runs (no metrics.json or .hydra folder) under {args.dir}", file=sys.stderr)
+        return 1
+    print(markdown_table(rows))
+    write_csv(rows, args.dir / "summary.csv")
+    ok = sum(r["status"] == "ok" for r in rows)
+    print(f"\n{len(rows)} run(s): {ok} ok, {len(rows) - ok} not ok -> {args.dir / 'summary.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

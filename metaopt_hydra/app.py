@@ -1,0 +1,142 @@
+"""One training run from a config: what `experiments/train.py` (and the explorer's trials) run.
+
+In order: threads (before any work), the resume check (a checkpoint made with another
+config is refused, naming the keys that changed, unless `resume=fresh`), building and
+checking the parts, the logger (the same logged run continues on resume), training,
+the optional learned-vs-baseline comparison, then `metrics.json`, `curves.png` and the
+logger's artifacts. Every way out leaves `metrics.json`: "ok"; "failed" with the error
+(also in train.log) for any error, a non-finite final metric or every task skipped;
+"interrupted" for Ctrl-C. The return value is the objective (`objective`, default
+meta_test_loss) as a float, so Hydra sweepers can optimize it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from metaopt.checkpoint import load_checkpoint
+from metaopt_hydra.baselines import compare
+from metaopt_hydra.build import build, train_from_config
+from metaopt_hydra.curves import plot_curves
+from metaopt_hydra.loggers import NullLogger, RunLogger, new_run_id
+from metaopt_hydra.records import (
+    ResumeMismatch,
+    changed_keys,
+    check_outcome,
+    failure_record,
+    resolved,
+    write_json_atomic,
+)
+from metaopt_hydra.threads import apply_threads, choose_threads
+
+__all__ = ["run_training", "RunFailed"]
+
+log = logging.getLogger("metaopt")
+
+
+class RunFailed(RuntimeError):
+    """Training finished, but its outcome is not usable (see `records.check_outcome`)."""
+
+
+def _hydra() -> tuple[Path, DictConfig | None, str | None]:
+    """(the run directory, the launcher config under --multirun, the sweep directory under --multirun)."""
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    return Path(hc.runtime.output_dir), hc.launcher if multirun else None, hc.sweep.dir if multirun else None
+
+
+def previous_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """The checkpoint's record of an earlier session in `run_dir` ({} when none), after checking that it was
+    made with the same config (outside `records.RESUMABLE_KEYS`).
+
+    Raises:
+      ResumeMismatch: naming the keys that changed; `resume=fresh` starts over instead (the old
+        checkpoint is kept as checkpoint.pt.replaced).
+    """
+    path = run_dir / "checkpoint.pt"
+    if not path.exists():
+        return {}
+    ckpt = load_checkpoint(path)
+    before = ckpt.get("config")
+    changed = changed_keys(before, resolved(cfg)) if before is not None else ["(no config in the checkpoint)"]
+    if not changed:
+        return {"logger_run_id": ckpt.get("logger_run_id")}
+    if cfg.get("resume", "check") == "fresh":
+        path.replace(run_dir / "checkpoint.pt.replaced")
+        log.warning("resume=fresh: %s was made with another config (%s); starting over", path, ", ".join(changed))
+        return {}
+    raise ResumeMismatch(f"{run_dir} holds a checkpoint made with another config; changed: {', '.join(changed)}. "
+                         f"Use another hydra.run.dir, or resume=fresh to start over in this one")
+
+
+def _finish(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path, logger: RunLogger, threads: int) -> None:
+    metrics.update(status="ok", threads=threads, config=resolved(cfg))
+    why = check_outcome(metrics)
+    if why is not None:
+        metrics.update(status="failed", error=f"RunFailed: {why}")
+    write_json_atomic(metrics, run_dir / "metrics.json")
+    plot_curves(metrics.get("history", []), run_dir / "curves.png",
+                f"{metrics.get('estimator_config', metrics.get('estimator'))}, T={cfg.inner_steps}, "
+                f"meta-batch {cfg.meta_batch_size}", metrics.get("train_seconds"))
+    logger.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, int(cfg.meta_steps))
+    for name in ("metrics.json", "curves.png"):
+        logger.artifact(run_dir / name)
+    if why is not None:
+        raise RunFailed(why)
+
+
+def _report(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path) -> None:
+    summary = f"meta-test loss {metrics['meta_test_loss']:.4f} ± {metrics['meta_test_loss_ci95']:.4f}"
+    if "test_accuracy" in metrics:
+        summary += f", accuracy {100 * metrics['test_accuracy']:.2f} ± {100 * metrics['test_accuracy_ci95']:.2f}%"
+    if "learned" in metrics:
+        print(f"{metrics['metric']}: learned {metrics['learned']:.4f} ± {metrics['learned_ci95']:.4f}, baseline "
+              f"{metrics['baseline']:.4f} ± {metrics['baseline_ci95']:.4f} ({metrics['baseline_name']}); "
+              f"learned - baseline {metrics['difference']:+.4f} ± {metrics['difference_ci95']:.4f} "
+              f"(paired, same tasks; {metrics['metric_direction']})")
+    print(f"{summary} (95% CI over {cfg.eval.n_tasks} tasks, {cfg.eval.inner_steps} inner step(s), "
+          f"{metrics['estimator']}, {cfg.meta_steps} meta-steps) -> {run_dir / 'metrics.json'}")
+
+
+def run_training(cfg: DictConfig) -> float:
+    """Train (or resume) the configured run in Hydra's run directory; return the objective."""
+    run_dir, launcher, sweep_dir = _hydra()
+    logger: RunLogger = NullLogger()
+    exit_code, started = 1, time.perf_counter()
+    try:
+        threads = choose_threads(cfg, launcher)
+        apply_threads(threads)
+        previous = previous_run(cfg, run_dir)
+        parts = build(cfg)
+        run_id = previous.get("logger_run_id") or new_run_id()
+        logger = instantiate(cfg.logger)
+        logger.start(run_dir, resolved(cfg), run_id, sweep_dir)
+        metrics = train_from_config(cfg, parts, run_dir, log=logger.log,
+                                    checkpoint_extra={"config": resolved(cfg), "logger_run_id": run_id})
+        if cfg.get("compare"):
+            metrics.update(compare(cfg, parts, run_dir))
+        _finish(cfg, metrics, run_dir, logger, threads)
+        exit_code = 0
+    except KeyboardInterrupt as interrupted:
+        write_json_atomic(failure_record(cfg, interrupted, "interrupted"), run_dir / "metrics.json")
+        log.error("interrupted after %.1f s; the last checkpoint is kept", time.perf_counter() - started)
+        raise
+    except Exception as error:
+        # A refused resume leaves the directory's own run (and its metrics.json) untouched.
+        record = run_dir / ("refused.json" if isinstance(error, ResumeMismatch) else "metrics.json")
+        if not isinstance(error, RunFailed):  # a RunFailed run already wrote its full record
+            write_json_atomic(failure_record(cfg, error), record)
+        log.error("run failed: %s: %s (record: %s)", type(error).__name__, error, record,
+                  exc_info=not isinstance(error, (RunFailed, ResumeMismatch, ValueError)))
+        raise
+    finally:
+        logger.finish(exit_code)
+    _report(cfg, metrics, run_dir)
+    return float(metrics[cfg.get("objective", "meta_test_loss")])

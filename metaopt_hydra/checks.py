@@ -1,0 +1,48 @@
+"""Clear errors before any work: configurations that cannot run, named by the config keys to change."""
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from metaopt.tasks import TaskDistribution
+
+__all__ = ["check_device_and_dtype", "check_task_fits_model"]
+
+
+def check_device_and_dtype(cfg: DictConfig) -> None:
+    """Raise ValueError for a device that is not there or a dtype that cannot train on it."""
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device}: this machine has no CUDA device (torch {torch.__version__}, "
+                         f"cuda available: False); use device=cpu")
+    dtype = getattr(torch, str(cfg.dtype), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={cfg.dtype}: not a torch floating-point dtype; use float32 or float64")
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ValueError("dtype=float16 on device=cpu: half precision has too little range for second-order "
+                         "meta-gradients and is not a CPU compute type (the first meta-step overflows); "
+                         "use dtype=float32 (or dtype=float16 with device=cuda)")
+
+
+def check_task_fits_model(cfg: DictConfig, tasks: TaskDistribution, model: torch.nn.Module) -> None:
+    """Run the model on one sampled support batch; raise ValueError naming `task` and `model` if it cannot
+    take the task's inputs or gives the wrong number of outputs for its classes."""
+    task = tasks.sample(1, 1, torch.Generator().manual_seed(0))
+    x = task.support[0].x[0].to(cfg.device)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except RuntimeError as error:
+        raise ValueError(
+            f"model={_name(cfg.model)} cannot take the inputs of task={_name(cfg.task)} (examples of shape "
+            f"{tuple(x.shape[1:])}): {str(error).splitlines()[0]}. Change `model` (image tasks: model=conv4 with "
+            f"model.image_size=${{task.size}}) or `task`") from None
+    n_way = getattr(tasks, "n_way", None)
+    width = out.shape[-1] if out.dim() > 1 else 1
+    if tasks.kind == "classification" and cfg.loop._target_.endswith("InnerLoop") and n_way and width != n_way:
+        raise ValueError(f"model={_name(cfg.model)} has {width} outputs but task={_name(cfg.task)} has "
+                         f"{n_way} classes per task; set model.out_features=${{task.n_way}}")
+
+
+def _name(node: DictConfig) -> str:
+    return str(node.get("_target_", "?")).rsplit(".", 1)[-1]

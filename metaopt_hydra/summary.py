@@ -1,0 +1,78 @@
+"""One table for any multirun (or explore) directory: every run, its overrides, status, metrics and error.
+
+A run is a folder with a `metrics.json` (any depth below the directory); its overrides come
+from Hydra's `.hydra/overrides.yaml` beside it. A run without metrics.json but with a
+`.hydra` folder is listed as "missing" (it died before writing one, e.g. killed). Failed runs
+are listed with their error, never mislabelled, and never crash the summary.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["collect_runs", "markdown_table", "write_csv", "METRICS"]
+
+METRICS = ("meta_test_loss", "meta_test_loss_ci95", "test_accuracy", "test_accuracy_ci95", "val_loss",
+           "learned", "baseline", "difference", "estimator_chosen", "meta_steps", "train_seconds",
+           "predicted_peak_bytes", "measured_peak_bytes", "threads")
+
+
+def _overrides(run_dir: Path) -> str:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    try:
+        return " ".join(str(o) for o in (yaml.safe_load(path.read_text()) or []))
+    except (OSError, yaml.YAMLError):
+        return ""
+
+
+def collect_runs(root: Path) -> list[dict[str, Any]]:
+    """One row per run under `root` (sorted by path): run, overrides, status, error, and `METRICS`."""
+    dirs = {p.parent for p in root.rglob("metrics.json")} | {p.parent for p in root.rglob(".hydra") if p.is_dir()}
+    rows = []
+    for run_dir in sorted(dirs, key=lambda d: [int(x) if x.isdigit() else x for x in d.relative_to(root).parts]):
+        if any(part in ("baselines", "best") for part in run_dir.relative_to(root).parts):
+            continue  # a comparison's baseline runs and the explorer's exported configs belong to their run
+        row: dict[str, Any] = {"run": str(run_dir.relative_to(root)) or ".", "overrides": _overrides(run_dir)}
+        try:
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+        except FileNotFoundError:
+            metrics = {"status": "missing", "error": "no metrics.json (the run died before writing one)"}
+        except (OSError, json.JSONDecodeError) as error:
+            metrics = {"status": "unreadable", "error": f"metrics.json: {error}"}
+        row["status"] = metrics.get("status", "unknown")
+        row["error"] = metrics.get("error", "")
+        row.update({k: metrics[k] for k in METRICS if k in metrics})
+        rows.append(row)
+    return rows
+
+
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    return ["run", "overrides", "status"] + [k for k in METRICS if any(k in r for r in rows)] + ["error"]
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a Markdown table (missing values blank)."""
+    columns = _columns(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """The rows as CSV (same columns as the table)."""
+    columns = _columns(rows)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)

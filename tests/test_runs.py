@@ -1,0 +1,170 @@
+"""Runs and sweeps a researcher can trust: launchers, summaries, resume integrity, failure records, curves."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from test_experiments import ROOT, run_train
+
+import metaopt as mo
+from metaopt import estimators as E
+from metaopt_hydra.records import changed_keys, check_outcome
+from metaopt_hydra.summary import collect_runs, markdown_table
+from metaopt_hydra.threads import choose_threads
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_contract_submitit_sweep_and_summary(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    sweep = tmp_path / "sweep"
+    result = subprocess.run([sys.executable, "experiments/train.py", "--multirun", "hydra/launcher=submitit_local",
+                             "debug=tiny", "seed=0,1", f"hydra.sweep.dir={sweep}"], capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = subprocess.run([sys.executable, "experiments/summarize.py", str(sweep)], capture_output=True,
+                             text=True, cwd=ROOT, timeout=60)
+    assert summary.returncode == 0, summary.stderr
+    rows = [line for line in summary.stdout.splitlines() if line.startswith("| ") and "| ok |" in line]
+    assert len(rows) == 2 and "seed=0" in rows[0] and "seed=1" in rows[1]
+    assert (sweep / "summary.csv").read_text().count("\n") == 3  # header + 2 runs
+
+
+def test_sweep_with_a_failing_job_keeps_the_others_and_reports_it(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    sweep = tmp_path / "sweep"
+    result = subprocess.run([sys.executable, "experiments/train.py", "--multirun", "debug=tiny",
+                             "budget.memory=1MB,null", "inner_steps=150", f"hydra.sweep.dir={sweep}"],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert "budget.memory=1MB" in result.stderr and "BudgetExceeded" in result.stderr
+    rows = {r["overrides"]: r for r in collect_runs(sweep)}
+    assert rows["debug=tiny budget.memory=1MB inner_steps=150"]["status"] == "failed"
+    assert "predicts" in rows["debug=tiny budget.memory=1MB inner_steps=150"]["error"]
+    assert rows["debug=tiny budget.memory=null inner_steps=150"]["status"] == "ok"
+
+
+def test_summary_lists_failed_and_missing_runs_without_crashing(tmp_path):
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "metrics.json").write_text(json.dumps({"status": "ok", "meta_test_loss": 0.5}))
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "metrics.json").write_text(json.dumps({"status": "failed", "error": "ValueError: x"}))
+    (tmp_path / "2" / ".hydra").mkdir(parents=True)  # killed before writing metrics.json
+    (tmp_path / "3").mkdir()
+    (tmp_path / "3" / "metrics.json").write_text("{half a fi")
+    rows = collect_runs(tmp_path)
+    assert [(r["run"], r["status"]) for r in rows] == [("0", "ok"), ("1", "failed"), ("2", "missing"),
+                                                       ("3", "unreadable")]
+    table = markdown_table(rows)
+    assert "ValueError: x" in table and "0.5" in table
+
+
+def test_contract_resume_with_another_config_is_refused_naming_the_key(tmp_path):
+    assert run_train(tmp_path, "debug=tiny").returncode == 0
+    before = _metrics(tmp_path)
+    result = run_train(tmp_path, "debug=tiny", "estimator=first_order")
+    assert result.returncode != 0 and "estimator" in result.stderr
+    assert _metrics(tmp_path) == before  # the directory's own run is untouched
+    assert "estimator" in json.loads((tmp_path / "refused.json").read_text())["error"]
+    fresh = run_train(tmp_path, "debug=tiny", "estimator=first_order", "resume=fresh")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert _metrics(tmp_path)["estimator"] == "first_order" and (tmp_path / "checkpoint.pt.replaced").exists()
+
+
+def test_changed_keys_ignore_what_may_change_on_resume():
+    before = {"meta_steps": 20, "estimator": {"_target_": "metaopt.Full"}, "eval": {"n_tasks": 600}, "seed": 0}
+    now = {"meta_steps": 40, "estimator": {"_target_": "metaopt.Full"}, "eval": {"n_tasks": 100}, "seed": 1}
+    assert changed_keys(before, now) == ["seed"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("budget.memory=abc", "cannot parse 'abc'"),
+    ("dtype=float16", "dtype=float16 on device=cpu"),
+    ("model=conv4", "model=Conv4 cannot take the inputs of task=Sinusoid"),
+])
+def test_contract_failures_before_work_leave_a_record(tmp_path, override, message):
+    result = run_train(tmp_path, "debug=tiny", override)
+    assert result.returncode != 0 and message in result.stderr
+    record = _metrics(tmp_path)
+    assert record["status"] == "failed" and message in record["error"]
+    assert message in (tmp_path / "train.log").read_text()
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_a_run_writes_curves_threads_and_validation(tmp_path):
+    result = run_train(tmp_path, "debug=tiny", "threads=1", "eval.val_every=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = _metrics(tmp_path)
+    assert metrics["threads"] == 1 and math.isfinite(metrics["val_loss"])
+    assert all("val_loss" in h for h in metrics["history"])
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_threads_auto_follows_the_environment_and_the_launcher(monkeypatch):
+    cfg = OmegaConf.create({"threads": "auto"})
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert choose_threads(cfg) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    cores = len(os.sched_getaffinity(0))
+    assert choose_threads(cfg) == cores
+    joblib = OmegaConf.create({"_target_": "hydra_plugins.hydra_joblib_launcher.JoblibLauncher", "n_jobs": cores})
+    assert choose_threads(cfg, joblib) == 1
+    assert choose_threads(OmegaConf.create({"threads": 5})) == 5
+    with pytest.raises(ValueError, match="threads=0"):
+        choose_threads(OmegaConf.create({"threads": 0}))
+
+
+def test_a_non_finite_final_metric_or_all_tasks_skipped_is_a_failure():
+    assert "nan" in check_outcome({"meta_test_loss": float("nan")})
+    assert "skipped" in check_outcome({"meta_test_loss": 1.0, "meta_steps": 2, "meta_batch_size": 3,
+                                       "tasks_skipped": 6})
+    assert check_outcome({"meta_test_loss": 1.0, "meta_steps": 2, "meta_batch_size": 3, "tasks_skipped": 5}) is None
+
+
+RESUMED = {"full": E.Full, "es": lambda: E.EvolutionStrategies(population=2),
+           "pes": lambda: E.PersistentES(population=2, k=1), "forward_random": lambda: E.ForwardMode(mode="random"),
+           "first_order": E.FirstOrder, "checkpoint": lambda: E.Checkpoint(segment=1), "reptile": E.Reptile,
+           "truncated": lambda: E.Truncated(k=1)}
+
+
+@pytest.mark.parametrize("name", sorted(RESUMED))
+def test_resume_is_bit_exact_for_every_estimator(tmp_path, name):
+    def run(steps: int, path: Path | None, seed_model: int = 0) -> dict[str, torch.Tensor]:
+        torch.manual_seed(seed_model)
+        model = mo.MLP(1, (8,), 1)
+        loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.05), mo.losses.mse)
+        meta = mo.meta_params(mo.Init(model))
+        mo.meta_train(loop, meta, RESUMED[name](), mo.Sinusoid(k_shot=5),
+                      outer_optimizer=torch.optim.Adam(meta.parameters(), 1e-2), meta_steps=steps,
+                      meta_batch_size=3, inner_steps=2, eval_n_tasks=0, progress=False, checkpoint_path=path)
+        return {k: v.clone() for k, v in meta.state_dict().items()}
+
+    straight = run(6, None)
+    run(3, tmp_path / "ckpt.pt")
+    torch.manual_seed(123)  # the resumed process's random state differs: it must come from the checkpoint
+    torch.rand(17)
+    resumed = run(6, tmp_path / "ckpt.pt", seed_model=99)
+    for k, v in straight.items():
+        assert torch.equal(resumed[k], v), k
+
+
+def test_non_finite_meta_parameters_are_never_checkpointed(tmp_path):
+    torch.manual_seed(0)
+    model = mo.MLP(1, (8,), 1)
+    loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.05), mo.losses.mse)
+    meta = mo.meta_params(mo.Init(model))
+    path = tmp_path / "ckpt.pt"
+    opt = torch.optim.SGD(meta.parameters(), lr=float("inf"))  # the first step makes the parameters inf
+    mo.meta_train(loop, meta, E.Full(), mo.Sinusoid(k_shot=5), outer_optimizer=opt, meta_steps=1,
+                  meta_batch_size=2, inner_steps=1, eval_n_tasks=0, progress=False, checkpoint_path=path,
+                  checkpoint_every=1, on_nan="skip")
+    assert not all(bool(torch.isfinite(p).all()) for p in meta.parameters())
+    assert not path.exists()
