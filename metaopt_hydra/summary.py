@@ -31,7 +31,8 @@ def _overrides(run_dir: Path) -> str:
 
 
 def collect_runs(root: Path) -> list[dict[str, Any]]:
-    """One row per run under `root` (sorted by path): run, overrides, status, error, and `METRICS`."""
+    """One row per run under `root` (sorted by path): run, overrides, status, error, `METRICS`, and the whole
+    metrics.json under "_metrics" (for table scripts; not a column)."""
     dirs = {p.parent for p in root.rglob("metrics.json")} | {p.parent for p in root.rglob(".hydra") if p.is_dir()}
     rows = []
     for run_dir in sorted(dirs, key=lambda d: [int(x) if x.isdigit() else x for x in d.relative_to(root).parts]):
@@ -44,6 +45,7 @@ def collect_runs(root: Path) -> list[dict[str, Any]]:
             metrics = {"status": "missing", "error": "no metrics.json (the run died before writing one)"}
         except (OSError, json.JSONDecodeError) as error:
             metrics = {"status": "unreadable", "error": f"metrics.json: {error}"}
+        row["_metrics"] = metrics  # everything, for table scripts (not a column)
         row["status"] = metrics.get("status", "unknown")
         row["error"] = metrics.get("error", "")
         row.update({k: metrics[k] for k in METRICS if k in metrics})
