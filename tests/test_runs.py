@@ -15,6 +15,7 @@ from test_experiments import ROOT, run_train
 
 import metaopt as mo
 from metaopt import estimators as E
+from metaopt.checkpoint import load_checkpoint
 from metaopt_hydra.records import changed_keys, check_outcome
 from metaopt_hydra.summary import collect_runs, markdown_table
 from metaopt_hydra.threads import choose_threads
@@ -168,3 +169,51 @@ def test_non_finite_meta_parameters_are_never_checkpointed(tmp_path):
                   checkpoint_every=1, on_nan="skip")
     assert not all(bool(torch.isfinite(p).all()) for p in meta.parameters())
     assert not path.exists()
+
+
+class FakeWandb:
+    """Records what WandbLogger asks of wandb (no wandb install or server needed)."""
+
+    def __init__(self):
+        self.inits, self.logged, self.saved, self.finished = [], [], [], []
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        fake = self
+
+        class Run:
+            def log(self, metrics, step):
+                fake.logged.append((step, metrics))
+
+            def save(self, path, base_path, policy):
+                fake.saved.append(Path(path).name)
+
+            def finish(self, exit_code):
+                fake.finished.append(exit_code)
+
+        return Run()
+
+
+def test_wandb_logger_continues_the_run_groups_sweeps_and_reports_failure(monkeypatch, tmp_path):
+    from metaopt_hydra.loggers import WandbLogger
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    logger = WandbLogger(project="p", tags=["t"])
+    logger.start(tmp_path, {"seed": 0}, "abc123", "multirun/sweep")
+    logger.log({"meta_train_loss": 0.5, "note": "text"}, 10)
+    (tmp_path / "metrics.json").write_text("{}")
+    logger.artifact(tmp_path / "metrics.json")
+    logger.finish(1)
+    init = fake.inits[0]
+    assert (init["id"], init["resume"], init["group"], init["mode"]) == ("abc123", "allow", "multirun/sweep",
+                                                                         "disabled")
+    assert fake.logged == [(10, {"meta_train_loss": 0.5})] and fake.saved == ["metrics.json"]
+    assert fake.finished == [1]
+
+
+def test_resumed_run_keeps_its_logger_id(tmp_path):
+    assert run_train(tmp_path, "debug=tiny", "meta_steps=1").returncode == 0
+    first = load_checkpoint(tmp_path / "checkpoint.pt")["logger_run_id"]
+    assert run_train(tmp_path, "debug=tiny", "meta_steps=2").returncode == 0
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["logger_run_id"] == first
