@@ -1,0 +1,320 @@
+"""The explorer's scheduler: admission, packing, rungs, dominance pruning, children, the deadline.
+
+One loop, driven by an injectable clock:
+
+- **Queue.** A bounded priority queue (`CandidateQueue`) fed by the study's sampler (kept just
+  ahead of the free slots) and by children perturbed around front members (a child's priority
+  is its parent's non-domination rank).
+- **Admission.** Before a candidate runs, the runner prices it (`TrialRunner.price`): the
+  predicted peak of its meta-step under the per-trial memory share (`memory / max_parallel`),
+  with a cheaper estimator from the `auto` ladder when the asked one does not fit, or the reason
+  it cannot fit at all (the trial is then recorded as infeasible without running).
+- **Packing.** Candidates start first-fit in priority order while the predicted peaks of the
+  running trials, plus the candidate's, stay within `memory`, and at most `max_parallel` run.
+- **Rungs.** A trial advances in rungs of `rung_steps x eta^r` meta-steps; at each boundary it
+  reports its validation loss, and continues only if it is non-dominated (validation loss,
+  training seconds, predicted peak bytes) among all trials that reached that rung (multi-
+  objective successive halving); else it is pruned.
+- **Failures.** A trial stopped by its run-time guard (a misprediction) is retried once per rung
+  down the estimator ladder; any other error fails it.
+- **Deadline.** At `time` seconds no new trial starts, running trials are stopped, and their last
+  rung counts.
+
+Every start and stop goes to `events` (time, trial, event, running_predicted_bytes).
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Protocol
+
+from metaopt.explore.pareto import non_dominated_ranks
+from metaopt.explore.queue import Candidate, CandidateQueue
+
+__all__ = ["Rung", "TrialRecord", "TrialRunner", "Study", "Explorer", "Message"]
+
+
+class Rung(NamedTuple):
+    """What a trial reports at a rung boundary."""
+
+    level: int  # the rung's number: 0, 1, ...
+    meta_steps: int
+    val_loss: float
+    train_seconds: float
+    measured_peak_bytes: int
+
+
+class Message(NamedTuple):
+    """From a running trial: kind "rung" (with `rung`), "done" (finished its last rung), or "error"
+    (with `error`; `budget` True when the run-time guard stopped it: a misprediction)."""
+
+    kind: str
+    rung: Rung | None = None
+    error: str = ""
+    budget: bool = False
+
+
+@dataclass
+class TrialRecord:
+    """Everything the explorer knows about one trial (one row of pareto.csv)."""
+
+    trial: int
+    params: dict[str, Any]
+    parent: int | None = None
+    status: str = "queued"  # queued | running | complete | pruned | infeasible | failed
+    estimator_chosen: str = ""
+    predicted_peak_bytes: int = 0
+    rungs: list[Rung] = field(default_factory=list)
+    error: str = ""
+    retries: int = 0
+    excluded: list[str] = field(default_factory=list)  # estimators whose prediction the guard caught too low
+
+    @property
+    def val_loss(self) -> float:
+        return self.rungs[-1].val_loss if self.rungs else math.nan
+
+    @property
+    def train_seconds(self) -> float:
+        return self.rungs[-1].train_seconds if self.rungs else math.nan
+
+    @property
+    def measured_peak_bytes(self) -> int:
+        return max((r.measured_peak_bytes for r in self.rungs), default=-1)
+
+    def at(self, rung: int) -> Rung | None:
+        """Its result at rung index `rung`, if it reported one (a resumed record knows only its last rung)."""
+        return next((r for r in self.rungs if r.level == rung), None)
+
+    def objectives(self, rung: int | None = None) -> tuple[float, float, float]:
+        """(validation loss, training seconds, predicted peak bytes) at `rung` (default: the last reached)."""
+        r = self.rungs[-1] if rung is None else self.at(rung)
+        assert r is not None, f"trial {self.trial} has no result at rung {rung}"
+        return (r.val_loss, r.train_seconds, float(self.predicted_peak_bytes))
+
+
+class TrialRunner(Protocol):
+    """Prices and runs trials (real: worker processes; tests: tiny objectives)."""
+
+    def price(self, candidate: Candidate, memory_share: int, excluded: list[str]) -> tuple[int, str] | str:
+        """(predicted peak bytes, estimator chosen) of the first plan that fits `memory_share`, skipping the
+        estimators in `excluded`, or why nothing fits."""
+
+    def start(self, candidate: Candidate, rung_steps: list[int]) -> Any: ...
+
+    def poll(self, handle: Any) -> list[Message]: ...
+
+    def resume(self, handle: Any) -> None: ...
+
+    def stop(self, handle: Any) -> None: ...
+
+
+class Study(Protocol):
+    """Where trials are drawn and recorded (real: an Optuna study)."""
+
+    def ask(self) -> tuple[int, dict[str, Any]]: ...
+
+    def ask_child(self, params: dict[str, Any], parent: int, priority: float) -> int: ...
+
+    def tell(self, record: TrialRecord) -> None: ...
+
+
+@dataclass
+class _Running:
+    candidate: Candidate
+    record: TrialRecord
+    handle: Any
+
+
+class Explorer:
+    """See the module docstring.
+
+    Args:
+      runner, study: see `TrialRunner`, `Study`.
+      memory: bytes the running trials' predicted peaks may sum to.
+      time_budget: seconds until the deadline.
+      max_parallel: trials running at once at most.
+      rung_steps, eta, rungs: rung r runs to `rung_steps * eta**r` meta-steps, r < `rungs`.
+      queue_size: the queue's capacity.
+      children: children perturbed around a trial that enters the front.
+      perturb: `perturb(params, rng) -> params` for children.
+      clock, sleep: injectable (tests use a fake clock).
+      previous: finished trials of an earlier session of the same study (resume).
+      max_trials: stop drawing from the sampler after this many trials (None: until the deadline).
+      progress: called with a one-line status every `progress_every` seconds.
+      on_event: called with each start/stop event as it happens (the app appends it to events.jsonl).
+    """
+
+    def __init__(self, runner: TrialRunner, study: Study, *, memory: int, time_budget: float, max_parallel: int = 2,
+                 rung_steps: int = 100, eta: int = 3, rungs: int = 3, queue_size: int = 16, children: int = 2,
+                 perturb: Callable[[dict[str, Any], random.Random], dict[str, Any]] | None = None,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 previous: list[TrialRecord] | None = None, max_trials: int | None = None,
+                 progress: Callable[[str], None] | None = None, progress_every: float = 10.0, seed: int = 0,
+                 on_event: Callable[[dict[str, Any]], None] | None = None):
+        if max_parallel < 1 or memory <= 0 or time_budget <= 0 or rungs < 1 or rung_steps < 1 or eta < 1:
+            raise ValueError("explorer: need memory > 0, time > 0, max_parallel >= 1, rungs >= 1, rung_steps >= 1, "
+                             "eta >= 1")
+        self.runner, self.study, self.memory, self.time_budget = runner, study, memory, time_budget
+        self.max_parallel, self.rung_steps = max_parallel, [rung_steps * eta ** r for r in range(rungs)]
+        self.queue, self.children, self.perturb = CandidateQueue(queue_size), children, perturb
+        self.clock, self.sleep, self.max_trials = clock, sleep, max_trials
+        self.progress, self.progress_every, self.rng = progress, progress_every, random.Random(seed)
+        self.on_event = on_event
+        self.records: dict[int, TrialRecord] = {r.trial: r for r in previous or []}
+        self.running: dict[int, _Running] = {}
+        self.events: list[dict[str, Any]] = []
+        self.drawn = 0
+
+    # --- bookkeeping -------------------------------------------------------------------------------------------
+    @property
+    def share(self) -> int:
+        return self.memory // self.max_parallel
+
+    @property
+    def running_bytes(self) -> int:
+        return sum(r.candidate.predicted_peak_bytes or 0 for r in self.running.values())
+
+    def _event(self, trial: int, event: str, **extra: Any) -> None:
+        self.events.append({"time": round(self.clock() - self.started, 3), "trial": trial, "event": event,
+                            "running_predicted_bytes": self.running_bytes, **extra})
+        if self.on_event is not None:
+            self.on_event(self.events[-1])
+
+    def _finish(self, record: TrialRecord, status: str, error: str = "") -> None:
+        record.status, record.error = status, error or record.error
+        self.study.tell(record)
+        if status in ("complete", "pruned") and record.rungs:
+            self._breed(record)
+
+    # --- the queue ---------------------------------------------------------------------------------------------
+    def _push(self, candidate: Candidate) -> None:
+        self.records.setdefault(candidate.trial, TrialRecord(candidate.trial, candidate.params, candidate.parent))
+        dropped = self.queue.push(candidate)
+        if dropped is not None:
+            self._finish(self.records[dropped.trial], "pruned", "dropped from the full queue (lowest priority)")
+
+    def _fill(self) -> None:
+        free = self.max_parallel - len(self.running)
+        while len(self.queue) < free + 1 and (self.max_trials is None or self.drawn < self.max_trials):
+            trial, params = self.study.ask()
+            self.drawn += 1
+            self._push(Candidate(CandidateQueue.sampler_priority, params, trial))
+
+    def _breed(self, record: TrialRecord) -> None:
+        """Children of a trial that is on the front of every finished trial (priority: its rank, 0)."""
+        if self.perturb is None or not self.children:
+            return
+        done = [r for r in self.records.values() if r.rungs and r.status in ("complete", "pruned", "running")]
+        ranks = non_dominated_ranks([r.objectives() for r in done])
+        rank = ranks[done.index(record)]
+        if rank > 0:
+            return
+        for _ in range(self.children):
+            params = self.perturb(record.params, self.rng)
+            trial = self.study.ask_child(params, record.trial, float(rank))
+            self._push(Candidate(float(rank), params, trial, parent=record.trial))
+
+    # --- admission and packing ---------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        for candidate in list(self.queue):
+            if len(self.running) >= self.max_parallel:
+                return
+            record = self.records[candidate.trial]
+            if candidate.predicted_peak_bytes is None:
+                priced = self.runner.price(candidate, self.share, record.excluded)
+                if isinstance(priced, str):
+                    self.queue.remove(candidate)
+                    self._finish(record, "infeasible", priced)
+                    continue
+                candidate.predicted_peak_bytes, candidate.estimator_chosen = priced
+                record.predicted_peak_bytes, record.estimator_chosen = priced
+            if self.running_bytes + candidate.predicted_peak_bytes <= self.memory:  # first fit
+                self.queue.remove(candidate)
+                record.status = "running"
+                self.running[candidate.trial] = _Running(candidate, record,
+                                                         self.runner.start(candidate, self.rung_steps))
+                self._event(candidate.trial, "start", predicted_peak_bytes=candidate.predicted_peak_bytes,
+                            estimator_chosen=candidate.estimator_chosen)
+
+    # --- rungs -------------------------------------------------------------------------------------------------
+    def _promote(self, record: TrialRecord, rung: Rung) -> bool:
+        """Non-dominated among every trial's result at this rung."""
+        peers = [r for r in self.records.values() if r.at(rung.level) is not None]
+        ranks = non_dominated_ranks([r.objectives(rung.level) for r in peers])
+        return ranks[peers.index(record)] == 0
+
+    def _stop(self, trial: int, status: str, error: str = "") -> None:
+        running = self.running.pop(trial)
+        self.runner.stop(running.handle)
+        self._event(trial, "stop", status=status)
+        self._finish(running.record, status, error)
+
+    def _handle(self, trial: int, message: Message) -> None:
+        running = self.running[trial]
+        record = running.record
+        if message.kind == "rung" and message.rung is not None:
+            record.rungs.append(message.rung)
+            if message.rung.level + 1 >= len(self.rung_steps):
+                return  # its "done" follows
+            if self._promote(record, message.rung):
+                self.runner.resume(running.handle)
+            else:
+                self._stop(trial, "pruned", f"dominated at rung {message.rung.level}")
+        elif message.kind == "done":
+            self._stop(trial, "complete")
+        elif message.kind == "error" and message.budget and record.retries < len(self.rung_steps):
+            # A misprediction caught by the guard: the same trial, one step down the estimator ladder.
+            self.running.pop(trial)
+            self.runner.stop(running.handle)
+            self._event(trial, "stop", status="retry")
+            record.excluded.append(record.estimator_chosen)
+            record.retries += 1
+            record.status, record.error = "queued", f"retried down the estimator ladder after: {message.error}"
+            record.rungs.clear()
+            candidate = running.candidate
+            candidate.predicted_peak_bytes = None
+            self.queue.push(candidate)
+        else:
+            self._stop(trial, "failed", message.error or "the trial stopped without a result")
+
+    def _poll(self) -> None:
+        for trial in list(self.running):
+            for message in self.runner.poll(self.running[trial].handle):
+                if trial not in self.running:
+                    break
+                self._handle(trial, message)
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+    def _status(self) -> str:
+        done = [r for r in self.records.values() if r.status in ("complete", "pruned", "infeasible", "failed")]
+        best = min((r.val_loss for r in self.records.values() if r.rungs), default=math.nan)
+        left = self.time_budget - (self.clock() - self.started)
+        return (f"trials done {len(done)}, running {len(self.running)}, queued {len(self.queue)}; memory "
+                f"{self.running_bytes / 1e6:.0f}/{self.memory / 1e6:.0f} MB; {max(left, 0):.0f} s left; "
+                f"best val_loss {best:.4g}")
+
+    def run(self) -> list[TrialRecord]:
+        """Explore until the deadline (or until the sampler's `max_trials` are all done); every trial's record."""
+        self.started = self.clock()
+        deadline, last_progress = self.started + self.time_budget, -math.inf
+        while self.clock() < deadline:
+            self._fill()
+            self._admit()
+            self._poll()
+            if not self.running and not len(self.queue):
+                break  # max_trials reached and all done
+            if self.progress is not None and self.clock() - last_progress >= self.progress_every:
+                self.progress(self._status())
+                last_progress = self.clock()
+            self.sleep(0.05)
+        for trial in list(self.running):  # the deadline: their last rung counts
+            status = "complete" if self.running[trial].record.rungs else "pruned"
+            self._stop(trial, status, "" if status == "complete" else "stopped at the deadline before its first rung")
+        for candidate in list(self.queue):
+            self.queue.remove(candidate)
+            self._finish(self.records[candidate.trial], "pruned", "not started before the deadline")
+        if self.progress is not None:
+            self.progress(self._status())
+        return sorted(self.records.values(), key=lambda r: r.trial)

@@ -1,0 +1,90 @@
+"""What an explorer leaves: pareto.csv, front.md, pareto.png, and best/<name>.yaml per front member."""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+
+from metaopt.explore.pareto import pareto_front  # noqa: E402
+from metaopt.explore.scheduler import TrialRecord  # noqa: E402
+
+__all__ = ["write_report", "COLUMNS", "front_of"]
+
+COLUMNS = ["trial", "status", "estimator_chosen", "predicted_peak_bytes", "measured_peak_bytes", "train_seconds",
+           "val_loss", "pareto"]
+
+
+def front_of(records: list[TrialRecord]) -> list[TrialRecord]:
+    """Front members among trials with a result: (validation loss, training seconds, predicted peak bytes)."""
+    scored = [r for r in records if r.rungs and math.isfinite(r.val_loss)]
+    return [scored[i] for i in pareto_front([r.objectives() for r in scored])]
+
+
+def _row(record: TrialRecord, front: set[int], params: list[str]) -> dict[str, Any]:
+    return {"trial": record.trial, "status": record.status, "estimator_chosen": record.estimator_chosen,
+            "predicted_peak_bytes": record.predicted_peak_bytes, "measured_peak_bytes": record.measured_peak_bytes,
+            "train_seconds": "" if math.isnan(record.train_seconds) else round(record.train_seconds, 3),
+            "val_loss": "" if math.isnan(record.val_loss) else record.val_loss,
+            "pareto": int(record.trial in front), **{p: record.params.get(p, "") for p in params},
+            "meta_steps": record.rungs[-1].meta_steps if record.rungs else 0, "parent": record.parent,
+            "error": record.error}
+
+
+def _plot(records: list[TrialRecord], front: set[int], path: Path) -> None:
+    scored = [r for r in records if r.rungs and math.isfinite(r.val_loss)]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, x, label in ((axes[0], lambda r: r.train_seconds, "training seconds"),
+                         (axes[1], lambda r: r.predicted_peak_bytes / 1e6, "predicted peak memory (MB)")):
+        others = [r for r in scored if r.trial not in front]
+        members = sorted((r for r in scored if r.trial in front), key=x)
+        ax.scatter([x(r) for r in others], [r.val_loss for r in others], c="0.6", s=18, label="dominated")
+        ax.scatter([x(r) for r in members], [r.val_loss for r in members], c="C3", s=30, label="Pareto front")
+        for r in members:
+            ax.annotate(str(r.trial), (x(r), r.val_loss), fontsize=7)
+        ax.set_xlabel(label)
+        ax.set_xscale("log")
+    axes[0].set_ylabel("validation loss")
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("explorer trials (front: validation loss x time x memory)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(records: list[TrialRecord], run_dir: Path, params: list[str], configs: dict[int, str | None]) -> str:
+    """Write the files; return the front's Markdown table. `configs`: trial -> its resolved config YAML."""
+    front = {r.trial for r in front_of(records)}
+    rows = [_row(r, front, params) for r in sorted(records, key=lambda r: r.trial)]
+    with open(run_dir / "pareto.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + params + ["meta_steps", "parent", "error"])
+        writer.writeheader()
+        writer.writerows(rows)
+    table = ["| trial | estimator chosen | val_loss | train seconds | predicted peak | meta-steps | "
+             + " | ".join(params) + " |", "|---" * (6 + len(params)) + "|"]
+    for row in sorted((r for r in rows if r["pareto"]), key=lambda r: r["val_loss"]):
+        table.append(f"| {row['trial']} | {row['estimator_chosen']} | {row['val_loss']:.4g} | {row['train_seconds']} "
+                     f"| {row['predicted_peak_bytes'] / 1e6:.3g} MB | {row['meta_steps']} | "
+                     + " | ".join(str(row[p]) for p in params) + " |")
+    (run_dir / "front.md").write_text("\n".join(table) + "\n")
+    _plot(records, front, run_dir / "pareto.png")
+    best = run_dir / "best"
+    best.mkdir(exist_ok=True)
+    for record in records:
+        config = configs.get(record.trial)
+        if record.trial in front and config:
+            cfg = yaml.safe_load(config)
+            cfg["meta_steps"] = record.rungs[-1].meta_steps
+            (best / f"trial_{record.trial}.yaml").write_text(
+                f"# explorer trial {record.trial}: val_loss {record.val_loss:.4g}, {record.train_seconds:.1f} s, "
+                f"predicted peak {record.predicted_peak_bytes} bytes\n"
+                f"# python experiments/train.py --config-dir {best} --config-name trial_{record.trial}\n"
+                + yaml.safe_dump(cfg, sort_keys=False))
+    return "\n".join(table)

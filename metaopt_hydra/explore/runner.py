@@ -1,0 +1,162 @@
+"""Pricing explorer trials with the planner, and running them in worker processes."""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from metaopt import Auto, Budget, BudgetExceeded
+from metaopt.estimators import AbstractEstimator
+from metaopt.explore.queue import Candidate
+from metaopt.explore.scheduler import Message
+from metaopt.planning import describe, plan
+from metaopt.train import optimizer_state_bytes, task_to
+from metaopt.types import MetaParams
+from metaopt_hydra.build import build
+from metaopt_hydra.explore.worker import worker_main
+
+__all__ = ["ProcessRunner", "estimator_node"]
+
+log = logging.getLogger("metaopt")
+
+
+class _Ladder(Auto):
+    """`auto`'s ranked candidates less the estimators whose prediction a trial's guard caught too low."""
+
+    def __init__(self, excluded: list[str]):
+        super().__init__()
+        self.excluded = excluded
+
+    def candidates(self, loop: Any, meta: MetaParams, steps: int) -> list[AbstractEstimator]:
+        return [c for c in super().candidates(loop, meta, steps) if describe(c) not in self.excluded]
+
+
+def estimator_node(estimator: AbstractEstimator) -> dict[str, Any]:
+    """The config node that builds `estimator` (its class and constructor arguments)."""
+    cls = type(estimator)
+    args = {k: v for k, v in vars(estimator).items() if not k.startswith("_") and k not in ("exact", "relative_time")}
+    return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **args}
+
+
+class ProcessRunner:
+    """The real `TrialRunner`: a trial's config is composed from the search's base overrides and its
+    params, priced in this process (`metaopt.planning.plan` under the per-trial memory share, then down
+    the `auto` ladder), and run in a spawned worker process under that share as its budget.
+
+    Args:
+      compose: overrides -> the trial's full train config.
+      run_dir: trials run in run_dir/trials/<number>.
+      threads: torch threads per worker.
+      on_config: called with (trial, resolved config YAML) when a trial is priced (the study keeps it).
+    """
+
+    def __init__(self, compose: Callable[[dict[str, Any]], DictConfig], run_dir: Path, threads: int,
+                 on_config: Callable[[int, str], None] | None = None):
+        self.compose, self.run_dir, self.threads, self.on_config = compose, run_dir, threads, on_config
+        self.configs: dict[int, str] = {}
+        self.context = multiprocessing.get_context("spawn")
+        self.idle: list[tuple[Any, Any]] = []  # (process, connection) of workers waiting for a trial
+
+    def price(self, candidate: Candidate, memory_share: int, excluded: list[str]) -> tuple[int, str] | str:
+        try:
+            cfg = self.compose(candidate.params)
+            parts = build(cfg)
+        except Exception as error:  # a config that cannot be built cannot run either
+            return f"cannot build: {type(error).__name__}: {error}"
+        budget = Budget(memory=memory_share, headroom=cfg.budget.headroom)
+        outer = instantiate(cfg.outer_optim)(parts.meta.parameters())
+        batch = task_to(parts.tasks.sample(cfg.meta_batch_size, cfg.inner_steps,
+                                           torch.Generator().manual_seed(cfg.seed + 7919)), cfg.device)
+        methods = [] if describe(parts.estimator) in excluded else [parts.estimator]  # type: ignore[arg-type]
+        reason = "every estimator of the ladder was excluded"
+        for method in methods + [_Ladder(excluded)]:
+            try:
+                chosen = plan(method, parts.loop, parts.meta, batch, budget, batching=cfg.batching,
+                              device=cfg.device, fixed_bytes=optimizer_state_bytes(outer))
+            except BudgetExceeded as error:
+                reason = str(error)
+                continue
+            cfg.estimator = estimator_node(chosen.estimator)
+            cfg.budget.memory = memory_share
+            self.configs[candidate.trial] = OmegaConf.to_yaml(cfg, resolve=True)
+            if self.on_config is not None:
+                self.on_config(candidate.trial, self.configs[candidate.trial])
+            return chosen.predicted_peak_bytes, describe(chosen.estimator)
+        return reason
+
+    def _worker(self) -> tuple[Any, Any]:
+        while self.idle:
+            process, conn = self.idle.pop()
+            if process.is_alive():
+                return process, conn
+        parent, child = self.context.Pipe()
+        process = self.context.Process(target=worker_main, args=(child, self.threads), daemon=True)
+        process.start()
+        child.close()
+        return process, parent
+
+    def start(self, candidate: Candidate, rung_steps: list[int]) -> dict[str, Any]:
+        process, conn = self._worker()
+        run_dir = self.run_dir / "trials" / str(candidate.trial)
+        conn.send((self.configs[candidate.trial], str(run_dir), rung_steps))
+        return {"process": process, "conn": conn, "finished": False, "waiting": False}
+
+    def poll(self, handle: dict[str, Any]) -> list[Message]:
+        messages = []
+        try:
+            while handle["conn"].poll():
+                kind, *rest = handle["conn"].recv()
+                if kind == "rung":
+                    messages.append(Message("rung", rung=rest[0]))
+                    handle["waiting"] = True
+                elif kind == "done":
+                    messages.append(Message("done"))
+                    handle["finished"] = True
+                else:
+                    messages.append(Message("error", error=rest[0], budget=bool(rest[1])))
+                    handle["finished"] = True
+        except (EOFError, OSError):
+            pass
+        if not messages and not handle["finished"] and not handle["process"].is_alive():
+            handle["finished"] = True
+            code = handle["process"].exitcode
+            messages.append(Message("error", error=f"the worker process died (exit code {code}; "
+                                                   f"-9: killed, e.g. out of memory)"))
+        return messages
+
+    def resume(self, handle: dict[str, Any]) -> None:
+        handle["waiting"] = False
+        handle["conn"].send("continue")
+
+    def stop(self, handle: dict[str, Any]) -> None:
+        """A finished trial, or one waiting at a rung boundary, frees its worker for the next trial; one in the
+        middle of a rung (the deadline) has its worker terminated."""
+        process, conn = handle["process"], handle["conn"]
+        if process.is_alive() and (handle["finished"] or handle["waiting"]):
+            if handle["waiting"] and not handle["finished"]:
+                conn.send("stop")
+            self.idle.append((process, conn))
+            return
+        process.terminate()
+        process.join(timeout=2)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        conn.close()
+
+    def close(self) -> None:
+        """Stop the idle workers."""
+        for process, conn in self.idle:
+            try:
+                conn.send("exit")
+            except (BrokenPipeError, OSError):
+                pass
+            process.join(timeout=2)
+            if process.is_alive():
+                process.terminate()
+        self.idle.clear()

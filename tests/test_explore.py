@@ -1,0 +1,102 @@
+"""The explorer's Optuna side and its app: search spaces, a killed explorer resuming its study, the outputs."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+from test_experiments import ROOT
+from test_explore_engine import FakeClock, FakeRunner
+
+from metaopt.explore import Explorer
+from metaopt_hydra.explore.search import SearchSpace
+from metaopt_hydra.explore.study import ExplorerStudy, open_storage
+
+SPACE = {"x": {"dist": "uniform", "low": 0.0, "high": 1.0},
+         "cost": {"dist": "categorical", "choices": [100, 300, 600, 2000]},
+         "lr": {"dist": "loguniform", "low": 1e-3, "high": 1.0},
+         "steps": {"dist": "int", "low": 1, "high": 50, "log": True},
+         "width": {"dist": "fixed", "value": [40, 40]}}
+
+
+def test_search_space_draws_perturbs_and_refuses_bad_entries():
+    space = SearchSpace(OmegaConf.create(SPACE))
+    assert set(space.distributions) == {"x", "cost", "lr", "steps"} and space.fixed == {"width": [40, 40]}
+    assert space.overrides({"x": 0.5})[:1] == ["width=[40,40]"]
+    rng = random.Random(0)
+    params = {"x": 0.5, "cost": 300, "lr": 0.01, "steps": 10}
+    for _ in range(50):
+        child = space.perturb(params, rng)
+        assert child != params
+        assert 0 <= child["x"] <= 1 and child["cost"] in (100, 300, 600, 2000) and 1e-3 <= child["lr"] <= 1
+        assert 1 <= child["steps"] <= 50 and isinstance(child["steps"], int)
+    with pytest.raises(ValueError, match="'bad': dist must be one of"):
+        SearchSpace({"bad": {"dist": "normal"}})
+    with pytest.raises(ValueError, match="'lr': need 0 < low"):
+        SearchSpace({"lr": {"dist": "loguniform", "low": 0, "high": 1}})
+
+
+def _study(tmp_path, seed=0):
+    space = SearchSpace(OmegaConf.create({k: v for k, v in SPACE.items() if k in ("x", "cost")}))
+    return ExplorerStudy(open_storage(None, tmp_path), "s", space, worker="0", memory_share=333, seed=seed)
+
+
+def test_a_killed_explorer_resumes_its_study(tmp_path):
+    clock = FakeClock()
+    first = _study(tmp_path)
+    explorer = Explorer(FakeRunner(clock), first, memory=1000, time_budget=40, max_parallel=3, rung_steps=10, eta=2,
+                        rungs=3, clock=clock, sleep=clock.sleep, perturb=lambda p, r: dict(p))
+    # "kill" it mid-run: step its loop by hand, then drop it with trials still running
+    explorer.started = clock()
+    for _ in range(12):
+        explorer._fill()
+        explorer._admit()
+        explorer._poll()
+        clock.sleep(0)
+    assert explorer.running, "the kill must leave trials running"
+    finished_before = {r.trial for r in first.records()}
+    second = _study(tmp_path)
+    assert second.fail_stale() >= len(explorer.running)
+    previous = second.records()
+    assert {r.trial for r in previous} == finished_before and previous
+    resumed = Explorer(FakeRunner(clock), second, memory=1000, time_budget=40, max_parallel=3, rung_steps=10, eta=2,
+                       rungs=3, clock=clock, sleep=clock.sleep, previous=previous)
+    records = resumed.run()
+    numbers = [r.trial for r in records]
+    assert len(numbers) == len(set(numbers)) and max(numbers) > max(finished_before)  # new trials continue the study
+    assert all(r.status in ("complete", "pruned", "infeasible", "failed") for r in records)
+
+
+def test_contract_explore_end_to_end(tmp_path):
+    """A short search: pareto.csv, events.jsonl, best/*.yaml that train.py runs."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "explore"
+    result = subprocess.run([sys.executable, "experiments/explore.py", "search=sinusoid_maml", "explore.time=35s",
+                             "explore.memory=1GB", "explore.max_parallel=2", "explore.rung_steps=20",
+                             "explore.rungs=2", f"hydra.run.dir={run}"], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(run / "pareto.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:8] == ["trial", "status", "estimator_chosen", "predicted_peak_bytes",
+                                 "measured_peak_bytes", "train_seconds", "val_loss", "pareto"]
+    assert {"estimator", "inner_steps", "inner_optim.lr", "meta_batch_size"} <= set(rows[0])
+    assert {r["status"] for r in rows} <= {"complete", "pruned", "infeasible", "failed"}
+    front = [r for r in rows if r["pareto"] == "1"]
+    assert front and all(r["val_loss"] for r in front)
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert events and all({"time", "trial", "event", "running_predicted_bytes"} <= set(e) for e in events)
+    assert all(e["running_predicted_bytes"] <= 10**9 for e in events)
+    best = sorted((run / "best").glob("*.yaml"))
+    assert len(best) == len(front)
+    again = subprocess.run([sys.executable, "experiments/train.py", "--config-dir", str(run / "best"),
+                            "--config-name", best[0].stem, f"hydra.run.dir={tmp_path / 'd2'}", "eval.n_tasks=20"],
+                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "d2" / "metrics.json").read_text())["status"] == "ok"
+    assert (run / "pareto.png").exists() and (run / "front.md").exists()

@@ -1,0 +1,198 @@
+"""The explorer's engine on tiny objectives with an injected clock: packing, deadline, pruning, front, queue."""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from metaopt.explore import (
+    Candidate,
+    CandidateQueue,
+    Explorer,
+    Rung,
+    TrialRecord,
+    dominates,
+    hypervolume,
+    non_dominated_ranks,
+    pareto_front,
+)
+from metaopt.explore.scheduler import Message
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += 1.0  # each scheduler round is one second
+
+
+class FakeRunner:
+    """A trial's rung r takes `seconds` x (r + 1) fake seconds; its loss is (x - 0.3)^2 + 1 / (r + 1)."""
+
+    def __init__(self, clock: FakeClock, seconds: float = 3.0, guard_trips: set[str] = frozenset()):
+        self.clock, self.seconds, self.guard_trips = clock, seconds, guard_trips
+        self.started: list[int] = []
+
+    def price(self, candidate, memory_share, excluded):
+        cost = candidate.params["cost"]
+        ladder = [("full", cost), ("checkpoint", cost // 4), ("first_order", cost // 16)]
+        for name, peak in ladder:
+            if name not in excluded and peak <= memory_share:
+                return peak, name
+        return f"nothing fits {memory_share} bytes"
+
+    def start(self, candidate, rung_steps):
+        self.started.append(candidate.trial)
+        return {"c": candidate, "rung": 0, "due": self.clock() + self.seconds, "waiting": False, "steps": rung_steps,
+                "tripped": candidate.estimator_chosen in self.guard_trips}
+
+    def poll(self, h):
+        if h["waiting"] or self.clock() < h["due"]:
+            return []
+        if h["tripped"]:
+            return [Message("error", error="BudgetExceeded: past its memory budget", budget=True)]
+        r = h["rung"]
+        x = h["c"].params["x"]
+        rung = Rung(r, h["steps"][r], (x - 0.3) ** 2 + 1 / (r + 1), self.seconds * (r + 1) * h["c"].params["cost"]
+                    / 1e6, h["c"].predicted_peak_bytes)
+        if r + 1 == len(h["steps"]):
+            return [Message("rung", rung), Message("done")]
+        h["waiting"] = True
+        return [Message("rung", rung)]
+
+    def resume(self, h):
+        h["rung"] += 1
+        h["waiting"] = False
+        h["due"] = self.clock() + self.seconds * (h["rung"] + 1)
+
+    def stop(self, h):
+        h["waiting"] = True
+
+
+class FakeStudy:
+    def __init__(self, seed=0):
+        self.rng = random.Random(seed)
+        self.count = itertools.count()
+        self.told: dict[int, TrialRecord] = {}
+        self.children: list[tuple[int, int, float]] = []
+
+    def ask(self):
+        return next(self.count), {"x": self.rng.random(), "cost": self.rng.choice([100, 300, 600, 2000])}
+
+    def ask_child(self, params, parent, priority):
+        trial = next(self.count)
+        self.children.append((trial, parent, priority))
+        return trial
+
+    def tell(self, record):
+        self.told[record.trial] = record
+
+
+def perturb(params, rng):
+    return {**params, "x": min(1.0, max(0.0, params["x"] + rng.gauss(0, 0.05)))}
+
+
+def _explorer(clock, runner=None, study=None, **kwargs):
+    options = dict(memory=1000, time_budget=60, max_parallel=3, rung_steps=10, eta=2, rungs=3, queue_size=6,
+                   children=2, perturb=perturb, clock=clock, sleep=clock.sleep)
+    options.update(kwargs)
+    return Explorer(runner or FakeRunner(clock), study or FakeStudy(), **options)
+
+
+def test_packing_never_exceeds_memory_and_the_deadline_holds():
+    clock = FakeClock()
+    explorer = _explorer(clock)
+    records = explorer.run()
+    assert clock.now <= 60 + 1
+    assert all(e["running_predicted_bytes"] <= 1000 for e in explorer.events)
+    starts = [e for e in explorer.events if e["event"] == "start"]
+    assert len(starts) >= 5 and max(e["running_predicted_bytes"] for e in starts) > 300  # trials ran side by side
+    assert sum(e["event"] == "start" for e in explorer.events) <= 3 + sum(e["event"] == "stop" for e in explorer.events)
+    assert all(r.status in ("complete", "pruned", "infeasible", "failed") for r in records)
+    assert all(r.predicted_peak_bytes <= 1000 // 3 for r in records if r.status != "infeasible")
+
+
+def test_a_candidate_that_does_not_fit_its_share_goes_down_the_ladder_or_is_infeasible():
+    clock = FakeClock()
+    explorer = _explorer(clock, memory=90, max_parallel=1)  # share 90: cost 600 -> first_order (37); 2000 -> none
+    records = explorer.run()
+    chosen = {r.params["cost"]: r.estimator_chosen for r in records if r.status != "infeasible" and r.estimator_chosen}
+    assert chosen.get(100) in (None, "checkpoint") and chosen.get(600, "first_order") == "first_order"
+    infeasible = [r for r in records if r.status == "infeasible"]
+    assert infeasible and all(r.params["cost"] >= 2000 and "nothing fits" in r.error for r in infeasible)
+    assert all(r.trial not in [e["trial"] for e in explorer.events] for r in infeasible)  # never started
+
+
+def test_dominated_trials_are_pruned_at_a_rung():
+    clock = FakeClock()
+    explorer = _explorer(clock, time_budget=200)
+    records = explorer.run()
+    pruned = [r for r in records if r.status == "pruned" and r.rungs]
+    assert pruned, "some trial should have been dominated at a rung"
+    for record in pruned:
+        rung = len(record.rungs) - 1
+        peers = [r for r in records if r.at(rung) is not None]
+        assert any(dominates(p.objectives(rung), record.objectives(rung)) for p in peers if p is not record)
+
+
+def test_children_inherit_their_parents_rank_as_priority():
+    clock = FakeClock()
+    study = FakeStudy()
+    explorer = _explorer(clock, study=study, time_budget=120)
+    explorer.run()
+    assert study.children
+    for trial, parent, priority in study.children:
+        assert priority == 0.0  # only front members breed; their rank is 0
+        assert explorer.records[trial].parent == parent
+
+
+def test_guard_trip_retries_one_step_down_the_ladder():
+    clock = FakeClock()
+    runner = FakeRunner(clock, guard_trips={"full"})
+    explorer = _explorer(clock, runner=runner, max_trials=3, memory=3000)
+    records = explorer.run()
+    retried = [r for r in records if r.retries]
+    assert retried and all("full" in r.excluded and r.estimator_chosen != "full" for r in retried)
+
+
+def test_queue_is_bounded_and_drops_the_lowest_priority():
+    queue = CandidateQueue(2)
+    assert queue.push(Candidate(1.0, {}, 0)) is None
+    assert queue.push(Candidate(0.0, {}, 1)) is None
+    dropped = queue.push(Candidate(2.0, {}, 2))
+    assert dropped.trial == 2 and [c.trial for c in queue] == [1, 0]
+    dropped = queue.push(Candidate(0.0, {}, 3))
+    assert dropped.trial == 0 and [c.trial for c in queue] == [1, 3]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(*(st.integers(0, 5) for _ in range(3))), min_size=1, max_size=25))
+def test_front_equals_brute_force(points):
+    brute = [i for i, p in enumerate(points) if not any(dominates(q, p) for q in points)]
+    assert pareto_front(points) == brute
+    ranks = non_dominated_ranks(points)
+    for i, p in enumerate(points):
+        assert all(ranks[j] < ranks[i] for j, q in enumerate(points) if dominates(q, p))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1)), min_size=1, max_size=12))
+def test_hypervolume_matches_a_grid_count(points):
+    n = 200
+    covered = sum(any(p[0] <= (i + 0.5) / n and p[1] <= (j + 0.5) / n for p in points)
+                  for i in range(n) for j in range(n))
+    assert hypervolume(points, (1.0, 1.0)) == pytest.approx(covered / n ** 2, abs=0.02)
+
+
+def test_hypervolume_of_a_box_and_of_points_outside_the_reference():
+    assert hypervolume([(0.5, 0.5, 0.5)], (1, 1, 1)) == pytest.approx(0.125)
+    assert hypervolume([(2.0, 0.1)], (1, 1)) == 0.0
+    assert math.isclose(hypervolume([(0.0, 0.5), (0.5, 0.0)], (1, 1)), 0.75)
