@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from metaopt.batching import Batching, unstack_tasks
 from metaopt.budget import Budget
 from metaopt.checkpoint import load_checkpoint, save_atomic
+from metaopt.collapse import CollapseGuard
 from metaopt.diagnose import locate_nonfinite
 from metaopt.estimators.base import MetaGrad, MetaGradientMethod
 from metaopt.evaluation import evaluate, mean_ci95, task_to
@@ -201,9 +202,10 @@ class _Recorder:
     log line, and the caller's `log`."""
 
     def __init__(self, state: TrainState, meta_steps: int, log_every: int, log: LogFn | None, progress: bool,
-                 name: str, validate: Callable[[], dict[str, float]] | None = None, validate_every: int = 0):
+                 name: str, validate: Callable[[], dict[str, float]] | None = None, validate_every: int = 0,
+                 collapse: CollapseGuard | None = None):
         self.meta_steps, self.log_every, self.log, self.progress = meta_steps, log_every, log, progress
-        self.validate, self.validate_every = validate, validate_every
+        self.validate, self.validate_every, self.collapse = validate, validate_every, collapse
         self.validated: tuple[int, dict[str, float]] | None = None  # (meta-step, metrics) of the latest validation
         self.bar = tqdm(range(state.step, meta_steps), initial=state.step, total=meta_steps, disable=not progress,
                         desc=f"meta-train ({name})", dynamic_ncols=True)
@@ -237,6 +239,13 @@ class _Recorder:
             self.validated = (state.step, self.validate())
             entry.update(self.validated[1])
         state.history.append(entry)
+        if self.collapse is not None:
+            rollbacks = len(self.collapse.events)
+            self.collapse.watch(state.step, entry["meta_train_loss"], state.meta, state.outer_optimizer)
+            if len(self.collapse.events) > rollbacks:
+                entry["rollback"] = self.collapse.events[-1]["reason"]
+                logger.warning("meta-step %d: %s; rolled back to the best state, outer lr now %s", state.step,
+                               entry["rollback"], self.collapse.events[-1]["outer_lr"])
         self.bar.set_postfix(loss=f"{entry['meta_train_loss']:.4f}")
         if not self.progress:  # no bar: say how it goes in the log (console and Hydra's train.log)
             logger.info("meta-step %d/%d: meta_train_loss %.4f, %.3f s/meta-step", state.step, self.meta_steps,
@@ -279,7 +288,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
                memory_probe: Callable[[], int] | None = None, meter: Meter | None = None,
                max_grad_norm: float | None = None, eval_batch_size: int = 100,
                validate: Callable[[MetaParams], dict[str, float]] | None = None, validate_every: int = 0,
-               checkpoint_extra: dict[str, Any] | None = None) -> dict:
+               checkpoint_extra: dict[str, Any] | None = None, collapse: CollapseGuard | None = None) -> dict:
     """Meta-train `meta` with `estimator` (or the `auto` policy) under a budget, then evaluate on fresh tasks.
 
     Before the first step the meta-step is planned (`plan_training`): its peak memory is
@@ -302,6 +311,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
         meta-test tasks), run every `validate_every` meta-steps and at the end; its metrics join the
         history entries and the returned metrics.
       checkpoint_extra: more entries for the checkpoint (e.g. the run's resolved config).
+      collapse: watches the meta-train loss for a collapse and rolls back or stops (`metaopt.collapse`).
 
     Returns:
       Metrics: "meta_steps", "estimator", "estimator_chosen", "predicted_peak_bytes",
@@ -326,7 +336,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
         return task_to(tasks.sample(meta_batch_size, inner_steps, state.generator), device)
 
     recorder = _Recorder(state, meta_steps, log_every, log, progress, estimator.name,
-                         None if validate is None else (lambda: validate(meta)), validate_every)
+                         None if validate is None else (lambda: validate(meta)), validate_every, collapse)
     memory_method = default_method(device)
     measured_peak = _loop(state, config, sample, meta_steps, recorder, save, checkpoint_every,
                           lambda step: step - recorder.first < 2 or step % memory_every == 0, device, memory_method)
@@ -339,6 +349,8 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
                                 inner_steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
                                 batch_size=eval_batch_size, batching=batching, device=device, budget=budget))
     metrics.update(recorder.final_validation(state))
+    if collapse is not None:
+        metrics["collapse_rollbacks"] = collapse.events
     metrics["history"] = state.history
     return metrics
 
@@ -379,7 +391,7 @@ def _loop(state: TrainState, config: StepConfig, sample: Callable[[], Task], met
             if checkpoint_every and state.step % checkpoint_every == 0:
                 save()
     except BaseException:
-        save()  # everything learned before the failing meta-step stays on disk
+        save()  # everything learned before the failing meta-step stays on disk (after a collapse: the best state)
         raise
     finally:
         recorder.bar.close()

@@ -116,4 +116,5 @@ def train_from_config(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Call
         checkpoint_path=run_dir / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every,
         log=log, log_every=cfg.log_every, progress=cfg.progress, device=cfg.device, on_nan=cfg.on_nan,
         max_grad_norm=cfg.max_grad_norm, validate=validation(cfg, parts) if evaluate else None,
-        validate_every=int(cfg.eval.get("val_every", 0) or 0), checkpoint_extra=checkpoint_extra)
+        validate_every=int(cfg.eval.get("val_every", 0) or 0), checkpoint_extra=checkpoint_extra,
+        collapse=instantiate(cfg.collapse) if cfg.get("collapse") else None)

@@ -80,3 +80,32 @@ def test_mean_ci95_matches_formula():
     mean, ci = mean_ci95(values)
     assert mean == 2.5 and ci == pytest.approx(1.96 * values.std().item() / 2)
     assert math.isnan(mean_ci95(torch.tensor([1.0]))[1])
+
+
+def test_collapse_guard_rolls_back_to_the_best_state_then_stops():
+    from metaopt.collapse import CollapseGuard, TrainingCollapsed
+    meta = torch.nn.Linear(2, 1)
+    opt = torch.optim.Adam(meta.parameters(), lr=0.1)
+    guard = CollapseGuard(chance_loss=2.302585, patience=2, rollbacks=1)
+    guard.watch(100, 0.5, meta, opt)
+    best = {k: v.clone() for k, v in meta.state_dict().items()}
+    with torch.no_grad():
+        meta.weight.add_(1.0)
+    guard.watch(200, 2.3026, meta, opt)  # at chance: rolled back, lr halved
+    assert torch.equal(meta.weight, best["weight"]) and opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    assert "chance level" in guard.events[0]["reason"]
+    guard.watch(300, 0.6, meta, opt)
+    with pytest.raises(TrainingCollapsed, match="rose for 2 logging intervals"):
+        guard.watch(400, 0.7, meta, opt)
+    assert torch.equal(meta.weight, best["weight"])  # stopped at the best state
+    with pytest.raises(TrainingCollapsed, match="is nan"):
+        CollapseGuard(rollbacks=0).watch(1, float("nan"), meta, opt)
+
+
+def test_meta_train_with_a_collapse_guard_records_its_rollbacks(tmp_path):
+    from metaopt.collapse import CollapseGuard
+    loop, meta, opt = _parts()
+    guard = CollapseGuard(patience=1, rollbacks=50)  # any rise rolls back: some will in 40 noisy steps
+    metrics = _train(loop, meta, opt, 60, collapse=guard)
+    assert metrics["collapse_rollbacks"] == guard.events and guard.events
+    assert any("rollback" in h for h in metrics["history"])

@@ -23,6 +23,10 @@ Architecture = Literal["lstm", "mlp"]
 Base = Literal["sgd", "adam"]
 
 
+def _logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
 def preprocess_log_sign(x: Tensor, p: float = 10.0) -> Tensor:
     """Andrychowicz et al.'s input scaling: x -> (log|x| / p, sign x) if |x| >= e^-p else (-1, e^p x).
 
@@ -45,12 +49,18 @@ class LearnedOptimizer(AbstractOptimizerMetaParam):
     with per-coordinate hidden state, then a linear read-out; "mlp": two hidden layers,
     stateless apart from the moments) outputs one number per coordinate, and
 
-        p <- p - exp(log_base_lr) * base - exp(log_output_scale) * network(features)
+        p <- p - base_lr * base - output_scale * tanh(network(features))
 
     where base is the gradient ("sgd") or m_0.9 / sqrt(v) with bias corrections
     ("adam"), or absent (None). The read-out starts at zero, so before meta-training
     the rule is its base with `base_lr`; meta-training learns the step size and what to
     add. The rule ignores the loop's own `InnerOptimizer` and its hyperparameters.
+
+    Bounded, as in Metz et al. 2022: the network's contribution to a coordinate's step is
+    at most `output_scale` (tanh), and both learned step sizes are `max x sigmoid(logit)`,
+    at most `max_base_lr` / `max_output_scale` (default 10x their initial values), so no
+    meta-gradient step can make the rule take unbounded inner steps. (Unbounded, the
+    shipped config's meta-training collapsed to chance loss at meta-step 300 on one seed.)
 
     Args:
       model: the inner model (only its parameters' dtype is used: the rule's size is
@@ -61,6 +71,7 @@ class LearnedOptimizer(AbstractOptimizerMetaParam):
       base: "sgd", "adam" or None.
       base_lr: the initial learning rate of the base term (learned).
       output_scale: the initial scale of the network's output (learned).
+      max_base_lr, max_output_scale: their upper bounds (None: 10x the initial value).
     """
 
     second_moment_decay = 0.999
@@ -68,7 +79,7 @@ class LearnedOptimizer(AbstractOptimizerMetaParam):
 
     def __init__(self, model: nn.Module, architecture: Architecture = "lstm", hidden: int = 20,
                  decays: Sequence[float] = (0.5, 0.9, 0.99), base: Base | None = "sgd", base_lr: float = 0.1,
-                 output_scale: float = 0.01):
+                 output_scale: float = 0.01, max_base_lr: float | None = None, max_output_scale: float | None = None):
         super().__init__()
         if architecture not in ("lstm", "mlp"):
             raise ValueError(f"LearnedOptimizer: architecture must be 'lstm' or 'mlp', got {architecture!r}")
@@ -92,8 +103,13 @@ class LearnedOptimizer(AbstractOptimizerMetaParam):
         with torch.no_grad():
             self.readout.weight.zero_()
             self.readout.bias.zero_()
-        self.log_output_scale = nn.Parameter(torch.tensor(math.log(output_scale), dtype=dtype))
-        self.log_base_lr = nn.Parameter(torch.tensor(math.log(base_lr), dtype=dtype)) if base else None
+        self.max_output_scale = 10 * output_scale if max_output_scale is None else max_output_scale
+        self.max_base_lr = 10 * base_lr if max_base_lr is None else max_base_lr
+        if not (output_scale < self.max_output_scale and base_lr < self.max_base_lr):
+            raise ValueError("LearnedOptimizer: the initial output_scale and base_lr must be below their maxima")
+        self.output_scale_logit = nn.Parameter(torch.tensor(_logit(output_scale / self.max_output_scale), dtype=dtype))
+        self.base_lr_logit = (nn.Parameter(torch.tensor(_logit(base_lr / self.max_base_lr), dtype=dtype))
+                              if base else None)
 
     def extra_repr(self) -> str:
         return f"architecture={self.architecture!r}, hidden={self.hidden}, decays={self.decays}, base={self.base!r}"
@@ -141,8 +157,8 @@ class LearnedOptimizer(AbstractOptimizerMetaParam):
         cs: Params = {}
         new_params = {}
         # Per-step scalars, computed once for all parameter tensors.
-        scale = self.log_output_scale.exp()
-        base_lr = self.log_base_lr.exp() if self.log_base_lr is not None else None
+        scale = self.max_output_scale * torch.sigmoid(self.output_scale_logit)
+        base_lr = self.max_base_lr * torch.sigmoid(self.base_lr_logit) if self.base_lr_logit is not None else None
         v_correction = 1 - b2 ** step
         m_correction = 1 - self.adam_decay ** step
         for k, p in params.items():
@@ -155,7 +171,7 @@ class LearnedOptimizer(AbstractOptimizerMetaParam):
                 hidden = hs[k]
             else:
                 hidden = self.mlp(feats)
-            delta = scale * self.readout(hidden).squeeze(-1)
+            delta = scale * torch.tanh(self.readout(hidden).squeeze(-1))
             if base_lr is not None:
                 direction = grads[k] if self.base == "sgd" else adam_m[k] / m_correction / rms
                 delta = delta + base_lr * direction
