@@ -37,7 +37,10 @@ from metaopt.models import MLP, Conv4
 from metaopt.planning import Auto
 from metaopt.prototypes import PrototypeLoop
 from metaopt.tasks import Digits, RandomInit, RandomPatterns, Sinusoid, TaskDistribution
-from metaopt.train import evaluate, meta_train
+from metaopt.collapse import CollapseGuard, TrainingCollapsed
+from metaopt.planning import plan
+from metaopt.runner import run_meta_gradient
+from metaopt.train import StepConfig, TrainState, evaluate, meta_step, meta_train
 from metaopt.types import Batch, InnerState, Task
 
 __version__ = "0.1.0"
@@ -56,5 +59,6 @@ __all__ = [
     "TaskShapeMismatch", "stack_tasks", "unstack_tasks",
     "MLP", "Conv4",
     "TaskDistribution", "Sinusoid", "RandomPatterns", "Digits", "RandomInit",
-    "meta_train", "evaluate",
+    "meta_train", "meta_step", "TrainState", "StepConfig", "evaluate", "plan", "run_meta_gradient",
+    "CollapseGuard", "TrainingCollapsed",
 ]
