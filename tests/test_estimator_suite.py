@@ -134,3 +134,29 @@ def test_estimator_constructor_arguments_are_checked():
                           (lambda: E.Implicit(solver="lu"), "solver must be 'cg' or 'neumann'")]:
         with pytest.raises(ValueError, match=message):
             make()
+
+
+def test_the_table_covers_every_registered_estimator():
+    """Adding an estimator to the registry without a row in tests/db.py fails here."""
+    covered = {info.make(T).name for info in ESTIMATORS}
+    assert covered == {cls.name for cls in mo.estimators.registered_estimators()}
+
+
+@pytest.mark.parametrize("info", ESTIMATORS, ids=str)
+def test_declarations_match_the_promise(info):
+    """What an estimator declares to the planner agrees with what the suite checks it does."""
+    estimator = info.make(T)
+    if info.promise == "exact":
+        assert estimator.bias(T) == 0.0 and estimator.relative_time >= 1.0
+    else:
+        assert estimator.bias(T) > 0  # implicit: exact only at a stationary point, so ranked after exact ones
+
+
+def test_auto_ranks_every_declared_candidate_exact_first():
+    from metaopt.planning import Predictor, ranked_candidates
+    loop, meta, tasks = _problem("init+lrs_element", inner_steps=64)
+    predictor = Predictor(loop, meta, tasks, meter=lambda e, t, b: 1000)
+    ranked = ranked_candidates(mo.Auto(), loop, meta, 64, predictor)
+    biases = [c.bias(64) for c in ranked]
+    assert biases == sorted(biases) and ranked[0].name == "full" and ranked[-1].name == "first_order"
+    assert {c.name for c in ranked} >= {"full", "checkpoint", "truncated", "first_order"}
