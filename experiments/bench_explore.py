@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _space(search: str) -> tuple[SearchSpace, list[str], dict]:
     spec = OmegaConf.load(ROOT / "conf" / "search" / f"{search}.yaml")
-    base = [str(o) for o in OmegaConf.to_container(spec.base, resolve=False)]  # type: ignore[union-attr]
+    base = [str(o) for o in OmegaConf.to_container(spec.base, resolve=True)]  # type: ignore[union-attr]
     return SearchSpace(spec.params), base, OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "explore.yaml"))
 
 
@@ -71,7 +71,9 @@ def run_sequential(args: argparse.Namespace, sampler: optuna.samplers.BaseSample
                 metrics = train_from_config(cfg, parts, Path(tmp) / str(trial.number), evaluate=False)
                 validate = validation(cfg, parts)
                 val = validate(parts.meta)["val_loss"] if validate else metrics["meta_train_loss"]
-            except Exception:  # a failed trial counts as nothing
+            except Exception as error:  # a failed trial counts as nothing (said, so a broken baseline shows)
+                print(f"{type(sampler).__name__} trial {trial.number} failed: {type(error).__name__}: {error}",
+                      file=sys.stderr)
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 continue
             if time.monotonic() > deadline or not math.isfinite(val):

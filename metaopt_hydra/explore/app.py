@@ -60,7 +60,9 @@ def run_explore(cfg: DictConfig) -> float:
     if stale:
         log.warning("resumed study %s: %d trial(s) left running by a killed explorer told failed", cfg.explore.study_name,
                     stale)
-    base = [str(o) for o in OmegaConf.to_container(cfg.search.get("base") or [], resolve=False)]  # type: ignore
+    # Resolved: ${data.root} takes the explore config's value; an escaped \${inner_steps} becomes the trial
+    # config's own interpolation.
+    base = [str(o) for o in OmegaConf.to_container(cfg.search.get("base") or [], resolve=True)]  # type: ignore
 
     def compose_trial(params: dict[str, Any]) -> DictConfig:
         return compose(config_name="train", overrides=base + space.overrides(params))
