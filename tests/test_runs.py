@@ -217,3 +217,21 @@ def test_resumed_run_keeps_its_logger_id(tmp_path):
     first = load_checkpoint(tmp_path / "checkpoint.pt")["logger_run_id"]
     assert run_train(tmp_path, "debug=tiny", "meta_steps=2").returncode == 0
     assert load_checkpoint(tmp_path / "checkpoint.pt")["logger_run_id"] == first
+
+
+def test_ctrl_c_writes_an_interrupted_record_and_keeps_the_checkpoint(tmp_path):
+    import signal
+    import time
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "experiments/train.py", f"hydra.run.dir={tmp_path}", "meta_steps=100000",
+                                "checkpoint_every=50", "progress=false", "log_every=50"], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "checkpoint.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=60)
+    assert process.returncode != 0
+    record = _metrics(tmp_path)
+    assert record["status"] == "interrupted" and "KeyboardInterrupt" in record["error"]
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["meta_step"] >= 50
