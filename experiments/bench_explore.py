@@ -60,6 +60,7 @@ def run_sequential(args: argparse.Namespace, sampler: optuna.samplers.BaseSample
     steps = args.rung_steps * explore["explore"]["eta"] ** (explore["explore"]["rungs"] - 1)
     study = optuna.create_study(directions=["minimize"] * 3, sampler=sampler)
     points: list[tuple[float, float, float]] = []
+    failures: dict[str, int] = {}
     deadline = time.monotonic() + args.time
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"), \
             tempfile.TemporaryDirectory() as tmp:
@@ -71,9 +72,8 @@ def run_sequential(args: argparse.Namespace, sampler: optuna.samplers.BaseSample
                 metrics = train_from_config(cfg, parts, Path(tmp) / str(trial.number), evaluate=False)
                 validate = validation(cfg, parts)
                 val = validate(parts.meta)["val_loss"] if validate else metrics["meta_train_loss"]
-            except Exception as error:  # a failed trial counts as nothing (said, so a broken baseline shows)
-                print(f"{type(sampler).__name__} trial {trial.number} failed: {type(error).__name__}: {error}",
-                      file=sys.stderr)
+            except Exception as error:  # a failed trial counts as nothing (counted, so a broken baseline shows)
+                failures[type(error).__name__] = failures.get(type(error).__name__, 0) + 1
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 continue
             if time.monotonic() > deadline or not math.isfinite(val):
@@ -82,6 +82,8 @@ def run_sequential(args: argparse.Namespace, sampler: optuna.samplers.BaseSample
             point = (val, metrics["train_seconds"], metrics["predicted_peak_bytes"] / 1e6)
             study.tell(trial, list(point))
             points.append(point)
+    if failures:
+        print(f"{type(sampler).__name__}: failed trials {failures}", file=sys.stderr)
     return points
 
 
