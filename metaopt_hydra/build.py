@@ -53,8 +53,7 @@ def build(cfg: DictConfig, load_tasks: bool = True) -> Parts:
     if load_tasks:
         tasks = instantiate(cfg.task)
         eval_tasks = instantiate(cfg.task, **cfg.eval.task) if cfg.eval.task else tasks
-        val_overrides = cfg.eval.get("val_task") or {}
-        val_tasks = instantiate(cfg.task, **val_overrides) if val_overrides else tasks
+        val_tasks = _validation_tasks(cfg, tasks)
         loss_fn = tasks.loss_fn
     else:
         tasks = eval_tasks = val_tasks = None
@@ -62,9 +61,10 @@ def build(cfg: DictConfig, load_tasks: bool = True) -> Parts:
     model = instantiate(cfg.model).to(cfg.device)
     if tasks is not None:
         check_task_fits_model(cfg, tasks, model)
-    if cfg.get("random_init", False) and tasks is not None:
+    if cfg.get("random_init", False) and tasks is not None and eval_tasks is not None and val_tasks is not None:
         # Every task starts from its own fresh initialization of the model (Task.init).
-        tasks, eval_tasks, val_tasks = (RandomInit(t, model) for t in (tasks, eval_tasks, val_tasks))
+        tasks, eval_tasks, val_tasks = RandomInit(tasks, model), RandomInit(eval_tasks, model), RandomInit(val_tasks,
+                                                                                                           model)
     meta = build_meta(cfg, model)
     loop = instantiate(cfg.loop)(model=model, optimizer=instantiate(cfg.inner_optim), loss_fn=loss_fn)
     log.info("Instantiating estimator <%s>", cfg.estimator._target_)
@@ -72,6 +72,20 @@ def build(cfg: DictConfig, load_tasks: bool = True) -> Parts:
     log.info("tasks=%r model=%s meta=%s estimator=%r budget=%r", tasks, type(model).__name__,
              {k: type(v).__name__ for k, v in meta.items()}, estimator, budget)
     return Parts(tasks, eval_tasks, model, loop, meta, estimator, budget, val_tasks)
+
+
+def _validation_tasks(cfg: DictConfig, tasks: TaskDistribution) -> TaskDistribution:
+    """`task` with `eval.val_task`'s overrides (e.g. a validation split); where those cannot be built (a
+    split with no classes, e.g. task.val_alphabets=0), the training distribution, said in the log."""
+    overrides = cfg.eval.get("val_task") or {}
+    if not overrides:
+        return tasks
+    try:
+        return instantiate(cfg.task, **overrides)
+    except Exception as error:  # the data's own error, e.g. OmniglotDataError
+        log.warning("validation tasks from the training distribution (another seed): eval.val_task=%s cannot be "
+                    "built (%s)", dict(overrides), str(error).splitlines()[-1] if str(error) else type(error).__name__)
+        return tasks
 
 
 def build_meta(cfg: DictConfig, model: torch.nn.Module) -> MetaParams:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import RunMode
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -21,8 +22,8 @@ class ReportFailures(Callback):
         self.failed: list[str] = []
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if job_return.status != JobStatus.FAILED:
-            return
+        if job_return.status != JobStatus.FAILED or config.hydra.mode != RunMode.MULTIRUN:
+            return  # a single run's error is Hydra's own last words
         error = job_return._return_value  # the exception the task function raised
         line = (f"job {config.hydra.job.get('num', '?')} ({' '.join(job_return.overrides or [])}) failed: "
                 f"{type(error).__name__}: {error}")
