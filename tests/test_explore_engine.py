@@ -152,6 +152,9 @@ def test_children_inherit_their_parents_rank_as_priority():
     for trial, parent, priority in study.children:
         assert priority == 0.0  # only front members breed; their rank is 0
         assert explorer.records[trial].parent == parent
+    starts = [explorer.records[e["trial"]] for e in explorer.events if e["event"] == "start"]
+    fresh = sum(r.parent is None for r in starts)
+    assert fresh >= len(starts) // 2 - 1  # starts alternate: children never crowd out the sampler
 
 
 def test_guard_trip_retries_one_step_down_the_ladder():

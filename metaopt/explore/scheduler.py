@@ -2,9 +2,11 @@
 
 One loop, driven by an injectable clock:
 
-- **Queue.** A bounded priority queue (`CandidateQueue`) fed by the study's sampler (kept just
-  ahead of the free slots) and by children perturbed around front members (a child's priority
-  is its parent's non-domination rank).
+- **Queue.** A bounded priority queue (`CandidateQueue`) fed by the study's sampler (always one
+  draw waiting, more to fill free slots) and by children perturbed around front members (a
+  child's priority is its parent's non-domination rank). Starts alternate between the sampler's
+  draws and children: without that, the children of a front that is growing fill every slot and
+  the sampler stops exploring (measured: 87 of 89 trials were children of the first few).
 - **Admission.** Before a candidate runs, the runner prices it (`TrialRunner.price`): the
   predicted peak of its meta-step under the per-trial memory share (`memory / max_parallel`),
   with a cheaper estimator from the `auto` ladder when the asked one does not fit, or the reason
@@ -166,6 +168,7 @@ class Explorer:
         self.running: dict[int, _Running] = {}
         self.events: list[dict[str, Any]] = []
         self.drawn = 0
+        self._last_was_child = True  # the first start goes to the sampler
 
     # --- bookkeeping -------------------------------------------------------------------------------------------
     @property
@@ -197,7 +200,9 @@ class Explorer:
 
     def _fill(self) -> None:
         free = self.max_parallel - len(self.running)
-        while len(self.queue) < free + 1 and (self.max_trials is None or self.drawn < self.max_trials):
+        while (len(self.queue) < self.queue.capacity
+               and (len(self.queue) < free + 1 or not any(c.parent is None for c in self.queue))
+               and (self.max_trials is None or self.drawn < self.max_trials)):
             trial, params = self.study.ask()
             self.drawn += 1
             self._push(Candidate(CandidateQueue.sampler_priority, params, trial))
@@ -212,13 +217,23 @@ class Explorer:
         if rank > 0:
             return
         for _ in range(self.children):
+            if sum(c.parent is not None for c in self.queue) >= self.queue.capacity - 1:
+                return  # one place stays for the sampler's next draw
             params = self.perturb(record.params, self.rng)
             trial = self.study.ask_child(params, record.trial, float(rank))
             self._push(Candidate(float(rank), params, trial, parent=record.trial))
 
     # --- admission and packing ---------------------------------------------------------------------------------
+    def _ordered(self) -> list[Candidate]:
+        """The queue in priority order, alternating sources: the sampler's draws and children."""
+        fresh = [c for c in self.queue if c.parent is None]
+        children = [c for c in self.queue if c.parent is not None]
+        first, second = (fresh, children) if self._last_was_child else (children, fresh)
+        merged = [c for pair in zip(first, second) for c in pair]
+        return merged + first[len(second):] + second[len(first):]
+
     def _admit(self) -> None:
-        for candidate in list(self.queue):
+        for candidate in self._ordered():
             if len(self.running) >= self.max_parallel:
                 return
             record = self.records[candidate.trial]
@@ -232,6 +247,7 @@ class Explorer:
                 record.predicted_peak_bytes, record.estimator_chosen = priced
             if self.running_bytes + candidate.predicted_peak_bytes <= self.memory:  # first fit
                 self.queue.remove(candidate)
+                self._last_was_child = candidate.parent is not None
                 record.status = "running"
                 self.running[candidate.trial] = _Running(candidate, record,
                                                          self.runner.start(candidate, self.rung_steps))
