@@ -348,6 +348,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
         metrics.update(evaluate(loop, meta, eval_tasks or tasks, n_tasks=eval_n_tasks,
                                 inner_steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
                                 batch_size=eval_batch_size, batching=batching, device=device, budget=budget))
+    metrics["budget_exceeded"] = _over_budget(metrics, budget)
     metrics.update(recorder.final_validation(state))
     if collapse is not None:
         metrics["collapse_rollbacks"] = collapse.events
@@ -397,6 +398,16 @@ def _loop(state: TrainState, config: StepConfig, sample: Callable[[], Task], met
         recorder.bar.close()
     save()
     return measured_peak
+
+
+def _over_budget(metrics: dict[str, Any], budget: Budget) -> list[str]:
+    """The measured peaks (training's meta-step, evaluation) above the memory budget, each said in the log."""
+    over = [k for k in ("measured_peak_bytes", "eval_peak_bytes")
+            if budget.memory is not None and metrics.get(k, -1) > budget.memory]
+    for key in over:
+        logger.warning("%s = %s is above the memory budget %s", key, format_bytes(metrics[key]),
+                       format_bytes(budget.memory or 0))
+    return over
 
 
 def _run_metrics(state: TrainState, estimator: MetaGradientMethod, chosen: Plan, budget: Budget,
