@@ -112,14 +112,21 @@ class _Run:
 
     def __init__(self, estimator: Differentiator, loop: InnerLoop, meta: MetaParams, prepared: Task | list[Task],
                  guard: StepGuard | None):
-        self.estimator, self.loop, self.meta, self.prepared, self.guard = estimator, loop, meta, prepared, guard
+        self.estimator, self.loop, self.meta, self.guard = estimator, loop, meta, guard
+        self._prepare(prepared)
+
+    def _prepare(self, prepared: Task | list[Task]) -> None:
+        """Keep the tasks, and for a stacked batch its distinct support batches once (not per chunk)."""
+        self.prepared = prepared
+        self.compressed = compress_support(prepared) if isinstance(prepared, Task) else None
 
     def objective(self, first: int, last: int, guard: StepGuard | None) -> TaskObjective:
         def one(task: Task) -> TaskObjective:
             return self.estimator.task_objective(self.loop, self.meta, task, guard)
-        if isinstance(self.prepared, Task):
-            compressed, pattern = compress_support(self.prepared)
+        if self.compressed is not None:
+            compressed, pattern = self.compressed
             return vmap_tasks(one, tree_map_only(Tensor, lambda v: v[first:last], compressed), pattern)
+        assert isinstance(self.prepared, list)
         return tree_map_only(Tensor, lambda v: v.unsqueeze(0), one(self.prepared[first]))
 
     def chunk(self, first: int, last: int, guard: StepGuard | None) -> _Chunk:
@@ -136,10 +143,10 @@ class _Run:
     def truncate(self, first: int, last: int, steps: int) -> None:
         """Cut tasks first..last-1 to their first `steps` inner steps (a stacked batch is cut whole)."""
         if isinstance(self.prepared, Task):
-            self.prepared = self.prepared._replace(support=self.prepared.support[:steps])
+            self._prepare(self.prepared._replace(support=self.prepared.support[:steps]))
         else:
-            self.prepared = [t._replace(support=t.support[:steps]) if first <= i < last else t
-                             for i, t in enumerate(self.prepared)]
+            self._prepare([t._replace(support=t.support[:steps]) if first <= i < last else t
+                           for i, t in enumerate(self.prepared)])
 
     def guarded_chunk(self, first: int, last: int) -> tuple[_Chunk | None, int]:
         """(the chunk, or None if skipped; 1 if it was truncated) under the budget's on_exceed."""

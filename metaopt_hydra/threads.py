@@ -13,10 +13,10 @@ import os
 import torch
 from omegaconf import DictConfig
 
-__all__ = ["choose_threads", "apply_threads"]
+__all__ = ["choose_threads", "apply_threads", "available_cores"]
 
 
-def _cores() -> int:
+def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -37,7 +37,7 @@ def choose_threads(cfg: DictConfig, launcher: DictConfig | None = None) -> int:
         return threads
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
-    cores = _cores()
+    cores = available_cores()
     target = str(launcher.get("_target_", "")) if launcher is not None else ""
     if "joblib" in target.lower():
         jobs = int(launcher.get("n_jobs", -1) or -1)  # type: ignore[union-attr]

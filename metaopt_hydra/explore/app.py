@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from metaopt_hydra.explore.report import front_of, write_report
 from metaopt_hydra.explore.runner import ProcessRunner
 from metaopt_hydra.explore.search import SearchSpace
 from metaopt_hydra.explore.study import ExplorerStudy, open_storage
-from metaopt_hydra.threads import apply_threads
+from metaopt_hydra.threads import apply_threads, available_cores
 
 __all__ = ["run_explore"]
 
@@ -40,11 +39,7 @@ REPORT_SECONDS = 15.0  # kept from the time budget for stopping workers and writ
 def _threads(cfg: DictConfig) -> int:
     if cfg.explore.get("threads"):
         return int(cfg.explore.threads)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, cores // int(cfg.explore.max_parallel))
+    return max(1, available_cores() // int(cfg.explore.max_parallel))
 
 
 def run_explore(cfg: DictConfig) -> float:
