@@ -75,7 +75,9 @@ class CollapseGuard:
                                     f"is kept)")
         self.restore_best(meta, optimizer)
         for group in optimizer.param_groups:  # the snapshot's lr, lowered once per rollback so far
-            group["lr"] *= self.lr_factor ** (len(self.events) + 1)
+            for key in ("lr", "initial_lr"):  # initial_lr: the base of an lr schedule (train.StepConfig)
+                if key in group:
+                    group[key] *= self.lr_factor ** (len(self.events) + 1)
         self.events.append({"meta_step": step, "reason": why, "restored_loss": self._best[0],
                             "outer_lr": [g["lr"] for g in optimizer.param_groups]})
         self._rising, self._last = 0, self._best[0]

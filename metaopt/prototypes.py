@@ -1,6 +1,7 @@
 """Prototypical Networks (Snell et al. 2017) as an inner loop whose adaptation is non-parametric."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -21,13 +22,16 @@ class PrototypeLoop(InnerLoop):
     the "init" slot (`Init(model)`), so `full` backpropagates through the support
     and query embeddings, every estimator and `evaluate` work unchanged, and tasks
     vmap. Use one inner step (the support batch); with several, the last batch's
-    prototypes are used.
+    prototypes are used. A class with no support example gets no prototype: its logit
+    is the dtype's lowest value (probability exactly 0), so a loop built for N classes
+    scores tasks of fewer classes exactly as a loop built for theirs (a 60-way training
+    loop evaluates 5- and 20-way tasks).
 
     Args:
       model: the embedding network (e.g. `Conv4(out_features=0)`): [n, ...] -> [n, D].
       optimizer: unused (accepted so configs build every loop alike).
       loss_fn: the outer loss on the logits (cross-entropy).
-      n_way: classes per task; labels are 0..n_way-1.
+      n_way: classes per task at most; labels are 0..n_way-1.
     """
 
     def __init__(self, model: nn.Module, optimizer: InnerOptimizer | None = None,
@@ -42,14 +46,16 @@ class PrototypeLoop(InnerLoop):
         batch = self.support_batch(batch, meta)
         embeddings, buffers = self.forward(state.params, state.buffers, batch.x)
         one_hot = F.one_hot(batch.y, self.n_way).to(embeddings.dtype)          # [n, N]
-        prototypes = one_hot.T @ embeddings / one_hot.sum(0).clamp_min(1).unsqueeze(1)  # [N, D]
-        return InnerState(state.params, buffers, {"prototypes": prototypes}, state.anchor)
+        counts = one_hot.sum(0)                                                # [N]
+        prototypes = one_hot.T @ embeddings / counts.clamp_min(1).unsqueeze(1)  # [N, D]
+        return InnerState(state.params, buffers, {"prototypes": prototypes, "present": counts > 0}, state.anchor)
 
     def predict(self, state: InnerState, x: Tensor) -> Tensor:
         if "prototypes" not in state.opt_state:
             raise ValueError("PrototypeLoop needs one inner step on the support batch before predicting "
                              "(inner_steps >= 1)")
         embeddings = self.forward(state.params, state.buffers, x)[0]
-        prototypes = state.opt_state["prototypes"]
-        assert isinstance(prototypes, Tensor)
-        return -((embeddings.unsqueeze(1) - prototypes.unsqueeze(0)) ** 2).sum(-1)
+        prototypes, present = state.opt_state["prototypes"], state.opt_state["present"]
+        assert isinstance(prototypes, Tensor) and isinstance(present, Tensor)
+        logits = -((embeddings.unsqueeze(1) - prototypes.unsqueeze(0)) ** 2).sum(-1)
+        return logits.masked_fill(~present, torch.finfo(logits.dtype).min)

@@ -128,6 +128,9 @@ class StepConfig:
       on_nan: "raise" (naming meta-step, task and inner step) or "skip" (drop the task, count it).
       max_grad_norm: clip the meta-gradient's global norm (None: no clipping).
       clock, memory_probe: the guard's clock and memory probe (tests inject them).
+      lr_schedule: the outer learning rate at meta-step s (counted from 0) is the optimizer's initial
+        lr times `lr_schedule(s)` (e.g. `metaopt.schedules.Cosine`); the initial lr is kept in each param
+        group's "initial_lr", so it is checkpointed with the optimizer. None: a constant lr.
     """
 
     loop: InnerLoop
@@ -137,6 +140,7 @@ class StepConfig:
     max_grad_norm: float | None = None
     clock: Callable[[], float] | None = None
     memory_probe: Callable[[], int] | None = None
+    lr_schedule: Callable[[int], float] | None = None
 
     def meta_gradient(self, meta: MetaParams, tasks: Task | list[Task]) -> MetaGrad:
         return self.plan.estimator(self.loop, meta, tasks, self.budget, batching=self.plan.batching,
@@ -167,6 +171,10 @@ def meta_step(state: TrainState, batch: Task, config: StepConfig) -> tuple[Train
     apply_meta_grad(state.meta, meta_grad)
     if config.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(list(state.meta.parameters()), config.max_grad_norm)
+    if config.lr_schedule is not None:
+        factor = config.lr_schedule(state.step - 1)
+        for group in state.outer_optimizer.param_groups:
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
     state.outer_optimizer.step()
     state.outer_optimizer.zero_grad(set_to_none=True)
     return state, metrics
@@ -288,7 +296,8 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
                memory_probe: Callable[[], int] | None = None, meter: Meter | None = None,
                max_grad_norm: float | None = None, eval_batch_size: int = 100,
                validate: Callable[[MetaParams], dict[str, float]] | None = None, validate_every: int = 0,
-               checkpoint_extra: dict[str, Any] | None = None, collapse: CollapseGuard | None = None) -> dict:
+               checkpoint_extra: dict[str, Any] | None = None, collapse: CollapseGuard | None = None,
+               lr_schedule: Callable[[int], float] | None = None, time_limit: float | None = None) -> dict:
     """Meta-train `meta` with `estimator` (or the `auto` policy) under a budget, then evaluate on fresh tasks.
 
     Before the first step the meta-step is planned (`plan_training`): its peak memory is
@@ -312,6 +321,10 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
         history entries and the returned metrics.
       checkpoint_extra: more entries for the checkpoint (e.g. the run's resolved config).
       collapse: watches the meta-train loss for a collapse and rolls back or stops (`metaopt.collapse`).
+      lr_schedule: the outer learning rate's multiplier by meta-step (see `StepConfig`; `metaopt.schedules`).
+      time_limit: seconds of training (summed over resumed sessions; evaluation not counted): no meta-step
+        starts that the median step time says would end past it. Stopping there is not a failure: the
+        checkpoint is written and "stopped_at_time_limit" is true, "meta_steps" says how many ran.
 
     Returns:
       Metrics: "meta_steps", "estimator", "estimator_chosen", "predicted_peak_bytes",
@@ -329,7 +342,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     state = TrainState(meta, outer_optimizer, torch.Generator().manual_seed(seed))
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         state.load_state_dict(load_checkpoint(checkpoint_path))
-    config = StepConfig(loop, chosen, budget, on_nan, max_grad_norm, clock, memory_probe)
+    config = StepConfig(loop, chosen, budget, on_nan, max_grad_norm, clock, memory_probe, lr_schedule)
     save = _Checkpointer(state, checkpoint_path, {"estimator": estimator.name, **(checkpoint_extra or {})})
 
     def sample() -> Task:
@@ -338,11 +351,14 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     recorder = _Recorder(state, meta_steps, log_every, log, progress, estimator.name,
                          None if validate is None else (lambda: validate(meta)), validate_every, collapse)
     memory_method = default_method(device)
+    time_left = (lambda: math.inf) if time_limit is None else (lambda: time_limit - save.elapsed())
     measured_peak = _loop(state, config, sample, meta_steps, recorder, save, checkpoint_every,
-                          lambda step: step - recorder.first < 2 or step % memory_every == 0, device, memory_method)
+                          lambda step: step - recorder.first < 2 or step % memory_every == 0, device, memory_method,
+                          time_left)
     metrics: dict[str, Any] = _run_metrics(state, estimator, chosen, budget, recorder, measured_peak, memory_method,
-                                           meta_steps=meta_steps, inner_steps=inner_steps,
+                                           meta_steps=state.step, inner_steps=inner_steps,
                                            meta_batch_size=meta_batch_size)
+    metrics.update(meta_steps_asked=meta_steps, stopped_at_time_limit=state.step < meta_steps, time_limit=time_limit)
     metrics["train_seconds"] = state.train_seconds
     if eval_n_tasks > 0:  # 0: the caller evaluates (e.g. several unroll lengths)
         metrics.update(evaluate(loop, meta, eval_tasks or tasks, n_tasks=eval_n_tasks,
@@ -364,8 +380,12 @@ class _Checkpointer:
         self.state, self.path, self.extra = state, path, extra
         self.session_start, self.earlier = time.perf_counter(), state.train_seconds
 
+    def elapsed(self) -> float:
+        """Seconds of training so far, earlier sessions included."""
+        return self.earlier + time.perf_counter() - self.session_start
+
     def __call__(self) -> None:
-        self.state.train_seconds = self.earlier + time.perf_counter() - self.session_start
+        self.state.train_seconds = self.elapsed()
         if self.path is None:
             return
         if not self.state.finite():
@@ -376,12 +396,16 @@ class _Checkpointer:
 
 def _loop(state: TrainState, config: StepConfig, sample: Callable[[], Task], meta_steps: int, recorder: _Recorder,
           save: Callable[[], None], checkpoint_every: int, measure_at: Callable[[int], bool],
-          device: torch.device | str, memory_method: Method) -> int:
-    """Meta-steps until `meta_steps`, checkpointing every `checkpoint_every` and at the end (also before any
-    error leaves); returns the largest measured peak of a whole meta-step (-1 if none was measured)."""
+          device: torch.device | str, memory_method: Method, time_left: Callable[[], float]) -> int:
+    """Meta-steps until `meta_steps` (or until `time_left()` is below the median step time), checkpointing
+    every `checkpoint_every` and at the end (also before any error leaves); returns the largest measured peak
+    of a whole meta-step (-1 if none was measured)."""
     measured_peak = -1
     try:
         while state.step < meta_steps:
+            if time_left() < (statistics.median(recorder.step_seconds[-50:]) if recorder.step_seconds else 0.0):
+                logger.warning("meta-step %d of %d: stopping at the time limit", state.step, meta_steps)
+                break
             t0 = time.perf_counter()
             measure = measure_at(state.step)
             with measure_peak_memory(device, memory_method if measure else "none") as memory:

@@ -21,11 +21,13 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from metaopt.allocator import set_allocator
 from metaopt.checkpoint import load_checkpoint
 from metaopt_hydra.baselines import compare
 from metaopt_hydra.build import build, train_from_config
 from metaopt_hydra.curves import plot_curves
 from metaopt_hydra.loggers import NullLogger, RunLogger, new_run_id
+from metaopt_hydra.protocols import evaluate_protocols
 from metaopt_hydra.records import (
     ResumeMismatch,
     changed_keys,
@@ -101,8 +103,18 @@ def _report(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path) -> None:
               f"{metrics['baseline']:.4f} ± {metrics['baseline_ci95']:.4f} ({metrics['baseline_name']}); "
               f"learned - baseline {metrics['difference']:+.4f} ± {metrics['difference_ci95']:.4f} "
               f"(paired, same tasks; {metrics['metric_direction']})")
+    for name, scores in metrics.get("protocols", {}).items():
+        if "skipped" in scores:
+            print(f"protocol {name}: skipped ({scores['skipped']})")
+        elif "test_accuracy" in scores:
+            print(f"protocol {name}: accuracy {100 * scores['test_accuracy']:.2f} ± "
+                  f"{100 * scores['test_accuracy_ci95']:.2f}% ({scores['task']})")
+        else:
+            print(f"protocol {name}: meta-test loss {scores['meta_test_loss']:.4f} ± "
+                  f"{scores['meta_test_loss_ci95']:.4f} ({scores['task']})")
     print(f"{summary} (95% CI over {cfg.eval.n_tasks} tasks, {cfg.eval.inner_steps} inner step(s), "
-          f"{metrics['estimator']}, {cfg.meta_steps} meta-steps) -> {run_dir / 'metrics.json'}")
+          f"{metrics['estimator']}, {metrics['meta_steps']} meta-steps"
+          f"{' (stopped at the time limit)' if metrics.get('stopped_at_time_limit') else ''}) -> {run_dir / 'metrics.json'}")
 
 
 def run_training(cfg: DictConfig) -> float:
@@ -113,6 +125,7 @@ def run_training(cfg: DictConfig) -> float:
     try:
         threads = choose_threads(cfg, launcher)
         apply_threads(threads)
+        set_allocator(cfg.get("allocator", "system"))
         previous = previous_run(cfg, run_dir)
         parts = build(cfg)
         run_id = previous.get("logger_run_id") or new_run_id()
@@ -120,6 +133,8 @@ def run_training(cfg: DictConfig) -> float:
         logger.start(run_dir, resolved(cfg), run_id, sweep_dir)
         metrics = train_from_config(cfg, parts, run_dir, log=logger.log,
                                     checkpoint_extra={"config": resolved(cfg), "logger_run_id": run_id})
+        if cfg.eval.get("protocols"):
+            metrics["protocols"] = evaluate_protocols(cfg, parts)
         if cfg.get("compare"):
             metrics.update(compare(cfg, parts, run_dir))
         _finish(cfg, metrics, run_dir, logger, threads)

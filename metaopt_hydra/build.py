@@ -13,11 +13,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from metaopt.budget import parse_seconds
 from metaopt import Budget, InnerLoop, evaluate, losses, meta_params, meta_train
 from metaopt.estimators import MetaGradientMethod
 from metaopt.tasks import RandomInit, TaskDistribution
 from metaopt.types import MetaParams
-from metaopt_hydra.checks import check_device_and_dtype, check_task_fits_model
+from metaopt_hydra.checks import check_device_and_dtype, check_loop_classes, check_task_fits_model
 
 log = logging.getLogger("metaopt")
 
@@ -61,6 +62,7 @@ def build(cfg: DictConfig, load_tasks: bool = True) -> Parts:
     model = instantiate(cfg.model).to(cfg.device)
     if tasks is not None:
         check_task_fits_model(cfg, tasks, model)
+        check_loop_classes(cfg, {"task": tasks, "eval.task": eval_tasks, "eval.val_task": val_tasks})
     if cfg.get("random_init", False) and tasks is not None and eval_tasks is not None and val_tasks is not None:
         # Every task starts from its own fresh initialization of the model (Task.init).
         tasks, eval_tasks, val_tasks = RandomInit(tasks, model), RandomInit(eval_tasks, model), RandomInit(val_tasks,
@@ -131,4 +133,6 @@ def train_from_config(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Call
         log=log, log_every=cfg.log_every, progress=cfg.progress, device=cfg.device, on_nan=cfg.on_nan,
         max_grad_norm=cfg.max_grad_norm, validate=validation(cfg, parts) if evaluate else None,
         validate_every=int(cfg.eval.get("val_every", 0) or 0), checkpoint_extra=checkpoint_extra,
-        collapse=instantiate(cfg.collapse) if cfg.get("collapse") else None)
+        collapse=instantiate(cfg.collapse) if cfg.get("collapse") else None,
+        lr_schedule=instantiate(cfg.lr_schedule) if cfg.get("lr_schedule") else None,
+        time_limit=parse_seconds(cfg.time_limit) if cfg.get("time_limit") is not None else None)

@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 
 from metaopt.tasks import TaskDistribution
 
-__all__ = ["check_device_and_dtype", "check_task_fits_model"]
+__all__ = ["check_device_and_dtype", "check_task_fits_model", "check_loop_classes"]
 
 
 def check_device_and_dtype(cfg: DictConfig) -> None:
@@ -42,6 +42,17 @@ def check_task_fits_model(cfg: DictConfig, tasks: TaskDistribution, model: torch
     if tasks.kind == "classification" and cfg.loop._target_.endswith("InnerLoop") and n_way and width != n_way:
         raise ValueError(f"model={_name(cfg.model)} has {width} outputs but task={_name(cfg.task)} has "
                          f"{n_way} classes per task; set model.out_features=${{task.n_way}}")
+
+
+def check_loop_classes(cfg: DictConfig, named_tasks: dict[str, TaskDistribution | None]) -> None:
+    """A loop that is built for a number of classes (ProtoNets: `loop.n_way`) must cover every task
+    distribution it scores; raise ValueError naming the config keys otherwise."""
+    loop_ways = cfg.loop.get("n_way")
+    for key, tasks in named_tasks.items():
+        n_way = getattr(tasks, "n_way", None)
+        if loop_ways is not None and n_way is not None and n_way > loop_ways:
+            raise ValueError(f"loop.n_way={loop_ways} but {key} draws {n_way}-way tasks: set {key}.n_way <= "
+                             f"{loop_ways} (or task.n_way >= {n_way})")
 
 
 def _name(node: DictConfig) -> str:

@@ -151,10 +151,14 @@ def test_eval_omniglot_runs_contract(data, tmp_path):
     trained = subprocess.run(
         [sys.executable, str(root / "experiments" / "train.py"), "experiment=omniglot_protonet", "debug=tiny",
          f"hydra.run.dir={train_dir}", f"data.root={data}", "task.size=16", "model.channels=4", "model.image_size=16",
-         "task.val_alphabets=0", "task.test_alphabets=1", "task.n_way=2", "task.k_query=2"],
+         "task.val_alphabets=0", "task.test_alphabets=1", "task.n_way=2", "task.k_query=2", "eval.task.n_way=2",
+         "eval.val_task.n_way=2"],
         capture_output=True, text=True, env=env, cwd=root, timeout=300)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    assert "test_accuracy" in json.loads((train_dir / "metrics.json").read_text())
+    metrics = json.loads((train_dir / "metrics.json").read_text())
+    assert "test_accuracy" in metrics
+    # The within-alphabet 20-way protocol cannot be formed from this data: skipped, said why.
+    assert "fewer than n_way = 20" in metrics["protocols"]["within_alphabet_20way"]["skipped"]
     result = subprocess.run([sys.executable, str(root / "experiments" / "eval_omniglot_runs.py"),
                              f"checkpoint={train_dir}", f"runs_dir={runs}", "hydra.run.dir=" + str(tmp_path / "e")],
                             capture_output=True, text=True, env=env, cwd=root, timeout=300)
@@ -162,3 +166,59 @@ def test_eval_omniglot_runs_contract(data, tmp_path):
     last = result.stdout.strip().splitlines()[-1]
     # Each test item is a copy of its answer's drawing: identical embeddings, distance 0, no error.
     assert last == "error_rate=0.00"
+
+
+def test_within_alphabet_tasks_draw_every_class_from_one_alphabet_and_rotation(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    _write(data, "images_background", {"Greek": 4, "Latin": 3, "Korean": 2}, zipped=False)
+    omniglot = Omniglot(data, n_way=3, k_shot=1, k_query=2, size=8, cache_dir=tmp_path / "cache",
+                        split_by="character", test_fraction=0.0, val_fraction=0.0, within_alphabet=True)
+    classes, _ = omniglot.draw(200, torch.Generator().manual_seed(0))
+    groups = omniglot.class_groups[classes]                       # [tasks, N]
+    assert (groups == groups[:, :1]).all()                        # one alphabet and rotation per task
+    assert all(len(set(row.tolist())) == 3 for row in classes)    # N distinct classes
+    names = {omniglot.groups[g][0] for g in groups[:, 0].tolist()}
+    assert names == {"Greek", "Latin"}                            # Korean (2 characters) cannot hold 3-way tasks
+    rotations = {omniglot.groups[g][1] for g in groups[:, 0].tolist()}
+    assert rotations == {0, 1, 2, 3}
+    with pytest.raises(OmniglotDataError, match="within_alphabet needs an alphabet with n_way = 5 characters; the "
+                                                "largest of the train split .* has 4"):
+        Omniglot(data, n_way=5, size=8, cache_dir=tmp_path / "cache", split_by="character", test_fraction=0.0,
+                 val_fraction=0.0, within_alphabet=True)
+
+
+def test_drawer_split_support_and_query_by_different_people(data, tmp_path):
+    omniglot = Omniglot(data, n_way=3, k_shot=2, k_query=3, size=8, cache_dir=tmp_path / "cache",
+                        split_by="character", test_fraction=0.0, val_fraction=0.0, drawer_split=True)
+    _, drawers = omniglot.draw(100, torch.Generator().manual_seed(0))
+    support, query = drawers[..., :2], drawers[..., 2:]
+    assert (support == support[:, :1]).all() and (query == query[:, :1]).all()  # the same people for every class
+    for s, q in zip(support[:, 0].tolist(), query[:, 0].tolist()):
+        assert not set(s) & set(q)
+    plain = Omniglot(data, n_way=3, k_shot=2, k_query=3, size=8, cache_dir=tmp_path / "cache",
+                     split_by="character", test_fraction=0.0, val_fraction=0.0)
+    _, mixed = plain.draw(100, torch.Generator().manual_seed(0))
+    assert not (mixed[..., :2] == mixed[:, :1, :2]).all()  # without it each class has its own drawers
+
+
+def test_prototype_loop_for_more_classes_scores_fewer_class_tasks_exactly():
+    from metaopt import PrototypeLoop, losses, unroll
+    from metaopt.models import MLP
+    from metaopt.metaparams import Init
+    from metaopt import meta_params
+    from metaopt.types import Batch
+    torch.manual_seed(0)
+    model = MLP(in_features=4, hidden=(8,), out_features=3)
+    meta = meta_params(Init(model))
+    support = Batch(torch.randn(10, 4), torch.arange(5).repeat(2))
+    query = torch.randn(7, 4)
+    scores = []
+    for n_way in (5, 60):
+        loop = PrototypeLoop(model=model, n_way=n_way)
+        state = unroll(loop, loop.init(meta), [support], meta, create_graph=False)
+        scores.append(loop.predict(state, query))
+    assert scores[1].shape == (7, 60) and torch.equal(scores[1][:, :5], scores[0])
+    y = torch.randint(5, (7,))
+    assert torch.equal(losses.cross_entropy(scores[1], y), losses.cross_entropy(scores[0], y))
+    assert torch.softmax(scores[1], -1)[:, 5:].max() == 0

@@ -109,3 +109,41 @@ def test_meta_train_with_a_collapse_guard_records_its_rollbacks(tmp_path):
     metrics = _train(loop, meta, opt, 60, collapse=guard)
     assert metrics["collapse_rollbacks"] == guard.events and guard.events
     assert any("rollback" in h for h in metrics["history"])
+
+
+def test_cosine_and_step_decay_schedules():
+    from metaopt.schedules import Cosine, StepDecay
+    cosine = Cosine(total_steps=100, final=0.1, warmup_steps=10)
+    assert cosine(0) == pytest.approx(0.1) and cosine(9) == pytest.approx(1.0) and cosine(10) == pytest.approx(1.0)
+    assert cosine(55) == pytest.approx(0.1 + 0.9 * 0.5) and cosine(100) == pytest.approx(0.1) == cosine(500)
+    assert [StepDecay(every=2, gamma=0.5)(s) for s in range(5)] == [1, 1, 0.5, 0.5, 0.25]
+    with pytest.raises(ValueError, match="warmup_steps < total_steps"):
+        Cosine(total_steps=10, warmup_steps=10)
+
+
+def test_lr_schedule_sets_each_steps_lr_and_resumes_on_schedule(tmp_path):
+    from metaopt.schedules import StepDecay
+    seen = []
+
+    class Recording(StepDecay):
+        def __call__(self, step):
+            seen.append(step)
+            return super().__call__(step)
+
+    loop, meta, opt = _parts()
+    schedule = Recording(every=3, gamma=0.5)
+    _train(loop, meta, opt, 4, lr_schedule=schedule, checkpoint_path=tmp_path / "ckpt.pt")
+    assert seen == [0, 1, 2, 3] and opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5)
+    loop, meta, opt = _parts()
+    _train(loop, meta, opt, 7, lr_schedule=schedule, checkpoint_path=tmp_path / "ckpt.pt")
+    assert seen[4:] == [4, 5, 6] and opt.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.25)
+    assert opt.param_groups[0]["initial_lr"] == 1e-2  # restored from the checkpoint, not the fresh optimizer's
+
+
+def test_time_limit_stops_before_a_step_that_would_not_fit(tmp_path):
+    loop, meta, opt = _parts()
+    metrics = _train(loop, meta, opt, 50, time_limit=0.0, checkpoint_path=tmp_path / "ckpt.pt")
+    assert metrics["meta_steps"] == 0 and metrics["meta_steps_asked"] == 50 and metrics["stopped_at_time_limit"]
+    assert (tmp_path / "ckpt.pt").exists() and math.isfinite(metrics["meta_test_loss"])
+    metrics = _train(loop, meta, opt, 5, time_limit=3600.0)
+    assert metrics["meta_steps"] == 5 and not metrics["stopped_at_time_limit"]

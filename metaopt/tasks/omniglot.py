@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -157,6 +158,14 @@ class Omniglot(TaskDistribution):
     labels 0..N-1 follow the random class order. Images are float [1, size, size]
     in [0, 1].
 
+    Lake et al.'s one-shot benchmark (the 20-way "runs") is harder than random
+    classes: `within_alphabet` draws all N classes of a task from one alphabet
+    (a character's rotations form their own alphabet, so a task never mixes
+    orientations; an alphabet is drawn uniformly among those with at least N
+    characters), and `drawer_split` draws each task's support and query images
+    from different people (one shuffle of the 20 drawers per task: the first K
+    drew every class's support, the next Q its queries).
+
     Args:
       root: the data folder (see `OmniglotImages.load`).
       n_way, k_shot, k_query: N, K, Q.
@@ -165,12 +174,15 @@ class Omniglot(TaskDistribution):
       val_alphabets, test_alphabets: alphabets held out (split_by="alphabet").
       val_fraction, test_fraction: characters held out (split_by="character").
       rotations: add the rotated classes.
+      within_alphabet: all N classes of a task from one alphabet (and one rotation).
+      drawer_split: support and query of a task drawn by different people.
       size: image side in pixels.
       seed: fixes the split.
       cache_dir: where decoded images are cached (default ~/.cache/metaopt).
 
     Raises:
-      OmniglotDataError: K + Q > 20, too few classes in the split for N, or bad data.
+      OmniglotDataError: K + Q > 20, too few classes in the split for N (with
+        `within_alphabet`: no alphabet of the split with N characters), or bad data.
     """
 
     kind = "classification"
@@ -179,7 +191,8 @@ class Omniglot(TaskDistribution):
                  split: Literal["train", "val", "test"] = "train",
                  split_by: Literal["alphabet", "character"] = "alphabet", val_alphabets: int = 1,
                  test_alphabets: int = 2, val_fraction: float = 0.1, test_fraction: float = 0.2,
-                 rotations: bool = True, size: int = 28, seed: int = 0, cache_dir: str | None = None):
+                 rotations: bool = True, size: int = 28, seed: int = 0, cache_dir: str | None = None,
+                 within_alphabet: bool = False, drawer_split: bool = False):
         if k_shot < 1 or k_query < 1 or k_shot + k_query > DRAWERS:
             raise OmniglotDataError(f"omniglot: k_shot + k_query = {k_shot} + {k_query} must be between 2 and the "
                                     f"{DRAWERS} drawings each character has")
@@ -187,6 +200,7 @@ class Omniglot(TaskDistribution):
             raise OmniglotDataError(f"omniglot: split must be train/val/test and split_by alphabet/character, "
                                     f"got {split!r}, {split_by!r}")
         self.root, self.n_way, self.k_shot, self.k_query, self.split = root, n_way, k_shot, k_query, split
+        self.within_alphabet, self.drawer_split = within_alphabet, drawer_split
         data = OmniglotImages.load(root, size, cache_dir)
         order = torch.Generator().manual_seed(seed)
         if split_by == "alphabet":
@@ -206,16 +220,29 @@ class Omniglot(TaskDistribution):
             chosen = sorted(parts[split])
             self.alphabets = sorted({data.alphabets[i] for i in chosen})
         images = data.images[chosen]
-        if rotations:
-            images = torch.cat([torch.rot90(images, r, dims=(2, 3)) for r in range(4)])
+        names = [data.alphabets[i] for i in chosen]
+        turns = 4 if rotations else 1
+        images = torch.cat([torch.rot90(images, r, dims=(2, 3)) for r in range(turns)])
         self.images = images.unsqueeze(2)  # [classes, 20, 1, size, size]
         if self.images.shape[0] < n_way:
             raise OmniglotDataError(f"omniglot: the {split} split has {self.images.shape[0]} classes, fewer than "
                                     f"n_way = {n_way}")
+        groups = sorted({(name, r) for name in names for r in range(turns)})
+        # The alphabet (with its rotation) of each class: [classes] indices into `self.groups`.
+        self.groups = groups
+        self.class_groups = torch.tensor([groups.index((name, r)) for r in range(turns) for name in names])
+        members = self.class_groups.unsqueeze(0) == torch.arange(len(groups)).unsqueeze(1)  # [groups, classes]
+        # Alphabets (with their rotation) that can hold an N-way task: within_alphabet draws among these.
+        self._alphabet_members = members[members.sum(dim=1) >= n_way]
+        if within_alphabet and len(self._alphabet_members) == 0:
+            largest = max(Counter(names).values())
+            raise OmniglotDataError(f"omniglot: within_alphabet needs an alphabet with n_way = {n_way} characters; "
+                                    f"the largest of the {split} split ({', '.join(self.alphabets)}) has {largest}")
 
     def __repr__(self) -> str:
         return (f"Omniglot({self.split}: {self.images.shape[0]} classes from {len(self.alphabets)} alphabets, "
-                f"{self.n_way}-way {self.k_shot}-shot {self.k_query}-query)")
+                f"{self.n_way}-way {self.k_shot}-shot {self.k_query}-query"
+                f"{', within alphabet' if self.within_alphabet else ''}{', drawer split' if self.drawer_split else ''})")
 
     @property
     def loss_fn(self) -> LossFn:
@@ -225,10 +252,26 @@ class Omniglot(TaskDistribution):
     def num_classes(self) -> int:
         return self.images.shape[0]
 
+    def draw(self, n_tasks: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The classes [n_tasks, N] and drawers [n_tasks, N, K + Q] of `n_tasks` tasks (the first K drawers of
+        a class give its support); `sample` reads these images."""
+        n, per_class = self.n_way, self.k_shot + self.k_query
+        scores = torch.rand((n_tasks, self.num_classes), generator=generator)
+        if self.within_alphabet:
+            members = self._alphabet_members
+            alphabet = torch.randint(len(members), (n_tasks,), generator=generator)
+            scores = scores + (~members[alphabet]).to(scores.dtype)  # other alphabets' classes sort last
+        classes = scores.argsort(dim=1)[:, :n]
+        if self.drawer_split:  # one order of the drawers per task, shared by its classes
+            drawers = torch.rand((n_tasks, 1, DRAWERS), generator=generator).argsort(dim=2)[:, :, :per_class]
+            drawers = drawers.expand(n_tasks, n, per_class)
+        else:
+            drawers = torch.rand((n_tasks, n, DRAWERS), generator=generator).argsort(dim=2)[:, :, :per_class]
+        return classes, drawers
+
     def sample(self, n_tasks: int, inner_steps: int, generator: torch.Generator) -> Task:
         n, per_class = self.n_way, self.k_shot + self.k_query
-        classes = torch.rand((n_tasks, self.num_classes), generator=generator).argsort(dim=1)[:, :n]
-        drawers = torch.rand((n_tasks, n, DRAWERS), generator=generator).argsort(dim=2)[:, :, :per_class]
+        classes, drawers = self.draw(n_tasks, generator)
         x = self.images[classes.unsqueeze(-1), drawers].to(torch.get_default_dtype()) / 255.0
         y = torch.arange(n).view(1, n, 1).expand(n_tasks, n, per_class)
         shape = x.shape[3:]
