@@ -1,13 +1,15 @@
-"""The Omniglot table: trained runs at 5-way and 20-way 1-shot beside the published numbers.
+"""The Omniglot table: trained runs on three protocols beside the published numbers.
 
     bash experiments/omniglot_runs.sh outputs/omniglot        # the training runs (one CPU thread each)
     python experiments/omniglot_table.py outputs/omniglot [--n-tasks 600] [--data-root PATH]
 
 Every run directory under the given folder (its .hydra/config.yaml and checkpoint.pt) is
-evaluated on held-out alphabets at 1 shot, 15 queries per class, 600 seeded tasks (95% CI
-over tasks): at its own N for MAML-style runs (the head has N outputs), at both 5 and 20
-for ProtoNets (a prototype classifier takes any N). On the same tasks, a non-learned
-reference: nearest neighbour on pixels (Euclidean). Prints a markdown table.
+evaluated on the held-out alphabets at 1 shot, 600 seeded tasks (95% CI over tasks), on:
+random 5-way and 20-way tasks (15 queries per class), and Lake et al.'s within-alphabet
+20-way protocol (all 20 characters from one alphabet, unrotated, support and queries drawn
+by different people; 5 queries per class). MAML-style runs are scored where their head
+has the protocol's N; ProtoNets on all three. On the same tasks, a non-learned reference:
+nearest neighbour on pixels (Euclidean). Prints a markdown table.
 """
 from __future__ import annotations
 
@@ -49,17 +51,26 @@ def pixel_nearest_neighbour(tasks: TaskDistribution, n_tasks: int, seed: int,
     return mean_ci95(torch.cat(scores))
 
 
-def evaluate_run(run_dir: Path, n_way: int, n_tasks: int,
+PROTOCOLS = {  # column -> overrides of the run's eval.task
+    "5-way": {"n_way": 5, "k_shot": 1, "k_query": 15},
+    "20-way": {"n_way": 20, "k_shot": 1, "k_query": 15},
+    "20-way within alphabet": {"n_way": 20, "k_shot": 1, "k_query": 5, "rotations": False, "within_alphabet": True,
+                               "drawer_split": True},
+}
+
+
+def evaluate_run(run_dir: Path, overrides: dict, n_tasks: int,
                  data_root: str | None) -> tuple[tuple[float, float], TaskDistribution, int, int]:
-    """The run's accuracy (mean, CI) at `n_way` 1-shot, the meta-test tasks it used, their seed and batch size."""
+    """The run's accuracy (mean, CI) on eval tasks with `overrides`, the tasks it used, their seed and batch size."""
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     OmegaConf.resolve(cfg)
     with open_dict(cfg):
         if data_root:
             cfg.data.root = cfg.task.root = data_root
-        cfg.eval.task = {**cfg.eval.task, "n_way": n_way, "k_shot": 1}
+        cfg.eval.task = {**cfg.eval.task, **overrides}
+        cfg.eval.val_task = cfg.eval.task
         if "n_way" in cfg.loop:
-            cfg.loop.n_way = n_way
+            cfg.loop.n_way = max(int(cfg.loop.n_way), overrides["n_way"])
     parts = build(cfg)
     parts.meta.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["meta"])
     batch_size = cfg.eval.get("batch_size", 20)
@@ -84,29 +95,36 @@ def main() -> None:
         cfg = OmegaConf.load(config)
         name = next((o.split("=", 1)[1] for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
                      if o.startswith("experiment=")), "?")
-        ways = (5, 20) if "n_way" in cfg.loop else (int(cfg.task.n_way),)
+        prototypes = "n_way" in cfg.loop
         results = {}
-        for n in ways:
-            results[n], tasks, seed, batch_size = evaluate_run(run_dir, n, args.n_tasks, args.data_root)
-            if n not in nn_ref:  # the same seeded tasks as the runs (same split settings assumed)
-                nn_ref[n] = pixel_nearest_neighbour(tasks, args.n_tasks, seed, batch_size)
+        for column, overrides in PROTOCOLS.items():
+            if not prototypes and overrides["n_way"] != int(cfg.task.n_way):
+                continue  # a MAML head answers its own N only
+            results[column], tasks, seed, batch_size = evaluate_run(run_dir, overrides, args.n_tasks, args.data_root)
+            if column not in nn_ref:  # the same seeded tasks as the runs (same split settings assumed)
+                nn_ref[column] = pixel_nearest_neighbour(tasks, args.n_tasks, seed, batch_size)
         rows.append((name, int(cfg.task.n_way), metrics.get("meta_steps"), metrics.get("train_seconds", 0) / 60,
-                     results))
+                     metrics.get("threads", "?"), results))
     if not rows:
         raise SystemExit(f"no finished runs (checkpoint.pt + metrics.json) under {args.runs}")
 
     def cell(value: tuple[float, float] | None) -> str:
         return "—" if value is None else f"{100 * value[0]:.1f} ± {100 * value[1]:.1f}"
 
-    print("| run | trained N-way | meta-steps | train wall-clock | 5-way 1-shot (%) | 20-way 1-shot (%) "
-          "| published 5 / 20 (30 alphabets) |")
-    print("|---|---|---|---|---|---|---|")
-    for name, trained, steps, minutes, results in rows:
+    def error(value: tuple[float, float] | None) -> str:
+        return "—" if value is None else f"{100 * (1 - value[0]):.1f}"
+
+    within = "20-way within alphabet"
+    print("| run | trained N-way | meta-steps | training (threads) | 5-way (%) | 20-way (%) | 20-way within alphabet "
+          "(%) | within-alphabet error (%) | published 5 / 20 (30 alphabets) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, trained, steps, minutes, threads, results in rows:
         published = PUBLISHED.get(name, (None, None))
         pub = " / ".join("—" if p is None else f"{p}" for p in published)
-        print(f"| {name} | {trained} | {steps} | {minutes:.0f} min | {cell(results.get(5))} | "
-              f"{cell(results.get(20))} | {pub} |")
-    print(f"| pixel nearest neighbour | — | 0 | 0 | {cell(nn_ref.get(5))} | {cell(nn_ref.get(20))} | — |")
+        print(f"| {name} | {trained} | {steps} | {minutes:.0f} min ({threads}) | {cell(results.get('5-way'))} | "
+              f"{cell(results.get('20-way'))} | {cell(results.get(within))} | {error(results.get(within))} | {pub} |")
+    print(f"| pixel nearest neighbour | — | 0 | 0 | {cell(nn_ref.get('5-way'))} | {cell(nn_ref.get('20-way'))} | "
+          f"{cell(nn_ref.get(within))} | {error(nn_ref.get(within))} | — |")
 
 
 if __name__ == "__main__":

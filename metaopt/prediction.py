@@ -36,7 +36,11 @@ their graphs, so with a meter the peak of a chunked call is its first (largest) 
 
 
 def describe(estimator: AbstractEstimator) -> str:
-    """`checkpoint(segment=10)`: the registry name and the constructor arguments."""
+    """`checkpoint(segment=10)`: the registry name and the constructor arguments (`compiled(full())` for a
+    `metaopt.compiled.Compiled` wrapper)."""
+    eager = getattr(estimator, "eager", None)
+    if eager is not None:
+        return f"compiled({describe(eager)})"
     args = ", ".join(f"{k}={v!r}" for k, v in vars(estimator).items()
                      if not k.startswith("_") and k not in ("exact", "relative_time"))
     return f"{estimator.name}({args})"
@@ -75,7 +79,9 @@ class Predictor:
 
     def measure(self, estimator: AbstractEstimator, steps: int, n_tasks: int, chunk: int = 1) -> int:
         """Peak bytes of one call of `estimator` on `n_tasks` tasks cut to `steps` inner steps, in vmapped
-        chunks of `chunk` tasks (1: task by task)."""
+        chunks of `chunk` tasks (1: task by task). A compiled estimator is measured eagerly (compiling at
+        every probe's shape would cost more than the run; the compiled graph keeps no more than eager's)."""
+        estimator = getattr(estimator, "eager", estimator)
         chunk = max(1, min(chunk, n_tasks))
         key = (describe(estimator), steps, n_tasks, chunk)
         if key in self._cache:

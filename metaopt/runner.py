@@ -131,6 +131,14 @@ class _Run:
 
     def chunk(self, first: int, last: int, guard: StepGuard | None) -> _Chunk:
         """The chunk's gradients, losses and stats; its graph is freed on return (nothing escapes)."""
+        compiled = getattr(self.estimator, "chunk_gradient", None)  # metaopt.compiled.Compiled
+        if compiled is not None and self.compressed is not None:
+            compressed, pattern = self.compressed
+            done = compiled(self.loop, self.meta, tree_map_only(Tensor, lambda v: v[first:last], compressed), pattern)
+            if done is not None:  # None: the wrapper fell back to eager
+                if guard is not None:
+                    guard.after_backward(self.steps(first))
+                return _Chunk(*done)
         result = self.objective(first, last, guard)
         grads = grads_of(result.surrogate.sum(), self.meta)
         if guard is not None:

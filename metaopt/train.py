@@ -322,9 +322,8 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
       checkpoint_extra: more entries for the checkpoint (e.g. the run's resolved config).
       collapse: watches the meta-train loss for a collapse and rolls back or stops (`metaopt.collapse`).
       lr_schedule: the outer learning rate's multiplier by meta-step (see `StepConfig`; `metaopt.schedules`).
-      time_limit: seconds of training (summed over resumed sessions; evaluation not counted): no meta-step
-        starts that the median step time says would end past it. Stopping there is not a failure: the
-        checkpoint is written and "stopped_at_time_limit" is true, "meta_steps" says how many ran.
+      time_limit: seconds of training (over resumed sessions; not evaluation): no meta-step starts that the
+        median step says would end past it; then "stopped_at_time_limit" (not a failure), "meta_steps" ran.
 
     Returns:
       Metrics: "meta_steps", "estimator", "estimator_chosen", "predicted_peak_bytes",
@@ -343,7 +342,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         state.load_state_dict(load_checkpoint(checkpoint_path))
     config = StepConfig(loop, chosen, budget, on_nan, max_grad_norm, clock, memory_probe, lr_schedule)
-    save = _Checkpointer(state, checkpoint_path, {"estimator": estimator.name, **(checkpoint_extra or {})})
+    save = _Checkpointer(state, checkpoint_path, {"estimator": estimator.name, **(checkpoint_extra or {})}, time_limit)
 
     def sample() -> Task:
         return task_to(tasks.sample(meta_batch_size, inner_steps, state.generator), device)
@@ -351,15 +350,11 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     recorder = _Recorder(state, meta_steps, log_every, log, progress, estimator.name,
                          None if validate is None else (lambda: validate(meta)), validate_every, collapse)
     memory_method = default_method(device)
-    time_left = (lambda: math.inf) if time_limit is None else (lambda: time_limit - save.elapsed())
     measured_peak = _loop(state, config, sample, meta_steps, recorder, save, checkpoint_every,
-                          lambda step: step - recorder.first < 2 or step % memory_every == 0, device, memory_method,
-                          time_left)
+                          lambda step: step - recorder.first < 2 or step % memory_every == 0, device, memory_method)
     metrics: dict[str, Any] = _run_metrics(state, estimator, chosen, budget, recorder, measured_peak, memory_method,
-                                           meta_steps=state.step, inner_steps=inner_steps,
-                                           meta_batch_size=meta_batch_size)
-    metrics.update(meta_steps_asked=meta_steps, stopped_at_time_limit=state.step < meta_steps, time_limit=time_limit)
-    metrics["train_seconds"] = state.train_seconds
+                                           meta_steps=meta_steps, inner_steps=inner_steps,
+                                           meta_batch_size=meta_batch_size, time_limit=time_limit)
     if eval_n_tasks > 0:  # 0: the caller evaluates (e.g. several unroll lengths)
         metrics.update(evaluate(loop, meta, eval_tasks or tasks, n_tasks=eval_n_tasks,
                                 inner_steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
@@ -374,11 +369,16 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
 
 class _Checkpointer:
     """Saves the train state atomically with `extra` entries, summing training time over sessions; never a
-    state with non-finite meta-parameters (the last good checkpoint stays: a non-finite one could never resume)."""
+    state with non-finite meta-parameters (the last good checkpoint stays: a non-finite one could never resume).
+    Also the run's clock: `time_left()` before `time_limit` seconds of training (inf without one)."""
 
-    def __init__(self, state: TrainState, path: str | Path | None, extra: dict[str, Any]):
-        self.state, self.path, self.extra = state, path, extra
+    def __init__(self, state: TrainState, path: str | Path | None, extra: dict[str, Any],
+                 time_limit: float | None = None):
+        self.state, self.path, self.extra, self.time_limit = state, path, extra, time_limit
         self.session_start, self.earlier = time.perf_counter(), state.train_seconds
+
+    def time_left(self) -> float:
+        return math.inf if self.time_limit is None else self.time_limit - self.elapsed()
 
     def elapsed(self) -> float:
         """Seconds of training so far, earlier sessions included."""
@@ -395,15 +395,15 @@ class _Checkpointer:
 
 
 def _loop(state: TrainState, config: StepConfig, sample: Callable[[], Task], meta_steps: int, recorder: _Recorder,
-          save: Callable[[], None], checkpoint_every: int, measure_at: Callable[[int], bool],
-          device: torch.device | str, memory_method: Method, time_left: Callable[[], float]) -> int:
-    """Meta-steps until `meta_steps` (or until `time_left()` is below the median step time), checkpointing
+          save: _Checkpointer, checkpoint_every: int, measure_at: Callable[[int], bool],
+          device: torch.device | str, memory_method: Method) -> int:
+    """Meta-steps until `meta_steps` (or until `save.time_left()` is below the median step), checkpointing
     every `checkpoint_every` and at the end (also before any error leaves); returns the largest measured peak
     of a whole meta-step (-1 if none was measured)."""
     measured_peak = -1
     try:
         while state.step < meta_steps:
-            if time_left() < (statistics.median(recorder.step_seconds[-50:]) if recorder.step_seconds else 0.0):
+            if save.time_left() < (statistics.median(recorder.step_seconds[-50:]) if recorder.step_seconds else 0.0):
                 logger.warning("meta-step %d of %d: stopping at the time limit", state.step, meta_steps)
                 break
             t0 = time.perf_counter()
@@ -435,9 +435,12 @@ def _over_budget(metrics: dict[str, Any], budget: Budget) -> list[str]:
 
 
 def _run_metrics(state: TrainState, estimator: MetaGradientMethod, chosen: Plan, budget: Budget,
-                 recorder: _Recorder, measured_peak: int, memory_method: str, **settings: int) -> dict[str, Any]:
+                 recorder: _Recorder, measured_peak: int, memory_method: str, **settings: Any) -> dict[str, Any]:
     return {
-        "meta_steps": settings["meta_steps"],
+        "meta_steps": state.step,
+        "meta_steps_asked": settings["meta_steps"],
+        "stopped_at_time_limit": state.step < settings["meta_steps"],
+        "time_limit": settings["time_limit"],
         "estimator": estimator.name,
         "estimator_chosen": chosen.estimator.name,
         "estimator_config": describe(chosen.estimator),
@@ -454,5 +457,6 @@ def _run_metrics(state: TrainState, estimator: MetaGradientMethod, chosen: Plan,
         "inner_steps": settings["inner_steps"],
         "meta_batch_size": settings["meta_batch_size"],
         "meta_train_loss": state.history[-1]["meta_train_loss"] if state.history else float("nan"),
+        "train_seconds": state.train_seconds,
         "seconds_per_meta_step": statistics.median(recorder.step_seconds) if recorder.step_seconds else math.nan,
     }

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from metaopt.allocator import set_allocator
 from metaopt.checkpoint import load_checkpoint
 from metaopt_hydra.baselines import compare
-from metaopt_hydra.build import build, train_from_config
+from metaopt_hydra.build import build, compile_record, train_from_config
 from metaopt_hydra.curves import plot_curves
 from metaopt_hydra.loggers import NullLogger, RunLogger, new_run_id
 from metaopt_hydra.protocols import evaluate_protocols
@@ -133,6 +133,7 @@ def run_training(cfg: DictConfig) -> float:
         logger.start(run_dir, resolved(cfg), run_id, sweep_dir)
         metrics = train_from_config(cfg, parts, run_dir, log=logger.log,
                                     checkpoint_extra={"config": resolved(cfg), "logger_run_id": run_id})
+        metrics.update(compile_record(cfg, parts.estimator))
         if cfg.eval.get("protocols"):
             metrics["protocols"] = evaluate_protocols(cfg, parts)
         if cfg.get("compare"):

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, cast
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from metaopt.budget import parse_seconds
 from metaopt import Budget, InnerLoop, evaluate, losses, meta_params, meta_train
-from metaopt.estimators import MetaGradientMethod
+from metaopt.budget import parse_seconds
+from metaopt.compiled import Compiled
+from metaopt.estimators import AbstractEstimator, MetaGradientMethod
 from metaopt.tasks import RandomInit, TaskDistribution
 from metaopt.types import MetaParams
 from metaopt_hydra.checks import check_device_and_dtype, check_loop_classes, check_task_fits_model
@@ -70,10 +71,33 @@ def build(cfg: DictConfig, load_tasks: bool = True) -> Parts:
     meta = build_meta(cfg, model)
     loop = instantiate(cfg.loop)(model=model, optimizer=instantiate(cfg.inner_optim), loss_fn=loss_fn)
     log.info("Instantiating estimator <%s>", cfg.estimator._target_)
-    estimator = instantiate(cfg.estimator)
+    estimator = compiled_if_asked(cfg, instantiate(cfg.estimator))
     log.info("tasks=%r model=%s meta=%s estimator=%r budget=%r", tasks, type(model).__name__,
              {k: type(v).__name__ for k, v in meta.items()}, estimator, budget)
     return Parts(tasks, eval_tasks, model, loop, meta, estimator, budget, val_tasks)
+
+
+def compiled_if_asked(cfg: DictConfig, estimator: MetaGradientMethod) -> MetaGradientMethod:
+    """The estimator wrapped in `metaopt.compiled.Compiled` when `compile: true` (a planning policy such as
+    `auto` stays eager: `compile_record` says why)."""
+    if cfg.get("compile", False) and isinstance(estimator, AbstractEstimator):
+        return cast(MetaGradientMethod, Compiled(estimator))
+    return estimator
+
+
+def compile_record(cfg: DictConfig, estimator: MetaGradientMethod) -> dict[str, Any]:
+    """For metrics.json: "compiled" (whether the meta-gradients ran compiled), and with `compile: true`
+    "compile_seconds" and, where it ran eager, "compile_fallback_reason"."""
+    if not cfg.get("compile", False):
+        return {"compiled": False}
+    if not isinstance(estimator, Compiled):
+        return {"compiled": False, "compile_fallback_reason": f"estimator {estimator.name!r} is a planning policy: "
+                "compile an estimator (e.g. estimator=full)"}
+    record: dict[str, Any] = {"compiled": estimator.compiled and estimator.compiled_calls > 0,
+                              "compile_seconds": estimator.compile_seconds}
+    if not record["compiled"]:
+        record["compile_fallback_reason"] = estimator.fallback_reason or "no meta-gradient was computed"
+    return record
 
 
 def _validation_tasks(cfg: DictConfig, tasks: TaskDistribution) -> TaskDistribution:

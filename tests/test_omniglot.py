@@ -203,10 +203,9 @@ def test_drawer_split_support_and_query_by_different_people(data, tmp_path):
 
 
 def test_prototype_loop_for_more_classes_scores_fewer_class_tasks_exactly():
-    from metaopt import PrototypeLoop, losses, unroll
-    from metaopt.models import MLP
+    from metaopt import PrototypeLoop, losses, meta_params, unroll
     from metaopt.metaparams import Init
-    from metaopt import meta_params
+    from metaopt.models import MLP
     from metaopt.types import Batch
     torch.manual_seed(0)
     model = MLP(in_features=4, hidden=(8,), out_features=3)

@@ -17,12 +17,14 @@ import abc
 from typing import Callable, ClassVar, Protocol, Sequence, TypeVar, cast
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from metaopt.batching import Batching
 from metaopt.budget import Budget
+from metaopt.compiled import Compiled
 from metaopt.guard import StepGuard
 from metaopt.loop import InnerLoop
+from metaopt.metacall import call_with_meta, meta_values
 from metaopt.runner import MetaGrad, TaskObjective, grads_of, run_meta_gradient
 from metaopt.types import MetaParams, Task
 
@@ -65,31 +67,6 @@ def linear_prediction(measure: Measure, steps: int, low: int, high: int,
         return measure(steps, estimator)
     at_low, at_high = measure(low, estimator), measure(high, estimator)
     return int(at_high + max(at_high - at_low, 0) * (steps - high) / (high - low))
-
-
-class _MetaCall(nn.Module):
-    def __init__(self, meta: MetaParams):
-        super().__init__()
-        self.meta = meta
-
-    def forward(self, fn: Callable[..., object], *args: object) -> object:
-        return fn(self.meta, *args)
-
-
-def meta_values(meta: MetaParams) -> dict[str, Tensor]:
-    """The meta-parameters that require grad, detached: the point at which estimates are taken."""
-    return {k: p.detach() for k, p in meta.named_parameters() if p.requires_grad}
-
-
-R = TypeVar("R")
-
-
-def call_with_meta(meta: MetaParams, values: dict[str, Tensor], fn: Callable[..., R], *args: object) -> R:
-    """`fn(meta, *args)` with the meta-parameters replaced by `values` (keyed like named_parameters).
-
-    Uses `torch.func.functional_call`, so it composes with jvp and vmap; the module is not changed.
-    """
-    return cast(R, torch.func.functional_call(_MetaCall(meta), {f"meta.{k}": v for k, v in values.items()}, (fn, *args)))
 
 
 def linear_surrogate(meta: MetaParams, grads: dict[str, Tensor]) -> Tensor:
@@ -226,14 +203,24 @@ def registered_estimators() -> list[type[AbstractEstimator]]:
     return [cls for _, cls in sorted(_REGISTRY.items()) if issubclass(cls, AbstractEstimator)]
 
 
-def get_estimator(name: str, **kwargs: object) -> MetaGradientMethod:
+def get_estimator(name: str, compile: bool = False, **kwargs: object) -> MetaGradientMethod:
     """Build a registered estimator: `get_estimator("truncated", k=5)`, or the `auto` policy.
+
+    With `compile=True`, the estimator wrapped in `metaopt.compiled.Compiled` (its vmapped chunks'
+    meta-gradients as one compiled function; eager with a logged reason where that fails).
 
     Raises:
       UnknownEstimator: the name is not registered (the message lists those that are).
+      EstimatorUnsupported: `compile=True` for a planning policy (compile the estimator it would choose).
     """
     try:
         cls = _REGISTRY[name]
     except KeyError:
         raise UnknownEstimator(f"unknown estimator {name!r}; available: {', '.join(available_estimators())}") from None
-    return cls(**kwargs)
+    method = cls(**kwargs)
+    if not compile:
+        return method
+    if not isinstance(method, AbstractEstimator):
+        raise EstimatorUnsupported(f"compile=True needs an estimator; {name!r} is a planning policy (choose the "
+                                   f"estimator, e.g. get_estimator('full', compile=True))")
+    return cast(MetaGradientMethod, Compiled(method))

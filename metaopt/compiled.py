@@ -1,0 +1,183 @@
+"""The compiled path: a vmapped chunk's whole meta-gradient as one `torch.compile`d function.
+
+Eager metaopt pays per op: ~50 dispatched ops per inner step and 120-150 backward nodes,
+each through the functorch layers and Python, for a few MFLOP of arithmetic (sinusoid
+MAML). `Compiled(estimator)` traces, once per input shape, the function
+
+    values, tasks -> torch.func.grad(sum over the chunk's tasks of the estimator's surrogate)(values)
+
+(the outer gradient of the vmapped tasks' outer losses, inner unroll and inner gradients
+included) with `torch.compile(fullgraph=True)`, so the whole meta-gradient runs as one
+generated kernel program. Everything else (chunks, the budget, retries, counting) is the
+runner's, unchanged.
+
+Exactness first: torch.compile has had silent-correctness bugs around higher-order
+autodiff, so the first call at every new input shape is checked against the eager
+estimator (float64: 1e-9, float32: 1e-4 relative to each gradient's largest entry). A
+compile error, a graph break (`fullgraph`), or a mismatch switches the wrapper to eager
+for good, with `fallback_reason` saying why (logged once; never silently wrong).
+
+What does not compile (eager instead, said in `fallback_reason` when nothing compiled):
+task-by-task batching (`batching="loop"`, or a loop whose layers cannot vmap); the budget
+guard's checks inside the unroll (under compile it checks after each chunk only). Compile
+time is paid once per shape (`compile_seconds`).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten
+
+from metaopt.batching import Batching, vmap_tasks
+from metaopt.budget import Budget
+from metaopt.loop import InnerLoop
+from metaopt.metacall import MetaCall, meta_values
+from metaopt.runner import Differentiator, MetaGrad, grads_of, run_meta_gradient
+from metaopt.types import MetaParams, Task
+
+__all__ = ["Compiled", "ChunkResult"]
+
+log = logging.getLogger("metaopt")
+
+ChunkResult = tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]
+"""A chunk's (gradients summed over its tasks, outer losses [B], stats {name: [B]}), no graph left."""
+
+
+def _signature(values: dict[str, Tensor], tasks: Task, pattern: tuple[int, ...]) -> tuple:
+    leaves, _ = tree_flatten(tasks)
+    shapes = [(tuple(v.shape), v.dtype, v.device.type) for v in (*values.values(), *leaves) if v is not None]
+    return tuple(shapes), pattern
+
+
+class Compiled:
+    """An estimator whose vmapped chunks run as one compiled meta-gradient function.
+
+    Behaves as the wrapped estimator everywhere (name, exactness, bias, memory law, checks:
+    every attribute not defined here is the wrapped one's); only how a chunk's gradient is
+    computed changes.
+
+    Args:
+      estimator: the estimator to compile (e.g. `Full()`, `FirstOrder()`).
+      mode: `torch.compile`'s mode (None: default; "reduce-overhead" uses CUDA graphs on GPUs).
+      fullgraph: refuse graph breaks (a break means Python runs between kernels: the gain is gone).
+      verify: check the first call at each input shape against eager (see the module docstring).
+
+    Attributes:
+      fallback_reason: why the wrapper runs eager (None while compiled calls are in use).
+      compile_seconds: seconds spent in first calls at new shapes (tracing, compiling, verifying).
+      compiled_calls: chunks computed by the compiled function.
+    """
+
+    def __init__(self, estimator: Differentiator, *, mode: str | None = None, fullgraph: bool = True,
+                 verify: bool = True):
+        if isinstance(estimator, Compiled):
+            estimator = estimator.eager
+        self.eager, self.mode, self.fullgraph, self.verify = estimator, mode, fullgraph, verify
+        self.fallback_reason: str | None = None
+        self.compile_seconds = 0.0
+        self.compiled_calls = 0
+        self._functions: dict[tuple[int, int, tuple[int, ...]], Callable[..., Any]] = {}
+        self._seen: set[tuple] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "eager":  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.eager, name)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether meta-gradients are computed compiled (False after a fallback)."""
+        return self.fallback_reason is None
+
+    def candidates(self, loop: InnerLoop, meta: MetaParams, steps: int) -> list["Compiled"]:
+        return [self]
+
+    def __call__(self, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
+                 budget: Budget | None = None, *, batching: Batching = "auto", chunk_size: int | None = None,
+                 clock: Callable[[], float] | None = None,
+                 memory_probe: Callable[[], int] | None = None) -> MetaGrad:
+        """As `AbstractEstimator.__call__` (the runner), with compiled chunks."""
+        result = run_meta_gradient(self, loop, meta, tasks, budget, batching=batching, chunk_size=chunk_size,
+                                   clock=clock, memory_probe=memory_probe)
+        if result.stats.get("batching") == "loop" and not self.compiled_calls and self.fallback_reason is None:
+            self._fall_back(f"batching ran task by task ({batching!r}); only vmapped batches compile")
+        return result
+
+    def chunk_gradient(self, loop: InnerLoop, meta: MetaParams, tasks: Task,
+                       pattern: tuple[int, ...]) -> ChunkResult | None:
+        """The chunk's gradients, outer losses and stats from the compiled function, or None where the
+        runner must compute it eagerly (after a fallback)."""
+        if self.fallback_reason is not None:
+            return None
+        values = meta_values(meta)
+        key = (id(loop), id(meta), pattern)
+        signature = _signature(values, tasks, pattern)
+        first = signature not in self._seen
+        started = time.perf_counter()
+        try:
+            function = self._functions.get(key)
+            if function is None:
+                function = self._functions[key] = self._build(loop, meta, pattern)
+            grads, (losses, stats) = function(values, tasks)
+        except Exception as error:  # a compile error or a graph break: eager from now on
+            self._fall_back(f"torch.compile failed: {type(error).__name__}: {str(error).strip().splitlines()[0]}")
+            return None
+        result = (dict(grads), losses.detach(), {k: v.detach() for k, v in stats.items()})
+        if first:
+            if self.verify:
+                mismatch = self._mismatch(result, self._eager_chunk(loop, meta, tasks, pattern))
+                if mismatch is not None:
+                    self._fall_back(f"the compiled meta-gradient differs from eager: {mismatch}")
+                    return None
+            self._seen.add(signature)
+            self.compile_seconds += time.perf_counter() - started
+        self.compiled_calls += 1
+        return result
+
+    def _build(self, loop: InnerLoop, meta: MetaParams, pattern: tuple[int, ...]) -> Callable[..., Any]:
+        estimator = self.eager
+
+        def total(meta_now: MetaParams, tasks: Task) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+            result = vmap_tasks(lambda task: estimator.task_objective(loop, meta_now, task, None), tasks, pattern)
+            return result.surrogate.sum(), (result.outer_loss, dict(result.stats))
+
+        holder = MetaCall(meta)  # made here: a module created inside the traced function cannot be reparametrized
+
+        def surrogate(values: dict[str, Tensor], tasks: Task) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+            return torch.func.functional_call(holder, {f"meta.{k}": v for k, v in values.items()}, (total, tasks))
+
+        return torch.compile(torch.func.grad(surrogate, has_aux=True), fullgraph=self.fullgraph, mode=self.mode,
+                             dynamic=False)
+
+    def _eager_chunk(self, loop: InnerLoop, meta: MetaParams, tasks: Task, pattern: tuple[int, ...]) -> ChunkResult:
+        result = vmap_tasks(lambda task: self.eager.task_objective(loop, meta, task, None), tasks, pattern)
+        grads = grads_of(result.surrogate.sum(), meta)
+        return grads, result.outer_loss.detach(), {k: v.detach() for k, v in result.stats.items()}
+
+    @staticmethod
+    def _mismatch(compiled: ChunkResult, eager: ChunkResult) -> str | None:
+        """None if the two agree (per gradient, relative to its largest entry), else the worst entry said."""
+        for name, reference in eager[0].items():
+            got = compiled[0].get(name)
+            if got is None:
+                return f"no gradient for {name!r}"
+            rtol = 1e-9 if reference.dtype == torch.float64 else 1e-4
+            scale = reference.abs().max().clamp_min(torch.finfo(reference.dtype).tiny)
+            error = ((got - reference).abs().max() / scale).item()
+            if not error <= rtol:  # NaN fails too
+                return f"{name!r} relative error {error:.2e} > {rtol:.0e}"
+        if not torch.allclose(compiled[1], eager[1], rtol=1e-4, atol=1e-6, equal_nan=True):
+            return "the outer losses differ"
+        return None
+
+    def _fall_back(self, reason: str) -> None:
+        if self.fallback_reason is None:
+            self.fallback_reason = reason
+            log.warning("compile=true: running %s eager: %s", self.eager.name, reason)
+
+    def __repr__(self) -> str:
+        return f"Compiled({self.eager!r})"
