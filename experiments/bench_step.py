@@ -8,13 +8,23 @@ inner steps. Implementations, all computing the same gradient (checked here):
   metaopt-loop   metaopt.Full() with batching="loop" (one task graph at a time)
   torch.func     a minimal hand-written functional_call + grad + vmap reference
   higher         higher 0.2.1's innerloop_ctx, looping over tasks in Python
+  with --compile:
+  metaopt-comp   metaopt.Full() compiled (`mo.get_estimator("full", compile=True)`: the whole
+                 meta-gradient of a chunk as one torch.compile'd function)
+  torch.func-comp  the hand-written reference's meta-gradient (torch.func.grad of the vmapped
+                 objective) under torch.compile(fullgraph=True)
+TorchOpt is not compared: it does not install beside torch 2.13 here.
+Compile time is paid in the (untimed) warm-up call and printed separately.
 
 Timings are interleaved: each round runs every implementation once, in a freshly
 shuffled (seeded) order, so drift on a shared machine hits all alike and no
 implementation always runs right after another; the table gives the median over
 rounds and each one's ratio to torch.func.
 
-    python experiments/bench_step.py [--steps 1 5 20] [--repeats 30] [--threads 2]
+    python experiments/bench_step.py [--steps 1 5 20] [--repeats 30] [--threads 2] [--compile]
+
+With --compile the last line is `speedup_vs_hand_eager_vmap T=1:<x> T=5:<x> T=20:<x>`: the
+median of hand-written eager vmap over the median of metaopt compiled, same interleaved run.
 """
 from __future__ import annotations
 
@@ -32,10 +42,10 @@ import metaopt as mo
 LR, META_BATCH, K = 0.01, 25, 10
 
 
-def make_metaopt(model, tasks, batching):
+def make_metaopt(model, tasks, batching, compile=False):
     loop = mo.InnerLoop(model, mo.optim.sgd(lr=LR), mo.losses.mse)
     meta = mo.meta_params(mo.Init(model))
-    estimator = mo.Full()
+    estimator = mo.get_estimator("full", compile=compile)
 
     def step():
         g = estimator(loop, meta, tasks, batching=batching).grads
@@ -62,6 +72,29 @@ def make_torch_func(model, tasks):
     return step
 
 
+def make_torch_func_compiled(model, tasks):
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    xs, ys = tasks.support[0]
+    xq, yq = tasks.query
+    steps = tasks.inner_steps
+
+    def task_loss(p, xs, ys, xq, yq):
+        for _ in range(steps):
+            g = grad(lambda p: ((functional_call(model, p, (xs,)) - ys) ** 2).mean())(p)
+            p = {k: p[k] - LR * g[k] for k in p}
+        return ((functional_call(model, p, (xq,)) - yq) ** 2).mean()
+
+    def meta_loss(p, xs, ys, xq, yq):
+        return vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(p, xs, ys, xq, yq).mean()
+
+    compiled = torch.compile(grad(meta_loss), fullgraph=True)
+
+    def step():
+        g = compiled(params, xs, ys, xq, yq)
+        return [g[k] for k in params]
+    return step
+
+
 def make_higher(model, tasks):
     import higher
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -78,7 +111,7 @@ def make_higher(model, tasks):
     return step
 
 
-def bench(steps: int, repeats: int, with_higher: bool) -> dict[str, float]:
+def bench(steps: int, repeats: int, with_higher: bool, with_compile: bool = False) -> dict[str, float]:
     torch.manual_seed(0)
     model = mo.MLP(1, (40, 40), 1)
     tasks = mo.Sinusoid(k_shot=K).sample(META_BATCH, steps, torch.Generator().manual_seed(0))
@@ -87,12 +120,18 @@ def bench(steps: int, repeats: int, with_higher: bool) -> dict[str, float]:
         "metaopt-loop": make_metaopt(model, tasks, "loop"),
         "torch.func": make_torch_func(model, tasks),
     }
+    if with_compile:
+        impls["metaopt-comp"] = make_metaopt(model, tasks, "auto", compile=True)
+        impls["torch.func-comp"] = make_torch_func_compiled(model, tasks)
     if with_higher:
         impls["higher"] = make_higher(model, tasks)
     reference = impls["torch.func"]()
-    for name, fn in impls.items():  # same gradient, and warm-up
+    for name, fn in impls.items():  # same gradient, and warm-up (compiling, for the compiled ones)
+        start = time.perf_counter()
         for a, b in zip(fn(), reference):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"{name} differs from torch.func")
+        if name.endswith("-comp"):
+            print(f"  T={steps}: {name} compiled in {time.perf_counter() - start:.1f} s (first call)", flush=True)
     times: dict[str, list[float]] = {name: [] for name in impls}
     order = list(impls)
     shuffler = random.Random(steps)
@@ -111,16 +150,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-higher", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="add the compiled implementations")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"median seconds per meta-step (meta-batch {META_BATCH}, K={K}, {args.repeats} repeats, "
           f"{args.threads} threads, torch {torch.__version__})")
     print(f"{'T':>3} {'implementation':<14} {'median s':>10} {'vs torch.func':>14} {'speed-up vs higher':>19}")
+    speedups = []
     for steps in args.steps:
-        medians = bench(steps, args.repeats, not args.no_higher)
+        medians = bench(steps, args.repeats, not args.no_higher, args.compile)
         for name, seconds in medians.items():
             vs_higher = f"{medians['higher'] / seconds:.1f}x" if "higher" in medians else "-"
             print(f"{steps:>3} {name:<14} {seconds:>10.4f} {seconds / medians['torch.func']:>13.2f}x {vs_higher:>19}")
+        if args.compile:
+            speedups.append(f"T={steps}:{medians['torch.func'] / medians['metaopt-comp']:.2f}")
+            print(f"    T={steps}: metaopt compiled is {medians['torch.func-comp'] / medians['metaopt-comp']:.2f}x "
+                  f"the hand-written compiled speed", flush=True)
+    if args.compile:
+        print("speedup_vs_hand_eager_vmap " + " ".join(speedups))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_flatten
 
 from metaopt.batching import Batching, vmap_tasks
 from metaopt.budget import Budget
@@ -47,10 +46,12 @@ ChunkResult = tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]
 """A chunk's (gradients summed over its tasks, outer losses [B], stats {name: [B]}), no graph left."""
 
 
-def _signature(values: dict[str, Tensor], tasks: Task, pattern: tuple[int, ...]) -> tuple:
-    leaves, _ = tree_flatten(tasks)
-    shapes = [(tuple(v.shape), v.dtype, v.device.type) for v in (*values.values(), *leaves) if v is not None]
-    return tuple(shapes), pattern
+def _signature(tasks: Task, pattern: tuple[int, ...]) -> tuple:
+    """What a new compilation depends on, cheaply (per call): the shapes, dtype and device of the inputs
+    and the support pattern (the meta-parameters' shapes are fixed for a wrapper's (loop, meta))."""
+    x = tasks.query.x
+    return (tuple(x.shape), x.dtype, x.device.type, tuple(tuple(b.x.shape) for b in tasks.support),
+            tasks.init is not None, pattern)
 
 
 class Compiled:
@@ -115,7 +116,7 @@ class Compiled:
             return None
         values = meta_values(meta)
         key = (id(loop), id(meta), pattern)
-        signature = _signature(values, tasks, pattern)
+        signature = (key, _signature(tasks, pattern))
         first = signature not in self._seen
         started = time.perf_counter()
         try:
@@ -124,7 +125,8 @@ class Compiled:
                 function = self._functions[key] = self._build(loop, meta, pattern)
             grads, (losses, stats) = function(values, tasks)
         except Exception as error:  # a compile error or a graph break: eager from now on
-            self._fall_back(f"torch.compile failed: {type(error).__name__}: {str(error).strip().splitlines()[0]}")
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            self._fall_back(f"torch.compile failed: {type(error).__name__}: {' '.join(lines[:3])[:400]}")
             return None
         result = (dict(grads), losses.detach(), {k: v.detach() for k, v in stats.items()})
         if first:

@@ -134,7 +134,9 @@ class _Run:
         compiled = getattr(self.estimator, "chunk_gradient", None)  # metaopt.compiled.Compiled
         if compiled is not None and self.compressed is not None:
             compressed, pattern = self.compressed
-            done = compiled(self.loop, self.meta, tree_map_only(Tensor, lambda v: v[first:last], compressed), pattern)
+            whole = first == 0 and last == compressed.query.x.shape[0]  # slicing costs more than this path's step
+            part = compressed if whole else tree_map_only(Tensor, lambda v: v[first:last], compressed)
+            done = compiled(self.loop, self.meta, part, pattern)
             if done is not None:  # None: the wrapper fell back to eager
                 if guard is not None:
                     guard.after_backward(self.steps(first))

@@ -1,0 +1,106 @@
+"""The compiled path: compiled meta-gradients equal eager ones (and finite differences), or the wrapper falls
+back to eager with the reason, never silently wrong. Each compile takes seconds: the fast suite compiles a few
+(estimator, kind) pairs; the whole estimator x kind matrix is marked slow."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import metaopt as mo
+from db import ESTIMATORS
+from metaopt.compiled import Compiled
+from problems import META_KINDS, central_difference, tiny_model, tiny_tasks
+
+T = 2
+
+
+def _problem(kind: str):
+    model = tiny_model()
+    loop = mo.InnerLoop(model, mo.optim.momentum(lr=0.05, momentum=0.5), mo.losses.mse)
+    return loop, META_KINDS[kind](model), tiny_tasks(3, T)
+
+
+def _assert_equal(result: mo.MetaGrad, reference: mo.MetaGrad) -> None:
+    torch.testing.assert_close(result.outer_loss, reference.outer_loss, rtol=1e-10, atol=0)
+    for k, g in reference.grads.items():
+        torch.testing.assert_close(result.grads[k], g, rtol=1e-10, atol=1e-12, msg=f"gradient of {k}")
+
+
+@pytest.mark.parametrize("name,kind", [("full", "init"), ("full", "init+lrs_element"), ("first_order", "lrs_tensor")])
+def test_compiled_equals_eager_in_float64(name, kind):
+    loop, meta, tasks = _problem(kind)
+    compiled = mo.get_estimator(name, compile=True)
+    result = compiled(loop, meta, tasks)
+    assert compiled.fallback_reason is None and compiled.compiled_calls == 1 and compiled.compile_seconds > 0
+    _assert_equal(result, mo.get_estimator(name)(loop, meta, tasks))
+    again = compiled(loop, meta, tasks)  # the cached function, no recompilation check this time
+    assert compiled.compiled_calls == 2
+    _assert_equal(again, result)
+
+
+def test_compiled_full_matches_finite_differences():
+    loop, meta, tasks = _problem("init+lrs_element")
+    grads = mo.get_estimator("full", compile=True)(loop, meta, tasks).grads
+    g = torch.Generator().manual_seed(5)
+    direction = {k: torch.randn(p.shape, generator=g) for k, p in meta.named_parameters()}
+    analytic = sum((grads[k] * d).sum() for k, d in direction.items()).item()
+    assert analytic == pytest.approx(central_difference(loop, meta, tasks, direction), rel=1e-6, abs=1e-9)
+
+
+def test_a_wrong_compiled_result_falls_back_to_eager():
+    loop, meta, tasks = _problem("init")
+    compiled = Compiled(mo.Full())
+
+    def wrong(loop_, meta_, pattern):
+        def function(values, tasks_):
+            grads = {k: torch.zeros_like(v) for k, v in values.items()}
+            return grads, (torch.zeros(tasks_.query.x.shape[0]), {})
+        return function
+
+    compiled._build = wrong
+    result = compiled(loop, meta, tasks)
+    assert "differs from eager" in compiled.fallback_reason and not compiled.compiled
+    _assert_equal(result, mo.Full()(loop, meta, tasks))
+
+
+def test_a_graph_break_falls_back_with_the_reason():
+    class Breaking(mo.Full):
+        def task_objective(self, loop, meta, task, guard):
+            objective = super().task_objective(loop, meta, task, guard)
+            print(objective.outer_loss)  # Python in the middle of the graph: fullgraph refuses it
+            return objective
+
+    loop, meta, tasks = _problem("init")
+    compiled = Compiled(Breaking())
+    result = compiled(loop, meta, tasks)
+    assert compiled.fallback_reason.startswith("torch.compile failed") and compiled.compiled_calls == 0
+    _assert_equal(result, mo.Full()(loop, meta, tasks))
+
+
+def test_task_by_task_batching_runs_eager_and_says_so():
+    loop, meta, tasks = _problem("init")
+    compiled = mo.get_estimator("full", compile=True)
+    result = compiled(loop, meta, tasks, batching="loop")
+    assert "task by task" in compiled.fallback_reason
+    _assert_equal(result, mo.Full()(loop, meta, tasks))
+
+
+def test_compile_is_refused_for_a_planning_policy_and_the_wrapper_reads_as_its_estimator():
+    with pytest.raises(mo.EstimatorUnsupported, match="planning policy"):
+        mo.get_estimator("auto", compile=True)
+    wrapped = mo.get_estimator("truncated", compile=True, k=3)
+    assert wrapped.name == "truncated" and wrapped.exact is False and wrapped.bias(10) == mo.Truncated(k=3).bias(10)
+    assert Compiled(wrapped).eager is wrapped.eager  # no double wrapping
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(META_KINDS))
+@pytest.mark.parametrize("info", [i for i in ESTIMATORS if i.promise == "exact" or i.id == "first_order"], ids=str)
+def test_compiled_matrix_equals_eager_or_falls_back(info, kind):
+    if kind not in info.kinds:
+        pytest.skip(f"{info} does not serve {kind}")
+    loop, meta, tasks = _problem(kind)
+    compiled = Compiled(info.make(T))
+    result = compiled(loop, meta, tasks)
+    _assert_equal(result, info.make(T)(loop, meta, tasks))
+    assert compiled.compiled or compiled.fallback_reason
