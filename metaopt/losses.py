@@ -9,7 +9,9 @@ __all__ = ["mse", "cross_entropy", "accuracy"]
 
 
 def mse(pred: Tensor, target: Tensor) -> Tensor:
-    """Mean squared error over all elements (sinusoid regression)."""
+    """Mean squared error over all elements (sinusoid regression); one fused op where the shapes agree."""
+    if pred.shape == target.shape:
+        return F.mse_loss(pred, target)
     return torch.mean((pred - target) ** 2)
 
 

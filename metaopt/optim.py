@@ -61,6 +61,16 @@ def _with_weight_decay(params: Params, grads: Params, weight_decay: HyperValue) 
     return {k: g + hyper_for(weight_decay, k) * params[k] for k, g in grads.items()}
 
 
+def _descend(param: Tensor, step: Tensor, lr: float | Tensor) -> Tensor:
+    """param - lr * step as one op (one autograd node, not two): `torch.add(alpha=)` for a number, `addcmul`
+    for a tensor lr that broadcasts into the parameter's shape (a learned per-tensor or per-element lr)."""
+    if not isinstance(lr, Tensor):
+        return torch.add(param, step, alpha=-lr)
+    if torch.broadcast_shapes(lr.shape, step.shape) == param.shape:
+        return torch.addcmul(param, lr, step, value=-1)
+    return param - lr * step
+
+
 def sgd(lr: float = 0.01, weight_decay: float = 0.0) -> InnerOptimizer:
     """Plain gradient descent: p <- p - lr * (g + weight_decay * p).
 
@@ -77,7 +87,7 @@ def sgd(lr: float = 0.01, weight_decay: float = 0.0) -> InnerOptimizer:
         h = {**defaults, **hyper}
         grads = _with_weight_decay(params, grads, h["weight_decay"])
         lr = h["lr"]
-        return {k: p - hyper_for(lr, k) * grads[k] for k, p in params.items()}, opt_state
+        return {k: _descend(p, grads[k], hyper_for(lr, k)) for k, p in params.items()}, opt_state
 
     return InnerOptimizer(init, update, defaults, "sgd")
 
