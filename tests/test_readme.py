@@ -22,3 +22,31 @@ def test_plain_python_example_runs(capsys):
     finally:
         torch.set_default_dtype(previous)
     assert "meta_test_loss" in capsys.readouterr().out
+
+
+def _tables(text: str) -> list[tuple[int, list[str], list[str]]]:
+    """(header line number, the lines of its section before it, its rows) of every Markdown table."""
+    lines = text.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if line.startswith("|") and i + 1 < len(lines) and lines[i + 1].startswith("|---") and \
+                (i == 0 or not lines[i - 1].startswith("|")):
+            heading = max((j for j in range(i) if lines[j].startswith("#") and not lines[j].startswith("#  ")),
+                          default=0)
+            rows = [row for row in lines[i + 2:] if row.startswith("|")]
+            end = next((k for k, row in enumerate(lines[i + 2:]) if not row.startswith("|")), len(rows))
+            out.append((i + 1, lines[heading:i], rows[:end]))
+    return out
+
+
+def test_every_readme_table_of_figures_names_the_command_that_made_it():
+    """A figure without its command cannot be reproduced: each table with measured figures (decimals) has a
+    command (a `python experiments/...` or `bash experiments/...` line, in a code block or inline) in its
+    section, above it."""
+    missing = []
+    for number, section, rows in _tables(README.read_text()):
+        if not any(re.search(r"\d\.\d", row) for row in rows):
+            continue  # a reference table (names, slots), no figures
+        if not any(re.search(r"(python|bash) experiments/", line) for line in section):
+            missing.append(number)
+    assert not missing, f"README tables of figures with no command in their section (header lines): {missing}"
