@@ -185,8 +185,9 @@ def _finite_or_handle(meta_grad: MetaGrad, batch: Task, state: TrainState, confi
     losses, used = meta_grad.task_losses, meta_grad.task_used
     assert losses is not None and used is not None  # always set by the runner
     bad = ~torch.isfinite(losses) & used
-    grads_ok = all(bool(torch.isfinite(g).all()) for g in meta_grad.grads.values())
-    if not bool(bad.any()) and grads_ok:
+    # One finiteness flag computed on the device: a single host sync per meta-step, not one per gradient.
+    flags = [~bad.any().to(next(iter(meta_grad.grads.values())).device)]
+    if bool(torch.stack(flags + [torch.isfinite(g).all() for g in meta_grad.grads.values()]).all()):
         return meta_grad
     tasks = unstack_tasks(batch)
     bad_indices = [int(i) for i in torch.nonzero(bad).flatten()] or list(range(len(tasks)))
