@@ -49,12 +49,18 @@ def collect_runs(root: Path) -> list[dict[str, Any]]:
         row["status"] = metrics.get("status", "unknown")
         row["error"] = metrics.get("error", "")
         row.update({k: metrics[k] for k in METRICS if k in metrics})
+        for name, scores in (metrics.get("protocols") or {}).items():  # eval.protocols: one column each
+            score = scores.get("test_accuracy", scores.get("meta_test_loss"))
+            if score is not None:
+                row[f"{name}_{'accuracy' if 'test_accuracy' in scores else 'loss'}"] = score
         rows.append(row)
     return rows
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
-    return ["run", "overrides", "status"] + [k for k in METRICS if any(k in r for r in rows)] + ["error"]
+    fixed = {"run", "overrides", "status", "error", "_metrics", *METRICS}
+    protocols = sorted({k for r in rows for k in r if k not in fixed})
+    return ["run", "overrides", "status"] + [k for k in METRICS if any(k in r for r in rows)] + protocols + ["error"]
 
 
 def _cell(value: Any) -> str:

@@ -68,6 +68,16 @@ def test_summary_lists_failed_and_missing_runs_without_crashing(tmp_path):
     assert "ValueError: x" in table and "0.5" in table
 
 
+def test_summary_has_a_column_per_evaluation_protocol(tmp_path):
+    (tmp_path / "0").mkdir()
+    protocols = {"within_alphabet_20way": {"test_accuracy": 0.715}, "skipped_one": {"skipped": "5-way head"}}
+    (tmp_path / "0" / "metrics.json").write_text(json.dumps({"status": "ok", "protocols": protocols}))
+    rows = collect_runs(tmp_path)
+    assert rows[0]["within_alphabet_20way_accuracy"] == 0.715 and "skipped_one_accuracy" not in rows[0]
+    header = markdown_table(rows).splitlines()[0]
+    assert "within_alphabet_20way_accuracy" in header and "_metrics" not in header
+
+
 def test_contract_resume_with_another_config_is_refused_naming_the_key(tmp_path):
     assert run_train(tmp_path, "debug=tiny").returncode == 0
     before = _metrics(tmp_path)
