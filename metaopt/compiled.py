@@ -83,6 +83,8 @@ class Compiled:
         self.compiled_calls = 0
         self._functions: dict[tuple[int, int, tuple[int, ...]], Callable[..., Any]] = {}
         self._seen: set[tuple] = set()
+        self._checked: set[tuple[int, int]] = set()
+        self._blockers: dict[int, str | None] = {}
 
     def __getattr__(self, name: str) -> Any:
         if name == "eager":  # not set yet (unpickling): no recursion
@@ -96,6 +98,17 @@ class Compiled:
 
     def candidates(self, loop: InnerLoop, meta: MetaParams, steps: int) -> list["Compiled"]:
         return [self]
+
+    def check(self, loop: InnerLoop, meta: MetaParams) -> None:
+        """The estimator's check, once per (loop, meta): the compiled step pays no per-call Python re-checks."""
+        if (id(loop), id(meta)) not in self._checked:
+            self.eager.check(loop, meta)
+            self._checked.add((id(loop), id(meta)))
+
+    def vmap_blocker(self, loop: InnerLoop) -> str | None:
+        if id(loop) not in self._blockers:
+            self._blockers[id(loop)] = self.eager.vmap_blocker(loop)
+        return self._blockers[id(loop)]
 
     def __call__(self, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
                  budget: Budget | None = None, *, batching: Batching = "auto", chunk_size: int | None = None,

@@ -236,7 +236,7 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
     if grads is None:
         grads = {k: torch.zeros_like(p) for k, p in meta.named_parameters() if p.requires_grad}
     else:
-        grads = {k: g / used for k, g in grads.items()}
+        grads = dict(zip(grads, torch._foreach_div(list(grads.values()), used)))  # one dispatch for all
     stats: dict[str, float | int | str] = {
         "seconds": time.perf_counter() - start, "tasks": total, "batching": mode, "chunk_size": size,
         "tasks_truncated": truncated, "tasks_skipped": skipped}
@@ -245,5 +245,6 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
         stats[k] = values.mean().item()
         stats[f"{k}_max"] = values.max().item()
     # A task that diverged keeps its NaN in the mean: only skipped tasks are left out.
-    outer_loss = task_losses[task_used].mean() if used else torch.tensor(float("nan"))
+    outer_loss = task_losses.mean() if used == total else task_losses[task_used].mean() if used else \
+        torch.tensor(float("nan"))
     return MetaGrad(grads, outer_loss, stats, task_losses, task_used)
