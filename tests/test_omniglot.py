@@ -221,3 +221,20 @@ def test_prototype_loop_for_more_classes_scores_fewer_class_tasks_exactly():
     y = torch.randint(5, (7,))
     assert torch.equal(losses.cross_entropy(scores[1], y), losses.cross_entropy(scores[0], y))
     assert torch.softmax(scores[1], -1)[:, 5:].max() == 0
+
+
+def test_shift_moves_each_image_by_a_bounded_random_offset(data, tmp_path):
+    from metaopt.tasks.omniglot import _shifted
+    x = torch.zeros(50, 1, 8, 8)
+    x[:, :, 4, 4] = 1.0  # one lit pixel per image
+    moved = _shifted(x, 2, torch.Generator().manual_seed(0))
+    assert moved.shape == x.shape and (moved.sum(dim=(-1, -2)) == 1).all()  # nothing lost inside the bounds
+    where = moved.reshape(50, -1).argmax(-1)
+    rows, cols = where // 8, where % 8
+    assert rows.min() >= 2 and rows.max() <= 6 and cols.min() >= 2 and cols.max() <= 6
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 5  # offsets differ between images
+    omniglot = Omniglot(data, n_way=2, size=8, cache_dir=tmp_path / "cache", shift=1, split_by="character",
+                        test_fraction=0.0, val_fraction=0.0)
+    assert omniglot.sample(3, 1, torch.Generator().manual_seed(0)).query.x.shape == (3, 30, 1, 8, 8)
+    with pytest.raises(OmniglotDataError, match="shift = 4 must be between 0 and half the image size 8"):
+        Omniglot(data, size=8, cache_dir=tmp_path / "cache", shift=4)

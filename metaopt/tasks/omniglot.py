@@ -176,6 +176,8 @@ class Omniglot(TaskDistribution):
       rotations: add the rotated classes.
       within_alphabet: all N classes of a task from one alphabet (and one rotation).
       drawer_split: support and query of a task drawn by different people.
+      shift: translate every sampled image by a random whole number of pixels in [-shift, shift] per axis
+        (cheap training augmentation; 0: none; set it to 0 for evaluation tasks).
       size: image side in pixels.
       seed: fixes the split.
       cache_dir: where decoded images are cached (default ~/.cache/metaopt).
@@ -192,7 +194,7 @@ class Omniglot(TaskDistribution):
                  split_by: Literal["alphabet", "character"] = "alphabet", val_alphabets: int = 1,
                  test_alphabets: int = 2, val_fraction: float = 0.1, test_fraction: float = 0.2,
                  rotations: bool = True, size: int = 28, seed: int = 0, cache_dir: str | None = None,
-                 within_alphabet: bool = False, drawer_split: bool = False):
+                 within_alphabet: bool = False, drawer_split: bool = False, shift: int = 0):
         if k_shot < 1 or k_query < 1 or k_shot + k_query > DRAWERS:
             raise OmniglotDataError(f"omniglot: k_shot + k_query = {k_shot} + {k_query} must be between 2 and the "
                                     f"{DRAWERS} drawings each character has")
@@ -200,7 +202,9 @@ class Omniglot(TaskDistribution):
             raise OmniglotDataError(f"omniglot: split must be train/val/test and split_by alphabet/character, "
                                     f"got {split!r}, {split_by!r}")
         self.root, self.n_way, self.k_shot, self.k_query, self.split = root, n_way, k_shot, k_query, split
-        self.within_alphabet, self.drawer_split = within_alphabet, drawer_split
+        self.within_alphabet, self.drawer_split, self.shift = within_alphabet, drawer_split, shift
+        if shift < 0 or 2 * shift >= size:
+            raise OmniglotDataError(f"omniglot: shift = {shift} must be between 0 and half the image size {size}")
         data = OmniglotImages.load(root, size, cache_dir)
         order = torch.Generator().manual_seed(seed)
         if split_by == "alphabet":
@@ -242,7 +246,8 @@ class Omniglot(TaskDistribution):
     def __repr__(self) -> str:
         return (f"Omniglot({self.split}: {self.images.shape[0]} classes from {len(self.alphabets)} alphabets, "
                 f"{self.n_way}-way {self.k_shot}-shot {self.k_query}-query"
-                f"{', within alphabet' if self.within_alphabet else ''}{', drawer split' if self.drawer_split else ''})")
+                f"{', within alphabet' if self.within_alphabet else ''}{', drawer split' if self.drawer_split else ''}"
+                f"{f', shifts of {self.shift} px' if self.shift else ''})")
 
     @property
     def loss_fn(self) -> LossFn:
@@ -273,6 +278,8 @@ class Omniglot(TaskDistribution):
         n, per_class = self.n_way, self.k_shot + self.k_query
         classes, drawers = self.draw(n_tasks, generator)
         x = self.images[classes.unsqueeze(-1), drawers].to(torch.get_default_dtype()) / 255.0
+        if self.shift:
+            x = _shifted(x, self.shift, generator)
         y = torch.arange(n).view(1, n, 1).expand(n_tasks, n, per_class)
         shape = x.shape[3:]
 
@@ -282,6 +289,16 @@ class Omniglot(TaskDistribution):
         support = flat(x[:, :, :self.k_shot], y[:, :, :self.k_shot])
         query = flat(x[:, :, self.k_shot:], y[:, :, self.k_shot:])
         return Task.repeat(support, query, inner_steps)
+
+
+def _shifted(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image [..., H, W] moved by its own random offset in [-shift, shift]^2 (zeros shifted in)."""
+    *lead, height, width = x.shape
+    flat = torch.nn.functional.pad(x.reshape(-1, height, width), (shift, shift, shift, shift))
+    offsets = torch.randint(0, 2 * shift + 1, (flat.shape[0], 2), generator=generator)
+    rows = (offsets[:, :1] + torch.arange(height)).unsqueeze(2)          # [n, H, 1]
+    cols = (offsets[:, 1:] + torch.arange(width)).unsqueeze(1)           # [n, 1, W]
+    return flat[torch.arange(flat.shape[0]).view(-1, 1, 1), rows, cols].reshape(*lead, height, width)
 
 
 def load_one_shot_runs(runs_dir: str | os.PathLike, size: int = 28) -> list[tuple[str, Task]]:
