@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The runs behind README's within-alphabet 20-way table (Lake et al.'s one-shot protocol on the held-out
+# alphabets), one after another on one CPU thread each:
+#   bash experiments/omniglot_within_runs.sh [OUT_DIR]
+# then: python experiments/omniglot_table.py OUT_DIR
+# ProtoNets: the default config (60-way episodes, ~20-25 min) and the variants README compares;
+# MAML-style runs: 20-way heads (the protocol is 20-way), each stopped by the config's time_limit (55 min).
+# A finished run (metrics.json with status ok) is skipped, so the script resumes where it stopped.
+set -euo pipefail
+out=${1:-outputs/omniglot_within}
+py=${PYTHON:-.venv/bin/python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=${WANDB_MODE:-disabled}
+run() {  # name, experiment, extra overrides...
+  local name=$1 experiment=$2; shift 2
+  if [ -f "$out/$name/metrics.json" ] && grep -q '"status": "ok"' "$out/$name/metrics.json"; then return; fi
+  /usr/bin/time -f "$name: %e s wall" "$py" experiments/train.py "experiment=$experiment" progress=false \
+    "hydra.run.dir=$out/$name" "$@"
+}
+run protonet omniglot_protonet
+run protonet_within omniglot_protonet task.n_way=20 task.k_query=15 task.within_alphabet=true task.drawer_split=true
+run maml_20way omniglot_maml task.n_way=20
+run maml_learned_lr_20way omniglot_maml_learned_lr task.n_way=20
+run fomaml_20way omniglot_fomaml task.n_way=20
