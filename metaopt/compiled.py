@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 from typing import Any, Callable, Sequence
 
 import torch
@@ -77,7 +78,8 @@ class Compiled:
                  verify: bool = True):
         if isinstance(estimator, Compiled):
             estimator = estimator.eager
-        self.eager, self.mode, self.fullgraph, self.verify = estimator, mode, fullgraph, verify
+        self.eager: Any = estimator  # an estimator (its name, declarations and task_objective)
+        self.mode, self.fullgraph, self.verify = mode, fullgraph, verify
         self.fallback_reason: str | None = None
         self.compile_seconds = 0.0
         self.compiled_calls = 0
@@ -127,6 +129,9 @@ class Compiled:
         runner must compute it eagerly (after a fallback)."""
         if self.fallback_reason is not None:
             return None
+        if not getattr(self.eager, "compiles", False):
+            self._fall_back(f"estimator {self.eager.name!r} does not compile (its class declares compiles = False)")
+            return None
         values = meta_values(meta)
         key = (id(loop), id(meta), pattern)
         signature = (key, _signature(tasks, pattern))
@@ -165,8 +170,15 @@ class Compiled:
         def surrogate(values: dict[str, Tensor], tasks: Task) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
             return torch.func.functional_call(holder, {f"meta.{k}": v for k, v in values.items()}, (total, tasks))
 
-        return torch.compile(torch.func.grad(surrogate, has_aux=True), fullgraph=self.fullgraph, mode=self.mode,
-                             dynamic=False)
+        def meta_gradient(values: dict[str, Tensor], tasks: Task) -> Any:
+            return torch.func.grad(surrogate, has_aux=True)(values, tasks)
+
+        # Dynamo caches compiled code per code object, at most 8 variants: every wrapper shares `meta_gradient`'s
+        # (and torch.func.grad's) code, so a process building several (tests, explorer workers) would hit the
+        # limit. A copy of the code object gives each built function a cache of its own.
+        own = types.FunctionType(meta_gradient.__code__.replace(), meta_gradient.__globals__, "meta_gradient",
+                                 meta_gradient.__defaults__, meta_gradient.__closure__)
+        return torch.compile(own, fullgraph=self.fullgraph, mode=self.mode, dynamic=False)
 
     def _eager_chunk(self, loop: InnerLoop, meta: MetaParams, tasks: Task, pattern: tuple[int, ...]) -> ChunkResult:
         result = vmap_tasks(lambda task: self.eager.task_objective(loop, meta, task, None), tasks, pattern)

@@ -16,7 +16,7 @@ with the reason instead of failing the run.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -38,7 +38,8 @@ def evaluate_protocols(cfg: DictConfig, parts: Parts) -> dict[str, dict[str, Any
     for every entry of `eval.protocols` ({} when there is none)."""
     out: dict[str, dict[str, Any]] = {}
     for name, overrides in (cfg.eval.get("protocols") or {}).items():
-        settings = {**OmegaConf.to_container(cfg.eval.task or {}), **OmegaConf.to_container(overrides)}
+        settings: dict[str, Any] = {**cast(dict, OmegaConf.to_container(cfg.eval.task or {})),
+                                    **cast(dict, OmegaConf.to_container(overrides))}
         try:
             tasks = instantiate(cfg.task, **settings)
         except Exception as error:  # the data's own error (e.g. no alphabet with 20 characters), wrapped by Hydra

@@ -96,6 +96,10 @@ class AbstractEstimator(abc.ABC):
     second_order: ClassVar[bool] = True
     relative_time: float = 1.0
     """Time of a meta-gradient relative to full backprop's (the planner ranks equally exact estimators by it)."""
+    compiles: ClassVar[bool] = False
+    """Whether `metaopt.compiled.Compiled` may trace it (tested: compiled equals eager across the kinds). A
+    failed trace inside forward-mode or nested transforms can leave torch's transform stack unusable for the
+    eager fallback, so only declared estimators are traced."""
 
     @classmethod
     def auto_candidates(cls, loop: InnerLoop, meta: MetaParams, steps: int) -> list["AbstractEstimator"]:

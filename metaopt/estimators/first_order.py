@@ -23,6 +23,7 @@ class FirstOrder(AbstractEstimator):
     """
 
     exact = False
+    compiles = True  # tests/test_compiled.py: equals eager across the kinds
 
     @classmethod
     def auto_candidates(cls, loop: InnerLoop, meta: MetaParams, steps: int) -> list[AbstractEstimator]:

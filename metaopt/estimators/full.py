@@ -20,6 +20,7 @@ class Full(AbstractEstimator):
     """
 
     exact = True
+    compiles = True  # tests/test_compiled.py: equals eager across the kinds
 
     @classmethod
     def auto_candidates(cls, loop: InnerLoop, meta: MetaParams, steps: int) -> list[AbstractEstimator]:
