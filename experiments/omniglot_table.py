@@ -103,8 +103,8 @@ def main() -> None:
             results[column], tasks, seed, batch_size = evaluate_run(run_dir, overrides, args.n_tasks, args.data_root)
             if column not in nn_ref:  # the same seeded tasks as the runs (same split settings assumed)
                 nn_ref[column] = pixel_nearest_neighbour(tasks, args.n_tasks, seed, batch_size)
-        rows.append((name, int(cfg.task.n_way), metrics.get("meta_steps"), metrics.get("train_seconds", 0) / 60,
-                     metrics.get("threads", "?"), results))
+        rows.append((f"{name} ({run_dir.name})", int(cfg.task.n_way), metrics.get("meta_steps"),
+                     metrics.get("train_seconds", 0) / 60, metrics.get("threads", "?"), results))
     if not rows:
         raise SystemExit(f"no finished runs (checkpoint.pt + metrics.json) under {args.runs}")
 
@@ -119,7 +119,7 @@ def main() -> None:
           "(%) | within-alphabet error (%) | published 5 / 20 (30 alphabets) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, trained, steps, minutes, threads, results in rows:
-        published = PUBLISHED.get(name, (None, None))
+        published = PUBLISHED.get(name.split(" ")[0], (None, None))
         pub = " / ".join("—" if p is None else f"{p}" for p in published)
         print(f"| {name} | {trained} | {steps} | {minutes:.0f} min ({threads}) | {cell(results.get('5-way'))} | "
               f"{cell(results.get('20-way'))} | {cell(results.get(within))} | {error(results.get(within))} | {pub} |")

@@ -16,8 +16,10 @@ run() {  # name, experiment, extra overrides...
   /usr/bin/time -f "$name: %e s wall" "$py" experiments/train.py "experiment=$experiment" progress=false \
     "hydra.run.dir=$out/$name" "$@"
 }
-run protonet omniglot_protonet
-run protonet_within omniglot_protonet task.n_way=20 task.k_query=15 task.within_alphabet=true task.drawer_split=true
+run protonet omniglot_protonet                          # the default: 60-way episodes, 2-px shifts
+run protonet_noshift omniglot_protonet task.shift=0
+run protonet_within omniglot_protonet task.shift=0 task.n_way=20 task.k_query=15 task.within_alphabet=true \
+  task.drawer_split=true                                 # training episodes shaped like the protocol
 run maml_20way omniglot_maml task.n_way=20
 run maml_learned_lr_20way omniglot_maml_learned_lr task.n_way=20
 run fomaml_20way omniglot_fomaml task.n_way=20
