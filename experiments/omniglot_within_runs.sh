@@ -8,14 +8,7 @@
 # A finished run (metrics.json with status ok) is skipped, so the script resumes where it stopped.
 set -euo pipefail
 out=${1:-outputs/omniglot_within}
-py=${PYTHON:-.venv/bin/python}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=${WANDB_MODE:-disabled}
-run() {  # name, experiment, extra overrides...
-  local name=$1 experiment=$2; shift 2
-  if [ -f "$out/$name/metrics.json" ] && grep -q '"status": "ok"' "$out/$name/metrics.json"; then return; fi
-  /usr/bin/time -f "$name: %e s wall" "$py" experiments/train.py "experiment=$experiment" progress=false \
-    "hydra.run.dir=$out/$name" "$@"
-}
+source "$(dirname "$0")/runs_lib.sh"  # run NAME EXPERIMENT [OVERRIDES...]
 run protonet omniglot_protonet                          # the default: 60-way episodes, 2-px shifts
 run protonet_noshift omniglot_protonet task.shift=0
 run protonet_within omniglot_protonet task.shift=0 task.n_way=20 task.k_query=15 task.within_alphabet=true \
