@@ -63,12 +63,10 @@ def _with_weight_decay(params: Params, grads: Params, weight_decay: HyperValue) 
 
 def _descend(param: Tensor, step: Tensor, lr: float | Tensor) -> Tensor:
     """param - lr * step as one op (one autograd node, not two): `torch.add(alpha=)` for a number, `addcmul`
-    for a tensor lr that broadcasts into the parameter's shape (a learned per-tensor or per-element lr)."""
+    for a tensor lr (a learned per-tensor or per-element lr, broadcast into the parameter's shape)."""
     if not isinstance(lr, Tensor):
         return torch.add(param, step, alpha=-lr)
-    if torch.broadcast_shapes(lr.shape, step.shape) == param.shape:
-        return torch.addcmul(param, lr, step, value=-1)
-    return param - lr * step
+    return torch.addcmul(param, lr, step, value=-1)
 
 
 def sgd(lr: float = 0.01, weight_decay: float = 0.0) -> InnerOptimizer:
