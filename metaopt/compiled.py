@@ -85,8 +85,9 @@ class Compiled:
         self.compiled_calls = 0
         self._functions: dict[tuple[int, int, tuple[int, ...]], Callable[..., Any]] = {}
         self._seen: set[tuple] = set()
-        self._checked: set[tuple[int, int]] = set()
-        self._blockers: dict[int, str | None] = {}
+        # Keyed by id, holding the objects themselves: an id is only reused after its object is gone.
+        self._checked: dict[tuple[int, int], tuple[InnerLoop, MetaParams]] = {}
+        self._blockers: dict[int, tuple[InnerLoop, str | None]] = {}
 
     def __getattr__(self, name: str) -> Any:
         if name == "eager":  # not set yet (unpickling): no recursion
@@ -105,12 +106,12 @@ class Compiled:
         """The estimator's check, once per (loop, meta): the compiled step pays no per-call Python re-checks."""
         if (id(loop), id(meta)) not in self._checked:
             self.eager.check(loop, meta)
-            self._checked.add((id(loop), id(meta)))
+            self._checked[(id(loop), id(meta))] = (loop, meta)
 
     def vmap_blocker(self, loop: InnerLoop) -> str | None:
         if id(loop) not in self._blockers:
-            self._blockers[id(loop)] = self.eager.vmap_blocker(loop)
-        return self._blockers[id(loop)]
+            self._blockers[id(loop)] = (loop, self.eager.vmap_blocker(loop))
+        return self._blockers[id(loop)][1]
 
     def __call__(self, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
                  budget: Budget | None = None, *, batching: Batching = "auto", chunk_size: int | None = None,
