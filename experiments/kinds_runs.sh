@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# The learned-vs-baseline runs behind README's meta-parameter kinds table, one after another:
+# The learned-vs-baseline runs behind README's meta-parameter kinds tables: every kind over meta-training
+# seeds 0, 1, 2 on one CPU thread (the learned optimizer also on two), one run after another, resumable:
 #   bash experiments/kinds_runs.sh [OUT_DIR]
-# then: python experiments/compare_table.py OUT_DIR/distill_digits_1 OUT_DIR/distill_digits_10 \
+# then: python experiments/compare_table.py --seeds OUT_DIR/distill_digits_1 OUT_DIR/distill_digits_10 \
 #         OUT_DIR/learned_loss OUT_DIR/learned_augmentation
-#       python experiments/compare_table.py --seeds OUT_DIR/learned_optimizer_lstm OUT_DIR/learned_optimizer_mlp
+#       python experiments/compare_table.py --seeds OUT_DIR/learned_optimizer_lstm OUT_DIR/learned_optimizer_mlp \
+#         OUT_DIR/learned_optimizer_lstm_2threads OUT_DIR/learned_optimizer_mlp_2threads
+# ONLY=regex runs only the run names that match it (e.g. ONLY=distill).
 set -euo pipefail
 out=${1:-outputs/kinds}
-py=${PYTHON:-.venv/bin/python}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} WANDB_MODE=${WANDB_MODE:-disabled}
-run() {  # name, overrides...
-  local name=$1; shift
-  if [ -f "$out/$name/metrics.json" ] && grep -q '"status": "ok"' "$out/$name/metrics.json"; then return; fi
-  /usr/bin/time -f "$name: %e s wall" "$py" experiments/train.py progress=false "hydra.run.dir=$out/$name" "$@"
-}
-run distill_digits_1 experiment=distill_digits
-run distill_digits_10 experiment=distill_digits metaparam.data.n_per_class=10
-for seed in 0 1 2; do  # the learned optimizer over three meta-training seeds
-  run learned_optimizer_lstm/$seed experiment=learned_optimizer seed=$seed
-  run learned_optimizer_mlp/$seed experiment=learned_optimizer metaparam.optimizer.architecture=mlp seed=$seed
+source "$(dirname "$0")/runs_lib.sh"
+pick() { [[ -z "${ONLY:-}" || "$1" =~ $ONLY ]]; }
+for seed in 0 1 2; do
+  pick distill && run distill_digits_1/$seed distill_digits seed=$seed
+  pick distill && run distill_digits_10/$seed distill_digits metaparam.data.n_per_class=10 seed=$seed
+  pick learned_loss && run learned_loss/$seed learned_loss seed=$seed
+  pick learned_optimizer && run learned_optimizer_lstm/$seed learned_optimizer seed=$seed
+  pick learned_optimizer && run learned_optimizer_mlp/$seed learned_optimizer \
+    metaparam.optimizer.architecture=mlp seed=$seed
+  pick augmentation && run learned_augmentation/$seed learned_augmentation seed=$seed
 done
-run learned_loss experiment=learned_loss
-run learned_augmentation experiment=learned_augmentation
+for seed in 0 1 2; do  # the learned optimizer again on two threads (other float reduction orders)
+  pick 2threads && OMP_NUM_THREADS=2 run learned_optimizer_lstm_2threads/$seed learned_optimizer seed=$seed
+  pick 2threads && OMP_NUM_THREADS=2 run learned_optimizer_mlp_2threads/$seed learned_optimizer \
+    metaparam.optimizer.architecture=mlp seed=$seed
+done
+true
