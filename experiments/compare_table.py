@@ -30,26 +30,45 @@ def _spread(values: list[float], metric: str) -> str:
     return f"{scale * statistics.fmean(values):.{digits}f} ± {scale * std:.{digits}f}"
 
 
+def _comparisons(m: dict) -> dict[tuple[str, str], dict]:
+    """{(against, inner steps): figures} of one run: its baseline, and each ablation (`compare.ablations`)."""
+    out = {("baseline", steps): r for steps, r in m["at_inner_steps"].items()}
+    for name, entry in (m.get("ablations") or {}).items():
+        out.update({(name, steps): r for steps, r in entry["at_inner_steps"].items()})
+    return out
+
+
 def seeds_table(dirs: list[Path]) -> None:
-    """One row per directory and unroll length: mean ± std over its runs, and wins."""
-    print("| runs | metric (inner steps) | learned (mean ± std) | baseline (mean ± std) | learned - baseline "
+    """One row per directory, baseline and unroll length: mean ± std over its runs, and wins."""
+    print("| runs | against | metric (inner steps) | learned (mean ± std) | baseline (mean ± std) | learned - baseline "
           "(mean ± std) | learned better on | meta-steps | train wall-clock (mean) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
+    notes: list[str] = []
     for root in dirs:
         runs = [r["_metrics"] for r in collect_runs(root) if r["status"] == "ok" and "learned" in r["_metrics"]]
         failed = [r for r in collect_runs(root) if r["status"] != "ok"]
-        by_steps: dict[str, list[dict]] = defaultdict(list)
+        grouped: dict[tuple[str, str], list[dict]] = defaultdict(list)
         for m in runs:
-            for steps, r in m["at_inner_steps"].items():
-                by_steps[steps].append({**r, "metric": m["metric"], "direction": m["metric_direction"]})
-        for steps, rows in by_steps.items():
+            for key, r in _comparisons(m).items():
+                grouped[key].append({**r, "metric": m["metric"], "direction": m["metric_direction"]})
+        for (against, steps), rows in grouped.items():
             metric, lower = rows[0]["metric"], rows[0]["direction"].startswith("lower")
             wins = sum((r["difference"] < 0) == lower and r["difference"] != 0 for r in rows)
-            print(f"| {root.name} ({len(rows)} runs{f', {len(failed)} not ok' if failed else ''}) "
+            print(f"| {root.name} ({len(rows)} runs{f', {len(failed)} not ok' if failed else ''}) | {against} "
                   f"| {metric} ({steps}; {rows[0]['direction']}) | {_spread([r['learned'] for r in rows], metric)} "
                   f"| {_spread([r['baseline'] for r in rows], metric)} "
                   f"| {_spread([r['difference'] for r in rows], metric)} | {wins}/{len(rows)} "
                   f"| {runs[0]['meta_steps']} | {statistics.fmean(m['train_seconds'] for m in runs) / 60:.1f} min |")
+        if runs:
+            chosen = sorted({m["baseline_name"] for m in runs})
+            notes.append(f"- {root.name}: baseline chosen on validation tasks: {'; '.join(chosen)}")
+            for name in dict.fromkeys(a for m in runs for a in (m.get("ablations") or {})):
+                labels = sorted({m["ablations"][name]["label"] for m in runs if name in m.get("ablations", {})})
+                notes.append(f"- {root.name}: ablation {name} chosen on validation tasks: {'; '.join(labels)}")
+        notes.extend(f"- {root.name}/{r['run']}: {r['status']}: {r['error']}" for r in failed)
+    if notes:
+        print()
+        print("\n".join(notes))
 
 
 def main() -> None:

@@ -91,8 +91,16 @@ def test_contract_learned_augmentation_on_generated_omniglot(tmp_path):
     run = tmp_path / "run"
     result = run_train(run, "experiment=learned_augmentation", f"data.root={data}", "task.size=16",
                        "model.channels=4", "meta_steps=2", "meta_batch_size=2",
-                       "eval.n_tasks=4", "progress=false")
+                       "eval.n_tasks=4", "compare.select_n_tasks=4", "progress=false")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["metric_direction"] == "higher is better" and 0 <= metrics["learned"] <= 1
     assert metrics["baseline_name"] == "maml"
+    # The fixed-warps ablation: three warp sizes trained, the validation-best one meta-tested against learned.
+    fixed = metrics["ablations"]["fixed_warps"]
+    assert len(fixed["candidates"]) == 3 and fixed["label"] in fixed["candidates"]
+    assert fixed["label"] == max(fixed["candidates"], key=fixed["candidates"].get)
+    paired = fixed["at_inner_steps"]["1"]
+    assert paired["learned"] == metrics["learned"]
+    assert paired["difference"] == pytest.approx(paired["learned"] - paired["baseline"], abs=1e-6)
+    assert sorted(p.name for p in (run / "ablations").iterdir()) == ["0", "1", "2"]

@@ -214,6 +214,22 @@ def test_identity_warps_copy_the_support_images():
         aug.transform(mo.Batch(torch.rand(4, 64), batch.y))
 
 
+def test_fixed_warps_are_the_learned_warps_at_init_without_meta_parameters():
+    """learn=False (the fixed-warps ablation): the same warps as the learned kind's start, as buffers; the
+    meta-gradient then reaches only the initialization."""
+    loop, learned_meta, tasks = _image_problem("augmentation")
+    model = loop.model
+    fixed = mo.LearnedAffineAugmentation(model, copies=2, init_std=0.1, learn=False)
+    assert not list(fixed.parameters()) and set(fixed.state_dict()) == {"delta", "brightness"}
+    batch = tasks.support[0]
+    single = mo.Batch(batch.x[0], batch.y[0])
+    torch.testing.assert_close(fixed.transform(single).x, learned_meta["data"].transform(single).x.detach())
+    meta = mo.meta_params(mo.Init(model), fixed)
+    grads = mo.Full()(loop, meta, tasks).grads
+    assert set(grads) == {k for k, _ in meta.named_parameters()} and all(k.startswith("init.") for k in grads)
+    assert all(torch.isfinite(g).all() for g in grads.values()) and "fixed" in repr(fixed)
+
+
 def test_synthetic_data_replaces_the_support_set():
     model = mo.MLP(64, (8,), 10)
     data = mo.SyntheticData(model, shape=(64,), n_classes=10, n_per_class=2, learn_labels=True)

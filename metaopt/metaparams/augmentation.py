@@ -64,20 +64,28 @@ class LearnedAffineAugmentation(AbstractDataMetaParam):
       copies: augmented copies per support image.
       init_std: standard deviation of the initial warp offsets.
       seed: the random source of the initial offsets.
+      learn: False keeps the initial warps fixed (buffers, not meta-parameters): the ablation
+        "a fixed set of random warps of the same size" against learned ones.
     """
 
-    def __init__(self, model: nn.Module, copies: int = 2, init_std: float = 0.05, seed: int = 0):
+    def __init__(self, model: nn.Module, copies: int = 2, init_std: float = 0.05, seed: int = 0,
+                 learn: bool = True):
         super().__init__()
         if copies < 1:
             raise ValueError(f"LearnedAffineAugmentation: copies must be >= 1, got {copies}")
         dtype = next(model.parameters()).dtype
         g = torch.Generator().manual_seed(seed)
-        self.copies = copies
-        self.delta = nn.Parameter(init_std * torch.randn(copies, 2, 3, generator=g).to(dtype))
-        self.brightness = nn.Parameter(torch.zeros(copies, dtype=dtype))
+        self.copies, self.learn = copies, learn
+        delta = init_std * torch.randn(copies, 2, 3, generator=g).to(dtype)
+        brightness = torch.zeros(copies, dtype=dtype)
+        if learn:
+            self.delta, self.brightness = nn.Parameter(delta), nn.Parameter(brightness)
+        else:
+            self.register_buffer("delta", delta)
+            self.register_buffer("brightness", brightness)
 
     def extra_repr(self) -> str:
-        return f"copies={self.copies}"
+        return f"copies={self.copies}" + ("" if self.learn else ", fixed")
 
     def warps(self) -> Tensor:
         """The affine matrices [copies, 2, 3] (identity + learned offset)."""
