@@ -1,6 +1,8 @@
 """Prototypical Networks (Snell et al. 2017) as an inner loop whose adaptation is non-parametric."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -10,7 +12,19 @@ from metaopt.loop import InnerLoop
 from metaopt.optim import InnerOptimizer, sgd
 from metaopt.types import Batch, Hyper, InnerState, LossFn, MetaParams
 
-__all__ = ["PrototypeLoop"]
+__all__ = ["PrototypeLoop", "PrototypeState"]
+
+
+class PrototypeState(NamedTuple):
+    """What a ProtoNet's inner step keeps (in the inner state's `opt_state`).
+
+    Attributes:
+      prototypes: [N, D] each class's mean support embedding (zeros for an absent class).
+      present: [N] bool, whether the class had a support example.
+    """
+
+    prototypes: Tensor
+    present: Tensor
 
 
 class PrototypeLoop(InnerLoop):
@@ -48,14 +62,13 @@ class PrototypeLoop(InnerLoop):
         one_hot = F.one_hot(batch.y, self.n_way).to(embeddings.dtype)          # [n, N]
         counts = one_hot.sum(0)                                                # [N]
         prototypes = one_hot.T @ embeddings / counts.clamp_min(1).unsqueeze(1)  # [N, D]
-        return InnerState(state.params, buffers, {"prototypes": prototypes, "present": counts > 0}, state.anchor)
+        return InnerState(state.params, buffers, PrototypeState(prototypes, counts > 0), state.anchor)
 
     def predict(self, state: InnerState, x: Tensor) -> Tensor:
-        if "prototypes" not in state.opt_state:
+        if not isinstance(state.opt_state, PrototypeState):
             raise ValueError("PrototypeLoop needs one inner step on the support batch before predicting "
                              "(inner_steps >= 1)")
         embeddings = self.forward(state.params, state.buffers, x)[0]
-        prototypes, present = state.opt_state["prototypes"], state.opt_state["present"]
-        assert isinstance(prototypes, Tensor) and isinstance(present, Tensor)
+        prototypes, present = state.opt_state
         logits = -((embeddings.unsqueeze(1) - prototypes.unsqueeze(0)) ** 2).sum(-1)
         return logits.masked_fill(~present, torch.finfo(logits.dtype).min)

@@ -5,7 +5,7 @@ Everything here is a NamedTuple or a dict of tensors, so `torch.func` transforms
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, NamedTuple, Union
+from typing import Any, Callable, Mapping, NamedTuple, Union
 
 from torch import Tensor, nn
 
@@ -28,8 +28,9 @@ Params = dict[str, Tensor]
 Buffers = dict[str, Tensor]
 """Module buffers (e.g. BatchNorm running statistics), keyed like `Params`."""
 
-OptState = dict[str, Union[Tensor, Params]]
-"""What an inner optimizer keeps between steps (momenta, step count, hidden state)."""
+OptState = tuple[Any, ...]
+"""What an inner optimizer keeps between steps (momenta, step count, hidden state): a NamedTuple
+(`metaopt.optim.AdamState`, ...) or a tuple of them, whose leaves are tensors or dicts of tensors."""
 
 HyperValue = Union[float, Tensor, Mapping[str, Tensor]]
 """One hyperparameter: a float, a tensor (possibly requiring grad), or one tensor per

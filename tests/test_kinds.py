@@ -112,7 +112,7 @@ def test_learned_optimizer_starts_as_its_base_and_keeps_per_coordinate_state(arc
     for k, p in theirs.params.items():
         torch.testing.assert_close(mine.params[k], p)
     if architecture == "lstm":
-        assert all(mine.opt_state["h"][k].shape == (*p.shape, 4) for k, p in mine.params.items())
+        assert all(mine.opt_state.h[k].shape == (*p.shape, 4) for k, p in mine.params.items())
     # coordinate-wise: the rule's size does not depend on the model's
     assert sum(p.numel() for p in rule.parameters()) == \
         sum(p.numel() for p in mo.LearnedOptimizer(mo.MLP(1, (50, 50), 1), architecture, hidden=4).parameters())

@@ -74,7 +74,7 @@ def test_hyper_overrides_defaults_and_per_element_lr():
     params = {"w": torch.ones(2, 2)}
     grads = {"w": torch.ones(2, 2)}
     lr = {"w": torch.tensor([[0.1, 0.2], [0.3, 0.4]])}
-    new, _ = opt.update(params, grads, {}, {"lr": lr})
+    new, _ = opt.update(params, grads, opt.init(params), {"lr": lr})
     torch.testing.assert_close(new["w"], 1 - lr["w"])
 
 
@@ -91,3 +91,42 @@ def test_adam_second_order_stays_finite_with_zero_gradient_entries():
     new, _ = opt.update(params, grads, state, {})
     (g,) = torch.autograd.grad(new["p"].sum(), p)
     assert torch.isfinite(g).all()
+
+
+def test_states_are_typed_and_transforms_compose():
+    params = {"w": torch.randn(3, 2), "b": torch.randn(2)}
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    state = mo.optim.adam(lr=0.1).init(params)
+    assert isinstance(state[1], mo.optim.AdamState) and state[1].step.dim() == 0
+    _, state = mo.optim.adam(lr=0.1).update(params, grads, state, {})
+    torch.testing.assert_close(state[1].mu["w"], 0.1 * grads["w"])
+    # momentum is add_decayed_weights then trace, descended: the same chain built by hand is the same optimizer.
+    by_hand = mo.optim.descend(mo.optim.chain(mo.optim.add_decayed_weights(0.01), mo.optim.trace(0.8)), 0.1, "mine")
+    ref = mo.optim.momentum(lr=0.1, momentum=0.8, weight_decay=0.01)
+    assert by_hand.defaults == ref.defaults
+    a, b = by_hand.update(params, grads, by_hand.init(params), {}), ref.update(params, grads, ref.init(params), {})
+    torch.testing.assert_close(a[0], b[0])
+    assert isinstance(a[1][1], mo.optim.TraceState)
+    with pytest.raises(ValueError, match="momentum"):
+        mo.optim.chain(mo.optim.trace(0.5), mo.optim.trace(0.9))
+    with pytest.raises(ValueError, match="lr"):
+        mo.optim.descend(mo.optim.GradientTransform(lambda p: (), lambda u, s, p, h: (u, s), {"lr": 1.0}), 0.1, "x")
+
+
+def test_learned_optimizer_keeps_adams_moments():
+    """The learned rule composes scale_by_adam: its moments after a few steps are Adam's on the same gradients."""
+    model = mo.MLP(3, (4,), 1)
+    rule = mo.LearnedOptimizer(model, architecture="mlp", hidden=3, base="adam")
+    adam = mo.optim.adam()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    mine, theirs = rule.init_state(adam, params), adam.init(params)
+    for step in range(3):
+        grads = _quadratic_grads(params, step)
+        _, mine = rule.update(adam, params, grads, mine, {})
+        _, theirs = adam.update(params, grads, theirs, {})
+    for k in params:
+        torch.testing.assert_close(mine.adam.nu[k], theirs[1].nu[k])
+        torch.testing.assert_close(mine.adam.mu[k], theirs[1].mu[k])
+    assert len(mine.momenta) == len(rule.decays) and not mine.h
+    with pytest.raises(TypeError, match="init_state"):
+        rule.update(adam, params, grads, theirs, {})

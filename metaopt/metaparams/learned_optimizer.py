@@ -8,16 +8,16 @@ c) lives in the inner optimizer state, so every estimator unrolls it unchanged.
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence, cast
+from typing import Literal, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from metaopt.metaparams.base import AbstractOptimizerMetaParam
-from metaopt.optim import InnerOptimizer
+from metaopt.optim import AdamState, EmaState, InnerOptimizer, adam_rms, ema, scale_by_adam
 from metaopt.types import Hyper, OptState, Params
 
-__all__ = ["LearnedOptimizer", "preprocess_log_sign"]
+__all__ = ["LearnedOptimizer", "LearnedOptimizerState", "preprocess_log_sign"]
 
 Architecture = Literal["lstm", "mlp"]
 Base = Literal["sgd", "adam"]
@@ -38,14 +38,30 @@ def preprocess_log_sign(x: Tensor, p: float = 10.0) -> Tensor:
     return torch.stack([magnitude, direction], dim=-1)
 
 
+class LearnedOptimizerState(NamedTuple):
+    """The learned rule's per-coordinate state.
+
+    Attributes:
+      adam: Adam's moments (`metaopt.optim.scale_by_adam`, b1 0.9, b2 0.999): v normalizes the
+        features, and m / sqrt(v) is the "adam" base direction.
+      momenta: one `EmaState` per momentum decay (features).
+      h, c: the LSTM's hidden and cell state, [*param.shape, hidden] per parameter (empty for "mlp").
+    """
+
+    adam: AdamState
+    momenta: tuple[EmaState, ...]
+    h: Params
+    c: Params
+
+
 class LearnedOptimizer(AbstractOptimizerMetaParam):
     """A coordinate-wise learned update rule (slot "optimizer").
 
     Per coordinate, the features are the gradient g and the momenta
-    m_d <- d m_d + (1 - d) g for each decay d, each preprocessed two ways: Andrychowicz
-    et al.'s log-magnitude and sign (`preprocess_log_sign`, 2 features each) and divided
-    by the root of a bias-corrected second-moment average v (Metz et al. 2022's
-    normalized features; v <- 0.999 v + 0.001 g^2). The network ("lstm": one LSTM cell
+    m_d <- d m_d + (1 - d) g for each decay d (`metaopt.optim.ema`), each preprocessed two
+    ways: Andrychowicz et al.'s log-magnitude and sign (`preprocess_log_sign`, 2 features
+    each) and divided by the root of Adam's bias-corrected second moment v (Metz et al.
+    2022's normalized features; the moments are `metaopt.optim.scale_by_adam`'s). The network ("lstm": one LSTM cell
     with per-coordinate hidden state, then a linear read-out; "mlp": two hidden layers,
     stateless apart from the moments) outputs one number per coordinate, and
 
@@ -74,8 +90,7 @@ class LearnedOptimizer(AbstractOptimizerMetaParam):
       max_base_lr, max_output_scale: their upper bounds (None: 10x the initial value).
     """
 
-    second_moment_decay = 0.999
-    adam_decay = 0.9
+    adam_b1, adam_b2, adam_eps, adam_eps_root = 0.9, 0.999, 1e-8, 1e-16
 
     def __init__(self, model: nn.Module, architecture: Architecture = "lstm", hidden: int = 20,
                  decays: Sequence[float] = (0.5, 0.9, 0.99), base: Base | None = "sgd", base_lr: float = 0.1,
@@ -110,6 +125,8 @@ class LearnedOptimizer(AbstractOptimizerMetaParam):
         self.output_scale_logit = nn.Parameter(torch.tensor(_logit(output_scale / self.max_output_scale), dtype=dtype))
         self.base_lr_logit = (nn.Parameter(torch.tensor(_logit(base_lr / self.max_base_lr), dtype=dtype))
                               if base else None)
+        self._adam = scale_by_adam(self.adam_b1, self.adam_b2, self.adam_eps, self.adam_eps_root)
+        self._momenta = [ema(d) for d in self.decays]
 
     def extra_repr(self) -> str:
         return f"architecture={self.architecture!r}, hidden={self.hidden}, decays={self.decays}, base={self.base!r}"
@@ -117,18 +134,11 @@ class LearnedOptimizer(AbstractOptimizerMetaParam):
     def hyper(self) -> Hyper:
         return {}
 
-    def init_state(self, optimizer: InnerOptimizer, params: Params) -> OptState:
-        first = next(iter(params.values()))
-        state: OptState = {f"momentum_{i}": {k: torch.zeros_like(p) for k, p in params.items()}
-                           for i in range(len(self.decays))}
-        state["step"] = torch.zeros((), dtype=first.dtype, device=first.device)
-        state["second_moment"] = {k: torch.zeros_like(p) for k, p in params.items()}
-        if self.base == "adam":
-            state["adam_momentum"] = {k: torch.zeros_like(p) for k, p in params.items()}
-        if self.architecture == "lstm":
-            for name in ("h", "c"):
-                state[name] = {k: p.new_zeros(*p.shape, self.hidden) for k, p in params.items()}
-        return state
+    def init_state(self, optimizer: InnerOptimizer, params: Params) -> LearnedOptimizerState:
+        lstm = self.architecture == "lstm"
+        hidden = {k: p.new_zeros(*p.shape, self.hidden) for k, p in params.items()} if lstm else {}
+        return LearnedOptimizerState(self._adam.init(params), tuple(m.init(params) for m in self._momenta),
+                                     hidden, {k: v.clone() for k, v in hidden.items()})
 
     def _lstm(self, feats: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         # The LSTM cell written out with functional ops, so it runs on any leading shape and under vmap.
@@ -138,44 +148,34 @@ class LearnedOptimizer(AbstractOptimizerMetaParam):
         return torch.sigmoid(o) * torch.tanh(c), c
 
     def update(self, optimizer: InnerOptimizer, params: Params, grads: Params, opt_state: OptState,
-               hyper: Hyper) -> tuple[Params, OptState]:
-        step = cast(Tensor, opt_state["step"]) + 1
-        b2 = self.second_moment_decay
-        v = {k: b2 * cast(Params, opt_state["second_moment"])[k] + (1 - b2) * g ** 2 for k, g in grads.items()}
-        new_state: OptState = {"step": step, "second_moment": v}
-        momenta = []
-        for i, d in enumerate(self.decays):
-            old = cast(Params, opt_state[f"momentum_{i}"])
-            m = {k: d * old[k] + (1 - d) * g for k, g in grads.items()}
-            new_state[f"momentum_{i}"] = m
+               hyper: Hyper) -> tuple[Params, LearnedOptimizerState]:
+        if not isinstance(opt_state, LearnedOptimizerState):
+            raise TypeError(f"LearnedOptimizer.update needs the state its init_state made, got {type(opt_state)}")
+        adam_direction, adam = self._adam.update(grads, opt_state.adam, params, self._adam.defaults)
+        momenta, ema_states = [], []
+        for transform, old in zip(self._momenta, opt_state.momenta):
+            m, new = transform.update(grads, old, params, {})
             momenta.append(m)
-        if self.base == "adam":
-            b1 = self.adam_decay
-            adam_m = {k: b1 * cast(Params, opt_state["adam_momentum"])[k] + (1 - b1) * g for k, g in grads.items()}
-            new_state["adam_momentum"] = adam_m
+            ema_states.append(new)
         hs: Params = {}
         cs: Params = {}
         new_params = {}
         # Per-step scalars, computed once for all parameter tensors.
         scale = self.max_output_scale * torch.sigmoid(self.output_scale_logit)
         base_lr = self.max_base_lr * torch.sigmoid(self.base_lr_logit) if self.base_lr_logit is not None else None
-        v_correction = 1 - b2 ** step
-        m_correction = 1 - self.adam_decay ** step
         for k, p in params.items():
-            rms = torch.sqrt(v[k] / v_correction + 1e-16) + 1e-8  # eps inside the root: finite 2nd derivatives
+            rms = adam_rms(adam.nu[k], adam.step, self.adam_b2, self.adam_eps, self.adam_eps_root)
             inputs = [grads[k]] + [m[k] for m in momenta]
             feats = torch.cat([preprocess_log_sign(x) for x in inputs] + [torch.stack([x / rms for x in inputs], -1)],
                               dim=-1)
             if self.architecture == "lstm":
-                hs[k], cs[k] = self._lstm(feats, cast(Params, opt_state["h"])[k], cast(Params, opt_state["c"])[k])
+                hs[k], cs[k] = self._lstm(feats, opt_state.h[k], opt_state.c[k])
                 hidden = hs[k]
             else:
                 hidden = self.mlp(feats)
             delta = scale * torch.tanh(self.readout(hidden).squeeze(-1))
             if base_lr is not None:
-                direction = grads[k] if self.base == "sgd" else adam_m[k] / m_correction / rms
+                direction = grads[k] if self.base == "sgd" else adam_direction[k]
                 delta = delta + base_lr * direction
             new_params[k] = p - delta
-        if self.architecture == "lstm":
-            new_state["h"], new_state["c"] = hs, cs
-        return new_params, new_state
+        return new_params, LearnedOptimizerState(adam, tuple(ema_states), hs, cs)
