@@ -42,7 +42,7 @@ def describe(estimator: AbstractEstimator) -> str:
     if eager is not None:
         return f"compiled({describe(eager)})"
     args = ", ".join(f"{k}={v!r}" for k, v in vars(estimator).items()
-                     if not k.startswith("_") and k not in ("exact", "relative_time"))
+                     if not k.startswith("_") and k not in ("exact", "relative_time", "stochastic"))
     return f"{estimator.name}({args})"
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from metaopt.batching import Batching, unstack_tasks
@@ -77,10 +78,12 @@ class TrainState:
       history: one entry per logging interval (meta_step, meta_train_loss, seconds_per_meta_step, counts,
         and the validation metrics where validation ran).
       train_seconds: training wall-clock of earlier sessions of this run (before a resume).
+      estimator: the planned estimator; a stochastic one (es, pes, random forward mode) draws from its
+        own generators, which the checkpoint holds.
 
-    The checkpoint also holds torch's global random state (CPU and CUDA), from which the stochastic
-    estimators (es, pes, random forward mode) and vmapped dropout draw, so a resumed run draws what
-    the uninterrupted run would have drawn: resume is bit-exact for every estimator.
+    The checkpoint also holds torch's global random state (CPU and CUDA), from which vmapped dropout
+    draws, so a resumed run draws what the uninterrupted run would have drawn: resume is bit-exact
+    for every estimator.
     """
 
     meta: MetaParams
@@ -91,6 +94,7 @@ class TrainState:
         "tasks_truncated": 0, "tasks_skipped": 0, "tasks_nan_skipped": 0})
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
+    estimator: Any = None
 
     def state_dict(self) -> dict[str, Any]:
         rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
@@ -98,7 +102,12 @@ class TrainState:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"meta": self.meta.state_dict(), "outer_optimizer": self.outer_optimizer.state_dict(),
                 "generator": self.generator.get_state(), "meta_step": self.step, "history": self.history,
-                "counts": self.counts, "train_seconds": self.train_seconds, "rng": rng}
+                "counts": self.counts, "train_seconds": self.train_seconds, "rng": rng,
+                "estimator_rng": self._estimator_rng()}
+
+    def _estimator_rng(self) -> dict[str, Tensor]:
+        rng_state = getattr(self.estimator, "rng_state", None)
+        return rng_state() if rng_state is not None else {}
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         self.meta.load_state_dict(ckpt["meta"])
@@ -107,6 +116,8 @@ class TrainState:
         self.step, self.history = ckpt["meta_step"], ckpt["history"]
         self.counts.update(ckpt.get("counts", {}))
         self.train_seconds = ckpt.get("train_seconds", 0.0)
+        if ckpt.get("estimator_rng") and self.estimator is not None:
+            self.estimator.set_rng_state(ckpt["estimator_rng"])
         if "rng" in ckpt:
             torch.set_rng_state(ckpt["rng"]["cpu"])
             if "cuda" in ckpt["rng"] and torch.cuda.is_available():
@@ -339,7 +350,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     chosen = plan_training(estimator, loop, meta, tasks, outer_optimizer, meta_batch_size=meta_batch_size,
                            inner_steps=inner_steps, budget=budget, batching=batching, seed=seed, device=device,
                            meter=meter)
-    state = TrainState(meta, outer_optimizer, torch.Generator().manual_seed(seed))
+    state = TrainState(meta, outer_optimizer, torch.Generator().manual_seed(seed), estimator=chosen.estimator)
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         state.load_state_dict(load_checkpoint(checkpoint_path))
     config = StepConfig(loop, chosen, budget, on_nan, max_grad_norm, clock, memory_probe, lr_schedule)

@@ -131,3 +131,36 @@ def test_unused_meta_parameters_get_zero_gradient():
     grads = mo.Full()(loop, meta, tiny_tasks(2, 0)).grads  # T = 0: the rates are never used
     assert all(torch.count_nonzero(g) == 0 for k, g in grads.items() if k.startswith("optimizer"))
     assert any(torch.count_nonzero(g) > 0 for k, g in grads.items() if k.startswith("init"))
+
+
+STOCHASTIC = {"es": lambda seed: mo.EvolutionStrategies(population=4, seed=seed),
+              "pes": lambda seed: mo.PersistentES(population=4, k=1, seed=seed),
+              "forward_random": lambda seed: mo.ForwardMode(mode="random", seed=seed)}
+
+
+def test_every_stochastic_estimator_is_tested_below():
+    """A new estimator that declares `stochastic` must join STOCHASTIC (and so the stream test)."""
+    declared = {cls.name for cls in mo.estimators.registered_estimators() if cls.stochastic}
+    assert declared == {"es", "pes"} and declared <= set(STOCHASTIC)
+    assert mo.ForwardMode(mode="random").stochastic and not mo.ForwardMode().stochastic
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_stochastic_estimators_draw_from_their_own_seeded_stream(name, batching):
+    """Same seed: the same estimate whatever the global RNG does (it is never advanced); another seed:
+    another estimate; its state restores a stream mid-way."""
+    _, loop, meta = _setup("init", "sgd")
+    tasks = tiny_tasks(3, INNER_STEPS)
+    global_state = torch.get_rng_state()
+    first = STOCHASTIC[name](0)(loop, meta, tasks, batching=batching).grads
+    assert torch.equal(torch.get_rng_state(), global_state)
+    torch.manual_seed(12345)
+    again = STOCHASTIC[name](0)
+    assert all(torch.equal(first[k], g) for k, g in again(loop, meta, tasks, batching=batching).grads.items())
+    saved = again.rng_state()
+    following = again(loop, meta, tasks, batching=batching).grads
+    other = STOCHASTIC[name](1)
+    assert any(not torch.equal(first[k], g) for k, g in other(loop, meta, tasks, batching=batching).grads.items())
+    other.set_rng_state(saved)  # continues the seed-0 stream where it was saved
+    assert all(torch.equal(following[k], g) for k, g in other(loop, meta, tasks, batching=batching).grads.items())

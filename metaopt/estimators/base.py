@@ -101,6 +101,31 @@ class AbstractEstimator(abc.ABC):
     failed trace inside forward-mode or nested transforms can leave torch's transform stack unusable for the
     eager fallback, so only declared estimators are traced."""
 
+    stochastic: bool = False
+    """Whether it draws random numbers. It then draws them from its own generators (`noise_like`), one per
+    device, seeded by its `seed`, never from torch's global stream; `rng_state` checkpoints them."""
+    seed: int = 0
+
+    def noise_like(self, value: Tensor) -> Tensor:
+        """Standard normal noise with `value`'s shape, dtype and device, from this estimator's own stream
+        (per task under vmap, which runs with randomness="different")."""
+        generators = self.__dict__.setdefault("_generators", {})
+        key = str(value.device)
+        if key not in generators:
+            generators[key] = torch.Generator(value.device).manual_seed(self.seed)
+        return torch.randn(value.shape, generator=generators[key], dtype=value.dtype, device=value.device)
+
+    def rng_state(self) -> dict[str, Tensor]:
+        """The state of each device's generator (empty before the first draw)."""
+        return {device: g.get_state() for device, g in self.__dict__.get("_generators", {}).items()}
+
+    def set_rng_state(self, state: dict[str, Tensor]) -> None:
+        """Restore `rng_state()`'s output (a resumed run draws what the uninterrupted run would have)."""
+        generators = self.__dict__.setdefault("_generators", {})
+        for device, value in state.items():
+            generators[device] = torch.Generator(device)
+            generators[device].set_state(value)
+
     @classmethod
     def auto_candidates(cls, loop: InnerLoop, meta: MetaParams, steps: int) -> list["AbstractEstimator"]:
         """The configurations of this estimator that `auto` may choose at T = `steps` (none by default:

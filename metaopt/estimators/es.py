@@ -21,7 +21,8 @@ class EvolutionStrategies(PersistentES):
     Args:
       population: perturbations per task (even: population/2 antithetic pairs).
       sigma: perturbation scale.
+      seed: the perturbations' random stream.
     """
 
-    def __init__(self, population: int = 16, sigma: float = 0.01):
-        super().__init__(population, sigma, k=None)
+    def __init__(self, population: int = 16, sigma: float = 0.01, seed: int = 0):
+        super().__init__(population, sigma, k=None, seed=seed)

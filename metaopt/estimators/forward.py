@@ -46,18 +46,21 @@ class ForwardMode(AbstractEstimator):
       mode: "exact" or "random".
       directions: random tangents per task (mode="random").
       max_scalars: the largest meta-parameter count that exact mode accepts.
+      seed: the random tangents' stream (mode="random"; `noise_like`).
     """
 
     exact = True
     second_order = True
 
-    def __init__(self, mode: Literal["exact", "random"] = "exact", directions: int = 1, max_scalars: int = 256):
+    def __init__(self, mode: Literal["exact", "random"] = "exact", directions: int = 1, max_scalars: int = 256,
+                 seed: int = 0):
         if mode not in ("exact", "random"):
             raise ValueError(f"forward: mode must be 'exact' or 'random', got {mode!r}")
         if directions < 1:
             raise ValueError(f"forward: directions must be >= 1, got {directions}")
-        self.mode, self.directions, self.max_scalars = mode, directions, max_scalars
+        self.mode, self.directions, self.max_scalars, self.seed = mode, directions, max_scalars, seed
         self.exact = mode == "exact"
+        self.stochastic = not self.exact
         self.relative_time = float(max_scalars) if self.exact else 1.0  # one forward pass per meta-scalar
 
     @classmethod
@@ -93,7 +96,7 @@ class ForwardMode(AbstractEstimator):
         else:
             grads = {k: torch.zeros_like(v) for k, v in values.items()}
             for _ in range(self.directions):
-                tangent = {k: torch.randn_like(v) for k, v in values.items()}
+                tangent = {k: self.noise_like(v) for k, v in values.items()}
                 loss, derivative = _jvp(outer, values, tangent)
                 grads = {k: grads[k] + derivative * tangent[k] / self.directions for k in grads}
         return TaskObjective(linear_surrogate(meta, grads), loss.detach())

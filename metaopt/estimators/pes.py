@@ -42,17 +42,20 @@ class PersistentES(AbstractEstimator):
       k: inner steps per window (truncation length); None: one window, which is plain
         antithetic ES (`es`).
       persistent: accumulate perturbations across windows (PES) or not (truncated ES).
+      seed: the perturbations' random stream (`noise_like`).
     """
 
     exact = False
     second_order = False
+    stochastic = True
 
-    def __init__(self, population: int = 16, sigma: float = 0.01, k: int | None = 5, persistent: bool = True):
+    def __init__(self, population: int = 16, sigma: float = 0.01, k: int | None = 5, persistent: bool = True,
+                 seed: int = 0):
         if population < 2 or population % 2:
             raise ValueError(f"{self.name}: population must be an even number >= 2, got {population}")
         if sigma <= 0 or (k is not None and k < 1):
             raise ValueError(f"{self.name}: need sigma > 0 and k >= 1, got sigma={sigma}, k={k}")
-        self.population, self.sigma, self.k, self.persistent = population, sigma, k, persistent
+        self.population, self.sigma, self.k, self.persistent, self.seed = population, sigma, k, persistent, seed
 
     def _window(self, task: Task) -> int:
         return self.k if self.k is not None else max(1, task.inner_steps)
@@ -82,7 +85,7 @@ class PersistentES(AbstractEstimator):
                 xi = {k: torch.zeros_like(v) for k, v in values.items()}
                 for j in range(n_windows):
                     if self.persistent or j == n_windows - 1:
-                        noise = {k: torch.randn_like(v) for k, v in values.items()}
+                        noise = {k: self.noise_like(v) for k, v in values.items()}
                         xi = {k: xi[k] + noise[k] for k in xi}
                     else:
                         noise = {k: torch.zeros_like(v) for k, v in values.items()}
