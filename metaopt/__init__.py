@@ -37,6 +37,7 @@ from metaopt.models import MLP, Conv4
 from metaopt.planning import Auto
 from metaopt.prototypes import PrototypeLoop
 from metaopt.tasks import Digits, RandomInit, RandomPatterns, Sinusoid, TaskDistribution
+from metaopt.callbacks import Callback, Validation
 from metaopt.collapse import CollapseGuard, TrainingCollapsed
 from metaopt.planning import plan
 from metaopt.runner import run_meta_gradient
@@ -60,5 +61,5 @@ __all__ = [
     "MLP", "Conv4",
     "TaskDistribution", "Sinusoid", "RandomPatterns", "Digits", "RandomInit",
     "meta_train", "meta_step", "TrainState", "StepConfig", "evaluate", "plan", "run_meta_gradient",
-    "CollapseGuard", "TrainingCollapsed",
+    "CollapseGuard", "TrainingCollapsed", "Callback", "Validation",
 ]

@@ -8,11 +8,16 @@ from meta-step 300 on, while the run still ended with status ok.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from metaopt.callbacks import Callback, RunState
+
+logger = logging.getLogger("metaopt")
 
 __all__ = ["CollapseGuard", "TrainingCollapsed"]
 
@@ -22,8 +27,8 @@ class TrainingCollapsed(RuntimeError):
 
 
 @dataclass
-class CollapseGuard:
-    """Watches the history's meta-train loss; on a collapse, rolls back or stops.
+class CollapseGuard(Callback):
+    """Watches the history's meta-train loss; on a collapse, rolls back or stops (a `meta_train` callback).
 
     A collapse is a non-finite loss, a loss within `chance_tolerance` (relative) of
     `chance_loss` (e.g. ln 10 for 10-way classification; None: not checked), or a loss
@@ -59,6 +64,17 @@ class CollapseGuard:
         if self.patience and self._rising >= self.patience:
             return f"meta-train loss rose for {self._rising} logging intervals in a row (to {loss:.4f})"
         return None
+
+    def on_entry(self, state: RunState, entry: dict[str, Any], last: bool) -> None:
+        rollbacks = len(self.events)
+        self.watch(state.step, entry["meta_train_loss"], state.meta, state.outer_optimizer)
+        if len(self.events) > rollbacks:
+            entry["rollback"] = self.events[-1]["reason"]
+            logger.warning("meta-step %d: %s; rolled back to the best state, outer lr now %s", state.step,
+                           entry["rollback"], self.events[-1]["outer_lr"])
+
+    def on_end(self, state: RunState) -> dict[str, Any]:
+        return {"collapse_rollbacks": self.events}
 
     def watch(self, step: int, loss: float, meta: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """After each history entry: remember the best state, or handle a collapse."""

@@ -18,7 +18,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from metaopt.batching import Batching, unstack_tasks
 from metaopt.budget import Budget
 from metaopt.checkpoint import load_checkpoint, save_atomic
-from metaopt.collapse import CollapseGuard
+from metaopt.callbacks import Callback
 from metaopt.diagnose import locate_nonfinite
 from metaopt.estimators.base import MetaGrad, MetaGradientMethod
 from metaopt.evaluation import evaluate, mean_ci95, task_to
@@ -218,54 +218,33 @@ def _finite_or_handle(meta_grad: MetaGrad, batch: Task, state: TrainState, confi
 
 
 class _Recorder:
-    """History entries every `log_every` steps (with validation metrics every `validate_every`), the progress bar or
-    log line, and the caller's `log`."""
+    """History entries every `log_every` steps, at the last step and where a callback asks for one; each entry
+    goes through the callbacks (in order), then to the progress bar or log line and the caller's `log`."""
 
     def __init__(self, state: TrainState, meta_steps: int, log_every: int, log: LogFn | None, progress: bool,
-                 name: str, validate: Callable[[], dict[str, float]] | None = None, validate_every: int = 0,
-                 collapse: CollapseGuard | None = None):
+                 name: str, callbacks: Sequence[Callback] = ()):
         self.meta_steps, self.log_every, self.log, self.progress = meta_steps, log_every, log, progress
-        self.validate, self.validate_every, self.collapse = validate, validate_every, collapse
-        self.validated: tuple[int, dict[str, float]] | None = None  # (meta-step, metrics) of the latest validation
+        self.callbacks = list(callbacks)
         self.bar = tqdm(range(state.step, meta_steps), initial=state.step, total=meta_steps, disable=not progress,
                         desc=f"meta-train ({name})", dynamic_ncols=True)
         self.first = state.step  # the first meta-step of this session
         self.step_seconds: list[float] = []
         self.recent: list[float] = []
 
-    def final_validation(self, state: TrainState) -> dict[str, float]:
-        """The validation metrics at the last meta-step (run now if the last entry has none, e.g. on a resume
-        that had no step left); {} without validation."""
-        if self.validate is None:
-            return {}
-        if self.validated is None or self.validated[0] != state.step:
-            self.validated = (state.step, self.validate())
-        return self.validated[1]
-
     def record(self, state: TrainState, metrics: dict[str, float], seconds: float) -> None:
         if not math.isnan(metrics["meta_train_loss"]):
             self.step_seconds.append(seconds)
             self.recent.append(metrics["meta_train_loss"])
         last = state.step == self.meta_steps
-        validating = self.validate is not None and (
-            last or (self.validate_every > 0 and state.step % self.validate_every == 0))
-        if state.step % self.log_every and not last and not validating:
+        if state.step % self.log_every and not last and not any(c.due(state.step) for c in self.callbacks):
             return
         entry = {"meta_step": state.step,
                  "meta_train_loss": statistics.fmean(self.recent) if self.recent else math.nan,
                  "seconds_per_meta_step": statistics.median(self.step_seconds[-max(len(self.recent), 1):])
                  if self.step_seconds else math.nan, **state.counts}
-        if validating and self.validate is not None:
-            self.validated = (state.step, self.validate())
-            entry.update(self.validated[1])
         state.history.append(entry)
-        if self.collapse is not None:
-            rollbacks = len(self.collapse.events)
-            self.collapse.watch(state.step, entry["meta_train_loss"], state.meta, state.outer_optimizer)
-            if len(self.collapse.events) > rollbacks:
-                entry["rollback"] = self.collapse.events[-1]["reason"]
-                logger.warning("meta-step %d: %s; rolled back to the best state, outer lr now %s", state.step,
-                               entry["rollback"], self.collapse.events[-1]["outer_lr"])
+        for callback in self.callbacks:
+            callback.on_entry(state, entry, last)
         self.bar.set_postfix(loss=f"{entry['meta_train_loss']:.4f}")
         if not self.progress:  # no bar: say how it goes in the log (console and Hydra's train.log)
             logger.info("meta-step %d/%d: meta_train_loss %.4f, %.3f s/meta-step", state.step, self.meta_steps,
@@ -307,8 +286,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
                memory_every: int = 1000, clock: Callable[[], float] | None = None,
                memory_probe: Callable[[], int] | None = None, meter: Meter | None = None,
                max_grad_norm: float | None = None, eval_batch_size: int = 100,
-               validate: Callable[[MetaParams], dict[str, float]] | None = None, validate_every: int = 0,
-               checkpoint_extra: dict[str, Any] | None = None, collapse: CollapseGuard | None = None,
+               checkpoint_extra: dict[str, Any] | None = None, callbacks: Sequence[Callback] = (),
                lr_schedule: Callable[[int], float] | None = None, time_limit: float | None = None) -> dict:
     """Meta-train `meta` with `estimator` (or the `auto` policy) under a budget, then evaluate on fresh tasks.
 
@@ -328,11 +306,10 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
       meter: replaces the planner's memory measurement (see `metaopt.prediction.Meter`).
       eval_n_tasks: 0 skips the final evaluation (the caller evaluates).
       eval_batch_size: meta-test tasks evaluated at once at most (fewer where the budget needs it).
-      validate: `validate(meta) -> metrics` (e.g. {"val_loss": ...} on validation tasks, never the
-        meta-test tasks), run every `validate_every` meta-steps and at the end; its metrics join the
-        history entries and the returned metrics.
       checkpoint_extra: more entries for the checkpoint (e.g. the run's resolved config).
-      collapse: watches the meta-train loss for a collapse and rolls back or stops (`metaopt.collapse`).
+      callbacks: hooks on the history entries, in order (`metaopt.callbacks`): e.g.
+        `Validation(validate, every)` (validation metrics join the entries and the returned metrics) and
+        `CollapseGuard(...)` (rolls back or stops a collapsing run, `metaopt.collapse`).
       lr_schedule: the outer learning rate's multiplier by meta-step (see `StepConfig`; `metaopt.schedules`).
       time_limit: seconds of training (over resumed sessions; not evaluation): no meta-step starts that the
         median step says would end past it; then "stopped_at_time_limit" (not a failure), "meta_steps" ran.
@@ -359,8 +336,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     def sample() -> Task:
         return task_to(tasks.sample(meta_batch_size, inner_steps, state.generator), device)
 
-    recorder = _Recorder(state, meta_steps, log_every, log, progress, estimator.name,
-                         None if validate is None else (lambda: validate(meta)), validate_every, collapse)
+    recorder = _Recorder(state, meta_steps, log_every, log, progress, estimator.name, callbacks)
     memory_method = default_method(device)
     measured_peak = _loop(state, config, sample, meta_steps, recorder, save, checkpoint_every,
                           lambda step: step - recorder.first < 2 or step % memory_every == 0, device, memory_method)
@@ -372,9 +348,8 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
                                 inner_steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
                                 batch_size=eval_batch_size, batching=batching, device=device, budget=budget))
     metrics["budget_exceeded"] = _over_budget(metrics, budget)
-    metrics.update(recorder.final_validation(state))
-    if collapse is not None:
-        metrics["collapse_rollbacks"] = collapse.events
+    for callback in callbacks:
+        metrics.update(callback.on_end(state))
     metrics["history"] = state.history
     return metrics
 

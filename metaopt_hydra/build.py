@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from metaopt import Budget, InnerLoop, evaluate, losses, meta_params, meta_train
+from metaopt.callbacks import Callback, Validation
 from metaopt.budget import parse_seconds
 from metaopt.compiled import Compiled
 from metaopt.estimators import AbstractEstimator, MetaGradientMethod
@@ -140,6 +141,18 @@ def validation(cfg: DictConfig, parts: Parts) -> Callable[[MetaParams], dict[str
     return validate
 
 
+def callbacks(cfg: DictConfig, parts: Parts, evaluate: bool = True) -> list[Callback]:
+    """The run's `meta_train` callbacks: validation (`eval.val_every`; only when the run evaluates), then the
+    collapse guard (`collapse:`), which sees the entry after validation joined it."""
+    out: list[Callback] = []
+    validate = validation(cfg, parts) if evaluate else None
+    if validate is not None:
+        out.append(Validation(validate, int(cfg.eval.get("val_every", 0) or 0)))
+    if cfg.get("collapse"):
+        out.append(instantiate(cfg.collapse))
+    return out
+
+
 def train_from_config(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Callable[[dict, int], None] | None = None,
                       evaluate: bool = True, checkpoint_extra: dict[str, Any] | None = None) -> dict:
     """`meta_train` with the config's settings, checkpointing in `run_dir` (resumes from it).
@@ -155,8 +168,6 @@ def train_from_config(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Call
         eval_n_tasks=cfg.eval.n_tasks if evaluate else 0, eval_batch_size=cfg.eval.batch_size,
         checkpoint_path=run_dir / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every,
         log=log, log_every=cfg.log_every, progress=cfg.progress, device=cfg.device, on_nan=cfg.on_nan,
-        max_grad_norm=cfg.max_grad_norm, validate=validation(cfg, parts) if evaluate else None,
-        validate_every=int(cfg.eval.get("val_every", 0) or 0), checkpoint_extra=checkpoint_extra,
-        collapse=instantiate(cfg.collapse) if cfg.get("collapse") else None,
+        max_grad_norm=cfg.max_grad_norm, checkpoint_extra=checkpoint_extra, callbacks=callbacks(cfg, parts, evaluate),
         lr_schedule=instantiate(cfg.lr_schedule) if cfg.get("lr_schedule") else None,
         time_limit=parse_seconds(cfg.time_limit) if cfg.get("time_limit") is not None else None)

@@ -106,9 +106,41 @@ def test_meta_train_with_a_collapse_guard_records_its_rollbacks(tmp_path):
     from metaopt.collapse import CollapseGuard
     loop, meta, opt = _parts()
     guard = CollapseGuard(patience=1, rollbacks=50)  # any rise rolls back: some will in 40 noisy steps
-    metrics = _train(loop, meta, opt, 60, collapse=guard)
+    metrics = _train(loop, meta, opt, 60, callbacks=[guard])
     assert metrics["collapse_rollbacks"] == guard.events and guard.events
     assert any("rollback" in h for h in metrics["history"])
+
+
+def test_callbacks_get_entries_in_order_when_due_and_add_to_the_metrics():
+    calls = []
+
+    class Every3(mo.Callback):
+        def due(self, step):
+            return step % 3 == 0
+
+        def on_entry(self, state, entry, last):
+            calls.append(("every3", state.step, last, "val_loss" in entry))
+
+        def on_end(self, state):
+            return {"every3_entries": len(calls)}
+
+    loop, meta, opt = _parts()
+    validated = []
+
+    def validate(m):
+        assert m is meta
+        validated.append(len(calls))
+        return {"val_loss": 1.0 / (1 + len(validated))}
+
+    metrics = mo.meta_train(loop, meta, mo.Full(), mo.Sinusoid(k_shot=5), outer_optimizer=opt, meta_steps=10,
+                            meta_batch_size=2, eval_n_tasks=0, progress=False, log_every=5,
+                            callbacks=[mo.Validation(validate, every=4), Every3()])
+    # Entries at the logging steps (5, 10), where a callback is due (3, 4, 6, 8, 9) and the last (10), in order.
+    assert [h["meta_step"] for h in metrics["history"]] == [3, 4, 5, 6, 8, 9, 10]
+    assert [c[1] for c in calls] == [3, 4, 5, 6, 8, 9, 10] and calls[-1][2] and not any(c[2] for c in calls[:-1])
+    # Validation ran first (at 4, 8 and the last step), so the next callback saw its metrics in the entry.
+    assert [c[1] for c in calls if c[3]] == [4, 8, 10] and len(validated) == 3
+    assert metrics["every3_entries"] == 7 and metrics["val_loss"] == pytest.approx(1 / 4)
 
 
 def test_cosine_and_step_decay_schedules():

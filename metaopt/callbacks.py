@@ -1,0 +1,70 @@
+"""Hooks into `metaopt.train.meta_train`'s history entries: validation, collapse handling, your own.
+
+`meta_train` is a short driver (plan, loop of `meta_step`, checkpoint, evaluate, log); what
+else happens during a run is a `Callback`. After each meta-step the driver asks every callback
+whether it wants a history entry now (`due`); at logging intervals, at the last meta-step and
+where one is due it builds the entry (meta_step, mean meta-train loss since the last one,
+seconds per meta-step, task counts), hands it to each callback in order (`on_entry`: a callback
+may add keys, e.g. validation metrics, or change the train state, e.g. roll it back), then
+logs it. At the end each callback's `on_end` adds to the run's metrics.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import torch
+
+from metaopt.types import MetaParams
+
+__all__ = ["Callback", "Validation", "RunState"]
+
+
+class RunState(Protocol):
+    """What callbacks see of `metaopt.train.TrainState`."""
+
+    meta: MetaParams
+    outer_optimizer: torch.optim.Optimizer
+    step: int
+
+
+class Callback:
+    """A meta-training hook (subclass and override what you need; the defaults do nothing)."""
+
+    def due(self, step: int) -> bool:
+        """Whether this callback needs a history entry after meta-step `step` (besides the logging ones)."""
+        return False
+
+    def on_entry(self, state: RunState, entry: dict[str, Any], last: bool) -> None:
+        """Called with each history entry, before it is logged (`last`: the run's final meta-step)."""
+
+    def on_end(self, state: RunState) -> dict[str, Any]:
+        """Entries for the run's returned metrics."""
+        return {}
+
+
+class Validation(Callback):
+    """Metrics on validation tasks (never the meta-test tasks) every `every` meta-steps and at the end.
+
+    Args:
+      validate: meta -> metrics, e.g. {"val_loss": ...}; they join the history entries and the run's metrics.
+      every: meta-steps between validations (0: only at the end).
+    """
+
+    def __init__(self, validate: Callable[[MetaParams], dict[str, float]], every: int = 0):
+        self.validate, self.every = validate, every
+        self.latest: tuple[int, dict[str, float]] | None = None  # (meta-step, metrics)
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def on_entry(self, state: RunState, entry: dict[str, Any], last: bool) -> None:
+        if last or self.due(state.step):
+            self.latest = (state.step, self.validate(state.meta))
+            entry.update(self.latest[1])
+
+    def on_end(self, state: RunState) -> dict[str, Any]:
+        """The validation metrics at the last meta-step (run now if the last entry had none, e.g. on a resume
+        with no step left)."""
+        if self.latest is None or self.latest[0] != state.step:
+            self.latest = (state.step, self.validate(state.meta))
+        return dict(self.latest[1])
