@@ -20,12 +20,15 @@ class EstimatorInfo:
       promise: "exact" (equals full to 1e-6), "unbiased" (mean of samples within 4 standard errors
         of full), or "approximate" (only finite and well-formed).
       kinds: meta-parameter kinds (problems.META_KINDS) it serves; the others must raise EstimatorUnsupported.
+      errors: constructor calls that must raise ValueError, with a regex of the message (as torch's
+        OptimizerInfo carries its ErrorOptimizerInputs).
     """
 
     id: str
     make: Callable[[int], E.AbstractEstimator]
     promise: Literal["exact", "unbiased", "approximate"]
     kinds: frozenset[str] = field(default=ALL_KINDS)
+    errors: tuple[tuple[Callable[[], object], str], ...] = ()
 
     def __str__(self) -> str:
         return self.id
@@ -33,14 +36,21 @@ class EstimatorInfo:
 
 ESTIMATORS = [
     EstimatorInfo("full", lambda T: E.Full(), "exact"),
-    EstimatorInfo("checkpoint", lambda T: E.Checkpoint(), "exact"),
+    EstimatorInfo("checkpoint", lambda T: E.Checkpoint(), "exact",
+                  errors=((lambda: E.Checkpoint(segment=0), "segment must be >= 1"),)),
     EstimatorInfo("checkpoint_S2", lambda T: E.Checkpoint(segment=2), "exact"),
-    EstimatorInfo("truncated_k=T", lambda T: E.Truncated(k=T), "exact"),
+    EstimatorInfo("truncated_k=T", lambda T: E.Truncated(k=T), "exact",
+                  errors=((lambda: E.Truncated(k=0), "k must be >= 1"),)),
     EstimatorInfo("forward_exact", lambda T: E.ForwardMode(max_scalars=20), "exact",
                   frozenset({"lrs_scalar", "lrs_tensor", "weight_decay", "synthetic_data"})),
-    EstimatorInfo("forward_random", lambda T: E.ForwardMode(mode="random"), "unbiased"),
-    EstimatorInfo("es", lambda T: E.EvolutionStrategies(population=2, sigma=1e-4), "unbiased"),
-    EstimatorInfo("pes", lambda T: E.PersistentES(population=2, sigma=1e-4, k=1), "unbiased"),
+    EstimatorInfo("forward_random", lambda T: E.ForwardMode(mode="random"), "unbiased",
+                  errors=((lambda: E.ForwardMode(mode="sideways"), "mode must be 'exact' or 'random'"),
+                          (lambda: E.ForwardMode(mode="random", directions=0), "directions must be >= 1"))),
+    EstimatorInfo("es", lambda T: E.EvolutionStrategies(population=2, sigma=1e-4), "unbiased",
+                  errors=((lambda: E.EvolutionStrategies(population=3), "population must be an even number"),)),
+    EstimatorInfo("pes", lambda T: E.PersistentES(population=2, sigma=1e-4, k=1), "unbiased",
+                  errors=((lambda: E.PersistentES(sigma=0), "need sigma > 0"),
+                          (lambda: E.PersistentES(k=0), "k >= 1"))),
     EstimatorInfo("truncated_k=1", lambda T: E.Truncated(k=1), "approximate"),
     EstimatorInfo("first_order", lambda T: E.FirstOrder(), "approximate"),
     EstimatorInfo("truncated_es", lambda T: E.PersistentES(population=2, sigma=1e-4, k=1, persistent=False),
@@ -48,5 +58,7 @@ ESTIMATORS = [
     EstimatorInfo("reptile", lambda T: E.Reptile(), "approximate", frozenset({"init"})),
     # Implicit's exactness needs a converged, proximal inner problem: tested on its own problem.
     EstimatorInfo("implicit", lambda T: E.Implicit(), "approximate",
-                  frozenset({"weight_decay", "learned_loss", "synthetic_data"})),
+                  frozenset({"weight_decay", "learned_loss", "synthetic_data"}),
+                  errors=((lambda: E.Implicit(solver="lu"), "solver must be 'cg' or 'neumann'"),
+                          (lambda: E.Implicit(iters=0), "need iters >= 1"))),
 ]
