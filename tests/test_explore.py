@@ -100,3 +100,30 @@ def test_contract_explore_end_to_end(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "d2" / "metrics.json").read_text())["status"] == "ok"
     assert (run / "pareto.png").exists() and (run / "front.md").exists()
+
+
+def test_each_trial_is_one_logged_run_grouped_by_study_and_resumed(monkeypatch, tmp_path):
+    """explore.logger=wandb: a trial's rungs go to one wandb run (group: the study); a resumed trial keeps its id."""
+    import multiprocessing
+    import sys
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from metaopt_hydra.explore.worker import trial_worker
+    from test_runs import FakeWandb
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["debug=tiny", "logger=wandb", "eval.val_n_tasks=4"])
+    parent, child = multiprocessing.Pipe()
+    parent.send("continue")  # the explorer's go-ahead after the first rung, queued before it is asked for
+    trial_worker(OmegaConf.to_yaml(cfg), str(tmp_path / "trial"), [2, 4], "my_study", conn=child)
+    messages = [parent.recv()[0] for _ in range(3)]
+    assert messages == ["rung", "rung", "done"]
+    assert len(fake.inits) == 1 and fake.inits[0]["group"] == "my_study" and fake.finished == [0]
+    rung_entries = [(step, m) for step, m in fake.logged if "rung" in m]
+    assert [(step, m["rung"]) for step, m in rung_entries] == [(2, 0), (4, 1)] and "val_loss" in rung_entries[0][1]
+    trial_worker(OmegaConf.to_yaml(cfg), str(tmp_path / "trial"), [4], "my_study", conn=child)  # resumed
+    assert fake.inits[1]["id"] == fake.inits[0]["id"] and fake.finished == [0, 0]

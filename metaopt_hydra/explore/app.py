@@ -59,10 +59,13 @@ def run_explore(cfg: DictConfig) -> float:
     # config's own interpolation.
     base = [str(o) for o in OmegaConf.to_container(cfg.search.get("base") or [], resolve=True)]  # type: ignore
 
-    def compose_trial(params: dict[str, Any]) -> DictConfig:
-        return compose(config_name="train", overrides=base + space.overrides(params))
+    logged = [f"logger={cfg.explore.logger}"] if cfg.explore.get("logger") else []
 
-    runner = ProcessRunner(compose_trial, run_dir, _threads(cfg), on_config=study.keep_config)
+    def compose_trial(params: dict[str, Any]) -> DictConfig:
+        return compose(config_name="train", overrides=base + logged + space.overrides(params))
+
+    runner = ProcessRunner(compose_trial, run_dir, _threads(cfg), on_config=study.keep_config,
+                           group=str(cfg.explore.study_name))
     events = open(run_dir / "events.jsonl", "a")
 
     def on_event(event: dict[str, Any]) -> None:

@@ -53,11 +53,13 @@ class ProcessRunner:
       run_dir: trials run in run_dir/trials/<number>.
       threads: torch threads per worker.
       on_config: called with (trial, resolved config YAML) when a trial is priced (the study keeps it).
+      group: the group of the trials' logged runs (the study's name).
     """
 
     def __init__(self, compose: Callable[[dict[str, Any]], DictConfig], run_dir: Path, threads: int,
-                 on_config: Callable[[int, str], None] | None = None):
+                 on_config: Callable[[int, str], None] | None = None, group: str | None = None):
         self.compose, self.run_dir, self.threads, self.on_config = compose, run_dir, threads, on_config
+        self.group = group
         self.configs: dict[int, str] = {}
         self.context = multiprocessing.get_context("spawn")
         self.idle: list[tuple[Any, Any]] = []  # (process, connection) of workers waiting for a trial
@@ -103,7 +105,7 @@ class ProcessRunner:
     def start(self, candidate: Candidate, rung_steps: list[int]) -> dict[str, Any]:
         process, conn = self._worker()
         run_dir = self.run_dir / "trials" / str(candidate.trial)
-        conn.send((self.configs[candidate.trial], str(run_dir), rung_steps))
+        conn.send((self.configs[candidate.trial], str(run_dir), rung_steps, self.group))
         return {"process": process, "conn": conn, "finished": False, "waiting": False}
 
     def poll(self, handle: dict[str, Any]) -> list[Message]:
