@@ -26,3 +26,4 @@ def test_cs330_hw2_notebook_executes(tmp_path, monkeypatch):
         pytest.fail(f"notebook failed: {error}")
     outputs = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
     assert "| ProtoNets |" in outputs and "MAML + learned inner lrs" in outputs
+    assert "within-alphabet, drawer split" in outputs and "| ProtoNets | 2-way |" in outputs
