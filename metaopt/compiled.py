@@ -164,7 +164,7 @@ class Compiled:
 
         def total(meta_now: MetaParams, tasks: Task) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
             result = vmap_tasks(lambda task: estimator.task_objective(loop, meta_now, task, None), tasks, pattern)
-            return result.surrogate.sum(), (result.outer_loss, dict(result.stats))
+            return result.surrogate.mean(), (result.outer_loss, dict(result.stats))
 
         holder = MetaCall(meta)  # made here: a module created inside the traced function cannot be reparametrized
 
@@ -183,7 +183,7 @@ class Compiled:
 
     def _eager_chunk(self, loop: InnerLoop, meta: MetaParams, tasks: Task, pattern: tuple[int, ...]) -> ChunkResult:
         result = vmap_tasks(lambda task: self.eager.task_objective(loop, meta, task, None), tasks, pattern)
-        grads = grads_of(result.surrogate.sum(), meta)
+        grads = grads_of(result.surrogate.mean(), meta)
         return grads, result.outer_loss.detach(), {k: v.detach() for k, v in result.stats.items()}
 
     @staticmethod

@@ -100,7 +100,7 @@ def chunks_of(total: int, size: int) -> list[tuple[int, int]]:
 
 
 class _Chunk(NamedTuple):
-    """A chunk's result with no graph left in it."""
+    """A chunk's result with no graph left in it: `grads` is the mean over its tasks."""
 
     grads: dict[str, Tensor]
     outer_loss: Tensor
@@ -142,7 +142,7 @@ class _Run:
                     guard.after_backward(self.steps(first))
                 return _Chunk(*done)
         result = self.objective(first, last, guard)
-        grads = grads_of(result.surrogate.sum(), self.meta)
+        grads = grads_of(result.surrogate.mean(), self.meta)
         if guard is not None:
             guard.after_backward(self.steps(first))
         return _Chunk(grads, result.outer_loss.detach(), {k: v.detach() for k, v in result.stats.items()})
@@ -217,9 +217,8 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
         guard = StepGuard(budget, clock or time.monotonic, probe,
                           memory_reset=None if memory_probe is not None else (lambda: reset_peak(device)))
     run = _Run(estimator, loop, meta, prepared, guard)
-    grads: dict[str, Tensor] | None = None
-    task_losses = torch.full((total,), float("nan"))
-    task_used = torch.zeros(total, dtype=torch.bool)
+    mean_gradient = _MeanGradient()
+    losses: list[tuple[int, int, Tensor]] = []
     stats_rows: list[dict[str, Tensor]] = []
     truncated = skipped = 0
     for first, last in chunks_of(total, size):
@@ -228,15 +227,12 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
             skipped += last - first
             continue
         truncated += was_cut * (last - first)
-        grads = done.grads if grads is None else {k: grads[k] + g for k, g in done.grads.items()}
-        task_losses[first:last] = done.outer_loss.to(task_losses)
-        task_used[first:last] = True
+        mean_gradient.add(last - first, done.grads)
+        losses.append((first, last, done.outer_loss))
         stats_rows.append(done.stats)
     used = total - skipped
-    if grads is None:
-        grads = {k: torch.zeros_like(p) for k, p in meta.named_parameters() if p.requires_grad}
-    else:
-        grads = dict(zip(grads, torch._foreach_div(list(grads.values()), used)))  # one dispatch for all
+    grads = mean_gradient.result(meta)
+    task_losses, task_used = _task_losses(losses, total)
     stats: dict[str, float | int | str] = {
         "seconds": time.perf_counter() - start, "tasks": total, "batching": mode, "chunk_size": size,
         "tasks_truncated": truncated, "tasks_skipped": skipped}
@@ -248,3 +244,46 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
     outer_loss = task_losses.mean() if used == total else task_losses[task_used].mean() if used else \
         torch.tensor(float("nan"))
     return MetaGrad(grads, outer_loss, stats, task_losses, task_used)
+
+
+class _MeanGradient:
+    """The mean gradient over the tasks of the chunks that ran, summed as they come (each chunk's grads are its
+    own tasks' mean); a call that ran as one chunk returns that chunk's gradients with no extra op."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.tasks = 0
+        self.only: dict[str, Tensor] | None = None  # the first chunk's gradients, while it is the only one
+        self.total: list[Tensor] | None = None  # sum over chunks of tasks x mean gradient
+
+    def add(self, tasks: int, grads: dict[str, Tensor]) -> None:
+        if not self.names:
+            self.names, self.only, self.tasks = list(grads), grads, tasks
+            return
+        if self.only is not None:
+            self.total = list(torch._foreach_mul(list(self.only.values()), float(self.tasks)))  # one dispatch
+            self.only = None
+        assert self.total is not None
+        torch._foreach_add_(self.total, [grads[k] for k in self.names], alpha=float(tasks))
+        self.tasks += tasks
+
+    def result(self, meta: MetaParams) -> dict[str, Tensor]:
+        if self.only is not None:
+            return self.only
+        if self.total is None:  # every task was skipped
+            return {k: torch.zeros_like(p) for k, p in meta.named_parameters() if p.requires_grad}
+        return dict(zip(self.names, torch._foreach_div(self.total, float(self.tasks))))
+
+
+def _task_losses(losses: list[tuple[int, int, Tensor]], total: int) -> tuple[Tensor, Tensor]:
+    """Each task's outer loss (NaN where skipped; default dtype, on the CPU) and whether it was used, from the
+    chunks' (first, last, outer losses)."""
+    dtype = torch.get_default_dtype()
+    if len(losses) == 1 and losses[0][:2] == (0, total):
+        return losses[0][2].to("cpu", dtype), torch.ones(total, dtype=torch.bool)
+    task_losses = torch.full((total,), float("nan"), dtype=dtype)
+    task_used = torch.zeros(total, dtype=torch.bool)
+    for first, last, loss in losses:
+        task_losses[first:last] = loss.to(task_losses)
+        task_used[first:last] = True
+    return task_losses, task_used

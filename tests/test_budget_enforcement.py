@@ -230,3 +230,15 @@ def test_a_diverged_task_is_not_hidden_from_the_mean():
     result = E.Full()(loop, meta, tasks)
     assert math.isnan(result.outer_loss.item()) and bool(result.task_used.all())
     assert math.isnan(result.task_losses[1].item()) and math.isfinite(result.task_losses[0].item())
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5])
+def test_uneven_chunks_give_the_mean_over_tasks(chunk):
+    """Chunks of different sizes (5 tasks in chunks of 2, 2, 1 ...) weigh each task once: the mean of the
+    task-by-task meta-gradients, computed here one task at a time."""
+    loop, meta, tasks = _problem("init+lrs", n_tasks=5, steps=3)
+    per_task = [E.Full()(loop, meta, [task]).grads for task in mo.unstack_tasks(tasks)]
+    result = E.Full()(loop, meta, tasks, chunk_size=chunk)
+    for k in per_task[0]:
+        torch.testing.assert_close(result.grads[k], sum(g[k] for g in per_task) / 5, rtol=1e-10, atol=1e-12)
+    assert result.task_used.all() and result.task_losses.shape == (5,)
