@@ -147,6 +147,9 @@ class Compiled:
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
             self._fall_back(f"torch.compile failed: {type(error).__name__}: {' '.join(lines[:3])[:400]}")
             return None
+        if self.mode is not None and "reduce-overhead" in self.mode:
+            # CUDA graphs replay into the same output buffers: the caller keeps copies, not the buffers.
+            grads, losses = {k: g.clone() for k, g in grads.items()}, losses.clone()
         result = (dict(grads), losses.detach(), {k: v.detach() for k, v in stats.items()})
         if first:
             if self.verify:
