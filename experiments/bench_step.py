@@ -38,14 +38,21 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 import metaopt as mo
+from metaopt.compiled import Compiled
 
 LR, META_BATCH, K = 0.01, 25, 10
 
 
-def make_metaopt(model, tasks, batching, compile=False):
-    loop = mo.InnerLoop(model, mo.optim.sgd(lr=LR), mo.losses.mse)
+# Each make_* builds one implementation of MAML's meta-gradient (`loss`: inner and outer loss, `lr`: inner lr);
+# experiments/bench_gpu.py reuses them for conv4 classification.
+
+
+def make_metaopt(model, tasks, batching, compile=False, loss=mo.losses.mse, lr=LR, mode=None):
+    loop = mo.InnerLoop(model, mo.optim.sgd(lr=lr), loss)
     meta = mo.meta_params(mo.Init(model))
     estimator = mo.get_estimator("full", compile=compile)
+    if compile and mode is not None:  # e.g. "reduce-overhead": CUDA graphs
+        estimator = Compiled(mo.get_estimator("full"), mode=mode)
 
     def step():
         g = estimator(loop, meta, tasks, batching=batching).grads
@@ -53,7 +60,7 @@ def make_metaopt(model, tasks, batching, compile=False):
     return step
 
 
-def make_torch_func(model, tasks):
+def make_torch_func(model, tasks, loss=mo.losses.mse, lr=LR):
     params = {k: v.detach().clone().requires_grad_() for k, v in model.named_parameters()}
     xs, ys = tasks.support[0]
     xq, yq = tasks.query
@@ -62,9 +69,9 @@ def make_torch_func(model, tasks):
     def task_loss(xs, ys, xq, yq):
         p = params
         for _ in range(steps):
-            g = grad(lambda p: ((functional_call(model, p, (xs,)) - ys) ** 2).mean())(p)
-            p = {k: p[k] - LR * g[k] for k in p}
-        return ((functional_call(model, p, (xq,)) - yq) ** 2).mean()
+            g = grad(lambda p: loss(functional_call(model, p, (xs,)), ys))(p)
+            p = {k: p[k] - lr * g[k] for k in p}
+        return loss(functional_call(model, p, (xq,)), yq)
 
     def step():
         loss = vmap(task_loss)(xs, ys, xq, yq).mean()
@@ -72,7 +79,7 @@ def make_torch_func(model, tasks):
     return step
 
 
-def make_torch_func_compiled(model, tasks):
+def make_torch_func_compiled(model, tasks, loss=mo.losses.mse, lr=LR, mode=None):
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     xs, ys = tasks.support[0]
     xq, yq = tasks.query
@@ -80,24 +87,24 @@ def make_torch_func_compiled(model, tasks):
 
     def task_loss(p, xs, ys, xq, yq):
         for _ in range(steps):
-            g = grad(lambda p: ((functional_call(model, p, (xs,)) - ys) ** 2).mean())(p)
-            p = {k: p[k] - LR * g[k] for k in p}
-        return ((functional_call(model, p, (xq,)) - yq) ** 2).mean()
+            g = grad(lambda p: loss(functional_call(model, p, (xs,)), ys))(p)
+            p = {k: p[k] - lr * g[k] for k in p}
+        return loss(functional_call(model, p, (xq,)), yq)
 
     def meta_loss(p, xs, ys, xq, yq):
         return vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(p, xs, ys, xq, yq).mean()
 
-    compiled = torch.compile(grad(meta_loss), fullgraph=True)
+    compiled = torch.compile(grad(meta_loss), fullgraph=True, mode=mode)
 
     def step():
         g = compiled(params, xs, ys, xq, yq)
-        return [g[k] for k in params]
+        return [g[k].clone() for k in params]  # a copy: CUDA graphs (mode="reduce-overhead") reuse the buffers
     return step
 
 
-def make_higher(model, tasks):
+def make_higher(model, tasks, loss=mo.losses.mse, lr=LR):
     import higher
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
     per_task = mo.unstack_tasks(tasks)
 
     def step():
@@ -105,8 +112,8 @@ def make_higher(model, tasks):
         for task in per_task:
             with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
                 for batch in task.support:
-                    diffopt.step(mo.losses.mse(fmodel(batch.x), batch.y))
-                total = total + mo.losses.mse(fmodel(task.query.x), task.query.y)
+                    diffopt.step(loss(fmodel(batch.x), batch.y))
+                total = total + loss(fmodel(task.query.x), task.query.y)
         return list(torch.autograd.grad(total / len(per_task), list(model.parameters())))
     return step
 

@@ -117,3 +117,20 @@ def test_compiled_matrix_equals_eager_or_falls_back(info, kind):
         assert compiled.fallback_reason is None and compiled.compiled_calls == 1
     else:
         assert "does not compile" in compiled.fallback_reason
+
+
+def test_the_check_against_eager_ignores_rounding_noise_but_not_errors():
+    """A gradient that is zero up to rounding (conv bias under batch norm) differs between compiled and
+    eager by noise: not a mismatch. A wrong small gradient, or a wrong large one, is (float32: 1e-4)."""
+    from metaopt.compiled import Compiled
+
+    def f32(*values):
+        return torch.tensor(values, dtype=torch.float32)
+    eager = ({"w": f32(1.0, -2.0), "bias": f32(3e-8, -1e-8), "small": f32(1e-3, 2e-3)}, f32(0.5), {})
+    noisy = ({**eager[0], "bias": f32(-2e-8, 4e-8)}, eager[1], {})
+    assert Compiled._mismatch(noisy, eager) is None
+    wrong_small = ({**eager[0], "small": f32(1e-3, -2e-3)}, eager[1], {})
+    assert "'small'" in Compiled._mismatch(wrong_small, eager)
+    wrong_large = ({**eager[0], "w": f32(1.0, -2.01)}, eager[1], {})
+    assert "'w'" in Compiled._mismatch(wrong_large, eager)
+    assert "no gradient" in Compiled._mismatch(({"w": eager[0]["w"]}, eager[1], {}), eager)
