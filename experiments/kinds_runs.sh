@@ -6,7 +6,8 @@
 #         OUT_DIR/learned_loss OUT_DIR/learned_augmentation
 #       python experiments/compare_table.py --seeds OUT_DIR/learned_optimizer_lstm OUT_DIR/learned_optimizer_mlp \
 #         OUT_DIR/learned_optimizer_lstm_2threads OUT_DIR/learned_optimizer_mlp_2threads
-# ONLY=regex runs only the run names that match it (e.g. ONLY=distill).
+# ONLY=regex runs only the groups whose tag matches it (tags: distill, learned_loss, learned_optimizer,
+# augmentation, 2threads, 2threads_mlp; e.g. ONLY=distill).
 set -euo pipefail
 out=${1:-outputs/kinds}
 source "$(dirname "$0")/runs_lib.sh"
@@ -20,9 +21,11 @@ for seed in 0 1 2; do
     metaparam.optimizer.architecture=mlp seed=$seed
   pick augmentation && run learned_augmentation/$seed learned_augmentation seed=$seed
 done
-for seed in 0 1 2; do  # the learned optimizer again on two threads (other float reduction orders)
+for seed in 0 1 2; do  # the learned optimizer (LSTM) again on two threads (other float reduction orders)
   pick 2threads && OMP_NUM_THREADS=2 run learned_optimizer_lstm_2threads/$seed learned_optimizer seed=$seed
-  pick 2threads && OMP_NUM_THREADS=2 run learned_optimizer_mlp_2threads/$seed learned_optimizer \
+done
+for seed in 0 1 2; do
+  pick 2threads_mlp && OMP_NUM_THREADS=2 run learned_optimizer_mlp_2threads/$seed learned_optimizer \
     metaparam.optimizer.architecture=mlp seed=$seed
 done
 true
