@@ -98,7 +98,9 @@ def make_torch_func_compiled(model, tasks, loss=mo.losses.mse, lr=LR, mode=None)
 
     def step():
         g = compiled(params, xs, ys, xq, yq)
-        return [g[k].clone() for k in params]  # a copy: CUDA graphs (mode="reduce-overhead") reuse the buffers
+        if mode is not None and "reduce-overhead" in mode:  # CUDA graphs reuse their output buffers: copies
+            return [g[k].clone() for k in params]
+        return [g[k] for k in params]
     return step
 
 
