@@ -19,11 +19,11 @@ and `task_objective` (the `Differentiator` protocol).
 from __future__ import annotations
 
 import time
-from typing import Callable, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_map, tree_map_only
 
 from metaopt.batching import Batching, compress_support, resolve_batching, task_count, vmap_tasks
 from metaopt.budget import Budget
@@ -47,6 +47,9 @@ class MetaGrad(NamedTuple):
         estimator-specific figures.
       task_losses: each task's outer loss, [B] (NaN for skipped tasks).
       task_used: bool [B], False for tasks skipped under the budget.
+      carry: what an online estimator carries to each task's next window (`Task.carry`'s state, with
+        the task axis first; detached), or None (estimators that carry nothing, or a chunk was skipped:
+        then the tasks' unrolls cannot continue and restart).
     """
 
     grads: dict[str, Tensor]
@@ -54,6 +57,7 @@ class MetaGrad(NamedTuple):
     stats: dict[str, float | int | str]
     task_losses: Tensor | None = None
     task_used: Tensor | None = None
+    carry: Any = None
 
 
 class TaskObjective(NamedTuple):
@@ -65,11 +69,13 @@ class TaskObjective(NamedTuple):
       outer_loss: the task's outer loss (for reporting; may equal `surrogate`).
       stats: scalar tensors to report (e.g. a solver residual); averaged over tasks,
         and their maximum reported as "<name>_max".
+      carry: an online estimator's state for the task's next window (a pytree of tensors), or None.
     """
 
     surrogate: Tensor
     outer_loss: Tensor
     stats: dict[str, Tensor] = {}
+    carry: Any = None
 
 
 class Differentiator(Protocol):
@@ -105,6 +111,7 @@ class _Chunk(NamedTuple):
     grads: dict[str, Tensor]
     outer_loss: Tensor
     stats: dict[str, Tensor]
+    carry: Any = None
 
 
 class _Run:
@@ -122,7 +129,8 @@ class _Run:
 
     def objective(self, first: int, last: int, guard: StepGuard | None) -> TaskObjective:
         def one(task: Task) -> TaskObjective:
-            return self.estimator.task_objective(self.loop, self.meta, task, guard)
+            result = self.estimator.task_objective(self.loop, self.meta, task, guard)
+            return result if result.carry is not None else result._replace(carry=())  # vmap returns no None
         if self.compressed is not None:
             compressed, pattern = self.compressed
             return vmap_tasks(one, tree_map_only(Tensor, lambda v: v[first:last], compressed), pattern)
@@ -145,7 +153,8 @@ class _Run:
         grads = grads_of(result.surrogate.mean(), self.meta)
         if guard is not None:
             guard.after_backward(self.steps(first))
-        return _Chunk(grads, result.outer_loss.detach(), {k: v.detach() for k, v in result.stats.items()})
+        carry = None if result.carry == () else tree_map_only(Tensor, Tensor.detach, result.carry)
+        return _Chunk(grads, result.outer_loss.detach(), {k: v.detach() for k, v in result.stats.items()}, carry)
 
     def steps(self, first: int) -> int:
         return (self.prepared if isinstance(self.prepared, Task) else self.prepared[first]).inner_steps
@@ -220,6 +229,7 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
     mean_gradient = _MeanGradient()
     losses: list[tuple[int, int, Tensor]] = []
     stats_rows: list[dict[str, Tensor]] = []
+    carries: list[Any] = []
     truncated = skipped = 0
     for first, last in chunks_of(total, size):
         done, was_cut = run.guarded_chunk(first, last)
@@ -230,6 +240,7 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
         mean_gradient.add(last - first, done.grads)
         losses.append((first, last, done.outer_loss))
         stats_rows.append(done.stats)
+        carries.append(done.carry)
     used = total - skipped
     grads = mean_gradient.result(meta)
     task_losses, task_used = _task_losses(losses, total)
@@ -243,7 +254,9 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
     # A task that diverged keeps its NaN in the mean: only skipped tasks are left out.
     outer_loss = task_losses.mean() if used == total else task_losses[task_used].mean() if used else \
         torch.tensor(float("nan"))
-    return MetaGrad(grads, outer_loss, stats, task_losses, task_used)
+    carry = None if skipped or any(c is None for c in carries) else \
+        carries[0] if len(carries) == 1 else tree_map(lambda *parts: torch.cat(parts), *carries)
+    return MetaGrad(grads, outer_loss, stats, task_losses, task_used, carry)
 
 
 class _MeanGradient:

@@ -80,6 +80,9 @@ class TrainState:
       train_seconds: training wall-clock of earlier sessions of this run (before a resume).
       estimator: the planned estimator; a stochastic one (es, pes, random forward mode) draws from its
         own generators, which the checkpoint holds.
+      carry: what an online estimator carries to each task's next window (`MetaGrad.carry`), or None.
+      source: the task source's own state (`TaskDistribution.next_batch`: `metaopt.online.OnlineTasks`'
+        pool of unrolls and their positions), or None.
 
     The checkpoint also holds torch's global random state (CPU and CUDA), from which vmapped dropout
     draws, so a resumed run draws what the uninterrupted run would have drawn: resume is bit-exact
@@ -95,6 +98,8 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
     estimator: Any = None
+    carry: Any = None
+    source: Any = None
 
     def state_dict(self) -> dict[str, Any]:
         rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
@@ -103,7 +108,7 @@ class TrainState:
         return {"meta": self.meta.state_dict(), "outer_optimizer": self.outer_optimizer.state_dict(),
                 "generator": self.generator.get_state(), "meta_step": self.step, "history": self.history,
                 "counts": self.counts, "train_seconds": self.train_seconds, "rng": rng,
-                "estimator_rng": self._estimator_rng()}
+                "estimator_rng": self._estimator_rng(), "carry": self.carry, "task_source": self.source}
 
     def _estimator_rng(self) -> dict[str, Tensor]:
         rng_state = getattr(self.estimator, "rng_state", None)
@@ -116,6 +121,7 @@ class TrainState:
         self.step, self.history = ckpt["meta_step"], ckpt["history"]
         self.counts.update(ckpt.get("counts", {}))
         self.train_seconds = ckpt.get("train_seconds", 0.0)
+        self.carry, self.source = ckpt.get("carry"), ckpt.get("task_source")
         if ckpt.get("estimator_rng") and self.estimator is not None:
             self.estimator.set_rng_state(ckpt["estimator_rng"])
         if "rng" in ckpt:
@@ -167,6 +173,7 @@ def meta_step(state: TrainState, batch: Task, config: StepConfig) -> tuple[Train
     """
     meta_grad = config.meta_gradient(state.meta, batch)
     meta_grad = _finite_or_handle(meta_grad, batch, state, config)
+    state.carry = meta_grad.carry
     stats = meta_grad.stats
     state.counts["tasks_truncated"] += int(stats["tasks_truncated"])
     state.counts["tasks_skipped"] += int(stats["tasks_skipped"])
@@ -207,8 +214,8 @@ def _finite_or_handle(meta_grad: MetaGrad, batch: Task, state: TrainState, confi
         state.counts["tasks_nan_skipped"] += len(tasks) - len(good)
         logger.warning("meta-step %d: dropped %d task(s) with non-finite values", state.step, len(tasks) - len(good))
         if not good:
-            return meta_grad._replace(stats={**meta_grad.stats, "tasks_skipped": len(tasks)})
-        result = config.meta_gradient(state.meta, good)
+            return meta_grad._replace(stats={**meta_grad.stats, "tasks_skipped": len(tasks)}, carry=None)
+        result = config.meta_gradient(state.meta, good)._replace(carry=None)  # the dropped tasks' carry is gone
         if all(bool(torch.isfinite(g).all()) for g in result.grads.values()):
             return result
         bad_indices = list(range(len(tasks)))
@@ -273,6 +280,9 @@ def plan_training(estimator: MetaGradientMethod, loop: InnerLoop, meta: MetaPara
                   fixed_bytes=optimizer_state_bytes(outer_optimizer))
     logger.info("plan: %s, %s, chunks of %d tasks, predicted peak %s (%s)", describe(chosen.estimator),
                 chosen.batching, chosen.chunk_size, format_bytes(chosen.predicted_peak_bytes), chosen.reason)
+    if tasks.windowed and not getattr(chosen.estimator, "online", False):
+        raise ValueError(f"meta_train: {tasks!r} gives windows of longer unrolls, which only an online estimator "
+                         f"can continue (e.g. online_pes); got {describe(chosen.estimator)}")
     return chosen
 
 
@@ -334,7 +344,9 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     save = _Checkpointer(state, checkpoint_path, {"estimator": estimator.name, **(checkpoint_extra or {})}, time_limit)
 
     def sample() -> Task:
-        return task_to(tasks.sample(meta_batch_size, inner_steps, state.generator), device)
+        batch, state.source = tasks.next_batch(meta_batch_size, inner_steps, state.generator, state.source,
+                                               state.carry)
+        return task_to(batch, device)
 
     recorder = _Recorder(state, meta_steps, log_every, log, progress, estimator.name, callbacks)
     memory_method = default_method(device)

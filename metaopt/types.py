@@ -18,6 +18,7 @@ __all__ = [
     "Batch",
     "Task",
     "InnerState",
+    "Carry",
     "MetaParams",
     "LossFn",
 ]
@@ -67,11 +68,16 @@ class Task(NamedTuple):
     optimizers train on; see `metaopt.tasks.RandomInit`). It is data, not a
     meta-parameter, so recomputing a task (checkpointing, antithetic ES pairs)
     starts from the same point. None: the "init" meta-parameter or the model's own.
+
+    `carry`, when given, is what an online estimator carried over from this task's previous
+    window (`Carry`; see `metaopt.online`): the task is then one window of a longer unroll.
+    Estimators that are not online ignore it.
     """
 
     support: tuple[Batch, ...]
     query: Batch
     init: Params | None = None
+    carry: "Carry | None" = None
 
     @property
     def inner_steps(self) -> int:
@@ -100,6 +106,20 @@ class InnerState(NamedTuple):
     buffers: Buffers
     opt_state: OptState
     anchor: Params
+
+
+class Carry(NamedTuple):
+    """An online estimator's state carried from one window of a task's unroll to the next.
+
+    Attributes:
+      fresh: bool, [] per task ([B] for a batch of tasks): True where the task's unroll starts
+        in this window (a new task), so `state` is not used for it.
+      state: what the estimator returned for this task after its previous window (a pytree of
+        tensors with the task axis first in a batch; opaque to everything but the estimator).
+    """
+
+    fresh: Tensor
+    state: Any
 
 
 LossFn = Callable[[Tensor, Tensor], Tensor]

@@ -18,6 +18,7 @@ from metaopt.callbacks import Callback, Validation
 from metaopt.budget import parse_seconds
 from metaopt.compiled import Compiled
 from metaopt.estimators import AbstractEstimator, MetaGradientMethod
+from metaopt.online import OnlineTasks
 from metaopt.tasks import RandomInit, TaskDistribution
 from metaopt.types import MetaParams
 from metaopt_hydra.checks import check_device_and_dtype, check_loop_classes, check_task_fits_model
@@ -69,6 +70,8 @@ def build(cfg: DictConfig, load_tasks: bool = True) -> Parts:
         # Every task starts from its own fresh initialization of the model (Task.init).
         tasks, eval_tasks, val_tasks = RandomInit(tasks, model), RandomInit(eval_tasks, model), RandomInit(val_tasks,
                                                                                                            model)
+    if cfg.get("online_horizon") and tasks is not None:
+        tasks = OnlineTasks(tasks, int(cfg.online_horizon))  # training only: evaluation draws whole unrolls
     meta = build_meta(cfg, model)
     loop = instantiate(cfg.loop)(model=model, optimizer=instantiate(cfg.inner_optim), loss_fn=loss_fn)
     log.info("Instantiating estimator <%s>", cfg.estimator._target_)

@@ -51,6 +51,10 @@ ESTIMATORS = [
     EstimatorInfo("pes", lambda T: E.PersistentES(population=2, sigma=1e-4, k=1), "unbiased",
                   errors=((lambda: E.PersistentES(sigma=0), "need sigma > 0"),
                           (lambda: E.PersistentES(k=0), "k >= 1"))),
+    # On a task with no carry, online PES starts the unroll in this window: antithetic ES of the final loss.
+    EstimatorInfo("online_pes", lambda T: E.OnlinePES(population=2, sigma=1e-4), "unbiased",
+                  errors=((lambda: E.OnlinePES(population=3), "population must be an even number"),
+                          (lambda: E.OnlinePES(sigma=0), "need sigma > 0"))),
     EstimatorInfo("truncated_k=1", lambda T: E.Truncated(k=1), "approximate"),
     EstimatorInfo("first_order", lambda T: E.FirstOrder(), "approximate"),
     EstimatorInfo("truncated_es", lambda T: E.PersistentES(population=2, sigma=1e-4, k=1, persistent=False),

@@ -135,13 +135,14 @@ def test_unused_meta_parameters_get_zero_gradient():
 
 STOCHASTIC = {"es": lambda seed: mo.EvolutionStrategies(population=4, seed=seed),
               "pes": lambda seed: mo.PersistentES(population=4, k=1, seed=seed),
+              "online_pes": lambda seed: mo.estimators.OnlinePES(population=4, seed=seed),
               "forward_random": lambda seed: mo.ForwardMode(mode="random", seed=seed)}
 
 
 def test_every_stochastic_estimator_is_tested_below():
     """A new estimator that declares `stochastic` must join STOCHASTIC (and so the stream test)."""
     declared = {cls.name for cls in mo.estimators.registered_estimators() if cls.stochastic}
-    assert declared == {"es", "pes"} and declared <= set(STOCHASTIC)
+    assert declared == {"es", "pes", "online_pes"} and declared <= set(STOCHASTIC)
     assert mo.ForwardMode(mode="random").stochastic and not mo.ForwardMode().stochastic
 
 

@@ -245,3 +245,17 @@ def test_ctrl_c_writes_an_interrupted_record_and_keeps_the_checkpoint(tmp_path):
     record = _metrics(tmp_path)
     assert record["status"] == "interrupted" and "KeyboardInterrupt" in record["error"]
     assert load_checkpoint(tmp_path / "checkpoint.pt")["meta_step"] >= 50
+
+
+def test_online_run_trains_windows_of_a_long_unroll_and_evaluates_at_the_horizon(tmp_path):
+    result = run_train(tmp_path, "debug=tiny", "estimator=online_pes", "estimator.population=2", "online_horizon=4",
+                       "meta_steps=3", "eval.inner_steps=4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = _metrics(tmp_path)
+    assert metrics["status"] == "ok" and metrics["estimator_chosen"] == "online_pes"
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+    # staggered: task 1's first unroll is 2 steps, so it restarts at step 2 and task 0 at step 3
+    assert ckpt["task_source"].position == [2, 4] and ckpt["task_source"].length == [4, 4]
+    assert ckpt["carry"].plus.params["net.0.weight"].shape[:2] == (2, 1)
+    refused = run_train(tmp_path / "full", "debug=tiny", "online_horizon=4")
+    assert refused.returncode != 0 and "only an online estimator can continue" in refused.stderr

@@ -18,6 +18,7 @@ from metaopt.estimators.first_order import FirstOrder
 from metaopt.estimators.forward import ForwardMode
 from metaopt.estimators.full import Full
 from metaopt.estimators.implicit import Implicit
+from metaopt.estimators.online_pes import OnlinePES
 from metaopt.estimators.pes import PersistentES
 from metaopt.estimators.reptile import Reptile
 from metaopt.estimators.truncated import Truncated
@@ -43,4 +44,5 @@ __all__ = [
     "Reptile",
     "EvolutionStrategies",
     "PersistentES",
+    "OnlinePES",
 ]

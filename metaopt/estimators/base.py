@@ -101,6 +101,10 @@ class AbstractEstimator(abc.ABC):
     failed trace inside forward-mode or nested transforms can leave torch's transform stack unusable for the
     eager fallback, so only declared estimators are traced."""
 
+    online: ClassVar[bool] = False
+    """Whether it continues a task's unroll from `Task.carry` and returns the next carry (`OnlinePES`): the
+    estimators that can train on `metaopt.online.OnlineTasks`' windows."""
+
     stochastic: bool = False
     """Whether it draws random numbers. It then draws them from its own generators (`noise_like`), one per
     device, seeded by its `seed`, never from torch's global stream; `rng_state` checkpoints them."""

@@ -18,6 +18,14 @@ from metaopt.types import InnerState, MetaParams, Params, Task
 __all__ = ["PersistentES"]
 
 
+def check_population(name: str, population: int, sigma: float) -> None:
+    """Raise ValueError unless population is an even number >= 2 (antithetic pairs) and sigma > 0."""
+    if population < 2 or population % 2:
+        raise ValueError(f"{name}: population must be an even number >= 2, got {population}")
+    if sigma <= 0:
+        raise ValueError(f"{name}: need sigma > 0 and k >= 1, got sigma={sigma}")
+
+
 @register("pes")
 class PersistentES(AbstractEstimator):
     """PES: ES whose perturbation is redrawn every `k` inner steps and accumulated per particle.
@@ -33,8 +41,7 @@ class PersistentES(AbstractEstimator):
 
     Memory O(1) in T, time O(population T). Serves every slot. This form runs all
     windows of one task inside one call; the online form (meta updated between
-    windows of one long unroll carried across meta-steps) needs inner state that
-    persists across calls and is not provided yet.
+    windows of one long unroll carried across meta-steps) is `OnlinePES`.
 
     Args:
       population: particles per task (even: population/2 antithetic pairs).
@@ -51,9 +58,8 @@ class PersistentES(AbstractEstimator):
 
     def __init__(self, population: int = 16, sigma: float = 0.01, k: int | None = 5, persistent: bool = True,
                  seed: int = 0):
-        if population < 2 or population % 2:
-            raise ValueError(f"{self.name}: population must be an even number >= 2, got {population}")
-        if sigma <= 0 or (k is not None and k < 1):
+        check_population(self.name, population, sigma)
+        if k is not None and k < 1:
             raise ValueError(f"{self.name}: need sigma > 0 and k >= 1, got sigma={sigma}, k={k}")
         self.population, self.sigma, self.k, self.persistent, self.seed = population, sigma, k, persistent, seed
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import abc
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -19,6 +19,8 @@ class TaskDistribution(abc.ABC):
     """
 
     kind: ClassVar[Literal["regression", "classification"]]
+    windowed: ClassVar[bool] = False
+    """Whether `next_batch` gives windows of longer unrolls, which only an online estimator can continue."""
 
     @property
     @abc.abstractmethod
@@ -32,3 +34,16 @@ class TaskDistribution(abc.ABC):
         Tensors are created in `torch.get_default_dtype()` on the CPU; the same
         generator state always gives the same tasks.
         """
+
+    def next_batch(self, n_tasks: int, inner_steps: int, generator: torch.Generator, source_state: Any = None,
+                   carry: Any = None) -> tuple[Task, Any]:
+        """The tasks of training's next meta-step, and this source's state after drawing them.
+
+        Args:
+          source_state: what the previous call returned (None at the start; checkpointed by `TrainState`).
+          carry: the estimator's `MetaGrad.carry` from the previous meta-step (online estimators).
+
+        Default: `sample` (fresh tasks every meta-step, nothing carried). `metaopt.online.OnlineTasks`
+        returns windows of long unrolls instead, with the carry attached.
+        """
+        return self.sample(n_tasks, inner_steps, generator), None

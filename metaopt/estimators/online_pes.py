@@ -1,0 +1,121 @@
+"""Online PES: one window of each task's long unroll per meta-step, particles carried across meta-steps."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_map
+
+from metaopt.estimators.base import (
+    AbstractEstimator,
+    TaskObjective,
+    call_with_meta,
+    linear_surrogate,
+    meta_values,
+    register,
+)
+from metaopt.estimators.pes import check_population
+from metaopt.guard import StepGuard
+from metaopt.loop import InnerLoop, unroll
+from metaopt.types import Carry, InnerState, MetaParams, Params, Task
+
+__all__ = ["OnlinePES", "OnlinePESState"]
+
+
+class OnlinePESState(NamedTuple):
+    """What online PES carries per task between windows (`Task.carry.state`).
+
+    Attributes:
+      plus, minus: the inner states of the antithetic particles, [pairs, ...] on every leaf (after
+        the window that ran, under meta + sigma xi_j and meta - sigma xi_j).
+      xi: the perturbations accumulated since the task's unroll started, [pairs, *meta shape] per
+        meta-parameter (the minus particle's are -xi).
+    """
+
+    plus: InnerState
+    minus: InnerState
+    xi: dict[str, Tensor]
+
+
+def _stack(items: list) -> object:
+    return tree_map(lambda *leaves: torch.stack(leaves), *items)
+
+
+@register("online_pes")
+class OnlinePES(AbstractEstimator):
+    """PES in its online form (Vicol et al. 2021, Algorithm 1): the task is one window of a longer unroll.
+
+    Each antithetic particle pair keeps its own inner trajectory and its accumulated perturbation
+    xi across meta-steps (`Task.carry`, fed by `metaopt.online.OnlineTasks`); the meta-parameters
+    may change between windows. In each window the pair draws a fresh e, runs the window's K steps
+    from its carried states under meta + sigma e and meta - sigma e, adds e to xi, and contributes
+    (L+ - L-) xi / (2 sigma pairs), where L is the outer loss (query batch) at the window's end.
+    With meta fixed, the window's estimate is unbiased for the gradient of the Gaussian-smoothed
+    outer loss at that window's end through the *whole* unroll so far (the initialization and every
+    earlier step included), so over a trajectory the estimates sum to the gradient of the sum of the
+    window-end losses: for a learned optimizer, the loss along training, not only at its end.
+    Truncated backprop over the same windows is biased (it cannot see how meta acted before the
+    window); online PES is not, at the price of ES's variance.
+
+    A task without a carry, or whose `Carry.fresh` is set, starts its unroll in this window
+    (`InnerLoop.init` under the perturbed meta-parameters): on ordinary tasks this is antithetic ES
+    of the final loss (`es`). Memory: O(1) in the horizon, plus 2 x pairs carried inner states per
+    task. Time: O(population K) per window. The reported outer loss is the mean over particles of
+    (L+ + L-) / 2, the smoothed window-end loss (no unperturbed trajectory is run). Serves every slot.
+
+    Args:
+      population: particles per task (even: population/2 antithetic pairs, each with two trajectories).
+      sigma: perturbation scale.
+      seed: the perturbations' random stream (`noise_like`).
+    """
+
+    exact = False
+    second_order = False
+    stochastic = True
+    online = True
+
+    def __init__(self, population: int = 16, sigma: float = 0.01, seed: int = 0):
+        check_population(self.name, population, sigma)
+        self.population, self.sigma, self.seed = population, sigma, seed
+
+    def _start(self, loop: InnerLoop, meta: MetaParams, task: Task, values: Params, carried: InnerState | None,
+               fresh: Tensor | None) -> InnerState:
+        """The particle's state at the window's start: its carried state, or the initial one where fresh."""
+        initial = call_with_meta(meta, values, lambda m: loop.init(m, task.init))
+        if carried is None or fresh is None:
+            return initial
+        return tree_map(lambda new, old: torch.where(fresh, new, old), initial, carried)
+
+    def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
+                       guard: StepGuard | None) -> TaskObjective:
+        values = meta_values(meta)
+        carry: Carry | None = task.carry
+        carried: OnlinePESState | None = None if carry is None else carry.state
+        pairs = self.population // 2
+        plus_states: list[InnerState] = []
+        minus_states: list[InnerState] = []
+        xis: list[dict[str, Tensor]] = []
+        losses: list[Tensor] = []
+        with torch.no_grad():
+            grads = {k: torch.zeros_like(v) for k, v in values.items()}
+            for p in range(pairs):
+                noise = {k: self.noise_like(v) for k, v in values.items()}
+                xi = noise if carried is None or carry is None else \
+                    {k: torch.where(carry.fresh, 0.0, carried.xi[k][p]) + noise[k] for k in noise}
+                ends = []
+                for sign, states in ((1.0, plus_states), (-1.0, minus_states)):
+                    vals = {k: v + sign * self.sigma * noise[k] for k, v in values.items()}
+                    before = None if carried is None else tree_map(lambda v: v[p],
+                                                                   carried.plus if sign > 0 else carried.minus)
+                    state = self._start(loop, meta, task, vals, before, None if carry is None else carry.fresh)
+                    state = call_with_meta(meta, vals, lambda m, s: unroll(loop, s, task.support, m,
+                                                                           create_graph=False, on_step=guard), state)
+                    ends.append(call_with_meta(meta, vals, lambda m, s: loop.outer_loss(s, task.query, m), state))
+                    states.append(state)
+                scale = (ends[0] - ends[1]) / (2 * self.sigma * pairs)
+                grads = {k: grads[k] + scale * xi[k] for k in grads}
+                xis.append(xi)
+                losses.append(0.5 * (ends[0] + ends[1]))
+        state_out = OnlinePESState(_stack(plus_states), _stack(minus_states), _stack(xis))  # type: ignore[arg-type]
+        return TaskObjective(linear_surrogate(meta, grads), torch.stack(losses).mean(), carry=state_out)
