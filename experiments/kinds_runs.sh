@@ -6,8 +6,9 @@
 #         OUT_DIR/learned_loss OUT_DIR/learned_augmentation
 #       python experiments/compare_table.py --seeds OUT_DIR/learned_optimizer_lstm OUT_DIR/learned_optimizer_mlp \
 #         OUT_DIR/learned_optimizer_lstm_2threads OUT_DIR/learned_optimizer_mlp_2threads
+#       python experiments/compare_table.py --seeds OUT_DIR/learned_optimizer_online
 # ONLY=regex runs only the groups whose tag matches it (tags: distill, learned_loss, learned_optimizer,
-# augmentation, 2threads, 2threads_mlp; e.g. ONLY=distill).
+# augmentation, 2threads, 2threads_mlp, online; e.g. ONLY=distill).
 set -euo pipefail
 out=${1:-outputs/kinds}
 source "$(dirname "$0")/runs_lib.sh"
@@ -27,5 +28,8 @@ done
 for seed in 0 1 2; do
   pick 2threads_mlp && OMP_NUM_THREADS=2 run learned_optimizer_mlp_2threads/$seed learned_optimizer \
     metaparam.optimizer.architecture=mlp seed=$seed
+done
+for seed in 0 1 2; do  # the LSTM optimizer meta-trained online (PES) on 100-step unrolls, windows of 10
+  pick online && run learned_optimizer_online/$seed learned_optimizer_online seed=$seed
 done
 true
