@@ -81,3 +81,18 @@ def central_difference(loop: mo.InnerLoop, meta: MetaParams, tasks: Task, direct
         return value
 
     return (shifted(1.0) - shifted(-1.0)) / (2 * eps)
+
+
+def assert_unbiased(samples: list[dict[str, Tensor]], reference: dict[str, Tensor], n_directions: int = 3) -> None:
+    """The mean of the samples' projections on random directions lies within 4 standard errors (computed
+    from the samples) of the reference's."""
+    g = torch.Generator().manual_seed(0)
+    directions = [{k: torch.randn(v.shape, generator=g) for k, v in reference.items()} for _ in range(n_directions)]
+
+    def project(points: list[dict[str, Tensor]]) -> Tensor:
+        return torch.tensor([[sum((p[k] * d[k]).sum() for k in d).item() for p in points] for d in directions])
+
+    projected, truth = project(samples), project([reference])[:, 0]
+    mean, stderr = projected.mean(dim=1), projected.std(dim=1) / projected.shape[1] ** 0.5
+    assert (stderr > 0).all()
+    assert ((mean - truth).abs() < 4 * stderr).all(), f"mean {mean}, reference {truth}, 4 SE {4 * stderr}"
