@@ -127,3 +127,13 @@ def test_each_trial_is_one_logged_run_grouped_by_study_and_resumed(monkeypatch, 
     assert [(step, m["rung"]) for step, m in rung_entries] == [(2, 0), (4, 1)] and "val_loss" in rung_entries[0][1]
     trial_worker(OmegaConf.to_yaml(cfg), str(tmp_path / "trial"), [4], "my_study", conn=child)  # resumed
     assert fake.inits[1]["id"] == fake.inits[0]["id"] and fake.finished == [0, 0]
+
+
+def test_report_of_a_search_where_no_trial_reached_a_rung(tmp_path):
+    """A deadline before any first rung still gives every output (a plot that says so), not a crash."""
+    from metaopt.explore import TrialRecord
+    from metaopt_hydra.explore.report import write_report
+    records = [TrialRecord(0, {"inner_steps": 3}, status="pruned", error="stopped at the deadline before its first rung"),
+               TrialRecord(1, {"inner_steps": 1}, status="infeasible", error="nothing fits")]
+    write_report(records, tmp_path, ["inner_steps"], {0: None, 1: None})
+    assert (tmp_path / "pareto.png").stat().st_size > 1000 and (tmp_path / "pareto.csv").exists()

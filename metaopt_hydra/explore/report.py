@@ -49,9 +49,13 @@ def _plot(records: list[TrialRecord], front: set[int], path: Path) -> None:
         for r in members:
             ax.annotate(str(r.trial), (x(r), r.val_loss), fontsize=7)
         ax.set_xlabel(label)
-        ax.set_xscale("log")
+        if scored:  # log axes need positive data; with none, an empty plot that says so
+            ax.set_xscale("log")
     axes[0].set_ylabel("validation loss")
-    axes[0].set_yscale("log")
+    if scored and all(r.val_loss > 0 for r in scored):
+        axes[0].set_yscale("log")
+    if not scored:
+        axes[0].text(0.5, 0.5, "no trial reached its first rung", ha="center", transform=axes[0].transAxes)
     axes[0].legend(fontsize=8)
     fig.suptitle("explorer trials (front: validation loss x time x memory)", fontsize=10)
     fig.tight_layout()
