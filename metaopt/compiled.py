@@ -47,6 +47,16 @@ ChunkResult = tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]
 """A chunk's (gradients summed over its tasks, outer losses [B], stats {name: [B]}), no graph left."""
 
 
+def _objective_of(estimator: Differentiator, loop: InnerLoop,
+                  meta: MetaParams) -> Callable[[Task], tuple[Tensor, Tensor, dict[str, Tensor]]]:
+    """One task's (surrogate, outer loss, stats): what the compiled function maps over tasks. The carry is left
+    out: vmap returns no None, and estimators that carry state (online PES) do not compile."""
+    def objective(task: Task) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        result = estimator.task_objective(loop, meta, task, None)
+        return result.surrogate, result.outer_loss, dict(result.stats)
+    return objective
+
+
 def _signature(tasks: Task, pattern: tuple[int, ...]) -> tuple:
     """What a new compilation depends on, cheaply (per call): the shapes, dtype and device of the inputs
     and the support pattern (the meta-parameters' shapes are fixed for a wrapper's (loop, meta))."""
@@ -166,8 +176,8 @@ class Compiled:
         estimator = self.eager
 
         def total(meta_now: MetaParams, tasks: Task) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
-            result = vmap_tasks(lambda task: estimator.task_objective(loop, meta_now, task, None), tasks, pattern)
-            return result.surrogate.mean(), (result.outer_loss, dict(result.stats))
+            surrogate, outer_loss, stats = vmap_tasks(_objective_of(estimator, loop, meta_now), tasks, pattern)
+            return surrogate.mean(), (outer_loss, stats)
 
         holder = MetaCall(meta)  # made here: a module created inside the traced function cannot be reparametrized
 
@@ -185,9 +195,9 @@ class Compiled:
         return torch.compile(own, fullgraph=self.fullgraph, mode=self.mode, dynamic=False)
 
     def _eager_chunk(self, loop: InnerLoop, meta: MetaParams, tasks: Task, pattern: tuple[int, ...]) -> ChunkResult:
-        result = vmap_tasks(lambda task: self.eager.task_objective(loop, meta, task, None), tasks, pattern)
-        grads = grads_of(result.surrogate.mean(), meta)
-        return grads, result.outer_loss.detach(), {k: v.detach() for k, v in result.stats.items()}
+        surrogate, outer_loss, stats = vmap_tasks(_objective_of(self.eager, loop, meta), tasks, pattern)
+        grads = grads_of(surrogate.mean(), meta)
+        return grads, outer_loss.detach(), {k: v.detach() for k, v in stats.items()}
 
     @staticmethod
     def _mismatch(compiled: ChunkResult, eager: ChunkResult) -> str | None:
