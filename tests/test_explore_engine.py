@@ -21,7 +21,7 @@ from metaopt.explore import (
     non_dominated_ranks,
     pareto_front,
 )
-from metaopt.explore.scheduler import Message
+from metaopt.explore.scheduler import Message, _Running
 
 
 class FakeClock:
@@ -38,8 +38,10 @@ class FakeClock:
 class FakeRunner:
     """A trial's rung r takes `seconds` x (r + 1) fake seconds; its loss is (x - 0.3)^2 + 1 / (r + 1)."""
 
-    def __init__(self, clock: FakeClock, seconds: float = 3.0, guard_trips: set[str] = frozenset()):
+    def __init__(self, clock: FakeClock, seconds: float = 3.0, guard_trips: set[str] = frozenset(),
+                 measured_factor: float = 1.0):
         self.clock, self.seconds, self.guard_trips = clock, seconds, guard_trips
+        self.measured_factor = measured_factor  # a rung's measured peak: the prediction x this
         self.started: list[int] = []
 
     def price(self, candidate, memory_share, excluded):
@@ -63,7 +65,7 @@ class FakeRunner:
         r = h["rung"]
         x = h["c"].params["x"]
         rung = Rung(r, h["steps"][r], (x - 0.3) ** 2 + 1 / (r + 1), self.seconds * (r + 1) * h["c"].params["cost"]
-                    / 1e6, h["c"].predicted_peak_bytes)
+                    / 1e6, int(h["c"].predicted_peak_bytes * self.measured_factor))
         if r + 1 == len(h["steps"]):
             return [Message("rung", rung), Message("done")]
         h["waiting"] = True
@@ -119,6 +121,21 @@ def test_packing_never_exceeds_memory_and_the_deadline_holds():
     assert sum(e["event"] == "start" for e in explorer.events) <= 3 + sum(e["event"] == "stop" for e in explorer.events)
     assert all(r.status in ("complete", "pruned", "infeasible", "failed") for r in records)
     assert all(r.predicted_peak_bytes <= 1000 // 3 for r in records if r.status != "infeasible")
+
+
+def test_a_measured_peak_above_its_prediction_counts_in_the_front_and_in_the_packing():
+    clock = FakeClock()
+    explorer = _explorer(clock, runner=FakeRunner(clock, measured_factor=1.5))
+    ran = [r for r in explorer.run() if r.rungs]
+    assert ran and all(r.peak_bytes == r.objectives()[2] == int(1.5 * r.predicted_peak_bytes) for r in ran)
+    lower = _explorer(clock, runner=FakeRunner(clock, measured_factor=0.5))
+    assert all(r.peak_bytes == r.objectives()[2] == r.predicted_peak_bytes for r in lower.run() if r.rungs)
+    # A running trial reserves its measured peak once that is higher than its prediction.
+    record = TrialRecord(0, {}, predicted_peak_bytes=200, rungs=[Rung(0, 10, 1.0, 1.0, 450)])
+    candidate = Candidate(0.0, {}, 0)
+    candidate.predicted_peak_bytes = 200
+    explorer.running = {0: _Running(candidate, record, None)}
+    assert explorer.running_bytes == 450
 
 
 def test_a_candidate_that_does_not_fit_its_share_goes_down_the_ladder_or_is_infeasible():

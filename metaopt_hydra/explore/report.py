@@ -22,7 +22,8 @@ COLUMNS = ["trial", "status", "estimator_chosen", "predicted_peak_bytes", "measu
 
 
 def front_of(records: list[TrialRecord]) -> list[TrialRecord]:
-    """Front members among trials with a result: (validation loss, training seconds, predicted peak bytes)."""
+    """Front members among trials with a result: (validation loss, training seconds, peak bytes), see
+    `TrialRecord.objectives`."""
     scored = [r for r in records if r.rungs and math.isfinite(r.val_loss)]
     return [scored[i] for i in pareto_front([r.objectives() for r in scored])]
 
@@ -37,11 +38,15 @@ def _row(record: TrialRecord, front: set[int], params: list[str]) -> dict[str, A
             "error": record.error}
 
 
+def _megabytes(value: int) -> str:
+    return f"{value / 1e6:.3g} MB" if value > 0 else "—"
+
+
 def _plot(records: list[TrialRecord], front: set[int], path: Path) -> None:
     scored = [r for r in records if r.rungs and math.isfinite(r.val_loss)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, x, label in ((axes[0], lambda r: r.train_seconds, "training seconds"),
-                         (axes[1], lambda r: r.predicted_peak_bytes / 1e6, "predicted peak memory (MB)")):
+                         (axes[1], lambda r: r.peak_bytes / 1e6, "peak memory (MB): predicted, or measured if higher")):
         others = [r for r in scored if r.trial not in front]
         members = sorted((r for r in scored if r.trial in front), key=x)
         ax.scatter([x(r) for r in others], [r.val_loss for r in others], c="0.6", s=18, label="dominated")
@@ -71,11 +76,12 @@ def write_report(records: list[TrialRecord], run_dir: Path, params: list[str], c
         writer = csv.DictWriter(f, fieldnames=COLUMNS + params + ["meta_steps", "parent", "error"])
         writer.writeheader()
         writer.writerows(rows)
-    table = ["| trial | estimator chosen | val_loss | train seconds | predicted peak | meta-steps | "
-             + " | ".join(params) + " |", "|---" * (6 + len(params)) + "|"]
+    table = ["| trial | estimator chosen | val_loss | train seconds | predicted peak | measured peak | meta-steps | "
+             + " | ".join(params) + " |", "|---" * (7 + len(params)) + "|"]
     for row in sorted((r for r in rows if r["pareto"]), key=lambda r: r["val_loss"]):
         table.append(f"| {row['trial']} | {row['estimator_chosen']} | {row['val_loss']:.4g} | {row['train_seconds']} "
-                     f"| {row['predicted_peak_bytes'] / 1e6:.3g} MB | {row['meta_steps']} | "
+                     f"| {row['predicted_peak_bytes'] / 1e6:.3g} MB | {_megabytes(row['measured_peak_bytes'])} "
+                     f"| {row['meta_steps']} | "
                      + " | ".join(str(row[p]) for p in params) + " |")
     (run_dir / "front.md").write_text("\n".join(table) + "\n")
     _plot(records, front, run_dir / "pareto.png")
@@ -88,7 +94,7 @@ def write_report(records: list[TrialRecord], run_dir: Path, params: list[str], c
             cfg["meta_steps"] = record.rungs[-1].meta_steps
             (best / f"trial_{record.trial}.yaml").write_text(
                 f"# explorer trial {record.trial}: val_loss {record.val_loss:.4g}, {record.train_seconds:.1f} s, "
-                f"predicted peak {record.predicted_peak_bytes} bytes\n"
+                f"predicted peak {record.predicted_peak_bytes} bytes, measured {record.measured_peak_bytes}\n"
                 f"# python experiments/train.py --config-dir {best} --config-name trial_{record.trial}\n"
                 + yaml.safe_dump(cfg, sort_keys=False))
     return "\n".join(table)

@@ -78,7 +78,7 @@ class ExplorerStudy:
         if record.status == "infeasible":
             self.study.tell(trial, [math.inf, math.inf, math.inf])
         elif record.status == "complete" and math.isfinite(record.val_loss):
-            self.study.tell(trial, [record.val_loss, record.train_seconds, float(record.predicted_peak_bytes)])
+            self.study.tell(trial, list(record.objectives()))
         else:
             self.study.tell(trial, state=TrialState.PRUNED if record.status == "pruned" else TrialState.FAIL)
 
