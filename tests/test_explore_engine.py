@@ -128,6 +128,9 @@ def test_a_measured_peak_above_its_prediction_counts_in_the_front_and_in_the_pac
     explorer = _explorer(clock, runner=FakeRunner(clock, measured_factor=1.5))
     ran = [r for r in explorer.run() if r.rungs]
     assert ran and all(r.peak_bytes == r.objectives()[2] == int(1.5 * r.predicted_peak_bytes) for r in ran)
+    starts = [e for e in explorer.events if e["event"] == "start"]
+    assert all(e["running_predicted_bytes"] <= e["running_reserved_bytes"] <= 1000 for e in starts)
+    assert any(e["running_predicted_bytes"] < e["running_reserved_bytes"] for e in starts)
     lower = _explorer(clock, runner=FakeRunner(clock, measured_factor=0.5))
     assert all(r.peak_bytes == r.objectives()[2] == r.predicted_peak_bytes for r in lower.run() if r.rungs)
     # A running trial reserves its measured peak once that is higher than its prediction.
@@ -135,7 +138,7 @@ def test_a_measured_peak_above_its_prediction_counts_in_the_front_and_in_the_pac
     candidate = Candidate(0.0, {}, 0)
     candidate.predicted_peak_bytes = 200
     explorer.running = {0: _Running(candidate, record, None)}
-    assert explorer.running_bytes == 450
+    assert explorer.reserved_bytes == 450 and explorer.running_predicted_bytes == 200
 
 
 def test_a_candidate_that_does_not_fit_its_share_goes_down_the_ladder_or_is_infeasible():

@@ -28,7 +28,8 @@ One loop, driven by an injectable clock:
 - **Deadline.** At `time` seconds no new trial starts, running trials are stopped, and their last
   rung counts.
 
-Every start and stop goes to `events` (time, trial, event, running_predicted_bytes).
+Every start and stop goes to `events` (time, trial, event, running_predicted_bytes: the running trials'
+predicted peaks summed, running_reserved_bytes: the same with measured peaks where higher).
 """
 from __future__ import annotations
 
@@ -192,14 +193,21 @@ class Explorer:
         return self.memory // self.max_parallel
 
     @property
-    def running_bytes(self) -> int:
-        """The running trials' reservations: each one's predicted peak, or its measured one once that is higher."""
+    def running_predicted_bytes(self) -> int:
+        """The running trials' predicted peaks, summed (what `events` records)."""
+        return sum(r.candidate.predicted_peak_bytes or 0 for r in self.running.values())
+
+    @property
+    def reserved_bytes(self) -> int:
+        """What the running trials hold for admission: each one's predicted peak, or its measured one once that
+        is higher. At least `running_predicted_bytes`, so the predicted sum stays within `memory` too."""
         return sum(max(r.candidate.predicted_peak_bytes or 0, r.record.measured_peak_bytes)
                    for r in self.running.values())
 
     def _event(self, trial: int, event: str, **extra: Any) -> None:
         self.events.append({"time": round(self.clock() - self.started, 3), "trial": trial, "event": event,
-                            "running_predicted_bytes": self.running_bytes, **extra})
+                            "running_predicted_bytes": self.running_predicted_bytes,
+                            "running_reserved_bytes": self.reserved_bytes, **extra})
         if self.on_event is not None:
             self.on_event(self.events[-1])
 
@@ -263,7 +271,7 @@ class Explorer:
                     continue
                 candidate.predicted_peak_bytes, candidate.estimator_chosen = priced
                 record.predicted_peak_bytes, record.estimator_chosen = priced
-            if self.running_bytes + candidate.predicted_peak_bytes <= self.memory:  # first fit
+            if self.reserved_bytes + candidate.predicted_peak_bytes <= self.memory:  # first fit
                 self.queue.remove(candidate)
                 self._last_was_child = candidate.parent is not None
                 record.status = "running"
@@ -339,7 +347,7 @@ class Explorer:
         best = min((r.val_loss for r in self.records.values() if r.rungs), default=math.nan)
         left = self.time_budget - (self.clock() - self.started)
         return (f"trials done {len(done)}, running {len(self.running)}, queued {len(self.queue)}; memory "
-                f"{self.running_bytes / 1e6:.0f}/{self.memory / 1e6:.0f} MB; {max(left, 0):.0f} s left; "
+                f"{self.reserved_bytes / 1e6:.0f}/{self.memory / 1e6:.0f} MB; {max(left, 0):.0f} s left; "
                 f"best val_loss {best:.4g}")
 
     def run(self) -> list[TrialRecord]:
