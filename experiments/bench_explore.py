@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,8 @@ def _space(search: str) -> tuple[SearchSpace, list[str], dict]:
 
 def run_explorer(args: argparse.Namespace, out: Path) -> list[tuple[float, float, float]]:
     run_dir = out / "explorer"
+    if run_dir.exists():  # explore.py resumes a study it finds in its run directory: the bench needs a fresh one
+        shutil.rmtree(run_dir)
     subprocess.run([sys.executable, str(ROOT / "experiments" / "explore.py"), f"search={args.search}",
                     f"explore.time={args.time}s", f"explore.memory={args.memory}",
                     f"explore.max_parallel={args.max_parallel}", f"explore.rung_steps={args.rung_steps}",
