@@ -52,6 +52,7 @@ def run_explorer(args: argparse.Namespace, out: Path) -> list[tuple[float, float
     subprocess.run([sys.executable, str(ROOT / "experiments" / "explore.py"), f"search={args.search}",
                     f"explore.time={args.time}s", f"explore.memory={args.memory}",
                     f"explore.max_parallel={args.max_parallel}", f"explore.rung_steps={args.rung_steps}",
+                    f"explore.seed={args.seed}",
                     f"hydra.run.dir={run_dir}"], check=True, cwd=ROOT, capture_output=True, text=True)
     with open(run_dir / "pareto.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["val_loss"]]
