@@ -15,7 +15,6 @@ from metaopt.explore import (
     Explorer,
     Rung,
     TrialRecord,
-    crowding_distances,
     dominates,
     hypervolume,
     non_dominated_ranks,
@@ -168,29 +167,20 @@ def test_dominated_trials_are_pruned_at_a_rung():
 
 def test_past_eta_trials_only_the_top_fraction_of_the_front_continues():
     """Once more than eta trials reached a rung, a non-dominated trial also needs a place in the top
-    ceil(n / eta) of the front by crowding distance (ties: validation loss); up to eta trials, being
-    non-dominated is enough."""
+    ceil(n / eta) of the front by validation loss; up to eta trials, being non-dominated is enough."""
     explorer = _explorer(FakeClock(), eta=3)
     trade_off = [(float(k), float(6 - k)) for k in range(7)]  # 7 non-dominated (loss, seconds) points
     for trial, (loss, seconds) in enumerate(trade_off):
         explorer.records[trial] = TrialRecord(trial, {}, predicted_peak_bytes=100,
                                               rungs=[Rung(0, 10, loss, seconds, 100)])
     reasons = {t: explorer._pruning_reason(explorer.records[t], explorer.records[t].rungs[0]) for t in range(7)}
-    assert [t for t, reason in reasons.items() if reason is None] == [0, 1, 6]  # both extremes, then loss
-    assert all(reasons[t].startswith("outside the top 3 of 7 at rung 0") for t in (2, 3, 4, 5))
+    assert [t for t, reason in reasons.items() if reason is None] == [0, 1, 2]  # the lowest losses
+    assert all(reasons[t].startswith("outside the top 3 of 7 at rung 0") for t in (3, 4, 5, 6))
     for trial in range(3, 7):
         del explorer.records[trial]
     assert all(explorer._pruning_reason(explorer.records[t], explorer.records[t].rungs[0]) is None for t in range(3))
     explorer.records[9] = TrialRecord(9, {}, predicted_peak_bytes=100, rungs=[Rung(0, 10, 1.5, 5.5, 100)])
     assert explorer._pruning_reason(explorer.records[9], explorer.records[9].rungs[0]) == "dominated at rung 0"
-
-
-def test_crowding_distance_keeps_the_extremes_and_ranks_isolated_points_higher():
-    points = [(0.0, 4.0), (1.0, 3.0), (1.1, 2.9), (3.0, 1.0), (4.0, 0.0)]
-    d = crowding_distances(points)
-    assert d[0] == d[4] == math.inf
-    assert d[3] > d[1] and d[3] > d[2]  # (3, 1) sits alone between (1.1, 2.9) and (4, 0)
-    assert crowding_distances([]) == [] and crowding_distances([(1.0, 2.0)]) == [math.inf]
 
 
 def test_children_inherit_their_parents_rank_as_priority():

@@ -1,6 +1,6 @@
 """The budgeted explorer's engine: what no search library does (Optuna supplies sampling and storage).
 
-  pareto.py     dominance, non-dominated ranks, the front, crowding distance, hypervolume
+  pareto.py     dominance, non-dominated ranks, the front, hypervolume
   queue.py      the bounded priority queue (a child inherits its parent's rank as its priority)
   scheduler.py  admission by predicted memory (first fit), rungs of meta-steps with multi-objective
                 successive halving, the global deadline, and the event log; trials run through an
@@ -8,9 +8,9 @@
 
 No Hydra and no Optuna imports here: `metaopt_hydra.explore` connects them.
 """
-from metaopt.explore.pareto import crowding_distances, dominates, hypervolume, non_dominated_ranks, pareto_front
+from metaopt.explore.pareto import dominates, hypervolume, non_dominated_ranks, pareto_front
 from metaopt.explore.queue import Candidate, CandidateQueue
 from metaopt.explore.scheduler import Explorer, Rung, TrialRecord, TrialRunner
 
-__all__ = ["dominates", "non_dominated_ranks", "pareto_front", "crowding_distances", "hypervolume", "Candidate", "CandidateQueue",
+__all__ = ["dominates", "non_dominated_ranks", "pareto_front", "hypervolume", "Candidate", "CandidateQueue",
            "Explorer", "TrialRunner", "TrialRecord", "Rung"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-__all__ = ["dominates", "non_dominated_ranks", "pareto_front", "crowding_distances", "hypervolume"]
+__all__ = ["dominates", "non_dominated_ranks", "pareto_front", "hypervolume"]
 
 Point = Sequence[float]
 
@@ -32,26 +32,6 @@ def non_dominated_ranks(points: Sequence[Point]) -> list[int]:
 def pareto_front(points: Sequence[Point]) -> list[int]:
     """Indices of the non-dominated points."""
     return [i for i, r in enumerate(non_dominated_ranks(points)) if r == 0]
-
-
-def crowding_distances(points: Sequence[Point]) -> list[float]:
-    """NSGA-II's crowding distance of each point within its set (Deb et al. 2002): per objective, the gap
-    between its two neighbours in sorted order over the objective's range, summed; the extremes of every
-    objective get inf. Larger: a more isolated point, whose loss would leave a wider gap in the front."""
-    n = len(points)
-    distance = [0.0] * n
-    if n == 0:
-        return distance
-    for m in range(len(points[0])):
-        values = [math.inf if math.isnan(p[m]) else p[m] for p in points]
-        order = sorted(range(n), key=lambda i: values[i])
-        low, high = values[order[0]], values[order[-1]]
-        distance[order[0]] = distance[order[-1]] = math.inf
-        if high == low or math.isinf(high - low):
-            continue
-        for k in range(1, n - 1):
-            distance[order[k]] += (values[order[k + 1]] - values[order[k - 1]]) / (high - low)
-    return distance
 
 
 def hypervolume(points: Sequence[Point], reference: Point) -> float:
