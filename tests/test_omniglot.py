@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import math
 import zipfile
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from metaopt.tasks.augment import shifted, warped
 from metaopt.tasks.omniglot import DRAWERS, Omniglot, OmniglotDataError, OmniglotImages
 
 
@@ -224,10 +226,9 @@ def test_prototype_loop_for_more_classes_scores_fewer_class_tasks_exactly():
 
 
 def test_shift_moves_each_image_by_a_bounded_random_offset(data, tmp_path):
-    from metaopt.tasks.omniglot import _shifted
     x = torch.zeros(50, 1, 8, 8)
     x[:, :, 4, 4] = 1.0  # one lit pixel per image
-    moved = _shifted(x, 2, torch.Generator().manual_seed(0))
+    moved = shifted(x, 2, torch.Generator().manual_seed(0))
     assert moved.shape == x.shape and (moved.sum(dim=(-1, -2)) == 1).all()  # nothing lost inside the bounds
     where = moved.reshape(50, -1).argmax(-1)
     rows, cols = where // 8, where % 8
@@ -238,3 +239,36 @@ def test_shift_moves_each_image_by_a_bounded_random_offset(data, tmp_path):
     assert omniglot.sample(3, 1, torch.Generator().manual_seed(0)).query.x.shape == (3, 30, 1, 8, 8)
     with pytest.raises(OmniglotDataError, match="shift = 4 must be between 0 and half the image size 8"):
         Omniglot(data, size=8, cache_dir=tmp_path / "cache", shift=4)
+
+
+def test_warp_moves_a_point_where_the_drawn_affine_map_sends_it(data, tmp_path):
+    """An independent check of the geometry: replay the generator's draws and send one lit point
+    through rotation @ shear @ scale by hand; the warped image's centroid lands there."""
+    size, n = 33, 40
+    x = torch.zeros(n, 1, size, size, dtype=torch.float64)
+    x[:, :, 16 - 6, 16 + 4] = 1.0  # 6 px above and 4 px right of the centre (row, col)
+    out = warped(x, 20.0, 0.2, 0.15, torch.Generator().manual_seed(3))
+    u = torch.rand((n, 5), generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2 - 1
+    angle = u[:, 0] * math.radians(20.0)
+    point = torch.tensor([4.0, -6.0], dtype=torch.float64)  # (x right, y down) from the centre
+    cos, sin = angle.cos(), angle.sin()
+    for i in range(n):
+        rotation = torch.tensor([[cos[i], -sin[i]], [sin[i], cos[i]]], dtype=torch.float64)
+        shearing = torch.tensor([[1, u[i, 1] * 0.2], [u[i, 2] * 0.2, 1]], dtype=torch.float64)
+        scaling = torch.diag(1 + u[i, 3:5] * 0.15)
+        expected = rotation @ shearing @ scaling @ point
+        mass = out[i, 0]
+        rows, cols = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
+                                    indexing="ij")
+        centroid = torch.stack([(mass * cols).sum(), (mass * rows).sum()]) / mass.sum() - 16
+        assert torch.allclose(centroid, expected, atol=0.5), (i, centroid, expected)
+    assert warped(x, 0.0, 0.0, 0.0, torch.Generator()) is x  # nothing asked: nothing done
+    omniglot = Omniglot(data, n_way=2, size=8, cache_dir=tmp_path / "cache", split_by="character",
+                        test_fraction=0.0, val_fraction=0.0, warp_degrees=10, warp_shear=0.3, warp_scale=0.2)
+    assert "warped" in repr(omniglot)
+    plain = Omniglot(data, n_way=2, size=8, cache_dir=tmp_path / "cache", split_by="character",
+                     test_fraction=0.0, val_fraction=0.0)
+    a, b = (o.sample(3, 1, torch.Generator().manual_seed(0)).query.x for o in (omniglot, plain))
+    assert a.shape == b.shape and not torch.equal(a, b)
+    with pytest.raises(OmniglotDataError, match="warp_shear = 1.5"):
+        Omniglot(data, size=8, cache_dir=tmp_path / "cache", warp_shear=1.5)

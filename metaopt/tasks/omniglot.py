@@ -23,6 +23,7 @@ import torch
 
 from metaopt import losses
 from metaopt.checkpoint import load_checkpoint, save_atomic
+from metaopt.tasks.augment import shifted, warped
 from metaopt.tasks.base import TaskDistribution
 from metaopt.types import Batch, LossFn, Task
 
@@ -178,6 +179,9 @@ class Omniglot(TaskDistribution):
       drawer_split: support and query of a task drawn by different people.
       shift: translate every sampled image by a random whole number of pixels in [-shift, shift] per axis
         (cheap training augmentation; 0: none; set it to 0 for evaluation tasks).
+      warp_degrees, warp_shear, warp_scale: random affine distortions of every sampled image before the
+        shift (Koch et al. 2015: 10, 0.3, 0.2): rotation in degrees, shear factor, per-axis scale change;
+        0: none (see `metaopt.tasks.augment.warped`; training augmentation, like `shift`).
       size: image side in pixels.
       seed: fixes the split.
       cache_dir: where decoded images are cached (default ~/.cache/metaopt).
@@ -194,7 +198,8 @@ class Omniglot(TaskDistribution):
                  split_by: Literal["alphabet", "character"] = "alphabet", val_alphabets: int = 1,
                  test_alphabets: int = 2, val_fraction: float = 0.1, test_fraction: float = 0.2,
                  rotations: bool = True, size: int = 28, seed: int = 0, cache_dir: str | None = None,
-                 within_alphabet: bool = False, drawer_split: bool = False, shift: int = 0):
+                 within_alphabet: bool = False, drawer_split: bool = False, shift: int = 0,
+                 warp_degrees: float = 0.0, warp_shear: float = 0.0, warp_scale: float = 0.0):
         if k_shot < 1 or k_query < 1 or k_shot + k_query > DRAWERS:
             raise OmniglotDataError(f"omniglot: k_shot + k_query = {k_shot} + {k_query} must be between 2 and the "
                                     f"{DRAWERS} drawings each character has")
@@ -205,6 +210,10 @@ class Omniglot(TaskDistribution):
         self.within_alphabet, self.drawer_split, self.shift = within_alphabet, drawer_split, shift
         if shift < 0 or 2 * shift >= size:
             raise OmniglotDataError(f"omniglot: shift = {shift} must be between 0 and half the image size {size}")
+        if not (0 <= warp_degrees <= 180 and 0 <= warp_shear < 1 and 0 <= warp_scale < 1):
+            raise OmniglotDataError(f"omniglot: warp_degrees = {warp_degrees} must be in [0, 180], warp_shear = "
+                                    f"{warp_shear} and warp_scale = {warp_scale} in [0, 1)")
+        self.warp_degrees, self.warp_shear, self.warp_scale = warp_degrees, warp_shear, warp_scale
         data = OmniglotImages.load(root, size, cache_dir)
         order = torch.Generator().manual_seed(seed)
         if split_by == "alphabet":
@@ -247,7 +256,8 @@ class Omniglot(TaskDistribution):
         return (f"Omniglot({self.split}: {self.images.shape[0]} classes from {len(self.alphabets)} alphabets, "
                 f"{self.n_way}-way {self.k_shot}-shot {self.k_query}-query"
                 f"{', within alphabet' if self.within_alphabet else ''}{', drawer split' if self.drawer_split else ''}"
-                f"{f', shifts of {self.shift} px' if self.shift else ''})")
+                f"{f', shifts of {self.shift} px' if self.shift else ''}"
+                f"{', warped' if self.warp_degrees or self.warp_shear or self.warp_scale else ''})")
 
     @property
     def loss_fn(self) -> LossFn:
@@ -278,8 +288,9 @@ class Omniglot(TaskDistribution):
         n, per_class = self.n_way, self.k_shot + self.k_query
         classes, drawers = self.draw(n_tasks, generator)
         x = self.images[classes.unsqueeze(-1), drawers].to(torch.get_default_dtype()) / 255.0
+        x = warped(x, self.warp_degrees, self.warp_shear, self.warp_scale, generator)
         if self.shift:
-            x = _shifted(x, self.shift, generator)
+            x = shifted(x, self.shift, generator)
         y = torch.arange(n).view(1, n, 1).expand(n_tasks, n, per_class)
         shape = x.shape[3:]
 
@@ -289,16 +300,6 @@ class Omniglot(TaskDistribution):
         support = flat(x[:, :, :self.k_shot], y[:, :, :self.k_shot])
         query = flat(x[:, :, self.k_shot:], y[:, :, self.k_shot:])
         return Task.repeat(support, query, inner_steps)
-
-
-def _shifted(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Each image [..., H, W] moved by its own random offset in [-shift, shift]^2 (zeros shifted in)."""
-    *lead, height, width = x.shape
-    flat = torch.nn.functional.pad(x.reshape(-1, height, width), (shift, shift, shift, shift))
-    offsets = torch.randint(0, 2 * shift + 1, (flat.shape[0], 2), generator=generator)
-    rows = (offsets[:, :1] + torch.arange(height)).unsqueeze(2)          # [n, H, 1]
-    cols = (offsets[:, 1:] + torch.arange(width)).unsqueeze(1)           # [n, 1, W]
-    return flat[torch.arange(flat.shape[0]).view(-1, 1, 1), rows, cols].reshape(*lead, height, width)
 
 
 def load_one_shot_runs(runs_dir: str | os.PathLike, size: int = 28) -> list[tuple[str, Task]]:

@@ -1,0 +1,47 @@
+"""Random image augmentations for task samplers (training only; no gradient flows through them).
+
+Both take images [..., H, W] (any leading shape, e.g. [tasks, N, K + Q, 1, H, W]) and a generator, and draw
+one transformation per image, so a seeded sampler stays reproducible.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["shifted", "warped"]
+
+
+def shifted(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image [..., H, W] moved by its own random whole-pixel offset in [-shift, shift]^2 (zeros shifted
+    in). Exact: no resampling."""
+    *lead, height, width = x.shape
+    flat = F.pad(x.reshape(-1, height, width), (shift, shift, shift, shift))
+    offsets = torch.randint(0, 2 * shift + 1, (flat.shape[0], 2), generator=generator)
+    rows = (offsets[:, :1] + torch.arange(height)).unsqueeze(2)          # [n, H, 1]
+    cols = (offsets[:, 1:] + torch.arange(width)).unsqueeze(1)           # [n, 1, W]
+    return flat[torch.arange(flat.shape[0]).view(-1, 1, 1), rows, cols].reshape(*lead, height, width)
+
+
+def warped(x: torch.Tensor, degrees: float, shear: float, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Each image [..., H, W] under its own random affine map about the image centre (Koch et al. 2015's
+    distortions for Omniglot): a rotation by U(-degrees, degrees) degrees, a shear with both factors in
+    U(-shear, shear), and a scaling of each axis by U(1 - scale, 1 + scale); bilinear resampling with zeros
+    outside. All zero: `x` itself."""
+    if not (degrees or shear or scale):
+        return x
+    *lead, height, width = x.shape
+    flat = x.reshape(-1, 1, height, width)
+    u = torch.rand((flat.shape[0], 5), generator=generator, dtype=x.dtype) * 2 - 1   # U(-1, 1)
+    angle = u[:, 0] * math.radians(degrees)
+    cos, sin = angle.cos(), angle.sin()
+    rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)      # [n, 2, 2]
+    shearing = torch.eye(2, dtype=x.dtype).repeat(flat.shape[0], 1, 1)
+    shearing[:, 0, 1], shearing[:, 1, 0] = u[:, 1] * shear, u[:, 2] * shear
+    scaling = torch.diag_embed(1 + u[:, 3:5] * scale)
+    # affine_grid maps output coordinates to input ones: the inverse of the distortion drawn.
+    linear = torch.linalg.inv(rotation @ shearing @ scaling)
+    theta = torch.cat([linear, torch.zeros(flat.shape[0], 2, 1, dtype=x.dtype)], dim=2)
+    grid = F.affine_grid(theta, list(flat.shape), align_corners=False)
+    return F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False).reshape(x.shape)
