@@ -72,6 +72,9 @@ def evaluate_run(run_dir: Path, overrides: dict, n_tasks: int,
         if "n_way" in cfg.loop:
             cfg.loop.n_way = max(int(cfg.loop.n_way), overrides["n_way"])
     parts = build(cfg)
+    if parts.eval_tasks is None:
+        raise SystemExit(f"{run_dir}: no held-out tasks to score ({parts.meta_test_skipped}); train it with "
+                         "held-out alphabets (task.split_by=alphabet) or pass --data-root with images_evaluation")
     parts.meta.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["meta"])
     batch_size = cfg.eval.get("batch_size", 20)
     metrics = evaluate(parts.loop, parts.meta, parts.eval_tasks, n_tasks=n_tasks, inner_steps=cfg.eval.inner_steps,

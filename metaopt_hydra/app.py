@@ -12,6 +12,7 @@ meta_test_loss) as a float, so Hydra sweepers can optimize it.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,10 @@ def _finish(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path, logger: Run
 
 
 def _report(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path) -> None:
+    if "meta_test_skipped" in metrics:
+        print(f"meta-test skipped ({metrics['meta_test_skipped']}); {metrics['meta_steps']} meta-steps of "
+              f"{metrics['estimator']} -> {run_dir / 'metrics.json'}")
+        return
     summary = f"meta-test loss {metrics['meta_test_loss']:.4f} ± {metrics['meta_test_loss_ci95']:.4f}"
     if "test_accuracy" in metrics:
         summary += f", accuracy {100 * metrics['test_accuracy']:.2f} ± {100 * metrics['test_accuracy_ci95']:.2f}%"
@@ -134,6 +139,8 @@ def run_training(cfg: DictConfig) -> float:
         metrics = train_from_config(cfg, parts, run_dir, log=logger.log,
                                     checkpoint_extra={"config": resolved(cfg), "logger_run_id": run_id})
         metrics.update(compile_record(cfg, parts.estimator))
+        if parts.meta_test_skipped is not None:
+            metrics["meta_test_skipped"] = parts.meta_test_skipped
         if cfg.eval.get("protocols"):
             metrics["protocols"] = evaluate_protocols(cfg, parts)
         if cfg.get("compare"):
@@ -155,4 +162,7 @@ def run_training(cfg: DictConfig) -> float:
     finally:
         logger.finish(exit_code)
     _report(cfg, metrics, run_dir)
-    return float(metrics[cfg.get("objective", "meta_test_loss")])
+    objective = cfg.get("objective", "meta_test_loss")
+    if objective not in metrics and "meta_test_skipped" in metrics:
+        return math.nan  # nothing to score: the run's metrics.json says why
+    return float(metrics[objective])

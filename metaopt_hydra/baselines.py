@@ -65,6 +65,7 @@ def candidates(cfg: DictConfig, section: str = "baselines") -> list[tuple[str, s
 def _evaluate(cfg: DictConfig, parts: Parts, steps: int, *, validation: bool = False,
               n_tasks: int | None = None) -> dict[str, Any]:
     tasks = (parts.val_tasks or parts.tasks) if validation else parts.eval_tasks
+    assert tasks is not None, "build() refuses a comparison without meta-test tasks"
     return evaluate(parts.loop, parts.meta, tasks, n_tasks=n_tasks or cfg.eval.n_tasks, inner_steps=steps,
                     batch_size=cfg.eval.batch_size,
                     seed=cfg.eval.seed + (1 if validation else 0), batching=cfg.batching, device=cfg.device,

@@ -20,6 +20,7 @@ from metaopt.compiled import Compiled
 from metaopt.estimators import AbstractEstimator, MetaGradientMethod
 from metaopt.online import OnlineTasks
 from metaopt.tasks import RandomInit, TaskDistribution
+from metaopt.tasks.base import EmptySplit
 from metaopt.types import MetaParams
 from metaopt_hydra.checks import check_device_and_dtype, check_loop_classes, check_task_fits_model
 
@@ -28,16 +29,19 @@ log = logging.getLogger("metaopt")
 
 class Parts(NamedTuple):
     """What a config builds. `tasks`: meta-training; `val_tasks`: validation (never the meta-test tasks:
-    another seed, and `eval.val_task` overrides such as a validation split); `eval_tasks`: meta-test."""
+    another seed, and `eval.val_task` overrides such as a validation split); `eval_tasks`: meta-test, None
+    where the data has no such split (`EmptySplit`, e.g. Omniglot's background split without the evaluation
+    set): the run then trains, skips the meta-test and records `meta_test_skipped` (the reason)."""
 
     tasks: TaskDistribution
-    eval_tasks: TaskDistribution
+    eval_tasks: TaskDistribution | None
     model: torch.nn.Module
     loop: InnerLoop
     meta: MetaParams
     estimator: MetaGradientMethod
     budget: Budget
     val_tasks: TaskDistribution | None = None
+    meta_test_skipped: str | None = None
 
 
 def build(cfg: DictConfig, load_tasks: bool = True) -> Parts:
@@ -54,22 +58,25 @@ def build(cfg: DictConfig, load_tasks: bool = True) -> Parts:
     torch.manual_seed(cfg.seed)
     torch.set_default_dtype(getattr(torch, cfg.dtype))
     budget = instantiate(cfg.budget)  # a bad budget fails here, before data is read
+    eval_tasks: TaskDistribution | None
+    val_tasks: TaskDistribution | None
     if load_tasks:
         tasks = instantiate(cfg.task)
-        eval_tasks = instantiate(cfg.task, **cfg.eval.task) if cfg.eval.task else tasks
+        eval_tasks, skipped = _meta_test_tasks(cfg, tasks)
         val_tasks = _validation_tasks(cfg, tasks)
         loss_fn = tasks.loss_fn
     else:
-        tasks = eval_tasks = val_tasks = None
+        tasks = eval_tasks = val_tasks = skipped = None
         loss_fn = losses.cross_entropy
     model = instantiate(cfg.model).to(cfg.device)
     if tasks is not None:
         check_task_fits_model(cfg, tasks, model)
         check_loop_classes(cfg, {"task": tasks, "eval.task": eval_tasks, "eval.val_task": val_tasks})
-    if cfg.get("random_init", False) and tasks is not None and eval_tasks is not None and val_tasks is not None:
+    if cfg.get("random_init", False) and tasks is not None:
         # Every task starts from its own fresh initialization of the model (Task.init).
-        tasks, eval_tasks, val_tasks = RandomInit(tasks, model), RandomInit(eval_tasks, model), RandomInit(val_tasks,
-                                                                                                           model)
+        tasks = RandomInit(tasks, model)
+        eval_tasks = RandomInit(eval_tasks, model) if eval_tasks is not None else None
+        val_tasks = RandomInit(val_tasks, model) if val_tasks is not None else None
     if cfg.get("online_horizon") and tasks is not None:
         tasks = OnlineTasks(tasks, int(cfg.online_horizon))  # training only: evaluation draws whole unrolls
     meta = build_meta(cfg, model)
@@ -78,7 +85,7 @@ def build(cfg: DictConfig, load_tasks: bool = True) -> Parts:
     estimator = compiled_if_asked(cfg, instantiate(cfg.estimator))
     log.info("tasks=%r model=%s meta=%s estimator=%r budget=%r", tasks, type(model).__name__,
              {k: type(v).__name__ for k, v in meta.items()}, estimator, budget)
-    return Parts(tasks, eval_tasks, model, loop, meta, estimator, budget, val_tasks)
+    return Parts(tasks, eval_tasks, model, loop, meta, estimator, budget, val_tasks, skipped)
 
 
 def compiled_if_asked(cfg: DictConfig, estimator: MetaGradientMethod) -> MetaGradientMethod:
@@ -102,6 +109,24 @@ def compile_record(cfg: DictConfig, estimator: MetaGradientMethod) -> dict[str, 
     if not record["compiled"]:
         record["compile_fallback_reason"] = estimator.fallback_reason or "no meta-gradient was computed"
     return record
+
+
+def _meta_test_tasks(cfg: DictConfig, tasks: TaskDistribution) -> tuple[TaskDistribution | None, str | None]:
+    """`task` with `eval.task`'s overrides (the training distribution without any), or (None, why) where the
+    data holds no such split (`EmptySplit`); any other error propagates. A comparison (`compare:`) needs the
+    meta-test tasks: it raises ValueError then, before training."""
+    if not cfg.eval.task:
+        return tasks, None
+    try:
+        return instantiate(cfg.task, **cfg.eval.task), None
+    except Exception as error:
+        cause = error.__cause__ or error  # Hydra's InstantiationException wraps the data's error
+        if not isinstance(cause, EmptySplit):
+            raise
+        if cfg.get("compare"):
+            raise ValueError(f"compare: needs meta-test tasks, and eval.task cannot be built: {cause}") from cause
+        log.warning("meta-test skipped (training goes on): %s", cause)
+        return None, str(cause)
 
 
 def _validation_tasks(cfg: DictConfig, tasks: TaskDistribution) -> TaskDistribution:
@@ -168,7 +193,8 @@ def train_from_config(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Call
         outer_optimizer=outer_optimizer, meta_steps=cfg.meta_steps, meta_batch_size=cfg.meta_batch_size,
         inner_steps=cfg.inner_steps, budget=parts.budget, batching=cfg.batching, seed=cfg.seed,
         eval_tasks=parts.eval_tasks, eval_inner_steps=cfg.eval.inner_steps,
-        eval_n_tasks=cfg.eval.n_tasks if evaluate else 0, eval_batch_size=cfg.eval.batch_size,
+        eval_n_tasks=cfg.eval.n_tasks if evaluate and parts.eval_tasks is not None else 0,
+        eval_batch_size=cfg.eval.batch_size,
         checkpoint_path=run_dir / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every,
         log=log, log_every=cfg.log_every, progress=cfg.progress, device=cfg.device, on_nan=cfg.on_nan,
         max_grad_norm=cfg.max_grad_norm, checkpoint_extra=checkpoint_extra, callbacks=callbacks(cfg, parts, evaluate),

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from metaopt.tasks.augment import shifted, warped
-from metaopt.tasks.omniglot import DRAWERS, Omniglot, OmniglotDataError, OmniglotImages
+from metaopt.tasks.omniglot import DRAWERS, Omniglot, OmniglotDataError, OmniglotEmptySplit, OmniglotImages
 
 
 def _png(seed: int) -> bytes:
@@ -77,6 +77,27 @@ def test_alphabet_split_is_disjoint_and_rotations_add_classes(data, tmp_path):
     assert splits["train"].num_classes == 4 * plain.num_classes
 
 
+def test_background_split_trains_on_background_and_tests_on_evaluation(data, tmp_path):
+    """Lake et al.'s split: images_evaluation's alphabets are the test split; without them the test split is
+    empty (a clear OmniglotEmptySplit) and every background alphabet trains."""
+    kwargs = dict(size=8, split_by="background", n_way=2)
+    train = Omniglot(data, cache_dir=tmp_path / "c1", val_alphabets=0, **kwargs)
+    assert train.alphabets == ["Greek", "Korean", "Latin", "Tagalog"]
+    with pytest.raises(OmniglotEmptySplit, match="test split holds no character .*images_evaluation"):
+        Omniglot(data, cache_dir=tmp_path / "c1", split="test", val_alphabets=0, **kwargs)
+    with pytest.raises(OmniglotDataError, match="4 alphabets cannot hold out 4"):
+        Omniglot(data, cache_dir=tmp_path / "c1", val_alphabets=4, **kwargs)
+    _write(data, "images_evaluation", {"Mongolian": 2, "Latin_evaluation_like": 2}, zipped=False)
+    splits = {s: Omniglot(data, cache_dir=tmp_path / "c2", split=s, val_alphabets=1, **kwargs)
+              for s in ("train", "val", "test")}
+    assert splits["test"].alphabets == ["Latin_evaluation_like", "Mongolian"]
+    assert len(splits["val"].alphabets) == 1 and len(splits["train"].alphabets) == 3
+    assert set(splits["val"].alphabets) | set(splits["train"].alphabets) == {"Greek", "Korean", "Latin", "Tagalog"}
+    by_alphabet = Omniglot(data, cache_dir=tmp_path / "c2", split="train", val_alphabets=1, test_alphabets=1, size=8,
+                           n_way=2)
+    assert len(by_alphabet.alphabets) == 4  # split_by="alphabet" shuffles all 6 alphabets together
+
+
 def test_sampler_shapes_labels_and_reproducibility(data, tmp_path):
     omniglot = Omniglot(data, n_way=3, k_shot=2, k_query=4, size=8, cache_dir=tmp_path / "cache",
                         split_by="character", test_fraction=0.2, val_fraction=0.0)
@@ -140,8 +161,11 @@ def test_one_shot_runs_reader(tmp_path):
         load_one_shot_runs(tmp_path, size=8)
 
 
-def test_eval_omniglot_runs_contract(data, tmp_path):
-    """Train a tiny ProtoNet on generated Omniglot, then evaluate it on generated runs."""
+@pytest.mark.parametrize("split", ["background", "alphabet"])
+def test_eval_omniglot_runs_contract(data, tmp_path, split):
+    """Train a tiny ProtoNet on generated Omniglot, then evaluate it on generated runs. With the default
+    background split and no images_evaluation (as in the shared data) every alphabet trains and the meta-test
+    is skipped, said why; with held-out alphabets the meta-test runs."""
     import json
     import os
     import subprocess
@@ -150,17 +174,23 @@ def test_eval_omniglot_runs_contract(data, tmp_path):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
     train_dir, runs = tmp_path / "train", tmp_path / "runs"
     _write_runs(runs)
+    held_out = ["task.split_by=alphabet", "task.val_alphabets=0", "task.test_alphabets=1"] if split == "alphabet" else []
     trained = subprocess.run(
         [sys.executable, str(root / "experiments" / "train.py"), "experiment=omniglot_protonet", "debug=tiny",
          f"hydra.run.dir={train_dir}", f"data.root={data}", "task.size=16", "model.channels=4", "model.image_size=16",
-         "task.val_alphabets=0", "task.test_alphabets=1", "task.n_way=2", "task.k_query=2", "eval.task.n_way=2",
-         "eval.val_task.n_way=2"],
+         *held_out, "task.n_way=2", "task.k_query=2", "eval.task.n_way=2", "eval.val_task.n_way=2"],
         capture_output=True, text=True, env=env, cwd=root, timeout=300)
     assert trained.returncode == 0, trained.stderr[-3000:]
     metrics = json.loads((train_dir / "metrics.json").read_text())
-    assert "test_accuracy" in metrics
-    # The within-alphabet 20-way protocol cannot be formed from this data: skipped, said why.
-    assert "fewer than n_way = 20" in metrics["protocols"]["within_alphabet_20way"]["skipped"]
+    assert metrics["status"] == "ok"
+    if split == "alphabet":
+        assert "test_accuracy" in metrics and "meta_test_skipped" not in metrics
+        # The within-alphabet 20-way protocol cannot be formed from this data: skipped, said why.
+        assert "fewer than n_way = 20" in metrics["protocols"]["within_alphabet_20way"]["skipped"]
+    else:
+        assert "test_accuracy" not in metrics and "images_evaluation" in metrics["meta_test_skipped"]
+        assert "images_evaluation" in metrics["protocols"]["within_alphabet_20way"]["skipped"]
+        assert "meta-test skipped" in trained.stdout
     result = subprocess.run([sys.executable, str(root / "experiments" / "eval_omniglot_runs.py"),
                              f"checkpoint={train_dir}", f"runs_dir={runs}", "hydra.run.dir=" + str(tmp_path / "e")],
                             capture_output=True, text=True, env=env, cwd=root, timeout=300)

@@ -8,7 +8,12 @@ import torch
 
 from metaopt.types import LossFn, Task
 
-__all__ = ["TaskDistribution"]
+__all__ = ["TaskDistribution", "EmptySplit"]
+
+
+class EmptySplit(ValueError):
+    """The data holds nothing for the split asked for (e.g. a test split of alphabets that are not there):
+    a caller may skip what needed it (the app then records why) rather than fail."""
 
 
 class TaskDistribution(abc.ABC):

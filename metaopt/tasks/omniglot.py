@@ -24,16 +24,26 @@ import torch
 from metaopt import losses
 from metaopt.checkpoint import load_checkpoint, save_atomic
 from metaopt.tasks.augment import shifted, warped
-from metaopt.tasks.base import TaskDistribution
+from metaopt.tasks.base import EmptySplit, TaskDistribution
 from metaopt.types import Batch, LossFn, Task
 
-__all__ = ["OmniglotImages", "Omniglot", "OmniglotDataError", "load_one_shot_runs"]
+__all__ = ["OmniglotImages", "Omniglot", "OmniglotDataError", "OmniglotEmptySplit", "load_one_shot_runs"]
 
 DRAWERS = 20
 
 
 class OmniglotDataError(ValueError):
     """The Omniglot data is missing, malformed or too small for the request."""
+
+
+class OmniglotEmptySplit(OmniglotDataError, EmptySplit):
+    """The split asked for holds no character (e.g. `split_by="background"`'s test split without
+    `images_evaluation` under the root)."""
+
+
+def _set_of(source: Path) -> str:
+    """"evaluation" for an `images_evaluation*` source, else "background" (Lake et al.'s two sets)."""
+    return "evaluation" if source.name.startswith("images_evaluation") else "background"
 
 
 def _sources(root: Path) -> list[Path]:
@@ -89,11 +99,14 @@ class OmniglotImages:
       images: uint8 [characters, 20, size, size], strokes high.
       alphabets: the alphabet of each character.
       characters: "alphabet/characterNN" of each character.
+      sets: "background" or "evaluation" for each character (from its source's name: Lake et al.'s
+        `images_background*` vs `images_evaluation*`; anything else counts as background).
     """
 
     images: torch.Tensor
     alphabets: list[str]
     characters: list[str]
+    sets: list[str]
 
     @classmethod
     def load(cls, root: str | os.PathLike, size: int = 28, cache_dir: str | os.PathLike | None = None) -> "OmniglotImages":
@@ -110,11 +123,12 @@ class OmniglotImages:
         if not entries:
             raise OmniglotDataError(f"omniglot: no .png images found under {str(root)!r}")
         keys = sorted(entries)
-        digest = hashlib.sha1(repr((keys, size)).encode()).hexdigest()[:16]
+        sets = {key[:2]: _set_of(entries[key][0]) for key in keys}
+        digest = hashlib.sha1(repr((keys, size, sorted(sets.items()))).encode()).hexdigest()[:16]
         cache = Path(cache_dir if cache_dir is not None else Path.home() / ".cache" / "metaopt") / f"omniglot-{digest}.pt"
         if cache.exists():
             cached = load_checkpoint(cache)
-            return cls(cached["images"], cached["alphabets"], cached["characters"])
+            return cls(cached["images"], cached["alphabets"], cached["characters"], cached["sets"])
         by_character: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
         for key in keys:
             by_character.setdefault(key[:2], []).append(key)
@@ -143,8 +157,9 @@ class OmniglotImages:
                 archive.close()
         alphabets = [a for a, _ in by_character]
         characters = [f"{a}/{c}" for a, c in by_character]
-        save_atomic({"images": images, "alphabets": alphabets, "characters": characters}, cache)
-        return cls(images, alphabets, characters)
+        kinds = [sets[key] for key in by_character]
+        save_atomic({"images": images, "alphabets": alphabets, "characters": characters, "sets": kinds}, cache)
+        return cls(images, alphabets, characters, kinds)
 
 
 class Omniglot(TaskDistribution):
@@ -155,7 +170,10 @@ class Omniglot(TaskDistribution):
     rotations of a character stay in its split). Splits are fixed by `seed`:
     `split_by="alphabet"` holds out whole alphabets (`val_alphabets`,
     `test_alphabets` of them), `split_by="character"` holds out a fraction of the
-    characters. Each task draws N classes and K + Q distinct drawers per class;
+    characters, and `split_by="background"` is Lake et al.'s split: train on the
+    `images_background*` alphabets (less `val_alphabets` of them), test on the
+    `images_evaluation` ones (an empty test split, `OmniglotEmptySplit`, where the root has
+    none: the shared data's background subsets then all train). Each task draws N classes and K + Q distinct drawers per class;
     labels 0..N-1 follow the random class order. Images are float [1, size, size]
     in [0, 1].
 
@@ -171,8 +189,9 @@ class Omniglot(TaskDistribution):
       root: the data folder (see `OmniglotImages.load`).
       n_way, k_shot, k_query: N, K, Q.
       split: "train", "val" or "test".
-      split_by: "alphabet" or "character".
-      val_alphabets, test_alphabets: alphabets held out (split_by="alphabet").
+      split_by: "alphabet", "character" or "background".
+      val_alphabets, test_alphabets: alphabets held out (split_by="alphabet"; "background" holds out
+        `val_alphabets` background alphabets and tests on the evaluation set).
       val_fraction, test_fraction: characters held out (split_by="character").
       rotations: add the rotated classes.
       within_alphabet: all N classes of a task from one alphabet (and one rotation).
@@ -187,6 +206,7 @@ class Omniglot(TaskDistribution):
       cache_dir: where decoded images are cached (default ~/.cache/metaopt).
 
     Raises:
+      OmniglotEmptySplit: the split holds no character.
       OmniglotDataError: K + Q > 20, too few classes in the split for N (with
         `within_alphabet`: no alphabet of the split with N characters), or bad data.
     """
@@ -195,7 +215,7 @@ class Omniglot(TaskDistribution):
 
     def __init__(self, root: str, n_way: int = 5, k_shot: int = 1, k_query: int = 15,
                  split: Literal["train", "val", "test"] = "train",
-                 split_by: Literal["alphabet", "character"] = "alphabet", val_alphabets: int = 1,
+                 split_by: Literal["alphabet", "character", "background"] = "alphabet", val_alphabets: int = 1,
                  test_alphabets: int = 2, val_fraction: float = 0.1, test_fraction: float = 0.2,
                  rotations: bool = True, size: int = 28, seed: int = 0, cache_dir: str | None = None,
                  within_alphabet: bool = False, drawer_split: bool = False, shift: int = 0,
@@ -203,9 +223,9 @@ class Omniglot(TaskDistribution):
         if k_shot < 1 or k_query < 1 or k_shot + k_query > DRAWERS:
             raise OmniglotDataError(f"omniglot: k_shot + k_query = {k_shot} + {k_query} must be between 2 and the "
                                     f"{DRAWERS} drawings each character has")
-        if split not in ("train", "val", "test") or split_by not in ("alphabet", "character"):
-            raise OmniglotDataError(f"omniglot: split must be train/val/test and split_by alphabet/character, "
-                                    f"got {split!r}, {split_by!r}")
+        if split not in ("train", "val", "test") or split_by not in ("alphabet", "character", "background"):
+            raise OmniglotDataError(f"omniglot: split must be train/val/test and split_by alphabet/character/"
+                                    f"background, got {split!r}, {split_by!r}")
         self.root, self.n_way, self.k_shot, self.k_query, self.split = root, n_way, k_shot, k_query, split
         self.within_alphabet, self.drawer_split, self.shift = within_alphabet, drawer_split, shift
         if shift < 0 or 2 * shift >= size:
@@ -215,23 +235,14 @@ class Omniglot(TaskDistribution):
                                     f"{warp_shear} and warp_scale = {warp_scale} in [0, 1)")
         self.warp_degrees, self.warp_shear, self.warp_scale = warp_degrees, warp_shear, warp_scale
         data = OmniglotImages.load(root, size, cache_dir)
-        order = torch.Generator().manual_seed(seed)
-        if split_by == "alphabet":
-            names = sorted(set(data.alphabets))
-            if val_alphabets + test_alphabets >= len(names):
-                raise OmniglotDataError(f"omniglot: {len(names)} alphabets cannot hold out {val_alphabets} + "
-                                        f"{test_alphabets} and still train")
-            shuffled = [names[i] for i in torch.randperm(len(names), generator=order)]
-            held = {"test": shuffled[:test_alphabets], "val": shuffled[test_alphabets:test_alphabets + val_alphabets]}
-            held["train"] = shuffled[test_alphabets + val_alphabets:]
-            chosen = [i for i, a in enumerate(data.alphabets) if a in held[split]]
-            self.alphabets = sorted(held[split])
-        else:
-            perm = torch.randperm(len(data.characters), generator=order).tolist()
-            n_test, n_val = round(test_fraction * len(perm)), round(val_fraction * len(perm))
-            parts = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
-            chosen = sorted(parts[split])
-            self.alphabets = sorted({data.alphabets[i] for i in chosen})
+        chosen = _split(data, split, split_by, seed, val_alphabets, test_alphabets, val_fraction, test_fraction)
+        if not chosen:
+            raise OmniglotEmptySplit(
+                f"omniglot: the {split} split holds no character (split_by={split_by!r}"
+                + (", whose test alphabets are images_evaluation's, and there is none under "
+                   f"{str(root)!r})" if split_by == "background" else
+                   f", val_alphabets={val_alphabets}, test_alphabets={test_alphabets})"))
+        self.alphabets = sorted({data.alphabets[i] for i in chosen})
         images = data.images[chosen]
         names = [data.alphabets[i] for i in chosen]
         turns = 4 if rotations else 1
@@ -300,6 +311,31 @@ class Omniglot(TaskDistribution):
         support = flat(x[:, :, :self.k_shot], y[:, :, :self.k_shot])
         query = flat(x[:, :, self.k_shot:], y[:, :, self.k_shot:])
         return Task.repeat(support, query, inner_steps)
+
+
+def _split(data: OmniglotImages, split: str, split_by: str, seed: int, val_alphabets: int, test_alphabets: int,
+           val_fraction: float, test_fraction: float) -> list[int]:
+    """The indices of `split`'s characters in `data` (see `Omniglot`; fixed by `seed`)."""
+    order = torch.Generator().manual_seed(seed)
+    if split_by == "character":
+        perm = torch.randperm(len(data.characters), generator=order).tolist()
+        n_test, n_val = round(test_fraction * len(perm)), round(val_fraction * len(perm))
+        parts = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
+        return sorted(parts[split])
+    if split_by == "background":
+        names = sorted({a for a, kind in zip(data.alphabets, data.sets) if kind == "background"})
+        tested = sorted({a for a, kind in zip(data.alphabets, data.sets) if kind == "evaluation"})
+        held_out = val_alphabets
+    else:
+        names, tested, held_out = sorted(set(data.alphabets)), [], val_alphabets + test_alphabets
+    if held_out >= len(names):
+        raise OmniglotDataError(f"omniglot: {len(names)} alphabets cannot hold out {held_out} "
+                                f"(split_by={split_by!r}) and still train")
+    shuffled = [names[i] for i in torch.randperm(len(names), generator=order)]
+    if split_by == "alphabet":  # the test alphabets first: the same ones whatever val_alphabets is
+        tested, shuffled = shuffled[:test_alphabets], shuffled[test_alphabets:]
+    held = {"test": tested, "val": shuffled[:val_alphabets], "train": shuffled[val_alphabets:]}
+    return [i for i, a in enumerate(data.alphabets) if a in held[split]]
 
 
 def load_one_shot_runs(runs_dir: str | os.PathLike, size: int = 28) -> list[tuple[str, Task]]:
