@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -73,8 +74,8 @@ def evaluate_run(run_dir: Path, overrides: dict, n_tasks: int,
             cfg.loop.n_way = max(int(cfg.loop.n_way), overrides["n_way"])
     parts = build(cfg)
     if parts.eval_tasks is None:
-        raise SystemExit(f"{run_dir}: no held-out tasks to score ({parts.meta_test_skipped}); train it with "
-                         "held-out alphabets (task.split_by=alphabet) or pass --data-root with images_evaluation")
+        raise LookupError(f"{run_dir}: no held-out tasks to score ({parts.meta_test_skipped}); train it with "
+                          "held-out alphabets (task.split_by=alphabet) or pass --data-root with images_evaluation")
     parts.meta.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["meta"])
     batch_size = cfg.eval.get("batch_size", 20)
     metrics = evaluate(parts.loop, parts.meta, parts.eval_tasks, n_tasks=n_tasks, inner_steps=cfg.eval.inner_steps,
@@ -100,12 +101,17 @@ def main() -> None:
                      if o.startswith("experiment=")), "?")
         prototypes = "n_way" in cfg.loop
         results = {}
-        for column, overrides in PROTOCOLS.items():
-            if not prototypes and overrides["n_way"] != int(cfg.task.n_way):
-                continue  # a MAML head answers its own N only
-            results[column], tasks, seed, batch_size = evaluate_run(run_dir, overrides, args.n_tasks, args.data_root)
-            if column not in nn_ref:  # the same seeded tasks as the runs (same split settings assumed)
-                nn_ref[column] = pixel_nearest_neighbour(tasks, args.n_tasks, seed, batch_size)
+        try:
+            for column, overrides in PROTOCOLS.items():
+                if not prototypes and overrides["n_way"] != int(cfg.task.n_way):
+                    continue  # a MAML head answers its own N only
+                results[column], tasks, seed, batch_size = evaluate_run(run_dir, overrides, args.n_tasks,
+                                                                        args.data_root)
+                if column not in nn_ref:  # the same seeded tasks as the runs (same split settings assumed)
+                    nn_ref[column] = pixel_nearest_neighbour(tasks, args.n_tasks, seed, batch_size)
+        except LookupError as skipped:
+            print(f"skipped: {skipped}", file=sys.stderr)
+            continue
         rows.append((f"{name} ({run_dir.name})", int(cfg.task.n_way), metrics.get("meta_steps"),
                      metrics.get("train_seconds", 0) / 60, metrics.get("threads", "?"), results))
     if not rows:
