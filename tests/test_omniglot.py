@@ -174,7 +174,8 @@ def test_eval_omniglot_runs_contract(data, tmp_path, split):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
     train_dir, runs = tmp_path / "train", tmp_path / "runs"
     _write_runs(runs)
-    held_out = ["task.split_by=alphabet", "task.val_alphabets=0", "task.test_alphabets=1"] if split == "alphabet" else []
+    held_out = (["task.split_by=alphabet", "task.val_alphabets=0", "task.test_alphabets=1"] if split == "alphabet"
+                else [])
     trained = subprocess.run(
         [sys.executable, str(root / "experiments" / "train.py"), "experiment=omniglot_protonet", "debug=tiny",
          f"hydra.run.dir={train_dir}", f"data.root={data}", "task.size=16", "model.channels=4", "model.image_size=16",

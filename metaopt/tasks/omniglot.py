@@ -173,9 +173,9 @@ class Omniglot(TaskDistribution):
     characters, and `split_by="background"` is Lake et al.'s split: train on the
     `images_background*` alphabets (less `val_alphabets` of them), test on the
     `images_evaluation` ones (an empty test split, `OmniglotEmptySplit`, where the root has
-    none: the shared data's background subsets then all train). Each task draws N classes and K + Q distinct drawers per class;
-    labels 0..N-1 follow the random class order. Images are float [1, size, size]
-    in [0, 1].
+    none: the shared data's background subsets then all train). Each task draws N classes and
+    K + Q distinct drawers per class; labels 0..N-1 follow the random class order. Images are
+    float [1, size, size] in [0, 1].
 
     Lake et al.'s one-shot benchmark (the 20-way "runs") is harder than random
     classes: `within_alphabet` draws all N classes of a task from one alphabet
