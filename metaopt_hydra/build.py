@@ -111,6 +111,12 @@ def compile_record(cfg: DictConfig, estimator: MetaGradientMethod) -> dict[str, 
     return record
 
 
+def data_error(error: BaseException) -> BaseException:
+    """The task's own error (e.g. OmniglotDataError) behind `instantiate`'s: Hydra's InstantiationException
+    wraps it as its cause."""
+    return error.__cause__ or error
+
+
 def _meta_test_tasks(cfg: DictConfig, tasks: TaskDistribution) -> tuple[TaskDistribution | None, str | None]:
     """`task` with `eval.task`'s overrides (the training distribution without any), or (None, why) where the
     data holds no such split (`EmptySplit`); any other error propagates. A comparison (`compare:`) needs the
@@ -120,7 +126,7 @@ def _meta_test_tasks(cfg: DictConfig, tasks: TaskDistribution) -> tuple[TaskDist
     try:
         return instantiate(cfg.task, **cfg.eval.task), None
     except Exception as error:
-        cause = error.__cause__ or error  # Hydra's InstantiationException wraps the data's error
+        cause = data_error(error)
         if not isinstance(cause, EmptySplit):
             raise
         if cfg.get("compare"):

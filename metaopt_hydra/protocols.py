@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metaopt import evaluate
 from metaopt.tasks import RandomInit
-from metaopt_hydra.build import Parts
+from metaopt_hydra.build import Parts, data_error
 from metaopt_hydra.checks import check_task_fits_model
 
 __all__ = ["evaluate_protocols", "SCORES"]
@@ -43,7 +43,7 @@ def evaluate_protocols(cfg: DictConfig, parts: Parts) -> dict[str, dict[str, Any
         try:
             tasks = instantiate(cfg.task, **settings)
         except Exception as error:  # the data's own error (e.g. no alphabet with 20 characters), wrapped by Hydra
-            cause = error.__cause__ or error  # Hydra's InstantiationException wraps the data's error
+            cause = data_error(error)
             out[name] = {"task": str(settings), "skipped": f"{type(cause).__name__}: {cause}"}
             log.warning("protocol %s skipped: its tasks cannot be built: %s", name, out[name]["skipped"])
             continue
