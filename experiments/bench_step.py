@@ -54,9 +54,11 @@ def make_metaopt(model, tasks, batching, compile=False, loss=mo.losses.mse, lr=L
     if compile and mode is not None:  # e.g. "reduce-overhead": CUDA graphs
         estimator = Compiled(mo.get_estimator("full"), mode=mode)
 
+    names = ["init.params." + n.replace(".", "/") for n, _ in model.named_parameters()]  # once: not part of a step
+
     def step():
         g = estimator(loop, meta, tasks, batching=batching).grads
-        return [g["init.params." + n.replace(".", "/")] for n, _ in model.named_parameters()]
+        return [g[k] for k in names]
     return step
 
 

@@ -1,7 +1,7 @@
 """The Omniglot table: trained runs on three protocols beside the published numbers.
 
     bash experiments/omniglot_runs.sh outputs/omniglot        # the training runs (one CPU thread each)
-    python experiments/omniglot_table.py outputs/omniglot [--n-tasks 600] [--data-root PATH]
+    python experiments/omniglot_table.py outputs/omniglot [--n-tasks 600] [--data-root PATH] [--folds]
 
 Every run directory under the given folder (its .hydra/config.yaml and checkpoint.pt) is
 evaluated on the held-out alphabets at 1 shot, 600 seeded tasks (95% CI over tasks), on:
@@ -9,7 +9,9 @@ random 5-way and 20-way tasks (15 queries per class), and Lake et al.'s within-a
 20-way protocol (all 20 characters from one alphabet, unrotated, support and queries drawn
 by different people; 5 queries per class). MAML-style runs are scored where their head
 has the protocol's N; ProtoNets on all three. On the same tasks, a non-learned reference:
-nearest neighbour on pixels (Euclidean). Prints a markdown table.
+nearest neighbour on pixels (Euclidean). Prints a markdown table. With --folds (runs that hold out
+different alphabets, experiments/omniglot_folds_runs.sh), a row per fold with the pixel reference on
+that fold's own tasks, and the mean and standard deviation over folds.
 """
 from __future__ import annotations
 
@@ -83,14 +85,12 @@ def evaluate_run(run_dir: Path, overrides: dict, n_tasks: int,
     return (metrics["test_accuracy"], metrics["test_accuracy_ci95"]), parts.eval_tasks, cfg.eval.seed, batch_size
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", type=Path)
-    parser.add_argument("--n-tasks", type=int, default=600)
-    parser.add_argument("--data-root", default=None, help="override the runs' data.root")
-    args = parser.parse_args()
+def score_runs(runs: Path, n_tasks: int, data_root: str | None, per_run_reference: bool) -> tuple[list, dict]:
+    """Every finished run under `runs` on the protocols: rows (name, trained N, meta-steps, training minutes,
+    threads, {column: (mean, CI)}, test alphabets, {column: pixel-NN (mean, CI)}) and pixel nearest neighbour on
+    the first run's tasks ({column: (mean, CI)}; with `per_run_reference`, on every run's own tasks, in its row)."""
     rows, nn_ref = [], {}
-    for config in sorted(args.runs.glob("*/.hydra/config.yaml")):
+    for config in sorted(runs.glob("*/.hydra/config.yaml")):
         run_dir = config.parents[1]
         metrics_path = run_dir / "metrics.json"
         if not (run_dir / "checkpoint.pt").exists() or not metrics_path.exists():
@@ -100,40 +100,89 @@ def main() -> None:
         name = next((o.split("=", 1)[1] for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
                      if o.startswith("experiment=")), "?")
         prototypes = "n_way" in cfg.loop
-        results = {}
+        results, own_ref, alphabets = {}, {}, []
         try:
             for column, overrides in PROTOCOLS.items():
                 if not prototypes and overrides["n_way"] != int(cfg.task.n_way):
                     continue  # a MAML head answers its own N only
-                results[column], tasks, seed, batch_size = evaluate_run(run_dir, overrides, args.n_tasks,
-                                                                        args.data_root)
-                if column not in nn_ref:  # the same seeded tasks as the runs (same split settings assumed)
-                    nn_ref[column] = pixel_nearest_neighbour(tasks, args.n_tasks, seed, batch_size)
+                results[column], tasks, seed, batch_size = evaluate_run(run_dir, overrides, n_tasks, data_root)
+                alphabets = sorted(set(alphabets) | set(getattr(tasks, "alphabets", [])))
+                if per_run_reference:
+                    own_ref[column] = pixel_nearest_neighbour(tasks, n_tasks, seed, batch_size)
+                elif column not in nn_ref:  # the same seeded tasks as the runs (same split settings assumed)
+                    nn_ref[column] = pixel_nearest_neighbour(tasks, n_tasks, seed, batch_size)
         except LookupError as skipped:
             print(f"skipped: {skipped}", file=sys.stderr)
             continue
         rows.append((f"{name} ({run_dir.name})", int(cfg.task.n_way), metrics.get("meta_steps"),
-                     metrics.get("train_seconds", 0) / 60, metrics.get("threads", "?"), results))
+                     metrics.get("train_seconds", 0) / 60, metrics.get("threads", "?"), results, alphabets, own_ref))
     if not rows:
-        raise SystemExit(f"no finished runs (checkpoint.pt + metrics.json) under {args.runs}")
+        raise SystemExit(f"no finished runs (checkpoint.pt + metrics.json) under {runs}")
+    return rows, nn_ref
 
-    def cell(value: tuple[float, float] | None) -> str:
-        return "—" if value is None else f"{100 * value[0]:.1f} ± {100 * value[1]:.1f}"
 
-    def error(value: tuple[float, float] | None) -> str:
-        return "—" if value is None else f"{100 * (1 - value[0]):.1f}"
+def cell(value: tuple[float, float] | None) -> str:
+    return "—" if value is None else f"{100 * value[0]:.1f} ± {100 * value[1]:.1f}"
 
-    within = "20-way within alphabet"
+
+def error(value: tuple[float, float] | None) -> str:
+    return "—" if value is None else f"{100 * (1 - value[0]):.1f}"
+
+
+WITHIN = "20-way within alphabet"
+
+
+def print_table(rows: list, nn_ref: dict) -> None:
     print("| run | trained N-way | meta-steps | training (threads) | 5-way (%) | 20-way (%) | 20-way within alphabet "
           "(%) | within-alphabet error (%) | published 5 / 20 (30 alphabets) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, trained, steps, minutes, threads, results in rows:
+    for name, trained, steps, minutes, threads, results, _, _ in rows:
         published = PUBLISHED.get(name.split(" ")[0], (None, None))
         pub = " / ".join("—" if p is None else f"{p}" for p in published)
         print(f"| {name} | {trained} | {steps} | {minutes:.0f} min ({threads}) | {cell(results.get('5-way'))} | "
-              f"{cell(results.get('20-way'))} | {cell(results.get(within))} | {error(results.get(within))} | {pub} |")
+              f"{cell(results.get('20-way'))} | {cell(results.get(WITHIN))} | {error(results.get(WITHIN))} | {pub} |")
     print(f"| pixel nearest neighbour | — | 0 | 0 | {cell(nn_ref.get('5-way'))} | {cell(nn_ref.get('20-way'))} | "
-          f"{cell(nn_ref.get(within))} | {error(nn_ref.get(within))} | — |")
+          f"{cell(nn_ref.get(WITHIN))} | {error(nn_ref.get(WITHIN))} | — |")
+
+
+def print_folds(rows: list) -> None:
+    """One row per fold (its own test alphabets and pixel nearest neighbour on its own tasks), then the mean
+    and the standard deviation over folds of each column."""
+    print("| fold (test alphabets) | meta-steps | training (threads) | 5-way (%) | 20-way (%) | 20-way within alphabet "
+          "(%) | within-alphabet error (%) | pixel NN within-alphabet error (%) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, _, steps, minutes, threads, results, alphabets, own_ref in rows:
+        print(f"| {name.split(' ')[-1].strip('()')} ({', '.join(alphabets)}) | {steps} | {minutes:.0f} min "
+              f"({threads}) | {cell(results.get('5-way'))} | {cell(results.get('20-way'))} | "
+              f"{cell(results.get(WITHIN))} | {error(results.get(WITHIN))} | {error(own_ref.get(WITHIN))} |")
+
+    def spread(values: list[float]) -> str:
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else float("nan")
+        return f"{100 * mean:.1f} (sd {100 * std:.1f})"
+
+    def column(key: str, of: int = 5, errors: bool = False) -> str:
+        values = [(1 - r[of][key][0]) if errors else r[of][key][0] for r in rows if key in r[of]]
+        return spread(values) if values else "—"
+
+    print(f"| **mean over {len(rows)} folds** | | | {column('5-way')} | {column('20-way')} | {column(WITHIN)} | "
+          f"{column(WITHIN, errors=True)} | {column(WITHIN, of=7, errors=True)} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", type=Path)
+    parser.add_argument("--n-tasks", type=int, default=600)
+    parser.add_argument("--data-root", default=None, help="override the runs' data.root")
+    parser.add_argument("--folds", action="store_true",
+                        help="the runs are cross-validation folds (different test alphabets): a row per fold with "
+                             "its own pixel nearest neighbour, then the mean and sd over folds")
+    args = parser.parse_args()
+    rows, nn_ref = score_runs(args.runs, args.n_tasks, args.data_root, per_run_reference=args.folds)
+    if args.folds:
+        print_folds(rows)
+    else:
+        print_table(rows, nn_ref)
 
 
 if __name__ == "__main__":

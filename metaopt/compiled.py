@@ -39,7 +39,7 @@ from metaopt.metacall import MetaCall, meta_values
 from metaopt.runner import Differentiator, MetaGrad, grads_of, run_meta_gradient
 from metaopt.types import MetaParams, Task
 
-__all__ = ["Compiled", "ChunkResult"]
+__all__ = ["Compiled", "ChunkResult", "default_options"]
 
 log = logging.getLogger("metaopt")
 
@@ -65,6 +65,19 @@ def _signature(tasks: Task, pattern: tuple[int, ...]) -> tuple:
             tasks.init is not None, pattern)
 
 
+def default_options(device: str) -> dict[str, Any]:
+    """Inductor options for a meta-gradient on `device` ("cpu", "cuda", ...): on the CPU the kernels are called
+    from generated C++ instead of Python (`cpp_wrapper`): a sinusoid MAML step has ~20 kernels and ~40
+    buffer allocations, and their Python calls were ~10% of the step at T=1 (`experiments/bench_step.py`).
+    Elsewhere torch's defaults (no GPU was at hand to measure the wrapper with CUDA graphs)."""
+    return {"cpp_wrapper": True} if device == "cpu" else {}
+
+
+def _is_graph_break(error: Exception) -> bool:
+    """Whether Dynamo refused the Python (a graph break under fullgraph): no other options change that."""
+    return type(error).__name__ in ("Unsupported", "UserError") or "graph break" in str(error).lower()
+
+
 class Compiled:
     """An estimator whose vmapped chunks run as one compiled meta-gradient function.
 
@@ -75,6 +88,9 @@ class Compiled:
     Args:
       estimator: the estimator to compile (e.g. `Full()`, `FirstOrder()`).
       mode: `torch.compile`'s mode (None: default; "reduce-overhead" uses CUDA graphs on GPUs).
+      options: Inductor options (None: `default_options` for the tasks' device: on the CPU a C++ wrapper
+        around the kernels, which drops ~40 us of Python per call at T=1 for ~10 s more compile time; a
+        function whose C++ wrapper fails to build is compiled again without it before falling back).
       fullgraph: refuse graph breaks (a break means Python runs between kernels: the gain is gone).
       verify: check the first call at each input shape against eager (see the module docstring).
 
@@ -84,16 +100,16 @@ class Compiled:
       compiled_calls: chunks computed by the compiled function.
     """
 
-    def __init__(self, estimator: Differentiator, *, mode: str | None = None, fullgraph: bool = True,
-                 verify: bool = True):
+    def __init__(self, estimator: Differentiator, *, mode: str | None = None, options: dict[str, Any] | None = None,
+                 fullgraph: bool = True, verify: bool = True):
         if isinstance(estimator, Compiled):
             estimator = estimator.eager
         self.eager: Any = estimator  # an estimator (its name, declarations and task_objective)
-        self.mode, self.fullgraph, self.verify = mode, fullgraph, verify
+        self.mode, self.options, self.fullgraph, self.verify = mode, options, fullgraph, verify
         self.fallback_reason: str | None = None
         self.compile_seconds = 0.0
         self.compiled_calls = 0
-        self._functions: dict[tuple[int, int, tuple[int, ...]], Callable[..., Any]] = {}
+        self._functions: dict[tuple[int, int, tuple[int, ...], str], Callable[..., Any]] = {}
         self._seen: set[tuple] = set()
         # Keyed by id, holding the objects themselves: an id is only reused after its object is gone.
         self._checked: dict[tuple[int, int], tuple[InnerLoop, MetaParams]] = {}
@@ -144,15 +160,25 @@ class Compiled:
             self._fall_back(f"estimator {self.eager.name!r} does not compile (its class declares compiles = False)")
             return None
         values = meta_values(meta)
-        key = (id(loop), id(meta), pattern)
+        device = tasks.query.x.device.type
+        key = (id(loop), id(meta), pattern, device)
         signature = (key, _signature(tasks, pattern))
         first = signature not in self._seen
         started = time.perf_counter()
+        options = self.options if self.options is not None else default_options(device)
         try:
-            function = self._functions.get(key)
-            if function is None:
-                function = self._functions[key] = self._build(loop, meta, pattern)
-            grads, (losses, stats) = function(values, tasks)
+            try:
+                function = self._functions.get(key)
+                if function is None:
+                    function = self._functions[key] = self._build(loop, meta, pattern, options)
+                grads, (losses, stats) = function(values, tasks)
+            except Exception as error:
+                if not (first and options.get("cpp_wrapper")) or _is_graph_break(error):
+                    raise
+                log.info("compile=true: the C++ wrapper failed (%s: %s); compiling without it",
+                         type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
+                function = self._functions[key] = self._build(loop, meta, pattern, {**options, "cpp_wrapper": False})
+                grads, (losses, stats) = function(values, tasks)
         except Exception as error:  # a compile error or a graph break: eager from now on
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
             self._fall_back(f"torch.compile failed: {type(error).__name__}: {' '.join(lines[:3])[:400]}")
@@ -172,7 +198,8 @@ class Compiled:
         self.compiled_calls += 1
         return result
 
-    def _build(self, loop: InnerLoop, meta: MetaParams, pattern: tuple[int, ...]) -> Callable[..., Any]:
+    def _build(self, loop: InnerLoop, meta: MetaParams, pattern: tuple[int, ...],
+               options: dict[str, Any]) -> Callable[..., Any]:
         estimator = self.eager
 
         def total(meta_now: MetaParams, tasks: Task) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
@@ -192,7 +219,7 @@ class Compiled:
         # limit. A copy of the code object gives each built function a cache of its own.
         own = types.FunctionType(meta_gradient.__code__.replace(), meta_gradient.__globals__, "meta_gradient",
                                  meta_gradient.__defaults__, meta_gradient.__closure__)
-        return torch.compile(own, fullgraph=self.fullgraph, mode=self.mode, dynamic=False)
+        return torch.compile(own, fullgraph=self.fullgraph, mode=self.mode, options=options or None, dynamic=False)
 
     def _eager_chunk(self, loop: InnerLoop, meta: MetaParams, tasks: Task, pattern: tuple[int, ...]) -> ChunkResult:
         surrogate, outer_loss, stats = vmap_tasks(_objective_of(self.eager, loop, meta), tasks, pattern)

@@ -8,7 +8,7 @@ import torch
 
 import metaopt as mo
 from db import ESTIMATORS
-from metaopt.compiled import Compiled
+from metaopt.compiled import Compiled, default_options
 from problems import META_KINDS, central_difference, tiny_model, tiny_tasks
 
 T = 2
@@ -51,7 +51,7 @@ def test_a_wrong_compiled_result_falls_back_to_eager():
     loop, meta, tasks = _problem("init")
     compiled = Compiled(mo.Full())
 
-    def wrong(loop_, meta_, pattern):
+    def wrong(loop_, meta_, pattern, options):
         def function(values, tasks_):
             grads = {k: torch.zeros_like(v) for k, v in values.items()}
             return grads, (torch.zeros(tasks_.query.x.shape[0]), {})
@@ -60,6 +60,28 @@ def test_a_wrong_compiled_result_falls_back_to_eager():
     compiled._build = wrong
     result = compiled(loop, meta, tasks)
     assert "differs from eager" in compiled.fallback_reason and not compiled.compiled
+    _assert_equal(result, mo.Full()(loop, meta, tasks))
+
+
+def test_a_failed_cpp_wrapper_is_compiled_again_without_it():
+    loop, meta, tasks = _problem("init")
+    compiled = Compiled(mo.Full())
+    tried = []
+
+    def flaky(loop_, meta_, pattern, options):
+        tried.append(dict(options))
+        if options.get("cpp_wrapper"):
+            raise RuntimeError("CppCompileError: C++ compile error")
+
+        def function(values, tasks_):
+            grads, losses, stats = compiled._eager_chunk(loop_, meta_, tasks_, pattern)
+            return grads, (losses, stats)
+        return function
+
+    compiled._build = flaky
+    result = compiled(loop, meta, tasks)
+    assert tried == [{"cpp_wrapper": True}, {"cpp_wrapper": False}] and default_options("cpu") == tried[0]
+    assert compiled.compiled and compiled.compiled_calls == 1
     _assert_equal(result, mo.Full()(loop, meta, tasks))
 
 

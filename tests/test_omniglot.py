@@ -77,6 +77,24 @@ def test_alphabet_split_is_disjoint_and_rotations_add_classes(data, tmp_path):
     assert splits["train"].num_classes == 4 * plain.num_classes
 
 
+def test_named_test_alphabets_are_held_out_and_validation_drawn_from_the_rest(data, tmp_path):
+    """Cross-validation folds: the test alphabets by name (any order), the validation alphabet from the others."""
+    kwargs = dict(size=8, cache_dir=tmp_path / "cache", val_alphabets=1, n_way=2)
+    for fold in (["Tagalog", "Greek"], ["Korean"], "Latin"):
+        splits = {s: Omniglot(data, split=s, test_alphabets=fold, **kwargs) for s in ("train", "val", "test")}
+        named = [fold] if isinstance(fold, str) else fold
+        assert splits["test"].alphabets == sorted(named)
+        assert len(splits["val"].alphabets) == 1 and not set(splits["val"].alphabets) & set(named)
+        assert set(splits["train"].alphabets) == {"Greek", "Korean", "Latin", "Tagalog"} - set(named) - set(
+            splits["val"].alphabets)
+    with pytest.raises(OmniglotDataError, match="must name distinct alphabets .*unknown: \\['Klingon'\\]"):
+        Omniglot(data, test_alphabets=["Greek", "Klingon"], **kwargs)
+    with pytest.raises(OmniglotDataError, match="leaves no training alphabet"):
+        Omniglot(data, test_alphabets=["Greek", "Korean", "Latin"], **kwargs)
+    with pytest.raises(OmniglotDataError, match="only split_by='alphabet' holds out"):
+        Omniglot(data, test_alphabets=["Greek"], split_by="background", **kwargs)
+
+
 def test_background_split_trains_on_background_and_tests_on_evaluation(data, tmp_path):
     """Lake et al.'s split: images_evaluation's alphabets are the test split; without them the test split is
     empty (a clear OmniglotEmptySplit) and every background alphabet trains."""

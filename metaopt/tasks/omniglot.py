@@ -15,6 +15,7 @@ import io
 import os
 import zipfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -191,7 +192,9 @@ class Omniglot(TaskDistribution):
       split: "train", "val" or "test".
       split_by: "alphabet", "character" or "background".
       val_alphabets, test_alphabets: alphabets held out (split_by="alphabet"; "background" holds out
-        `val_alphabets` background alphabets and tests on the evaluation set).
+        `val_alphabets` background alphabets and tests on the evaluation set). `test_alphabets` is a
+        count (drawn by `seed`) or the alphabets' names (e.g. ["Korean", "Latin"]: cross-validation folds);
+        the validation alphabets are then drawn from the others.
       val_fraction, test_fraction: characters held out (split_by="character").
       rotations: add the rotated classes.
       within_alphabet: all N classes of a task from one alphabet (and one rotation).
@@ -216,7 +219,7 @@ class Omniglot(TaskDistribution):
     def __init__(self, root: str, n_way: int = 5, k_shot: int = 1, k_query: int = 15,
                  split: Literal["train", "val", "test"] = "train",
                  split_by: Literal["alphabet", "character", "background"] = "alphabet", val_alphabets: int = 1,
-                 test_alphabets: int = 2, val_fraction: float = 0.1, test_fraction: float = 0.2,
+                 test_alphabets: int | Sequence[str] = 2, val_fraction: float = 0.1, test_fraction: float = 0.2,
                  rotations: bool = True, size: int = 28, seed: int = 0, cache_dir: str | None = None,
                  within_alphabet: bool = False, drawer_split: bool = False, shift: int = 0,
                  warp_degrees: float = 0.0, warp_shear: float = 0.0, warp_scale: float = 0.0):
@@ -313,10 +316,16 @@ class Omniglot(TaskDistribution):
         return Task.repeat(support, query, inner_steps)
 
 
-def _split(data: OmniglotImages, split: str, split_by: str, seed: int, val_alphabets: int, test_alphabets: int,
-           val_fraction: float, test_fraction: float) -> list[int]:
+def _split(data: OmniglotImages, split: str, split_by: str, seed: int, val_alphabets: int,
+           test_alphabets: int | Sequence[str], val_fraction: float, test_fraction: float) -> list[int]:
     """The indices of `split`'s characters in `data` (see `Omniglot`; fixed by `seed`)."""
     order = torch.Generator().manual_seed(seed)
+    if not isinstance(test_alphabets, int):
+        if split_by != "alphabet":
+            raise OmniglotDataError(f"omniglot: test_alphabets = {test_alphabets} names alphabets, which only "
+                                    f"split_by='alphabet' holds out (split_by={split_by!r})")
+        named = [test_alphabets] if isinstance(test_alphabets, str) else [str(a) for a in test_alphabets]
+        return _split_named(data, split, order, val_alphabets, named)
     if split_by == "character":
         perm = torch.randperm(len(data.characters), generator=order).tolist()
         n_test, n_val = round(test_fraction * len(perm)), round(val_fraction * len(perm))
@@ -334,6 +343,23 @@ def _split(data: OmniglotImages, split: str, split_by: str, seed: int, val_alpha
     shuffled = [names[i] for i in torch.randperm(len(names), generator=order)]
     if split_by == "alphabet":  # the test alphabets first: the same ones whatever val_alphabets is
         tested, shuffled = shuffled[:test_alphabets], shuffled[test_alphabets:]
+    held = {"test": tested, "val": shuffled[:val_alphabets], "train": shuffled[val_alphabets:]}
+    return [i for i, a in enumerate(data.alphabets) if a in held[split]]
+
+
+def _split_named(data: OmniglotImages, split: str, order: torch.Generator, val_alphabets: int,
+                 tested: list[str]) -> list[int]:
+    """`_split` with the test alphabets named; the validation alphabets drawn from the others by `order`."""
+    names = sorted(set(data.alphabets))
+    unknown = [a for a in tested if a not in names]
+    if unknown or not tested or len(set(tested)) != len(tested):
+        raise OmniglotDataError(f"omniglot: test_alphabets = {tested} must name distinct alphabets of the data "
+                                f"({', '.join(names)}); unknown: {unknown}")
+    rest = [a for a in names if a not in tested]
+    if val_alphabets >= len(rest):
+        raise OmniglotDataError(f"omniglot: holding out {tested} and val_alphabets = {val_alphabets} leaves no "
+                                f"training alphabet of {len(names)}")
+    shuffled = [rest[i] for i in torch.randperm(len(rest), generator=order)]
     held = {"test": tested, "val": shuffled[:val_alphabets], "train": shuffled[val_alphabets:]}
     return [i for i, a in enumerate(data.alphabets) if a in held[split]]
 
