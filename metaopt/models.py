@@ -99,8 +99,9 @@ class BatchNorm(nn.Module):
 class Conv4(nn.Module):
     """The four-block convolutional backbone of few-shot learning (Vinyals et al. 2016).
 
-    Each block: conv 3x3 (`channels` filters, padding 1), BatchNorm, ReLU, max-pool 2.
-    A 28x28 input ends as channels x 1 x 1; a linear head maps it to `out_features`.
+    Each block: conv 3x3 (`channels` filters, padding 1), BatchNorm, ReLU, max-pool 2 (the last
+    `4 - pools` blocks without it). A 28x28 input ends as channels x 1 x 1 (pools=4); a linear head
+    maps it to `out_features`.
 
     BatchNorm (`metaopt.models.BatchNorm`, exact under vmap) uses batch statistics,
     as MAML does (transductive: query batches are normalized with their own
@@ -113,18 +114,24 @@ class Conv4(nn.Module):
       channels: filters per block.
       image_size: input height = width, to size the head.
       track_running_stats: keep BatchNorm running statistics as buffers.
+      pools: how many blocks (the first ones) end in the max-pool: 4 is the standard backbone; 3 keeps the
+        last block's 3x3 map at 28x28 (a 576-d embedding instead of 64-d, for the same convolutions).
     """
 
     def __init__(self, in_channels: int = 1, out_features: int = 5, channels: int = 64,
-                 image_size: int = 28, track_running_stats: bool = False):
+                 image_size: int = 28, track_running_stats: bool = False, pools: int = 4):
         super().__init__()
+        if not 0 <= pools <= 4 or image_size >> pools < 1:
+            raise ValueError(f"Conv4: pools = {pools} must be in 0..4 and leave image_size = {image_size} at "
+                             f"least 1 pixel (image_size / 2**pools)")
         blocks: list[nn.Module] = []
         c, size = in_channels, image_size
-        for _ in range(4):
+        for block in range(4):
+            pooled = block < pools
             blocks += [nn.Conv2d(c, channels, 3, padding=1),
                        BatchNorm(channels, track_running_stats=track_running_stats),
-                       nn.ReLU(), nn.MaxPool2d(2)]
-            c, size = channels, size // 2
+                       nn.ReLU()] + ([nn.MaxPool2d(2)] if pooled else [])
+            c, size = channels, size // 2 if pooled else size
         self.features = nn.Sequential(*blocks, nn.Flatten())
         self.embedding_size = channels * max(size, 1) ** 2
         self.head = nn.Linear(self.embedding_size, out_features) if out_features else nn.Identity()

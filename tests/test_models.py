@@ -67,4 +67,9 @@ def test_conv4_shapes():
     model = mo.Conv4(out_features=5, channels=8)
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 5)
     embed = mo.Conv4(out_features=0, channels=8)
-    assert embed(torch.randn(2, 1, 28, 28)).shape == (2, embed.embedding_size)
+    assert embed(torch.randn(2, 1, 28, 28)).shape == (2, embed.embedding_size) == (2, 8)
+    unpooled = mo.Conv4(out_features=0, channels=8, pools=3)  # the last 3x3 map kept: 8 * 3 * 3
+    assert unpooled(torch.randn(2, 1, 28, 28)).shape == (2, unpooled.embedding_size) == (2, 72)
+    assert mo.Conv4(out_features=5, channels=8, pools=2, image_size=16)(torch.randn(3, 1, 16, 16)).shape == (3, 5)
+    with pytest.raises(ValueError, match="pools = 5"):
+        mo.Conv4(pools=5)
