@@ -77,8 +77,9 @@ def implementations(model: torch.nn.Module, tasks: mo.Task, device: str) -> dict
     return impls
 
 
-def bench(meta_batch: int, steps: int, args: argparse.Namespace) -> dict[str, float]:
-    """Median seconds per meta-step of each implementation at this meta-batch and unroll length."""
+def bench(meta_batch: int, steps: int, args: argparse.Namespace, profile: bool = False) -> dict[str, float]:
+    """Median seconds per meta-step of each implementation at this meta-batch and unroll length (and, with
+    `profile`, each one's profile table)."""
     torch.manual_seed(0)
     model = mo.Conv4(1, N_WAY, channels=args.channels, image_size=SIZE).to(args.device)
     sampler = mo.RandomPatterns(n_way=N_WAY, k_shot=K_SHOT, k_query=K_QUERY, size=SIZE)
@@ -97,6 +98,8 @@ def bench(meta_batch: int, steps: int, args: argparse.Namespace) -> dict[str, fl
         shuffler.shuffle(order)
         for name in order:
             times[name].append(seconds(impls[name]))
+    if profile:
+        print_profile(impls, meta_batch, steps, args.device)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -114,6 +117,33 @@ def train_step_seconds(meta_batch: int, steps: int, compile: bool, args: argpars
     return float(metrics["seconds_per_meta_step"])
 
 
+def profile_counts(fn: Callable[[], object], device: str) -> tuple[int, int, float]:
+    """One call of fn under torch.profiler: (aten ops dispatched on the host, device kernels launched, total
+    kernel time in seconds). Kernel time far below the step's time means the step is launch- or host-bound."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    events = prof.events()
+    ops = sum(1 for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::"))
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    return ops, len(kernels), sum(e.device_time for e in kernels) / 1e6
+
+
+def print_profile(impls: dict[str, Callable[[], list]], meta_batch: int, steps: int, device: str) -> None:
+    """The profile table of each (already compiled and warm) implementation at one configuration."""
+    print(f"profile (B={meta_batch}, T={steps}; one meta-step):")
+    print("| implementation | aten ops on the host | device kernels | kernel time ms |")
+    print("|---|---|---|---|")
+    for name, fn in impls.items():
+        ops, kernels, kernel_seconds = profile_counts(fn, device)
+        print(f"| {name} | {ops} | {kernels} | {1e3 * kernel_seconds:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -121,7 +151,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--train-steps", type=int, default=60)
+    parser.add_argument("--train-steps", type=int, default=60, help="0: skip the whole-meta_train comparison")
+    parser.add_argument("--profile", action="store_true", help="also profile one step of each (ops, kernels) per configuration")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -136,13 +167,15 @@ def main() -> None:
     headline: dict[str, float] = {}
     for meta_batch in args.meta_batch:
         for steps in args.steps:
-            medians = bench(meta_batch, steps, args)
+            medians = bench(meta_batch, steps, args, profile=args.profile)
             for impl, s in medians.items():
                 print(f"| {meta_batch} | {steps} | {impl} | {1e3 * s:.2f} | {medians['torch.func'] / s:.2f}x |",
                       flush=True)
             if (meta_batch, steps) == (args.meta_batch[0], args.steps[0]):
                 headline = medians
     b, t = args.meta_batch[0], args.steps[0]
+    if args.train_steps <= 0:
+        return
     eager_train = train_step_seconds(b, t, False, args)
     compiled_train = train_step_seconds(b, t, True, args)
     print(f"whole meta_train step (B={b}, T={t}): eager {1e3 * eager_train:.2f} ms "
