@@ -7,7 +7,8 @@
 Tasks: 5-way 1-shot, 15 queries per class, 28x28 images, conv4 with 64 channels (CS330 HW2's MAML), one
 inner SGD step of lr 0.4 per support batch, cross-entropy. The images are synthetic
 (`mo.RandomPatterns`, Omniglot's shapes): the time of a step does not depend on the pixels, and no data
-is needed on the GPU machine. Implementations, gradients checked equal (float32, 1e-3 relative):
+is needed on the GPU machine. Implementations, gradients checked equal (float32, 1e-3 relative to each
+gradient's largest entry, floored at 1% of all gradients' largest; TF32 off unless --tf32):
 
   metaopt          `mo.get_estimator("full")`, eager
   metaopt-comp     the same compiled (`compile=True`: one torch.compile'd function per chunk)
@@ -39,6 +40,7 @@ from bench_step import make_higher, make_metaopt, make_torch_func, make_torch_fu
 from metaopt.train import task_to
 
 N_WAY, K_SHOT, K_QUERY, SIZE, INNER_LR = 5, 1, 15, 28, 0.4
+MISMATCHES: list[str] = []  # implementations whose gradient differs from torch.func's
 
 
 def timer(device: str) -> Callable[[Callable[[], object]], float]:
@@ -77,6 +79,13 @@ def implementations(model: torch.nn.Module, tasks: mo.Task, device: str) -> dict
     return impls
 
 
+def relative_error(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """Largest |difference| of each gradient over its largest |entry|, floored at 1% of the largest entry of
+    all gradients (a conv bias before batch norm has a gradient that is zero up to rounding)."""
+    floor = 0.01 * max(float(r.abs().max()) for r in reference)
+    return max(float((g - r).abs().max()) / max(float(r.abs().max()), floor, 1e-30) for g, r in zip(grads, reference))
+
+
 def bench(meta_batch: int, steps: int, args: argparse.Namespace, profile: bool = False) -> dict[str, float]:
     """Median seconds per meta-step of each implementation at this meta-batch and unroll length (and, with
     `profile`, each one's profile table)."""
@@ -88,9 +97,11 @@ def bench(meta_batch: int, steps: int, args: argparse.Namespace, profile: bool =
     reference = impls["torch.func"]()
     for name, fn in impls.items():  # same gradient; warm-up (the compiled ones compile here)
         start = time.perf_counter()
-        for a, b in zip(fn(), reference):
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=f"{name} differs from torch.func")
-        print(f"  B={meta_batch} T={steps}: {name} first call {time.perf_counter() - start:.1f} s", flush=True)
+        error = relative_error(fn(), reference)
+        print(f"  B={meta_batch} T={steps}: {name} first call {time.perf_counter() - start:.1f} s, "
+              f"relative error {error:.1e}", flush=True)
+        if error > (1e-2 if args.tf32 else 1e-3):  # reported at the end: the timings still come
+            MISMATCHES.append(f"B={meta_batch} T={steps} {name}: {error:.1e}")
     seconds = timer(args.device)
     times: dict[str, list[float]] = {name: [] for name in impls}
     order, shuffler = list(impls), random.Random(steps * 1000 + meta_batch)
@@ -152,16 +163,21 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--train-steps", type=int, default=60, help="0: skip the whole-meta_train comparison")
-    parser.add_argument("--profile", action="store_true", help="also profile one step of each (ops, kernels) per configuration")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 convolutions and matmuls (CUDA; "
+                        "default off: float32 throughout, so the gradients compare at 1e-3)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one step of each (ops, kernels) per configuration")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench_gpu: --device cuda but CUDA is not available (use --device cpu for a smoke run)")
-    name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    cuda = args.device.startswith("cuda")
+    name = torch.cuda.get_device_name(args.device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; conv4-{args.channels}, {N_WAY}-way {K_SHOT}-shot "
-          f"{K_QUERY} queries/class, {args.repeats} interleaved rounds")
+          f"{K_QUERY} queries/class, {args.repeats} interleaved rounds, TF32 {'on' if args.tf32 else 'off'}")
     print("| meta-batch | T | " + " | ".join(["implementation", "ms per meta-step", "vs hand-written eager"]) + " |")
     print("|---|---|---|---|---|")
     headline: dict[str, float] = {}
@@ -174,6 +190,8 @@ def main() -> None:
             if (meta_batch, steps) == (args.meta_batch[0], args.steps[0]):
                 headline = medians
     b, t = args.meta_batch[0], args.steps[0]
+    if MISMATCHES:
+        raise SystemExit("bench_gpu: gradients differ from torch.func's (relative error): " + "; ".join(MISMATCHES))
     if args.train_steps <= 0:
         return
     eager_train = train_step_seconds(b, t, False, args)
