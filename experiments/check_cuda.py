@@ -7,7 +7,8 @@
 2. MAML on 5-way 1-shot conv4-64 images (16 tasks, vmapped) meta-trains on CUDA: seconds per
    meta-step (median) against the same on CPU measured in this run, and the planner's predicted
    peak against the measured one (memory method "cuda": torch.cuda.max_memory_allocated).
-3. A memory budget below full's prediction is refused before any work (BudgetExceeded), and
+3. The compiled meta-gradient (`compile=True`) on CUDA equals eager in float64 (1e-9).
+4. A memory budget below full's prediction is refused before any work (BudgetExceeded), and
    `auto` under it picks an estimator whose measured peak fits.
 Prints one line per check and exits non-zero if a check fails.
 """
@@ -22,6 +23,7 @@ import torch
 
 import metaopt as mo
 from metaopt import planning
+from metaopt.compiled import Compiled
 from metaopt.guard import format_bytes
 from metaopt.memory import measure_peak_memory
 from metaopt.train import task_to
@@ -63,6 +65,27 @@ def check_exactness(failures: list[str]) -> None:
     torch.set_default_dtype(torch.float32)
 
 
+def check_compiled_float64(failures: list[str]) -> None:
+    """The compiled meta-gradient on CUDA equals eager in float64 (the float32 check tolerates kernel noise)."""
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    model = mo.Conv4(out_features=5, channels=16).to(DEVICE)
+    loop = mo.InnerLoop(model, mo.optim.sgd(0.4), mo.losses.cross_entropy)
+    meta = mo.meta_params(mo.Init(model)).to(DEVICE)
+    batch = task_to(mo.RandomPatterns(n_way=5, k_shot=1, k_query=5).sample(4, 2, torch.Generator().manual_seed(0)),
+                    DEVICE)
+    compiled = Compiled(mo.Full())
+    got, want = compiled(loop, meta, batch).grads, mo.Full()(loop, meta, batch).grads
+    floor = 0.01 * max(float(g.abs().max()) for g in want.values())  # biases before batch norm: rounding noise
+    worst = max(float((got[k] - want[k]).abs().max()) / max(float(want[k].abs().max()), floor) for k in want)
+    ok = compiled.fallback_reason is None and compiled.compiled_calls > 0 and worst <= 1e-9
+    print(f"compiled full on CUDA, float64 conv4-16, T=2: relative error {worst:.1e} vs eager, compile "
+          f"{compiled.compile_seconds:.0f} s, fallback: {compiled.fallback_reason} {'ok' if ok else 'FAIL'}")
+    if not ok:
+        failures.append("compiled float64")
+    torch.set_default_dtype(torch.float32)
+
+
 def maml_problem(device: str):
     torch.manual_seed(0)
     model = mo.Conv4(out_features=5, channels=64).to(device)
@@ -79,7 +102,7 @@ def seconds_per_step(device: str, steps: int) -> tuple[float, dict]:
     return metrics["seconds_per_meta_step"], metrics
 
 
-def check_speed_and_memory(steps: int, failures: list[str]) -> None:
+def check_speed_and_memory(failures: list[str], steps: int) -> None:
     gpu, metrics = seconds_per_step(DEVICE, steps)
     cpu, _ = seconds_per_step("cpu", max(3, steps // 10))
     predicted, measured = metrics["predicted_peak_bytes"], metrics["measured_peak_bytes"]
@@ -115,9 +138,18 @@ def check_budget(failures: list[str]) -> None:
         failures.append("auto under budget")
 
 
+CHECKS: dict[str, Callable[[list[str], int], None]] = {
+    "exactness": lambda failures, steps: check_exactness(failures),
+    "compiled": lambda failures, steps: check_compiled_float64(failures),
+    "speed": check_speed_and_memory,
+    "budget": lambda failures, steps: check_budget(failures),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--only", nargs="+", choices=list(CHECKS), default=list(CHECKS), help="checks to run")
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": a smoke run of this script
     args = parser.parse_args()
     global DEVICE
@@ -127,9 +159,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'}")
     failures: list[str] = []
     start = time.perf_counter()
-    check_exactness(failures)
-    check_speed_and_memory(args.steps, failures)
-    check_budget(failures)
+    for name in args.only:
+        CHECKS[name](failures, args.steps)
     print(f"{len(failures)} failure(s) {failures}" if failures else "all checks passed",
           f"in {time.perf_counter() - start:.0f} s")
     sys.exit(1 if failures else 0)

@@ -158,6 +158,22 @@ def test_the_check_against_eager_ignores_rounding_noise_but_not_errors():
     assert "no gradient" in Compiled._mismatch(({"w": eager[0]["w"]}, eager[1], {}), eager)
 
 
+def test_cuda_float32_tolerates_kernel_noise_but_not_a_wrong_gradient():
+    """On CUDA, compiled and eager float32 conv gradients differ by up to ~3e-3 (other kernels): tolerated
+    there, not on the CPU; a 5% error fails everywhere, and float64 keeps 1e-9."""
+    from metaopt.compiled import FLOAT32_RTOL, Compiled
+
+    eager = ({"w": torch.tensor([1.0, -2.0], dtype=torch.float32)}, torch.tensor(0.5, dtype=torch.float32), {})
+    kernel_noise = ({"w": torch.tensor([1.0, -2.006], dtype=torch.float32)}, eager[1], {})
+    assert Compiled._mismatch(kernel_noise, eager, FLOAT32_RTOL["cuda"]) is None
+    assert "'w'" in Compiled._mismatch(kernel_noise, eager, FLOAT32_RTOL["cpu"])
+    wrong = ({"w": torch.tensor([1.0, -2.1], dtype=torch.float32)}, eager[1], {})
+    assert "'w'" in Compiled._mismatch(wrong, eager, FLOAT32_RTOL["cuda"])
+    eager64 = ({"w": torch.tensor([1.0, -2.0], dtype=torch.float64)}, eager[1].double(), {})
+    noise64 = ({"w": torch.tensor([1.0, -2.0 + 1e-6], dtype=torch.float64)}, eager[1].double(), {})
+    assert "'w'" in Compiled._mismatch(noise64, eager64, FLOAT32_RTOL["cuda"])
+
+
 @pytest.mark.slow  # a conv net's compile takes a minute on 2 CPU cores; the fast suite tests the check itself above
 def test_a_batch_normalized_conv_net_compiles_without_a_false_mismatch():
     """conv4 (the GPU headline's model): its conv biases feed batch norm, so their gradients are zero up to
