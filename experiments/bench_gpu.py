@@ -165,6 +165,7 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=60, help="0: skip the whole-meta_train comparison")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 convolutions and matmuls (CUDA; "
                         "default off: float32 throughout, so the gradients compare at 1e-3)")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step of each (ops, kernels) per configuration")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -172,12 +173,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench_gpu: --device cuda but CUDA is not available (use --device cpu for a smoke run)")
     cuda = args.device.startswith("cuda")
     name = torch.cuda.get_device_name(args.device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; conv4-{args.channels}, {N_WAY}-way {K_SHOT}-shot "
-          f"{K_QUERY} queries/class, {args.repeats} interleaved rounds, TF32 {'on' if args.tf32 else 'off'}")
+          f"{K_QUERY} queries/class, {args.repeats} interleaved rounds, TF32 {'on' if args.tf32 else 'off'}, "
+          f"cudnn.benchmark {args.cudnn_benchmark}")
     print("| meta-batch | T | " + " | ".join(["implementation", "ms per meta-step", "vs hand-written eager"]) + " |")
     print("|---|---|---|---|---|")
     headline: dict[str, float] = {}
