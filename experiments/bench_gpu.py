@@ -155,6 +155,28 @@ def print_profile(impls: dict[str, Callable[[], list]], meta_batch: int, steps: 
         print(f"| {name} | {ops} | {kernels} | {1e3 * kernel_seconds:.2f} |", flush=True)
 
 
+def cudnn_benchmark_ab(meta_batch: int, steps: int, args: argparse.Namespace) -> None:
+    """metaopt eager with `cudnn.benchmark` off and on, toggled per call, interleaved in a shuffled order."""
+    torch.manual_seed(0)
+    model = mo.Conv4(1, N_WAY, channels=args.channels, image_size=SIZE).to(args.device)
+    sampler = mo.RandomPatterns(n_way=N_WAY, k_shot=K_SHOT, k_query=K_QUERY, size=SIZE)
+    tasks = task_to(sampler.sample(meta_batch, steps, torch.Generator().manual_seed(0)), args.device)
+    step, seconds = make_metaopt(model, tasks, "auto", loss=mo.losses.cross_entropy, lr=INNER_LR), timer(args.device)
+    times: dict[bool, list[float]] = {False: [], True: []}
+    order, shuffler = [False, True], random.Random(0)
+    for flag in order:  # warm-up: benchmark mode times its algorithms on the first call per shape
+        torch.backends.cudnn.benchmark = flag
+        step()
+    for _ in range(args.repeats):
+        shuffler.shuffle(order)
+        for flag in order:
+            torch.backends.cudnn.benchmark = flag
+            times[flag].append(seconds(step))
+    off, on = statistics.median(times[False]), statistics.median(times[True])
+    print(f"cudnn.benchmark A/B (metaopt eager, B={meta_batch}, T={steps}): off {1e3 * off:.2f} ms, "
+          f"on {1e3 * on:.2f} ms, {off / on:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -166,6 +188,8 @@ def main() -> None:
     parser.add_argument("--tf32", action="store_true", help="allow TF32 convolutions and matmuls (CUDA; "
                         "default off: float32 throughout, so the gradients compare at 1e-3)")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
+    parser.add_argument("--cudnn-ab", action="store_true",
+                        help="only time metaopt eager with cudnn.benchmark off vs on, interleaved")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step of each (ops, kernels) per configuration")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -181,6 +205,11 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; conv4-{args.channels}, {N_WAY}-way {K_SHOT}-shot "
           f"{K_QUERY} queries/class, {args.repeats} interleaved rounds, TF32 {'on' if args.tf32 else 'off'}, "
           f"cudnn.benchmark {args.cudnn_benchmark}")
+    if args.cudnn_ab:
+        for meta_batch in args.meta_batch:
+            for steps in args.steps:
+                cudnn_benchmark_ab(meta_batch, steps, args)
+        return
     print("| meta-batch | T | " + " | ".join(["implementation", "ms per meta-step", "vs hand-written eager"]) + " |")
     print("|---|---|---|---|---|")
     headline: dict[str, float] = {}
