@@ -37,10 +37,10 @@ import torch
 
 import metaopt as mo
 from bench_step import make_higher, make_metaopt, make_torch_func, make_torch_func_compiled
+from metaopt.compiled import gradient_errors
 from metaopt.train import task_to
 
 N_WAY, K_SHOT, K_QUERY, SIZE, INNER_LR = 5, 1, 15, 28, 0.4
-MISMATCHES: list[str] = []  # implementations whose gradient differs from torch.func's
 
 
 def timer(device: str) -> Callable[[Callable[[], object]], float]:
@@ -79,29 +79,27 @@ def implementations(model: torch.nn.Module, tasks: mo.Task, device: str) -> dict
     return impls
 
 
-def relative_error(grads: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
-    """Largest |difference| of each gradient over its largest |entry|, floored at 1% of the largest entry of
-    all gradients (a conv bias before batch norm has a gradient that is zero up to rounding)."""
-    floor = 0.01 * max(float(r.abs().max()) for r in reference)
-    return max(float((g - r).abs().max()) / max(float(r.abs().max()), floor, 1e-30) for g, r in zip(grads, reference))
-
-
-def bench(meta_batch: int, steps: int, args: argparse.Namespace, profile: bool = False) -> dict[str, float]:
-    """Median seconds per meta-step of each implementation at this meta-batch and unroll length (and, with
-    `profile`, each one's profile table)."""
+def problem(meta_batch: int, steps: int, args: argparse.Namespace) -> tuple[torch.nn.Module, mo.Task]:
+    """The seeded conv4 model and one batch of tasks on the device."""
     torch.manual_seed(0)
     model = mo.Conv4(1, N_WAY, channels=args.channels, image_size=SIZE).to(args.device)
     sampler = mo.RandomPatterns(n_way=N_WAY, k_shot=K_SHOT, k_query=K_QUERY, size=SIZE)
-    tasks = task_to(sampler.sample(meta_batch, steps, torch.Generator().manual_seed(0)), args.device)
+    return model, task_to(sampler.sample(meta_batch, steps, torch.Generator().manual_seed(0)), args.device)
+
+
+def bench(meta_batch: int, steps: int, args: argparse.Namespace, mismatches: list[str]) -> dict[str, float]:
+    """Median seconds per meta-step of each implementation at this meta-batch and unroll length (and, with
+    `--profile`, each one's profile table). Gradients that differ from torch.func's join `mismatches`."""
+    model, tasks = problem(meta_batch, steps, args)
     impls = implementations(model, tasks, args.device)
-    reference = impls["torch.func"]()
+    reference = {str(i): g for i, g in enumerate(impls["torch.func"]())}
     for name, fn in impls.items():  # same gradient; warm-up (the compiled ones compile here)
         start = time.perf_counter()
-        error = relative_error(fn(), reference)
+        error = max(gradient_errors({str(i): g for i, g in enumerate(fn())}, reference).values())
         print(f"  B={meta_batch} T={steps}: {name} first call {time.perf_counter() - start:.1f} s, "
               f"relative error {error:.1e}", flush=True)
-        if error > (1e-2 if args.tf32 else 1e-3):  # reported at the end: the timings still come
-            MISMATCHES.append(f"B={meta_batch} T={steps} {name}: {error:.1e}")
+        if not error <= (1e-2 if args.tf32 else 1e-3):  # reported at the end: the timings still come
+            mismatches.append(f"B={meta_batch} T={steps} {name}: {error:.1e}")
     seconds = timer(args.device)
     times: dict[str, list[float]] = {name: [] for name in impls}
     order, shuffler = list(impls), random.Random(steps * 1000 + meta_batch)
@@ -109,7 +107,7 @@ def bench(meta_batch: int, steps: int, args: argparse.Namespace, profile: bool =
         shuffler.shuffle(order)
         for name in order:
             times[name].append(seconds(impls[name]))
-    if profile:
+    if args.profile:
         print_profile(impls, meta_batch, steps, args.device)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -157,10 +155,7 @@ def print_profile(impls: dict[str, Callable[[], list]], meta_batch: int, steps: 
 
 def cudnn_benchmark_ab(meta_batch: int, steps: int, args: argparse.Namespace) -> None:
     """metaopt eager with `cudnn.benchmark` off and on, toggled per call, interleaved in a shuffled order."""
-    torch.manual_seed(0)
-    model = mo.Conv4(1, N_WAY, channels=args.channels, image_size=SIZE).to(args.device)
-    sampler = mo.RandomPatterns(n_way=N_WAY, k_shot=K_SHOT, k_query=K_QUERY, size=SIZE)
-    tasks = task_to(sampler.sample(meta_batch, steps, torch.Generator().manual_seed(0)), args.device)
+    model, tasks = problem(meta_batch, steps, args)
     step, seconds = make_metaopt(model, tasks, "auto", loss=mo.losses.cross_entropy, lr=INNER_LR), timer(args.device)
     times: dict[bool, list[float]] = {False: [], True: []}
     order, shuffler = [False, True], random.Random(0)
@@ -213,17 +208,18 @@ def main() -> None:
     print("| meta-batch | T | " + " | ".join(["implementation", "ms per meta-step", "vs hand-written eager"]) + " |")
     print("|---|---|---|---|---|")
     headline: dict[str, float] = {}
+    mismatches: list[str] = []
     for meta_batch in args.meta_batch:
         for steps in args.steps:
-            medians = bench(meta_batch, steps, args, profile=args.profile)
+            medians = bench(meta_batch, steps, args, mismatches)
             for impl, s in medians.items():
                 print(f"| {meta_batch} | {steps} | {impl} | {1e3 * s:.2f} | {medians['torch.func'] / s:.2f}x |",
                       flush=True)
             if (meta_batch, steps) == (args.meta_batch[0], args.steps[0]):
                 headline = medians
     b, t = args.meta_batch[0], args.steps[0]
-    if MISMATCHES:
-        raise SystemExit("bench_gpu: gradients differ from torch.func's (relative error): " + "; ".join(MISMATCHES))
+    if mismatches:
+        raise SystemExit("bench_gpu: gradients differ from torch.func's (relative error): " + "; ".join(mismatches))
     if args.train_steps <= 0:
         return
     eager_train = train_step_seconds(b, t, False, args)

@@ -23,7 +23,7 @@ import torch
 
 import metaopt as mo
 from metaopt import planning
-from metaopt.compiled import Compiled
+from metaopt.compiled import Compiled, gradient_errors
 from metaopt.guard import format_bytes
 from metaopt.memory import measure_peak_memory
 from metaopt.train import task_to
@@ -76,8 +76,7 @@ def check_compiled_float64(failures: list[str]) -> None:
                     DEVICE)
     compiled = Compiled(mo.Full())
     got, want = compiled(loop, meta, batch).grads, mo.Full()(loop, meta, batch).grads
-    floor = 0.01 * max(float(g.abs().max()) for g in want.values())  # biases before batch norm: rounding noise
-    worst = max(float((got[k] - want[k]).abs().max()) / max(float(want[k].abs().max()), floor) for k in want)
+    worst = max(gradient_errors(got, want).values())
     ok = compiled.fallback_reason is None and compiled.compiled_calls > 0 and worst <= 1e-9
     print(f"compiled full on CUDA, float64 conv4-16, T=2: relative error {worst:.1e} vs eager, compile "
           f"{compiled.compile_seconds:.0f} s, fallback: {compiled.fallback_reason} {'ok' if ok else 'FAIL'}")

@@ -13,7 +13,7 @@ runner's, unchanged.
 
 Exactness first: torch.compile has had silent-correctness bugs around higher-order
 autodiff, so the first call at every new input shape is checked against the eager
-estimator (float64: 1e-9, float32: 1e-4 relative to each gradient's largest entry). A
+estimator (float64: 1e-9, float32: `FLOAT32_RTOL` by device; `gradient_errors`). A
 compile error, a graph break (`fullgraph`), or a mismatch switches the wrapper to eager
 for good, with `fallback_reason` saying why (logged once; never silently wrong).
 
@@ -39,7 +39,7 @@ from metaopt.metacall import MetaCall, meta_values
 from metaopt.runner import Differentiator, MetaGrad, grads_of, run_meta_gradient
 from metaopt.types import MetaParams, Task
 
-__all__ = ["Compiled", "ChunkResult", "default_options"]
+__all__ = ["Compiled", "ChunkResult", "default_options", "gradient_errors", "FLOAT32_RTOL"]
 
 log = logging.getLogger("metaopt")
 
@@ -71,6 +71,19 @@ def _signature(tasks: Task, pattern: tuple[int, ...]) -> tuple:
 #: as much as a hand-written torch.func version compiled differs from itself eager (`experiments/bench_gpu.py`),
 #: while float64 agrees to 4e-14 (`experiments/check_cuda.py`). CPU kernels agree to 1e-4.
 FLOAT32_RTOL: dict[str, float] = {"cpu": 1e-4, "cuda": 1e-2}
+
+
+def gradient_errors(got: dict[str, Tensor], want: dict[str, Tensor]) -> dict[str, float]:
+    """Each of `want`'s gradients' largest |difference| from `got`'s, relative to its largest |entry| but never
+    to less than 1% of the largest entry of all gradients: a gradient that is zero up to rounding (a conv bias
+    under batch normalization) is noise in both, and noise differs. NaN where either is NaN. One host sync per
+    gradient: for checks, not for a training step."""
+    largest = max((float(w.abs().max()) for w in want.values()), default=0.0)
+    errors = {}
+    for name, reference in want.items():
+        floor = max(1e-2 * largest, torch.finfo(reference.dtype).tiny)
+        errors[name] = float((got[name] - reference).abs().max()) / max(float(reference.abs().max()), floor)
+    return errors
 
 
 def default_options(device: str) -> dict[str, Any]:
@@ -237,19 +250,13 @@ class Compiled:
 
     @staticmethod
     def _mismatch(compiled: ChunkResult, eager: ChunkResult, float32_rtol: float = 1e-4) -> str | None:
-        """None if the two agree, else the worst entry said. Each gradient is compared relative to its largest
-        entry, but never to less than 1% of the largest entry of all gradients: a gradient that is zero up to
-        rounding (a conv bias under batch normalization) is noise in both, and noise differs. Float64 must
-        agree to 1e-9, lower precisions to `float32_rtol` (see `FLOAT32_RTOL`)."""
-        largest = max((g.abs().max() for g in eager[0].values()), default=torch.tensor(0.0))
-        for name, reference in eager[0].items():
-            got = compiled[0].get(name)
-            if got is None:
-                return f"no gradient for {name!r}"
-            rtol = 1e-9 if reference.dtype == torch.float64 else float32_rtol
-            floor = torch.clamp_min(1e-2 * largest.to(reference), torch.finfo(reference.dtype).tiny)
-            scale = torch.maximum(reference.abs().max(), floor)
-            error = ((got - reference).abs().max() / scale).item()
+        """None if the two agree, else the worst entry said (`gradient_errors`). Float64 must agree to 1e-9,
+        lower precisions to `float32_rtol` (see `FLOAT32_RTOL`)."""
+        missing = sorted(set(eager[0]) - set(compiled[0]))
+        if missing:
+            return f"no gradient for {missing[0]!r}"
+        for name, error in gradient_errors(compiled[0], eager[0]).items():
+            rtol = 1e-9 if eager[0][name].dtype == torch.float64 else float32_rtol
             if not error <= rtol:  # NaN fails too
                 return f"{name!r} relative error {error:.2e} > {rtol:.0e}"
         if not torch.allclose(compiled[1], eager[1], rtol=float32_rtol, atol=1e-6, equal_nan=True):
