@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
-__all__ = ["Budget", "BudgetExceeded", "parse_bytes", "parse_seconds"]
+import torch
+
+from metaopt.memory import available_bytes
+
+__all__ = ["Budget", "BudgetExceeded", "parse_bytes", "parse_seconds", "machine_bounded"]
 
 OnExceed = Literal["raise", "truncate", "skip"]
 
@@ -108,3 +112,11 @@ class Budget:
     @property
     def unlimited(self) -> bool:
         return self.memory is None and self.time is None
+
+
+def machine_bounded(budget: Budget, device: torch.device | str) -> tuple[Budget, int | None]:
+    """`budget`, and where it sets no memory limit, the same with the bytes available on `device` now as its
+    memory (`metaopt.memory.available_bytes`), with those bytes (None: `budget` unchanged, as it has a memory
+    limit or the available memory is unknown). For planning only: what is run is still guarded by `budget`."""
+    room = None if budget.memory is not None else available_bytes(device)
+    return (budget, None) if room is None else (replace(budget, memory=room), room)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from metaopt import losses
 from metaopt.batching import Batching, compress_support, resolve_batching, vmap_tasks
-from metaopt.budget import Budget
+from metaopt.budget import Budget, machine_bounded
 from metaopt.loop import InnerLoop, unroll
 from metaopt.memory import measure_peak_memory
 from metaopt.tasks.base import TaskDistribution
@@ -54,7 +54,9 @@ def eval_batch_size_for(loop: InnerLoop, meta: MetaParams, tasks: TaskDistributi
                         device: torch.device | str = "cpu") -> int:
     """The largest number of meta-test tasks per vmapped graph (at most `batch_size`) predicted to fit under
     `(1 - headroom) x budget.memory`: evaluation is measured on 1 and on min(batch_size, 4) tasks (after a
-    warm-up) and is linear in the tasks at once. `batch_size` itself without a memory budget."""
+    warm-up) and is linear in the tasks at once. Without a memory budget, under the memory available on `device`
+    now (`metaopt.budget.machine_bounded`; `batch_size` itself where that is unknown)."""
+    budget = machine_bounded(budget, device)[0]
     if budget.memory is None or batch_size <= 1:
         return batch_size
     generator = torch.Generator().manual_seed(4242)  # never the meta-test tasks' own generator

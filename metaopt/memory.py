@@ -31,7 +31,7 @@ from typing import Iterator, Literal
 import torch
 
 __all__ = ["PeakMemory", "measure_peak_memory", "current_bytes", "peak_rss_bytes", "reset_peak_rss",
-           "rss_bytes", "default_method", "reset_peak", "peak_bytes", "tensor_bytes"]
+           "rss_bytes", "default_method", "reset_peak", "peak_bytes", "tensor_bytes", "available_bytes"]
 
 Method = Literal["auto", "cuda", "rss", "profiler", "none"]
 
@@ -134,6 +134,53 @@ def peak_bytes(device: torch.device | str = "cpu") -> int:
         return torch.cuda.max_memory_allocated(device)
     peak = peak_rss_bytes()
     return peak if peak > 0 else rss_bytes()
+
+
+def _meminfo_available() -> int | None:
+    """/proc/meminfo's MemAvailable in bytes (Linux), or None."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_room() -> int | None:
+    """Bytes the process's cgroup still allows (cgroup v2 memory.max - memory.current, or v1's limit - usage),
+    or None without a limit or where unreadable."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as limit, open(usage_file) as usage:
+                text = limit.read().strip()
+                if text == "max" or int(text) >= 1 << 60:  # v1 writes "no limit" as a huge number
+                    return None
+                return max(int(text) - int(usage.read().strip()), 0)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def available_bytes(device: torch.device | str = "cpu") -> int | None:
+    """Bytes this process can still allocate on `device` now, or None where unknown.
+
+    CUDA: the device's free memory plus what torch's caching allocator holds unused. CPU: the kernel's
+    MemAvailable (Linux), less where the cgroup's limit leaves less. An estimate at one moment: other
+    processes (parallel runs on one machine) may take some of it later. For plans without a memory budget:
+    what a run must still fit in, or be killed (an out-of-memory kill leaves no record).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    found = [b for b in (_meminfo_available(), _cgroup_room()) if b is not None]
+    return min(found) if found else None
 
 
 def tensor_bytes(tree: object) -> int:

@@ -26,7 +26,7 @@ from typing import Callable, ClassVar, Literal, NamedTuple, Sequence
 import torch
 
 from metaopt.batching import Batching, resolve_batching
-from metaopt.budget import Budget, BudgetExceeded
+from metaopt.budget import Budget, BudgetExceeded, machine_bounded
 from metaopt.estimators.base import (
     AbstractEstimator,
     EstimatorUnsupported,
@@ -101,7 +101,9 @@ def _fit(predictor: Predictor, estimator: AbstractEstimator, budget: Budget, bat
             chunk = min(chunk - 1, int(chunk * limit / predicted))
     predicted = predictor.predict(estimator, n, 1)
     if predicted <= limit:
-        return made("loop", 1, predicted, "one task at a time fits" if mode == "vmap" else "tasks run one at a time")
+        # A compiled estimator (`metaopt.compiled`) computes vmapped chunks only: one task at a time is a vmap of one.
+        single: Literal["vmap", "loop"] = "vmap" if mode == "vmap" and getattr(estimator, "chunk_gradient", None) is not None else "loop"
+        return made(single, 1, predicted, "one task at a time fits" if mode == "vmap" else "tasks run one at a time")
     return None
 
 
@@ -132,7 +134,9 @@ def plan(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, tasks: T
     """Predict the peak memory of `method` on these tasks and fit it to the budget.
 
     For an estimator: its largest vmapped chunks that fit. For a policy such as `auto`: the
-    first of its ranked candidates that fits.
+    first of its ranked candidates that fits. Without a memory budget, the plan still fits the
+    memory available on `device` now (`metaopt.memory.available_bytes`; the reason says so): a
+    run past it would be killed, leaving no record. No run-time guard follows from that bound.
 
     Args:
       fixed_bytes: bytes the caller adds around the call (e.g. the outer optimizer's state),
@@ -142,6 +146,21 @@ def plan(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, tasks: T
       BudgetExceeded: nothing fits; the message names the estimator, T, the predicted and the
         allowed bytes, and (for one estimator) the configurations that would fit.
     """
+    bounded, room = machine_bounded(budget, device)
+    if room is None:
+        return _plan_within(method, loop, meta, tasks, budget, batching, device, meter, fixed_bytes)
+    machine = f"no memory budget was given: the plan fits the {format_bytes(room)} available on {torch.device(device)}"
+    try:
+        found = _plan_within(method, loop, meta, tasks, bounded, batching, device, meter, fixed_bytes)
+    except BudgetExceeded as refused:
+        raise BudgetExceeded(f"{machine}; nothing fits in it: {refused}") from None
+    return found._replace(reason=f"{found.reason}; {machine}")
+
+
+def _plan_within(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
+                 budget: Budget, batching: Batching, device: torch.device | str, meter: Meter | None,
+                 fixed_bytes: int) -> Plan:
+    """`plan` under `budget` as given."""
     method.check(loop, meta)
     predictor = Predictor(loop, meta, tasks, device, meter=meter, limit=_limit(budget))
     steps = predictor.steps

@@ -15,6 +15,7 @@ import torch
 import metaopt as mo
 from metaopt import estimators as E
 from metaopt.checkpoint import load_checkpoint
+from metaopt.compiled import Compiled
 from metaopt.planning import choose, plan
 from problems import tiny_model, tiny_tasks
 
@@ -63,6 +64,11 @@ def test_plan_splits_the_batch_into_chunks_that_fit():
     # Without the headroom's 10% a chunk of 2 (1.2 x one task) no longer fits: task by task.
     found = plan(E.Full(), loop, meta, tasks, mo.Budget(memory=int(one * 1.25)), meter=synthetic_meter)
     assert (found.batching, found.chunk_size) == ("loop", 1)
+    # A compiled estimator computes vmapped chunks only: task by task is then a vmap of one task at a time.
+    compiled = plan(Compiled(E.Full()), loop, meta, tasks, mo.Budget(memory=int(one * 1.25)), meter=synthetic_meter)
+    assert (compiled.batching, compiled.chunk_size) == ("vmap", 1)
+    single = plan(Compiled(E.Full()), loop, meta, tiny_tasks(1, 16), mo.Budget(), meter=synthetic_meter)
+    assert (single.batching, single.chunk_size) == ("vmap", 1)
     # The chunked call gives the same meta-gradient as one big vmap.
     chunked = E.Full()(loop, meta, tasks, chunk_size=2)
     whole = E.Full()(loop, meta, tasks)
@@ -242,3 +248,57 @@ def test_uneven_chunks_give_the_mean_over_tasks(chunk):
     for k in per_task[0]:
         torch.testing.assert_close(result.grads[k], sum(g[k] for g in per_task) / 5, rtol=1e-10, atol=1e-12)
     assert result.task_used.all() and result.task_losses.shape == (5,)
+
+
+def test_without_a_memory_budget_the_plan_still_fits_the_machine(monkeypatch):
+    """No memory budget is no licence to be killed (an out-of-memory kill leaves no record): the plan fits the
+    memory available on the device now, in chunks, saying so; what cannot fit there is refused before any work;
+    where the available memory is unknown, nothing bounds the plan."""
+    loop, meta, tasks = _problem()
+    one = FIXED + GRAPH_STEP * 16
+    monkeypatch.setattr("metaopt.budget.available_bytes", lambda device: int(one * 1.25 / 0.9))
+    found = plan(E.Full(), loop, meta, tasks, mo.Budget(), meter=synthetic_meter)
+    assert (found.batching, found.chunk_size) == ("vmap", 2)
+    assert "no memory budget was given" in found.reason and "available on cpu" in found.reason
+    monkeypatch.setattr("metaopt.budget.available_bytes", lambda device: one // 2)
+    with pytest.raises(mo.BudgetExceeded, match="no memory budget was given.*nothing fits in it"):
+        plan(E.Full(), loop, meta, tasks, mo.Budget(), meter=synthetic_meter)
+    monkeypatch.setattr("metaopt.budget.available_bytes", lambda device: None)
+    assert plan(E.Full(), loop, meta, tasks, mo.Budget(), meter=synthetic_meter).chunk_size == 4
+
+
+def test_evaluation_without_a_memory_budget_runs_in_pieces_that_fit_the_machine(monkeypatch):
+    """Meta-test batches are sized to the available memory when no budget is given (1000 bytes per task, 10 kB
+    available: 9 tasks at once under the 10% headroom)."""
+    import contextlib
+
+    from metaopt import evaluation
+    from metaopt.memory import PeakMemory
+
+    sizes = []
+    monkeypatch.setattr(evaluation, "_adapted_scores", lambda loop, meta, part, *rest: sizes.append(len(part.query.y)))
+
+    @contextlib.contextmanager
+    def measured(device, method="auto"):
+        peak = PeakMemory()
+        yield peak
+        peak.peak_bytes = 1000 * sizes[-1]
+
+    monkeypatch.setattr(evaluation, "measure_peak_memory", measured)
+    loop, meta, _ = _problem()
+    tasks = mo.Sinusoid(k_shot=5)
+    monkeypatch.setattr("metaopt.budget.available_bytes", lambda device: 10_000)
+    assert evaluation.eval_batch_size_for(loop, meta, tasks, mo.Budget(), inner_steps=2, batch_size=20) == 9
+    monkeypatch.setattr("metaopt.budget.available_bytes", lambda device: None)
+    assert evaluation.eval_batch_size_for(loop, meta, tasks, mo.Budget(), inner_steps=2, batch_size=20) == 20
+
+
+def test_available_memory_is_read_from_the_machine():
+    from metaopt.memory import available_bytes
+
+    room = available_bytes("cpu")
+    if room is None:
+        pytest.skip("no /proc/meminfo or cgroup limit here")
+    with open("/proc/meminfo") as meminfo:
+        total = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemTotal:"))
+    assert 0 < room <= total

@@ -189,3 +189,38 @@ def test_a_batch_normalized_conv_net_compiles_without_a_false_mismatch():
     reference = mo.get_estimator("full")(loop, meta, tasks)
     for k, g in reference.grads.items():
         torch.testing.assert_close(result.grads[k], g, rtol=1e-9, atol=1e-12, msg=f"gradient of {k}")
+
+
+def test_a_float32_mismatch_is_refereed_by_eager_float64():
+    """A float32 gradient that fails the eager check stands if eager float64 finds it as close as eager float32
+    (rounding differs between kernels); one off by more than the tolerance and 10x eager's error is refused, with
+    both figures. The
+    referee works on float64 copies: the float32 loop and meta are untouched."""
+    from torch.utils._pytree import tree_map_only
+
+    from metaopt.batching import compress_support
+    from metaopt.compiled import as_float64
+
+    model = tiny_model().float()
+    loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.1), mo.losses.mse)
+    meta = mo.meta_params(mo.Init(model))
+    tasks, pattern = compress_support(tree_map_only(torch.Tensor, lambda v: v.float(), tiny_tasks(3, T)))
+    compiled = Compiled(mo.Full())
+    eager = compiled._eager_chunk(loop, meta, tasks, pattern)
+    loop64, meta64 = as_float64(loop, meta)
+    exact = compiled._eager_chunk(loop64, meta64, tree_map_only(torch.Tensor, torch.Tensor.double, tasks), pattern)[0]
+    name = max(exact, key=lambda k: float(exact[k].abs().max()))
+    off = (eager[0][name].double() - exact[name]).abs().max()
+    assert 0 < off < 1e-5 * exact[name].abs().max()  # eager float32 rounds
+    largest = int(exact[name].abs().argmax())
+
+    def shifted(by: float):  # the largest gradient's largest entry moved by `by`
+        grad = eager[0][name].clone()
+        grad.view(-1)[largest] += by
+        return {**eager[0], name: grad}, eager[1], eager[2]
+
+    assert compiled._refereed("m", shifted(2 * float(off)), eager, loop, meta, tasks, pattern) is None
+    refused = compiled._refereed("m", shifted(1e-3 * float(exact[name].abs().max())), eager, loop, meta, tasks,
+                                 pattern)  # 1e-3 relative: 10x the CPU's float32 tolerance, ~1e4x eager's error
+    assert refused.startswith("m; against eager float64") and repr(name) in refused
+    assert all(p.dtype == torch.float32 for p in [*meta.parameters(), *model.parameters()])
