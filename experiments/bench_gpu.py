@@ -19,8 +19,10 @@ gradient's largest entry, floored at 1% of all gradients' largest; TF32 off unle
 
 Times are medians over interleaved rounds in a shuffled order, measured with CUDA events on CUDA
 (perf_counter on CPU). Then `meta_train` runs `--train-steps` meta-steps on freshly sampled tasks
-(sampled on the host, copied to the device, finiteness check, Adam step) with the eager and the compiled
-estimator; its median `seconds_per_meta_step` is compared with the bare meta-gradient's.
+(sampling, finiteness check, Adam step) with the eager and the compiled estimator; its median
+`seconds_per_meta_step` is compared with the bare meta-gradient's. `--train-tasks omniglot` (default):
+Omniglot's sampler over generated images, gathered on the device; `patterns`: RandomPatterns, generated on
+the host and copied (what README's first GPU figures used). Sampling one meta-batch alone is timed too.
 
 The device and torch version are printed first; the last line is
 `ms_per_step_T1_B16 eager:<ms> compiled:<ms> cudagraph:<ms> hand_eager:<ms> train_vs_bare:<x>`.
@@ -38,6 +40,8 @@ import torch
 import metaopt as mo
 from bench_step import make_higher, make_metaopt, make_torch_func, make_torch_func_compiled
 from metaopt.compiled import gradient_errors
+from metaopt.tasks import TaskDistribution
+from metaopt.tasks.omniglot import Omniglot, OmniglotImages
 from metaopt.train import task_to
 
 N_WAY, K_SHOT, K_QUERY, SIZE, INNER_LR = 5, 1, 15, 28, 0.4
@@ -112,14 +116,42 @@ def bench(meta_batch: int, steps: int, args: argparse.Namespace, mismatches: lis
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def training_tasks(kind: str) -> TaskDistribution:
+    """The tasks of the whole-step comparison. "omniglot": `Omniglot` over generated images (random strokes for
+    Omniglot's background counts, 964 characters x 20 drawers in 30 alphabets, with rotations), sampled as real
+    Omniglot is: a gather from one uint8 tensor that `meta_train` keeps on the device (`Omniglot.to`).
+    "patterns": `RandomPatterns`, generated on the host for every batch (noise for every image) and copied."""
+    if kind == "patterns":
+        return mo.RandomPatterns(n_way=N_WAY, k_shot=K_SHOT, k_query=K_QUERY, size=SIZE)
+    generator = torch.Generator().manual_seed(0)
+    images = (torch.rand((964, 20, SIZE, SIZE), generator=generator) < 0.15).to(torch.uint8) * 255
+    alphabets = [f"alphabet{i % 30:02d}" for i in range(964)]
+    data = OmniglotImages(images, alphabets, [f"{a}/character{i:03d}" for i, a in enumerate(alphabets)],
+                          ["background"] * 964)
+    return Omniglot(data, n_way=N_WAY, k_shot=K_SHOT, k_query=K_QUERY, size=SIZE, split_by="character",
+                    val_fraction=0.0, test_fraction=0.0)
+
+
+def sampling_seconds(tasks: TaskDistribution, meta_batch: int, args: argparse.Namespace) -> float:
+    """Median seconds to draw one meta-batch of `tasks` and have it on the device (synchronized), alone."""
+    tasks, generator, times = tasks.to(args.device), torch.Generator().manual_seed(1), []
+    for _ in range(max(args.repeats, 5)):
+        start = time.perf_counter()
+        batch = task_to(tasks.sample(meta_batch, 1, generator), args.device)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize(args.device)
+        times.append(time.perf_counter() - start)
+    del batch
+    return statistics.median(times)
+
+
 def train_step_seconds(meta_batch: int, steps: int, compile: bool, args: argparse.Namespace) -> float:
     """Median seconds of a whole meta_train step (sampling, copy, meta-gradient, checks, Adam)."""
     torch.manual_seed(0)
     model = mo.Conv4(1, N_WAY, channels=args.channels, image_size=SIZE).to(args.device)
     loop = mo.InnerLoop(model, mo.optim.sgd(lr=INNER_LR), mo.losses.cross_entropy)
     meta = mo.meta_params(mo.Init(model))
-    metrics = mo.meta_train(loop, meta, mo.get_estimator("full", compile=compile),
-                            mo.RandomPatterns(n_way=N_WAY, k_shot=K_SHOT, k_query=K_QUERY, size=SIZE),
+    metrics = mo.meta_train(loop, meta, mo.get_estimator("full", compile=compile), training_tasks(args.train_tasks),
                             outer_optimizer=torch.optim.Adam(meta.parameters(), lr=1e-3), meta_steps=args.train_steps,
                             meta_batch_size=meta_batch, inner_steps=steps, eval_n_tasks=0, progress=False,
                             log_every=args.train_steps, device=args.device)
@@ -180,6 +212,8 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--train-steps", type=int, default=60, help="0: skip the whole-meta_train comparison")
+    parser.add_argument("--train-tasks", choices=["omniglot", "patterns"], default="omniglot",
+                        help="tasks of the whole-step comparison (see training_tasks)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 convolutions and matmuls (CUDA; "
                         "default off: float32 throughout, so the gradients compare at 1e-3)")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
@@ -222,6 +256,8 @@ def main() -> None:
         raise SystemExit("bench_gpu: gradients differ from torch.func's (relative error): " + "; ".join(mismatches))
     if args.train_steps <= 0:
         return
+    sampled = sampling_seconds(training_tasks(args.train_tasks), b, args)
+    print(f"sampling {b} {args.train_tasks} tasks onto {args.device}, alone: {1e3 * sampled:.2f} ms", flush=True)
     eager_train = train_step_seconds(b, t, False, args)
     compiled_train = train_step_seconds(b, t, True, args)
     print(f"whole meta_train step (B={b}, T={t}): eager {1e3 * eager_train:.2f} ms "

@@ -321,3 +321,26 @@ def test_warp_moves_a_point_where_the_drawn_affine_map_sends_it(data, tmp_path):
     assert a.shape == b.shape and not torch.equal(a, b)
     with pytest.raises(OmniglotDataError, match="warp_shear = 1.5"):
         Omniglot(data, size=8, cache_dir=tmp_path / "cache", warp_shear=1.5)
+
+
+def test_tasks_gathered_on_another_device_are_the_same_tasks(data, tmp_path):
+    """`Omniglot.to(device)` keeps the images on the device and gathers, converts, shifts and warps there, while
+    the classes, drawers and augmentations are still drawn from the CPU generator: every tensor of a task is on
+    the device ("meta" stands in for a GPU here: shapes and placement, no values), the generator advances as on
+    the CPU, and the original distribution is untouched. Images already loaded can be given as `root`."""
+    images = OmniglotImages.load(data, 8, tmp_path / "cache")
+    omniglot = Omniglot(images, n_way=3, k_shot=1, k_query=2, size=8, shift=1, warp_degrees=10,
+                        split_by="character", test_fraction=0.0, val_fraction=0.0)
+    on_meta = omniglot.to("meta")
+    assert on_meta.images.device.type == "meta" and omniglot.images.device.type == "cpu"
+    cpu_generator, meta_generator = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    want = omniglot.sample(4, 2, cpu_generator)
+    got = on_meta.sample(4, 2, meta_generator)
+    leaves = [torch.utils._pytree.tree_leaves(task) for task in (got, want)]
+    assert [a is None for a in leaves[0]] == [b is None for b in leaves[1]]  # no init either way
+    for a, b in zip(*leaves):
+        assert a is None or (a.device.type == "meta" and a.shape == b.shape and a.dtype == b.dtype)
+    assert torch.equal(cpu_generator.get_state(), meta_generator.get_state())
+    assert torch.equal(omniglot.to("cpu").sample(4, 2, torch.Generator().manual_seed(3)).query.x, want.query.x)
+    with pytest.raises(OmniglotDataError, match=r"the images given are \[8, 8\] pixels, not size = 28"):
+        Omniglot(images)

@@ -1,7 +1,8 @@
 """Random image augmentations for task samplers (training only; no gradient flows through them).
 
 Both take images [..., H, W] (any leading shape, e.g. [tasks, N, K + Q, 1, H, W]) and a generator, and draw
-one transformation per image, so a seeded sampler stays reproducible.
+one transformation per image, so a seeded sampler stays reproducible. The draws come from the (CPU) generator
+and the images are transformed where they are: the same images on every device.
 """
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ def shifted(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Te
     in). Exact: no resampling."""
     *lead, height, width = x.shape
     flat = F.pad(x.reshape(-1, height, width), (shift, shift, shift, shift))
-    offsets = torch.randint(0, 2 * shift + 1, (flat.shape[0], 2), generator=generator)
-    rows = (offsets[:, :1] + torch.arange(height)).unsqueeze(2)          # [n, H, 1]
-    cols = (offsets[:, 1:] + torch.arange(width)).unsqueeze(1)           # [n, 1, W]
-    return flat[torch.arange(flat.shape[0]).view(-1, 1, 1), rows, cols].reshape(*lead, height, width)
+    offsets = torch.randint(0, 2 * shift + 1, (flat.shape[0], 2), generator=generator).to(x.device)
+    rows = (offsets[:, :1] + torch.arange(height, device=x.device)).unsqueeze(2)          # [n, H, 1]
+    cols = (offsets[:, 1:] + torch.arange(width, device=x.device)).unsqueeze(1)           # [n, 1, W]
+    return flat[torch.arange(flat.shape[0], device=x.device).view(-1, 1, 1), rows, cols].reshape(*lead, height, width)
 
 
 def warped(x: torch.Tensor, degrees: float, shear: float, scale: float, generator: torch.Generator) -> torch.Tensor:
@@ -43,5 +44,5 @@ def warped(x: torch.Tensor, degrees: float, shear: float, scale: float, generato
     # affine_grid maps output coordinates to input ones: the inverse of the distortion drawn.
     linear = torch.linalg.inv(rotation @ shearing @ scaling)
     theta = torch.cat([linear, torch.zeros(flat.shape[0], 2, 1, dtype=x.dtype)], dim=2)
-    grid = F.affine_grid(theta, list(flat.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(x.device), list(flat.shape), align_corners=False)
     return F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False).reshape(x.shape)

@@ -36,9 +36,15 @@ class TaskDistribution(abc.ABC):
     def sample(self, n_tasks: int, inner_steps: int, generator: torch.Generator) -> Task:
         """A batch of `n_tasks` tasks with a leading task axis, `inner_steps` support batches each.
 
-        Tensors are created in `torch.get_default_dtype()` on the CPU; the same
-        generator state always gives the same tasks.
+        Tensors are created in `torch.get_default_dtype()` on the CPU (or where `to` put the
+        distribution's data); the same generator state always gives the same tasks.
         """
+
+    def to(self, device: torch.device | str) -> "TaskDistribution":
+        """This distribution sampling on `device` where it can: a copy whose data lives there, so tasks are
+        gathered on the device instead of built on the host and copied (the generator stays on the CPU: the
+        same tasks on every device). Default: itself (its tasks are built on the CPU; the caller moves them)."""
+        return self
 
     def next_batch(self, n_tasks: int, inner_steps: int, generator: torch.Generator, source_state: Any = None,
                    carry: Any = None) -> tuple[Task, Any]:

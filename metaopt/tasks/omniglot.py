@@ -10,6 +10,7 @@ tensor indexing (microseconds). Nothing is downloaded.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import os
@@ -187,7 +188,8 @@ class Omniglot(TaskDistribution):
     drew every class's support, the next Q its queries).
 
     Args:
-      root: the data folder (see `OmniglotImages.load`).
+      root: the data folder (see `OmniglotImages.load`), or images already loaded (`OmniglotImages`, e.g.
+        generated for a benchmark; `size` must then be theirs).
       n_way, k_shot, k_query: N, K, Q.
       split: "train", "val" or "test".
       split_by: "alphabet", "character" or "background".
@@ -216,7 +218,7 @@ class Omniglot(TaskDistribution):
 
     kind = "classification"
 
-    def __init__(self, root: str, n_way: int = 5, k_shot: int = 1, k_query: int = 15,
+    def __init__(self, root: str | OmniglotImages, n_way: int = 5, k_shot: int = 1, k_query: int = 15,
                  split: Literal["train", "val", "test"] = "train",
                  split_by: Literal["alphabet", "character", "background"] = "alphabet", val_alphabets: int = 1,
                  test_alphabets: int | Sequence[str] = 2, val_fraction: float = 0.1, test_fraction: float = 0.2,
@@ -237,7 +239,10 @@ class Omniglot(TaskDistribution):
             raise OmniglotDataError(f"omniglot: warp_degrees = {warp_degrees} must be in [0, 180], warp_shear = "
                                     f"{warp_shear} and warp_scale = {warp_scale} in [0, 1)")
         self.warp_degrees, self.warp_shear, self.warp_scale = warp_degrees, warp_shear, warp_scale
-        data = OmniglotImages.load(root, size, cache_dir)
+        if isinstance(root, OmniglotImages) and tuple(root.images.shape[2:]) != (size, size):
+            raise OmniglotDataError(f"omniglot: the images given are {list(root.images.shape[2:])} pixels, not "
+                                    f"size = {size}")
+        data = root if isinstance(root, OmniglotImages) else OmniglotImages.load(root, size, cache_dir)
         chosen = _split(data, split, split_by, seed, val_alphabets, test_alphabets, val_fraction, test_fraction)
         if not chosen:
             raise OmniglotEmptySplit(
@@ -281,6 +286,13 @@ class Omniglot(TaskDistribution):
     def num_classes(self) -> int:
         return self.images.shape[0]
 
+    def to(self, device: torch.device | str) -> "Omniglot":
+        """A copy whose images ([classes, 20, 1, size, size] uint8: 60 MB for the 8 shared alphabets with
+        rotations) live on `device`: tasks are gathered, converted and augmented there. `self` is unchanged."""
+        moved = copy.copy(self)
+        moved.images = self.images.to(device)
+        return moved
+
     def draw(self, n_tasks: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The classes [n_tasks, N] and drawers [n_tasks, N, K + Q] of `n_tasks` tasks (the first K drawers of
         a class give its support); `sample` reads these images."""
@@ -300,12 +312,13 @@ class Omniglot(TaskDistribution):
 
     def sample(self, n_tasks: int, inner_steps: int, generator: torch.Generator) -> Task:
         n, per_class = self.n_way, self.k_shot + self.k_query
+        device = self.images.device
         classes, drawers = self.draw(n_tasks, generator)
-        x = self.images[classes.unsqueeze(-1), drawers].to(torch.get_default_dtype()) / 255.0
+        x = self.images[classes.unsqueeze(-1).to(device), drawers.to(device)].to(torch.get_default_dtype()) / 255.0
         x = warped(x, self.warp_degrees, self.warp_shear, self.warp_scale, generator)
         if self.shift:
             x = shifted(x, self.shift, generator)
-        y = torch.arange(n).view(1, n, 1).expand(n_tasks, n, per_class)
+        y = torch.arange(n, device=device).view(1, n, 1).expand(n_tasks, n, per_class)
         shape = x.shape[3:]
 
         def flat(xs: torch.Tensor, ys: torch.Tensor) -> Batch:
