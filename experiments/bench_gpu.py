@@ -123,13 +123,19 @@ def training_tasks(kind: str) -> TaskDistribution:
     "patterns": `RandomPatterns`, generated on the host for every batch (noise for every image) and copied."""
     if kind == "patterns":
         return mo.RandomPatterns(n_way=N_WAY, k_shot=K_SHOT, k_query=K_QUERY, size=SIZE)
+    return generated_omniglot(n_way=N_WAY, k_shot=K_SHOT, k_query=K_QUERY)
+
+
+def generated_omniglot(characters: int = 964, alphabets: int = 30, **options: object) -> Omniglot:
+    """`Omniglot` over generated images: random strokes (15% of pixels lit) for `characters` characters x 20
+    drawers in `alphabets` alphabets (default: the background set's counts), every character training (with
+    rotations); `options` go to `Omniglot` (n_way, shift, ...). No data on disk needed."""
     generator = torch.Generator().manual_seed(0)
-    images = (torch.rand((964, 20, SIZE, SIZE), generator=generator) < 0.15).to(torch.uint8) * 255
-    alphabets = [f"alphabet{i % 30:02d}" for i in range(964)]
-    data = OmniglotImages(images, alphabets, [f"{a}/character{i:03d}" for i, a in enumerate(alphabets)],
-                          ["background"] * 964)
-    return Omniglot(data, n_way=N_WAY, k_shot=K_SHOT, k_query=K_QUERY, size=SIZE, split_by="character",
-                    val_fraction=0.0, test_fraction=0.0)
+    images = (torch.rand((characters, 20, SIZE, SIZE), generator=generator) < 0.15).to(torch.uint8) * 255
+    names = [f"alphabet{i % alphabets:02d}" for i in range(characters)]
+    data = OmniglotImages(images, names, [f"{a}/character{i:03d}" for i, a in enumerate(names)],
+                          ["background"] * characters)
+    return Omniglot(data, size=SIZE, split_by="character", val_fraction=0.0, test_fraction=0.0, **options)
 
 
 def sampling_seconds(tasks: TaskDistribution, meta_batch: int, args: argparse.Namespace) -> float:

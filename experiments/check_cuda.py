@@ -10,6 +10,7 @@
 3. The compiled meta-gradient (`compile=True`) on CUDA equals eager in float64 (1e-9).
 4. A memory budget below full's prediction is refused before any work (BudgetExceeded), and
    `auto` under it picks an estimator whose measured peak fits.
+5. Omniglot's tasks gathered on the device (`Omniglot.to`) equal the CPU's (generated images).
 Prints one line per check and exits non-zero if a check fails.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from metaopt.guard import format_bytes
 from metaopt.memory import measure_peak_memory
 from metaopt.train import task_to
 from metaopt.types import MetaParams
+from bench_gpu import generated_omniglot
 
 DEVICE = "cuda"
 
@@ -137,7 +139,29 @@ def check_budget(failures: list[str]) -> None:
         failures.append("auto under budget")
 
 
+def check_device_sampling(failures: list[str]) -> None:
+    """Omniglot gathered on the device (`Omniglot.to`) gives the CPU's tasks: equal with shifts (uint8 gather,
+    exact conversion, index shifts), within 1e-5 with warps (bilinear resampling on other kernels)."""
+    for name, options, atol in (("shifts", {"shift": 2}, 0.0),
+                                ("warps", {"shift": 2, "warp_degrees": 10, "warp_shear": 0.3, "warp_scale": 0.2},
+                                 1e-5)):
+        tasks = generated_omniglot(n_way=20, k_shot=1, k_query=5, within_alphabet=True, drawer_split=True,
+                                   **options)
+        want = tasks.sample(8, 2, torch.Generator().manual_seed(0))
+        got = tasks.to(DEVICE).sample(8, 2, torch.Generator().manual_seed(0))
+        placed = got.query.x.device.type == torch.device(DEVICE).type
+        worst = max(float((a.cpu() - b).abs().max()) for a, b in
+                    ((got.query.x, want.query.x), (got.support[0].x, want.support[0].x)))
+        same_labels = torch.equal(got.query.y.cpu(), want.query.y)
+        ok = placed and same_labels and worst <= atol
+        print(f"device sampling ({name}): tasks on {got.query.x.device}, largest difference from the CPU's "
+              f"{worst:.1e} (allowed {atol:.0e}) {'ok' if ok else 'FAIL'}")
+        if not ok:
+            failures.append(f"device sampling ({name})")
+
+
 CHECKS: dict[str, Callable[[list[str], int], None]] = {
+    "sampling": lambda failures, steps: check_device_sampling(failures),
     "exactness": lambda failures, steps: check_exactness(failures),
     "compiled": lambda failures, steps: check_compiled_float64(failures),
     "speed": check_speed_and_memory,

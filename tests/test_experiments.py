@@ -104,3 +104,13 @@ def test_contract_learned_augmentation_on_generated_omniglot(tmp_path):
     assert paired["learned"] == metrics["learned"]
     assert paired["difference"] == pytest.approx(paired["learned"] - paired["baseline"], abs=1e-6)
     assert sorted(p.name for p in (run / "ablations").iterdir()) == ["0", "1", "2"]
+
+
+def test_check_cuda_device_sampling_runs_as_a_cpu_smoke_test():
+    """check_cuda.py's sampling check (Omniglot gathered on the device equals the CPU's tasks) runs without a
+    GPU on --device cpu, so the script and bench_gpu's generated Omniglot it imports stay runnable."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "check_cuda.py"), "--device", "cpu",
+                             "--only", "sampling"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stdout.count("device sampling") == 2 and "all checks passed" in result.stdout
