@@ -98,7 +98,7 @@ def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_ta
       tensors [n_tasks] in task order, for paired comparisons of two methods on the same tasks.
     """
     budget = budget if budget is not None else Budget()
-    tasks = tasks.to(device)  # a distribution that can gathers its tasks on the device (same tasks)
+    tasks = tasks.to(device)  # where it can, the distribution samples on the device (the same tasks)
     fitted = eval_batch_size_for(loop, meta, tasks, budget, inner_steps=inner_steps, batch_size=batch_size,
                                  batching=batching, device=device)
     generator = torch.Generator().manual_seed(seed)

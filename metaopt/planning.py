@@ -101,9 +101,10 @@ def _fit(predictor: Predictor, estimator: AbstractEstimator, budget: Budget, bat
             chunk = min(chunk - 1, int(chunk * limit / predicted))
     predicted = predictor.predict(estimator, n, 1)
     if predicted <= limit:
-        # A compiled estimator (`metaopt.compiled`) computes vmapped chunks only: one task at a time is a vmap of one.
-        single: Literal["vmap", "loop"] = "vmap" if mode == "vmap" and getattr(estimator, "chunk_gradient", None) is not None else "loop"
-        return made(single, 1, predicted, "one task at a time fits" if mode == "vmap" else "tasks run one at a time")
+        # A compiled estimator (`metaopt.compiled`, as the runner tells it: `chunk_gradient`) computes vmapped chunks
+        # only: for it, one task at a time is a vmap of one task.
+        compiled = getattr(estimator, "chunk_gradient", None) is not None
+        return made("vmap" if mode == "vmap" and compiled else "loop", 1, predicted, "one task at a time fits" if mode == "vmap" else "tasks run one at a time")
     return None
 
 

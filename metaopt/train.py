@@ -334,7 +334,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     _check_arguments(meta_steps, meta_batch_size, inner_steps, on_nan)
     budget = budget if budget is not None else Budget()
     estimator.check(loop, meta)
-    tasks = tasks.to(device)  # a distribution that can gathers its tasks on the device (the same tasks)
+    tasks = tasks.to(device)  # where it can, the distribution samples on the device (the same tasks)
     chosen = plan_training(estimator, loop, meta, tasks, outer_optimizer, meta_batch_size=meta_batch_size,
                            inner_steps=inner_steps, budget=budget, batching=batching, seed=seed, device=device,
                            meter=meter)
