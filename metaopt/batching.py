@@ -41,8 +41,19 @@ def check_task(task: Task, *, batched: bool = False) -> None:
       TaskShapeMismatch: naming the batch and the shapes.
     """
     lead = 1 if batched else 0
+    batches = (*task.support, task.query)
+    # The common case costs a few comparisons per call (this runs every meta-step); names only on failure.
+    ref = task.query.x.shape[lead + 1:]
+    n = task.query.x.shape[0]
+    if any((batched and (b.x.shape[0] != n or b.y.shape[0] != n)) or b.x.shape[lead + 1:] != ref
+           or b.x.shape[:lead + 1] != b.y.shape[:lead + 1] for b in batches):
+        _raise_mismatch(task, lead)
+
+
+def _raise_mismatch(task: Task, lead: int) -> None:
+    """Raise `check_task`'s TaskShapeMismatch for the first batch that does not go with the others."""
     batches = [(f"support[{t}]", b) for t, b in enumerate(task.support)] + [("query", task.query)]
-    if batched:
+    if lead:
         sizes = {name: b.x.shape[0] for name, b in batches} | {name + ".y": b.y.shape[0] for name, b in batches}
         if len(set(sizes.values())) > 1:
             raise TaskShapeMismatch(f"batched task has different task-axis sizes: {sizes}")

@@ -4,7 +4,7 @@ Eager metaopt pays per op: ~50 dispatched ops per inner step and 120-150 backwar
 each through the functorch layers and Python, for a few MFLOP of arithmetic (sinusoid
 MAML). `Compiled(estimator)` traces, once per input shape, the function
 
-    values, tasks -> torch.func.grad(sum over the chunk's tasks of the estimator's surrogate)(values)
+    tasks -> torch.func.grad(mean over the chunk's tasks of the estimator's surrogate)(meta's values)
 
 (the outer gradient of the vmapped tasks' outer losses, inner unroll and inner gradients
 included) with `torch.compile(fullgraph=True)`, so the whole meta-gradient runs as one
@@ -47,8 +47,9 @@ __all__ = ["Compiled", "ChunkResult", "default_options", "gradient_errors", "as_
 
 log = logging.getLogger("metaopt")
 
-ChunkResult = tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]
-"""A chunk's (gradients summed over its tasks, outer losses [B], stats {name: [B]}), no graph left."""
+ChunkResult = tuple[dict[str, Tensor], Tensor, dict[str, Tensor], Tensor]
+"""A chunk's (gradients, the mean over its tasks; outer losses [B]; stats {name: [B]}; the mean outer loss, a
+scalar computed in the same graph: the runner's one op less per call), no graph left."""
 
 
 def _objective_of(estimator: Differentiator, loop: InnerLoop,
@@ -198,7 +199,6 @@ class Compiled:
         if not getattr(self.eager, "compiles", False):
             self._fall_back(f"estimator {self.eager.name!r} does not compile (its class declares compiles = False)")
             return None
-        values = meta_values(meta)
         device = tasks.query.x.device.type
         key = (id(loop), id(meta), pattern, device)
         signature = (key, _signature(tasks, pattern))
@@ -210,22 +210,22 @@ class Compiled:
                 function = self._functions.get(key)
                 if function is None:
                     function = self._functions[key] = self._build(loop, meta, pattern, options)
-                grads, (losses, stats) = function(values, tasks)
+                grads, (losses, stats, mean_loss) = function(tasks)
             except Exception as error:
                 if not (first and options.get("cpp_wrapper")) or _is_graph_break(error):
                     raise
                 log.info("compile=true: the C++ wrapper failed (%s: %s); compiling without it",
                          type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
                 function = self._functions[key] = self._build(loop, meta, pattern, {**options, "cpp_wrapper": False})
-                grads, (losses, stats) = function(values, tasks)
+                grads, (losses, stats, mean_loss) = function(tasks)
         except Exception as error:  # a compile error or a graph break: eager from now on
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
             self._fall_back(f"torch.compile failed: {type(error).__name__}: {' '.join(lines[:3])[:400]}")
             return None
         if self.mode is not None and "reduce-overhead" in self.mode:
             # CUDA graphs replay into the same output buffers: the caller keeps copies, not the buffers.
-            grads, losses = {k: g.clone() for k, g in grads.items()}, losses.clone()
-        result = (dict(grads), losses.detach(), {k: v.detach() for k, v in stats.items()})
+            grads, losses, mean_loss = {k: g.clone() for k, g in grads.items()}, losses.clone(), mean_loss.clone()
+        result = (grads, losses, stats, mean_loss)  # grad's outputs and aux carry no graph
         if first:
             if self.verify:
                 eager = self._eager_chunk(loop, meta, tasks, pattern)
@@ -244,17 +244,20 @@ class Compiled:
                options: dict[str, Any]) -> Callable[..., Any]:
         estimator = self.eager
 
-        def total(meta_now: MetaParams, tasks: Task) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+        def total(meta_now: MetaParams, tasks: Task) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor], Tensor]]:
             surrogate, outer_loss, stats = vmap_tasks(_objective_of(estimator, loop, meta_now), tasks, pattern)
-            return surrogate.mean(), (outer_loss, stats)
+            return surrogate.mean(), (outer_loss, stats, outer_loss.detach().mean())
 
         holder = MetaCall(meta)  # made here: a module created inside the traced function cannot be reparametrized
 
-        def surrogate(values: dict[str, Tensor], tasks: Task) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+        def surrogate(values: dict[str, Tensor], tasks: Task) -> tuple[Tensor, Any]:
             return torch.func.functional_call(holder, {f"meta.{k}": v for k, v in values.items()}, (total, tasks))
 
-        def meta_gradient(values: dict[str, Tensor], tasks: Task) -> Any:
-            return torch.func.grad(surrogate, has_aux=True)(values, tasks)
+        def meta_gradient(tasks: Task) -> Any:
+            # The meta-parameters are read here, inside the traced function: Dynamo's guards (C++) then check
+            # they are the same tensors that require grad, where reading them before each call walked the
+            # module tree in Python (~17 us per call at T=1).
+            return torch.func.grad(surrogate, has_aux=True)(meta_values(holder.meta), tasks)
 
         # Dynamo caches compiled code per code object, at most 8 variants: every wrapper shares `meta_gradient`'s
         # (and torch.func.grad's) code, so a process building several (tests, explorer workers) would hit the
@@ -266,7 +269,8 @@ class Compiled:
     def _eager_chunk(self, loop: InnerLoop, meta: MetaParams, tasks: Task, pattern: tuple[int, ...]) -> ChunkResult:
         surrogate, outer_loss, stats = vmap_tasks(_objective_of(self.eager, loop, meta), tasks, pattern)
         grads = grads_of(surrogate.mean(), meta)
-        return grads, outer_loss.detach(), {k: v.detach() for k, v in stats.items()}
+        outer_loss = outer_loss.detach()
+        return grads, outer_loss, {k: v.detach() for k, v in stats.items()}, outer_loss.mean()
 
     def _refereed(self, mismatch: str, compiled: ChunkResult, eager: ChunkResult, loop: InnerLoop, meta: MetaParams,
                   tasks: Task, pattern: tuple[int, ...]) -> str | None:

@@ -104,7 +104,8 @@ def _fit(predictor: Predictor, estimator: AbstractEstimator, budget: Budget, bat
         # A compiled estimator (`metaopt.compiled`, as the runner tells it: `chunk_gradient`) computes vmapped chunks
         # only: for it, one task at a time is a vmap of one task.
         compiled = getattr(estimator, "chunk_gradient", None) is not None
-        return made("vmap" if mode == "vmap" and compiled else "loop", 1, predicted, "one task at a time fits" if mode == "vmap" else "tasks run one at a time")
+        reason = "one task at a time fits" if mode == "vmap" else "tasks run one at a time"
+        return made("vmap" if mode == "vmap" and compiled else "loop", 1, predicted, reason)
     return None
 
 

@@ -106,12 +106,14 @@ def chunks_of(total: int, size: int) -> list[tuple[int, int]]:
 
 
 class _Chunk(NamedTuple):
-    """A chunk's result with no graph left in it: `grads` is the mean over its tasks."""
+    """A chunk's result with no graph left in it: `grads` is the mean over its tasks, `outer_loss` each task's
+    loss [B], `mean_loss` their mean where the chunk computed it (the compiled graph does, at no extra op)."""
 
     grads: dict[str, Tensor]
     outer_loss: Tensor
     stats: dict[str, Tensor]
     carry: Any = None
+    mean_loss: Tensor | None = None
 
 
 class _Run:
@@ -148,7 +150,8 @@ class _Run:
             if done is not None:  # None: the wrapper fell back to eager
                 if guard is not None:
                     guard.after_backward(self.steps(first))
-                return _Chunk(*done)
+                grads, outer_loss, stats, mean_loss = done
+                return _Chunk(grads, outer_loss, stats, None, mean_loss)
         result = self.objective(first, last, guard)
         grads = grads_of(result.surrogate.mean(), self.meta)
         if guard is not None:
@@ -213,7 +216,6 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
       "batching", "chunk_size", "tasks_truncated", "tasks_skipped" and the estimator's own
       figures; `task_losses` has each task's outer loss (NaN for a skipped task).
     """
-    budget = budget if budget is not None else Budget()
     estimator.check(loop, meta)
     start = time.perf_counter()
     mode, prepared = resolve_batching(tasks, batching, estimator.vmap_blocker(loop))
@@ -221,7 +223,7 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
     size = 1 if mode == "loop" else total if chunk_size is None else max(1, min(chunk_size, total))
     device = (prepared if isinstance(prepared, Task) else prepared[0]).query.x.device
     guard = None
-    if not budget.unlimited:
+    if budget is not None and not budget.unlimited:
         probe = memory_probe if memory_probe is not None else (lambda: peak_bytes(device))
         guard = StepGuard(budget, clock or time.monotonic, probe,
                           memory_reset=None if memory_probe is not None else (lambda: reset_peak(device)))
@@ -230,6 +232,7 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
     losses: list[tuple[int, int, Tensor]] = []
     stats_rows: list[dict[str, Tensor]] = []
     carries: list[Any] = []
+    mean_losses: list[Tensor | None] = []
     truncated = skipped = 0
     for first, last in chunks_of(total, size):
         done, was_cut = run.guarded_chunk(first, last)
@@ -241,6 +244,7 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
         losses.append((first, last, done.outer_loss))
         stats_rows.append(done.stats)
         carries.append(done.carry)
+        mean_losses.append(done.mean_loss)
     used = total - skipped
     grads = mean_gradient.result(meta)
     task_losses, task_used = _task_losses(losses, total)
@@ -252,8 +256,12 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
         stats[k] = values.mean().item()
         stats[f"{k}_max"] = values.max().item()
     # A task that diverged keeps its NaN in the mean: only skipped tasks are left out.
-    outer_loss = task_losses.mean() if used == total else task_losses[task_used].mean() if used else \
-        torch.tensor(float("nan"))
+    only_mean = mean_losses[0] if len(mean_losses) == 1 and used == total else None
+    if only_mean is not None and only_mean.dtype == task_losses.dtype:
+        outer_loss = only_mean.to("cpu")  # one chunk of all tasks, which computed their mean with their losses
+    else:
+        outer_loss = task_losses.mean() if used == total else task_losses[task_used].mean() if used else \
+            torch.tensor(float("nan"))
     carry = None if skipped or any(c is None for c in carries) else \
         carries[0] if len(carries) == 1 else tree_map(lambda *parts: torch.cat(parts), *carries)
     return MetaGrad(grads, outer_loss, stats, task_losses, task_used, carry)
@@ -293,7 +301,9 @@ def _task_losses(losses: list[tuple[int, int, Tensor]], total: int) -> tuple[Ten
     chunks' (first, last, outer losses)."""
     dtype = torch.get_default_dtype()
     if len(losses) == 1 and losses[0][:2] == (0, total):
-        return losses[0][2].to("cpu", dtype), torch.ones(total, dtype=torch.bool)
+        loss = losses[0][2]
+        return loss if loss.device.type == "cpu" and loss.dtype == dtype else loss.to("cpu", dtype), \
+            torch.ones(total, dtype=torch.bool)
     task_losses = torch.full((total,), float("nan"), dtype=dtype)
     task_used = torch.zeros(total, dtype=torch.bool)
     for first, last, loss in losses:

@@ -38,6 +38,26 @@ def test_compiled_equals_eager_in_float64(name, kind):
     _assert_equal(again, result)
 
 
+def test_the_compiled_function_reads_the_meta_parameters_at_every_call():
+    """The meta-parameters are read inside the traced function (Dynamo guards them): an outer step in place, a
+    replaced parameter and a frozen one are all seen, as eager sees them."""
+    loop, meta, tasks = _problem("init+lrs_element")
+    compiled, eager = mo.get_estimator("full", compile=True), mo.get_estimator("full")
+    compiled(loop, meta, tasks)
+    with torch.no_grad():
+        for p in meta.parameters():
+            p.mul_(0.9)  # an outer optimizer's step
+    _assert_equal(compiled(loop, meta, tasks), eager(loop, meta, tasks))
+    module, name = next((m, k) for m in meta.modules() for k in m._parameters)
+    setattr(module, name, torch.nn.Parameter(getattr(module, name).detach() + 0.1))  # a new object
+    _assert_equal(compiled(loop, meta, tasks), eager(loop, meta, tasks))
+    getattr(module, name).requires_grad_(False)  # frozen: no gradient for it
+    result, reference = compiled(loop, meta, tasks), eager(loop, meta, tasks)
+    assert set(result.grads) == set(reference.grads) == {k for k, p in meta.named_parameters() if p.requires_grad}
+    _assert_equal(result, reference)
+    assert compiled.compiled and compiled.compiled_calls == 4
+
+
 def test_compiled_full_matches_finite_differences():
     loop, meta, tasks = _problem("init+lrs_element")
     grads = mo.get_estimator("full", compile=True)(loop, meta, tasks).grads
@@ -52,9 +72,9 @@ def test_a_wrong_compiled_result_falls_back_to_eager():
     compiled = Compiled(mo.Full())
 
     def wrong(loop_, meta_, pattern, options):
-        def function(values, tasks_):
-            grads = {k: torch.zeros_like(v) for k, v in values.items()}
-            return grads, (torch.zeros(tasks_.query.x.shape[0]), {})
+        def function(tasks_):
+            grads = {k: torch.zeros_like(p) for k, p in meta_.named_parameters() if p.requires_grad}
+            return grads, (torch.zeros(tasks_.query.x.shape[0]), {}, torch.zeros(()))
         return function
 
     compiled._build = wrong
@@ -73,9 +93,9 @@ def test_a_failed_cpp_wrapper_is_compiled_again_without_it():
         if options.get("cpp_wrapper"):
             raise RuntimeError("CppCompileError: C++ compile error")
 
-        def function(values, tasks_):
-            grads, losses, stats = compiled._eager_chunk(loop_, meta_, tasks_, pattern)
-            return grads, (losses, stats)
+        def function(tasks_):
+            grads, losses, stats, mean_loss = compiled._eager_chunk(loop_, meta_, tasks_, pattern)
+            return grads, (losses, stats, mean_loss)
         return function
 
     compiled._build = flaky
@@ -217,7 +237,7 @@ def test_a_float32_mismatch_is_refereed_by_eager_float64():
     def shifted(by: float):  # the largest gradient's largest entry moved by `by`
         grad = eager[0][name].clone()
         grad.view(-1)[largest] += by
-        return {**eager[0], name: grad}, eager[1], eager[2]
+        return {**eager[0], name: grad}, *eager[1:]
 
     assert compiled._refereed("m", shifted(2 * float(off)), eager, loop, meta, tasks, pattern) is None
     refused = compiled._refereed("m", shifted(1e-3 * float(exact[name].abs().max())), eager, loop, meta, tasks,
