@@ -21,7 +21,12 @@ shuffled (seeded) order, so drift on a shared machine hits all alike and no
 implementation always runs right after another; the table gives the median over
 rounds and each one's ratio to torch.func.
 
-    python experiments/bench_step.py [--steps 1 5 20] [--repeats 30] [--threads 2] [--compile]
+    python experiments/bench_step.py [--steps 1 5 20] [--repeats 30] [--threads 2] [--compile] [--only NAME ...]
+
+--only times some implementations (torch.func, the reference, always runs): e.g. `--only metaopt-comp
+torch.func-comp` alternates the compiled functions with no `higher` or task-by-task rounds between them, whose
+tens of milliseconds of Python-heavy work leave the caches cold for the next call (fixed per-call costs then
+weigh more: see README).
 
 With --compile the last line is `speedup_vs_hand_eager_vmap T=1:<x> T=5:<x> T=20:<x>`: the
 median of hand-written eager vmap over the median of metaopt compiled, same interleaved run.
@@ -41,6 +46,7 @@ import metaopt as mo
 from metaopt.compiled import Compiled
 
 LR, META_BATCH, K = 0.01, 25, 10
+NAMES = ["metaopt", "metaopt-loop", "torch.func", "metaopt-comp", "torch.func-comp", "higher"]
 
 
 # Each make_* builds one implementation of MAML's meta-gradient (`loss`: inner and outer loss, `lr`: inner lr);
@@ -122,7 +128,8 @@ def make_higher(model, tasks, loss=mo.losses.mse, lr=LR):
     return step
 
 
-def bench(steps: int, repeats: int, with_higher: bool, with_compile: bool = False) -> dict[str, float]:
+def bench(steps: int, repeats: int, with_higher: bool, with_compile: bool = False,
+          only: list[str] | None = None) -> dict[str, float]:
     torch.manual_seed(0)
     model = mo.MLP(1, (40, 40), 1)
     tasks = mo.Sinusoid(k_shot=K).sample(META_BATCH, steps, torch.Generator().manual_seed(0))
@@ -136,6 +143,8 @@ def bench(steps: int, repeats: int, with_higher: bool, with_compile: bool = Fals
         impls["torch.func-comp"] = make_torch_func_compiled(model, tasks)
     if with_higher:
         impls["higher"] = make_higher(model, tasks)
+    if only:
+        impls = {name: fn for name, fn in impls.items() if name in only or name == "torch.func"}
     reference = impls["torch.func"]()
     for name, fn in impls.items():  # same gradient, and warm-up (compiling, for the compiled ones)
         start = time.perf_counter()
@@ -162,22 +171,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-higher", action="store_true")
     parser.add_argument("--compile", action="store_true", help="add the compiled implementations")
+    parser.add_argument("--only", nargs="+", choices=NAMES, help="time these (and torch.func, the reference) only")
     args = parser.parse_args()
+    if args.only and any(name.endswith("-comp") for name in args.only) and not args.compile:
+        parser.error("--only names a compiled implementation: add --compile")
     torch.set_num_threads(args.threads)
     print(f"median seconds per meta-step (meta-batch {META_BATCH}, K={K}, {args.repeats} repeats, "
           f"{args.threads} threads, torch {torch.__version__})")
     print(f"{'T':>3} {'implementation':<14} {'median s':>10} {'vs torch.func':>14} {'speed-up vs higher':>19}")
     speedups = []
     for steps in args.steps:
-        medians = bench(steps, args.repeats, not args.no_higher, args.compile)
+        medians = bench(steps, args.repeats, not args.no_higher, args.compile, args.only)
         for name, seconds in medians.items():
             vs_higher = f"{medians['higher'] / seconds:.1f}x" if "higher" in medians else "-"
             print(f"{steps:>3} {name:<14} {seconds:>10.4f} {seconds / medians['torch.func']:>13.2f}x {vs_higher:>19}")
-        if args.compile:
+        if "metaopt-comp" in medians:
             speedups.append(f"T={steps}:{medians['torch.func'] / medians['metaopt-comp']:.2f}")
+        if {"metaopt-comp", "torch.func-comp"} <= set(medians):
             print(f"    T={steps}: metaopt compiled is {medians['torch.func-comp'] / medians['metaopt-comp']:.2f}x "
                   f"the hand-written compiled speed", flush=True)
-    if args.compile:
+    if speedups:
         print("speedup_vs_hand_eager_vmap " + " ".join(speedups))
 
 

@@ -2,6 +2,7 @@
 
     bash experiments/omniglot_runs.sh outputs/omniglot        # the training runs (one CPU thread each)
     python experiments/omniglot_table.py outputs/omniglot [--n-tasks 600] [--data-root PATH] [--folds]
+        [--protocols "20-way within alphabet"] [--support-views 9]
 
 Every run directory under the given folder (its .hydra/config.yaml and checkpoint.pt) is
 evaluated on the held-out alphabets at 1 shot, 600 seeded tasks (95% CI over tasks), on:
@@ -11,7 +12,9 @@ by different people; 5 queries per class). MAML-style runs are scored where thei
 has the protocol's N; ProtoNets on all three. On the same tasks, a non-learned reference:
 nearest neighbour on pixels (Euclidean). Prints a markdown table. With --folds (runs that hold out
 different alphabets, experiments/omniglot_folds_runs.sh), a row per fold with the pixel reference on
-that fold's own tasks, and the mean and standard deviation over folds.
+that fold's own tasks, and the mean and standard deviation over folds. --protocols scores some columns only;
+--support-views V evaluates with test-time views (every support image with its V - 1 nearest one-pixel shifts,
+`Omniglot(support_views=V)`: the same seeded tasks otherwise, so columns compare task by task).
 """
 from __future__ import annotations
 
@@ -85,7 +88,8 @@ def evaluate_run(run_dir: Path, overrides: dict, n_tasks: int,
     return (metrics["test_accuracy"], metrics["test_accuracy_ci95"]), parts.eval_tasks, cfg.eval.seed, batch_size
 
 
-def score_runs(runs: Path, n_tasks: int, data_root: str | None, per_run_reference: bool) -> tuple[list, dict]:
+def score_runs(runs: Path, n_tasks: int, data_root: str | None, per_run_reference: bool,
+               protocols: dict[str, dict] = PROTOCOLS) -> tuple[list, dict]:
     """Every finished run under `runs` on the protocols: rows (name, trained N, meta-steps, training minutes,
     threads, {column: (mean, CI)}, test alphabets, {column: pixel-NN (mean, CI)}) and pixel nearest neighbour on
     the first run's tasks ({column: (mean, CI)}; with `per_run_reference`, on every run's own tasks, in its row)."""
@@ -102,7 +106,7 @@ def score_runs(runs: Path, n_tasks: int, data_root: str | None, per_run_referenc
         prototypes = "n_way" in cfg.loop
         results, own_ref, alphabets = {}, {}, []
         try:
-            for column, overrides in PROTOCOLS.items():
+            for column, overrides in protocols.items():
                 if not prototypes and overrides["n_way"] != int(cfg.task.n_way):
                     continue  # a MAML head answers its own N only
                 results[column], tasks, seed, batch_size = evaluate_run(run_dir, overrides, n_tasks, data_root)
@@ -177,8 +181,15 @@ def main() -> None:
     parser.add_argument("--folds", action="store_true",
                         help="the runs are cross-validation folds (different test alphabets): a row per fold with "
                              "its own pixel nearest neighbour, then the mean and sd over folds")
+    parser.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS), default=list(PROTOCOLS),
+                        help="the columns to score (default: all)")
+    parser.add_argument("--support-views", type=int, default=1,
+                        help="test-time views of every support image: itself and its nearest one-pixel shifts "
+                             "(1 to 9; Omniglot's support_views; default 1: none)")
     args = parser.parse_args()
-    rows, nn_ref = score_runs(args.runs, args.n_tasks, args.data_root, per_run_reference=args.folds)
+    protocols = {name: {**PROTOCOLS[name], "support_views": args.support_views} for name in args.protocols}
+    rows, nn_ref = score_runs(args.runs, args.n_tasks, args.data_root, per_run_reference=args.folds,
+                              protocols=protocols)
     if args.folds:
         print_folds(rows)
     else:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from metaopt.tasks.augment import shifted, warped
+from metaopt.tasks.augment import VIEW_OFFSETS, shifted, shifted_views, warped
 from metaopt.tasks.omniglot import DRAWERS, Omniglot, OmniglotDataError, OmniglotEmptySplit, OmniglotImages
 
 
@@ -206,6 +206,14 @@ def test_eval_omniglot_runs_contract(data, tmp_path, split):
         assert "test_accuracy" in metrics and "meta_test_skipped" not in metrics
         # The within-alphabet 20-way protocol cannot be formed from this data: skipped, said why.
         assert "fewer than n_way = 20" in metrics["protocols"]["within_alphabet_20way"]["skipped"]
+        # The table script scores the run on a chosen protocol, here with test-time support views.
+        table = subprocess.run([sys.executable, str(root / "experiments" / "omniglot_table.py"), str(tmp_path),
+                                "--protocols", "5-way", "--support-views", "3", "--n-tasks", "4"],
+                               capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        assert table.returncode == 0, table.stderr[-3000:]
+        row = next(line for line in table.stdout.splitlines() if line.startswith("| omniglot_protonet (train) |"))
+        five_way, twenty_way = row.split(" | ")[4:6]
+        assert "±" in five_way and twenty_way == "—"
     else:
         assert "test_accuracy" not in metrics and "images_evaluation" in metrics["meta_test_skipped"]
         assert "images_evaluation" in metrics["protocols"]["within_alphabet_20way"]["skipped"]
@@ -288,6 +296,35 @@ def test_shift_moves_each_image_by_a_bounded_random_offset(data, tmp_path):
     assert omniglot.sample(3, 1, torch.Generator().manual_seed(0)).query.x.shape == (3, 30, 1, 8, 8)
     with pytest.raises(OmniglotDataError, match="shift = 4 must be between 0 and half the image size 8"):
         Omniglot(data, size=8, cache_dir=tmp_path / "cache", shift=4)
+
+
+def test_support_views_add_one_pixel_shifts_of_the_support_and_draw_nothing(data, tmp_path):
+    """Test-time views: the same task (classes, drawers, queries) with every support image followed by its
+    shifted copies, each a one-pixel translation of it, labelled as it is."""
+    x = torch.zeros(3, 1, 8, 8)
+    x[:, :, 4, 4] = 1.0
+    views = shifted_views(x, 9)
+    assert views.shape == (9, 3, 1, 8, 8) and torch.equal(views[0], x)
+    for view, (dy, dx) in zip(views, VIEW_OFFSETS):
+        where = int(view[0, 0].flatten().argmax())
+        assert (where // 8, where % 8) == (4 + dy, 4 + dx) and view.sum() == 3
+    with pytest.raises(ValueError, match="between 1 and 9, got 10"):
+        shifted_views(x, 10)
+    kwargs = dict(n_way=3, k_shot=2, k_query=2, size=8, cache_dir=tmp_path / "cache", split_by="character",
+                  test_fraction=0.0, val_fraction=0.0)
+    plain, viewed = Omniglot(data, **kwargs), Omniglot(data, support_views=5, **kwargs)
+    generators = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a, b = plain.sample(4, 2, generators[0]), viewed.sample(4, 2, generators[1])
+    assert torch.equal(generators[0].get_state(), generators[1].get_state())  # nothing more drawn
+    assert torch.equal(a.query.x, b.query.x) and torch.equal(a.query.y, b.query.y)
+    assert len(b.support) == 2 and b.support[0].x.shape == (4, 5 * 6, 1, 8, 8)
+    support = b.support[0].x.view(4, 5, 6, 1, 8, 8)  # [tasks, views, N * K, ...]
+    assert torch.equal(support[:, 0], a.support[0].x)
+    assert torch.equal(support.transpose(0, 1), shifted_views(a.support[0].x, 5))
+    assert torch.equal(b.support[0].y, a.support[0].y.repeat(1, 5))
+    assert "5 views of each support image" in repr(viewed)
+    with pytest.raises(OmniglotDataError, match="support_views = 0 must be between 1 and 9"):
+        Omniglot(data, support_views=0, **kwargs)
 
 
 def test_warp_moves_a_point_where_the_drawn_affine_map_sends_it(data, tmp_path):

@@ -1,8 +1,9 @@
-"""Random image augmentations for task samplers (training only; no gradient flows through them).
+"""Image augmentations for task samplers (no gradient flows through them).
 
-Both take images [..., H, W] (any leading shape, e.g. [tasks, N, K + Q, 1, H, W]) and a generator, and draw
-one transformation per image, so a seeded sampler stays reproducible. The draws come from the (CPU) generator
-and the images are transformed where they are: the same images on every device.
+`shifted` and `warped` (training) take images [..., H, W] (any leading shape, e.g. [tasks, N, K + Q, 1, H, W])
+and a generator, and draw one transformation per image, so a seeded sampler stays reproducible. The draws come
+from the (CPU) generator and the images are transformed where they are: the same images on every device.
+`shifted_views` (test time) draws nothing: fixed one-pixel shifts of every image.
 """
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["shifted", "warped"]
+__all__ = ["shifted", "warped", "shifted_views", "VIEW_OFFSETS"]
+
+#: The (rows, columns) offsets of `shifted_views`, nearest first: the image itself, then its 4 and 4 diagonal
+#: one-pixel neighbours.
+VIEW_OFFSETS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 1))
 
 
 def shifted(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -46,3 +51,14 @@ def warped(x: torch.Tensor, degrees: float, shear: float, scale: float, generato
     theta = torch.cat([linear, torch.zeros(flat.shape[0], 2, 1, dtype=x.dtype)], dim=2)
     grid = F.affine_grid(theta.to(x.device), list(flat.shape), align_corners=False)
     return F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False).reshape(x.shape)
+
+
+def shifted_views(x: torch.Tensor, views: int) -> torch.Tensor:
+    """Images [..., H, W] and their one-pixel shifts: [views, ..., H, W], view v moved by `VIEW_OFFSETS[v]`
+    (down and right positive; zeros shifted in; view 0 is `x`). Deterministic and exact (no resampling): for
+    test-time augmentation, e.g. a ProtoNet's prototype as the mean embedding of its support image's views."""
+    if not 1 <= views <= len(VIEW_OFFSETS):
+        raise ValueError(f"shifted_views: views must be between 1 and {len(VIEW_OFFSETS)}, got {views}")
+    height, width = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1))
+    return torch.stack([padded[..., 1 - dy:1 - dy + height, 1 - dx:1 - dx + width] for dy, dx in VIEW_OFFSETS[:views]])

@@ -25,7 +25,7 @@ import torch
 
 from metaopt import losses
 from metaopt.checkpoint import load_checkpoint, save_atomic
-from metaopt.tasks.augment import shifted, warped
+from metaopt.tasks.augment import VIEW_OFFSETS, shifted, shifted_views, warped
 from metaopt.tasks.base import EmptySplit, TaskDistribution
 from metaopt.types import Batch, LossFn, Task
 
@@ -206,6 +206,10 @@ class Omniglot(TaskDistribution):
       warp_degrees, warp_shear, warp_scale: random affine distortions of every sampled image before the
         shift (Koch et al. 2015: 10, 0.3, 0.2): rotation in degrees, shear factor, per-axis scale change;
         0: none (see `metaopt.tasks.augment.warped`; training augmentation, like `shift`).
+      support_views: each support image together with its nearest one-pixel shifts, this many images in all
+        (1 to 9; `metaopt.tasks.augment.shifted_views`; 1: the image alone): test-time augmentation for
+        evaluation tasks. A ProtoNet's prototype becomes the mean embedding of the views; MAML adapts on them.
+        Nothing is drawn for them: the tasks (classes, drawers, queries) are those drawn without views.
       size: image side in pixels.
       seed: fixes the split.
       cache_dir: where decoded images are cached (default ~/.cache/metaopt).
@@ -224,7 +228,8 @@ class Omniglot(TaskDistribution):
                  test_alphabets: int | Sequence[str] = 2, val_fraction: float = 0.1, test_fraction: float = 0.2,
                  rotations: bool = True, size: int = 28, seed: int = 0, cache_dir: str | None = None,
                  within_alphabet: bool = False, drawer_split: bool = False, shift: int = 0,
-                 warp_degrees: float = 0.0, warp_shear: float = 0.0, warp_scale: float = 0.0):
+                 warp_degrees: float = 0.0, warp_shear: float = 0.0, warp_scale: float = 0.0,
+                 support_views: int = 1):
         if k_shot < 1 or k_query < 1 or k_shot + k_query > DRAWERS:
             raise OmniglotDataError(f"omniglot: k_shot + k_query = {k_shot} + {k_query} must be between 2 and the "
                                     f"{DRAWERS} drawings each character has")
@@ -239,6 +244,10 @@ class Omniglot(TaskDistribution):
             raise OmniglotDataError(f"omniglot: warp_degrees = {warp_degrees} must be in [0, 180], warp_shear = "
                                     f"{warp_shear} and warp_scale = {warp_scale} in [0, 1)")
         self.warp_degrees, self.warp_shear, self.warp_scale = warp_degrees, warp_shear, warp_scale
+        if not 1 <= support_views <= len(VIEW_OFFSETS):
+            raise OmniglotDataError(f"omniglot: support_views = {support_views} must be between 1 and "
+                                    f"{len(VIEW_OFFSETS)} (the image and its one-pixel shifts)")
+        self.support_views = support_views
         if isinstance(root, OmniglotImages) and tuple(root.images.shape[2:]) != (size, size):
             raise OmniglotDataError(f"omniglot: the images given are {list(root.images.shape[2:])} pixels, not "
                                     f"size = {size}")
@@ -276,7 +285,8 @@ class Omniglot(TaskDistribution):
                 f"{self.n_way}-way {self.k_shot}-shot {self.k_query}-query"
                 f"{', within alphabet' if self.within_alphabet else ''}{', drawer split' if self.drawer_split else ''}"
                 f"{f', shifts of {self.shift} px' if self.shift else ''}"
-                f"{', warped' if self.warp_degrees or self.warp_shear or self.warp_scale else ''})")
+                f"{', warped' if self.warp_degrees or self.warp_shear or self.warp_scale else ''}"
+                f"{f', {self.support_views} views of each support image' if self.support_views > 1 else ''})")
 
     @property
     def loss_fn(self) -> LossFn:
@@ -326,6 +336,9 @@ class Omniglot(TaskDistribution):
             return Batch(xs.reshape(n_tasks, -1, *shape), ys.reshape(n_tasks, -1))
 
         support = flat(x[:, :, :self.k_shot], y[:, :, :self.k_shot])
+        if self.support_views > 1:  # [views, tasks, N * K, ...] -> views after the images: [tasks, views * N * K, ...]
+            views = shifted_views(support.x, self.support_views)
+            support = Batch(torch.cat(views.unbind(0), dim=1), support.y.repeat(1, self.support_views))
         query = flat(x[:, :, self.k_shot:], y[:, :, self.k_shot:])
         return Task.repeat(support, query, inner_steps)
 
