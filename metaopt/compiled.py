@@ -47,9 +47,8 @@ __all__ = ["Compiled", "ChunkResult", "default_options", "gradient_errors", "as_
 
 log = logging.getLogger("metaopt")
 
-ChunkResult = tuple[dict[str, Tensor], Tensor, dict[str, Tensor], Tensor]
-"""A chunk's (gradients, the mean over its tasks; outer losses [B]; stats {name: [B]}; the mean outer loss, a
-scalar computed in the same graph: the runner's one op less per call), no graph left."""
+ChunkResult = tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]
+"""A chunk's (gradients, the mean over its tasks; outer losses [B]; stats {name: [B]}), no graph left."""
 
 
 def _objective_of(estimator: Differentiator, loop: InnerLoop,
@@ -210,22 +209,22 @@ class Compiled:
                 function = self._functions.get(key)
                 if function is None:
                     function = self._functions[key] = self._build(loop, meta, pattern, options)
-                grads, (losses, stats, mean_loss) = function(tasks)
+                grads, (losses, stats) = function(tasks)
             except Exception as error:
                 if not (first and options.get("cpp_wrapper")) or _is_graph_break(error):
                     raise
                 log.info("compile=true: the C++ wrapper failed (%s: %s); compiling without it",
                          type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
                 function = self._functions[key] = self._build(loop, meta, pattern, {**options, "cpp_wrapper": False})
-                grads, (losses, stats, mean_loss) = function(tasks)
+                grads, (losses, stats) = function(tasks)
         except Exception as error:  # a compile error or a graph break: eager from now on
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
             self._fall_back(f"torch.compile failed: {type(error).__name__}: {' '.join(lines[:3])[:400]}")
             return None
         if self.mode is not None and "reduce-overhead" in self.mode:
             # CUDA graphs replay into the same output buffers: the caller keeps copies, not the buffers.
-            grads, losses, mean_loss = {k: g.clone() for k, g in grads.items()}, losses.clone(), mean_loss.clone()
-        result = (grads, losses, stats, mean_loss)  # grad's outputs and aux carry no graph
+            grads, losses = {k: g.clone() for k, g in grads.items()}, losses.clone()
+        result = (grads, losses, stats)  # grad's outputs and aux carry no graph
         if first:
             if self.verify:
                 eager = self._eager_chunk(loop, meta, tasks, pattern)
@@ -244,9 +243,9 @@ class Compiled:
                options: dict[str, Any]) -> Callable[..., Any]:
         estimator = self.eager
 
-        def total(meta_now: MetaParams, tasks: Task) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor], Tensor]]:
+        def total(meta_now: MetaParams, tasks: Task) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
             surrogate, outer_loss, stats = vmap_tasks(_objective_of(estimator, loop, meta_now), tasks, pattern)
-            return surrogate.mean(), (outer_loss, stats, outer_loss.detach().mean())
+            return surrogate.mean(), (outer_loss, stats)
 
         holder = MetaCall(meta)  # made here: a module created inside the traced function cannot be reparametrized
 
@@ -269,8 +268,7 @@ class Compiled:
     def _eager_chunk(self, loop: InnerLoop, meta: MetaParams, tasks: Task, pattern: tuple[int, ...]) -> ChunkResult:
         surrogate, outer_loss, stats = vmap_tasks(_objective_of(self.eager, loop, meta), tasks, pattern)
         grads = grads_of(surrogate.mean(), meta)
-        outer_loss = outer_loss.detach()
-        return grads, outer_loss, {k: v.detach() for k, v in stats.items()}, outer_loss.mean()
+        return grads, outer_loss.detach(), {k: v.detach() for k, v in stats.items()}
 
     def _refereed(self, mismatch: str, compiled: ChunkResult, eager: ChunkResult, loop: InnerLoop, meta: MetaParams,
                   tasks: Task, pattern: tuple[int, ...]) -> str | None:

@@ -106,14 +106,12 @@ def chunks_of(total: int, size: int) -> list[tuple[int, int]]:
 
 
 class _Chunk(NamedTuple):
-    """A chunk's result with no graph left in it: `grads` is the mean over its tasks, `outer_loss` each task's
-    loss [B], `mean_loss` their mean where the chunk computed it (the compiled graph does, at no extra op)."""
+    """A chunk's result with no graph left in it: `grads` is the mean over its tasks."""
 
     grads: dict[str, Tensor]
     outer_loss: Tensor
     stats: dict[str, Tensor]
     carry: Any = None
-    mean_loss: Tensor | None = None
 
 
 class _Run:
@@ -150,8 +148,7 @@ class _Run:
             if done is not None:  # None: the wrapper fell back to eager
                 if guard is not None:
                     guard.after_backward(self.steps(first))
-                grads, outer_loss, stats, mean_loss = done
-                return _Chunk(grads, outer_loss, stats, None, mean_loss)
+                return _Chunk(*done)
         result = self.objective(first, last, guard)
         grads = grads_of(result.surrogate.mean(), self.meta)
         if guard is not None:
@@ -232,7 +229,6 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
     losses: list[tuple[int, int, Tensor]] = []
     stats_rows: list[dict[str, Tensor]] = []
     carries: list[Any] = []
-    mean_losses: list[Tensor | None] = []
     truncated = skipped = 0
     for first, last in chunks_of(total, size):
         done, was_cut = run.guarded_chunk(first, last)
@@ -244,7 +240,6 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
         losses.append((first, last, done.outer_loss))
         stats_rows.append(done.stats)
         carries.append(done.carry)
-        mean_losses.append(done.mean_loss)
     used = total - skipped
     grads = mean_gradient.result(meta)
     task_losses, task_used = _task_losses(losses, total)
@@ -256,12 +251,8 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
         stats[k] = values.mean().item()
         stats[f"{k}_max"] = values.max().item()
     # A task that diverged keeps its NaN in the mean: only skipped tasks are left out.
-    only_mean = mean_losses[0] if len(mean_losses) == 1 and used == total else None
-    if only_mean is not None and only_mean.dtype == task_losses.dtype:
-        outer_loss = only_mean.to("cpu")  # one chunk of all tasks, which computed their mean with their losses
-    else:
-        outer_loss = task_losses.mean() if used == total else task_losses[task_used].mean() if used else \
-            torch.tensor(float("nan"))
+    outer_loss = task_losses.mean() if used == total else task_losses[task_used].mean() if used else \
+        torch.tensor(float("nan"))
     carry = None if skipped or any(c is None for c in carries) else \
         carries[0] if len(carries) == 1 else tree_map(lambda *parts: torch.cat(parts), *carries)
     return MetaGrad(grads, outer_loss, stats, task_losses, task_used, carry)
@@ -301,9 +292,7 @@ def _task_losses(losses: list[tuple[int, int, Tensor]], total: int) -> tuple[Ten
     chunks' (first, last, outer losses)."""
     dtype = torch.get_default_dtype()
     if len(losses) == 1 and losses[0][:2] == (0, total):
-        loss = losses[0][2]
-        return loss if loss.device.type == "cpu" and loss.dtype == dtype else loss.to("cpu", dtype), \
-            torch.ones(total, dtype=torch.bool)
+        return losses[0][2].to("cpu", dtype), torch.ones(total, dtype=torch.bool)
     task_losses = torch.full((total,), float("nan"), dtype=dtype)
     task_used = torch.zeros(total, dtype=torch.bool)
     for first, last, loss in losses:

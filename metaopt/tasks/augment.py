@@ -61,4 +61,5 @@ def shifted_views(x: torch.Tensor, views: int) -> torch.Tensor:
         raise ValueError(f"shifted_views: views must be between 1 and {len(VIEW_OFFSETS)}, got {views}")
     height, width = x.shape[-2:]
     padded = F.pad(x, (1, 1, 1, 1))
-    return torch.stack([padded[..., 1 - dy:1 - dy + height, 1 - dx:1 - dx + width] for dy, dx in VIEW_OFFSETS[:views]])
+    return torch.stack([padded[..., 1 - dy:1 - dy + height, 1 - dx:1 - dx + width]
+                        for dy, dx in VIEW_OFFSETS[:views]])

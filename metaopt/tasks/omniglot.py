@@ -336,9 +336,9 @@ class Omniglot(TaskDistribution):
             return Batch(xs.reshape(n_tasks, -1, *shape), ys.reshape(n_tasks, -1))
 
         support = flat(x[:, :, :self.k_shot], y[:, :, :self.k_shot])
-        if self.support_views > 1:  # [views, tasks, N * K, ...] -> views after the images: [tasks, views * N * K, ...]
-            views = shifted_views(support.x, self.support_views)
-            support = Batch(torch.cat(views.unbind(0), dim=1), support.y.repeat(1, self.support_views))
+        if self.support_views > 1:  # [views, tasks, N * K, ...] -> [tasks, views * N * K, ...], view by view
+            views = shifted_views(support.x, self.support_views).movedim(0, 1).flatten(1, 2)
+            support = Batch(views, support.y.repeat(1, self.support_views))
         query = flat(x[:, :, self.k_shot:], y[:, :, self.k_shot:])
         return Task.repeat(support, query, inner_steps)
 
