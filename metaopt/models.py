@@ -116,19 +116,25 @@ class Conv4(nn.Module):
       track_running_stats: keep BatchNorm running statistics as buffers.
       pools: how many blocks (the first ones) end in the max-pool: 4 is the standard backbone; 3 keeps the
         last block's 3x3 map at 28x28 (a 576-d embedding instead of 64-d, for the same convolutions).
+      stem_stride: the first convolution's stride: 2 reads a 56x56 image into the 28x28 map the standard
+        backbone starts from (the finer strokes for about the same arithmetic: only the first layer sees
+        more pixels, and computes as many outputs).
     """
 
     def __init__(self, in_channels: int = 1, out_features: int = 5, channels: int = 64,
-                 image_size: int = 28, track_running_stats: bool = False, pools: int = 4):
+                 image_size: int = 28, track_running_stats: bool = False, pools: int = 4, stem_stride: int = 1):
         super().__init__()
-        if not 0 <= pools <= 4 or image_size >> pools < 1:
+        if stem_stride < 1:
+            raise ValueError(f"Conv4: stem_stride = {stem_stride} must be at least 1")
+        stem_size = (image_size - 1) // stem_stride + 1  # a 3x3 convolution with padding 1
+        if not 0 <= pools <= 4 or stem_size >> pools < 1:
             raise ValueError(f"Conv4: pools = {pools} must be in 0..4 and leave image_size = {image_size} at "
-                             f"least 1 pixel (image_size / 2**pools)")
+                             f"least 1 pixel (image_size / stem_stride / 2**pools)")
         blocks: list[nn.Module] = []
-        c, size = in_channels, image_size
+        c, size = in_channels, stem_size
         for block in range(4):
             pooled = block < pools
-            blocks += [nn.Conv2d(c, channels, 3, padding=1),
+            blocks += [nn.Conv2d(c, channels, 3, padding=1, stride=stem_stride if block == 0 else 1),
                        BatchNorm(channels, track_running_stats=track_running_stats),
                        nn.ReLU()] + ([nn.MaxPool2d(2)] if pooled else [])
             c, size = channels, size // 2 if pooled else size

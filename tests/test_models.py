@@ -73,3 +73,19 @@ def test_conv4_shapes():
     assert mo.Conv4(out_features=5, channels=8, pools=2, image_size=16)(torch.randn(3, 1, 16, 16)).shape == (3, 5)
     with pytest.raises(ValueError, match="pools = 5"):
         mo.Conv4(pools=5)
+
+
+def test_conv4_stem_stride_reads_a_56_pixel_image_into_the_28_pixel_backbone():
+    strided = mo.Conv4(out_features=0, channels=8, image_size=56, stem_stride=2)
+    assert strided(torch.randn(2, 1, 56, 56)).shape == (2, strided.embedding_size) == (2, 8)
+    assert strided.features[0].stride == (2, 2) and all(
+        m.stride == (1, 1) for m in strided.features[1:] if isinstance(m, torch.nn.Conv2d))
+    # The same parameters as the standard backbone (only the first convolution's stride differs).
+    plain = mo.Conv4(out_features=0, channels=8)
+    assert [p.shape for p in strided.parameters()] == [p.shape for p in plain.parameters()]
+    # Odd sizes round up as the convolution does: 57 -> 29 -> 14 -> 7 -> 3 -> 1.
+    assert mo.Conv4(out_features=4, channels=8, image_size=57, stem_stride=2)(torch.randn(1, 1, 57, 57)).shape == (1, 4)
+    with pytest.raises(ValueError, match="stem_stride = 0"):
+        mo.Conv4(stem_stride=0)
+    with pytest.raises(ValueError, match="pools = 4"):
+        mo.Conv4(image_size=28, stem_stride=4)  # 7 px: 4 pools leave nothing
