@@ -89,3 +89,39 @@ def test_conv4_stem_stride_reads_a_56_pixel_image_into_the_28_pixel_backbone():
         mo.Conv4(stem_stride=0)
     with pytest.raises(ValueError, match="pools = 4"):
         mo.Conv4(image_size=28, stem_stride=4)  # 7 px: 4 pools leave nothing
+
+
+def test_conv4_fused_norm_and_channels_last_compute_the_same_protonet_meta_gradient():
+    """`norm="fused"` (nn.BatchNorm2d) and channels-last weights are speed options: the same embedding and the
+    same ProtoNet meta-gradient (float64) as the default backbone, from the same weights."""
+    torch.manual_seed(0)
+    kwargs = dict(out_features=0, channels=4, image_size=8, pools=3)
+    reference = mo.Conv4(**kwargs)
+    tasks = mo.RandomPatterns(n_way=3, k_shot=2, k_query=3, size=8).sample(2, 1, torch.Generator().manual_seed(0))
+    x = tasks.query.x[0]
+    expected_grads = None
+    for options in [{}, {"norm": "fused"}, {"channels_last": True}, {"norm": "fused", "channels_last": True}]:
+        model = mo.Conv4(**kwargs, **options)
+        model.load_state_dict(reference.state_dict())
+        if options.get("channels_last"):
+            assert model.features[4].weight.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-12, atol=1e-12)
+        loop = mo.PrototypeLoop(model, n_way=3)
+        meta = mo.meta_params(mo.Init(model))
+        grads = mo.Full()(loop, meta, tasks).grads
+        expected_grads = expected_grads or grads
+        for k, g in grads.items():
+            torch.testing.assert_close(g, expected_grads[k], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="norm = 'layer'"):
+        mo.Conv4(norm="layer")  # type: ignore[arg-type]
+
+
+def test_conv4_fused_norm_is_known_to_be_second_order_unsafe_under_vmap():
+    """nn.BatchNorm2d's second derivatives are wrong under vmap: MAML then runs task by task (exact)."""
+    model = mo.Conv4(out_features=3, channels=4, image_size=8, pools=3, norm="fused")
+    loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.1), mo.losses.cross_entropy)
+    assert loop.second_order_vmap_unsafe == [f"features.{i}" for i in (1, 5, 9, 13)]
+    meta = mo.meta_params(mo.Init(model))
+    tasks = mo.RandomPatterns(n_way=3, k_shot=1, k_query=2, size=8).sample(2, 1, torch.Generator().manual_seed(0))
+    assert mo.Full()(loop, meta, tasks).stats["batching"] == "loop"
+    assert mo.FirstOrder()(loop, meta, tasks).stats["batching"] == "vmap"
