@@ -8,10 +8,12 @@ out=${1:-outputs/omniglot}
 steps5=${2:-1000}
 steps20=${3:-400}
 source "$(dirname "$0")/runs_lib.sh"  # run NAME EXPERIMENT [OVERRIDES...]
+# The table's ProtoNet run used the vmap-exact BatchNorm (experiment=omniglot_protonet's until 2026-12-03): kept.
+primitive="model.norm=primitive model.channels_last=false"
 # HW2's ProtoNet settings (5-way episodes, meta-batch 16, constant lr), not the 60-way default
 # on held-out alphabets (ProtoNet's default trains on every background alphabet, for Lake's runs)
 run protonet_5way omniglot_protonet task.split_by=alphabet task.val_alphabets=1 meta_steps="$steps5" task.n_way=5 \
-  task.k_query=5 meta_batch_size=16 \
+  $primitive task.k_query=5 meta_batch_size=16 \
   lr_schedule=null log_every=100
 run maml_5way omniglot_maml meta_steps="$steps5"
 run maml_learned_lr_5way omniglot_maml_learned_lr meta_steps="$steps5"
