@@ -20,7 +20,7 @@ Timings are interleaved (every variant once per round, in a freshly shuffled see
 rounds, with glibc's allocator told to keep freed memory (`allocator=keep`, as the Omniglot experiments run).
 The meta-gradients are checked against the default's (relative to each gradient's largest entry).
 
-    python experiments/bench_conv4.py [--threads 1] [--repeats 7] [--workloads maml protonet]
+    python experiments/bench_conv4.py [--threads 1] [--repeats 7] [--workloads maml protonet] [--channels 64]
 
 The last line is `speedup_vs_default maml:<x> protonet:<x>`: the default's median over the fastest
 variant's, same run.
@@ -31,6 +31,7 @@ import argparse
 import random
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -49,18 +50,19 @@ WORKLOADS = {  # name -> (N-way, meta-batch, loop factory)
 }
 
 
-def setups(workload: str, seed: int = 0) -> dict[str, tuple]:
-    """Per variant: (a call computing the meta-gradient, nothing else), all from the same weights and tasks."""
-    n_way, meta_batch, make_loop = WORKLOADS[workload]
+def setups(workload: str, channels: int = 64, meta_batch: int | None = None, seed: int = 0) -> dict[str, Callable]:
+    """Per variant: a call computing the meta-gradient (and nothing else), all from the same weights and tasks."""
+    n_way, default_batch, make_loop = WORKLOADS[workload]
     out_features = 0 if workload == "protonet" else n_way
     torch.manual_seed(seed)
-    reference = mo.Conv4(out_features=out_features)
-    tasks = mo.RandomPatterns(n_way=n_way, k_shot=1, k_query=5).sample(meta_batch, 1, torch.Generator().manual_seed(seed))
+    reference = mo.Conv4(out_features=out_features, channels=channels)
+    tasks = mo.RandomPatterns(n_way=n_way, k_shot=1, k_query=5).sample(meta_batch or default_batch, 1,
+                                                                       torch.Generator().manual_seed(seed))
     calls = {}
     for name, (options, batching) in VARIANTS.items():
         if workload == "protonet" and batching == "vmap":
             continue  # one task: vmapping it changes nothing
-        model = mo.Conv4(out_features=out_features, **options)
+        model = mo.Conv4(out_features=out_features, channels=channels, **options)
         model.load_state_dict(reference.state_dict())
         loop, meta = make_loop(model, n_way), mo.meta_params(mo.Init(model))
         calls[name] = (lambda loop=loop, meta=meta, batching=batching: mo.Full()(loop, meta, tasks, batching=batching))
@@ -79,13 +81,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
+    parser.add_argument("--channels", type=int, default=64, help="conv4 filters per block")
+    parser.add_argument("--meta-batch", type=int, default=None, help="MAML's tasks per meta-step (default 16)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     set_allocator("keep")
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} interleaved rounds, allocator=keep")
     speedups = {}
     for workload in args.workloads:
-        calls = setups(workload)
+        calls = setups(workload, args.channels, args.meta_batch)
         default = next(iter(calls))
         reference = calls[default]().grads  # also the warm-up of every variant below
         errors = {name: relative_error(call().grads, reference) for name, call in calls.items()}

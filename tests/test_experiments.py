@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,17 @@ def test_check_cuda_device_sampling_runs_as_a_cpu_smoke_test():
                              "--only", "sampling"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert result.stdout.count("device sampling") == 2 and "all checks passed" in result.stdout
+
+
+def test_bench_conv4_runs_small_and_prints_its_speedup_line():
+    """bench_conv4.py on a 4-filter conv4 and 2 tasks: every variant's gradient agrees with the default's, and
+    the last line has the contract's form (no assertion on the timings)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_conv4.py"), "--channels", "4",
+                             "--meta-batch", "2", "--repeats", "1"], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert re.fullmatch(r"speedup_vs_default maml:\d+\.\d\d protonet:\d+\.\d\d", lines[-1])
+    differences = [float(row.split("|")[4]) for row in lines if row.startswith("| ") and "loop |" in row]
+    assert len(differences) == 6 and max(differences) < 1e-2
