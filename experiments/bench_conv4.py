@@ -18,7 +18,8 @@ Variants of the same Conv4-64 (same weights):
 
 Timings are interleaved (every variant once per round, in a freshly shuffled seeded order), medians over
 rounds, with glibc's allocator told to keep freed memory (`allocator=keep`, as the Omniglot experiments run).
-The meta-gradients are checked against the default's (relative to each gradient's largest entry).
+The meta-gradients are checked against the default's (`metaopt.compiled.gradient_errors`: relative to each
+gradient's largest entry, floored at 1% of the largest of all).
 
     python experiments/bench_conv4.py [--threads 1] [--repeats 7] [--workloads maml protonet] [--channels 64]
 
@@ -37,6 +38,7 @@ import torch
 
 import metaopt as mo
 from metaopt.allocator import set_allocator
+from metaopt.compiled import gradient_errors
 
 VARIANTS = {
     "primitive vmap": ({}, "vmap"),
@@ -69,13 +71,6 @@ def setups(workload: str, channels: int = 64, meta_batch: int | None = None, see
     return calls
 
 
-def relative_error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
-    """The largest difference of any gradient, relative to that gradient's largest entry (floored at 1e-3 of
-    the largest entry of all gradients: a conv bias before BatchNorm has a gradient that is zero up to rounding)."""
-    floor = 1e-3 * max(g.abs().max().item() for g in reference.values())
-    return max(((grads[k] - g).abs().max() / max(g.abs().max().item(), floor)).item() for k, g in reference.items())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -92,7 +87,7 @@ def main() -> None:
         calls = setups(workload, args.channels, args.meta_batch)
         default = next(iter(calls))
         reference = calls[default]().grads  # also the warm-up of every variant below
-        errors = {name: relative_error(call().grads, reference) for name, call in calls.items()}
+        errors = {name: max(gradient_errors(call().grads, reference).values()) for name, call in calls.items()}
         times: dict[str, list[float]] = {name: [] for name in calls}
         order = random.Random(0)
         for _ in range(args.repeats):

@@ -123,8 +123,8 @@ class Conv4(nn.Module):
         backbone starts from (the finer strokes for about the same arithmetic: only the first layer sees
         more pixels, and computes as many outputs).
       norm: "primitive" (`metaopt.models.BatchNorm`) or "fused" (`nn.BatchNorm2d`); see above.
-      channels_last: store the convolution weights channels-last (NHWC), so that the CPU's oneDNN
-        convolutions run without layout conversions (faster on the CPU; a memory layout, the same values).
+      channels_last: store the convolution weights channels-last (NHWC): a memory layout, the same values
+        (measured no faster for conv4 on one CPU thread: README, experiments/bench_conv4.py).
     """
 
     def __init__(self, in_channels: int = 1, out_features: int = 5, channels: int = 64,
