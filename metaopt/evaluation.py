@@ -96,7 +96,13 @@ def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_ta
       "eval_peak_bytes" (the measured peak of the whole evaluation above its start) and
       "eval_batch_size". With `return_per_task`, also "task_losses" (and "task_accuracies"):
       tensors [n_tasks] in task order, for paired comparisons of two methods on the same tasks.
+
+    Raises:
+      ValueError: `n_tasks` or `batch_size` below 1 (nothing to score), before any work.
     """
+    if n_tasks < 1 or batch_size < 1:
+        raise ValueError(f"evaluate: need n_tasks >= 1 and batch_size >= 1, got n_tasks={n_tasks}, "
+                         f"batch_size={batch_size}")
     budget = budget if budget is not None else Budget()
     tasks = tasks.to(device)  # where it can, the distribution samples on the device (the same tasks)
     fitted = eval_batch_size_for(loop, meta, tasks, budget, inner_steps=inner_steps, batch_size=batch_size,

@@ -119,8 +119,15 @@ def data_error(error: BaseException) -> BaseException:
 
 def _meta_test_tasks(cfg: DictConfig, tasks: TaskDistribution) -> tuple[TaskDistribution | None, str | None]:
     """`task` with `eval.task`'s overrides (the training distribution without any), or (None, why) where the
-    data holds no such split (`EmptySplit`); any other error propagates. A comparison (`compare:`) needs the
+    data holds no such split (`EmptySplit`) or `eval.n_tasks` is 0; any other error propagates. A comparison (`compare:`) needs the
     meta-test tasks: it raises ValueError then, before training."""
+    n_tasks = int(cfg.eval.n_tasks)
+    if n_tasks < 0:
+        raise ValueError(f"eval.n_tasks must be >= 0 (0: no meta-test), got {n_tasks}")
+    if n_tasks == 0:
+        if cfg.get("compare"):
+            raise ValueError("compare: needs meta-test tasks, and eval.n_tasks=0 asks for none")
+        return None, "eval.n_tasks=0: no meta-test asked for"
     if not cfg.eval.task:
         return tasks, None
     try:

@@ -38,6 +38,9 @@ def evaluate_protocols(cfg: DictConfig, parts: Parts) -> dict[str, dict[str, Any
     for every entry of `eval.protocols` ({} when there is none)."""
     out: dict[str, dict[str, Any]] = {}
     for name, overrides in (cfg.eval.get("protocols") or {}).items():
+        if cfg.eval.n_tasks <= 0:
+            out[name] = {"task": str(OmegaConf.to_container(overrides)), "skipped": "eval.n_tasks=0"}
+            continue
         settings: dict[str, Any] = {**cast(dict, OmegaConf.to_container(cfg.eval.task or {})),
                                     **cast(dict, OmegaConf.to_container(overrides))}
         try:

@@ -91,3 +91,10 @@ def test_learning_rates_granularity_is_checked():
 def test_mlp_activation_is_checked():
     with pytest.raises(ValueError, match="unknown activation 'sigmoid'"):
         mo.MLP(activation="sigmoid")
+
+
+def test_evaluating_no_tasks_is_refused_before_any_work():
+    model = tiny_model()
+    loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.1), mo.losses.mse)
+    with pytest.raises(ValueError, match=r"evaluate: need n_tasks >= 1 .* got n_tasks=0"):
+        mo.evaluate(loop, mo.meta_params(mo.Init(model)), mo.Sinusoid(k_shot=5), n_tasks=0)

@@ -100,6 +100,7 @@ def test_changed_keys_ignore_what_may_change_on_resume():
     ("budget.memory=abc", "cannot parse 'abc'"),
     ("dtype=float16", "dtype=float16 on device=cpu"),
     ("model=conv4", "model=Conv4 cannot take the inputs of task=Sinusoid"),
+    ("eval.n_tasks=-1", "eval.n_tasks must be >= 0"),
 ])
 def test_contract_failures_before_work_leave_a_record(tmp_path, override, message):
     result = run_train(tmp_path, "debug=tiny", override)
@@ -108,6 +109,16 @@ def test_contract_failures_before_work_leave_a_record(tmp_path, override, messag
     assert record["status"] == "failed" and message in record["error"]
     assert message in (tmp_path / "train.log").read_text()
     assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_no_meta_test_tasks_skips_the_meta_test_and_the_protocols_said_why(tmp_path):
+    result = run_train(tmp_path, "debug=tiny", "eval.n_tasks=0", "+eval.protocols.more_shots.k_shot=20")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = _metrics(tmp_path)
+    assert metrics["status"] == "ok" and "test_accuracy" not in metrics and "meta_test_loss" not in metrics
+    assert metrics["meta_test_skipped"].startswith("eval.n_tasks=0")
+    assert metrics["protocols"]["more_shots"]["skipped"] == "eval.n_tasks=0"
+    assert "meta-test skipped" in result.stdout
 
 
 def test_a_run_writes_curves_threads_and_validation(tmp_path):
