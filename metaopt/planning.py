@@ -6,6 +6,12 @@ caller adds around it (`fixed_bytes`: the outer optimizer's state). A plan is
 emitted only when that prediction is at most `(1 - budget.headroom) x
 budget.memory`; the reason says so.
 
+Under `batching="auto"` a vmapped plan that fits is then *timed* against one task at
+a time on the same tasks (`Predictor.seconds`, at up to 16 inner steps), and the
+loop is planned where it is measured `LOOP_FASTER` (1.2) x faster and fits: memory
+decides what may run, measured time which of those runs. An explicit `batching`,
+a compiled estimator, or a stand-in `meter` without a `timer` plan by memory alone.
+
 Chunk sizes start from an interpolation between one task and the whole batch
 under vmap (a vmapped graph has as many autograd nodes as one task's, so a chunk
 of c tasks costs far less than c tasks: measured, 25 sinusoid tasks at T=100 take
@@ -37,10 +43,10 @@ from metaopt.estimators.base import (
 )
 from metaopt.guard import format_bytes
 from metaopt.loop import InnerLoop
-from metaopt.prediction import Meter, Predictor, describe
+from metaopt.prediction import Meter, Predictor, Timer, describe
 from metaopt.types import MetaParams, Task
 
-__all__ = ["Plan", "Predictor", "Meter", "Auto", "plan", "choose", "describe", "ranked_candidates"]
+__all__ = ["Plan", "Predictor", "Meter", "Timer", "Auto", "plan", "choose", "describe", "ranked_candidates"]
 
 
 class Plan(NamedTuple):
@@ -63,6 +69,11 @@ class Plan(NamedTuple):
     reason: str
 
 
+LOOP_FASTER = 1.2
+"""The planner leaves vmap for one task at a time only where the latter's measured call is this many times
+faster: a margin over timing noise, so that near ties keep the vmapped plan (one dispatch per chunk)."""
+
+
 def _limit(budget: Budget) -> float:
     return math.inf if budget.memory is None else (1 - budget.headroom) * budget.memory
 
@@ -74,7 +85,8 @@ def _limit_words(budget: Budget) -> str:
 
 def _fit(predictor: Predictor, estimator: AbstractEstimator, budget: Budget, batching: Batching,
          fixed_bytes: int) -> Plan | None:
-    """The plan with the largest vmapped chunk whose whole call fits under the headroom, or None."""
+    """The plan with the largest vmapped chunk whose whole call fits under the headroom (under
+    `batching="auto"`: unless one task at a time fits and is measured faster, `_faster_of`), or None."""
     n, limit = len(predictor.tasks), _limit(budget) - fixed_bytes
     mode, _ = resolve_batching(predictor.tasks, batching, estimator.vmap_blocker(predictor.loop))
     task_bytes = predictor.predict(estimator, 1)
@@ -87,26 +99,60 @@ def _fit(predictor: Predictor, estimator: AbstractEstimator, budget: Budget, bat
             why += f"; predicted {format_bytes(total)} <= {_limit_words(budget)}"
         return Plan(estimator, batching, chunk, total, task_bytes, why)
 
+    # A compiled estimator (`metaopt.compiled`, as the runner tells it: `chunk_gradient`) computes vmapped chunks
+    # only: for it, one task at a time is a vmap of one task.
+    compiled = getattr(estimator, "chunk_gradient", None) is not None
     if mode == "vmap" and n > 1:
-        whole = predictor.predict(estimator, n, n)
-        if whole <= limit:
-            return made("vmap", n, whole, f"all {n} tasks fit in one vmapped graph")
-        per_extra_task = max(whole - task_bytes, 0) / (n - 1)
-        chunk = n - 1 if per_extra_task == 0 else min(n - 1, int((limit - task_bytes) // per_extra_task) + 1)
-        while chunk >= 2:  # measure the whole chunked call; shrink until it fits
-            predicted = predictor.predict(estimator, n, chunk)
-            if predicted <= limit:
-                return made("vmap", chunk, predicted, f"{n} tasks at once would take {format_bytes(whole)}; "
-                                                      f"vmapped chunks of {chunk} fit")
-            chunk = min(chunk - 1, int(chunk * limit / predicted))
+        vmapped = _fit_vmapped(predictor, estimator, limit, task_bytes)
+        if vmapped is not None:
+            chunk, predicted, why = vmapped
+            if batching != "auto" or compiled or not predictor.can_time:
+                return made("vmap", chunk, predicted, why)
+            return _faster_of(predictor, estimator, limit, made, vmapped)
     predicted = predictor.predict(estimator, n, 1)
     if predicted <= limit:
-        # A compiled estimator (`metaopt.compiled`, as the runner tells it: `chunk_gradient`) computes vmapped chunks
-        # only: for it, one task at a time is a vmap of one task.
-        compiled = getattr(estimator, "chunk_gradient", None) is not None
         reason = "one task at a time fits" if mode == "vmap" else "tasks run one at a time"
         return made("vmap" if mode == "vmap" and compiled else "loop", 1, predicted, reason)
     return None
+
+
+def _fit_vmapped(predictor: Predictor, estimator: AbstractEstimator, limit: float,
+                 task_bytes: int) -> tuple[int, int, str] | None:
+    """(chunk, predicted bytes, why) of the largest vmapped chunk (>= 2 tasks) whose whole call fits, or None."""
+    n = len(predictor.tasks)
+    whole = predictor.predict(estimator, n, n)
+    if whole <= limit:
+        return n, whole, f"all {n} tasks fit in one vmapped graph"
+    per_extra_task = max(whole - task_bytes, 0) / (n - 1)
+    chunk = n - 1 if per_extra_task == 0 else min(n - 1, int((limit - task_bytes) // per_extra_task) + 1)
+    while chunk >= 2:  # measure the whole chunked call; shrink until it fits
+        predicted = predictor.predict(estimator, n, chunk)
+        if predicted <= limit:
+            return chunk, predicted, f"{n} tasks at once would take {format_bytes(whole)}; vmapped chunks of {chunk} fit"
+        chunk = min(chunk - 1, int(chunk * limit / predicted))
+    return None
+
+
+def _faster_of(predictor: Predictor, estimator: AbstractEstimator, limit: float,
+               made: Callable[[Literal["vmap", "loop"], int, int, str], Plan],
+               vmapped: tuple[int, int, str]) -> Plan:
+    """The vmapped plan, or one task at a time where that is measured `LOOP_FASTER` x faster and fits.
+
+    A vmapped graph is usually the fast way (one dispatch for every task), but not always: on the CPU a
+    vmapped convolution over per-task weights becomes a grouped convolution whose double backward is slower
+    than the tasks' separate ones (`experiments/bench_conv4.py`: MAML conv4 20-way, 1.8x). Timed, not assumed."""
+    chunk, predicted, why = vmapped
+    n = len(predictor.tasks)
+    (vmap_s, loop_s), steps = predictor.seconds(estimator, n, (chunk, 1))
+    timed = (f"{vmap_s:.3g} s vmapped vs {loop_s:.3g} s one task at a time, measured on the {n} tasks at "
+             f"{steps} inner step{'s' if steps != 1 else ''}")
+    if loop_s * LOOP_FASTER <= vmap_s:
+        looped = predictor.predict(estimator, n, 1)
+        if looped <= limit:
+            return made("loop", 1, looped, f"one task at a time is faster ({timed}); it fits")
+        why += f" (one task at a time was faster, {timed}, but does not fit)"
+        return made("vmap", chunk, predicted, why)
+    return made("vmap", chunk, predicted, f"{why}; {timed}")
 
 
 def ranked_candidates(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, steps: int,
@@ -132,7 +178,7 @@ def ranked_candidates(method: MetaGradientMethod, loop: InnerLoop, meta: MetaPar
 
 def plan(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
          budget: Budget, *, batching: Batching = "auto", device: torch.device | str = "cpu",
-         meter: Meter | None = None, fixed_bytes: int = 0) -> Plan:
+         meter: Meter | None = None, fixed_bytes: int = 0, timer: Timer | None = None) -> Plan:
     """Predict the peak memory of `method` on these tasks and fit it to the budget.
 
     For an estimator: its largest vmapped chunks that fit. For a policy such as `auto`: the
@@ -143,6 +189,8 @@ def plan(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, tasks: T
     Args:
       fixed_bytes: bytes the caller adds around the call (e.g. the outer optimizer's state),
         added to every prediction.
+      timer: replaces the timing of vmapped chunks against one task at a time (`metaopt.prediction.Timer`);
+        with a `meter` and no `timer`, nothing is timed and the largest vmapped chunk that fits is planned.
 
     Raises:
       BudgetExceeded: nothing fits; the message names the estimator, T, the predicted and the
@@ -150,10 +198,10 @@ def plan(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, tasks: T
     """
     bounded, room = machine_bounded(budget, device)
     if room is None:
-        return _plan_within(method, loop, meta, tasks, budget, batching, device, meter, fixed_bytes)
+        return _plan_within(method, loop, meta, tasks, budget, batching, device, meter, fixed_bytes, timer)
     machine = f"no memory budget was given: the plan fits the {format_bytes(room)} available on {torch.device(device)}"
     try:
-        found = _plan_within(method, loop, meta, tasks, bounded, batching, device, meter, fixed_bytes)
+        found = _plan_within(method, loop, meta, tasks, bounded, batching, device, meter, fixed_bytes, timer)
     except BudgetExceeded as refused:
         raise BudgetExceeded(f"{machine}; nothing fits in it: {refused}") from None
     return found._replace(reason=f"{found.reason}; {machine}")
@@ -161,10 +209,10 @@ def plan(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, tasks: T
 
 def _plan_within(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
                  budget: Budget, batching: Batching, device: torch.device | str, meter: Meter | None,
-                 fixed_bytes: int) -> Plan:
+                 fixed_bytes: int, timer: Timer | None = None) -> Plan:
     """`plan` under `budget` as given."""
     method.check(loop, meta)
-    predictor = Predictor(loop, meta, tasks, device, meter=meter, limit=_limit(budget))
+    predictor = Predictor(loop, meta, tasks, device, meter=meter, limit=_limit(budget), timer=timer)
     steps = predictor.steps
     candidates = ranked_candidates(method, loop, meta, steps, predictor)
     tried: list[str] = []
@@ -200,10 +248,10 @@ def _refusal(estimator: AbstractEstimator, loop: InnerLoop, meta: MetaParams, bu
 
 def choose(loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task], budget: Budget, *,
            batching: Batching = "auto", device: torch.device | str = "cpu", meter: Meter | None = None,
-           fixed_bytes: int = 0) -> Plan:
+           fixed_bytes: int = 0, timer: Timer | None = None) -> Plan:
     """`plan(Auto(), ...)`: the most exact, then fastest, estimator that fits."""
     return plan(Auto(), loop, meta, tasks, budget, batching=batching, device=device, meter=meter,
-                fixed_bytes=fixed_bytes)
+                fixed_bytes=fixed_bytes, timer=timer)
 
 
 @register("auto")
@@ -222,8 +270,8 @@ class Auto:
     name: ClassVar[str] = "auto"
     exact = False  # what it runs may be approximate; the plan says which
 
-    def __init__(self, meter: Meter | None = None) -> None:
-        self.meter = meter  # replaces the planner's measurement when called directly (tests)
+    def __init__(self, meter: Meter | None = None, timer: Timer | None = None) -> None:
+        self.meter, self.timer = meter, timer  # replace the planner's measurement when called directly (tests)
         self._plans: dict[tuple[int, int, Budget, str], Plan] = {}
 
     def check(self, loop: InnerLoop, meta: MetaParams) -> None:
@@ -241,7 +289,8 @@ class Auto:
         steps = tasks.inner_steps if isinstance(tasks, Task) else tasks[0].inner_steps
         key = (n, steps, budget, batching)
         if key not in self._plans:
-            self._plans[key] = plan(self, loop, meta, tasks, budget, batching=batching, meter=self.meter)
+            self._plans[key] = plan(self, loop, meta, tasks, budget, batching=batching, meter=self.meter,
+                                    timer=self.timer)
         chosen = self._plans[key]
         result = chosen.estimator(loop, meta, tasks, budget, batching=chosen.batching, chunk_size=chosen.chunk_size,
                                   clock=clock, memory_probe=memory_probe)

@@ -8,10 +8,15 @@ to a few inner steps, and extrapolates to T with the estimator's own growth law
 2 inner steps first, so one-off costs of a process's first call (measured: 112 MB for
 a chunk that then takes 30 MB) are paid before measuring, as they are before
 training's first measured meta-step.
+
+`Predictor.seconds` times calls the same way (for the planner's choice between vmapped
+chunks and one task at a time): wall-clock seconds, so approximate and load-dependent;
+the configurations alternate and each keeps its fastest call.
 """
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Literal, Sequence
 
 import torch
@@ -22,7 +27,7 @@ from metaopt.loop import InnerLoop
 from metaopt.memory import Method, measure_peak_memory
 from metaopt.types import MetaParams, Task
 
-__all__ = ["Meter", "Predictor", "describe", "REFINE_FROM"]
+__all__ = ["Meter", "Timer", "Predictor", "describe", "REFINE_FROM", "TIMED_STEPS"]
 
 REFINE_FROM = 129
 """From this T on, a prediction is refined with probes at T/4 and T/2 (costing about 0.75 of a real
@@ -33,6 +38,15 @@ Meter = Callable[[AbstractEstimator, "Task | list[Task]", str], int]
 """`meter(estimator, tasks, batching) -> peak bytes` of one graph (one task, or one vmapped chunk):
 a deterministic stand-in for the measurement in tests. Chunks run one after another and release
 their graphs, so with a meter the peak of a chunked call is its first (largest) chunk's."""
+
+
+Timer = Callable[[AbstractEstimator, "Task | list[Task]", str], float]
+"""`timer(estimator, tasks, batching) -> seconds` of one whole call (all of `tasks`; "vmap": one vmapped
+graph per chunk, "loop": task by task): a deterministic stand-in for `Predictor.seconds` in tests."""
+
+TIMED_STEPS = 16
+"""Inner steps of the calls `Predictor.seconds` times (fewer where the tasks have fewer): the ratio between
+two batchings of the same tasks, not the seconds at T, is what the planner compares."""
 
 
 def describe(estimator: AbstractEstimator) -> str:
@@ -59,12 +73,15 @@ class Predictor:
       method: `metaopt.memory` method ("auto": allocator on CUDA, RSS on CPU).
       meter: replaces the measurement (see `Meter`).
       limit: the bytes a plan may take (refinement probes run only where they are predicted to fit).
+      timer: replaces the timing (see `Timer`). With a `meter` and no `timer` nothing is timed
+        (`can_time` is False): a stand-in measurement runs no calls to time.
     """
 
     def __init__(self, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
                  device: torch.device | str = "cpu", method: Method = "auto", meter: Meter | None = None,
-                 limit: float = math.inf):
+                 limit: float = math.inf, timer: Timer | None = None):
         self.loop, self.meta, self.device, self.method, self.meter = loop, meta, device, method, meter
+        self.timer = timer
         self.limit = limit
         self.tasks = unstack_tasks(tasks) if isinstance(tasks, Task) else list(tasks)
         self.steps = self.tasks[0].inner_steps
@@ -99,6 +116,45 @@ class Predictor:
             estimator(self.loop, self.meta, batch, batching=batching, chunk_size=chunk)
         self._cache[key] = memory.peak_bytes
         return self._cache[key]
+
+    @property
+    def can_time(self) -> bool:
+        """Whether `seconds` means anything: real calls, or a `timer` standing in for them."""
+        return self.meter is None or self.timer is not None
+
+    def seconds(self, estimator: AbstractEstimator, n_tasks: int, chunks: Sequence[int],
+                rounds: int = 2) -> tuple[list[float], int]:
+        """Wall-clock seconds of one call of `estimator` on `n_tasks` tasks cut to `min(T, TIMED_STEPS)` inner
+        steps, for each vmapped chunk size in `chunks` (1: task by task), and those steps.
+
+        Each configuration is warmed up once, then the configurations alternate for `rounds` rounds and each
+        keeps its fastest call (the load on a shared machine drifts; a minimum is the least disturbed call).
+        Approximate: a ratio between batchings, not a prediction of the seconds at T. A compiled estimator is
+        timed eagerly, as it is measured."""
+        estimator = getattr(estimator, "eager", estimator)
+        steps = min(self.steps, TIMED_STEPS)
+        configs = [(max(1, min(c, n_tasks)), *self._batch(steps, n_tasks, c)) for c in chunks]
+        if self.timer is not None:
+            return [self.timer(estimator, batch, batching) for _, batch, batching in configs], steps
+        for chunk, _, batching in configs:
+            key = (describe(estimator), n_tasks, chunk)
+            if key not in self._warm:
+                warm, _ = self._batch(min(steps, 2), n_tasks, chunk)
+                estimator(self.loop, self.meta, warm, batching=batching, chunk_size=chunk)
+                self._warm.add(key)
+        best = [math.inf] * len(configs)
+        for _ in range(rounds):
+            for i, (chunk, batch, batching) in enumerate(configs):
+                self._synchronize()
+                start = time.perf_counter()
+                estimator(self.loop, self.meta, batch, batching=batching, chunk_size=chunk)
+                self._synchronize()
+                best[i] = min(best[i], time.perf_counter() - start)
+        return best, steps
+
+    def _synchronize(self) -> None:
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def predict(self, target: AbstractEstimator, n_tasks: int = 1, chunk: int = 1, at: int | None = None) -> int:
         """Predicted peak bytes of `target` at T = `at` (default: the tasks') on `n_tasks` tasks in vmapped

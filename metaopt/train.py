@@ -34,7 +34,7 @@ from metaopt.evaluation import evaluate, mean_ci95, task_to
 from metaopt.guard import format_bytes
 from metaopt.loop import InnerLoop
 from metaopt.memory import Method, default_method, measure_peak_memory, tensor_bytes
-from metaopt.planning import Meter, Plan, describe, plan
+from metaopt.planning import Meter, Plan, Timer, describe, plan
 from metaopt.tasks.base import TaskDistribution
 from metaopt.types import MetaParams, Task
 
@@ -272,11 +272,11 @@ def _check_arguments(meta_steps: int, meta_batch_size: int, inner_steps: int, on
 def plan_training(estimator: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution,
                   outer_optimizer: torch.optim.Optimizer, *, meta_batch_size: int, inner_steps: int, budget: Budget,
                   batching: Batching = "auto", seed: int = 0, device: torch.device | str = "cpu",
-                  meter: Meter | None = None) -> Plan:
+                  meter: Meter | None = None, timer: Timer | None = None) -> Plan:
     """The plan of a run's meta-steps, on a batch drawn from its own generator (planning never changes the
     training tasks); the outer optimizer's state counts in the prediction."""
     batch = task_to(tasks.sample(meta_batch_size, inner_steps, torch.Generator().manual_seed(seed + 7919)), device)
-    chosen = plan(estimator, loop, meta, batch, budget, batching=batching, device=device, meter=meter,
+    chosen = plan(estimator, loop, meta, batch, budget, batching=batching, device=device, meter=meter, timer=timer,
                   fixed_bytes=optimizer_state_bytes(outer_optimizer))
     logger.info("plan: %s, %s, chunks of %d tasks, predicted peak %s (%s)", describe(chosen.estimator),
                 chosen.batching, chosen.chunk_size, format_bytes(chosen.predicted_peak_bytes), chosen.reason)
@@ -294,7 +294,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
                checkpoint_every: int = 1000, log: LogFn | None = None, log_every: int = 100,
                progress: bool = True, device: torch.device | str = "cpu", on_nan: Literal["raise", "skip"] = "raise",
                memory_every: int = 1000, clock: Callable[[], float] | None = None,
-               memory_probe: Callable[[], int] | None = None, meter: Meter | None = None,
+               memory_probe: Callable[[], int] | None = None, meter: Meter | None = None, timer: Timer | None = None,
                max_grad_norm: float | None = None, eval_batch_size: int = 100,
                checkpoint_extra: dict[str, Any] | None = None, callbacks: Sequence[Callback] = (),
                lr_schedule: Callable[[int], float] | None = None, time_limit: float | None = None) -> dict:
@@ -313,7 +313,8 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     Args:
       on_nan, max_grad_norm: see `StepConfig`.
       clock, memory_probe: passed to the budget guard (tests inject them).
-      meter: replaces the planner's memory measurement (see `metaopt.prediction.Meter`).
+      meter, timer: replace the planner's memory measurement and its timing of vmap against one task at a time
+        (see `metaopt.prediction.Meter` and `Timer`).
       eval_n_tasks: 0 skips the final evaluation (the caller evaluates).
       eval_batch_size: meta-test tasks evaluated at once at most (fewer where the budget needs it).
       checkpoint_extra: more entries for the checkpoint (e.g. the run's resolved config).
@@ -337,7 +338,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     tasks = tasks.to(device)  # where it can, the distribution samples on the device (the same tasks)
     chosen = plan_training(estimator, loop, meta, tasks, outer_optimizer, meta_batch_size=meta_batch_size,
                            inner_steps=inner_steps, budget=budget, batching=batching, seed=seed, device=device,
-                           meter=meter)
+                           meter=meter, timer=timer)
     state = TrainState(meta, outer_optimizer, torch.Generator().manual_seed(seed), estimator=chosen.estimator)
     if checkpoint_path is not None and Path(checkpoint_path).exists():
         state.load_state_dict(load_checkpoint(checkpoint_path))

@@ -14,9 +14,11 @@ import torch
 
 import metaopt as mo
 from metaopt import estimators as E
+from metaopt.batching import unstack_tasks
 from metaopt.checkpoint import load_checkpoint
 from metaopt.compiled import Compiled
 from metaopt.planning import choose, plan
+from metaopt.prediction import TIMED_STEPS, Predictor
 from problems import tiny_model, tiny_tasks
 
 FIXED, GRAPH_STEP, BOUNDARY = 500, 1000, 2000
@@ -53,6 +55,58 @@ def test_plan_keeps_the_whole_batch_in_one_vmap_when_it_fits():
     found = plan(E.Full(), loop, meta, tasks, mo.Budget(memory=10**6), meter=synthetic_meter)
     assert (found.batching, found.chunk_size) == ("vmap", 4)
     assert found.predicted_peak_bytes == synthetic_meter(E.Full(), tasks, "vmap")
+
+
+def timer_where(loop_factor: float, calls: list | None = None):
+    """A stand-in timer: a vmapped call takes 1 s, the same tasks one at a time `loop_factor` s."""
+    def timer(estimator, tasks, batching) -> float:
+        if calls is not None:
+            calls.append(batching)
+        return 1.0 if batching == "vmap" else loop_factor
+    return timer
+
+
+@pytest.mark.parametrize("loop_factor,expected", [(0.5, "loop"), (0.9, "vmap"), (2.0, "vmap")])
+def test_plan_runs_tasks_one_at_a_time_where_that_is_measured_clearly_faster(loop_factor, expected):
+    loop, meta, tasks = _problem()
+    found = plan(E.Full(), loop, meta, tasks, mo.Budget(memory=10**6), meter=synthetic_meter,
+                 timer=timer_where(loop_factor))
+    assert found.batching == expected and found.chunk_size == (1 if expected == "loop" else 4)
+    assert f"1 s vmapped vs {loop_factor:.3g} s one task at a time" in found.reason
+    # The prediction is the chosen batching's: one task's graph at a time under the loop.
+    one_graph = tasks if expected == "vmap" else unstack_tasks(tasks)[:1]
+    assert found.predicted_peak_bytes == synthetic_meter(E.Full(), one_graph, expected)
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_an_explicit_batching_or_a_compiled_estimator_is_planned_by_memory_alone(batching):
+    loop, meta, tasks = _problem()
+    calls: list = []
+    found = plan(E.Full(), loop, meta, tasks, mo.Budget(), batching=batching, meter=synthetic_meter,
+                 timer=timer_where(0.1, calls))
+    compiled = plan(Compiled(E.Full()), loop, meta, tasks, mo.Budget(), meter=synthetic_meter,
+                    timer=timer_where(0.1, calls))
+    assert found.batching == batching and (compiled.batching, compiled.chunk_size) == ("vmap", 4)
+    assert calls == [] and "one task at a time" not in compiled.reason
+
+
+def test_predictor_times_each_batching_on_the_tasks_cut_to_at_most_16_steps():
+    loop, meta, tasks = _problem(steps=20)
+    (vmapped, looped), steps = Predictor(loop, meta, tasks).seconds(E.Full(), 4, (4, 1))
+    assert steps == TIMED_STEPS == 16 and 0 < vmapped < math.inf and 0 < looped < math.inf
+    # A stand-in meter runs nothing, so there is nothing to time without a stand-in timer.
+    assert not Predictor(loop, meta, tasks, meter=synthetic_meter).can_time
+    assert Predictor(loop, meta, tasks, meter=synthetic_meter, timer=timer_where(1.0)).can_time
+
+
+def test_meta_train_runs_the_plan_the_timer_chose(tmp_path):
+    loop, meta, _ = _problem()
+    outer = torch.optim.Adam(meta.parameters(), lr=1e-3)
+    metrics = mo.meta_train(loop, meta, E.Full(), mo.Sinusoid(k_shot=5), outer_optimizer=outer, meta_steps=2,
+                            meta_batch_size=4, inner_steps=2, eval_n_tasks=0, progress=False,
+                            meter=synthetic_meter, timer=timer_where(0.5))
+    assert (metrics["batching"], metrics["chunk_size"]) == ("loop", 1)
+    assert "one task at a time is faster" in metrics["plan"]
 
 
 def test_plan_splits_the_batch_into_chunks_that_fit():
