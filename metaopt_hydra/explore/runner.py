@@ -85,6 +85,7 @@ class ProcessRunner:
                 continue
             cfg.estimator = estimator_node(chosen.estimator)
             cfg.budget.memory = memory_share
+            cfg.batching = chosen.batching  # the trial runs the batching it was priced with (auto times it once)
             self.configs[candidate.trial] = OmegaConf.to_yaml(cfg, resolve=True)
             if self.on_config is not None:
                 self.on_config(candidate.trial, self.configs[candidate.trial])
