@@ -12,7 +12,7 @@ from metaopt.loop import InnerLoop
 from metaopt.optim import InnerOptimizer, sgd
 from metaopt.types import Batch, Hyper, InnerState, LossFn, MetaParams
 
-__all__ = ["PrototypeLoop", "PrototypeState"]
+__all__ = ["PrototypeLoop", "PrototypeState", "class_means"]
 
 
 class PrototypeState(NamedTuple):
@@ -25,6 +25,16 @@ class PrototypeState(NamedTuple):
 
     prototypes: Tensor
     present: Tensor
+
+
+def class_means(embeddings: Tensor, labels: Tensor, n_way: int) -> PrototypeState:
+    """Each class's mean embedding: embeddings [n, D] and labels [n] in 0..n_way-1 -> prototypes [n_way, D]
+    (zeros for a class with no example) and which classes had one, [n_way] bool. Differentiable in the
+    embeddings; vmaps over tasks."""
+    one_hot = F.one_hot(labels, n_way).to(embeddings.dtype)                # [n, N]
+    counts = one_hot.sum(0)                                                # [N]
+    prototypes = one_hot.T @ embeddings / counts.clamp_min(1).unsqueeze(1)  # [N, D]
+    return PrototypeState(prototypes, counts > 0)
 
 
 class PrototypeLoop(InnerLoop):
@@ -59,10 +69,7 @@ class PrototypeLoop(InnerLoop):
              hyper: Hyper | None = None) -> InnerState:
         batch = self.support_batch(batch, meta)
         embeddings, buffers = self.forward(state.params, state.buffers, batch.x)
-        one_hot = F.one_hot(batch.y, self.n_way).to(embeddings.dtype)          # [n, N]
-        counts = one_hot.sum(0)                                                # [N]
-        prototypes = one_hot.T @ embeddings / counts.clamp_min(1).unsqueeze(1)  # [N, D]
-        return InnerState(state.params, buffers, PrototypeState(prototypes, counts > 0), state.anchor)
+        return InnerState(state.params, buffers, class_means(embeddings, batch.y, self.n_way), state.anchor)
 
     def predict(self, state: InnerState, x: Tensor) -> Tensor:
         if not isinstance(state.opt_state, PrototypeState):
