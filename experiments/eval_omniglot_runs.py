@@ -6,7 +6,7 @@ DIR is a training run's directory (experiments/train.py). MAML-style runs adapt 
 20 training images (the run's eval.inner_steps inner steps) and classify the 20 test
 items; ProtoNets classify by the nearest prototype. The model must produce 20-way outputs:
 a MAML run trained 5-way has a 5-way head and is refused (train it with task.n_way=20);
-ProtoNets work at any N. Prints the error per run and, last, `error_rate=<percent>`.
+ProtoNets and Proto-MAML (a head made per task) work at any N. Prints the error per run and, last, `error_rate=<percent>`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from metaopt import PrototypeLoop, losses, unroll
+from metaopt import losses, unroll
 from metaopt.checkpoint import load_checkpoint
 from metaopt.tasks.omniglot import load_one_shot_runs
 from metaopt_hydra.build import build
@@ -35,7 +35,7 @@ def main(cfg: DictConfig) -> None:
     OmegaConf.resolve(train_cfg)  # freeze the trained shapes (a MAML head keeps its N)
     if "n_way" in train_cfg.loop:
         with open_dict(train_cfg):
-            train_cfg.loop.n_way = WAYS  # a ProtoNet classifies any number of classes
+            train_cfg.loop.n_way = WAYS  # a ProtoNet (or Proto-MAML) classifies any number of classes
     parts = build(train_cfg, load_tasks=False)
     parts.meta.load_state_dict(load_checkpoint(checkpoint_path)["meta"])
     steps = cfg.inner_steps if cfg.inner_steps is not None else train_cfg.eval.inner_steps
@@ -43,12 +43,12 @@ def main(cfg: DictConfig) -> None:
     runs = load_one_shot_runs(cfg.runs_dir, size=size)
     errors = []
     with torch.no_grad():
-        if not isinstance(parts.loop, PrototypeLoop):
+        if "n_way" not in train_cfg.loop:  # a fixed head (MAML); ProtoNets and Proto-MAML make theirs per task
             start = parts.loop.init(parts.meta)
             outputs = parts.loop.predict(start, runs[0][1].query.x[:1]).shape[-1]
             if outputs != WAYS:
                 raise ValueError(f"the checkpoint's model gives {outputs} outputs but the runs are {WAYS}-way: "
-                                 f"train it with task.n_way={WAYS} (or use a ProtoNet)")
+                                 f"train it with task.n_way={WAYS} (or use a ProtoNet or Proto-MAML)")
         for name, task in runs:
             task = task._replace(support=task.support * max(steps, 1))
             state = unroll(parts.loop, parts.loop.init(parts.meta), task.support, parts.meta, create_graph=False)

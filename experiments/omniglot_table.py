@@ -37,6 +37,7 @@ PUBLISHED = {
     "omniglot_fomaml": (98.3, 89.4),          # Finn et al. 2017
     "omniglot_protonet": (98.8, 96.0),        # Snell et al. 2017
     "omniglot_maml_learned_lr": (None, None),  # CS330 HW2's option; no published figure
+    "omniglot_protomaml": (None, None),        # Triantafillou et al. 2020 report Meta-Dataset, not these tasks
 }
 
 
