@@ -181,7 +181,8 @@ def plan(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, tasks: T
          meter: Meter | None = None, fixed_bytes: int = 0, timer: Timer | None = None) -> Plan:
     """Predict the peak memory of `method` on these tasks and fit it to the budget.
 
-    For an estimator: its largest vmapped chunks that fit. For a policy such as `auto`: the
+    For an estimator: its largest vmapped chunks that fit (under `batching="auto"`, one task at a time instead
+    where that fits and is measured `LOOP_FASTER` x faster). For a policy such as `auto`: the
     first of its ranked candidates that fits. Without a memory budget, the plan still fits the
     memory available on `device` now (`metaopt.memory.available_bytes`; the reason says so): a
     run past it would be killed, leaving no record. No run-time guard follows from that bound.
