@@ -38,7 +38,8 @@ def test_every_option_composes_and_builds(override):
     # A task needs a model that takes its inputs (build checks it): pair each task with one.
     image_model = ["model=conv4", "model.out_features=${task.n_way}", "model.image_size=${task.size}",
                    "model.channels=8"]
-    extra = {"loop=protonet": ["task=patterns", "model=conv4", "model.out_features=0", "model.channels=8"],
+    embedding = ["task=patterns", "model=conv4", "model.out_features=0", "model.channels=8"]
+    extra = {"loop=protonet": embedding, "loop=protomaml": embedding,
              "task=patterns": image_model, "task=omniglot": image_model,
              "task=digits": ["model.in_features=64", "model.out_features=10"]}.get(override, [])
     cfg = _compose([override, "debug=tiny", *extra])  # ProtoNets needs a classification task
