@@ -108,10 +108,7 @@ class Predictor:
             first, _ = self._batch(steps, chunk, chunk)  # the first chunk: the largest graph of the call
             self._cache[key] = self.meter(estimator, first, batching)
             return self._cache[key]
-        if key[:1] + key[2:] not in self._warm:  # first calls pay one-off costs (kernels, vmap and forward-AD setup)
-            warm, _ = self._batch(min(steps, 2), n_tasks, chunk)
-            estimator(self.loop, self.meta, warm, batching=batching, chunk_size=chunk)
-            self._warm.add(key[:1] + key[2:])
+        self._warm_up(estimator, n_tasks, chunk)
         with measure_peak_memory(self.device, self.method) as memory:
             estimator(self.loop, self.meta, batch, batching=batching, chunk_size=chunk)
         self._cache[key] = memory.peak_bytes
@@ -136,12 +133,8 @@ class Predictor:
         configs = [(max(1, min(c, n_tasks)), *self._batch(steps, n_tasks, c)) for c in chunks]
         if self.timer is not None:
             return [self.timer(estimator, batch, batching) for _, batch, batching in configs], steps
-        for chunk, _, batching in configs:
-            key = (describe(estimator), n_tasks, chunk)
-            if key not in self._warm:
-                warm, _ = self._batch(min(steps, 2), n_tasks, chunk)
-                estimator(self.loop, self.meta, warm, batching=batching, chunk_size=chunk)
-                self._warm.add(key)
+        for chunk, _, _ in configs:
+            self._warm_up(estimator, n_tasks, chunk)
         best = [math.inf] * len(configs)
         for _ in range(rounds):
             for i, (chunk, batch, batching) in enumerate(configs):
@@ -151,6 +144,15 @@ class Predictor:
                 self._synchronize()
                 best[i] = min(best[i], time.perf_counter() - start)
         return best, steps
+
+    def _warm_up(self, estimator: AbstractEstimator, n_tasks: int, chunk: int) -> None:
+        """Run a configuration once at 2 inner steps, the first time only: first calls pay one-off costs (kernels,
+        vmap and forward-AD setup) that neither a measurement nor a timing should see."""
+        key = (describe(estimator), n_tasks, chunk)
+        if key not in self._warm:
+            warm, batching = self._batch(min(self.steps, 2), n_tasks, chunk)
+            estimator(self.loop, self.meta, warm, batching=batching, chunk_size=chunk)
+            self._warm.add(key)
 
     def _synchronize(self) -> None:
         if torch.device(self.device).type == "cuda":

@@ -64,8 +64,7 @@ class ProtoMAMLLoop(InnerLoop):
         """The state with the prototype head added (the first step; the optimizer state is made afresh for it)."""
         embeddings, _ = super().forward(state.params, state.buffers, batch.x)
         prototypes, present = class_means(embeddings, batch.y, self.n_way)
-        lowest = torch.finfo(prototypes.dtype).min
-        bias = torch.where(present, -(prototypes ** 2).sum(-1), torch.full_like(present, lowest, dtype=prototypes.dtype))
+        bias = (-(prototypes ** 2).sum(-1)).masked_fill(~present, torch.finfo(prototypes.dtype).min)
         head = {HEAD_WEIGHT: 2 * prototypes, HEAD_BIAS: bias}
         params = {**state.params, **head}
         anchor = {**state.anchor, **head} if self.proximal else state.anchor

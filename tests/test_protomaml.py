@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import metaopt as mo
+from metaopt.batching import task_count
 from problems import central_difference
 
 
@@ -35,12 +36,8 @@ def _hand_written_meta_gradient(model, tasks, lr: float, n_way: int) -> dict[str
             body = {k: v - lr * g for (k, v), g in zip(body.items(), grads)}
             weight, bias = weight - lr * grads[-2], bias - lr * grads[-1]
         total = total + F.cross_entropy(embed(body, task.query.x) @ weight.T + bias, task.query.y)
-    grads = torch.autograd.grad(total / task_count(tasks), list(init.values()))
+    grads = torch.autograd.grad(total / task_count(tasks), list(init.values()))  # the mean over tasks
     return {"init.params." + k.replace(".", "/"): g for k, g in zip(init, grads)}
-
-
-def task_count(tasks) -> int:
-    return tasks.query.x.shape[0]
 
 
 def test_meta_gradient_equals_a_hand_written_proto_maml_and_finite_differences(generator):
