@@ -77,6 +77,24 @@ def test_alphabet_split_is_disjoint_and_rotations_add_classes(data, tmp_path):
     assert splits["train"].num_classes == 4 * plain.num_classes
 
 
+def test_flips_add_the_mirrored_classes_with_their_rotations_as_alphabets_of_their_own(data, tmp_path):
+    kwargs = dict(size=8, cache_dir=tmp_path / "cache", val_alphabets=1, test_alphabets=1, n_way=2)
+    rotated = Omniglot(data, split="train", **kwargs)
+    flipped = Omniglot(data, split="train", flips=True, within_alphabet=True, **kwargs)
+    n = rotated.num_classes
+    assert flipped.num_classes == 2 * n and torch.equal(flipped.images[:n], rotated.images)
+    plain = n // 4
+    # Class block t = rotation + 4 * mirrored: block 4 is the characters mirrored left-right, block 5 those rotated.
+    assert torch.equal(flipped.images[4 * plain:5 * plain], rotated.images[:plain].flip(-1))
+    assert torch.equal(flipped.images[5 * plain:6 * plain], torch.rot90(rotated.images[:plain].flip(-1), 1, (-2, -1)))
+    assert len(flipped.groups) == 2 * len(rotated.groups) == 8 * len(flipped.alphabets)
+    classes, _ = flipped.draw(100, torch.Generator().manual_seed(0))
+    groups = flipped.class_groups[classes]
+    assert (groups == groups[:, :1]).all()  # never a task mixing mirrored and plain characters
+    assert {flipped.groups[g][1] for g in groups[:, 0].tolist()} == set(range(8))
+    assert "mirrored classes" in repr(flipped)
+
+
 def test_named_test_alphabets_are_held_out_and_validation_drawn_from_the_rest(data, tmp_path):
     """Cross-validation folds: the test alphabets by name (any order), the validation alphabet from the others."""
     kwargs = dict(size=8, cache_dir=tmp_path / "cache", val_alphabets=1, n_way=2)

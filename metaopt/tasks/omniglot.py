@@ -169,7 +169,7 @@ class Omniglot(TaskDistribution):
 
     Classes are characters, and with `rotations` each character rotated by 90,
     180 and 270 degrees is a further class (the standard augmentation; all
-    rotations of a character stay in its split). Splits are fixed by `seed`:
+    rotations of a character stay in its split); `flips` adds the mirrored ones. Splits are fixed by `seed`:
     `split_by="alphabet"` holds out whole alphabets (`val_alphabets`,
     `test_alphabets` of them), `split_by="character"` holds out a fraction of the
     characters, and `split_by="background"` is Lake et al.'s split: train on the
@@ -199,6 +199,9 @@ class Omniglot(TaskDistribution):
         the validation alphabets are then drawn from the others.
       val_fraction, test_fraction: characters held out (split_by="character").
       rotations: add the rotated classes.
+      flips: add every class mirrored left to right (and with `rotations`, its rotations) as further classes,
+        twice the classes (a mirrored character is as plausible a character as a rotated one; training
+        augmentation: set it to false for evaluation tasks). Its mirrored classes form alphabets of their own.
       within_alphabet: all N classes of a task from one alphabet (and one rotation).
       drawer_split: support and query of a task drawn by different people.
       shift: translate every sampled image by a random whole number of pixels in [-shift, shift] per axis
@@ -229,7 +232,7 @@ class Omniglot(TaskDistribution):
                  rotations: bool = True, size: int = 28, seed: int = 0, cache_dir: str | None = None,
                  within_alphabet: bool = False, drawer_split: bool = False, shift: int = 0,
                  warp_degrees: float = 0.0, warp_shear: float = 0.0, warp_scale: float = 0.0,
-                 support_views: int = 1):
+                 support_views: int = 1, flips: bool = False):
         if k_shot < 1 or k_query < 1 or k_shot + k_query > DRAWERS:
             raise OmniglotDataError(f"omniglot: k_shot + k_query = {k_shot} + {k_query} must be between 2 and the "
                                     f"{DRAWERS} drawings each character has")
@@ -237,7 +240,7 @@ class Omniglot(TaskDistribution):
             raise OmniglotDataError(f"omniglot: split must be train/val/test and split_by alphabet/character/"
                                     f"background, got {split!r}, {split_by!r}")
         self.root, self.n_way, self.k_shot, self.k_query, self.split = root, n_way, k_shot, k_query, split
-        self.within_alphabet, self.drawer_split, self.shift = within_alphabet, drawer_split, shift
+        self.within_alphabet, self.drawer_split, self.shift, self.flips = within_alphabet, drawer_split, shift, flips
         if shift < 0 or 2 * shift >= size:
             raise OmniglotDataError(f"omniglot: shift = {shift} must be between 0 and half the image size {size}")
         if not (0 <= warp_degrees <= 180 and 0 <= warp_shear < 1 and 0 <= warp_scale < 1):
@@ -263,13 +266,16 @@ class Omniglot(TaskDistribution):
         images = data.images[chosen]
         names = [data.alphabets[i] for i in chosen]
         turns = 4 if rotations else 1
-        images = torch.cat([torch.rot90(images, r, dims=(2, 3)) for r in range(turns)])
+        mirrors = [images, images.flip(3)] if flips else [images]
+        # Class blocks in the order of their transform t = rotation + turns * mirrored.
+        images = torch.cat([torch.rot90(m, r, dims=(2, 3)) for m in mirrors for r in range(turns)])
+        turns *= len(mirrors)
         self.images = images.unsqueeze(2)  # [classes, 20, 1, size, size]
         if self.images.shape[0] < n_way:
             raise OmniglotDataError(f"omniglot: the {split} split has {self.images.shape[0]} classes, fewer than "
                                     f"n_way = {n_way}")
         groups = sorted({(name, r) for name in names for r in range(turns)})
-        # The alphabet (with its rotation) of each class: [classes] indices into `self.groups`.
+        # The alphabet (with its transform: rotation, mirrored) of each class: [classes] indices into `self.groups`.
         self.groups = groups
         self.class_groups = torch.tensor([groups.index((name, r)) for r in range(turns) for name in names])
         members = self.class_groups.unsqueeze(0) == torch.arange(len(groups)).unsqueeze(1)  # [groups, classes]
@@ -283,6 +289,7 @@ class Omniglot(TaskDistribution):
     def __repr__(self) -> str:
         return (f"Omniglot({self.split}: {self.images.shape[0]} classes from {len(self.alphabets)} alphabets, "
                 f"{self.n_way}-way {self.k_shot}-shot {self.k_query}-query"
+                f"{', mirrored classes' if self.flips else ''}"
                 f"{', within alphabet' if self.within_alphabet else ''}{', drawer split' if self.drawer_split else ''}"
                 f"{f', shifts of {self.shift} px' if self.shift else ''}"
                 f"{', warped' if self.warp_degrees or self.warp_shear or self.warp_scale else ''}"
