@@ -198,7 +198,7 @@ def test_one_shot_runs_reader(tmp_path):
 
 
 @pytest.mark.parametrize("split", ["background", "alphabet"])
-def test_eval_omniglot_runs_contract(data, tmp_path, split):
+def test_eval_omniglot_runs_contract(data, tmp_path, split, monkeypatch):
     """Train a tiny ProtoNet on generated Omniglot, then evaluate it on generated runs. With the default
     background split and no images_evaluation (as in the shared data) every alphabet trains and the meta-test
     is skipped, said why; with held-out alphabets the meta-test runs."""
@@ -232,6 +232,15 @@ def test_eval_omniglot_runs_contract(data, tmp_path, split):
         row = next(line for line in table.stdout.splitlines() if line.startswith("| omniglot_protonet (train) |"))
         five_way, twenty_way = row.split(" | ")[4:6]
         assert "±" in five_way and twenty_way == "—"
+        # Test-time metric variants: the ProtoNet's own distance scores exactly what `evaluate` scores.
+        monkeypatch.syspath_prepend(str(root / "experiments"))
+        from omniglot_table import evaluate_run
+        from protonet_distances import PROTOCOL, VARIANTS, score
+        monkeypatch.setenv("HOME", str(tmp_path))  # the image cache of the runs above
+        variants = score(train_dir, 4, n_way=2)
+        assert set(variants) == {*VARIANTS, "one batch"}
+        (accuracy, _), *_ = evaluate_run(train_dir, {**PROTOCOL, "n_way": 2}, 4, None)
+        assert variants["euclidean"][0] == pytest.approx(accuracy, abs=1e-12)
     else:
         assert "test_accuracy" not in metrics and "images_evaluation" in metrics["meta_test_skipped"]
         assert "images_evaluation" in metrics["protocols"]["within_alphabet_20way"]["skipped"]
