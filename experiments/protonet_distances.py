@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 import torch
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 
 from metaopt.checkpoint import load_checkpoint
@@ -55,7 +55,7 @@ def score(run_dir: Path, n_tasks: int, data_root: str | None = None,
     """{variant: (accuracy, 95% CI)} of the run's embedding on the protocol's seeded tasks (`n_way`: the
     protocol's N, 20 for Lake's runs)."""
     protocol = {**PROTOCOL, "n_way": n_way}
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    cfg = cast(DictConfig, OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
     OmegaConf.resolve(cfg)
     if "n_way" not in cfg.loop or cfg.model.get("out_features", 1) != 0:
         raise SystemExit(f"{run_dir}: not a ProtoNet run (loop.n_way and model.out_features=0)")
