@@ -218,9 +218,9 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
     if (budget is None or budget.unlimited) and isinstance(tasks, Task) and batching != "loop":
         whole = _compiled_whole_batch(estimator, loop, meta, tasks, chunk_size)
         if whole is not None:
-            grads, losses, stats_row = whole
+            grads, outer_losses, stats_row = whole
             total = task_count(tasks)
-            return _result(grads, [(0, total, losses)], [stats_row], [None], total, 0, 0, "vmap", total, start)
+            return _result(grads, [(0, total, outer_losses)], [stats_row], [None], total, 0, 0, "vmap", total, start)
     mode, prepared = resolve_batching(tasks, batching, estimator.vmap_blocker(loop))
     total = task_count(prepared) if isinstance(prepared, Task) else len(prepared)
     size = 1 if mode == "loop" else total if chunk_size is None else max(1, min(chunk_size, total))
