@@ -1,12 +1,14 @@
 """Lake et al.'s 20-way one-shot classification runs, on a trained checkpoint.
 
-    python experiments/eval_omniglot_runs.py checkpoint=DIR runs_dir=PATH
+    python experiments/eval_omniglot_runs.py checkpoint=DIR runs_dir=PATH [support_views=9]
 
 DIR is a training run's directory (experiments/train.py). MAML-style runs adapt on the
 20 training images (the run's eval.inner_steps inner steps) and classify the 20 test
 items; ProtoNets classify by the nearest prototype. The model must produce 20-way outputs:
 a MAML run trained 5-way has a 5-way head and is refused (train it with task.n_way=20);
 ProtoNets and Proto-MAML (a head made per task) work at any N. Prints the error per run and, last, `error_rate=<percent>`.
+`support_views=V` (1 to 9; default 1, the image alone) classifies with test-time views of each training image, as
+`Omniglot(support_views=V)` does for sampled tasks: the image and its V - 1 nearest one-pixel shifts.
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metaopt import losses, unroll
 from metaopt.checkpoint import load_checkpoint
+from metaopt.tasks.augment import VIEW_OFFSETS, shifted_views
 from metaopt.tasks.omniglot import load_one_shot_runs
+from metaopt.types import Batch
 from metaopt_hydra.build import build
 
 WAYS = 20
@@ -31,6 +35,10 @@ def main(cfg: DictConfig) -> None:
     for path in (config_path, checkpoint_path):
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: checkpoint= must be a run directory of experiments/train.py")
+    views = int(cfg.get("support_views", 1))
+    if not 1 <= views <= len(VIEW_OFFSETS):
+        raise ValueError(f"support_views={views} must be between 1 and {len(VIEW_OFFSETS)} (the image and its "
+                         "one-pixel shifts)")
     train_cfg = OmegaConf.load(config_path)
     OmegaConf.resolve(train_cfg)  # freeze the trained shapes (a MAML head keeps its N)
     if "n_way" in train_cfg.loop:
@@ -50,6 +58,10 @@ def main(cfg: DictConfig) -> None:
                 raise ValueError(f"the checkpoint's model gives {outputs} outputs but the runs are {WAYS}-way: "
                                  f"train it with task.n_way={WAYS} (or use a ProtoNet or Proto-MAML)")
         for name, task in runs:
+            if views > 1:  # [views, 20, 1, H, W] -> [views * 20, ...], view by view, the labels repeated
+                support = task.support[0]
+                task = task._replace(support=(Batch(shifted_views(support.x, views).flatten(0, 1),
+                                                    support.y.repeat(views)),))
             task = task._replace(support=task.support * max(steps, 1))
             state = unroll(parts.loop, parts.loop.init(parts.meta), task.support, parts.meta, create_graph=False)
             logits = parts.loop.predict(state, task.query.x)

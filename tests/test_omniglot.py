@@ -252,6 +252,20 @@ def test_eval_omniglot_runs_contract(data, tmp_path, split, monkeypatch):
     last = result.stdout.strip().splitlines()[-1]
     # Each test item is a copy of its answer's drawing: identical embeddings, distance 0, no error.
     assert last == "error_rate=0.00"
+    if split == "background":  # test-time views of the training images: a prototype is the mean of 9 views
+        views = subprocess.run([sys.executable, str(root / "experiments" / "eval_omniglot_runs.py"),
+                                f"checkpoint={train_dir}", f"runs_dir={runs}", "support_views=9",
+                                "hydra.run.dir=" + str(tmp_path / "e9")],
+                               capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        assert views.returncode == 0, views.stderr[-3000:]
+        lines = views.stdout.strip().splitlines()
+        assert len([line for line in lines if line.startswith("run")]) == 2
+        assert 0 <= float(lines[-1].removeprefix("error_rate=")) <= 100
+        refused = subprocess.run([sys.executable, str(root / "experiments" / "eval_omniglot_runs.py"),
+                                  f"checkpoint={train_dir}", f"runs_dir={runs}", "support_views=10",
+                                  "hydra.run.dir=" + str(tmp_path / "e10")],
+                                 capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        assert refused.returncode != 0 and "support_views=10 must be between 1 and 9" in refused.stderr
 
 
 def test_proto_maml_trained_on_fewer_ways_scores_the_20_way_runs(data, tmp_path):
