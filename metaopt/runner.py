@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map, tree_map_only
 
-from metaopt.batching import Batching, check_task, compress_support, resolve_batching, task_count, vmap_tasks
+from metaopt.batching import Batching, compress_support, resolve_batching, task_count, vmap_tasks
 from metaopt.budget import Budget
 from metaopt.guard import StepGuard, TaskSkipped, UnrollTruncated
 from metaopt.loop import InnerLoop
@@ -215,12 +215,6 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
     """
     estimator.check(loop, meta)
     start = time.perf_counter()
-    if (budget is None or budget.unlimited) and isinstance(tasks, Task) and batching != "loop":
-        whole = _compiled_whole_batch(estimator, loop, meta, tasks, chunk_size)
-        if whole is not None:
-            grads, outer_losses, stats_row = whole
-            total = task_count(tasks)
-            return _result(grads, [(0, total, outer_losses)], [stats_row], [None], total, 0, 0, "vmap", total, start)
     mode, prepared = resolve_batching(tasks, batching, estimator.vmap_blocker(loop))
     total = task_count(prepared) if isinstance(prepared, Task) else len(prepared)
     size = 1 if mode == "loop" else total if chunk_size is None else max(1, min(chunk_size, total))
@@ -246,30 +240,8 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
         losses.append((first, last, done.outer_loss))
         stats_rows.append(done.stats)
         carries.append(done.carry)
-    return _result(mean_gradient.result(meta), losses, stats_rows, carries, total, truncated, skipped, mode, size,
-                   start)
-
-
-def _compiled_whole_batch(estimator: Differentiator, loop: InnerLoop, meta: MetaParams, tasks: Task,
-                          chunk_size: int | None) -> tuple[dict[str, Tensor], Tensor, dict[str, Tensor]] | None:
-    """A compiled estimator's (grads, outer losses, stats) of a whole stacked batch as one vmapped chunk, with
-    none of the chunking around it, or None where that is not the plan (no compiled function, something blocks
-    vmap, chunks asked for, or the wrapper fell back to eager): then the general path runs. A fixed cost per call
-    that T=1 steps of ~0.5 ms show (README: T=1)."""
-    if not getattr(estimator, "compiled", False) or estimator.vmap_blocker(loop) is not None:
-        return None
-    if chunk_size is not None and chunk_size < task_count(tasks):
-        return None
-    check_task(tasks, batched=True)
-    compressed, pattern = compress_support(tasks)
-    return estimator.chunk_gradient(loop, meta, compressed, pattern)  # type: ignore[attr-defined]
-
-
-def _result(grads: dict[str, Tensor], losses: list[tuple[int, int, Tensor]], stats_rows: list[dict[str, Tensor]],
-            carries: list[Any], total: int, truncated: int, skipped: int, mode: str, size: int,
-            start: float) -> MetaGrad:
-    """The call's MetaGrad from its chunks' results: (first, last, outer losses), stats and carries."""
     used = total - skipped
+    grads = mean_gradient.result(meta)
     task_losses, task_used = _task_losses(losses, total)
     stats: dict[str, float | int | str] = {
         "seconds": time.perf_counter() - start, "tasks": total, "batching": mode, "chunk_size": size,

@@ -38,31 +38,6 @@ def test_compiled_equals_eager_in_float64(name, kind):
     _assert_equal(again, result)
 
 
-def test_a_whole_batch_takes_the_short_path_and_returns_what_the_chunked_path_returns(monkeypatch):
-    """An unbudgeted compiled call on a stacked batch skips the runner's chunk bookkeeping (a fixed cost at T=1);
-    its MetaGrad is the general path's, field by field, and chunks or a budget still take the general path."""
-    import metaopt.runner as runner
-    loop, meta, tasks = _problem("init")
-    compiled = mo.get_estimator("full", compile=True)
-    calls = []
-    short_path = runner._compiled_whole_batch
-    monkeypatch.setattr(runner, "_compiled_whole_batch", lambda *a: calls.append(a[-1]) or short_path(*a))
-    short = compiled(loop, meta, tasks)
-    assert calls == [None] and compiled.compiled_calls == 1
-    monkeypatch.setattr(runner, "_compiled_whole_batch", lambda *a: None)
-    general = compiled(loop, meta, tasks)
-    assert compiled.compiled_calls == 2  # the same compiled function, through the chunk loop
-    _assert_equal(short, general)
-    assert {k: v for k, v in short.stats.items() if k != "seconds"} == \
-        {k: v for k, v in general.stats.items() if k != "seconds"}
-    assert torch.equal(short.task_losses, general.task_losses) and torch.equal(short.task_used, general.task_used)
-    assert short.carry is None and general.carry is None
-    monkeypatch.setattr(runner, "_compiled_whole_batch", short_path)
-    chunked = compiled(loop, meta, tasks, chunk_size=2)  # chunks asked for: the general path (new shapes: compiled)
-    assert chunked.stats["chunk_size"] == 2 and compiled.compiled
-    _assert_equal(chunked, general)
-
-
 def test_the_compiled_function_reads_the_meta_parameters_at_every_call():
     """The meta-parameters are read inside the traced function (Dynamo guards them): an outer step in place, a
     replaced parameter and a frozen one are all seen, as eager sees them."""
