@@ -20,9 +20,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metaopt import losses, unroll
 from metaopt.checkpoint import load_checkpoint
-from metaopt.tasks.augment import VIEW_OFFSETS, shifted_views
+from metaopt.tasks.augment import VIEW_OFFSETS, with_views
 from metaopt.tasks.omniglot import load_one_shot_runs
-from metaopt.types import Batch
 from metaopt_hydra.build import build
 
 WAYS = 20
@@ -58,10 +57,8 @@ def main(cfg: DictConfig) -> None:
                 raise ValueError(f"the checkpoint's model gives {outputs} outputs but the runs are {WAYS}-way: "
                                  f"train it with task.n_way={WAYS} (or use a ProtoNet or Proto-MAML)")
         for name, task in runs:
-            if views > 1:  # [views, 20, 1, H, W] -> [views * 20, ...], view by view, the labels repeated
-                support = task.support[0]
-                task = task._replace(support=(Batch(shifted_views(support.x, views).flatten(0, 1),
-                                                    support.y.repeat(views)),))
+            if views > 1:
+                task = task._replace(support=(with_views(task.support[0], views),))
             task = task._replace(support=task.support * max(steps, 1))
             state = unroll(parts.loop, parts.loop.init(parts.meta), task.support, parts.meta, create_graph=False)
             logits = parts.loop.predict(state, task.query.x)

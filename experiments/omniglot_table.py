@@ -22,14 +22,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import cast
 
 import torch
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metaopt.checkpoint import load_checkpoint
 from metaopt.tasks import TaskDistribution
 from metaopt.train import evaluate, mean_ci95
-from metaopt_hydra.build import build
+from metaopt_hydra.build import Parts, build
 
 # Published full-background results (30 background alphabets), 5-way / 20-way 1-shot accuracy in %.
 PUBLISHED = {
@@ -66,10 +67,10 @@ PROTOCOLS = {  # column -> overrides of the run's eval.task
 }
 
 
-def evaluate_run(run_dir: Path, overrides: dict, n_tasks: int,
-                 data_root: str | None) -> tuple[tuple[float, float], TaskDistribution, int, int]:
-    """The run's accuracy (mean, CI) on eval tasks with `overrides`, the tasks it used, their seed and batch size."""
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+def load_run(run_dir: Path, overrides: dict, data_root: str | None) -> tuple[DictConfig, Parts]:
+    """The trained run's config and parts (its meta-parameters loaded), its meta-test tasks given `overrides`
+    (a loop that knows its number of classes widened to theirs)."""
+    cfg = cast(DictConfig, OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
     OmegaConf.resolve(cfg)
     with open_dict(cfg):
         if data_root:
@@ -83,6 +84,14 @@ def evaluate_run(run_dir: Path, overrides: dict, n_tasks: int,
         raise LookupError(f"{run_dir}: no held-out tasks to score ({parts.meta_test_skipped}); train it with "
                           "held-out alphabets (task.split_by=alphabet) or pass --data-root with images_evaluation")
     parts.meta.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["meta"])
+    return cfg, parts
+
+
+def evaluate_run(run_dir: Path, overrides: dict, n_tasks: int,
+                 data_root: str | None) -> tuple[tuple[float, float], TaskDistribution, int, int]:
+    """The run's accuracy (mean, CI) on eval tasks with `overrides`, the tasks it used, their seed and batch size."""
+    cfg, parts = load_run(run_dir, overrides, data_root)
+    assert parts.eval_tasks is not None
     batch_size = cfg.eval.get("batch_size", 20)
     metrics = evaluate(parts.loop, parts.meta, parts.eval_tasks, n_tasks=n_tasks, inner_steps=cfg.eval.inner_steps,
                        seed=cfg.eval.seed, batching=cfg.batching, batch_size=batch_size)

@@ -22,19 +22,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable, cast
+from typing import Callable
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import Tensor
 
-from metaopt.checkpoint import load_checkpoint
 from metaopt.prototypes import class_means
 from metaopt.train import mean_ci95
-from metaopt_hydra.build import build
+from omniglot_table import PROTOCOLS, load_run
 
-PROTOCOL = {"n_way": 20, "k_shot": 1, "k_query": 5, "rotations": False, "within_alphabet": True,
-            "drawer_split": True}
+PROTOCOL = PROTOCOLS["20-way within alphabet"]
 
 
 def _unit(v: Tensor) -> Tensor:
@@ -54,22 +51,11 @@ def score(run_dir: Path, n_tasks: int, data_root: str | None = None,
           n_way: int = 20) -> dict[str, tuple[float, float]]:
     """{variant: (accuracy, 95% CI)} of the run's embedding on the protocol's seeded tasks (`n_way`: the
     protocol's N, 20 for Lake's runs)."""
-    protocol = {**PROTOCOL, "n_way": n_way}
-    cfg = cast(DictConfig, OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
-    OmegaConf.resolve(cfg)
+    cfg, parts = load_run(run_dir, {**PROTOCOL, "n_way": n_way}, data_root)
     if "n_way" not in cfg.loop or cfg.model.get("out_features", 1) != 0:
         raise SystemExit(f"{run_dir}: not a ProtoNet run (loop.n_way and model.out_features=0)")
-    with open_dict(cfg):
-        if data_root:
-            cfg.data.root = cfg.task.root = data_root
-        cfg.eval.task = {**cfg.eval.task, **protocol}
-        cfg.eval.val_task = cfg.eval.task
-        cfg.loop.n_way = max(int(cfg.loop.n_way), n_way)
-    parts = build(cfg)
-    if parts.eval_tasks is None:
-        raise SystemExit(f"{run_dir}: no held-out tasks ({parts.meta_test_skipped})")
-    parts.meta.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["meta"])
     loop, tasks = parts.loop, parts.eval_tasks
+    assert tasks is not None
     batch_size = cfg.eval.get("batch_size", 20)
     generator = torch.Generator().manual_seed(cfg.eval.seed)  # the tasks `evaluate` draws: the same seed, batches
     hits: dict[str, list[float]] = {name: [] for name in [*VARIANTS, "one batch"]}

@@ -12,7 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["shifted", "warped", "shifted_views", "VIEW_OFFSETS"]
+from metaopt.types import Batch
+
+__all__ = ["shifted", "warped", "shifted_views", "with_views", "VIEW_OFFSETS"]
 
 #: The (rows, columns) offsets of `shifted_views`, nearest first: the image itself, then its 4 and 4 diagonal
 #: one-pixel neighbours.
@@ -63,3 +65,11 @@ def shifted_views(x: torch.Tensor, views: int) -> torch.Tensor:
     padded = F.pad(x, (1, 1, 1, 1))
     return torch.stack([padded[..., 1 - dy:1 - dy + height, 1 - dx:1 - dx + width]
                         for dy, dx in VIEW_OFFSETS[:views]])
+
+
+def with_views(batch: Batch, views: int) -> Batch:
+    """A support batch with every image's `shifted_views`: x [..., n, C, H, W] -> [..., views * n, C, H, W] view by
+    view (the first n are the images themselves), y [..., n] -> [..., views * n] repeated alike. A ProtoNet's
+    prototype becomes the mean embedding of a support image's views; MAML adapts on all of them."""
+    x = shifted_views(batch.x, views).movedim(0, -5).flatten(-5, -4)
+    return Batch(x, batch.y.repeat(*([1] * (batch.y.dim() - 1)), views))

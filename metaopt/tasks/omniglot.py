@@ -25,7 +25,7 @@ import torch
 
 from metaopt import losses
 from metaopt.checkpoint import load_checkpoint, save_atomic
-from metaopt.tasks.augment import VIEW_OFFSETS, shifted, shifted_views, warped
+from metaopt.tasks.augment import VIEW_OFFSETS, shifted, warped, with_views
 from metaopt.tasks.base import EmptySplit, TaskDistribution
 from metaopt.types import Batch, LossFn, Task
 
@@ -269,15 +269,15 @@ class Omniglot(TaskDistribution):
         mirrors = [images, images.flip(3)] if flips else [images]
         # Class blocks in the order of their transform t = rotation + turns * mirrored.
         images = torch.cat([torch.rot90(m, r, dims=(2, 3)) for m in mirrors for r in range(turns)])
-        turns *= len(mirrors)
+        transforms = turns * len(mirrors)
         self.images = images.unsqueeze(2)  # [classes, 20, 1, size, size]
         if self.images.shape[0] < n_way:
             raise OmniglotDataError(f"omniglot: the {split} split has {self.images.shape[0]} classes, fewer than "
                                     f"n_way = {n_way}")
-        groups = sorted({(name, r) for name in names for r in range(turns)})
+        groups = sorted({(name, t) for name in names for t in range(transforms)})
         # The alphabet (with its transform: rotation, mirrored) of each class: [classes] indices into `self.groups`.
         self.groups = groups
-        self.class_groups = torch.tensor([groups.index((name, r)) for r in range(turns) for name in names])
+        self.class_groups = torch.tensor([groups.index((name, t)) for t in range(transforms) for name in names])
         members = self.class_groups.unsqueeze(0) == torch.arange(len(groups)).unsqueeze(1)  # [groups, classes]
         # Alphabets (with their rotation) that can hold an N-way task: within_alphabet draws among these.
         self._alphabet_members = members[members.sum(dim=1) >= n_way]
@@ -343,9 +343,8 @@ class Omniglot(TaskDistribution):
             return Batch(xs.reshape(n_tasks, -1, *shape), ys.reshape(n_tasks, -1))
 
         support = flat(x[:, :, :self.k_shot], y[:, :, :self.k_shot])
-        if self.support_views > 1:  # [views, tasks, N * K, ...] -> [tasks, views * N * K, ...], view by view
-            views = shifted_views(support.x, self.support_views).movedim(0, 1).flatten(1, 2)
-            support = Batch(views, support.y.repeat(1, self.support_views))
+        if self.support_views > 1:
+            support = with_views(support, self.support_views)  # [tasks, views * N * K, ...]
         query = flat(x[:, :, self.k_shot:], y[:, :, self.k_shot:])
         return Task.repeat(support, query, inner_steps)
 
