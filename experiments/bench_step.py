@@ -46,7 +46,7 @@ import metaopt as mo
 from metaopt.compiled import Compiled
 
 LR, META_BATCH, K = 0.01, 25, 10
-NAMES = ["metaopt", "metaopt-loop", "torch.func", "metaopt-comp", "torch.func-comp", "higher"]
+NAMES = ["metaopt", "metaopt-vmap", "metaopt-loop", "torch.func", "metaopt-comp", "torch.func-comp", "higher"]
 
 
 # Each make_* builds one implementation of MAML's meta-gradient (`loss`: inner and outer loss, `lr`: inner lr);
@@ -135,6 +135,7 @@ def bench(steps: int, repeats: int, with_higher: bool, with_compile: bool = Fals
     tasks = mo.Sinusoid(k_shot=K).sample(META_BATCH, steps, torch.Generator().manual_seed(0))
     impls: dict[str, Callable[[], list[torch.Tensor]]] = {
         "metaopt": make_metaopt(model, tasks, "auto"),
+        "metaopt-vmap": make_metaopt(model, tasks, "vmap"),
         "metaopt-loop": make_metaopt(model, tasks, "loop"),
         "torch.func": make_torch_func(model, tasks),
     }

@@ -6,17 +6,23 @@ Tasks with different shapes cannot be stacked; they run one after another.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence, cast
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_map_only, tree_unflatten
 
 from metaopt.types import Batch, Task
 
-__all__ = ["Batching", "TaskShapeMismatch", "stack_tasks", "unstack_tasks", "task_count",
+__all__ = ["Batching", "Batched", "TaskShapeMismatch", "stack_tasks", "unstack_tasks", "task_count",
            "check_task", "resolve_batching", "compress_support", "expand_support", "vmap_tasks"]
 
-Batching = Literal["auto", "vmap", "loop"]
+Batching = Literal["auto", "stacked", "vmap", "loop"]
+"""How a batch of tasks runs: "stacked" (one graph on the task axis, metaopt's stacked layers:
+`metaopt.stacked`), "vmap" (one graph, `torch.func.vmap` of the per-task function), "loop" (task by task),
+or "auto" (stacked, else vmap, else loop: the first that the tasks, the estimator and the model allow)."""
+
+Batched = Literal["stacked", "vmap"]
+"""The modes that run a chunk of tasks as one graph."""
 
 
 class TaskShapeMismatch(ValueError):
@@ -152,45 +158,54 @@ def expand_support(task: Task, pattern: tuple[int, ...]) -> Task:
     return task._replace(support=tuple(task.support[i] for i in pattern))
 
 
-def resolve_batching(tasks: Task | Sequence[Task], batching: Batching,
-                     vmap_blocker: str | None = None) -> tuple[Literal["vmap", "loop"], Task | list[Task]]:
+def resolve_batching(tasks: Task | Sequence[Task], batching: Batching, vmap_blocker: str | None = None,
+                     stacked_blocker: str | None = "stacked batching was not offered"
+                     ) -> tuple[Literal["stacked", "vmap", "loop"], Task | list[Task]]:
     """Decide how a batch of tasks runs, and put the tasks in that form.
 
     Args:
       tasks: a stacked batch of tasks (a `Task` with a leading task axis) or a list of tasks.
-      batching: "vmap" (stack, raise if shapes differ), "loop", or "auto" (vmap when the
-        tasks stack and nothing blocks it, loop otherwise).
+      batching: "stacked" or "vmap" (stack, raise if shapes differ or something blocks it), "loop", or
+        "auto" (stacked, else vmap, where the tasks stack and nothing blocks it; loop otherwise).
       vmap_blocker: why the computation must not run under vmap, or None if it may.
+      stacked_blocker: why it cannot run stacked (`metaopt.stacked`), or None if it may.
 
     Returns:
-      ("vmap", stacked task) or ("loop", list of tasks).
+      ("stacked" or "vmap", stacked task) or ("loop", list of tasks).
 
     Raises:
-      ValueError: batching="vmap" with a blocker (the message says why), or an unknown mode.
-      TaskShapeMismatch: batching="vmap" and the tasks do not stack.
+      ValueError: "stacked" or "vmap" with a blocker (the message says why), or an unknown mode.
+      TaskShapeMismatch: "stacked" or "vmap" and the tasks do not stack.
     """
-    if batching not in ("auto", "vmap", "loop"):
-        raise ValueError(f"batching must be 'auto', 'vmap' or 'loop', got {batching!r}")
+    if batching not in ("auto", "stacked", "vmap", "loop"):
+        raise ValueError(f"batching must be 'auto', 'stacked', 'vmap' or 'loop', got {batching!r}")
     if batching == "vmap" and vmap_blocker is not None:
         raise ValueError(f"batching='vmap' was asked for, but {vmap_blocker}; use batching='loop' or 'auto'")
-    supports_vmap = vmap_blocker is None
+    if batching == "stacked" and stacked_blocker is not None:
+        raise ValueError(f"batching='stacked' was asked for, but {stacked_blocker}; use batching='vmap', 'loop' "
+                         "or 'auto'")
+    batched: Batched | None = None
+    if batching in ("stacked", "vmap"):
+        batched = cast(Batched, batching)
+    elif batching == "auto":
+        batched = "stacked" if stacked_blocker is None else "vmap" if vmap_blocker is None else None
     if isinstance(tasks, Task):
         check_task(tasks, batched=True)
-        if batching == "loop" or not supports_vmap:
+        if batched is None:
             return "loop", unstack_tasks(tasks)
-        return "vmap", tasks
+        return batched, tasks
     tasks = list(tasks)
     for i, task in enumerate(tasks):
         try:
             check_task(task)
         except TaskShapeMismatch as e:
             raise TaskShapeMismatch(f"task {i}: {e}") from None
-    if batching == "loop" or not supports_vmap:
+    if batched is None:
         return "loop", tasks
     try:
-        return "vmap", stack_tasks(tasks)
+        return batched, stack_tasks(tasks)
     except TaskShapeMismatch:
-        if batching == "vmap":
+        if batching != "auto":
             raise
         return "loop", tasks
 

@@ -178,6 +178,9 @@ class Compiled:
             self._blockers[id(loop)] = (loop, self.eager.vmap_blocker(loop))
         return self._blockers[id(loop)][1]
 
+    def stacked_blocker(self, loop: InnerLoop, meta: MetaParams) -> str | None:
+        return "the compiled function vmaps the per-task objective"
+
     def __call__(self, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
                  budget: Budget | None = None, *, batching: Batching = "auto", chunk_size: int | None = None,
                  clock: Callable[[], float] | None = None,

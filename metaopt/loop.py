@@ -32,7 +32,7 @@ from metaopt.optim import InnerOptimizer
 from metaopt.slots import DataSlot, InitSlot, LossSlot, OptimizerSlot
 from metaopt.types import Batch, Buffers, Hyper, InnerState, LossFn, MetaParams, OptState, Params, Task
 
-__all__ = ["InnerLoop", "unroll", "task_outer_loss", "detach_state", "SLOTS"]
+__all__ = ["InnerLoop", "unroll", "task_outer_loss", "detach_state", "call_module", "SLOTS"]
 
 SLOTS = ("init", "optimizer", "loss", "data")
 
@@ -126,15 +126,7 @@ class InnerLoop:
 
         Returns the prediction and the (detached) buffers after the call.
         """
-        if not buffers:
-            return functional_call(self.model, params, (x,)), buffers
-        # Modules update buffers in place (BatchNorm). Under vmap, x is batched but a plain
-        # copy of an unbatched buffer would not be, and vmap forbids writing batched values
-        # into it; adding a zero taken from x gives each task its own copy (a new tensor).
-        zero = torch.zeros_like(x.reshape(-1)[0])
-        fresh = {k: b + zero.to(b.dtype) for k, b in buffers.items()}
-        pred = functional_call(self.model, (params, fresh), (x,))
-        return pred, {k: b.detach() for k, b in fresh.items()}
+        return call_module(self.model, params, buffers, x)
 
     def optimizer_init(self, meta: MetaParams, params: Params) -> OptState:
         """The inner optimizer's state at step 0 (a learned optimizer's hidden state, momenta, ...)."""
@@ -239,6 +231,22 @@ def task_outer_loss(loop: InnerLoop, meta: MetaParams, task: Task, *, create_gra
     state = unroll(loop, loop.init(meta, task.init), task.support, meta, create_graph=create_graph,
                    on_step=on_step)
     return loop.outer_loss(state, task.query, meta)
+
+
+def call_module(module: nn.Module, params: Params, buffers: Buffers, x: Tensor) -> tuple[Tensor, Buffers]:
+    """`module` on `x` with the given parameters and buffers: the prediction and the (detached) buffers after
+    the call. The module itself is not modified."""
+    if not buffers:
+        return functional_call(module, params, (x,)), buffers
+    # Modules update buffers in place (BatchNorm). Under vmap, x is batched but a plain
+    # copy of an unbatched buffer would not be, and vmap forbids writing batched values
+    # into it; adding a zero taken from x gives each task its own copy (a new tensor).
+    zero = torch.zeros_like(x.reshape(-1)[0])
+    fresh = {k: b + zero.to(b.dtype) for k, b in buffers.items()}
+    pred = functional_call(module, (params, fresh), (x,))
+    return pred, {k: b.detach() for k, b in fresh.items()}
+
+
 def detach_state(state: InnerState) -> InnerState:
     """A copy of `state` with every tensor detached: no path leads back to the meta-parameters."""
     return tree_map(lambda v: v.detach() if isinstance(v, Tensor) else v, state)

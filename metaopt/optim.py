@@ -63,11 +63,16 @@ class GradientTransform(NamedTuple):
       update: (updates, state, params, hyper) -> (new updates, new state); `hyper` holds at least
         `defaults`' keys (the optimizer merges defaults and overrides once per step).
       defaults: the hyperparameters this transform reads, with their default values.
+      elementwise: whether it treats every coordinate alike and reads no shape, so that a leading task
+        axis on the updates, parameters and per-parameter state is just more coordinates (0-d state
+        entries, such as Adam's step, shared by the tasks that step together; hyperparameters broadcast
+        from the right): `metaopt.stacked` then applies it to all tasks at once. False: per task, under vmap.
     """
 
     init: Callable[[Params], Any]
     update: Callable[[Params, Any, Params, Hyper], tuple[Params, Any]]
     defaults: Hyper
+    elementwise: bool = False
 
 
 class InnerOptimizer(NamedTuple):
@@ -79,12 +84,14 @@ class InnerOptimizer(NamedTuple):
         overrides the defaults key by key.
       defaults: the hyperparameters (every transform's, and "lr").
       name: "sgd", "momentum", "adam", ...
+      elementwise: as `GradientTransform.elementwise` (every built-in optimizer is).
     """
 
     init: Callable[[Params], OptState]
     update: Callable[[Params, Params, OptState, Hyper], tuple[Params, OptState]]
     defaults: Hyper
     name: str
+    elementwise: bool = False
 
 
 def hyper_for(value: HyperValue, name: str) -> float | Tensor:
@@ -120,7 +127,7 @@ def add_decayed_weights(weight_decay: float = 0.0) -> GradientTransform:
             return updates, state
         return {k: g + hyper_for(decay, k) * params[k] for k, g in updates.items()}, state
 
-    return GradientTransform(lambda params: EmptyState(), update, {"weight_decay": weight_decay})
+    return GradientTransform(lambda params: EmptyState(), update, {"weight_decay": weight_decay}, elementwise=True)
 
 
 def trace(momentum: float = 0.9, nesterov: bool = False) -> GradientTransform:
@@ -140,7 +147,7 @@ def trace(momentum: float = 0.9, nesterov: bool = False) -> GradientTransform:
             return {k: g + hyper_for(m, k) * buf[k] for k, g in updates.items()}, TraceState(buf)
         return buf, TraceState(buf)
 
-    return GradientTransform(init, update, {"momentum": momentum})
+    return GradientTransform(init, update, {"momentum": momentum}, elementwise=True)
 
 
 def ema(decay: float) -> GradientTransform:
@@ -157,7 +164,7 @@ def ema(decay: float) -> GradientTransform:
         new = {k: decay * state.ema[k] + (1 - decay) * g for k, g in updates.items()}
         return new, EmaState(new)
 
-    return GradientTransform(init, update, {})
+    return GradientTransform(init, update, {}, elementwise=True)
 
 
 def adam_rms(nu: Tensor, step: Tensor, b2: float | Tensor, eps: float | Tensor,
@@ -191,7 +198,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, eps_roo
             direction[k] = mu[k] / (1 - b1_k ** step) / rms
         return direction, AdamState(step, mu, nu)
 
-    return GradientTransform(init, update, {"b1": b1, "b2": b2, "eps": eps, "eps_root": eps_root})
+    return GradientTransform(init, update, {"b1": b1, "b2": b2, "eps": eps, "eps_root": eps_root},
+                             elementwise=True)
 
 
 def chain(*transforms: GradientTransform) -> GradientTransform:
@@ -213,7 +221,7 @@ def chain(*transforms: GradientTransform) -> GradientTransform:
             new_states.append(s)
         return updates, tuple(new_states)
 
-    return GradientTransform(init, update, defaults)
+    return GradientTransform(init, update, defaults, elementwise=all(t.elementwise for t in transforms))
 
 
 def descend(transform: GradientTransform, lr: float, name: str) -> InnerOptimizer:
@@ -227,7 +235,7 @@ def descend(transform: GradientTransform, lr: float, name: str) -> InnerOptimize
         direction, opt_state = transform.update(grads, opt_state, params, h)
         return {k: _descend(p, direction[k], hyper_for(h["lr"], k)) for k, p in params.items()}, opt_state
 
-    return InnerOptimizer(transform.init, update, defaults, name)
+    return InnerOptimizer(transform.init, update, defaults, name, transform.elementwise)
 
 
 def sgd(lr: float = 0.01, weight_decay: float = 0.0) -> InnerOptimizer:

@@ -54,15 +54,15 @@ class Plan(NamedTuple):
 
     Attributes:
       estimator: the estimator to call.
-      batching: "vmap" or "loop".
-      chunk_size: tasks per vmapped graph (1 with "loop").
+      batching: "stacked", "vmap" or "loop".
+      chunk_size: tasks per vectorized graph (1 with "loop").
       predicted_peak_bytes: predicted peak of the whole call (all chunks) plus `fixed_bytes`.
       task_peak_bytes: predicted peak of one task alone.
       reason: why this plan, in words.
     """
 
     estimator: AbstractEstimator
-    batching: Literal["vmap", "loop"]
+    batching: Literal["stacked", "vmap", "loop"]
     chunk_size: int
     predicted_peak_bytes: int
     task_peak_bytes: int
@@ -88,12 +88,13 @@ def _fit(predictor: Predictor, estimator: AbstractEstimator, budget: Budget, bat
     """The plan with the largest vmapped chunk whose whole call fits under the headroom (under
     `batching="auto"`: unless one task at a time fits and is measured faster, `_faster_of`), or None."""
     n, limit = len(predictor.tasks), _limit(budget) - fixed_bytes
-    mode, _ = resolve_batching(predictor.tasks, batching, estimator.vmap_blocker(predictor.loop))
+    mode, _ = resolve_batching(predictor.tasks, batching, estimator.vmap_blocker(predictor.loop),
+                               estimator.stacked_blocker(predictor.loop, predictor.meta))
     task_bytes = predictor.predict(estimator, 1)
     if task_bytes > limit:
         return None  # a vmapped chunk costs at least one task
 
-    def made(batching: Literal["vmap", "loop"], chunk: int, predicted: int, why: str) -> Plan:
+    def made(batching: Literal["stacked", "vmap", "loop"], chunk: int, predicted: int, why: str) -> Plan:
         total = predicted + fixed_bytes
         if budget.memory is not None:
             why += f"; predicted {format_bytes(total)} <= {_limit_words(budget)}"
@@ -102,17 +103,17 @@ def _fit(predictor: Predictor, estimator: AbstractEstimator, budget: Budget, bat
     # A compiled estimator (`metaopt.compiled`, as the runner tells it: `chunk_gradient`) computes vmapped chunks
     # only: for it, one task at a time is a vmap of one task.
     compiled = getattr(estimator, "chunk_gradient", None) is not None
-    if mode == "vmap" and n > 1:
+    if mode != "loop" and n > 1:
         vmapped = _fit_vmapped(predictor, estimator, limit, task_bytes)
         if vmapped is not None:
             chunk, predicted, why = vmapped
             if batching != "auto" or compiled or not predictor.can_time:
-                return made("vmap", chunk, predicted, why)
-            return _faster_of(predictor, estimator, limit, made, vmapped)
+                return made(mode, chunk, predicted, why)
+            return _faster_of(predictor, estimator, limit, made, mode, vmapped)
     predicted = predictor.predict(estimator, n, 1)
     if predicted <= limit:
-        reason = "one task at a time fits" if mode == "vmap" else "tasks run one at a time"
-        return made("vmap" if mode == "vmap" and compiled else "loop", 1, predicted, reason)
+        reason = "one task at a time fits" if mode != "loop" else "tasks run one at a time"
+        return made(mode if mode != "loop" and compiled else "loop", 1, predicted, reason)
     return None
 
 
@@ -134,8 +135,8 @@ def _fit_vmapped(predictor: Predictor, estimator: AbstractEstimator, limit: floa
 
 
 def _faster_of(predictor: Predictor, estimator: AbstractEstimator, limit: float,
-               made: Callable[[Literal["vmap", "loop"], int, int, str], Plan],
-               vmapped: tuple[int, int, str]) -> Plan:
+               made: Callable[[Literal["stacked", "vmap", "loop"], int, int, str], Plan],
+               mode: Literal["stacked", "vmap"], vmapped: tuple[int, int, str]) -> Plan:
     """The vmapped plan, or one task at a time where that is measured `LOOP_FASTER` x faster and fits.
 
     A vmapped graph is usually the fast way (one dispatch for every task), but not always: on the CPU a
@@ -151,8 +152,8 @@ def _faster_of(predictor: Predictor, estimator: AbstractEstimator, limit: float,
         if looped <= limit:
             return made("loop", 1, looped, f"one task at a time is faster ({timed}); it fits")
         why += f" (one task at a time was faster, {timed}, but does not fit)"
-        return made("vmap", chunk, predicted, why)
-    return made("vmap", chunk, predicted, f"{why}; {timed}")
+        return made(mode, chunk, predicted, why)
+    return made(mode, chunk, predicted, f"{why}; {timed}")
 
 
 def ranked_candidates(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, steps: int,
@@ -213,7 +214,8 @@ def _plan_within(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, 
                  fixed_bytes: int, timer: Timer | None = None) -> Plan:
     """`plan` under `budget` as given."""
     method.check(loop, meta)
-    predictor = Predictor(loop, meta, tasks, device, meter=meter, limit=_limit(budget), timer=timer)
+    predictor = Predictor(loop, meta, tasks, device, meter=meter, limit=_limit(budget), timer=timer,
+                          batching=batching)
     steps = predictor.steps
     candidates = ranked_candidates(method, loop, meta, steps, predictor)
     tried: list[str] = []

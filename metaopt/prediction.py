@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from metaopt.batching import stack_tasks, unstack_tasks
+from metaopt.batching import Batching, stack_tasks, unstack_tasks
 from metaopt.estimators.base import AbstractEstimator
 from metaopt.loop import InnerLoop
 from metaopt.memory import Method, measure_peak_memory
@@ -75,12 +75,15 @@ class Predictor:
       limit: the bytes a plan may take (refinement probes run only where they are predicted to fit).
       timer: replaces the timing (see `Timer`). With a `meter` and no `timer` nothing is timed
         (`can_time` is False): a stand-in measurement runs no calls to time.
+      batching: the batching asked of the plan: chunks of more than one task are measured "stacked" or
+        "vmap" where it names one, else as "auto" resolves them (what the plan then runs).
     """
 
     def __init__(self, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
                  device: torch.device | str = "cpu", method: Method = "auto", meter: Meter | None = None,
-                 limit: float = math.inf, timer: Timer | None = None):
+                 limit: float = math.inf, timer: Timer | None = None, batching: Batching = "auto"):
         self.loop, self.meta, self.device, self.method, self.meter = loop, meta, device, method, meter
+        self.batched: Batching = batching if batching in ("stacked", "vmap") else "auto"
         self.timer = timer
         self.limit = limit
         self.tasks = unstack_tasks(tasks) if isinstance(tasks, Task) else list(tasks)
@@ -88,10 +91,10 @@ class Predictor:
         self._cache: dict[tuple[str, int, int, int], int] = {}
         self._warm: set[tuple[str, int, int]] = set()
 
-    def _batch(self, steps: int, n_tasks: int, chunk: int) -> tuple[Task | list[Task], Literal["vmap", "loop"]]:
+    def _batch(self, steps: int, n_tasks: int, chunk: int) -> tuple[Task | list[Task], Batching]:
         cut = [t._replace(support=t.support[:steps]) for t in self.tasks[:n_tasks]]
         if chunk > 1 and n_tasks > 1:
-            return stack_tasks(cut), "vmap"
+            return stack_tasks(cut), self.batched
         return cut, "loop"
 
     def measure(self, estimator: AbstractEstimator, steps: int, n_tasks: int, chunk: int = 1) -> int:

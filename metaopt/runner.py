@@ -25,11 +25,12 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map, tree_map_only
 
-from metaopt.batching import Batching, compress_support, resolve_batching, task_count, vmap_tasks
+from metaopt.batching import Batching, compress_support, expand_support, resolve_batching, task_count, vmap_tasks
 from metaopt.budget import Budget
 from metaopt.guard import StepGuard, TaskSkipped, UnrollTruncated
 from metaopt.loop import InnerLoop
 from metaopt.memory import peak_bytes, reset_peak
+from metaopt.stacked import StackedLoop
 from metaopt.types import MetaParams, Task
 
 __all__ = ["MetaGrad", "TaskObjective", "Differentiator", "run_meta_gradient", "grads_of", "chunks_of"]
@@ -85,6 +86,8 @@ class Differentiator(Protocol):
 
     def vmap_blocker(self, loop: InnerLoop) -> str | None: ...
 
+    def stacked_blocker(self, loop: InnerLoop, meta: MetaParams) -> str | None: ...
+
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
                        guard: StepGuard | None) -> TaskObjective: ...
 
@@ -118,8 +121,8 @@ class _Run:
     """One meta-gradient call: the prepared tasks and how to differentiate a chunk of them."""
 
     def __init__(self, estimator: Differentiator, loop: InnerLoop, meta: MetaParams, prepared: Task | list[Task],
-                 guard: StepGuard | None):
-        self.estimator, self.loop, self.meta, self.guard = estimator, loop, meta, guard
+                 guard: StepGuard | None, stacked: bool = False):
+        self.estimator, self.loop, self.meta, self.guard, self.stacked = estimator, loop, meta, guard, stacked
         self._prepare(prepared)
 
     def _prepare(self, prepared: Task | list[Task]) -> None:
@@ -133,7 +136,12 @@ class _Run:
             return result if result.carry is not None else result._replace(carry=())  # vmap returns no None
         if self.compressed is not None:
             compressed, pattern = self.compressed
-            return vmap_tasks(one, tree_map_only(Tensor, lambda v: v[first:last], compressed), pattern)
+            part = tree_map_only(Tensor, lambda v: v[first:last], compressed)
+            if self.stacked:
+                result = self.estimator.task_objective(StackedLoop(self.loop, last - first), self.meta,
+                                                       expand_support(part, pattern), guard)
+                return result if result.carry is not None else result._replace(carry=())
+            return vmap_tasks(one, part, pattern)
         assert isinstance(self.prepared, list)
         return tree_map_only(Tensor, lambda v: v.unsqueeze(0), one(self.prepared[first]))
 
@@ -201,10 +209,11 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
         time: per task or vmapped chunk), enforced at inner-step boundaries and after each chunk's
         backward pass by a `StepGuard` (None: unlimited, no guard). Up-front prediction is
         `metaopt.planning.plan`'s job.
-      batching: "vmap" runs tasks in one vectorized graph (fast; memory grows with the
-        tasks in it), "loop" one task graph at a time, "auto" vmap where tasks stack and
-        the estimator allows it.
-      chunk_size: under vmap, at most this many tasks per vectorized graph (None: all).
+      batching: "stacked" and "vmap" run tasks in one vectorized graph (fast; memory grows with the
+        tasks in it): "stacked" on the task axis with metaopt's stacked layers (`metaopt.stacked`: the
+        fastest eager), "vmap" with `torch.func.vmap` of the per-task function; "loop" one task graph at a
+        time; "auto" the first of these that the tasks, the estimator and the model allow.
+      chunk_size: stacked or under vmap, at most this many tasks per vectorized graph (None: all).
       clock, memory_probe: for the guard (defaults: time.monotonic, and the peak since the call
         started from `metaopt.memory.peak_bytes` on the tasks' device); injectable for tests.
 
@@ -215,7 +224,8 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
     """
     estimator.check(loop, meta)
     start = time.perf_counter()
-    mode, prepared = resolve_batching(tasks, batching, estimator.vmap_blocker(loop))
+    mode, prepared = resolve_batching(tasks, batching, estimator.vmap_blocker(loop),
+                                      estimator.stacked_blocker(loop, meta))
     total = task_count(prepared) if isinstance(prepared, Task) else len(prepared)
     size = 1 if mode == "loop" else total if chunk_size is None else max(1, min(chunk_size, total))
     device = (prepared if isinstance(prepared, Task) else prepared[0]).query.x.device
@@ -224,7 +234,7 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
         probe = memory_probe if memory_probe is not None else (lambda: peak_bytes(device))
         guard = StepGuard(budget, clock or time.monotonic, probe,
                           memory_reset=None if memory_probe is not None else (lambda: reset_peak(device)))
-    run = _Run(estimator, loop, meta, prepared, guard)
+    run = _Run(estimator, loop, meta, prepared, guard, stacked=mode == "stacked")
     mean_gradient = _MeanGradient()
     losses: list[tuple[int, int, Tensor]] = []
     stats_rows: list[dict[str, Tensor]] = []

@@ -26,6 +26,7 @@ from metaopt.guard import StepGuard
 from metaopt.loop import InnerLoop
 from metaopt.metacall import call_with_meta, meta_values
 from metaopt.runner import MetaGrad, TaskObjective, grads_of, run_meta_gradient
+from metaopt.stacked import stacked_blocker
 from metaopt.types import MetaParams, Task
 
 __all__ = [
@@ -158,6 +159,17 @@ class AbstractEstimator(abc.ABC):
             return (f"PyTorch computes second derivatives of {', '.join(unsafe)} wrongly under vmap "
                     "(functorch issue #534); use metaopt.models.BatchNorm, GroupNorm, or task-by-task batching")
         return None
+
+    stacks: ClassVar[bool] = False
+    """Whether `task_objective` may run on a `metaopt.stacked.StackedLoop` (all of a chunk's tasks at once on
+    their task axis: per-task losses [B]): estimators built only on the loop's `unroll` and `outer_loss`
+    (tests/test_stacked.py: equal to vmap across the kinds)."""
+
+    def stacked_blocker(self, loop: InnerLoop, meta: MetaParams) -> str | None:
+        """Why this estimator cannot run stacked with this loop and meta, or None if it may."""
+        if not self.stacks:
+            return f"estimator {self.name!r} does not run stacked"
+        return stacked_blocker(loop, meta, self.second_order)
 
     @abc.abstractmethod
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,

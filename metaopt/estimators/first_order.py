@@ -24,6 +24,7 @@ class FirstOrder(AbstractEstimator):
 
     exact = False
     compiles = True  # tests/test_compiled.py: equals eager across the kinds
+    stacks = True  # tests/test_stacked.py: equals vmap across the kinds
 
     @classmethod
     def auto_candidates(cls, loop: InnerLoop, meta: MetaParams, steps: int) -> list[AbstractEstimator]:

@@ -58,6 +58,9 @@ class AbstractOptimizerMetaParam(AbstractMetaParam):
     """The "optimizer" slot: hyperparameters of the inner optimizer."""
 
     slot = "optimizer"
+    elementwise: ClassVar[bool] = True
+    """Whether `init_state` and `update` are the loop's optimizer's (so elementwise where it is: a batch of
+    tasks on its task axis steps at once, `metaopt.stacked`); a learned update rule sets False."""
 
     @abc.abstractmethod
     def hyper(self) -> Hyper:

@@ -92,6 +92,8 @@ class LearnedOptimizer(AbstractOptimizerMetaParam):
 
     adam_b1, adam_b2, adam_eps, adam_eps_root = 0.9, 0.999, 1e-8, 1e-16
 
+    elementwise = False  # its own update rule: per task under vmap when stacked
+
     def __init__(self, model: nn.Module, architecture: Architecture = "lstm", hidden: int = 20,
                  decays: Sequence[float] = (0.5, 0.9, 0.99), base: Base | None = "sgd", base_lr: float = 0.1,
                  output_scale: float = 0.01, max_base_lr: float | None = None, max_output_scale: float | None = None):

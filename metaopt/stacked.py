@@ -1,0 +1,304 @@
+"""Stacked batching: a batch of tasks' inner loops run once on the task axis, without `torch.func.vmap`.
+
+Under vmap every op of the per-task function goes through functorch's batching rules and every inner
+gradient through its `grad` transform: per-op costs that dominate small models (the sinusoid MLP's
+meta-gradient is ~1000 dispatches). Stacked batching runs the same computation as ordinary batched
+tensor code instead:
+
+- the inner parameters carry the task axis, [B, *shape] (the meta-parameters' initialization expanded);
+- the model runs on them through *stacked layers* (`stacked_forward`): a linear layer is one `baddbmm`
+  over the tasks, a convolution one grouped convolution, a BatchNorm one `batch_norm` over the tasks'
+  channels (per-task statistics). A module without a stacked rule runs under vmap (correct, not faster);
+- the inner gradient is `torch.autograd.grad` of the *sum* of the tasks' inner losses: tasks share no
+  tensor, so d(sum_b L_b)/d params_b = dL_b/d params_b, each task's own gradient;
+- the per-task pieces that are not the model (losses, optimizer updates, learned losses, data
+  transforms) run under vmap, as the per-task function would: a few ops each.
+
+It computes what vmap computes, up to floating-point rounding (tests/test_stacked.py: float64, every
+stacked estimator and meta-parameter kind, against vmap and task by task). It is also exact where vmap is
+not: PyTorch's fused BatchNorm has wrong second derivatives under vmap (functorch issue #534), but in
+ordinary autograd they are right, so `nn.BatchNorm2d` stacks for second-order MAML.
+
+Register a rule for your own module with `stacked_rule(MyModule)`.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from metaopt.loop import InnerLoop, call_module
+from metaopt.models import MLP, BatchNorm, Conv4
+from metaopt.losses import per_task
+from metaopt.slots import DataSlot, LossSlot, OptimizerSlot
+from metaopt.types import Batch, Buffers, Hyper, InnerState, MetaParams, Params
+
+__all__ = ["StackedLoop", "stacked_forward", "stacked_rule", "stacked_blocker", "unstacked_modules"]
+
+Rule = Callable[["_Call", nn.Module, str, Tensor], Tensor]
+"""rule(call, module, prefix, x) -> y: the module on x [B, n, ...] with the stacked parameters
+`call.params[prefix + name]` ([B, *shape]); writes updated buffers into `call.buffers`."""
+
+_RULES: dict[type, Rule] = {}
+
+
+def stacked_rule(*types: type) -> Callable[[Rule], Rule]:
+    """Decorator: `rule` runs modules of `types` (exactly these classes, not subclasses) on stacked parameters."""
+
+    def add(rule: Rule) -> Rule:
+        for t in types:
+            _RULES[t] = rule
+        return rule
+
+    return add
+
+
+class _Call:
+    """One stacked forward call: the stacked parameters, and the buffers (updated as modules run)."""
+
+    def __init__(self, params: Params, buffers: Buffers):
+        self.params, self.buffers = params, dict(buffers)
+
+    def run(self, module: nn.Module, prefix: str, x: Tensor) -> Tensor:
+        rule = _RULES.get(type(module))
+        if rule is None or (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None):
+            return self.vmapped(module, prefix, x)
+        return rule(self, module, prefix, x)
+
+    def vmapped(self, module: nn.Module, prefix: str, x: Tensor) -> Tensor:
+        """A module without a stacked rule: the per-task call under vmap."""
+        params = {k[len(prefix):]: v for k, v in self.params.items() if k.startswith(prefix)}
+        buffers = {k[len(prefix):]: v for k, v in self.buffers.items() if k.startswith(prefix)}
+        y, new = torch.func.vmap(lambda p, b, x: call_module(module, p, b, x), randomness="different")(
+            params, buffers, x)
+        self.buffers.update({prefix + k: v for k, v in new.items()})
+        return y
+
+
+def stacked_forward(model: nn.Module, params: Params, buffers: Buffers, x: Tensor) -> tuple[Tensor, Buffers]:
+    """The model of every task on its own input: x [B, n, ...] with params [B, *shape] -> ([B, n, ...], buffers).
+
+    Buffers ([B, *shape]) are returned updated (BatchNorm running statistics), detached; the inputs are
+    not modified."""
+    call = _Call(params, buffers)
+    y = call.run(model, "", x)
+    return y, {k: v.detach() for k, v in call.buffers.items()}
+
+
+def unstacked_modules(model: nn.Module) -> list[str]:
+    """Names of the modules a stacked forward runs under vmap (no stacked rule), outermost only ("": the
+    model itself)."""
+    names: list[str] = []
+
+    def visit(module: nn.Module, name: str) -> None:
+        rule = _RULES.get(type(module))
+        if rule is None or (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None):
+            names.append(name)
+        elif rule in _CONTAINERS:
+            for child_name, child in module.named_children():
+                visit(child, f"{name}.{child_name}" if name else child_name)
+
+    visit(model, "")
+    return names
+
+
+def stacked_blocker(loop: InnerLoop, meta: MetaParams, second_order: bool) -> str | None:
+    """Why `loop` cannot run stacked, or None. Modules without a stacked rule run under vmap, so a
+    second-order estimator cannot run stacked where such a module holds one that vmap differentiates wrongly
+    twice (`InnerLoop.second_order_vmap_unsafe`)."""
+    if not second_order:
+        return None
+    unstacked = unstacked_modules(loop.model)
+    wrong = [u for u in loop.second_order_vmap_unsafe
+             if any(f == "" or u == f or u.startswith(f + ".") for f in unstacked)]
+    if wrong:
+        return (f"{', '.join(wrong)} would run under vmap (no stacked rule), whose second derivatives PyTorch "
+                "computes wrongly there (functorch issue #534)")
+    return None
+
+
+@stacked_rule(nn.Sequential)
+def _sequential(call: _Call, module: nn.Module, prefix: str, x: Tensor) -> Tensor:
+    for name, child in module.named_children():
+        x = call.run(child, f"{prefix}{name}.", x)
+    return x
+
+
+@stacked_rule(MLP)
+def _mlp(call: _Call, module: nn.Module, prefix: str, x: Tensor) -> Tensor:
+    return call.run(cast(MLP, module).net, prefix + "net.", x)
+
+
+@stacked_rule(Conv4)
+def _conv4(call: _Call, module: nn.Module, prefix: str, x: Tensor) -> Tensor:
+    conv4 = cast(Conv4, module)
+    return call.run(conv4.head, prefix + "head.", call.run(conv4.features, prefix + "features.", x))
+
+
+@stacked_rule(nn.Linear)
+def _linear(call: _Call, module: nn.Module, prefix: str, x: Tensor) -> Tensor:
+    weight = call.params[prefix + "weight"]  # [B, out, in]
+    bias = call.params.get(prefix + "bias")  # [B, out]
+    rows = x.reshape(x.shape[0], -1, x.shape[-1])
+    if bias is None:
+        y = torch.bmm(rows, weight.transpose(1, 2))
+    else:
+        y = torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2))
+    return y.reshape(*x.shape[:-1], weight.shape[1])
+
+
+def _tasks_as_channels(x: Tensor) -> Tensor:
+    """[B, n, C, *spatial] -> [n, B*C, *spatial]: each task's channels side by side."""
+    return x.transpose(0, 1).reshape(x.shape[1], -1, *x.shape[3:])
+
+
+def _channels_as_tasks(y: Tensor, tasks: int) -> Tensor:
+    """Inverse of `_tasks_as_channels`: [n, B*C, *spatial] -> [B, n, C, *spatial]."""
+    return y.reshape(y.shape[0], tasks, -1, *y.shape[2:]).transpose(0, 1)
+
+
+@stacked_rule(nn.Conv2d)
+def _conv2d(call: _Call, module: nn.Module, prefix: str, x: Tensor) -> Tensor:
+    conv = cast(nn.Conv2d, module)
+    if conv.padding_mode != "zeros" or x.dim() != 5:
+        return call.vmapped(module, prefix, x)
+    weight = call.params[prefix + "weight"]  # [B, out, in / groups, k, k]
+    bias = call.params.get(prefix + "bias")
+    tasks = x.shape[0]
+    y = F.conv2d(_tasks_as_channels(x), weight.reshape(-1, *weight.shape[2:]),
+                 None if bias is None else bias.reshape(-1), conv.stride, conv.padding, conv.dilation,
+                 conv.groups * tasks)
+    return _channels_as_tasks(y, tasks)
+
+
+@stacked_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNorm)
+def _batch_norm(call: _Call, module: nn.Module, prefix: str, x: Tensor) -> Tensor:
+    """Per-task statistics as `batch_norm` over the tasks' channels side by side. Its second derivatives are
+    exact in ordinary autograd (functorch issue #534 is vmap's batching rule), so the fused kernel serves
+    second-order MAML here, for `nn.BatchNorm*d` and `metaopt.models.BatchNorm` alike (the same function)."""
+    norm = cast(Any, module)
+    tasks = x.shape[0]
+    weight, bias = call.params.get(prefix + "weight"), call.params.get(prefix + "bias")
+    tracked = norm.track_running_stats
+    use_batch_stats = norm.training or not tracked
+    mean = var = None
+    if tracked:
+        mean = call.buffers[prefix + "running_mean"].reshape(-1).clone()
+        var = call.buffers[prefix + "running_var"].reshape(-1).clone()
+    y = F.batch_norm(_tasks_as_channels(x), mean, var, None if weight is None else weight.reshape(-1),
+                     None if bias is None else bias.reshape(-1), use_batch_stats, norm.momentum, norm.eps)
+    if tracked and norm.training:  # batch_norm updated the copies in place
+        call.buffers[prefix + "running_mean"] = cast(Tensor, mean).reshape(tasks, -1)
+        call.buffers[prefix + "running_var"] = cast(Tensor, var).reshape(tasks, -1)
+        count = prefix + "num_batches_tracked"
+        call.buffers[count] = call.buffers[count] + 1
+    return _channels_as_tasks(y, tasks)
+
+
+@stacked_rule(nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.Softplus, nn.Identity)
+def _elementwise(call: _Call, module: nn.Module, prefix: str, x: Tensor) -> Tensor:
+    return cast(Tensor, module(x))
+
+
+@stacked_rule(nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+def _per_example(call: _Call, module: nn.Module, prefix: str, x: Tensor) -> Tensor:
+    """A parameter-free module that treats every example alike: the tasks' examples as one batch."""
+    y = module(x.flatten(0, 1))
+    return y.reshape(*x.shape[:2], *y.shape[1:])
+
+
+@stacked_rule(nn.Flatten)
+def _flatten(call: _Call, module: nn.Module, prefix: str, x: Tensor) -> Tensor:
+    flatten = cast(nn.Flatten, module)
+    start = flatten.start_dim + 1 if flatten.start_dim >= 0 else flatten.start_dim
+    end = flatten.end_dim + 1 if flatten.end_dim >= 0 else flatten.end_dim
+    return x.flatten(start, end)
+
+
+_CONTAINERS = (_sequential, _mlp, _conv4)
+
+
+class StackedLoop(InnerLoop):
+    """An `InnerLoop` over a batch of B tasks on their task axis (see the module docstring).
+
+    Its states carry the task axis ([B, *shape] parameters, buffers and optimizer states) and its losses
+    are per task, [B]; `step` and `outer_loss` compute what the loop's vmapped versions would. Built by
+    the runner for one vmapped chunk; an estimator that declares `stacks = True` runs on it unchanged.
+
+    Args:
+      loop: the inner loop of one task.
+      tasks: B.
+    """
+
+    def __init__(self, loop: InnerLoop, tasks: int):  # noqa: super().__init__ would re-walk the model
+        self.__dict__.update(vars(loop))
+        self.tasks = tasks
+
+    def init(self, meta: MetaParams, start: Params | None = None) -> InnerState:
+        """Every task's state at step 0: one task's parameters expanded to [B, ...], or each task's own
+        `start`; the optimizer's state for the stacked parameters."""
+        one = super().init(meta, None if start is None else {k: v[0] for k, v in start.items()})  # checks
+        params = {k: v.expand(self.tasks, *v.shape) for k, v in one.params.items()} if start is None else dict(start)
+        buffers = {k: v.expand(self.tasks, *v.shape) for k, v in one.buffers.items()}
+        if self._elementwise(meta):
+            opt_state = self.optimizer_init(meta, params)
+        else:
+            opt_state = torch.func.vmap(lambda p: self.optimizer_init(meta, p))(params)
+        return InnerState(params, buffers, opt_state, params if self.proximal else {})
+
+    def _elementwise(self, meta: MetaParams) -> bool:
+        """Whether the optimizer (and the "optimizer" meta-parameter) step all tasks at once."""
+        return self.optimizer.elementwise and ("optimizer" not in meta or getattr(meta["optimizer"], "elementwise", False))
+
+    def forward(self, params: Params, buffers: Buffers, x: Tensor) -> tuple[Tensor, Buffers]:
+        return stacked_forward(self.model, params, buffers, x)
+
+    def support_batch(self, batch: Batch, meta: MetaParams) -> Batch:
+        if "data" not in meta:
+            return batch
+        transform = cast(DataSlot, meta["data"]).transform
+        return cast(Batch, torch.func.vmap(transform, randomness="different")(batch))
+
+    def inner_objective(self, params: Params, state: InnerState, batch: Batch,
+                        meta: MetaParams) -> tuple[Tensor, Buffers]:
+        """Each task's inner loss, [B], and the buffers after the forward."""
+        pred, buffers = self.forward(params, state.buffers, batch.x)
+        if "loss" in meta:
+            inner_loss = cast(LossSlot, meta["loss"]).inner_loss
+            losses = torch.func.vmap(lambda q, b, p: inner_loss(q, b, p, self.loss_fn))(pred, batch, params)
+        else:
+            losses = per_task(self.loss_fn, pred, batch.y)
+        if self.proximal:
+            losses = losses + 0.5 * self.proximal * sum(
+                ((p - state.anchor[k]) ** 2).flatten(1).sum(1) for k, p in params.items())
+        return losses, buffers
+
+    def step(self, state: InnerState, batch: Batch, meta: MetaParams, *, create_graph: bool = True,
+             hyper: Hyper | None = None) -> InnerState:
+        """Every task's inner step: the gradient of the summed inner losses is each task's own (tasks share
+        no tensor), taken with `torch.autograd.grad`, cheaper than vmap over `torch.func.grad`."""
+        batch = self.support_batch(batch, meta)
+        params = {k: p if p.requires_grad else p.detach().requires_grad_() for k, p in state.params.items()}
+        with torch.enable_grad():
+            losses, buffers = self.inner_objective(params, state, batch, meta)
+            grads = dict(zip(params, torch.autograd.grad(losses.sum(), list(params.values()),
+                                                         create_graph=create_graph)))
+        if hyper is None:
+            hyper = self.hyper(meta)
+        update: Callable[[Params, Params, Any, Hyper], tuple[Params, Any]] = self.optimizer.update
+        if "optimizer" in meta:
+            update = functools.partial(cast(OptimizerSlot, meta["optimizer"]).update, self.optimizer)
+        if self._elementwise(meta):
+            new_params, opt_state = update(state.params, grads, state.opt_state, hyper)
+        else:
+            new_params, opt_state = torch.func.vmap(lambda p, g, s: update(p, g, s, hyper))(
+                state.params, grads, state.opt_state)
+        return InnerState(new_params, buffers, opt_state, state.anchor)
+
+    def outer_loss(self, state: InnerState, batch: Batch, meta: MetaParams) -> Tensor:
+        """Each task's outer loss, [B]."""
+        return per_task(self.outer_loss_fn, self.predict(state, batch.x), batch.y)
