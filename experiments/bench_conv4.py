@@ -10,10 +10,12 @@ Two Omniglot-shaped workloads (28x28 images; task contents do not change the cos
 
 Variants of the same Conv4-64 (same weights):
 
-  primitive vmap   the default: `metaopt.models.BatchNorm` (exact under vmap), tasks vmapped
-                   (what `batching=auto` plans where memory allows)
+  primitive vmap   the reference: `metaopt.models.BatchNorm` (exact under vmap), tasks vmapped
   primitive loop   the same model, one task graph at a time
+  primitive stacked  the tasks on their task axis (`batching=stacked`, `metaopt.stacked`: grouped
+                   convolutions and one batch_norm over the tasks' channels, no vmap)
   fused loop       `model.norm=fused` (nn.BatchNorm2d; second-order estimators cannot vmap it)
+  fused stacked    `model.norm=fused`, stacked (exact at second order: no vmap)
   fused+NHWC loop  `model.norm=fused model.channels_last=true`
 
 Timings are interleaved (every variant once per round, in a freshly shuffled seeded order), medians over
@@ -43,7 +45,9 @@ from metaopt.compiled import gradient_errors
 VARIANTS = {
     "primitive vmap": ({}, "vmap"),
     "primitive loop": ({}, "loop"),
+    "primitive stacked": ({}, "stacked"),
     "fused loop": ({"norm": "fused"}, "loop"),
+    "fused stacked": ({"norm": "fused"}, "stacked"),
     "fused+NHWC loop": ({"norm": "fused", "channels_last": True}, "loop"),
 }
 WORKLOADS = {  # name -> (N-way, meta-batch, loop factory)
@@ -62,7 +66,7 @@ def setups(workload: str, channels: int = 64, meta_batch: int | None = None, see
                                                                        torch.Generator().manual_seed(seed))
     calls = {}
     for name, (options, batching) in VARIANTS.items():
-        if workload == "protonet" and batching == "vmap":
+        if workload == "protonet" and batching in ("vmap", "stacked"):
             continue  # one task: vmapping it changes nothing
         model = mo.Conv4(out_features=out_features, channels=channels, **options)
         model.load_state_dict(reference.state_dict())

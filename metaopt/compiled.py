@@ -35,11 +35,12 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map_only
 
-from metaopt.batching import Batching, vmap_tasks
+from metaopt.batching import Batching, expand_support, vmap_tasks
 from metaopt.budget import Budget
 from metaopt.loop import InnerLoop
 from metaopt.metacall import MetaCall, meta_values
 from metaopt.runner import Differentiator, MetaGrad, grads_of, run_meta_gradient
+from metaopt.stacked import StackedLoop
 from metaopt.types import MetaParams, Task
 
 __all__ = ["Compiled", "ChunkResult", "default_options", "gradient_errors", "as_float64", "FLOAT32_RTOL",
@@ -148,7 +149,7 @@ class Compiled:
         self.fallback_reason: str | None = None
         self.compile_seconds = 0.0
         self.compiled_calls = 0
-        self._functions: dict[tuple[int, int, tuple[int, ...], str], Callable[..., Any]] = {}
+        self._functions: dict[tuple[int, int, tuple[int, ...], str, bool], Callable[..., Any]] = {}
         self._seen: set[tuple] = set()
         # Keyed by id, holding the objects themselves: an id is only reused after its object is gone.
         self._checked: dict[tuple[int, int], tuple[InnerLoop, MetaParams]] = {}
@@ -178,9 +179,6 @@ class Compiled:
             self._blockers[id(loop)] = (loop, self.eager.vmap_blocker(loop))
         return self._blockers[id(loop)][1]
 
-    def stacked_blocker(self, loop: InnerLoop, meta: MetaParams) -> str | None:
-        return "the compiled function vmaps the per-task objective"
-
     def __call__(self, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
                  budget: Budget | None = None, *, batching: Batching = "auto", chunk_size: int | None = None,
                  clock: Callable[[], float] | None = None,
@@ -192,17 +190,18 @@ class Compiled:
             self._fall_back(f"batching ran task by task ({batching!r}); only vmapped batches compile")
         return result
 
-    def chunk_gradient(self, loop: InnerLoop, meta: MetaParams, tasks: Task,
-                       pattern: tuple[int, ...]) -> ChunkResult | None:
+    def chunk_gradient(self, loop: InnerLoop, meta: MetaParams, tasks: Task, pattern: tuple[int, ...],
+                       stacked: bool = False) -> ChunkResult | None:
         """The chunk's gradients, outer losses and stats from the compiled function, or None where the
-        runner must compute it eagerly (after a fallback)."""
+        runner must compute it eagerly (after a fallback). `stacked`: trace the chunk on its task axis
+        (`metaopt.stacked`) instead of vmapping the per-task objective."""
         if self.fallback_reason is not None:
             return None
         if not getattr(self.eager, "compiles", False):
             self._fall_back(f"estimator {self.eager.name!r} does not compile (its class declares compiles = False)")
             return None
         device = tasks.query.x.device.type
-        key = (id(loop), id(meta), pattern, device)
+        key = (id(loop), id(meta), pattern, device, stacked)
         signature = (key, _signature(tasks, pattern))
         first = signature not in self._seen
         started = time.perf_counter()
@@ -211,14 +210,15 @@ class Compiled:
             try:
                 function = self._functions.get(key)
                 if function is None:
-                    function = self._functions[key] = self._build(loop, meta, pattern, options)
+                    function = self._functions[key] = self._build(loop, meta, pattern, options, stacked)
                 grads, (losses, stats) = function(tasks)
             except Exception as error:
                 if not (first and options.get("cpp_wrapper")) or _is_graph_break(error):
                     raise
                 log.info("compile=true: the C++ wrapper failed (%s: %s); compiling without it",
                          type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
-                function = self._functions[key] = self._build(loop, meta, pattern, {**options, "cpp_wrapper": False})
+                function = self._functions[key] = self._build(loop, meta, pattern, {**options, "cpp_wrapper": False},
+                                                              stacked)
                 grads, (losses, stats) = function(tasks)
         except Exception as error:  # a compile error or a graph break: eager from now on
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -243,11 +243,16 @@ class Compiled:
         return result
 
     def _build(self, loop: InnerLoop, meta: MetaParams, pattern: tuple[int, ...],
-               options: dict[str, Any]) -> Callable[..., Any]:
+               options: dict[str, Any], stacked: bool = False) -> Callable[..., Any]:
         estimator = self.eager
 
         def total(meta_now: MetaParams, tasks: Task) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
-            surrogate, outer_loss, stats = vmap_tasks(_objective_of(estimator, loop, meta_now), tasks, pattern)
+            if stacked:
+                on_axis = StackedLoop(loop, tasks.query.x.shape[0], functional=True)
+                result = estimator.task_objective(on_axis, meta_now, expand_support(tasks, pattern), None)
+                surrogate, outer_loss, stats = result.surrogate, result.outer_loss, dict(result.stats)
+            else:
+                surrogate, outer_loss, stats = vmap_tasks(_objective_of(estimator, loop, meta_now), tasks, pattern)
             return surrogate.mean(), (outer_loss, stats)
 
         holder = MetaCall(meta)  # made here: a module created inside the traced function cannot be reparametrized

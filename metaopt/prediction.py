@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
-from metaopt.batching import Batching, stack_tasks, unstack_tasks
+from metaopt.batching import Batching, resolve_batching, unstack_tasks
 from metaopt.estimators.base import AbstractEstimator
 from metaopt.loop import InnerLoop
 from metaopt.memory import Method, measure_peak_memory
@@ -83,7 +83,7 @@ class Predictor:
                  device: torch.device | str = "cpu", method: Method = "auto", meter: Meter | None = None,
                  limit: float = math.inf, timer: Timer | None = None, batching: Batching = "auto"):
         self.loop, self.meta, self.device, self.method, self.meter = loop, meta, device, method, meter
-        self.batched: Batching = batching if batching in ("stacked", "vmap") else "auto"
+        self.batched: Batching = batching if batching in ("stacked", "vmap") else "auto"  # chunks of > 1 task
         self.timer = timer
         self.limit = limit
         self.tasks = unstack_tasks(tasks) if isinstance(tasks, Task) else list(tasks)
@@ -91,10 +91,15 @@ class Predictor:
         self._cache: dict[tuple[str, int, int, int], int] = {}
         self._warm: set[tuple[str, int, int]] = set()
 
-    def _batch(self, steps: int, n_tasks: int, chunk: int) -> tuple[Task | list[Task], Batching]:
+    def _batch(self, estimator: AbstractEstimator, steps: int, n_tasks: int,
+               chunk: int) -> tuple[Task | list[Task], Literal["stacked", "vmap", "loop"]]:
+        """The tasks cut to `steps` steps, and how a chunk of `chunk` runs them (what the plan will run)."""
         cut = [t._replace(support=t.support[:steps]) for t in self.tasks[:n_tasks]]
         if chunk > 1 and n_tasks > 1:
-            return stack_tasks(cut), self.batched
+            mode, stacked = resolve_batching(cut, self.batched, estimator.vmap_blocker(self.loop),
+                                             estimator.stacked_blocker(self.loop, self.meta))
+            if mode != "loop":
+                return stacked, mode
         return cut, "loop"
 
     def measure(self, estimator: AbstractEstimator, steps: int, n_tasks: int, chunk: int = 1) -> int:
@@ -106,9 +111,9 @@ class Predictor:
         key = (describe(estimator), steps, n_tasks, chunk)
         if key in self._cache:
             return self._cache[key]
-        batch, batching = self._batch(steps, n_tasks, chunk)
+        batch, batching = self._batch(estimator, steps, n_tasks, chunk)
         if self.meter is not None:
-            first, _ = self._batch(steps, chunk, chunk)  # the first chunk: the largest graph of the call
+            first, _ = self._batch(estimator, steps, chunk, chunk)  # the first chunk: the largest graph of the call
             self._cache[key] = self.meter(estimator, first, batching)
             return self._cache[key]
         self._warm_up(estimator, n_tasks, chunk)
@@ -133,7 +138,7 @@ class Predictor:
         timed eagerly, as it is measured."""
         estimator = getattr(estimator, "eager", estimator)
         steps = min(self.steps, TIMED_STEPS)
-        configs = [(max(1, min(c, n_tasks)), *self._batch(steps, n_tasks, c)) for c in chunks]
+        configs = [(max(1, min(c, n_tasks)), *self._batch(estimator, steps, n_tasks, c)) for c in chunks]
         if self.timer is not None:
             return [self.timer(estimator, batch, batching) for _, batch, batching in configs], steps
         for chunk, _, _ in configs:
@@ -153,7 +158,7 @@ class Predictor:
         vmap and forward-AD setup) that neither a measurement nor a timing should see."""
         key = (describe(estimator), n_tasks, chunk)
         if key not in self._warm:
-            warm, batching = self._batch(min(self.steps, 2), n_tasks, chunk)
+            warm, batching = self._batch(estimator, min(self.steps, 2), n_tasks, chunk)
             estimator(self.loop, self.meta, warm, batching=batching, chunk_size=chunk)
             self._warm.add(key)
 

@@ -152,7 +152,7 @@ class _Run:
             compressed, pattern = self.compressed
             whole = first == 0 and last == compressed.query.x.shape[0]  # slicing costs more than this path's step
             part = compressed if whole else tree_map_only(Tensor, lambda v: v[first:last], compressed)
-            done = compiled(self.loop, self.meta, part, pattern)
+            done = compiled(self.loop, self.meta, part, pattern, self.stacked)
             if done is not None:  # None: the wrapper fell back to eager
                 if guard is not None:
                     guard.after_backward(self.steps(first))

@@ -107,9 +107,12 @@ def unstacked_modules(model: nn.Module) -> list[str]:
 
 
 def stacked_blocker(loop: InnerLoop, meta: MetaParams, second_order: bool) -> str | None:
-    """Why `loop` cannot run stacked, or None. Modules without a stacked rule run under vmap, so a
-    second-order estimator cannot run stacked where such a module holds one that vmap differentiates wrongly
-    twice (`InnerLoop.second_order_vmap_unsafe`)."""
+    """Why `loop` cannot run stacked, or None. `StackedLoop` is an `InnerLoop`'s stacked form, so a subclass
+    with its own methods (`PrototypeLoop`, `ProtoMAMLLoop`) does not stack. Modules without a stacked rule run
+    under vmap, so a second-order estimator cannot run stacked where such a module holds one that vmap
+    differentiates wrongly twice (`InnerLoop.second_order_vmap_unsafe`)."""
+    if type(loop) is not InnerLoop:
+        return f"the inner loop is a {type(loop).__name__}, with methods of its own (stacked runs InnerLoop's)"
     if not second_order:
         return None
     unstacked = unstacked_modules(loop.model)
@@ -232,11 +235,15 @@ class StackedLoop(InnerLoop):
     Args:
       loop: the inner loop of one task.
       tasks: B.
+      functional: take inner gradients with `torch.func.grad` (composes with an outer `torch.func` transform
+        and traces under `torch.compile`: `metaopt.compiled`) instead of `torch.autograd.grad` (faster eager).
     """
 
-    def __init__(self, loop: InnerLoop, tasks: int):  # noqa: super().__init__ would re-walk the model
-        self.__dict__.update(vars(loop))
-        self.tasks = tasks
+    def __init__(self, loop: InnerLoop, tasks: int, functional: bool = False):
+        # Not super().__init__ (it would re-walk the model's parameters at every call): the configuration only.
+        self.model, self.optimizer, self.loss_fn = loop.model, loop.optimizer, loop.loss_fn
+        self.outer_loss_fn, self.proximal, self.param_shapes = loop.outer_loss_fn, loop.proximal, loop.param_shapes
+        self.tasks, self.functional = tasks, functional
 
     def init(self, meta: MetaParams, start: Params | None = None) -> InnerState:
         """Every task's state at step 0: one task's parameters expanded to [B, ...], or each task's own
@@ -282,11 +289,20 @@ class StackedLoop(InnerLoop):
         """Every task's inner step: the gradient of the summed inner losses is each task's own (tasks share
         no tensor), taken with `torch.autograd.grad`, cheaper than vmap over `torch.func.grad`."""
         batch = self.support_batch(batch, meta)
-        params = {k: p if p.requires_grad else p.detach().requires_grad_() for k, p in state.params.items()}
-        with torch.enable_grad():
-            losses, buffers = self.inner_objective(params, state, batch, meta)
-            grads = dict(zip(params, torch.autograd.grad(losses.sum(), list(params.values()),
-                                                         create_graph=create_graph)))
+        if self.functional:
+            def objective(params: Params) -> tuple[Tensor, Buffers]:
+                losses, buffers = self.inner_objective(params, state, batch, meta)
+                return losses.sum(), buffers
+
+            grads, buffers = torch.func.grad(objective, has_aux=True)(state.params)
+            if not create_graph:
+                grads = {k: g.detach() for k, g in grads.items()}
+        else:
+            params = {k: p if p.requires_grad else p.detach().requires_grad_() for k, p in state.params.items()}
+            with torch.enable_grad():
+                losses, buffers = self.inner_objective(params, state, batch, meta)
+                grads = dict(zip(params, torch.autograd.grad(losses.sum(), list(params.values()),
+                                                             create_graph=create_graph)))
         if hyper is None:
             hyper = self.hyper(meta)
         update: Callable[[Params, Params, Any, Hyper], tuple[Params, Any]] = self.optimizer.update

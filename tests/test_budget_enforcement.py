@@ -53,20 +53,20 @@ def _problem(kind: str = "init", hidden: int = 6, n_tasks: int = 4, steps: int =
 def test_plan_keeps_the_whole_batch_in_one_vmap_when_it_fits():
     loop, meta, tasks = _problem()
     found = plan(E.Full(), loop, meta, tasks, mo.Budget(memory=10**6), meter=synthetic_meter)
-    assert (found.batching, found.chunk_size) == ("vmap", 4)
-    assert found.predicted_peak_bytes == synthetic_meter(E.Full(), tasks, "vmap")
+    assert (found.batching, found.chunk_size) == ("stacked", 4)  # one graph on the task axis
+    assert found.predicted_peak_bytes == synthetic_meter(E.Full(), tasks, "stacked")
 
 
 def timer_where(loop_factor: float, calls: list | None = None):
-    """A stand-in timer: a vmapped call takes 1 s, the same tasks one at a time `loop_factor` s."""
+    """A stand-in timer: a batched call (stacked or vmapped) takes 1 s, the same tasks one at a time `loop_factor` s."""
     def timer(estimator, tasks, batching) -> float:
         if calls is not None:
             calls.append(batching)
-        return 1.0 if batching == "vmap" else loop_factor
+        return 1.0 if batching != "loop" else loop_factor
     return timer
 
 
-@pytest.mark.parametrize("loop_factor,expected", [(0.5, "loop"), (0.9, "vmap"), (2.0, "vmap")])
+@pytest.mark.parametrize("loop_factor,expected", [(0.5, "loop"), (0.9, "stacked"), (2.0, "stacked")])
 def test_plan_runs_tasks_one_at_a_time_where_that_is_measured_clearly_faster(loop_factor, expected):
     loop, meta, tasks = _problem()
     found = plan(E.Full(), loop, meta, tasks, mo.Budget(memory=10**6), meter=synthetic_meter,
@@ -74,7 +74,7 @@ def test_plan_runs_tasks_one_at_a_time_where_that_is_measured_clearly_faster(loo
     assert found.batching == expected and found.chunk_size == (1 if expected == "loop" else 4)
     assert f"1 s vmapped vs {loop_factor:.3g} s one task at a time" in found.reason
     # The prediction is the chosen batching's: one task's graph at a time under the loop.
-    one_graph = tasks if expected == "vmap" else unstack_tasks(tasks)[:1]
+    one_graph = tasks if expected == "stacked" else unstack_tasks(tasks)[:1]
     assert found.predicted_peak_bytes == synthetic_meter(E.Full(), one_graph, expected)
 
 
@@ -86,7 +86,7 @@ def test_an_explicit_batching_or_a_compiled_estimator_is_planned_by_memory_alone
                  timer=timer_where(0.1, calls))
     compiled = plan(Compiled(E.Full()), loop, meta, tasks, mo.Budget(), meter=synthetic_meter,
                     timer=timer_where(0.1, calls))
-    assert found.batching == batching and (compiled.batching, compiled.chunk_size) == ("vmap", 4)
+    assert found.batching == batching and (compiled.batching, compiled.chunk_size) == ("stacked", 4)
     assert calls == [] and "one task at a time" not in compiled.reason
 
 
@@ -113,16 +113,16 @@ def test_plan_splits_the_batch_into_chunks_that_fit():
     loop, meta, tasks = _problem()
     one = FIXED + GRAPH_STEP * 16
     found = plan(E.Full(), loop, meta, tasks, mo.Budget(memory=int(one * 1.25 / 0.9)), meter=synthetic_meter)
-    assert (found.batching, found.chunk_size) == ("vmap", 2)
+    assert (found.batching, found.chunk_size) == ("stacked", 2)
     assert "vmapped chunks of 2 fit" in found.reason and "90% of the budget" in found.reason
     # Without the headroom's 10% a chunk of 2 (1.2 x one task) no longer fits: task by task.
     found = plan(E.Full(), loop, meta, tasks, mo.Budget(memory=int(one * 1.25)), meter=synthetic_meter)
     assert (found.batching, found.chunk_size) == ("loop", 1)
     # A compiled estimator computes vmapped chunks only: task by task is then a vmap of one task at a time.
     compiled = plan(Compiled(E.Full()), loop, meta, tasks, mo.Budget(memory=int(one * 1.25)), meter=synthetic_meter)
-    assert (compiled.batching, compiled.chunk_size) == ("vmap", 1)
+    assert (compiled.batching, compiled.chunk_size) == ("stacked", 1)
     single = plan(Compiled(E.Full()), loop, meta, tiny_tasks(1, 16), mo.Budget(), meter=synthetic_meter)
-    assert (single.batching, single.chunk_size) == ("vmap", 1)
+    assert (single.batching, single.chunk_size) == ("stacked", 1)
     # The chunked call gives the same meta-gradient as one big vmap.
     chunked = E.Full()(loop, meta, tasks, chunk_size=2)
     whole = E.Full()(loop, meta, tasks)
@@ -217,10 +217,12 @@ def test_time_budget_skip_leaves_tasks_out_and_says_so():
     assert all(torch.count_nonzero(g) == 0 for g in result.grads.values())
 
 
-def test_time_budget_under_vmap_applies_to_the_whole_chunk():
+@pytest.mark.parametrize("batching", ["stacked", "vmap"])
+def test_time_budget_of_a_batched_graph_applies_to_the_whole_chunk(batching):
     loop, meta, tasks = _problem(n_tasks=3, steps=6)
-    result = E.Full()(loop, meta, tasks, mo.Budget(time=2.5, on_exceed="truncate"), clock=FakeClock())
-    assert result.stats["batching"] == "vmap" and result.stats["tasks_truncated"] == 3
+    result = E.Full()(loop, meta, tasks, mo.Budget(time=2.5, on_exceed="truncate"), clock=FakeClock(),
+                      batching=batching)
+    assert result.stats["batching"] == batching and result.stats["tasks_truncated"] == 3
 
 
 def test_guard_catches_a_wrong_prediction():
@@ -312,7 +314,7 @@ def test_without_a_memory_budget_the_plan_still_fits_the_machine(monkeypatch):
     one = FIXED + GRAPH_STEP * 16
     monkeypatch.setattr("metaopt.budget.available_bytes", lambda device: int(one * 1.25 / 0.9))
     found = plan(E.Full(), loop, meta, tasks, mo.Budget(), meter=synthetic_meter)
-    assert (found.batching, found.chunk_size) == ("vmap", 2)
+    assert (found.batching, found.chunk_size) == ("stacked", 2)
     assert "no memory budget was given" in found.reason and "available on cpu" in found.reason
     monkeypatch.setattr("metaopt.budget.available_bytes", lambda device: one // 2)
     with pytest.raises(mo.BudgetExceeded, match="no memory budget was given.*nothing fits in it"):

@@ -71,7 +71,7 @@ def test_a_wrong_compiled_result_falls_back_to_eager():
     loop, meta, tasks = _problem("init")
     compiled = Compiled(mo.Full())
 
-    def wrong(loop_, meta_, pattern, options):
+    def wrong(loop_, meta_, pattern, options, stacked=False):
         def function(tasks_):
             grads = {k: torch.zeros_like(p) for k, p in meta_.named_parameters() if p.requires_grad}
             return grads, (torch.zeros(tasks_.query.x.shape[0]), {})
@@ -88,7 +88,7 @@ def test_a_failed_cpp_wrapper_is_compiled_again_without_it():
     compiled = Compiled(mo.Full())
     tried = []
 
-    def flaky(loop_, meta_, pattern, options):
+    def flaky(loop_, meta_, pattern, options, stacked=False):
         tried.append(dict(options))
         if options.get("cpp_wrapper"):
             raise RuntimeError("CppCompileError: C++ compile error")

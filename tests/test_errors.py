@@ -73,7 +73,7 @@ def test_inputs_and_targets_must_have_the_same_count():
 
 def test_unknown_batching_mode():
     loop, meta = _loop_and_meta()
-    with pytest.raises(ValueError, match="batching must be 'auto', 'vmap' or 'loop', got 'fast'"):
+    with pytest.raises(ValueError, match="batching must be 'auto', 'stacked', 'vmap' or 'loop', got 'fast'"):
         mo.Full()(loop, meta, tiny_tasks(2, 1), batching="fast")
 
 

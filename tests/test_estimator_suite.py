@@ -93,7 +93,7 @@ def test_checkpoint_recomputes_each_step_once():
         mo.estimators.Checkpoint(segment=segment)(loop, meta, tasks)
         assert len(calls) == 2 * 6, segment  # forward sweep + each step recomputed exactly once
     calls.clear()
-    mo.Full()(loop, meta, tasks)
+    mo.Full()(loop, meta, tasks, batching="vmap")  # stacked runs a StackedLoop's steps, not this loop's
     assert len(calls) == 6
 
 

@@ -1,0 +1,156 @@
+"""Stacked batching (`metaopt.stacked`): a chunk of tasks run on their task axis computes what vmap and task by
+task compute, for every meta-parameter kind, optimizer and layer it serves, in float64; where it cannot serve,
+it says why and `auto` runs something that can."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import metaopt as mo
+from metaopt.losses import per_task
+from metaopt.stacked import stacked_forward, unstacked_modules
+from problems import META_KINDS, OPTIMIZERS, tiny_model, tiny_tasks
+
+T = 2
+
+
+def _assert_same(result: mo.MetaGrad, reference: mo.MetaGrad, rtol: float = 1e-10) -> None:
+    torch.testing.assert_close(result.task_losses, reference.task_losses, rtol=rtol, atol=1e-12)
+    assert set(result.grads) == set(reference.grads)
+    assert all(g.abs().max() > 0 for g in reference.grads.values()) or len(reference.grads) > 2, \
+        "a zero reference cannot tell estimators apart"
+    for k, g in reference.grads.items():
+        torch.testing.assert_close(result.grads[k], g, rtol=rtol, atol=1e-12, msg=f"gradient of {k}")
+
+
+@pytest.mark.parametrize("kind", sorted(META_KINDS))
+@pytest.mark.parametrize("name", ["full", "first_order"])
+def test_stacked_equals_vmap_for_every_kind(name, kind):
+    model = tiny_model()
+    loop = mo.InnerLoop(model, mo.optim.momentum(lr=0.05, momentum=0.5), mo.losses.mse)
+    meta = META_KINDS[kind](model)
+    tasks = tiny_tasks(3, T)
+    estimator = mo.get_estimator(name)
+    if name == "first_order" and kind in ("learned_loss", "synthetic_data"):
+        meta = mo.meta_params(mo.Init(model), *meta.values())  # these get zero first-order gradients alone
+    stacked = estimator(loop, meta, tasks, batching="stacked")
+    assert stacked.stats["batching"] == "stacked"
+    _assert_same(stacked, estimator(loop, meta, tasks, batching="vmap"))
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_stacked_equals_task_by_task_for_every_optimizer_with_learned_lrs(optimizer):
+    """Elementwise optimizers step all tasks at once (Adam's 0-d step shared); per-element learned lrs
+    broadcast against the task axis."""
+    model = tiny_model()
+    loop = mo.InnerLoop(model, OPTIMIZERS[optimizer](), mo.losses.mse)
+    assert loop.optimizer.elementwise
+    meta = META_KINDS["init+lrs_element"](model)
+    tasks = tiny_tasks(4, 3)
+    _assert_same(mo.Full()(loop, meta, tasks, batching="stacked"), mo.Full()(loop, meta, tasks, batching="loop"))
+
+
+def test_stacked_serves_a_proximal_term_and_tasks_with_their_own_init():
+    model = tiny_model()
+    proximal = mo.InnerLoop(model, mo.optim.sgd(lr=0.1), mo.losses.mse, proximal=0.5)
+    meta, tasks = META_KINDS["init"](model), tiny_tasks(3, T)
+    _assert_same(mo.Full()(proximal, meta, tasks, batching="stacked"), mo.Full()(proximal, meta, tasks, batching="loop"))
+
+    loop = mo.InnerLoop(model, mo.optim.adam(lr=0.05), mo.losses.mse)
+    g = torch.Generator().manual_seed(2)
+    own = tasks._replace(init={k: torch.randn(3, *p.shape, generator=g) for k, p in model.named_parameters()})
+    meta = META_KINDS["lrs_tensor"](model)
+    _assert_same(mo.Full()(loop, meta, own, batching="stacked"), mo.Full()(loop, meta, own, batching="loop"))
+
+
+def _conv_problem(norm: str, track: bool, eval_mode: bool):
+    torch.manual_seed(0)
+    model = mo.Conv4(1, 3, channels=4, image_size=16, norm=norm, track_running_stats=track)
+    model.train(not eval_mode)
+    if track:
+        for m in model.modules():
+            if hasattr(m, "running_var"):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.3), mo.losses.cross_entropy)
+    tasks = mo.RandomPatterns(n_way=3, k_shot=2, k_query=2, size=16).sample(3, T, torch.Generator().manual_seed(1))
+    return loop, mo.meta_params(mo.Init(model)), tasks
+
+
+@pytest.mark.parametrize("norm,track,eval_mode", [("primitive", False, False), ("fused", False, False),
+                                                  ("fused", True, False), ("primitive", True, True)])
+def test_stacked_conv4_second_order_equals_task_by_task(norm, track, eval_mode):
+    """Grouped convolutions, max-pools and per-task BatchNorm statistics; the fused BatchNorm too, whose second
+    derivatives vmap gets wrong (functorch #534) but ordinary autograd gets right: task by task is the
+    reference, and auto now runs such a model stacked instead of one task at a time."""
+    loop, meta, tasks = _conv_problem(norm, track, eval_mode)
+    assert not unstacked_modules(loop.model)
+    stacked = mo.Full()(loop, meta, tasks, batching="stacked")
+    _assert_same(stacked, mo.Full()(loop, meta, tasks, batching="loop"), rtol=1e-9)
+    assert mo.Full()(loop, meta, tasks).stats["batching"] == "stacked"
+
+
+def test_stacked_batch_norm_updates_each_tasks_running_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten())
+    x = torch.randn(3, 4, 1, 5, 5)
+    params = {k: v.expand(3, *v.shape) for k, v in model.named_parameters()}
+    buffers = {k: v.expand(3, *v.shape) for k, v in model.named_buffers()}
+    y, new = stacked_forward(model, params, buffers, x)
+    for b in range(3):
+        one = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten())
+        one.load_state_dict(model.state_dict())
+        torch.testing.assert_close(y[b], one(x[b]))
+        for k, v in one.named_buffers():
+            torch.testing.assert_close(new[k][b], v.to(new[k].dtype), msg=k)
+    assert all(v.abs().sum() == 0 for k, v in model.named_buffers() if k.endswith("running_mean"))  # untouched
+
+
+class _Scale(nn.Module):
+    """A layer without a stacked rule: it runs under vmap inside the stacked forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor([1.5, -0.5, 2.0, 1.0, 0.3, 0.7]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+
+def test_a_module_without_a_rule_runs_under_vmap_inside_the_stacked_forward():
+    model = nn.Sequential(nn.Linear(1, 6), nn.Tanh(), _Scale(), nn.Linear(6, 1))
+    assert unstacked_modules(model) == ["2"]
+    loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.1), mo.losses.mse)
+    meta, tasks = META_KINDS["init"](model), tiny_tasks(3, T)
+    _assert_same(mo.Full()(loop, meta, tasks, batching="stacked"), mo.Full()(loop, meta, tasks, batching="vmap"))
+
+
+def test_what_cannot_run_stacked_says_why_and_auto_runs_what_can():
+    model = nn.Sequential(nn.Linear(1, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 1))  # no rule; wrong under vmap
+    loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.1), mo.losses.mse)
+    meta, tasks = META_KINDS["init"](model), tiny_tasks(3, T)
+    with pytest.raises(ValueError, match=r"batching='stacked'.*1 would run under vmap.*#534"):
+        mo.Full()(loop, meta, tasks, batching="stacked")
+    assert mo.Full()(loop, meta, tasks).stats["batching"] == "loop"
+    assert mo.FirstOrder()(loop, meta, tasks).stats["batching"] == "stacked"  # no second derivatives
+    with pytest.raises(ValueError, match="estimator 'checkpoint' does not run stacked"):
+        mo.get_estimator("checkpoint")(loop, meta, tasks, batching="stacked")
+    mlp = tiny_model()
+    mlp_loop = mo.InnerLoop(mlp, mo.optim.sgd(lr=0.1), mo.losses.mse)
+    truncated = mo.get_estimator("truncated", k=1)(mlp_loop, META_KINDS["init"](mlp), tasks)
+    assert truncated.stats["batching"] == "vmap"  # an estimator that does not declare `stacks` vmaps
+
+
+def test_per_task_losses_equal_the_loss_of_each_task():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(3, 5, 2, generator=g), torch.randn(3, 5, 2, generator=g)
+    logits, labels = torch.randn(3, 5, 4, generator=g), torch.randint(0, 4, (3, 5), generator=g)
+
+    def huber(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.huber_loss(p, t)
+
+    for loss, (p, t) in [(mo.losses.mse, (pred, target)), (mo.losses.cross_entropy, (logits, labels)),
+                         (huber, (pred, target))]:
+        expected = torch.stack([loss(p[b], t[b]) for b in range(3)])
+        torch.testing.assert_close(per_task(loss, p, t), expected, rtol=1e-12, atol=0)
