@@ -41,7 +41,8 @@ def _adapted_scores(loop: InnerLoop, meta: MetaParams, batch: Task, classificati
         return loop.outer_loss_fn(pred, task.query.y), score
 
     with torch.no_grad():  # torch.func.grad still computes the inner gradients
-        _, prepared = resolve_batching(batch, batching)
+        # Evaluation vmaps a batch (stacked batching serves meta-gradients: `metaopt.stacked`).
+        _, prepared = resolve_batching(batch, "vmap" if batching == "stacked" else batching)
         if isinstance(prepared, Task):  # vmap
             compressed, pattern = compress_support(prepared)
             return vmap_tasks(per_task, compressed, pattern)

@@ -97,7 +97,7 @@ def test_contract_explore_end_to_end(tmp_path):
     best = sorted((run / "best").glob("*.yaml"))
     assert len(best) == len(front)
     # A trial runs the batching it was priced with (the planner's choice, not "auto" again).
-    assert all(OmegaConf.load(b).batching in ("vmap", "loop") for b in best)
+    assert all(OmegaConf.load(b).batching in ("stacked", "vmap", "loop") for b in best)
     again = subprocess.run([sys.executable, "experiments/train.py", "--config-dir", str(run / "best"),
                             "--config-name", best[0].stem, f"hydra.run.dir={tmp_path / 'd2'}", "eval.n_tasks=20"],
                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
