@@ -46,7 +46,8 @@ import metaopt as mo
 from metaopt.compiled import Compiled
 
 LR, META_BATCH, K = 0.01, 25, 10
-NAMES = ["metaopt", "metaopt-vmap", "metaopt-loop", "torch.func", "metaopt-comp", "torch.func-comp", "higher"]
+NAMES = ["metaopt", "metaopt-vmap", "metaopt-loop", "torch.func", "metaopt-comp", "metaopt-comp-vmap",
+         "torch.func-comp", "higher"]
 
 
 # Each make_* builds one implementation of MAML's meta-gradient (`loss`: inner and outer loss, `lr`: inner lr);
@@ -141,6 +142,8 @@ def bench(steps: int, repeats: int, with_higher: bool, with_compile: bool = Fals
     }
     if with_compile:
         impls["metaopt-comp"] = make_metaopt(model, tasks, "auto", compile=True)
+        if only and "metaopt-comp-vmap" in only:  # on request only: one more compilation per T
+            impls["metaopt-comp-vmap"] = make_metaopt(model, tasks, "vmap", compile=True)
         impls["torch.func-comp"] = make_torch_func_compiled(model, tasks)
     if with_higher:
         impls["higher"] = make_higher(model, tasks)
@@ -151,7 +154,7 @@ def bench(steps: int, repeats: int, with_higher: bool, with_compile: bool = Fals
         start = time.perf_counter()
         for a, b in zip(fn(), reference):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"{name} differs from torch.func")
-        if name.endswith("-comp"):
+        if "-comp" in name:
             print(f"  T={steps}: {name} compiled in {time.perf_counter() - start:.1f} s (first call)", flush=True)
     times: dict[str, list[float]] = {name: [] for name in impls}
     order = list(impls)

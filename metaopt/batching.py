@@ -159,8 +159,8 @@ def expand_support(task: Task, pattern: tuple[int, ...]) -> Task:
 
 
 def resolve_batching(tasks: Task | Sequence[Task], batching: Batching, vmap_blocker: str | None = None,
-                     stacked_blocker: str | None = "stacked batching was not offered"
-                     ) -> tuple[Literal["stacked", "vmap", "loop"], Task | list[Task]]:
+                     stacked_blocker: str | None = "stacked batching was not offered",
+                     stacked_slower: str | None = None) -> tuple[Literal["stacked", "vmap", "loop"], Task | list[Task]]:
     """Decide how a batch of tasks runs, and put the tasks in that form.
 
     Args:
@@ -169,6 +169,7 @@ def resolve_batching(tasks: Task | Sequence[Task], batching: Batching, vmap_bloc
         "auto" (stacked, else vmap, where the tasks stack and nothing blocks it; loop otherwise).
       vmap_blocker: why the computation must not run under vmap, or None if it may.
       stacked_blocker: why it cannot run stacked (`metaopt.stacked`), or None if it may.
+      stacked_slower: why stacked is expected slower than vmap (then "auto" vmaps where it may), or None.
 
     Returns:
       ("stacked" or "vmap", stacked task) or ("loop", list of tasks).
@@ -188,7 +189,10 @@ def resolve_batching(tasks: Task | Sequence[Task], batching: Batching, vmap_bloc
     if batching in ("stacked", "vmap"):
         batched = cast(Batched, batching)
     elif batching == "auto":
-        batched = "stacked" if stacked_blocker is None else "vmap" if vmap_blocker is None else None
+        if stacked_blocker is None and (stacked_slower is None or vmap_blocker is not None):
+            batched = "stacked"
+        else:
+            batched = "vmap" if vmap_blocker is None else None
     if isinstance(tasks, Task):
         check_task(tasks, batched=True)
         if batched is None:

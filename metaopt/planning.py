@@ -31,7 +31,7 @@ from typing import Callable, ClassVar, Literal, NamedTuple, Sequence
 
 import torch
 
-from metaopt.batching import Batching, resolve_batching
+from metaopt.batching import Batching
 from metaopt.budget import Budget, BudgetExceeded, machine_bounded
 from metaopt.estimators.base import (
     AbstractEstimator,
@@ -44,6 +44,7 @@ from metaopt.estimators.base import (
 from metaopt.guard import format_bytes
 from metaopt.loop import InnerLoop
 from metaopt.prediction import Meter, Predictor, Timer, describe
+from metaopt.runner import resolve_for
 from metaopt.types import MetaParams, Task
 
 __all__ = ["Plan", "Predictor", "Meter", "Timer", "Auto", "plan", "choose", "describe", "ranked_candidates"]
@@ -88,8 +89,7 @@ def _fit(predictor: Predictor, estimator: AbstractEstimator, budget: Budget, bat
     """The plan with the largest vmapped chunk whose whole call fits under the headroom (under
     `batching="auto"`: unless one task at a time fits and is measured faster, `_faster_of`), or None."""
     n, limit = len(predictor.tasks), _limit(budget) - fixed_bytes
-    mode, _ = resolve_batching(predictor.tasks, batching, estimator.vmap_blocker(predictor.loop),
-                               estimator.stacked_blocker(predictor.loop, predictor.meta))
+    mode, _ = resolve_for(estimator, predictor.loop, predictor.meta, predictor.tasks, batching)
     task_bytes = predictor.predict(estimator, 1)
     if task_bytes > limit:
         return None  # a vmapped chunk costs at least one task

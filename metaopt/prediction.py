@@ -21,10 +21,11 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-from metaopt.batching import Batching, resolve_batching, unstack_tasks
+from metaopt.batching import Batching, unstack_tasks
 from metaopt.estimators.base import AbstractEstimator
 from metaopt.loop import InnerLoop
 from metaopt.memory import Method, measure_peak_memory
+from metaopt.runner import resolve_for
 from metaopt.types import MetaParams, Task
 
 __all__ = ["Meter", "Timer", "Predictor", "describe", "REFINE_FROM", "TIMED_STEPS"]
@@ -96,8 +97,7 @@ class Predictor:
         """The tasks cut to `steps` steps, and how a chunk of `chunk` runs them (what the plan will run)."""
         cut = [t._replace(support=t.support[:steps]) for t in self.tasks[:n_tasks]]
         if chunk > 1 and n_tasks > 1:
-            mode, stacked = resolve_batching(cut, self.batched, estimator.vmap_blocker(self.loop),
-                                             estimator.stacked_blocker(self.loop, self.meta))
+            mode, stacked = resolve_for(estimator, self.loop, self.meta, cut, self.batched)
             if mode != "loop":
                 return stacked, mode
         return cut, "loop"

@@ -19,7 +19,7 @@ and `task_objective` (the `Differentiator` protocol).
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, NamedTuple, Protocol, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -30,10 +30,10 @@ from metaopt.budget import Budget
 from metaopt.guard import StepGuard, TaskSkipped, UnrollTruncated
 from metaopt.loop import InnerLoop
 from metaopt.memory import peak_bytes, reset_peak
-from metaopt.stacked import StackedLoop
+from metaopt.stacked import StackedLoop, stacked_slower
 from metaopt.types import MetaParams, Task
 
-__all__ = ["MetaGrad", "TaskObjective", "Differentiator", "run_meta_gradient", "grads_of", "chunks_of"]
+__all__ = ["MetaGrad", "TaskObjective", "Differentiator", "run_meta_gradient", "resolve_for", "grads_of", "chunks_of"]
 
 
 class MetaGrad(NamedTuple):
@@ -90,6 +90,14 @@ class Differentiator(Protocol):
 
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
                        guard: StepGuard | None) -> TaskObjective: ...
+
+
+def resolve_for(estimator: Differentiator, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
+                batching: Batching) -> tuple[Literal["stacked", "vmap", "loop"], Task | list[Task]]:
+    """`resolve_batching` with what blocks or slows this estimator's vmapped and stacked forms (the runner, the
+    planner and its measurements resolve alike)."""
+    return resolve_batching(tasks, batching, estimator.vmap_blocker(loop), estimator.stacked_blocker(loop, meta),
+                            stacked_slower(loop, meta))
 
 
 def grads_of(loss: Tensor, meta: MetaParams) -> dict[str, Tensor]:
@@ -224,8 +232,7 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
     """
     estimator.check(loop, meta)
     start = time.perf_counter()
-    mode, prepared = resolve_batching(tasks, batching, estimator.vmap_blocker(loop),
-                                      estimator.stacked_blocker(loop, meta))
+    mode, prepared = resolve_for(estimator, loop, meta, tasks, batching)
     total = task_count(prepared) if isinstance(prepared, Task) else len(prepared)
     size = 1 if mode == "loop" else total if chunk_size is None else max(1, min(chunk_size, total))
     device = (prepared if isinstance(prepared, Task) else prepared[0]).query.x.device

@@ -154,3 +154,13 @@ def test_per_task_losses_equal_the_loss_of_each_task():
                          (huber, (pred, target))]:
         expected = torch.stack([loss(p[b], t[b]) for b in range(3)])
         torch.testing.assert_close(per_task(loss, p, t), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kind,expected", [("init", "stacked"), ("learned_loss", "stacked"),
+                                           ("learned_optimizer_lstm", "vmap"), ("synthetic_data", "vmap")])
+def test_auto_stacks_unless_a_per_task_piece_would_run_under_vmap_at_every_step(kind, expected):
+    """A data transform or a learned update rule runs under vmap at every stacked step (vmap's fixed cost per
+    call): auto vmaps those, by `stacked_slower`; asked for, stacked serves them (above)."""
+    model = tiny_model()
+    loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.1), mo.losses.mse)
+    assert mo.Full()(loop, META_KINDS[kind](model), tiny_tasks(3, T)).stats["batching"] == expected
