@@ -104,7 +104,7 @@ def _fit(predictor: Predictor, estimator: AbstractEstimator, budget: Budget, bat
     # only: for it, one task at a time is a vmap of one task.
     compiled = getattr(estimator, "chunk_gradient", None) is not None
     if mode != "loop" and n > 1:
-        vmapped = _fit_vmapped(predictor, estimator, limit, task_bytes)
+        vmapped = _fit_vmapped(predictor, estimator, limit, task_bytes, _word(mode))
         if vmapped is not None:
             chunk, predicted, why = vmapped
             if batching != "auto" or compiled or not predictor.can_time:
@@ -117,19 +117,25 @@ def _fit(predictor: Predictor, estimator: AbstractEstimator, budget: Budget, bat
     return None
 
 
+def _word(mode: str) -> str:
+    """How a plan's reason names a batched graph: "stacked" or "vmapped"."""
+    return "stacked" if mode == "stacked" else "vmapped"
+
+
 def _fit_vmapped(predictor: Predictor, estimator: AbstractEstimator, limit: float,
-                 task_bytes: int) -> tuple[int, int, str] | None:
-    """(chunk, predicted bytes, why) of the largest vmapped chunk (>= 2 tasks) whose whole call fits, or None."""
+                 task_bytes: int, word: str = "vmapped") -> tuple[int, int, str] | None:
+    """(chunk, predicted bytes, why) of the largest batched chunk (>= 2 tasks) whose whole call fits, or None;
+    `word` names the batched form in the reason."""
     n = len(predictor.tasks)
     whole = predictor.predict(estimator, n, n)
     if whole <= limit:
-        return n, whole, f"all {n} tasks fit in one vmapped graph"
+        return n, whole, f"all {n} tasks fit in one {word} graph"
     per_extra_task = max(whole - task_bytes, 0) / (n - 1)
     chunk = n - 1 if per_extra_task == 0 else min(n - 1, int((limit - task_bytes) // per_extra_task) + 1)
     while chunk >= 2:  # measure the whole chunked call; shrink until it fits
         predicted = predictor.predict(estimator, n, chunk)
         if predicted <= limit:
-            return chunk, predicted, f"{n} tasks at once would take {format_bytes(whole)}; vmapped chunks of {chunk} fit"
+            return chunk, predicted, f"{n} tasks at once would take {format_bytes(whole)}; {word} chunks of {chunk} fit"
         chunk = min(chunk - 1, int(chunk * limit / predicted))
     return None
 
@@ -145,7 +151,7 @@ def _faster_of(predictor: Predictor, estimator: AbstractEstimator, limit: float,
     chunk, predicted, why = vmapped
     n = len(predictor.tasks)
     (vmap_s, loop_s), steps = predictor.seconds(estimator, n, (chunk, 1))
-    timed = (f"{vmap_s:.3g} s vmapped vs {loop_s:.3g} s one task at a time, measured on the {n} tasks at "
+    timed = (f"{vmap_s:.3g} s {_word(mode)} vs {loop_s:.3g} s one task at a time, measured on the {n} tasks at "
              f"{steps} inner step{'s' if steps != 1 else ''}")
     if loop_s * LOOP_FASTER <= vmap_s:
         looped = predictor.predict(estimator, n, 1)

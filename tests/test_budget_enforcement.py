@@ -72,7 +72,7 @@ def test_plan_runs_tasks_one_at_a_time_where_that_is_measured_clearly_faster(loo
     found = plan(E.Full(), loop, meta, tasks, mo.Budget(memory=10**6), meter=synthetic_meter,
                  timer=timer_where(loop_factor))
     assert found.batching == expected and found.chunk_size == (1 if expected == "loop" else 4)
-    assert f"1 s vmapped vs {loop_factor:.3g} s one task at a time" in found.reason
+    assert f"1 s stacked vs {loop_factor:.3g} s one task at a time" in found.reason
     # The prediction is the chosen batching's: one task's graph at a time under the loop.
     one_graph = tasks if expected == "stacked" else unstack_tasks(tasks)[:1]
     assert found.predicted_peak_bytes == synthetic_meter(E.Full(), one_graph, expected)
@@ -114,7 +114,7 @@ def test_plan_splits_the_batch_into_chunks_that_fit():
     one = FIXED + GRAPH_STEP * 16
     found = plan(E.Full(), loop, meta, tasks, mo.Budget(memory=int(one * 1.25 / 0.9)), meter=synthetic_meter)
     assert (found.batching, found.chunk_size) == ("stacked", 2)
-    assert "vmapped chunks of 2 fit" in found.reason and "90% of the budget" in found.reason
+    assert "stacked chunks of 2 fit" in found.reason and "90% of the budget" in found.reason
     # Without the headroom's 10% a chunk of 2 (1.2 x one task) no longer fits: task by task.
     found = plan(E.Full(), loop, meta, tasks, mo.Budget(memory=int(one * 1.25)), meter=synthetic_meter)
     assert (found.batching, found.chunk_size) == ("loop", 1)
