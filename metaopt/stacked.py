@@ -11,8 +11,10 @@ tensor code instead:
   channels (per-task statistics). A module without a stacked rule runs under vmap (correct, not faster);
 - the inner gradient is `torch.autograd.grad` of the *sum* of the tasks' inner losses: tasks share no
   tensor, so d(sum_b L_b)/d params_b = dL_b/d params_b, each task's own gradient;
-- the per-task pieces that are not the model (losses, optimizer updates, learned losses, data
-  transforms) run under vmap, as the per-task function would: a few ops each.
+- built-in optimizers step all tasks at once (elementwise: `InnerOptimizer.elementwise`), and `mse` and
+  `cross_entropy` give each task's loss directly (`metaopt.losses.per_task`); the per-task pieces it does not
+  know (another loss, a learned loss, a learned update rule, a data transform) run under vmap, as the
+  per-task function would, paying vmap's fixed cost per call at every step (`stacked_slower`).
 
 It computes what vmap computes, up to floating-point rounding (tests/test_stacked.py: float64, every
 stacked estimator and meta-parameter kind, against vmap and task by task). It is also exact where vmap is
@@ -29,7 +31,6 @@ from typing import Any, Callable, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from metaopt.loop import InnerLoop, call_module
 from metaopt.models import MLP, BatchNorm, Conv4
@@ -64,10 +65,8 @@ class _Call:
         self.params, self.buffers = params, dict(buffers)
 
     def run(self, module: nn.Module, prefix: str, x: Tensor) -> Tensor:
-        rule = _RULES.get(type(module))
-        if rule is None or (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None):
-            return self.vmapped(module, prefix, x)
-        return rule(self, module, prefix, x)
+        rule = _rule_for(module)
+        return self.vmapped(module, prefix, x) if rule is None else rule(self, module, prefix, x)
 
     def vmapped(self, module: nn.Module, prefix: str, x: Tensor) -> Tensor:
         """A module without a stacked rule: the per-task call under vmap."""
@@ -77,6 +76,14 @@ class _Call:
             params, buffers, x)
         self.buffers.update({prefix + k: v for k, v in new.items()})
         return y
+
+
+def _rule_for(module: nn.Module) -> Rule | None:
+    """The module's stacked rule, or None (it runs under vmap). A BatchNorm with a cumulative average
+    (momentum None) has none: its buffer update needs the count."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None:
+        return None
+    return _RULES.get(type(module))
 
 
 def stacked_forward(model: nn.Module, params: Params, buffers: Buffers, x: Tensor) -> tuple[Tensor, Buffers]:
@@ -95,8 +102,8 @@ def unstacked_modules(model: nn.Module) -> list[str]:
     names: list[str] = []
 
     def visit(module: nn.Module, name: str) -> None:
-        rule = _RULES.get(type(module))
-        if rule is None or (isinstance(module, nn.modules.batchnorm._BatchNorm) and module.momentum is None):
+        rule = _rule_for(module)
+        if rule is None:
             names.append(name)
         elif rule in _CONTAINERS:
             for child_name, child in module.named_children():
@@ -106,7 +113,7 @@ def unstacked_modules(model: nn.Module) -> list[str]:
     return names
 
 
-def stacked_blocker(loop: InnerLoop, meta: MetaParams, second_order: bool) -> str | None:
+def stacked_blocker(loop: InnerLoop, second_order: bool) -> str | None:
     """Why `loop` cannot run stacked, or None. `StackedLoop` is an `InnerLoop`'s stacked form, so a subclass
     with its own methods (`PrototypeLoop`, `ProtoMAMLLoop`) does not stack. Modules without a stacked rule run
     under vmap, so a second-order estimator cannot run stacked where such a module holds one that vmap

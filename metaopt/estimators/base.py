@@ -169,7 +169,7 @@ class AbstractEstimator(abc.ABC):
         """Why this estimator cannot run stacked with this loop and meta, or None if it may."""
         if not self.stacks:
             return f"estimator {self.name!r} does not run stacked"
-        return stacked_blocker(loop, meta, self.second_order)
+        return stacked_blocker(loop, self.second_order)
 
     @abc.abstractmethod
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
