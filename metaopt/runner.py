@@ -1,8 +1,9 @@
 """The runner: an estimator over a batch of tasks, under a budget.
 
 An estimator only differentiates one task (`task_objective`, which also runs
-under vmap); the runner owns everything around it: vmap or a loop, chunks of a
-vmapped batch, the budget guard (inner steps *and* backward passes), retries of
+under vmap, and on a chunk's task axis for estimators that stack: `metaopt.stacked`);
+the runner owns everything around it: stacked, vmap or a loop, chunks of a
+batched call, the budget guard (inner steps *and* backward passes), retries of
 truncated chunks, skipped tasks and the counts, and the mean of the chunks'
 meta-gradients. `AbstractEstimator.__call__` and `metaopt.planning`'s probes both
 go through `run_meta_gradient`, so what the planner measures is what training runs.
