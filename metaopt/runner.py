@@ -14,7 +14,7 @@ previous chunk's objective alive while the next ran took the meta-step's peak RS
 30 MB to 49 MB), so a meta-step's peak is its largest chunk's plus the accumulated
 gradients.
 
-This module imports no estimator: it takes anything with `check`, `vmap_blocker`
+This module imports no estimator: it takes anything with `check`, `vmap_blocker`, `stacked_blocker`
 and `task_objective` (the `Differentiator` protocol).
 """
 from __future__ import annotations
