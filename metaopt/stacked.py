@@ -122,9 +122,9 @@ def stacked_blocker(loop: InnerLoop, second_order: bool) -> str | None:
         return f"the inner loop is a {type(loop).__name__}, with methods of its own (stacked runs InnerLoop's)"
     if not second_order:
         return None
-    unstacked = unstacked_modules(loop.model)
-    wrong = [u for u in loop.second_order_vmap_unsafe
-             if any(f == "" or u == f or u.startswith(f + ".") for f in unstacked)]
+    unsafe = loop.second_order_vmap_unsafe  # usually empty: then no second walk of the model (every meta-step)
+    unstacked = unstacked_modules(loop.model) if unsafe else []
+    wrong = [u for u in unsafe if any(f == "" or u == f or u.startswith(f + ".") for f in unstacked)]
     if wrong:
         return (f"{', '.join(wrong)} would run under vmap (no stacked rule), whose second derivatives PyTorch "
                 "computes wrongly there (functorch issue #534)")
@@ -232,6 +232,12 @@ def _flatten(call: _Call, module: nn.Module, prefix: str, x: Tensor) -> Tensor:
 _CONTAINERS = (_sequential, _mlp, _conv4)
 
 
+def _steps_all_tasks_at_once(loop: InnerLoop, meta: MetaParams) -> bool:
+    """Whether the loop's optimizer (and the "optimizer" meta-parameter) are elementwise, so one update steps
+    every task of the task axis."""
+    return loop.optimizer.elementwise and ("optimizer" not in meta or getattr(meta["optimizer"], "elementwise", False))
+
+
 def stacked_slower(loop: InnerLoop, meta: MetaParams) -> str | None:
     """Why stacking is expected to be slower than vmap here (so `batching="auto"` vmaps), or None.
 
@@ -242,7 +248,7 @@ def stacked_slower(loop: InnerLoop, meta: MetaParams) -> str | None:
     `batching="stacked"` runs them, exactly."""
     if "data" in meta:
         return "a data transform runs under vmap at every stacked step"
-    if not StackedLoop._elementwise_in(loop, meta):
+    if not _steps_all_tasks_at_once(loop, meta):
         return "the update rule runs under vmap at every stacked step"
     return None
 
@@ -273,19 +279,11 @@ class StackedLoop(InnerLoop):
         one = super().init(meta, None if start is None else {k: v[0] for k, v in start.items()})  # checks
         params = {k: v.expand(self.tasks, *v.shape) for k, v in one.params.items()} if start is None else dict(start)
         buffers = {k: v.expand(self.tasks, *v.shape) for k, v in one.buffers.items()}
-        if self._elementwise(meta):
+        if _steps_all_tasks_at_once(self, meta):
             opt_state = self.optimizer_init(meta, params)
         else:
             opt_state = torch.func.vmap(lambda p: self.optimizer_init(meta, p))(params)
         return InnerState(params, buffers, opt_state, params if self.proximal else {})
-
-    def _elementwise(self, meta: MetaParams) -> bool:
-        return self._elementwise_in(self, meta)
-
-    @staticmethod
-    def _elementwise_in(loop: InnerLoop, meta: MetaParams) -> bool:
-        """Whether the loop's optimizer (and the "optimizer" meta-parameter) step all tasks at once."""
-        return loop.optimizer.elementwise and ("optimizer" not in meta or getattr(meta["optimizer"], "elementwise", False))
 
     def forward(self, params: Params, buffers: Buffers, x: Tensor) -> tuple[Tensor, Buffers]:
         return stacked_forward(self.model, params, buffers, x)
@@ -334,7 +332,7 @@ class StackedLoop(InnerLoop):
         update: Callable[[Params, Params, Any, Hyper], tuple[Params, Any]] = self.optimizer.update
         if "optimizer" in meta:
             update = functools.partial(cast(OptimizerSlot, meta["optimizer"]).update, self.optimizer)
-        if self._elementwise(meta):
+        if _steps_all_tasks_at_once(self, meta):
             new_params, opt_state = update(state.params, grads, state.opt_state, hyper)
         else:
             new_params, opt_state = torch.func.vmap(lambda p, g, s: update(p, g, s, hyper))(

@@ -18,8 +18,7 @@ T = 2
 def _assert_same(result: mo.MetaGrad, reference: mo.MetaGrad, rtol: float = 1e-10) -> None:
     torch.testing.assert_close(result.task_losses, reference.task_losses, rtol=rtol, atol=1e-12)
     assert set(result.grads) == set(reference.grads)
-    assert all(g.abs().max() > 0 for g in reference.grads.values()) or len(reference.grads) > 2, \
-        "a zero reference cannot tell estimators apart"
+    assert sum(g.abs().sum() for g in reference.grads.values()) > 0, "a zero reference cannot tell estimators apart"
     for k, g in reference.grads.items():
         torch.testing.assert_close(result.grads[k], g, rtol=rtol, atol=1e-12, msg=f"gradient of {k}")
 
@@ -32,8 +31,8 @@ def test_stacked_equals_vmap_for_every_kind(name, kind):
     meta = META_KINDS[kind](model)
     tasks = tiny_tasks(3, T)
     estimator = mo.get_estimator(name)
-    if name == "first_order" and kind in ("learned_loss", "synthetic_data"):
-        meta = mo.meta_params(mo.Init(model), *meta.values())  # these get zero first-order gradients alone
+    if name == "first_order" and "init" not in meta:
+        meta = mo.meta_params(mo.Init(model), *meta.values())  # some kinds get zero first-order gradients alone
     stacked = estimator(loop, meta, tasks, batching="stacked")
     assert stacked.stats["batching"] == "stacked"
     _assert_same(stacked, estimator(loop, meta, tasks, batching="vmap"))
