@@ -48,8 +48,9 @@ __all__ = ["Compiled", "ChunkResult", "default_options", "gradient_errors", "as_
 
 log = logging.getLogger("metaopt")
 
-ChunkResult = tuple[dict[str, Tensor], Tensor, dict[str, Tensor]]
-"""A chunk's (gradients, the mean over its tasks; outer losses [B]; stats {name: [B]}), no graph left."""
+ChunkResult = tuple[dict[str, Tensor], Tensor, dict[str, Tensor], Tensor]
+"""A chunk's (gradients, the mean over its tasks; outer losses [B]; stats {name: [B]}; the mean outer loss, a
+scalar), no graph left."""
 
 
 def _objective_of(estimator: Differentiator, loop: InnerLoop,
@@ -154,6 +155,7 @@ class Compiled:
         # Keyed by id, holding the objects themselves: an id is only reused after its object is gone.
         self._checked: dict[tuple[int, int], tuple[InnerLoop, MetaParams]] = {}
         self._blockers: dict[int, tuple[InnerLoop, str | None]] = {}
+        self._stacked_blockers: dict[tuple[int, int], tuple[InnerLoop, MetaParams, str | None]] = {}
 
     def __getattr__(self, name: str) -> Any:
         if name == "eager":  # not set yet (unpickling): no recursion
@@ -178,6 +180,12 @@ class Compiled:
         if id(loop) not in self._blockers:
             self._blockers[id(loop)] = (loop, self.eager.vmap_blocker(loop))
         return self._blockers[id(loop)][1]
+
+    def stacked_blocker(self, loop: InnerLoop, meta: MetaParams) -> str | None:
+        key = (id(loop), id(meta))
+        if key not in self._stacked_blockers:
+            self._stacked_blockers[key] = (loop, meta, self.eager.stacked_blocker(loop, meta))
+        return self._stacked_blockers[key][2]
 
     def __call__(self, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
                  budget: Budget | None = None, *, batching: Batching = "auto", chunk_size: int | None = None,
@@ -211,7 +219,7 @@ class Compiled:
                 function = self._functions.get(key)
                 if function is None:
                     function = self._functions[key] = self._build(loop, meta, pattern, options, stacked)
-                grads, (losses, stats) = function(tasks)
+                grads, (losses, stats, mean_loss) = function(tasks)
             except Exception as error:
                 if not (first and options.get("cpp_wrapper")) or _is_graph_break(error):
                     raise
@@ -219,15 +227,15 @@ class Compiled:
                          type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
                 function = self._functions[key] = self._build(loop, meta, pattern, {**options, "cpp_wrapper": False},
                                                               stacked)
-                grads, (losses, stats) = function(tasks)
+                grads, (losses, stats, mean_loss) = function(tasks)
         except Exception as error:  # a compile error or a graph break: eager from now on
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
             self._fall_back(f"torch.compile failed: {type(error).__name__}: {' '.join(lines[:3])[:400]}")
             return None
         if self.mode is not None and "reduce-overhead" in self.mode:
             # CUDA graphs replay into the same output buffers: the caller keeps copies, not the buffers.
-            grads, losses = {k: g.clone() for k, g in grads.items()}, losses.clone()
-        result = (grads, losses, stats)  # grad's outputs and aux carry no graph
+            grads, losses, mean_loss = {k: g.clone() for k, g in grads.items()}, losses.clone(), mean_loss.clone()
+        result = (grads, losses, stats, mean_loss)  # grad's outputs and aux carry no graph
         if first:
             if self.verify:
                 eager = self._eager_chunk(loop, meta, tasks, pattern)
@@ -246,14 +254,16 @@ class Compiled:
                options: dict[str, Any], stacked: bool = False) -> Callable[..., Any]:
         estimator = self.eager
 
-        def total(meta_now: MetaParams, tasks: Task) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+        def total(meta_now: MetaParams, tasks: Task) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor], Tensor]]:
             if stacked:
                 on_axis = StackedLoop(loop, tasks.query.x.shape[0], functional=True)
                 result = estimator.task_objective(on_axis, meta_now, expand_support(tasks, pattern), None)
                 surrogate, outer_loss, stats = result.surrogate, result.outer_loss, dict(result.stats)
             else:
                 surrogate, outer_loss, stats = vmap_tasks(_objective_of(estimator, loop, meta_now), tasks, pattern)
-            return surrogate.mean(), (outer_loss, stats)
+            # The mean outer loss in the graph: after the call, the runner's first op on an output costs a few
+            # times an op's usual ~7 us (`experiments/bench_step.py`'s T=1 row).
+            return surrogate.mean(), (outer_loss, stats, outer_loss.detach().mean())
 
         holder = MetaCall(meta)  # made here: a module created inside the traced function cannot be reparametrized
 
@@ -276,7 +286,7 @@ class Compiled:
     def _eager_chunk(self, loop: InnerLoop, meta: MetaParams, tasks: Task, pattern: tuple[int, ...]) -> ChunkResult:
         surrogate, outer_loss, stats = vmap_tasks(_objective_of(self.eager, loop, meta), tasks, pattern)
         grads = grads_of(surrogate.mean(), meta)
-        return grads, outer_loss.detach(), {k: v.detach() for k, v in stats.items()}
+        return grads, outer_loss.detach(), {k: v.detach() for k, v in stats.items()}, outer_loss.detach().mean()
 
     def _refereed(self, mismatch: str, compiled: ChunkResult, eager: ChunkResult, loop: InnerLoop, meta: MetaParams,
                   tasks: Task, pattern: tuple[int, ...]) -> str | None:

@@ -118,12 +118,14 @@ def chunks_of(total: int, size: int) -> list[tuple[int, int]]:
 
 
 class _Chunk(NamedTuple):
-    """A chunk's result with no graph left in it: `grads` is the mean over its tasks."""
+    """A chunk's result with no graph left in it: `grads` is the mean over its tasks; `mean_loss` the mean of
+    `outer_loss` where the chunk computed it already (a compiled chunk: one op fewer per call), else None."""
 
     grads: dict[str, Tensor]
     outer_loss: Tensor
     stats: dict[str, Tensor]
     carry: Any = None
+    mean_loss: Tensor | None = None
 
 
 class _Run:
@@ -165,7 +167,8 @@ class _Run:
             if done is not None:  # None: the wrapper fell back to eager
                 if guard is not None:
                     guard.after_backward(self.steps(first))
-                return _Chunk(*done)
+                grads, outer_loss, stats, mean_loss = done
+                return _Chunk(grads, outer_loss, stats, mean_loss=mean_loss)
         result = self.objective(first, last, guard)
         grads = grads_of(result.surrogate.mean(), self.meta)
         if guard is not None:
@@ -248,11 +251,13 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
     stats_rows: list[dict[str, Tensor]] = []
     carries: list[Any] = []
     truncated = skipped = 0
+    whole_mean = None  # the mean outer loss, where one chunk of all the tasks computed it
     for first, last in chunks_of(total, size):
         done, was_cut = run.guarded_chunk(first, last)
         if done is None:
             skipped += last - first
             continue
+        whole_mean = done.mean_loss if last - first == total else None
         truncated += was_cut * (last - first)
         mean_gradient.add(last - first, done.grads)
         losses.append((first, last, done.outer_loss))
@@ -269,8 +274,8 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
         stats[k] = values.mean().item()
         stats[f"{k}_max"] = values.max().item()
     # A task that diverged keeps its NaN in the mean: only skipped tasks are left out.
-    outer_loss = task_losses.mean() if used == total else task_losses[task_used].mean() if used else \
-        torch.tensor(float("nan"))
+    outer_loss = whole_mean.to(task_losses) if whole_mean is not None else task_losses.mean() if used == total \
+        else task_losses[task_used].mean() if used else torch.tensor(float("nan"))
     carry = None if skipped or any(c is None for c in carries) else \
         carries[0] if len(carries) == 1 else tree_map(lambda *parts: torch.cat(parts), *carries)
     return MetaGrad(grads, outer_loss, stats, task_losses, task_used, carry)
@@ -310,7 +315,9 @@ def _task_losses(losses: list[tuple[int, int, Tensor]], total: int) -> tuple[Ten
     chunks' (first, last, outer losses)."""
     dtype = torch.get_default_dtype()
     if len(losses) == 1 and losses[0][:2] == (0, total):
-        return losses[0][2].to("cpu", dtype), torch.ones(total, dtype=torch.bool)
+        loss = losses[0][2]
+        on_cpu = loss if loss.dtype == dtype and loss.device.type == "cpu" else loss.to("cpu", dtype)  # ~4 us less
+        return on_cpu, torch.ones(total, dtype=torch.bool)
     task_losses = torch.full((total,), float("nan"), dtype=dtype)
     task_used = torch.zeros(total, dtype=torch.bool)
     for first, last, loss in losses:

@@ -74,7 +74,7 @@ def test_a_wrong_compiled_result_falls_back_to_eager():
     def wrong(loop_, meta_, pattern, options, stacked=False):
         def function(tasks_):
             grads = {k: torch.zeros_like(p) for k, p in meta_.named_parameters() if p.requires_grad}
-            return grads, (torch.zeros(tasks_.query.x.shape[0]), {})
+            return grads, (torch.zeros(tasks_.query.x.shape[0]), {}, torch.zeros(()))
         return function
 
     compiled._build = wrong
@@ -94,8 +94,8 @@ def test_a_failed_cpp_wrapper_is_compiled_again_without_it():
             raise RuntimeError("CppCompileError: C++ compile error")
 
         def function(tasks_):
-            grads, losses, stats = compiled._eager_chunk(loop_, meta_, tasks_, pattern)
-            return grads, (losses, stats)
+            grads, losses, stats, mean_loss = compiled._eager_chunk(loop_, meta_, tasks_, pattern)
+            return grads, (losses, stats, mean_loss)
         return function
 
     compiled._build = flaky
