@@ -1,6 +1,6 @@
 """A trained ProtoNet on Lake et al.'s within-alphabet 20-way protocol, scored with test-time variants of its metric.
 
-    python experiments/protonet_distances.py RUN_DIR [--n-tasks 600] [--data-root PATH] [--n-way 20]
+    python experiments/protonet_distances.py RUN_DIR [RUN_DIR ...] [--n-tasks 600] [--data-root PATH] [--n-way 20]
 
 RUN_DIR is a ProtoNet run with held-out alphabets (e.g. a fold of experiments/omniglot_folds_runs.sh). Its
 embedding scores the same seeded tasks as `omniglot_table.py`'s "20-way within alphabet" column (600 tasks,
@@ -15,14 +15,19 @@ nearest prototype under each variant (1-shot: a prototype is the support image's
   one batch        support and queries embedded in one forward pass, so BatchNorm normalizes them with the
                    same batch statistics (the loop embeds them separately, as it trains)
 
+Several RUN_DIRs (runs with the same held-out alphabets, so the same seeded tasks) add a row for their
+ensemble: each run's squared Euclidean distances divided by their mean over the task's queries and prototypes
+(runs trained apart have embeddings of different scales), summed over the runs; the nearest prototype under the
+sum answers. Each run's variants are its own rows.
+
 Prints a markdown table (accuracy, 95% CI over tasks) and, last, `best=<variant>`. Evaluation only: one
-forward pass per task and variant family, ~1 min per 600 tasks on one CPU thread.
+forward pass per task and variant family, ~1 min per run and 600 tasks on one CPU thread.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -47,10 +52,26 @@ VARIANTS: dict[str, Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = {
 }
 
 
-def score(run_dir: Path, n_tasks: int, data_root: str | None = None,
-          n_way: int = 20) -> dict[str, tuple[float, float]]:
-    """{variant: (accuracy, 95% CI)} of the run's embedding on the protocol's seeded tasks (`n_way`: the
-    protocol's N, 20 for Lake's runs)."""
+class Embedded(NamedTuple):
+    """One task under a run's embedding: queries [Q, D], prototypes [N, D], the queries' labels [Q]."""
+
+    queries: Tensor
+    prototypes: Tensor
+    labels: Tensor
+
+
+class EmbeddedRun(NamedTuple):
+    """A run's embedding of the protocol's seeded tasks: each task (`Embedded`), each task's accuracy with support
+    and queries embedded as one batch (the "one batch" variant, which needs its own forward pass), and what the
+    tasks were drawn from (the test alphabets and the seed: runs with equal `drawn_from` scored the same tasks)."""
+
+    tasks: list[Embedded]
+    one_batch: list[float]
+    drawn_from: str
+
+
+def embed_tasks(run_dir: Path, n_tasks: int, data_root: str | None = None, n_way: int = 20) -> EmbeddedRun:
+    """The protocol's seeded tasks under the run's embedding (`EmbeddedRun`)."""
     cfg, parts = load_run(run_dir, {**PROTOCOL, "n_way": n_way}, data_root)
     if "n_way" not in cfg.loop or cfg.model.get("out_features", 1) != 0:
         raise SystemExit(f"{run_dir}: not a ProtoNet run (loop.n_way and model.out_features=0)")
@@ -58,7 +79,7 @@ def score(run_dir: Path, n_tasks: int, data_root: str | None = None,
     assert tasks is not None
     batch_size = cfg.eval.get("batch_size", 20)
     generator = torch.Generator().manual_seed(cfg.eval.seed)  # the tasks `evaluate` draws: the same seed, batches
-    hits: dict[str, list[float]] = {name: [] for name in [*VARIANTS, "one batch"]}
+    embedded, one_batch = [], []
     with torch.no_grad():
         state = loop.init(parts.meta)
         embed = lambda x: loop.forward(state.params, state.buffers, x)[0]  # noqa: E731
@@ -67,26 +88,60 @@ def score(run_dir: Path, n_tasks: int, data_root: str | None = None,
             for i in range(batch.query.x.shape[0]):
                 xs, ys = batch.support[0].x[i], batch.support[0].y[i]
                 xq, yq = batch.query.x[i], batch.query.y[i]
-                prototypes = class_means(embed(xs), ys, n_way).prototypes
-                queries = embed(xq)
-                for name, variant in VARIANTS.items():
-                    q, c = variant(queries, prototypes)
-                    hits[name].append((torch.cdist(q, c).argmin(1) == yq).double().mean().item())
+                embedded.append(Embedded(embed(xq), class_means(embed(xs), ys, n_way).prototypes, yq))
                 both = embed(torch.cat([xs, xq]))
                 joint = class_means(both[:len(xs)], ys, n_way).prototypes
-                hits["one batch"].append((torch.cdist(both[len(xs):], joint).argmin(1) == yq).double().mean().item())
+                one_batch.append((torch.cdist(both[len(xs):], joint).argmin(1) == yq).double().mean().item())
+    drawn_from = f"{', '.join(getattr(tasks, 'alphabets', [repr(tasks)]))} (seed {cfg.eval.seed})"
+    return EmbeddedRun(embedded, one_batch, drawn_from)
+
+
+def score(run_dir: Path, n_tasks: int, data_root: str | None = None,
+          n_way: int = 20) -> dict[str, tuple[float, float]]:
+    """{variant: (accuracy, 95% CI)} of the run's embedding on the protocol's seeded tasks (`n_way`: the
+    protocol's N, 20 for Lake's runs)."""
+    return _variants(embed_tasks(run_dir, n_tasks, data_root, n_way))
+
+
+def _variants(run: EmbeddedRun) -> dict[str, tuple[float, float]]:
+    hits: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for task in run.tasks:
+        for name, variant in VARIANTS.items():
+            q, c = variant(task.queries, task.prototypes)
+            hits[name].append((torch.cdist(q, c).argmin(1) == task.labels).double().mean().item())
+    hits["one batch"] = run.one_batch
     return {name: mean_ci95(torch.tensor(values)) for name, values in hits.items()}
+
+
+def score_ensemble(runs: list[EmbeddedRun]) -> tuple[float, float]:
+    """(accuracy, 95% CI) of the runs' ensemble (see the module docstring) on the same tasks embedded by each
+    run (`embed_tasks`)."""
+    drawn_from = {run.drawn_from for run in runs}
+    if len(drawn_from) > 1:
+        raise SystemExit(f"an ensemble needs runs that scored the same tasks; these drew them from {sorted(drawn_from)}")
+    hits = []
+    for tasks in zip(*(run.tasks for run in runs)):
+        total = torch.stack([d / d.mean() for d in (torch.cdist(t.queries, t.prototypes) ** 2 for t in tasks)]).sum(0)
+        hits.append((total.argmin(1) == tasks[0].labels).double().mean().item())
+    return mean_ci95(torch.tensor(hits))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("run_dir", type=Path, nargs="+")
     parser.add_argument("--n-tasks", type=int, default=600)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--n-way", type=int, default=20)
     args = parser.parse_args()
-    results = score(args.run_dir, args.n_tasks, args.data_root, args.n_way)
-    print(f"{args.run_dir}: {args.n_way}-way within alphabet, {args.n_tasks} tasks")
+    results: dict[str, tuple[float, float]] = {}
+    runs = []
+    for run_dir in args.run_dir:
+        runs.append(embed_tasks(run_dir, args.n_tasks, args.data_root, args.n_way))
+        name = "" if len(args.run_dir) == 1 else f"{run_dir.name}: "
+        results.update({name + variant: value for variant, value in _variants(runs[-1]).items()})
+    if len(runs) > 1:
+        results[f"ensemble of {len(runs)} (euclidean)"] = score_ensemble(runs)
+    print(f"{', '.join(map(str, args.run_dir))}: {args.n_way}-way within alphabet, {args.n_tasks} tasks")
     print("| variant | accuracy (%) |\n|---|---|")
     for name, (mean, ci) in results.items():
         print(f"| {name} | {100 * mean:.1f} ± {100 * ci:.1f} |")

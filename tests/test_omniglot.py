@@ -235,12 +235,17 @@ def test_eval_omniglot_runs_contract(data, tmp_path, split, monkeypatch):
         # Test-time metric variants: the ProtoNet's own distance scores exactly what `evaluate` scores.
         monkeypatch.syspath_prepend(str(root / "experiments"))
         from omniglot_table import evaluate_run
-        from protonet_distances import PROTOCOL, VARIANTS, score
+        from protonet_distances import PROTOCOL, VARIANTS, embed_tasks, score, score_ensemble
         monkeypatch.setenv("HOME", str(tmp_path))  # the image cache of the runs above
         variants = score(train_dir, 4, n_way=2)
         assert set(variants) == {*VARIANTS, "one batch"}
         (accuracy, _), *_ = evaluate_run(train_dir, {**PROTOCOL, "n_way": 2}, 4, None)
         assert variants["euclidean"][0] == pytest.approx(accuracy, abs=1e-12)
+        # An ensemble of a run with itself answers as the run does; runs that scored other tasks are refused.
+        run = embed_tasks(train_dir, 4, n_way=2)
+        assert score_ensemble([run, run])[0] == pytest.approx(accuracy, abs=1e-12)
+        with pytest.raises(SystemExit, match="scored the same tasks"):
+            score_ensemble([run, run._replace(drawn_from="other alphabets (seed 1)")])
     else:
         assert "test_accuracy" not in metrics and "images_evaluation" in metrics["meta_test_skipped"]
         assert "images_evaluation" in metrics["protocols"]["within_alphabet_20way"]["skipped"]
