@@ -18,7 +18,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -272,18 +272,47 @@ def _check_arguments(meta_steps: int, meta_batch_size: int, inner_steps: int, on
 def plan_training(estimator: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution,
                   outer_optimizer: torch.optim.Optimizer, *, meta_batch_size: int, inner_steps: int, budget: Budget,
                   batching: Batching = "auto", seed: int = 0, device: torch.device | str = "cpu",
-                  meter: Meter | None = None, timer: Timer | None = None) -> Plan:
+                  meter: Meter | None = None, timer: Timer | None = None,
+                  resumed_batching: str | None = None) -> Plan:
     """The plan of a run's meta-steps, on a batch drawn from its own generator (planning never changes the
-    training tasks); the outer optimizer's state counts in the prediction."""
+    training tasks); the outer optimizer's state counts in the prediction. Under "auto", a resumed run keeps
+    `resumed_batching`, the batching its checkpoint recorded: "auto" times the batchings against each other, and
+    a timing on a loaded machine could pick another one for the resumed session, whose sums would then round
+    differently (resuming would not be bit-exact); where it can no longer run (e.g. another model), afresh."""
     batch = task_to(tasks.sample(meta_batch_size, inner_steps, torch.Generator().manual_seed(seed + 7919)), device)
-    chosen = plan(estimator, loop, meta, batch, budget, batching=batching, device=device, meter=meter, timer=timer,
-                  fixed_bytes=optimizer_state_bytes(outer_optimizer))
+
+    def planned(batching: Batching) -> Plan:
+        return plan(estimator, loop, meta, batch, budget, batching=batching, device=device, meter=meter, timer=timer,
+                    fixed_bytes=optimizer_state_bytes(outer_optimizer))
+    try:
+        chosen = planned(cast(Batching, resumed_batching) if resumed_batching and batching == "auto" else batching)
+    except ValueError as error:
+        if not (resumed_batching and batching == "auto"):
+            raise
+        logger.warning("resuming: the checkpoint's batching %r cannot run (%s); planning afresh", resumed_batching,
+                       error)
+        chosen = planned(batching)
     logger.info("plan: %s, %s, chunks of %d tasks, predicted peak %s (%s)", describe(chosen.estimator),
                 chosen.batching, chosen.chunk_size, format_bytes(chosen.predicted_peak_bytes), chosen.reason)
     if tasks.windowed and not getattr(chosen.estimator, "online", False):
         raise ValueError(f"meta_train: {tasks!r} gives windows of longer unrolls, which only an online estimator "
                          f"can continue (e.g. online_pes); got {describe(chosen.estimator)}")
     return chosen
+
+
+def _plan_and_state(estimator: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution,
+                    outer_optimizer: torch.optim.Optimizer, checkpoint_path: str | Path | None, seed: int,
+                    **planning: Any) -> tuple[Plan, TrainState]:
+    """The run's plan (`plan_training` with `planning`) and its train state, resumed from the checkpoint at
+    `checkpoint_path` where there is one (the plan then keeps the batching it recorded)."""
+    resumed = load_checkpoint(checkpoint_path) if checkpoint_path is not None and Path(checkpoint_path).exists() \
+        else None
+    chosen = plan_training(estimator, loop, meta, tasks, outer_optimizer, seed=seed,
+                           resumed_batching=(resumed or {}).get("batching"), **planning)
+    state = TrainState(meta, outer_optimizer, torch.Generator().manual_seed(seed), estimator=chosen.estimator)
+    if resumed is not None:
+        state.load_state_dict(resumed)
+    return chosen, state
 
 
 def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod, tasks: TaskDistribution, *,
@@ -336,14 +365,12 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     budget = budget if budget is not None else Budget()
     estimator.check(loop, meta)
     tasks = tasks.to(device)  # where it can, the distribution samples on the device (the same tasks)
-    chosen = plan_training(estimator, loop, meta, tasks, outer_optimizer, meta_batch_size=meta_batch_size,
-                           inner_steps=inner_steps, budget=budget, batching=batching, seed=seed, device=device,
-                           meter=meter, timer=timer)
-    state = TrainState(meta, outer_optimizer, torch.Generator().manual_seed(seed), estimator=chosen.estimator)
-    if checkpoint_path is not None and Path(checkpoint_path).exists():
-        state.load_state_dict(load_checkpoint(checkpoint_path))
+    chosen, state = _plan_and_state(estimator, loop, meta, tasks, outer_optimizer, checkpoint_path, seed,
+                                    meta_batch_size=meta_batch_size, inner_steps=inner_steps, budget=budget,
+                                    batching=batching, device=device, meter=meter, timer=timer)
     config = StepConfig(loop, chosen, budget, on_nan, max_grad_norm, clock, memory_probe, lr_schedule)
-    save = _Checkpointer(state, checkpoint_path, {"estimator": estimator.name, **(checkpoint_extra or {})}, time_limit)
+    save = _Checkpointer(state, checkpoint_path, {"estimator": estimator.name, "batching": chosen.batching,
+                                                  **(checkpoint_extra or {})}, time_limit)
 
     def sample() -> Task:
         batch, state.source = tasks.next_batch(meta_batch_size, inner_steps, state.generator, state.source,

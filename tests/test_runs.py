@@ -157,6 +157,29 @@ RESUMED = {"full": E.Full, "es": lambda: E.EvolutionStrategies(population=2),
            "truncated": lambda: E.Truncated(k=1)}
 
 
+def test_a_resumed_run_keeps_the_batching_its_checkpoint_recorded(tmp_path):
+    """`auto` times the batchings; a resumed session timed on a loaded machine must not switch (its sums would
+    round differently). Stand-in timers make the first session pick one task at a time, the second stacked."""
+    def run(steps: int, path: Path | None, loop_seconds: float) -> tuple[dict[str, torch.Tensor], dict]:
+        torch.manual_seed(0)
+        model = mo.MLP(1, (8,), 1)
+        loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.05), mo.losses.mse)
+        meta = mo.meta_params(mo.Init(model))
+        metrics = mo.meta_train(loop, meta, E.Full(), mo.Sinusoid(k_shot=5),
+                                outer_optimizer=torch.optim.Adam(meta.parameters(), 1e-2), meta_steps=steps,
+                                meta_batch_size=3, inner_steps=2, eval_n_tasks=0, progress=False,
+                                checkpoint_path=path, timer=lambda e, t, b: 1.0 if b != "loop" else loop_seconds)
+        return {k: v.clone() for k, v in meta.state_dict().items()}, metrics
+
+    straight, first = run(6, None, loop_seconds=0.1)
+    assert first["batching"] == "loop"
+    run(3, tmp_path / "ckpt.pt", loop_seconds=0.1)
+    resumed, metrics = run(6, tmp_path / "ckpt.pt", loop_seconds=10.0)
+    assert metrics["batching"] == "loop" and run(1, None, loop_seconds=10.0)[1]["batching"] == "stacked"
+    for k, v in straight.items():
+        assert torch.equal(resumed[k], v), k
+
+
 @pytest.mark.parametrize("name", sorted(RESUMED))
 def test_resume_is_bit_exact_for_every_estimator(tmp_path, name):
     def run(steps: int, path: Path | None, seed_model: int = 0) -> dict[str, torch.Tensor]:
