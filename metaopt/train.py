@@ -284,10 +284,11 @@ def plan_training(estimator: MetaGradientMethod, loop: InnerLoop, meta: MetaPara
     def planned(batching: Batching) -> Plan:
         return plan(estimator, loop, meta, batch, budget, batching=batching, device=device, meter=meter, timer=timer,
                     fixed_bytes=optimizer_state_bytes(outer_optimizer))
+    kept = cast(Batching, resumed_batching) if resumed_batching and batching == "auto" else None
     try:
-        chosen = planned(cast(Batching, resumed_batching) if resumed_batching and batching == "auto" else batching)
+        chosen = planned(kept or batching)
     except ValueError as error:
-        if not (resumed_batching and batching == "auto"):
+        if kept is None:
             raise
         logger.warning("resuming: the checkpoint's batching %r cannot run (%s); planning afresh", resumed_batching,
                        error)
