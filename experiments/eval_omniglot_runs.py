@@ -1,6 +1,6 @@
 """Lake et al.'s 20-way one-shot classification runs, on a trained checkpoint.
 
-    python experiments/eval_omniglot_runs.py checkpoint=DIR runs_dir=PATH [support_views=9]
+    python experiments/eval_omniglot_runs.py checkpoint=DIR runs_dir=PATH [support_views=9] [query_views=9]
 
 DIR is a training run's directory (experiments/train.py). MAML-style runs adapt on the
 20 training images (the run's eval.inner_steps inner steps) and classify the 20 test
@@ -9,6 +9,8 @@ a MAML run trained 5-way has a 5-way head and is refused (train it with task.n_w
 ProtoNets and Proto-MAML (a head made per task) work at any N. Prints the error per run and, last, `error_rate=<percent>`.
 `support_views=V` (1 to 9; default 1, the image alone) classifies with test-time views of each training image, as
 `Omniglot(support_views=V)` does for sampled tasks: the image and its V - 1 nearest one-pixel shifts.
+`query_views=V` likewise shifts every test item and averages its predictions over the views
+(`Omniglot(query_views=V)`, `metaopt.tasks.augment.pooled_views`).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metaopt import losses, unroll
 from metaopt.checkpoint import load_checkpoint
-from metaopt.tasks.augment import VIEW_OFFSETS, with_views
+from metaopt.tasks.augment import VIEW_OFFSETS, pooled_views, with_views
 from metaopt.tasks.omniglot import load_one_shot_runs
 from metaopt_hydra.build import build
 
@@ -34,10 +36,11 @@ def main(cfg: DictConfig) -> None:
     for path in (config_path, checkpoint_path):
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: checkpoint= must be a run directory of experiments/train.py")
-    views = int(cfg.get("support_views", 1))
-    if not 1 <= views <= len(VIEW_OFFSETS):
-        raise ValueError(f"support_views={views} must be between 1 and {len(VIEW_OFFSETS)} (the image and its "
-                         "one-pixel shifts)")
+    views = {name: int(cfg.get(name, 1)) for name in ("support_views", "query_views")}
+    for name, count in views.items():
+        if not 1 <= count <= len(VIEW_OFFSETS):
+            raise ValueError(f"{name}={count} must be between 1 and {len(VIEW_OFFSETS)} (the image and its "
+                             "one-pixel shifts)")
     train_cfg = OmegaConf.load(config_path)
     OmegaConf.resolve(train_cfg)  # freeze the trained shapes (a MAML head keeps its N)
     if "n_way" in train_cfg.loop:
@@ -57,12 +60,12 @@ def main(cfg: DictConfig) -> None:
                 raise ValueError(f"the checkpoint's model gives {outputs} outputs but the runs are {WAYS}-way: "
                                  f"train it with task.n_way={WAYS} (or use a ProtoNet or Proto-MAML)")
         for name, task in runs:
-            if views > 1:
-                task = task._replace(support=(with_views(task.support[0], views),))
-            task = task._replace(support=task.support * max(steps, 1))
-            state = unroll(parts.loop, parts.loop.init(parts.meta), task.support, parts.meta, create_graph=False)
-            logits = parts.loop.predict(state, task.query.x)
-            error = 100 * (1 - losses.accuracy(logits, task.query.y).item())
+            support, query = (with_views(task.support[0], views["support_views"]),
+                              with_views(task.query, views["query_views"]))
+            state = unroll(parts.loop, parts.loop.init(parts.meta), (support,) * max(steps, 1), parts.meta,
+                           create_graph=False)
+            logits, answers = pooled_views(parts.loop.predict(state, query.x), query.y, views["query_views"])
+            error = 100 * (1 - losses.accuracy(logits, answers).item())
             errors.append(error)
             print(f"{name}: error {error:.1f}%")
     print(f"error_rate={sum(errors) / len(errors):.2f}")

@@ -2,7 +2,7 @@
 
     bash experiments/omniglot_runs.sh outputs/omniglot        # the training runs (one CPU thread each)
     python experiments/omniglot_table.py outputs/omniglot [--n-tasks 600] [--data-root PATH] [--folds]
-        [--protocols "20-way within alphabet"] [--support-views 9]
+        [--protocols "20-way within alphabet"] [--support-views 9] [--query-views 9]
 
 Every run directory under the given folder (its .hydra/config.yaml and checkpoint.pt) is
 evaluated on the held-out alphabets at 1 shot, 600 seeded tasks (95% CI over tasks), on:
@@ -14,7 +14,8 @@ nearest neighbour on pixels (Euclidean). Prints a markdown table. With --folds (
 different alphabets, experiments/omniglot_folds_runs.sh), a row per fold with the pixel reference on
 that fold's own tasks, and the mean and standard deviation over folds. --protocols scores some columns only;
 --support-views V evaluates with test-time views (every support image with its V - 1 nearest one-pixel shifts,
-`Omniglot(support_views=V)`: the same seeded tasks otherwise, so columns compare task by task).
+`Omniglot(support_views=V)`: the same seeded tasks otherwise, so columns compare task by task); --query-views V
+shifts every query alike and averages its predictions over the views (`Omniglot(query_views=V)`).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metaopt.checkpoint import load_checkpoint
 from metaopt.tasks import TaskDistribution
+from metaopt.tasks.augment import pooled_views
 from metaopt.train import evaluate, mean_ci95
 from metaopt_hydra.build import Parts, build
 
@@ -45,17 +47,20 @@ PUBLISHED = {
 def pixel_nearest_neighbour(tasks: TaskDistribution, n_tasks: int, seed: int,
                             batch_size: int) -> tuple[float, float]:
     """Accuracy (mean, 95% CI over tasks) of 1-nearest-neighbour on raw pixels, on the seeded tasks
-    that `metaopt.train.evaluate` draws with the same seed and batch size."""
+    that `metaopt.train.evaluate` draws with the same seed and batch size: a query goes to the class of its
+    nearest support image (with query views, the class whose nearest support image is nearest on average over
+    the query's views, `pooled_views`)."""
     generator = torch.Generator().manual_seed(seed)
     scores = []
     for start in range(0, n_tasks, batch_size):
         batch = tasks.sample(min(batch_size, n_tasks - start), 1, generator)
         support, query = batch.support[0], batch.query
-        s = support.x.flatten(2)  # [B, n_support, pixels]
-        q = query.x.flatten(2)
-        nearest = torch.cdist(q, s).argmin(-1)  # [B, n_query]
-        predicted = torch.gather(support.y, 1, nearest)
-        scores.append((predicted == query.y).to(torch.float64).mean(-1))
+        distances = torch.cdist(query.x.flatten(2), support.x.flatten(2))  # [B, n_query, n_support]
+        classes = int(support.y.max()) + 1
+        nearest = torch.full((*distances.shape[:2], classes), torch.inf, dtype=distances.dtype)
+        nearest = nearest.scatter_reduce(2, support.y.unsqueeze(1).expand_as(distances), distances, "amin")
+        closeness, answers = pooled_views(-nearest, query.y, tasks.query_views)  # [B, Q, classes], [B, Q]
+        scores.append((closeness.argmax(-1) == answers).to(torch.float64).mean(-1))
     return mean_ci95(torch.cat(scores))
 
 
@@ -196,8 +201,12 @@ def main() -> None:
     parser.add_argument("--support-views", type=int, default=1,
                         help="test-time views of every support image: itself and its nearest one-pixel shifts "
                              "(1 to 9; Omniglot's support_views; default 1: none)")
+    parser.add_argument("--query-views", type=int, default=1,
+                        help="test-time views of every query, its predictions averaged over them (1 to 9; "
+                             "Omniglot's query_views; default 1: none)")
     args = parser.parse_args()
-    protocols = {name: {**PROTOCOLS[name], "support_views": args.support_views} for name in args.protocols}
+    protocols = {name: {**PROTOCOLS[name], "support_views": args.support_views, "query_views": args.query_views}
+                 for name in args.protocols}
     rows, nn_ref = score_runs(args.runs, args.n_tasks, args.data_root, per_run_reference=args.folds,
                               protocols=protocols)
     if args.folds:

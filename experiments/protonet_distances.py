@@ -1,6 +1,7 @@
 """A trained ProtoNet on Lake et al.'s within-alphabet 20-way protocol, scored with test-time variants of its metric.
 
     python experiments/protonet_distances.py RUN_DIR [RUN_DIR ...] [--n-tasks 600] [--data-root PATH] [--n-way 20]
+        [--support-views 9] [--query-views 9]
 
 RUN_DIR is a ProtoNet run with held-out alphabets (e.g. a fold of experiments/omniglot_folds_runs.sh). Its
 embedding scores the same seeded tasks as `omniglot_table.py`'s "20-way within alphabet" column (600 tasks,
@@ -20,6 +21,10 @@ ensemble: each run's squared Euclidean distances divided by their mean over the 
 (runs trained apart have embeddings of different scales), summed over the runs; the nearest prototype under the
 sum answers. Each run's variants are its own rows.
 
+--support-views / --query-views V embed every support image / query with its V - 1 nearest one-pixel shifts
+(`Omniglot(support_views=V, query_views=V)`: the same seeded tasks): a prototype is the mean embedding of its
+support's views, and a query's embedding the mean of its views' (`pooled_views`) under every variant.
+
 Prints a markdown table (accuracy, 95% CI over tasks) and, last, `best=<variant>`. Evaluation only: one
 forward pass per task and variant family, ~1 min per run and 600 tasks on one CPU thread.
 """
@@ -33,6 +38,7 @@ import torch
 from torch import Tensor
 
 from metaopt.prototypes import class_means
+from metaopt.tasks.augment import pooled_views
 from metaopt.train import mean_ci95
 from omniglot_table import PROTOCOLS, load_run
 
@@ -70,9 +76,12 @@ class EmbeddedRun(NamedTuple):
     drawn_from: str
 
 
-def embed_tasks(run_dir: Path, n_tasks: int, data_root: str | None = None, n_way: int = 20) -> EmbeddedRun:
-    """The protocol's seeded tasks under the run's embedding (`EmbeddedRun`)."""
-    cfg, parts = load_run(run_dir, {**PROTOCOL, "n_way": n_way}, data_root)
+def embed_tasks(run_dir: Path, n_tasks: int, data_root: str | None = None, n_way: int = 20, support_views: int = 1,
+                query_views: int = 1) -> EmbeddedRun:
+    """The protocol's seeded tasks under the run's embedding (`EmbeddedRun`), with test-time views (see the
+    module docstring)."""
+    cfg, parts = load_run(run_dir, {**PROTOCOL, "n_way": n_way, "support_views": support_views,
+                                    "query_views": query_views}, data_root)
     if "n_way" not in cfg.loop or cfg.model.get("out_features", 1) != 0:
         raise SystemExit(f"{run_dir}: not a ProtoNet run (loop.n_way and model.out_features=0)")
     loop, tasks = parts.loop, parts.eval_tasks
@@ -88,10 +97,12 @@ def embed_tasks(run_dir: Path, n_tasks: int, data_root: str | None = None, n_way
             for i in range(batch.query.x.shape[0]):
                 xs, ys = batch.support[0].x[i], batch.support[0].y[i]
                 xq, yq = batch.query.x[i], batch.query.y[i]
-                embedded.append(Embedded(embed(xq), class_means(embed(xs), ys, n_way).prototypes, yq))
+                queries, labels = pooled_views(embed(xq), yq, query_views)
+                embedded.append(Embedded(queries, class_means(embed(xs), ys, n_way).prototypes, labels))
                 both = embed(torch.cat([xs, xq]))
                 joint = class_means(both[:len(xs)], ys, n_way).prototypes
-                one_batch.append((torch.cdist(both[len(xs):], joint).argmin(1) == yq).double().mean().item())
+                queries = pooled_views(both[len(xs):], yq, query_views)[0]
+                one_batch.append((torch.cdist(queries, joint).argmin(1) == labels).double().mean().item())
     drawn_from = f"{', '.join(getattr(tasks, 'alphabets', [repr(tasks)]))} (seed {cfg.eval.seed})"
     return EmbeddedRun(embedded, one_batch, drawn_from)
 
@@ -132,16 +143,20 @@ def main() -> None:
     parser.add_argument("--n-tasks", type=int, default=600)
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--n-way", type=int, default=20)
+    parser.add_argument("--support-views", type=int, default=1, help="views of every support image (1 to 9)")
+    parser.add_argument("--query-views", type=int, default=1, help="views of every query (1 to 9)")
     args = parser.parse_args()
     results: dict[str, tuple[float, float]] = {}
     runs = []
     for run_dir in args.run_dir:
-        runs.append(embed_tasks(run_dir, args.n_tasks, args.data_root, args.n_way))
+        runs.append(embed_tasks(run_dir, args.n_tasks, args.data_root, args.n_way, args.support_views,
+                                args.query_views))
         name = "" if len(args.run_dir) == 1 else f"{run_dir.name}: "
         results.update({name + variant: value for variant, value in _variants(runs[-1]).items()})
     if len(runs) > 1:
         results[f"ensemble of {len(runs)} (euclidean)"] = score_ensemble(runs)
-    print(f"{', '.join(map(str, args.run_dir))}: {args.n_way}-way within alphabet, {args.n_tasks} tasks")
+    print(f"{', '.join(map(str, args.run_dir))}: {args.n_way}-way within alphabet, {args.n_tasks} tasks, "
+          f"{args.support_views} support and {args.query_views} query views")
     print("| variant | accuracy (%) |\n|---|---|")
     for name, (mean, ci) in results.items():
         print(f"| {name} | {100 * mean:.1f} ± {100 * ci:.1f} |")

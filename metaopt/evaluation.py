@@ -12,6 +12,7 @@ from metaopt.batching import Batching, compress_support, resolve_batching, vmap_
 from metaopt.budget import Budget, machine_bounded
 from metaopt.loop import InnerLoop, unroll
 from metaopt.memory import measure_peak_memory
+from metaopt.tasks.augment import pooled_views
 from metaopt.tasks.base import TaskDistribution
 from metaopt.types import MetaParams, Task
 
@@ -32,13 +33,14 @@ def task_to(task: Task, device: torch.device | str) -> Task:
 
 
 def _adapted_scores(loop: InnerLoop, meta: MetaParams, batch: Task, classification: bool,
-                    batching: Batching) -> tuple[Tensor, Tensor]:
-    """Each task's post-adaptation outer loss and accuracy (zeros for regression), [B] each."""
+                    batching: Batching, query_views: int = 1) -> tuple[Tensor, Tensor]:
+    """Each task's post-adaptation outer loss and accuracy (zeros for regression), [B] each; a query's
+    predictions averaged over its `query_views` views (`TaskDistribution.query_views`)."""
     def per_task(task: Task) -> tuple[Tensor, Tensor]:
         state = unroll(loop, loop.init(meta, task.init), task.support, meta, create_graph=False)
-        pred = loop.predict(state, task.query.x)
-        score = losses.accuracy(pred, task.query.y) if classification else pred.new_zeros(())
-        return loop.outer_loss_fn(pred, task.query.y), score
+        pred, y = pooled_views(loop.predict(state, task.query.x), task.query.y, query_views)
+        score = losses.accuracy(pred, y) if classification else pred.new_zeros(())
+        return loop.outer_loss_fn(pred, y), score
 
     with torch.no_grad():  # torch.func.grad still computes the inner gradients
         # Evaluation vmaps a batch (stacked batching serves meta-gradients: `metaopt.stacked`).
@@ -67,9 +69,9 @@ def eval_batch_size_for(loop: InnerLoop, meta: MetaParams, tasks: TaskDistributi
 
     def peak(count: int) -> int:
         part = torch.utils._pytree.tree_map_only(Tensor, lambda v: v[:count], probe)
-        _adapted_scores(loop, meta, part, classification, batching)  # warm-up
+        _adapted_scores(loop, meta, part, classification, batching, tasks.query_views)  # warm-up
         with measure_peak_memory(device) as memory:
-            _adapted_scores(loop, meta, part, classification, batching)
+            _adapted_scores(loop, meta, part, classification, batching, tasks.query_views)
         return memory.peak_bytes
 
     one, many = peak(1), peak(n)
@@ -87,7 +89,8 @@ def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_ta
     """Post-adaptation performance on `n_tasks` fresh tasks from a seeded generator.
 
     Each task adapts from `loop.init(meta, task.init)` for `inner_steps` steps on its support
-    set; the adapted model is scored on its query set. No meta-gradient is built. Tasks are
+    set; the adapted model is scored on its query set (a query's predictions averaged over its views where
+    `tasks.query_views` > 1). No meta-gradient is built. Tasks are
     drawn `batch_size` at a time whatever the budget (the same seed and `batch_size` give the
     same tasks) and run in vmapped pieces that fit `budget.memory` (`eval_batch_size_for`).
 
@@ -116,7 +119,7 @@ def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_ta
             batch = task_to(tasks.sample(min(batch_size, n_tasks - start), inner_steps, generator), device)
             for first in range(0, batch.query.x.shape[0], fitted):
                 part = torch.utils._pytree.tree_map_only(Tensor, lambda v: v[first:first + fitted], batch)
-                loss, score = _adapted_scores(loop, meta, part, classification, batching)
+                loss, score = _adapted_scores(loop, meta, part, classification, batching, tasks.query_views)
                 task_losses.append(loss)
                 scores.append(score)
     all_losses, all_scores = torch.cat(task_losses), torch.cat(scores)

@@ -226,7 +226,7 @@ def test_eval_omniglot_runs_contract(data, tmp_path, split, monkeypatch):
         assert "fewer than n_way = 20" in metrics["protocols"]["within_alphabet_20way"]["skipped"]
         # The table script scores the run on a chosen protocol, here with test-time support views.
         table = subprocess.run([sys.executable, str(root / "experiments" / "omniglot_table.py"), str(tmp_path),
-                                "--protocols", "5-way", "--support-views", "3", "--n-tasks", "4"],
+                                "--protocols", "5-way", "--support-views", "3", "--query-views", "3", "--n-tasks", "4"],
                                capture_output=True, text=True, env=env, cwd=root, timeout=300)
         assert table.returncode == 0, table.stderr[-3000:]
         row = next(line for line in table.stdout.splitlines() if line.startswith("| omniglot_protonet (train) |"))
@@ -241,6 +241,13 @@ def test_eval_omniglot_runs_contract(data, tmp_path, split, monkeypatch):
         assert set(variants) == {*VARIANTS, "one batch"}
         (accuracy, _), *_ = evaluate_run(train_dir, {**PROTOCOL, "n_way": 2}, 4, None)
         assert variants["euclidean"][0] == pytest.approx(accuracy, abs=1e-12)
+        # With views, `evaluate` averages a query's logits and this script its embedding: the same answers.
+        viewed = embed_tasks(train_dir, 4, n_way=2, support_views=3, query_views=5)
+        (pooled, _), *_ = evaluate_run(train_dir, {**PROTOCOL, "n_way": 2, "support_views": 3, "query_views": 5},
+                                       4, None)
+        assert viewed.tasks[0].queries.shape == (2 * 5, 4)  # 2 classes x 5 queries, views pooled; 4 channels
+        hits = [(torch.cdist(t.queries, t.prototypes).argmin(1) == t.labels).double().mean() for t in viewed.tasks]
+        assert torch.stack(hits).mean().item() == pytest.approx(pooled, abs=1e-6)  # float32 accuracies
         # An ensemble of a run with itself answers as the run does; runs that scored other tasks are refused.
         run = embed_tasks(train_dir, 4, n_way=2)
         assert score_ensemble([run, run])[0] == pytest.approx(accuracy, abs=1e-12)
@@ -266,11 +273,24 @@ def test_eval_omniglot_runs_contract(data, tmp_path, split, monkeypatch):
         lines = views.stdout.strip().splitlines()
         assert len([line for line in lines if line.startswith("run")]) == 2
         assert 0 <= float(lines[-1].removeprefix("error_rate=")) <= 100
+        # The same views of the test items too: each item's views are its answer's views, so the mean of their
+        # embeddings is its answer's prototype (distance 0; the views of another class's drawing are not).
+        both = subprocess.run([sys.executable, str(root / "experiments" / "eval_omniglot_runs.py"),
+                               f"checkpoint={train_dir}", f"runs_dir={runs}", "support_views=9", "query_views=9",
+                               "hydra.run.dir=" + str(tmp_path / "e99")],
+                              capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        assert both.returncode == 0, both.stderr[-3000:]
+        assert both.stdout.strip().splitlines()[-1] == "error_rate=0.00"
         refused = subprocess.run([sys.executable, str(root / "experiments" / "eval_omniglot_runs.py"),
                                   f"checkpoint={train_dir}", f"runs_dir={runs}", "support_views=10",
                                   "hydra.run.dir=" + str(tmp_path / "e10")],
                                  capture_output=True, text=True, env=env, cwd=root, timeout=300)
         assert refused.returncode != 0 and "support_views=10 must be between 1 and 9" in refused.stderr
+        refused = subprocess.run([sys.executable, str(root / "experiments" / "eval_omniglot_runs.py"),
+                                  f"checkpoint={train_dir}", f"runs_dir={runs}", "query_views=0",
+                                  "hydra.run.dir=" + str(tmp_path / "e0")],
+                                 capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        assert refused.returncode != 0 and "query_views=0 must be between 1 and 9" in refused.stderr
 
 
 def test_proto_maml_trained_on_fewer_ways_scores_the_20_way_runs(data, tmp_path):
@@ -395,6 +415,40 @@ def test_support_views_add_one_pixel_shifts_of_the_support_and_draw_nothing(data
     assert "5 views of each support image" in repr(viewed)
     with pytest.raises(OmniglotDataError, match="support_views = 0 must be between 1 and 9"):
         Omniglot(data, support_views=0, **kwargs)
+
+
+def test_query_views_shift_every_query_and_evaluation_averages_its_predictions(data, tmp_path):
+    """Test-time views of the queries: the same task with every query followed by its shifted copies; `evaluate`
+    scores a query by its views' mean prediction, which for a ProtoNet answers as the views' mean embedding
+    (checked against that, computed by hand)."""
+    from metaopt import PrototypeLoop, evaluate, meta_params
+    from metaopt.metaparams import Init
+    from metaopt.models import MLP
+    from metaopt.prototypes import class_means
+    kwargs = dict(n_way=3, k_shot=1, k_query=4, size=8, cache_dir=tmp_path / "cache", split_by="character",
+                  test_fraction=0.0, val_fraction=0.0)
+    plain, viewed = Omniglot(data, **kwargs), Omniglot(data, query_views=5, **kwargs)
+    generators = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a, b = plain.sample(6, 1, generators[0]), viewed.sample(6, 1, generators[1])
+    assert torch.equal(generators[0].get_state(), generators[1].get_state())  # nothing more drawn
+    assert torch.equal(a.support[0].x, b.support[0].x) and viewed.query_views == 5 and plain.query_views == 1
+    queries = b.query.x.view(6, 5, 12, 1, 8, 8)  # [tasks, views, N * Q, ...]
+    assert torch.equal(queries.transpose(0, 1), shifted_views(a.query.x, 5))
+    assert torch.equal(b.query.y, a.query.y.repeat(1, 5)) and "5 views of each query" in repr(viewed)
+    with pytest.raises(OmniglotDataError, match="query_views = 10 must be between 1 and 9"):
+        Omniglot(data, query_views=10, **kwargs)
+
+    torch.manual_seed(0)
+    model = MLP(in_features=64, hidden=(16,), out_features=5)
+    flat = torch.nn.Sequential(torch.nn.Flatten(), model)
+    meta, loop = meta_params(Init(flat)), PrototypeLoop(model=flat, n_way=3)
+    got = evaluate(loop, meta, viewed, n_tasks=6, batch_size=6, seed=1, return_per_task=True)["task_accuracies"]
+    hits = []
+    for support, query, y in zip(b.support[0].x, b.query.x, a.query.y):
+        prototypes = class_means(flat(support), b.support[0].y[0], 3).prototypes
+        embedded = flat(query).view(5, 12, -1).mean(0)  # each query's views' mean embedding
+        hits.append((torch.cdist(embedded, prototypes).argmin(1) == y).double().mean())
+    assert torch.allclose(got.double(), torch.stack(hits))
 
 
 def test_warp_moves_a_point_where_the_drawn_affine_map_sends_it(data, tmp_path):

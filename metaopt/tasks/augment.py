@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from metaopt.types import Batch
 
-__all__ = ["shifted", "warped", "shifted_views", "with_views", "VIEW_OFFSETS"]
+__all__ = ["shifted", "warped", "shifted_views", "with_views", "pooled_views", "VIEW_OFFSETS"]
 
 #: The (rows, columns) offsets of `shifted_views`, nearest first: the image itself, then its 4 and 4 diagonal
 #: one-pixel neighbours.
@@ -68,8 +68,21 @@ def shifted_views(x: torch.Tensor, views: int) -> torch.Tensor:
 
 
 def with_views(batch: Batch, views: int) -> Batch:
-    """A support batch with every image's `shifted_views`: x [..., n, C, H, W] -> [..., views * n, C, H, W] view by
-    view (the first n are the images themselves), y [..., n] -> [..., views * n] repeated alike. A ProtoNet's
-    prototype becomes the mean embedding of a support image's views; MAML adapts on all of them."""
+    """A batch with every image's `shifted_views`: x [..., n, C, H, W] -> [..., views * n, C, H, W] view by
+    view (the first n are the images themselves), y [..., n] -> [..., views * n] repeated alike. Of a support, a
+    ProtoNet's prototype becomes the mean embedding of a support image's views and MAML adapts on all of them; of
+    a query, `pooled_views` averages each query's predictions over its views."""
     x = shifted_views(batch.x, views).movedim(0, -5).flatten(-5, -4)
     return Batch(x, batch.y.repeat(*([1] * (batch.y.dim() - 1)), views))
+
+
+def pooled_views(pred: torch.Tensor, y: torch.Tensor, views: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predictions for queries with views (`with_views`: view by view) averaged over each query's views:
+    pred [..., views * n, C] -> [..., n, C] and labels y [..., views * n] -> [..., n] (view 0's, the images
+    themselves). Exact for a ProtoNet: its logits are minus squared distances, whose mean over views is minus the
+    squared distance from the views' mean embedding plus a term equal for every class, so the answers and the
+    softmax equal those of the mean embedding. `views=1`: `pred` and `y` themselves."""
+    if views == 1:
+        return pred, y
+    n = y.shape[-1] // views
+    return pred.unflatten(-2, (views, n)).mean(-3), y[..., :n]

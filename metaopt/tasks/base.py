@@ -26,6 +26,10 @@ class TaskDistribution(abc.ABC):
     kind: ClassVar[Literal["regression", "classification"]]
     windowed: ClassVar[bool] = False
     """Whether `next_batch` gives windows of longer unrolls, which only an online estimator can continue."""
+    query_views: int = 1
+    """Views of every query image the query batch holds, view by view (`metaopt.tasks.augment.with_views`):
+    evaluation averages a query's predictions over its views (`pooled_views`); a meta-gradient takes every view
+    as a query of its own. 1: the queries alone."""
 
     @property
     @abc.abstractmethod

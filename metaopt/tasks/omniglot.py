@@ -213,6 +213,9 @@ class Omniglot(TaskDistribution):
         (1 to 9; `metaopt.tasks.augment.shifted_views`; 1: the image alone): test-time augmentation for
         evaluation tasks. A ProtoNet's prototype becomes the mean embedding of the views; MAML adapts on them.
         Nothing is drawn for them: the tasks (classes, drawers, queries) are those drawn without views.
+      query_views: each query image together with its nearest one-pixel shifts, this many images in all (1 to 9;
+        test-time augmentation, like `support_views`): evaluation averages a query's predictions over its views
+        (`TaskDistribution.query_views`; for a ProtoNet, the same answers as the views' mean embedding).
       size: image side in pixels.
       seed: fixes the split.
       cache_dir: where decoded images are cached (default ~/.cache/metaopt).
@@ -232,7 +235,7 @@ class Omniglot(TaskDistribution):
                  rotations: bool = True, size: int = 28, seed: int = 0, cache_dir: str | None = None,
                  within_alphabet: bool = False, drawer_split: bool = False, shift: int = 0,
                  warp_degrees: float = 0.0, warp_shear: float = 0.0, warp_scale: float = 0.0,
-                 support_views: int = 1, flips: bool = False):
+                 support_views: int = 1, query_views: int = 1, flips: bool = False):
         if k_shot < 1 or k_query < 1 or k_shot + k_query > DRAWERS:
             raise OmniglotDataError(f"omniglot: k_shot + k_query = {k_shot} + {k_query} must be between 2 and the "
                                     f"{DRAWERS} drawings each character has")
@@ -247,10 +250,11 @@ class Omniglot(TaskDistribution):
             raise OmniglotDataError(f"omniglot: warp_degrees = {warp_degrees} must be in [0, 180], warp_shear = "
                                     f"{warp_shear} and warp_scale = {warp_scale} in [0, 1)")
         self.warp_degrees, self.warp_shear, self.warp_scale = warp_degrees, warp_shear, warp_scale
-        if not 1 <= support_views <= len(VIEW_OFFSETS):
-            raise OmniglotDataError(f"omniglot: support_views = {support_views} must be between 1 and "
-                                    f"{len(VIEW_OFFSETS)} (the image and its one-pixel shifts)")
-        self.support_views = support_views
+        for name, views in (("support_views", support_views), ("query_views", query_views)):
+            if not 1 <= views <= len(VIEW_OFFSETS):
+                raise OmniglotDataError(f"omniglot: {name} = {views} must be between 1 and {len(VIEW_OFFSETS)} (the "
+                                        "image and its one-pixel shifts)")
+        self.support_views, self.query_views = support_views, query_views
         if isinstance(root, OmniglotImages) and tuple(root.images.shape[2:]) != (size, size):
             raise OmniglotDataError(f"omniglot: the images given are {list(root.images.shape[2:])} pixels, not "
                                     f"size = {size}")
@@ -293,7 +297,8 @@ class Omniglot(TaskDistribution):
                 f"{', within alphabet' if self.within_alphabet else ''}{', drawer split' if self.drawer_split else ''}"
                 f"{f', shifts of {self.shift} px' if self.shift else ''}"
                 f"{', warped' if self.warp_degrees or self.warp_shear or self.warp_scale else ''}"
-                f"{f', {self.support_views} views of each support image' if self.support_views > 1 else ''})")
+                f"{f', {self.support_views} views of each support image' if self.support_views > 1 else ''}"
+                f"{f', {self.query_views} views of each query' if self.query_views > 1 else ''})")
 
     @property
     def loss_fn(self) -> LossFn:
@@ -346,6 +351,8 @@ class Omniglot(TaskDistribution):
         if self.support_views > 1:
             support = with_views(support, self.support_views)  # [tasks, views * N * K, ...]
         query = flat(x[:, :, self.k_shot:], y[:, :, self.k_shot:])
+        if self.query_views > 1:
+            query = with_views(query, self.query_views)  # [tasks, views * N * Q, ...]
         return Task.repeat(support, query, inner_steps)
 
 
