@@ -7,10 +7,11 @@ DIR is a training run's directory (experiments/train.py). MAML-style runs adapt 
 items; ProtoNets classify by the nearest prototype. The model must produce 20-way outputs:
 a MAML run trained 5-way has a 5-way head and is refused (train it with task.n_way=20);
 ProtoNets and Proto-MAML (a head made per task) work at any N. Prints the error per run and, last, `error_rate=<percent>`.
-`support_views=V` (1 to 9; default 1, the image alone) classifies with test-time views of each training image, as
-`Omniglot(support_views=V)` does for sampled tasks: the image and its V - 1 nearest one-pixel shifts.
-`query_views=V` likewise shifts every test item and averages its predictions over the views
-(`Omniglot(query_views=V)`, `metaopt.tasks.augment.pooled_views`).
+`support_views=V` (1 to 9) classifies with test-time views of each training image, as `Omniglot(support_views=V)`
+does for sampled tasks: the image and its V - 1 nearest one-pixel shifts. `query_views=V` likewise shifts every
+test item and averages its predictions over the views (`Omniglot(query_views=V)`,
+`metaopt.tasks.augment.pooled_views`). Unset, each is what the run meta-tests with (its `eval.task`; 1, the image
+alone, where that does not say).
 """
 from __future__ import annotations
 
@@ -36,13 +37,14 @@ def main(cfg: DictConfig) -> None:
     for path in (config_path, checkpoint_path):
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: checkpoint= must be a run directory of experiments/train.py")
-    views = {name: int(cfg.get(name, 1)) for name in ("support_views", "query_views")}
+    train_cfg = OmegaConf.load(config_path)
+    OmegaConf.resolve(train_cfg)  # freeze the trained shapes (a MAML head keeps its N)
+    views = {name: int(cfg[name] if cfg.get(name) is not None else train_cfg.eval.task.get(name, 1))
+             for name in ("support_views", "query_views")}  # unset: those the run evaluates with
     for name, count in views.items():
         if not 1 <= count <= len(VIEW_OFFSETS):
             raise ValueError(f"{name}={count} must be between 1 and {len(VIEW_OFFSETS)} (the image and its "
                              "one-pixel shifts)")
-    train_cfg = OmegaConf.load(config_path)
-    OmegaConf.resolve(train_cfg)  # freeze the trained shapes (a MAML head keeps its N)
     if "n_way" in train_cfg.loop:
         with open_dict(train_cfg):
             train_cfg.loop.n_way = WAYS  # a ProtoNet (or Proto-MAML) classifies any number of classes

@@ -84,6 +84,9 @@ def embed_tasks(run_dir: Path, n_tasks: int, data_root: str | None = None, n_way
                                     "query_views": query_views}, data_root)
     if "n_way" not in cfg.loop or cfg.model.get("out_features", 1) != 0:
         raise SystemExit(f"{run_dir}: not a ProtoNet run (loop.n_way and model.out_features=0)")
+    if int(cfg.get("ensemble", 1)) > 1:
+        raise SystemExit(f"{run_dir}: an ensemble run (ensemble={cfg.ensemble}); pass its members' directories "
+                         f"({run_dir}/member0 ...), which this script scores alone and as an ensemble")
     loop, tasks = parts.loop, parts.eval_tasks
     assert tasks is not None
     batch_size = cfg.eval.get("batch_size", 20)

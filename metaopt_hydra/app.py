@@ -15,17 +15,20 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metaopt.allocator import set_allocator
-from metaopt.checkpoint import load_checkpoint
+from metaopt import evaluate
+from metaopt.budget import parse_seconds
+from metaopt.checkpoint import load_checkpoint, save_atomic
+from metaopt.ensemble import ProtoNetEnsemble, ensemble_meta
 from metaopt_hydra.baselines import compare
-from metaopt_hydra.build import build, compile_record, train_from_config
+from metaopt_hydra.build import Parts, build, compile_record, member_config, train_from_config
 from metaopt_hydra.curves import plot_curves
 from metaopt_hydra.loggers import NullLogger, RunLogger, new_run_id
 from metaopt_hydra.protocols import evaluate_protocols
@@ -39,7 +42,7 @@ from metaopt_hydra.records import (
 )
 from metaopt_hydra.threads import apply_threads, choose_threads
 
-__all__ = ["run_training", "RunFailed"]
+__all__ = ["run_training", "train_ensemble", "RunFailed"]
 
 log = logging.getLogger("metaopt")
 
@@ -77,6 +80,54 @@ def previous_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         return {}
     raise ResumeMismatch(f"{run_dir} holds a checkpoint made with another config; changed: {', '.join(changed)}. "
                          f"Use another hydra.run.dir, or resume=fresh to start over in this one")
+
+
+ENSEMBLE_SUMS = ("meta_steps", "meta_steps_asked", "train_seconds", "tasks_skipped", "tasks_nan_skipped",
+                 "tasks_truncated")
+"""Counts an ensemble run's metrics.json gives over all its members."""
+
+
+def train_ensemble(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Callable[[dict, int], None] | None,
+                   checkpoint_extra: dict[str, Any]) -> tuple[dict[str, Any], Parts]:
+    """Train an ensemble run's members (`ensemble: K`) one after another, member i in `run_dir/member{i}` as the
+    standalone run of `member_config(cfg, i)` (so resumable alone, its config checked as any run's), each within
+    an equal share of what remains of `time_limit`; then meta-test them as one `ProtoNetEnsemble` and save their
+    meta-parameters together in `run_dir/checkpoint.pt` (what `build(cfg)` loads). Returns the metrics (the
+    members' counts summed, `ENSEMBLE_SUMS`; each member's in "members") and the parts with the ensemble."""
+    if cfg.get("compare"):
+        raise ValueError("ensemble > 1 with compare: a learned-vs-baseline comparison of ensembles is not supported; "
+                         "set compare=null or ensemble=1")
+    count = int(cfg.ensemble)
+    limit = parse_seconds(cfg.time_limit) if cfg.get("time_limit") is not None else None
+    members: list[Parts] = []
+    records: list[dict[str, Any]] = []
+    for i in range(count):
+        member_cfg, member_dir = member_config(cfg, i), run_dir / f"member{i}"
+        if limit is not None:  # an equal share of the training time left by the members before it
+            with open_dict(member_cfg):
+                member_cfg.time_limit = max((limit - sum(r["train_seconds"] for r in records)) / (count - i), 1.0)
+        (member_dir / ".hydra").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(member_cfg, member_dir / ".hydra" / "config.yaml")  # a run directory as any (scripts read it)
+        previous_run(member_cfg, member_dir)
+        member = build(member_cfg)
+        metrics = train_from_config(member_cfg, member, member_dir, log=log, evaluate=False,
+                                    checkpoint_extra={"config": resolved(member_cfg)})
+        write_json_atomic({**metrics, "status": "ok", "config": resolved(member_cfg)}, member_dir / "metrics.json")
+        members.append(member)
+        records.append({"dir": member_dir.name, "seed": int(member_cfg.seed),
+                        **{k: metrics[k] for k in (*ENSEMBLE_SUMS, "meta_train_loss", "stopped_at_time_limit")
+                           if k in metrics}})
+    loop = ProtoNetEnsemble([(m.loop, m.meta) for m in members])  # type: ignore[misc]
+    meta = ensemble_meta([m.meta for m in members])
+    out: dict[str, Any] = {**{k: v for k, v in metrics.items() if k != "history"}, "members": records,
+                           **{k: sum(r.get(k, 0) for r in records) for k in ENSEMBLE_SUMS},
+                           "stopped_at_time_limit": any(r.get("stopped_at_time_limit") for r in records)}
+    if parts.eval_tasks is not None and cfg.eval.n_tasks > 0:
+        out.update(evaluate(loop, meta, parts.eval_tasks, n_tasks=cfg.eval.n_tasks, inner_steps=cfg.eval.inner_steps,
+                            batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, batching=cfg.batching,
+                            device=cfg.device, budget=parts.budget))
+    save_atomic({"meta": meta.state_dict(), **checkpoint_extra}, run_dir / "checkpoint.pt")
+    return out, parts._replace(loop=loop, meta=meta)
 
 
 def _finish(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path, logger: RunLogger, threads: int) -> None:
@@ -136,8 +187,11 @@ def run_training(cfg: DictConfig) -> float:
         run_id = previous.get("logger_run_id") or new_run_id()
         logger = instantiate(cfg.logger)
         logger.start(run_dir, resolved(cfg), run_id, sweep_dir)
-        metrics = train_from_config(cfg, parts, run_dir, log=logger.log,
-                                    checkpoint_extra={"config": resolved(cfg), "logger_run_id": run_id})
+        extra = {"config": resolved(cfg), "logger_run_id": run_id}
+        if int(cfg.get("ensemble", 1)) > 1:
+            metrics, parts = train_ensemble(cfg, parts, run_dir, log=logger.log, checkpoint_extra=extra)
+        else:
+            metrics = train_from_config(cfg, parts, run_dir, log=logger.log, checkpoint_extra=extra)
         metrics.update(compile_record(cfg, parts.estimator))
         if parts.meta_test_skipped is not None:
             metrics["meta_test_skipped"] = parts.meta_test_skipped

@@ -5,18 +5,20 @@ plain-Python example in README builds exactly what a config builds.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, cast
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from metaopt import Budget, InnerLoop, evaluate, losses, meta_params, meta_train
 from metaopt.callbacks import Callback, Validation
 from metaopt.budget import parse_seconds
 from metaopt.compiled import Compiled
+from metaopt.ensemble import ProtoNetEnsemble, ensemble_meta
 from metaopt.estimators import AbstractEstimator, MetaGradientMethod
 from metaopt.online import OnlineTasks
 from metaopt.tasks import RandomInit, TaskDistribution
@@ -81,11 +83,24 @@ def build(cfg: DictConfig, load_tasks: bool = True) -> Parts:
         tasks = OnlineTasks(tasks, int(cfg.online_horizon))  # training only: evaluation draws whole unrolls
     meta = build_meta(cfg, model)
     loop = instantiate(cfg.loop)(model=model, optimizer=instantiate(cfg.inner_optim), loss_fn=loss_fn)
+    if int(cfg.get("ensemble", 1)) > 1:  # members 1.. as built alone (their own seeds); trained or loaded later
+        others = [build(member_config(cfg, i), load_tasks=False) for i in range(1, int(cfg.ensemble))]
+        members = [(loop, meta), *((other.loop, other.meta) for other in others)]
+        loop, meta = ProtoNetEnsemble(members), ensemble_meta([m for _, m in members])  # type: ignore[arg-type]
     log.info("Instantiating estimator <%s>", cfg.estimator._target_)
     estimator = compiled_if_asked(cfg, instantiate(cfg.estimator))
     log.info("tasks=%r model=%s meta=%s estimator=%r budget=%r", tasks, type(model).__name__,
              {k: type(v).__name__ for k, v in meta.items()}, estimator, budget)
     return Parts(tasks, eval_tasks, model, loop, meta, estimator, budget, val_tasks, skipped)
+
+
+def member_config(cfg: DictConfig, i: int) -> DictConfig:
+    """Member i of an ensemble run (`ensemble: K`): the run's config with seed `seed + i` and one member, which is
+    the config of the standalone run the member equals."""
+    member = copy.deepcopy(cfg)
+    with open_dict(member):
+        member.seed, member.ensemble = int(cfg.seed) + i, 1
+    return member
 
 
 def compiled_if_asked(cfg: DictConfig, estimator: MetaGradientMethod) -> MetaGradientMethod:

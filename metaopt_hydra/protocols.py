@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metaopt import evaluate
+from metaopt.ensemble import ProtoNetEnsemble
 from metaopt.tasks import RandomInit
 from metaopt_hydra.build import Parts, data_error
 from metaopt_hydra.checks import check_task_fits_model
@@ -57,7 +58,9 @@ def evaluate_protocols(cfg: DictConfig, parts: Parts) -> dict[str, dict[str, Any
             log.warning("protocol %s skipped: %s", name, error)
             continue
         loop = parts.loop
-        if "n_way" in cfg.loop:  # a loop that knows its number of classes answers the protocol's
+        if isinstance(loop, ProtoNetEnsemble):
+            loop = loop.with_n_way(tasks.n_way)
+        elif "n_way" in cfg.loop:  # a loop that knows its number of classes answers the protocol's
             loop = instantiate(cfg.loop, n_way=tasks.n_way)(model=parts.model, optimizer=instantiate(cfg.inner_optim),
                                                              loss_fn=tasks.loss_fn)
         if cfg.get("random_init", False):

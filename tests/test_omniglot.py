@@ -293,6 +293,44 @@ def test_eval_omniglot_runs_contract(data, tmp_path, split, monkeypatch):
         assert refused.returncode != 0 and "query_views=0 must be between 1 and 9" in refused.stderr
 
 
+def test_an_ensemble_run_trains_standalone_members_and_answers_as_one(data, tmp_path):
+    """`ensemble=2` trains member1 bit for bit as the standalone run with seed 1, meta-tests the two as one, keeps
+    both in its checkpoint (which Lake's runs are scored with), and refuses members that are not ProtoNets."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    runs = tmp_path / "runs"
+    _write_runs(runs)
+    common = [sys.executable, str(root / "experiments" / "train.py"), "experiment=omniglot_protonet", "debug=tiny",
+              f"data.root={data}", "task.size=16", "model.channels=4", "model.image_size=16", "task.split_by=alphabet",
+              "task.val_alphabets=0", "task.test_alphabets=1", "task.n_way=2", "task.k_query=2", "eval.task.n_way=2",
+              "eval.val_task.n_way=2"]
+    for args in (["ensemble=2", f"hydra.run.dir={tmp_path / 'ens'}"], ["seed=1", f"hydra.run.dir={tmp_path / 'solo'}"]):
+        trained = subprocess.run([*common, *args], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        assert trained.returncode == 0, trained.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ens" / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and "test_accuracy" in metrics
+    assert [m["seed"] for m in metrics["members"]] == [0, 1] and metrics["meta_steps"] == 2 + 2
+    member = torch.load(tmp_path / "ens" / "member1" / "checkpoint.pt", weights_only=False)["meta"]
+    alone = torch.load(tmp_path / "solo" / "checkpoint.pt", weights_only=False)["meta"]
+    both = torch.load(tmp_path / "ens" / "checkpoint.pt", weights_only=False)["meta"]
+    assert member.keys() == alone.keys() and all(torch.equal(member[k], alone[k]) for k in alone)
+    assert all(torch.equal(both[f"member1.{k}"], alone[k]) for k in alone) and len(both) == 2 * len(alone)
+    scored = subprocess.run([sys.executable, str(root / "experiments" / "eval_omniglot_runs.py"),
+                             f"checkpoint={tmp_path / 'ens'}", f"runs_dir={runs}", f"hydra.run.dir={tmp_path / 'e'}"],
+                            capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert scored.stdout.strip().splitlines()[-1] == "error_rate=0.00"  # each item a copy of its answer's drawing
+    maml = subprocess.run([*common[:2], "experiment=omniglot_maml", *common[3:-2], "ensemble=2",
+                           f"hydra.run.dir={tmp_path / 'maml'}"], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=300)
+    assert maml.returncode != 0 and "PrototypeLoops" in maml.stderr
+    assert not (tmp_path / "maml" / "member0").exists()  # refused before any training
+
+
 def test_proto_maml_trained_on_fewer_ways_scores_the_20_way_runs(data, tmp_path):
     """Proto-MAML makes its head per task, so a 2-way-trained model answers Lake's 20-way runs (a MAML head
     could not); the runs' layout is generated."""

@@ -45,3 +45,40 @@ def test_protonet_meta_training_raises_accuracy():
     metrics = mo.meta_train(loop, meta, mo.Full(), tasks, outer_optimizer=torch.optim.Adam(meta.parameters(), 1e-2),
                             meta_steps=60, meta_batch_size=8, eval_n_tasks=100, progress=False)
     assert metrics["test_accuracy"] > before + 0.05 and 0 <= metrics["test_accuracy_ci95"] < 0.1
+
+
+def test_an_ensemble_sums_its_members_mean_normalized_squared_distances():
+    """`ProtoNetEnsemble`'s logits against a hand computation (cdist, each member's distances over their mean
+    over the task's queries and classes); a 60-way ensemble scores the 3-class tasks as a 3-way one (absent classes
+    at the lowest logit); `evaluate` scores it on vmapped tasks as task by task; members must be ProtoNets."""
+    from metaopt.ensemble import ProtoNetEnsemble, ensemble_meta
+    from metaopt.optim import sgd
+    model, loop, meta, tasks = _setup()
+    torch.manual_seed(1)
+    other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    members = [(loop, meta), (mo.PrototypeLoop(other, n_way=3), mo.meta_params(mo.Init(other)))]
+    with torch.no_grad():
+        other[-1].weight.mul_(10.0)  # another scale: without the normalization it would outvote the first
+    ensemble, wide = ProtoNetEnsemble(members), ProtoNetEnsemble(members).with_n_way(60)
+    for task in mo.unstack_tasks(tasks):
+        support, query = task.support[0], task.query
+        expected = torch.zeros(query.x.shape[0], 3)
+        for net in (model, other):
+            prototypes = torch.stack([net(support.x)[support.y == k].mean(0) for k in range(3)])
+            distances = torch.cdist(net(query.x), prototypes) ** 2
+            expected -= distances / distances.mean()
+        for each in (ensemble, wide):
+            state = each.step(each.init(ensemble_meta([m for _, m in members])), support, meta)
+            logits = each.predict(state, query.x)
+            torch.testing.assert_close(logits[:, :3], expected, rtol=1e-5, atol=1e-5)
+        assert logits.shape == (query.x.shape[0], 60) and torch.softmax(logits, -1)[:, 3:].max() == 0
+    both = ensemble_meta([m for _, m in members])
+    scores = [mo.evaluate(ensemble, both, mo.RandomPatterns(n_way=3, k_shot=2, k_query=3, size=8), n_tasks=8,
+                          batch_size=8, batching=batching, return_per_task=True)["task_accuracies"]
+              for batching in ("vmap", "loop")]
+    torch.testing.assert_close(scores[0], scores[1])
+    maml = mo.InnerLoop(model, sgd(lr=0.1), mo.losses.cross_entropy)
+    with pytest.raises(ValueError, match="PrototypeLoops"):
+        ProtoNetEnsemble([(maml, meta)])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="different numbers of classes"):
+        ProtoNetEnsemble([members[0], (mo.PrototypeLoop(other, n_way=5), members[1][1])])
