@@ -17,9 +17,10 @@ nearest prototype under each variant (1-shot: a prototype is the support image's
                    same batch statistics (the loop embeds them separately, as it trains)
 
 Several RUN_DIRs (runs with the same held-out alphabets, so the same seeded tasks) add a row for their
-ensemble: each run's squared Euclidean distances divided by their mean over the task's queries and prototypes
-(runs trained apart have embeddings of different scales), summed over the runs; the nearest prototype under the
-sum answers. Each run's variants are its own rows.
+ensemble: each run's squared Euclidean distances divided by their mean over the task's queries (and their views)
+and prototypes (runs trained apart have embeddings of different scales), summed over the runs; the nearest
+prototype under the sum answers, as in an `ensemble=K` run (`metaopt.ensemble.ProtoNetEnsemble` under
+`evaluate`). Each run's variants are its own rows.
 
 --support-views / --query-views V embed every support image / query with its V - 1 nearest one-pixel shifts
 (`Omniglot(support_views=V, query_views=V)`: the same seeded tasks): a prototype is the mean embedding of its
@@ -59,7 +60,8 @@ VARIANTS: dict[str, Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = {
 
 
 class Embedded(NamedTuple):
-    """One task under a run's embedding: queries [Q, D], prototypes [N, D], the queries' labels [Q]."""
+    """One task under a run's embedding: queries [V, Q, D] (V views of each; V = 1 without query views),
+    prototypes [N, D], the queries' labels [Q]."""
 
     queries: Tensor
     prototypes: Tensor
@@ -100,7 +102,8 @@ def embed_tasks(run_dir: Path, n_tasks: int, data_root: str | None = None, n_way
             for i in range(batch.query.x.shape[0]):
                 xs, ys = batch.support[0].x[i], batch.support[0].y[i]
                 xq, yq = batch.query.x[i], batch.query.y[i]
-                queries, labels = pooled_views(embed(xq), yq, query_views)
+                labels = yq[:len(yq) // query_views]
+                queries = embed(xq).unflatten(0, (query_views, -1))  # [V, Q, D]
                 embedded.append(Embedded(queries, class_means(embed(xs), ys, n_way).prototypes, labels))
                 both = embed(torch.cat([xs, xq]))
                 joint = class_means(both[:len(xs)], ys, n_way).prototypes
@@ -121,7 +124,7 @@ def _variants(run: EmbeddedRun) -> dict[str, tuple[float, float]]:
     hits: dict[str, list[float]] = {name: [] for name in VARIANTS}
     for task in run.tasks:
         for name, variant in VARIANTS.items():
-            q, c = variant(task.queries, task.prototypes)
+            q, c = variant(task.queries.mean(0), task.prototypes)  # a query's views' mean embedding
             hits[name].append((torch.cdist(q, c).argmin(1) == task.labels).double().mean().item())
     hits["one batch"] = run.one_batch
     return {name: mean_ci95(torch.tensor(values)) for name, values in hits.items()}
@@ -135,7 +138,8 @@ def score_ensemble(runs: list[EmbeddedRun]) -> tuple[float, float]:
         raise SystemExit(f"an ensemble needs runs that scored the same tasks; these drew them from {sorted(drawn_from)}")
     hits = []
     for tasks in zip(*(run.tasks for run in runs)):
-        total = torch.stack([d / d.mean() for d in (torch.cdist(t.queries, t.prototypes) ** 2 for t in tasks)]).sum(0)
+        distances = [torch.cdist(t.queries, t.prototypes) ** 2 for t in tasks]  # [V, Q, N] per run
+        total = torch.stack([d.mean(0) / d.mean() for d in distances]).sum(0)  # as `ProtoNetEnsemble` + `evaluate`
         hits.append((total.argmin(1) == tasks[0].labels).double().mean().item())
     return mean_ci95(torch.tensor(hits))
 

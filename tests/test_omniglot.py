@@ -245,8 +245,9 @@ def test_eval_omniglot_runs_contract(data, tmp_path, split, monkeypatch):
         viewed = embed_tasks(train_dir, 4, n_way=2, support_views=3, query_views=5)
         (pooled, _), *_ = evaluate_run(train_dir, {**PROTOCOL, "n_way": 2, "support_views": 3, "query_views": 5},
                                        4, None)
-        assert viewed.tasks[0].queries.shape == (2 * 5, 4)  # 2 classes x 5 queries, views pooled; 4 channels
-        hits = [(torch.cdist(t.queries, t.prototypes).argmin(1) == t.labels).double().mean() for t in viewed.tasks]
+        assert viewed.tasks[0].queries.shape == (5, 2 * 5, 4)  # 5 views of 2 classes x 5 queries; 4 channels
+        hits = [(torch.cdist(t.queries.mean(0), t.prototypes).argmin(1) == t.labels).double().mean()
+                for t in viewed.tasks]
         assert torch.stack(hits).mean().item() == pytest.approx(pooled, abs=1e-6)  # float32 accuracies
         # An ensemble of a run with itself answers as the run does; runs that scored other tasks are refused.
         run = embed_tasks(train_dir, 4, n_way=2)
@@ -293,7 +294,7 @@ def test_eval_omniglot_runs_contract(data, tmp_path, split, monkeypatch):
         assert refused.returncode != 0 and "query_views=0 must be between 1 and 9" in refused.stderr
 
 
-def test_an_ensemble_run_trains_standalone_members_and_answers_as_one(data, tmp_path):
+def test_an_ensemble_run_trains_standalone_members_and_answers_as_one(data, tmp_path, monkeypatch):
     """`ensemble=2` trains member1 bit for bit as the standalone run with seed 1, meta-tests the two as one, keeps
     both in its checkpoint (which Lake's runs are scored with), and refuses members that are not ProtoNets."""
     import json
@@ -324,6 +325,18 @@ def test_an_ensemble_run_trains_standalone_members_and_answers_as_one(data, tmp_
                             capture_output=True, text=True, env=env, cwd=root, timeout=300)
     assert scored.returncode == 0, scored.stderr[-3000:]
     assert scored.stdout.strip().splitlines()[-1] == "error_rate=0.00"  # each item a copy of its answer's drawing
+    # Its members scored apart and summed by protonet_distances.py answer as the run's `ProtoNetEnsemble` does.
+    monkeypatch.syspath_prepend(str(root / "experiments"))
+    from omniglot_table import evaluate_run
+    from protonet_distances import PROTOCOL, embed_tasks, score_ensemble
+    monkeypatch.setenv("HOME", str(tmp_path))  # the image cache of the runs above
+    views = {"n_way": 2, "support_views": 3, "query_views": 5}
+    (accuracy, _), *_ = evaluate_run(tmp_path / "ens", {**PROTOCOL, **views}, 8, None)
+    members = [embed_tasks(tmp_path / "ens" / f"member{i}", 8, n_way=2, support_views=3, query_views=5)
+               for i in (0, 1)]
+    assert score_ensemble(members)[0] == pytest.approx(accuracy, abs=1e-6)
+    with pytest.raises(SystemExit, match="an ensemble run"):
+        embed_tasks(tmp_path / "ens", 8, n_way=2)
     maml = subprocess.run([*common[:2], "experiment=omniglot_maml", *common[3:-2], "ensemble=2",
                            f"hydra.run.dir={tmp_path / 'maml'}"], capture_output=True, text=True, env=env, cwd=root,
                           timeout=300)
