@@ -1,7 +1,7 @@
 """A trained ProtoNet on Lake et al.'s within-alphabet 20-way protocol, scored with test-time variants of its metric.
 
     python experiments/protonet_distances.py RUN_DIR [RUN_DIR ...] [--n-tasks 600] [--data-root PATH] [--n-way 20]
-        [--support-views 9] [--query-views 9]
+        [--support-views 9] [--query-views 9] [--no-one-batch]
 
 RUN_DIR is a ProtoNet run with held-out alphabets (e.g. a fold of experiments/omniglot_folds_runs.sh). Its
 embedding scores the same seeded tasks as `omniglot_table.py`'s "20-way within alphabet" column (600 tasks,
@@ -79,9 +79,9 @@ class EmbeddedRun(NamedTuple):
 
 
 def embed_tasks(run_dir: Path, n_tasks: int, data_root: str | None = None, n_way: int = 20, support_views: int = 1,
-                query_views: int = 1) -> EmbeddedRun:
+                query_views: int = 1, one_batch: bool = True) -> EmbeddedRun:
     """The protocol's seeded tasks under the run's embedding (`EmbeddedRun`), with test-time views (see the
-    module docstring)."""
+    module docstring); `one_batch=False` skips the "one batch" variant's second forward pass (then empty)."""
     cfg, parts = load_run(run_dir, {**PROTOCOL, "n_way": n_way, "support_views": support_views,
                                     "query_views": query_views}, data_root)
     if "n_way" not in cfg.loop or cfg.model.get("out_features", 1) != 0:
@@ -93,7 +93,7 @@ def embed_tasks(run_dir: Path, n_tasks: int, data_root: str | None = None, n_way
     assert tasks is not None
     batch_size = cfg.eval.get("batch_size", 20)
     generator = torch.Generator().manual_seed(cfg.eval.seed)  # the tasks `evaluate` draws: the same seed, batches
-    embedded, one_batch = [], []
+    embedded, joint_hits = [], []
     with torch.no_grad():
         state = loop.init(parts.meta)
         embed = lambda x: loop.forward(state.params, state.buffers, x)[0]  # noqa: E731
@@ -105,12 +105,14 @@ def embed_tasks(run_dir: Path, n_tasks: int, data_root: str | None = None, n_way
                 labels = yq[:len(yq) // query_views]
                 queries = embed(xq).unflatten(0, (query_views, -1))  # [V, Q, D]
                 embedded.append(Embedded(queries, class_means(embed(xs), ys, n_way).prototypes, labels))
+                if not one_batch:
+                    continue
                 both = embed(torch.cat([xs, xq]))
                 joint = class_means(both[:len(xs)], ys, n_way).prototypes
                 queries = pooled_views(both[len(xs):], yq, query_views)[0]
-                one_batch.append((torch.cdist(queries, joint).argmin(1) == labels).double().mean().item())
+                joint_hits.append((torch.cdist(queries, joint).argmin(1) == labels).double().mean().item())
     drawn_from = f"{', '.join(getattr(tasks, 'alphabets', [repr(tasks)]))} (seed {cfg.eval.seed})"
-    return EmbeddedRun(embedded, one_batch, drawn_from)
+    return EmbeddedRun(embedded, joint_hits, drawn_from)
 
 
 def score(run_dir: Path, n_tasks: int, data_root: str | None = None,
@@ -126,7 +128,8 @@ def _variants(run: EmbeddedRun) -> dict[str, tuple[float, float]]:
         for name, variant in VARIANTS.items():
             q, c = variant(task.queries.mean(0), task.prototypes)  # a query's views' mean embedding
             hits[name].append((torch.cdist(q, c).argmin(1) == task.labels).double().mean().item())
-    hits["one batch"] = run.one_batch
+    if run.one_batch:
+        hits["one batch"] = run.one_batch
     return {name: mean_ci95(torch.tensor(values)) for name, values in hits.items()}
 
 
@@ -152,12 +155,14 @@ def main() -> None:
     parser.add_argument("--n-way", type=int, default=20)
     parser.add_argument("--support-views", type=int, default=1, help="views of every support image (1 to 9)")
     parser.add_argument("--query-views", type=int, default=1, help="views of every query (1 to 9)")
+    parser.add_argument("--no-one-batch", dest="one_batch", action="store_false",
+                        help="skip the one-batch variant (its own forward pass: about half the time)")
     args = parser.parse_args()
     results: dict[str, tuple[float, float]] = {}
     runs = []
     for run_dir in args.run_dir:
         runs.append(embed_tasks(run_dir, args.n_tasks, args.data_root, args.n_way, args.support_views,
-                                args.query_views))
+                                args.query_views, args.one_batch))
         name = "" if len(args.run_dir) == 1 else f"{run_dir.name}: "
         results.update({name + variant: value for variant, value in _variants(runs[-1]).items()})
     if len(runs) > 1:

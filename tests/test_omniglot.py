@@ -332,8 +332,9 @@ def test_an_ensemble_run_trains_standalone_members_and_answers_as_one(data, tmp_
     monkeypatch.setenv("HOME", str(tmp_path))  # the image cache of the runs above
     views = {"n_way": 2, "support_views": 3, "query_views": 5}
     (accuracy, _), *_ = evaluate_run(tmp_path / "ens", {**PROTOCOL, **views}, 8, None)
-    members = [embed_tasks(tmp_path / "ens" / f"member{i}", 8, n_way=2, support_views=3, query_views=5)
-               for i in (0, 1)]
+    members = [embed_tasks(tmp_path / "ens" / f"member{i}", 8, n_way=2, support_views=3, query_views=5,
+                           one_batch=False) for i in (0, 1)]
+    assert members[0].one_batch == []
     assert score_ensemble(members)[0] == pytest.approx(accuracy, abs=1e-6)
     with pytest.raises(SystemExit, match="an ensemble run"):
         embed_tasks(tmp_path / "ens", 8, n_way=2)
