@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,9 @@ def collect_runs(root: Path) -> list[dict[str, Any]]:
     dirs = {p.parent for p in root.rglob("metrics.json")} | {p.parent for p in root.rglob(".hydra") if p.is_dir()}
     rows = []
     for run_dir in sorted(dirs, key=lambda d: [int(x) if x.isdigit() else x for x in d.relative_to(root).parts]):
-        if any(part in ("baselines", "best") for part in run_dir.relative_to(root).parts):
-            continue  # a comparison's baseline runs and the explorer's exported configs belong to their run
+        if any(part in ("baselines", "best") or re.fullmatch(r"member\d+", part)
+               for part in run_dir.relative_to(root).parts):
+            continue  # a comparison's baselines, the explorer's exported configs, an ensemble's members: their run's
         row: dict[str, Any] = {"run": str(run_dir.relative_to(root)) or ".", "overrides": _overrides(run_dir)}
         try:
             metrics = json.loads((run_dir / "metrics.json").read_text())

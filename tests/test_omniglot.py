@@ -320,6 +320,8 @@ def test_an_ensemble_run_trains_standalone_members_and_answers_as_one(data, tmp_
     both = torch.load(tmp_path / "ens" / "checkpoint.pt", weights_only=False)["meta"]
     assert member.keys() == alone.keys() and all(torch.equal(member[k], alone[k]) for k in alone)
     assert all(torch.equal(both[f"member1.{k}"], alone[k]) for k in alone) and len(both) == 2 * len(alone)
+    from metaopt_hydra.summary import collect_runs
+    assert {row["run"] for row in collect_runs(tmp_path)} == {"ens", "solo"}  # members belong to their run
     scored = subprocess.run([sys.executable, str(root / "experiments" / "eval_omniglot_runs.py"),
                              f"checkpoint={tmp_path / 'ens'}", f"runs_dir={runs}", f"hydra.run.dir={tmp_path / 'e'}"],
                             capture_output=True, text=True, env=env, cwd=root, timeout=300)
