@@ -442,6 +442,17 @@ def test_shift_moves_each_image_by_a_bounded_random_offset(data, tmp_path):
         Omniglot(data, size=8, cache_dir=tmp_path / "cache", shift=4)
 
 
+def _sampled_with_and_without(data: Path, views: dict, n_tasks: int, steps: int, kwargs: dict):
+    """(the distribution with `views`, tasks drawn without and with them from equal generators), after checking
+    that the views drew nothing more."""
+    plain, viewed = Omniglot(data, **kwargs), Omniglot(data, **views, **kwargs)
+    generators = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a, b = plain.sample(n_tasks, steps, generators[0]), viewed.sample(n_tasks, steps, generators[1])
+    assert torch.equal(generators[0].get_state(), generators[1].get_state())  # nothing more drawn
+    assert plain.query_views == 1
+    return viewed, a, b
+
+
 def test_support_views_add_one_pixel_shifts_of_the_support_and_draw_nothing(data, tmp_path):
     """Test-time views: the same task (classes, drawers, queries) with every support image followed by its
     shifted copies, each a one-pixel translation of it, labelled as it is."""
@@ -456,10 +467,7 @@ def test_support_views_add_one_pixel_shifts_of_the_support_and_draw_nothing(data
         shifted_views(x, 10)
     kwargs = dict(n_way=3, k_shot=2, k_query=2, size=8, cache_dir=tmp_path / "cache", split_by="character",
                   test_fraction=0.0, val_fraction=0.0)
-    plain, viewed = Omniglot(data, **kwargs), Omniglot(data, support_views=5, **kwargs)
-    generators = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    a, b = plain.sample(4, 2, generators[0]), viewed.sample(4, 2, generators[1])
-    assert torch.equal(generators[0].get_state(), generators[1].get_state())  # nothing more drawn
+    viewed, a, b = _sampled_with_and_without(data, {"support_views": 5}, 4, 2, kwargs)
     assert torch.equal(a.query.x, b.query.x) and torch.equal(a.query.y, b.query.y)
     assert len(b.support) == 2 and b.support[0].x.shape == (4, 5 * 6, 1, 8, 8)
     support = b.support[0].x.view(4, 5, 6, 1, 8, 8)  # [tasks, views, N * K, ...]
@@ -481,11 +489,8 @@ def test_query_views_shift_every_query_and_evaluation_averages_its_predictions(d
     from metaopt.prototypes import class_means
     kwargs = dict(n_way=3, k_shot=1, k_query=4, size=8, cache_dir=tmp_path / "cache", split_by="character",
                   test_fraction=0.0, val_fraction=0.0)
-    plain, viewed = Omniglot(data, **kwargs), Omniglot(data, query_views=5, **kwargs)
-    generators = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    a, b = plain.sample(6, 1, generators[0]), viewed.sample(6, 1, generators[1])
-    assert torch.equal(generators[0].get_state(), generators[1].get_state())  # nothing more drawn
-    assert torch.equal(a.support[0].x, b.support[0].x) and viewed.query_views == 5 and plain.query_views == 1
+    viewed, a, b = _sampled_with_and_without(data, {"query_views": 5}, 6, 1, kwargs)
+    assert torch.equal(a.support[0].x, b.support[0].x) and viewed.query_views == 5
     queries = b.query.x.view(6, 5, 12, 1, 8, 8)  # [tasks, views, N * Q, ...]
     assert torch.equal(queries.transpose(0, 1), shifted_views(a.query.x, 5))
     assert torch.equal(b.query.y, a.query.y.repeat(1, 5)) and "5 views of each query" in repr(viewed)
