@@ -10,8 +10,8 @@ ProtoNets and Proto-MAML (a head made per task) work at any N. Prints the error 
 `support_views=V` (1 to 9) classifies with test-time views of each training image, as `Omniglot(support_views=V)`
 does for sampled tasks: the image and its V - 1 nearest one-pixel shifts. `query_views=V` likewise shifts every
 test item and averages its predictions over the views (`Omniglot(query_views=V)`,
-`metaopt.tasks.augment.pooled_views`). Unset, each is what the run meta-tests with (its `eval.task`; 1, the image
-alone, where that does not say).
+`metaopt.tasks.augment.pooled_views`). Unset: 9 and 9 for a ProtoNet or an ensemble of them (`PROTONET_VIEWS`),
+1 and 1 (the images alone) for other models; `support_views=1 query_views=1` scores a ProtoNet without views.
 """
 from __future__ import annotations
 
@@ -23,11 +23,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metaopt import losses, unroll
 from metaopt.checkpoint import load_checkpoint
+from metaopt.ensemble import ProtoNetEnsemble
+from metaopt.prototypes import PrototypeLoop
 from metaopt.tasks.augment import VIEW_OFFSETS, pooled_views, with_views
 from metaopt.tasks.omniglot import load_one_shot_runs
 from metaopt_hydra.build import build
 
 WAYS = 20
+PROTONET_VIEWS = 9
+"""The views of every image a ProtoNet (or an ensemble of them) is scored with unless told: the image and its 8
+one-pixel shifts, a prototype and a test item each the mean embedding of theirs (README: +X points within
+alphabets on every held-out fold). Other models: the image alone (views not measured for them)."""
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval_runs")
@@ -39,17 +45,18 @@ def main(cfg: DictConfig) -> None:
             raise FileNotFoundError(f"{path} is missing: checkpoint= must be a run directory of experiments/train.py")
     train_cfg = OmegaConf.load(config_path)
     OmegaConf.resolve(train_cfg)  # freeze the trained shapes (a MAML head keeps its N)
-    views = {name: int(cfg[name] if cfg.get(name) is not None else train_cfg.eval.task.get(name, 1))
-             for name in ("support_views", "query_views")}  # unset: those the run evaluates with
-    for name, count in views.items():
-        if not 1 <= count <= len(VIEW_OFFSETS):
-            raise ValueError(f"{name}={count} must be between 1 and {len(VIEW_OFFSETS)} (the image and its "
-                             "one-pixel shifts)")
     if "n_way" in train_cfg.loop:
         with open_dict(train_cfg):
             train_cfg.loop.n_way = WAYS  # a ProtoNet (or Proto-MAML) classifies any number of classes
     parts = build(train_cfg, load_tasks=False)
+    default = PROTONET_VIEWS if isinstance(parts.loop, (PrototypeLoop, ProtoNetEnsemble)) else 1
+    views = {name: int(cfg[name]) if cfg.get(name) is not None else default for name in ("support_views", "query_views")}
+    for name, count in views.items():
+        if not 1 <= count <= len(VIEW_OFFSETS):
+            raise ValueError(f"{name}={count} must be between 1 and {len(VIEW_OFFSETS)} (the image and its "
+                             "one-pixel shifts)")
     parts.meta.load_state_dict(load_checkpoint(checkpoint_path)["meta"])
+    print(f"test-time views: {views['support_views']} of each training image, {views['query_views']} of each test item")
     steps = cfg.inner_steps if cfg.inner_steps is not None else train_cfg.eval.inner_steps
     size = train_cfg.task.get("size", 28)
     runs = load_one_shot_runs(cfg.runs_dir, size=size)

@@ -265,6 +265,7 @@ def test_eval_omniglot_runs_contract(data, tmp_path, split, monkeypatch):
     last = result.stdout.strip().splitlines()[-1]
     # Each test item is a copy of its answer's drawing: identical embeddings, distance 0, no error.
     assert last == "error_rate=0.00"
+    assert "test-time views: 9 of each training image, 9 of each test item" in result.stdout  # a ProtoNet's default
     if split == "background":  # test-time views of the training images: a prototype is the mean of 9 views
         views = subprocess.run([sys.executable, str(root / "experiments" / "eval_omniglot_runs.py"),
                                 f"checkpoint={train_dir}", f"runs_dir={runs}", "support_views=9",
@@ -274,10 +275,10 @@ def test_eval_omniglot_runs_contract(data, tmp_path, split, monkeypatch):
         lines = views.stdout.strip().splitlines()
         assert len([line for line in lines if line.startswith("run")]) == 2
         assert 0 <= float(lines[-1].removeprefix("error_rate=")) <= 100
-        # The same views of the test items too: each item's views are its answer's views, so the mean of their
-        # embeddings is its answer's prototype (distance 0; the views of another class's drawing are not).
+        # A ProtoNet's default is 9 views of the test items too (each item's views are its answer's views, so
+        # the mean of their embeddings is its answer's prototype: distance 0); without any, the images alone.
         both = subprocess.run([sys.executable, str(root / "experiments" / "eval_omniglot_runs.py"),
-                               f"checkpoint={train_dir}", f"runs_dir={runs}", "support_views=9", "query_views=9",
+                               f"checkpoint={train_dir}", f"runs_dir={runs}", "support_views=1", "query_views=1",
                                "hydra.run.dir=" + str(tmp_path / "e99")],
                               capture_output=True, text=True, env=env, cwd=root, timeout=300)
         assert both.returncode == 0, both.stderr[-3000:]
@@ -369,6 +370,7 @@ def test_proto_maml_trained_on_fewer_ways_scores_the_20_way_runs(data, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     # A two-step model adapts badly at 20 ways (its inner lr 0.4 overshoots there): the figure is not the point.
     assert 0 <= float(result.stdout.strip().splitlines()[-1].removeprefix("error_rate=")) <= 100
+    assert "test-time views: 1 of each training image, 1 of each test item" in result.stdout  # not a ProtoNet
 
 
 def test_within_alphabet_tasks_draw_every_class_from_one_alphabet_and_rotation(tmp_path):
