@@ -35,6 +35,8 @@ class ProtoNetEnsemble(InnerLoop):
     trained apart embed at different scales, so each counts alike; a task-level constant per member, so a member
     alone answers as it does without the ensemble). Classes without a support example keep the lowest logit.
     Evaluation only: its `meta` argument is the `ensemble_meta` of the members and no meta-gradient flows to it.
+    Its meta-test loss is the cross-entropy of these logits, on another scale than one ProtoNet's: compare
+    accuracies.
 
     Args:
       members: the members' loops (`PrototypeLoop`s, the same number of classes) and their meta-parameters

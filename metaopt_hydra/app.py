@@ -22,8 +22,8 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from metaopt.allocator import set_allocator
 from metaopt import evaluate
+from metaopt.allocator import set_allocator
 from metaopt.budget import parse_seconds
 from metaopt.checkpoint import load_checkpoint, save_atomic
 from metaopt.ensemble import ProtoNetEnsemble, ensemble_meta

@@ -84,5 +84,8 @@ def pooled_views(pred: torch.Tensor, y: torch.Tensor, views: int) -> tuple[torch
     softmax equal those of the mean embedding. `views=1`: `pred` and `y` themselves."""
     if views == 1:
         return pred, y
+    if y.shape[-1] % views or pred.shape[-2] != y.shape[-1]:
+        raise ValueError(f"pooled_views: {views} views of each query need labels [..., views * n] and predictions "
+                         f"[..., views * n, C], got {list(y.shape)} and {list(pred.shape)}")
     n = y.shape[-1] // views
     return pred.unflatten(-2, (views, n)).mean(-3), y[..., :n]
