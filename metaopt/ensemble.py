@@ -11,19 +11,14 @@ from metaopt.loop import InnerLoop
 from metaopt.prototypes import PrototypeLoop
 from metaopt.types import Batch, Hyper, MetaParams, Params
 
-__all__ = ["ProtoNetEnsemble", "ensemble_meta", "member_meta"]
+__all__ = ["ProtoNetEnsemble", "ensemble_meta"]
 
 
 def ensemble_meta(metas: Sequence[MetaParams]) -> MetaParams:
     """The members' meta-parameters in one module, member i under "member{i}": one `state_dict` (a run's
-    checkpoint) holds the whole ensemble. Not a meta-parameter slot map: `ProtoNetEnsemble` reads it, and
-    `meta_train` trains each member's own meta-parameters (`member_meta`), never this."""
+    checkpoint) holds the whole ensemble. Not a meta-parameter slot map: `ProtoNetEnsemble` is evaluated with it,
+    and `meta_train` trains each member's own meta-parameters, never this."""
     return nn.ModuleDict({f"member{i}": meta for i, meta in enumerate(metas)})
-
-
-def member_meta(meta: MetaParams, i: int) -> MetaParams:
-    """Member i's meta-parameters in an `ensemble_meta`."""
-    return meta[f"member{i}"]  # type: ignore[return-value]
 
 
 class ProtoNetEnsemble(InnerLoop):
