@@ -30,3 +30,4 @@ run maml_learned_lr_20way omniglot_maml_learned_lr task.n_way=20 time_limit=55m 
 run fomaml_20way omniglot_fomaml task.n_way=20 time_limit=55m $vmapped
 # Proto-MAML (2026-12-03): fused BatchNorm, so planned one task at a time (second order)
 run protomaml_20way omniglot_protomaml task.n_way=20 time_limit=55m
+run protomaml_60way omniglot_protomaml_60way $heldout          # Proto-MAML trained as the ProtoNet recipe (2026-12-03)

@@ -370,7 +370,36 @@ def test_proto_maml_trained_on_fewer_ways_scores_the_20_way_runs(data, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     # A two-step model adapts badly at 20 ways (its inner lr 0.4 overshoots there): the figure is not the point.
     assert 0 <= float(result.stdout.strip().splitlines()[-1].removeprefix("error_rate=")) <= 100
-    assert "test-time views: 1 of each training image, 1 of each test item" in result.stdout  # not a ProtoNet
+    assert "test-time views: 9 of each training image, 9 of each test item" in result.stdout  # every model's default
+
+
+def test_a_maml_run_with_a_20_way_head_scores_the_runs_with_views_by_default(data, tmp_path):
+    """A MAML run (a fixed 20-way head) adapts on the 9 views of each training image and averages each test item's
+    logits over its 9 views unless told; `support_views=1 query_views=1` scores the images alone."""
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+    train_dir, runs = tmp_path / "train", tmp_path / "runs"
+    _write_runs(runs)
+    trained = subprocess.run(
+        [sys.executable, str(root / "experiments" / "train.py"), "experiment=omniglot_maml", "debug=tiny",
+         f"hydra.run.dir={train_dir}", f"data.root={data}", "task.size=16", "model.channels=4", "model.image_size=16",
+         "task.split_by=background", "task.val_alphabets=0", "task.n_way=20", "task.k_query=1"],
+        capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    for extra, shown in (([], "9 of each training image, 9 of each test item"),
+                         (["support_views=1", "query_views=1"], "1 of each training image, 1 of each test item")):
+        result = subprocess.run([sys.executable, str(root / "experiments" / "eval_omniglot_runs.py"),
+                                 f"checkpoint={train_dir}", f"runs_dir={runs}", *extra,
+                                 "hydra.run.dir=" + str(tmp_path / f"e{len(extra)}")],
+                                capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"test-time views: {shown}" in result.stdout
+        lines = result.stdout.strip().splitlines()
+        assert len([line for line in lines if line.startswith("run")]) == 2
+        assert 0 <= float(lines[-1].removeprefix("error_rate=")) <= 100
 
 
 def test_within_alphabet_tasks_draw_every_class_from_one_alphabet_and_rotation(tmp_path):
