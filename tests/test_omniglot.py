@@ -348,9 +348,9 @@ def test_an_ensemble_run_trains_standalone_members_and_answers_as_one(data, tmp_
     assert not (tmp_path / "maml" / "member0").exists()  # refused before any training
 
 
-def test_proto_maml_trained_on_fewer_ways_scores_the_20_way_runs(data, tmp_path):
-    """Proto-MAML makes its head per task, so a 2-way-trained model answers Lake's 20-way runs (a MAML head
-    could not); the runs' layout is generated."""
+def _tiny_run_and_scorer(data: Path, tmp_path: Path, *overrides: str):
+    """Trains a tiny run (`debug=tiny`, 16-px images, every background alphabet) with `overrides` in a subprocess
+    and generates Lake's runs' layout; returns `score(*args) -> CompletedProcess` of eval_omniglot_runs.py on them."""
     import os
     import subprocess
     import sys
@@ -359,15 +359,26 @@ def test_proto_maml_trained_on_fewer_ways_scores_the_20_way_runs(data, tmp_path)
     train_dir, runs = tmp_path / "train", tmp_path / "runs"
     _write_runs(runs)
     trained = subprocess.run(
-        [sys.executable, str(root / "experiments" / "train.py"), "experiment=omniglot_protomaml", "debug=tiny",
-         f"hydra.run.dir={train_dir}", f"data.root={data}", "task.size=16", "model.channels=4", "model.image_size=16",
-         "task.split_by=background", "task.val_alphabets=0", "task.n_way=2", "task.k_query=2"],
-        capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        [sys.executable, str(root / "experiments" / "train.py"), "debug=tiny", f"hydra.run.dir={train_dir}",
+         f"data.root={data}", "task.size=16", "model.channels=4", "model.image_size=16", "task.split_by=background",
+         "task.val_alphabets=0", *overrides], capture_output=True, text=True, env=env, cwd=root, timeout=300)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    result = subprocess.run([sys.executable, str(root / "experiments" / "eval_omniglot_runs.py"),
-                             f"checkpoint={train_dir}", f"runs_dir={runs}", "hydra.run.dir=" + str(tmp_path / "e")],
-                            capture_output=True, text=True, env=env, cwd=root, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+
+    def score(*args: str) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, str(root / "experiments" / "eval_omniglot_runs.py"),
+                                 f"checkpoint={train_dir}", f"runs_dir={runs}", *args,
+                                 "hydra.run.dir=" + str(tmp_path / f"e{len(args)}")],
+                                capture_output=True, text=True, env=env, cwd=root, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+    return score
+
+
+def test_proto_maml_trained_on_fewer_ways_scores_the_20_way_runs(data, tmp_path):
+    """Proto-MAML makes its head per task, so a 2-way-trained model answers Lake's 20-way runs (a MAML head
+    could not); the runs' layout is generated."""
+    score = _tiny_run_and_scorer(data, tmp_path, "experiment=omniglot_protomaml", "task.n_way=2", "task.k_query=2")
+    result = score()
     # A two-step model adapts badly at 20 ways (its inner lr 0.4 overshoots there): the figure is not the point.
     assert 0 <= float(result.stdout.strip().splitlines()[-1].removeprefix("error_rate=")) <= 100
     assert "test-time views: 9 of each training image, 9 of each test item" in result.stdout  # every model's default
@@ -376,26 +387,10 @@ def test_proto_maml_trained_on_fewer_ways_scores_the_20_way_runs(data, tmp_path)
 def test_a_maml_run_with_a_20_way_head_scores_the_runs_with_views_by_default(data, tmp_path):
     """A MAML run (a fixed 20-way head) adapts on the 9 views of each training image and averages each test item's
     logits over its 9 views unless told; `support_views=1 query_views=1` scores the images alone."""
-    import os
-    import subprocess
-    import sys
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
-    train_dir, runs = tmp_path / "train", tmp_path / "runs"
-    _write_runs(runs)
-    trained = subprocess.run(
-        [sys.executable, str(root / "experiments" / "train.py"), "experiment=omniglot_maml", "debug=tiny",
-         f"hydra.run.dir={train_dir}", f"data.root={data}", "task.size=16", "model.channels=4", "model.image_size=16",
-         "task.split_by=background", "task.val_alphabets=0", "task.n_way=20", "task.k_query=1"],
-        capture_output=True, text=True, env=env, cwd=root, timeout=300)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    for extra, shown in (([], "9 of each training image, 9 of each test item"),
-                         (["support_views=1", "query_views=1"], "1 of each training image, 1 of each test item")):
-        result = subprocess.run([sys.executable, str(root / "experiments" / "eval_omniglot_runs.py"),
-                                 f"checkpoint={train_dir}", f"runs_dir={runs}", *extra,
-                                 "hydra.run.dir=" + str(tmp_path / f"e{len(extra)}")],
-                                capture_output=True, text=True, env=env, cwd=root, timeout=300)
-        assert result.returncode == 0, result.stderr[-3000:]
+    score = _tiny_run_and_scorer(data, tmp_path, "experiment=omniglot_maml", "task.n_way=20", "task.k_query=1")
+    for extra, shown in (((), "9 of each training image, 9 of each test item"),
+                         (("support_views=1", "query_views=1"), "1 of each training image, 1 of each test item")):
+        result = score(*extra)
         assert f"test-time views: {shown}" in result.stdout
         lines = result.stdout.strip().splitlines()
         assert len([line for line in lines if line.startswith("run")]) == 2
