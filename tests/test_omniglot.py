@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from metaopt.tasks.augment import VIEW_OFFSETS, shifted, shifted_views, warped
+from metaopt.tasks.augment import VIEW_OFFSETS, pooled_views, shifted, shifted_views, warped
 from metaopt.tasks.omniglot import DRAWERS, Omniglot, OmniglotDataError, OmniglotEmptySplit, OmniglotImages
 
 
@@ -503,6 +503,20 @@ def test_support_views_add_one_pixel_shifts_of_the_support_and_draw_nothing(data
     assert "5 views of each support image" in repr(viewed)
     with pytest.raises(OmniglotDataError, match="support_views = 0 must be between 1 and 9"):
         Omniglot(data, support_views=0, **kwargs)
+
+
+def test_pooled_views_average_each_querys_views_and_refuse_other_shapes():
+    """Queries are view-major ([views * n]): query i's views sit at i, n + i, 2n + i, ...; a regression task's
+    labels, or predictions for other queries than the labels', are refused instead of pooled wrongly."""
+    pred, y = torch.randn(2, 3 * 4, 5, generator=torch.Generator().manual_seed(0)), torch.arange(4).repeat(2, 3)
+    pooled, labels = pooled_views(pred, y, 3)
+    hand = torch.stack([pred[:, [i, 4 + i, 8 + i]].mean(1) for i in range(4)], 1)
+    assert torch.equal(labels, y[:, :4]) and torch.allclose(pooled, hand, atol=1e-7)
+    assert pooled_views(pred, y, 1) == (pred, y)
+    with pytest.raises(ValueError, match="views of each query"):
+        pooled_views(pred, y[:, :10], 3)  # 10 labels are not 3 views of whole queries
+    with pytest.raises(ValueError, match="views of each query"):
+        pooled_views(pred, y[:, :9], 3)  # predictions for 12 queries, labels for 9
 
 
 def test_query_views_shift_every_query_and_evaluation_averages_its_predictions(data, tmp_path):
