@@ -210,8 +210,9 @@ def test_eval_omniglot_runs_contract(data, tmp_path, split, monkeypatch):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
     train_dir, runs = tmp_path / "train", tmp_path / "runs"
     _write_runs(runs)
-    held_out = (["task.split_by=alphabet", "task.val_alphabets=0", "task.test_alphabets=1"] if split == "alphabet"
-                else [])
+    # Held out: one run, which the scripts below score alone; the contract's default: an ensemble of two.
+    held_out = (["task.split_by=alphabet", "task.val_alphabets=0", "task.test_alphabets=1", "ensemble=1"]
+                if split == "alphabet" else [])
     trained = subprocess.run(
         [sys.executable, str(root / "experiments" / "train.py"), "experiment=omniglot_protonet", "debug=tiny",
          f"hydra.run.dir={train_dir}", f"data.root={data}", "task.size=16", "model.channels=4", "model.image_size=16",
@@ -255,6 +256,7 @@ def test_eval_omniglot_runs_contract(data, tmp_path, split, monkeypatch):
         with pytest.raises(SystemExit, match="scored the same tasks"):
             score_ensemble([run, run._replace(drawn_from="other alphabets (seed 1)")])
     else:
+        assert [m["seed"] for m in metrics["members"]] == [0, 1]  # the default: two runs, meta-tested as one
         assert "test_accuracy" not in metrics and "images_evaluation" in metrics["meta_test_skipped"]
         assert "images_evaluation" in metrics["protocols"]["within_alphabet_20way"]["skipped"]
         assert "meta-test skipped" in trained.stdout
@@ -310,7 +312,7 @@ def test_an_ensemble_run_trains_standalone_members_and_answers_as_one(data, tmp_
               f"data.root={data}", "task.size=16", "model.channels=4", "model.image_size=16", "task.split_by=alphabet",
               "task.val_alphabets=0", "task.test_alphabets=1", "task.n_way=2", "task.k_query=2", "eval.task.n_way=2",
               "eval.val_task.n_way=2"]
-    for args in (["ensemble=2", f"hydra.run.dir={tmp_path / 'ens'}"], ["seed=1", f"hydra.run.dir={tmp_path / 'solo'}"]):
+    for args in (["ensemble=2", f"hydra.run.dir={tmp_path / 'ens'}"], ["seed=1", "ensemble=1", f"hydra.run.dir={tmp_path / 'solo'}"]):
         trained = subprocess.run([*common, *args], capture_output=True, text=True, env=env, cwd=root, timeout=300)
         assert trained.returncode == 0, trained.stderr[-3000:]
     metrics = json.loads((tmp_path / "ens" / "metrics.json").read_text())
