@@ -96,9 +96,12 @@ class Differentiator(Protocol):
 def resolve_for(estimator: Differentiator, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
                 batching: Batching) -> tuple[Literal["stacked", "vmap", "loop"], Task | list[Task]]:
     """`resolve_batching` with what blocks or slows this estimator's vmapped and stacked forms (the runner, the
-    planner and its measurements resolve alike)."""
+    planner and its measurements resolve alike). An estimator with its own `stacked_slower` (the compiled
+    wrapper, `metaopt.compiled.Compiled`) says when stacking is slower for it."""
+    own = getattr(estimator, "stacked_slower", None)
+    slower = own(loop, meta) if own is not None else stacked_slower(loop, meta)
     return resolve_batching(tasks, batching, estimator.vmap_blocker(loop), estimator.stacked_blocker(loop, meta),
-                            stacked_slower(loop, meta))
+                            slower)
 
 
 def grads_of(loss: Tensor, meta: MetaParams) -> dict[str, Tensor]:

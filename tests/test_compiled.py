@@ -26,14 +26,18 @@ def _assert_equal(result: mo.MetaGrad, reference: mo.MetaGrad) -> None:
         torch.testing.assert_close(result.grads[k], g, rtol=1e-10, atol=1e-12, msg=f"gradient of {k}")
 
 
-@pytest.mark.parametrize("name,kind", [("full", "init"), ("full", "init+lrs_element"), ("first_order", "lrs_tensor")])
-def test_compiled_equals_eager_in_float64(name, kind):
+@pytest.mark.parametrize("name,kind,batching", [("full", "init", "auto"), ("full", "init", "stacked"),
+                                                ("full", "init+lrs_element", "auto"),
+                                                ("first_order", "lrs_tensor", "auto")])
+def test_compiled_equals_eager_in_float64(name, kind, batching):
+    """Compiled, "auto" vmaps (the faster compiled trace); the stacked trace is there when asked for."""
     loop, meta, tasks = _problem(kind)
     compiled = mo.get_estimator(name, compile=True)
-    result = compiled(loop, meta, tasks)
+    result = compiled(loop, meta, tasks, batching=batching)
+    assert result.stats["batching"] == ("vmap" if batching == "auto" else batching)
     assert compiled.fallback_reason is None and compiled.compiled_calls == 1 and compiled.compile_seconds > 0
     _assert_equal(result, mo.get_estimator(name)(loop, meta, tasks))
-    again = compiled(loop, meta, tasks)  # the cached function, no recompilation check this time
+    again = compiled(loop, meta, tasks, batching=batching)  # the cached function, no recompilation check
     assert compiled.compiled_calls == 2
     _assert_equal(again, result)
 
@@ -81,6 +85,8 @@ def test_a_wrong_compiled_result_falls_back_to_eager():
     result = compiled(loop, meta, tasks)
     assert "differs from eager" in compiled.fallback_reason and not compiled.compiled
     _assert_equal(result, mo.Full()(loop, meta, tasks))
+    # Compiled, "auto" vmapped; eager from now on, it stacks as the eager estimator does (its faster form).
+    assert result.stats["batching"] == "vmap" and compiled(loop, meta, tasks).stats["batching"] == "stacked"
 
 
 def test_a_failed_cpp_wrapper_is_compiled_again_without_it():
