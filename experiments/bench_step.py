@@ -10,7 +10,9 @@ inner steps. Implementations, all computing the same gradient (checked here):
   higher         higher 0.2.1's innerloop_ctx, looping over tasks in Python
   with --compile:
   metaopt-comp   metaopt.Full() compiled (`mo.get_estimator("full", compile=True)`: the whole
-                 meta-gradient of a chunk as one torch.compile'd function)
+                 meta-gradient of a chunk as one torch.compile'd function; "auto" vmaps its chunks)
+  metaopt-comp-vmap, metaopt-comp-stacked  the same with batching="vmap" / "stacked" (on request with
+                 --only: the stacked trace of the chunk, the compiled default until stop 36)
   torch.func-comp  the hand-written reference's meta-gradient (torch.func.grad of the vmapped
                  objective) under torch.compile(fullgraph=True)
 TorchOpt is not compared: it does not install beside torch 2.13 here.
@@ -47,7 +49,7 @@ from metaopt.compiled import Compiled
 
 LR, META_BATCH, K = 0.01, 25, 10
 NAMES = ["metaopt", "metaopt-vmap", "metaopt-loop", "torch.func", "metaopt-comp", "metaopt-comp-vmap",
-         "torch.func-comp", "higher"]
+         "metaopt-comp-stacked", "torch.func-comp", "higher"]
 
 
 # Each make_* builds one implementation of MAML's meta-gradient (`loss`: inner and outer loss, `lr`: inner lr);
@@ -142,8 +144,9 @@ def bench(steps: int, repeats: int, with_higher: bool, with_compile: bool = Fals
     }
     if with_compile:
         impls["metaopt-comp"] = make_metaopt(model, tasks, "auto", compile=True)
-        if only and "metaopt-comp-vmap" in only:  # on request only: one more compilation per T
-            impls["metaopt-comp-vmap"] = make_metaopt(model, tasks, "vmap", compile=True)
+        for batching in ("vmap", "stacked"):  # on request only: one more compilation per T
+            if only and f"metaopt-comp-{batching}" in only:
+                impls[f"metaopt-comp-{batching}"] = make_metaopt(model, tasks, batching, compile=True)
         impls["torch.func-comp"] = make_torch_func_compiled(model, tasks)
     if with_higher:
         impls["higher"] = make_higher(model, tasks)
@@ -188,7 +191,7 @@ def main() -> None:
         medians = bench(steps, args.repeats, not args.no_higher, args.compile, args.only)
         for name, seconds in medians.items():
             vs_higher = f"{medians['higher'] / seconds:.1f}x" if "higher" in medians else "-"
-            print(f"{steps:>3} {name:<14} {seconds:>10.4f} {seconds / medians['torch.func']:>13.2f}x {vs_higher:>19}")
+            print(f"{steps:>3} {name:<14} {seconds:>10.5f} {seconds / medians['torch.func']:>13.2f}x {vs_higher:>19}")
         if "metaopt-comp" in medians:
             speedups.append(f"T={steps}:{medians['torch.func'] / medians['metaopt-comp']:.2f}")
         if {"metaopt-comp", "torch.func-comp"} <= set(medians):
