@@ -59,8 +59,7 @@ class ProtoNetEnsemble(InnerLoop):
 
     def with_n_way(self, n_way: int) -> "ProtoNetEnsemble":
         """The same members answering `n_way` classes (their loops rebuilt; the meta-parameters shared)."""
-        return ProtoNetEnsemble([(PrototypeLoop(loop.model, loss_fn=loop.loss_fn, n_way=n_way), meta)
-                                 for loop, meta in self.members])
+        return ProtoNetEnsemble([(loop.with_n_way(n_way), meta) for loop, meta in self.members])
 
     def check(self, meta: MetaParams) -> None:
         for loop, member in self.members:

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from metaopt import losses
 from metaopt.loop import InnerLoop
 from metaopt.optim import InnerOptimizer
-from metaopt.prototypes import class_means
+from metaopt.prototypes import ClassAware, class_means
 from metaopt.types import Batch, Buffers, Hyper, InnerState, LossFn, MetaParams, Params
 
 __all__ = ["ProtoMAMLLoop", "HEAD_WEIGHT", "HEAD_BIAS"]
@@ -15,7 +15,7 @@ __all__ = ["ProtoMAMLLoop", "HEAD_WEIGHT", "HEAD_BIAS"]
 HEAD_WEIGHT, HEAD_BIAS = "head.weight", "head.bias"
 
 
-class ProtoMAMLLoop(InnerLoop):
+class ProtoMAMLLoop(ClassAware, InnerLoop):
     """MAML on an embedding network with a per-task linear head initialized from the support set's prototypes.
 
     At a task's first inner step the support batch is embedded (f: [n, ...] -> [n, D]) and each class's mean

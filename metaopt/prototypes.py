@@ -1,7 +1,8 @@
 """Prototypical Networks (Snell et al. 2017) as an inner loop whose adaptation is non-parametric."""
 from __future__ import annotations
 
-from typing import NamedTuple
+import copy
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +13,9 @@ from metaopt.loop import InnerLoop
 from metaopt.optim import InnerOptimizer, sgd
 from metaopt.types import Batch, Hyper, InnerState, LossFn, MetaParams
 
-__all__ = ["PrototypeLoop", "PrototypeState", "class_means"]
+__all__ = ["ClassAware", "PrototypeLoop", "PrototypeState", "class_means"]
+
+_Loop = TypeVar("_Loop", bound="ClassAware")
 
 
 class PrototypeState(NamedTuple):
@@ -37,7 +40,22 @@ def class_means(embeddings: Tensor, labels: Tensor, n_way: int) -> PrototypeStat
     return PrototypeState(prototypes, counts > 0)
 
 
-class PrototypeLoop(InnerLoop):
+class ClassAware:
+    """A loop that answers at most `n_way` classes (labels 0..n_way-1): ProtoNets and Proto-MAML."""
+
+    n_way: int
+
+    def with_n_way(self: _Loop, n_way: int) -> _Loop:
+        """The same loop (model, optimizer and losses shared) answering `n_way` classes: how an evaluation
+        protocol with other ways than training's (Lake's 20-way runs after 60-way episodes) gets its loop."""
+        if n_way < 2:
+            raise ValueError(f"{type(self).__name__}: n_way must be >= 2, got {n_way}")
+        other = copy.copy(self)
+        other.n_way = n_way
+        return other
+
+
+class PrototypeLoop(ClassAware, InnerLoop):
     """ProtoNets: a step embeds the support batch and keeps each class's mean embedding.
 
     `step` replaces the gradient step: prototypes c_k = mean of the embeddings of

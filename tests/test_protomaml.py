@@ -76,6 +76,26 @@ def test_a_wider_loop_scores_fewer_way_tasks_as_their_own():
     assert (wide.predict(adapted, first.query.x).softmax(-1)[:, 3:] == 0).all()
 
 
+@pytest.mark.parametrize("kind", ["protonet", "protomaml"])
+def test_with_n_way_is_the_loop_built_for_those_ways(kind):
+    """`with_n_way` (how an evaluation protocol gets a loop for its ways) answers as the loop built with them,
+    shares the model and leaves the original as it was; fewer than 2 ways are refused."""
+    model, _, meta, tasks = _setup(n_way=3, steps=1)
+    build = {"protonet": lambda n: mo.PrototypeLoop(model, n_way=n),
+             "protomaml": lambda n: mo.ProtoMAMLLoop(model, mo.optim.sgd(lr=0.3), n_way=n)}[kind]
+    wide = build(60)
+    narrow = wide.with_n_way(3)
+    assert (type(narrow), narrow.n_way, wide.n_way) == (type(wide), 3, 60) and narrow.model is model
+    first = mo.unstack_tasks(tasks)[0]
+    own = build(3)
+    logits = [loop.predict(mo.unroll(loop, loop.init(meta), first.support, meta), first.query.x)
+              for loop in (narrow, own)]
+    assert logits[0].shape == (first.query.x.shape[0], 3)
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="n_way must be >= 2"):
+        wide.with_n_way(1)
+
+
 def test_refuses_meta_parameters_keyed_by_the_models_parameters_and_predicting_before_a_step():
     model, loop, meta, tasks = _setup()
     with pytest.raises(ValueError, match="has no entry for it; use a plain inner optimizer"):
