@@ -58,7 +58,7 @@ class ProtoNetEnsemble(InnerLoop):
         return f"ProtoNetEnsemble({len(self.members)} x {type(self.model).__name__}, n_way={self.n_way})"
 
     def with_n_way(self, n_way: int) -> "ProtoNetEnsemble":
-        """The same members answering `n_way` classes (their loops rebuilt; the meta-parameters shared)."""
+        """The same members answering `n_way` classes (each loop's `with_n_way`; the meta-parameters shared)."""
         return ProtoNetEnsemble([(loop.with_n_way(n_way), meta) for loop, meta in self.members])
 
     def check(self, meta: MetaParams) -> None:
