@@ -188,9 +188,10 @@ class Compiled:
         return self._stacked_blockers[key][2]
 
     def stacked_slower(self, loop: InnerLoop, meta: MetaParams) -> str | None:
-        """Why `batching="auto"` vmaps rather than stacks: compiled, a vmapped chunk ran 3-6% faster than the
-        stacked trace of the same chunk (sinusoid MAML, meta-batch 25, T=1/5/20, 2 threads, alternated; README's
-        compiled path), where eager stacking is the faster one. After a fallback to eager, the eager reason."""
+        """Why `batching="auto"` vmaps rather than stacks: compiled, a vmapped chunk ran 3-5% faster than the
+        stacked trace of the same chunk at T=5 and 20 and the same within noise at T=1 (sinusoid MAML, meta-batch
+        25, 2 threads, alternated; README's compiled path), where eager stacking is the faster one (1.3-1.6x).
+        After a fallback to eager, the eager reason."""
         if self.fallback_reason is None:
             return "compiled, a vmapped chunk runs faster than a stacked one"
         return stacked_slower(loop, meta)
