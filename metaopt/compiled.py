@@ -40,7 +40,7 @@ from metaopt.budget import Budget
 from metaopt.loop import InnerLoop
 from metaopt.metacall import MetaCall, meta_values
 from metaopt.runner import Differentiator, MetaGrad, grads_of, run_meta_gradient
-from metaopt.stacked import StackedLoop, stacked_slower
+from metaopt.stacked import StackedLoop
 from metaopt.types import MetaParams, Task
 
 __all__ = ["Compiled", "ChunkResult", "default_options", "gradient_errors", "as_float64", "FLOAT32_RTOL",
@@ -194,7 +194,7 @@ class Compiled:
         After a fallback to eager, the eager reason."""
         if self.fallback_reason is None:
             return "compiled, a vmapped chunk runs faster than a stacked one"
-        return stacked_slower(loop, meta)
+        return self.eager.stacked_slower(loop, meta)
 
     def __call__(self, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
                  budget: Budget | None = None, *, batching: Batching = "auto", chunk_size: int | None = None,

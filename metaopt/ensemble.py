@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from metaopt.loop import InnerLoop
-from metaopt.prototypes import PrototypeLoop
+from metaopt.prototypes import ClassAware, PrototypeLoop
 from metaopt.types import Batch, Hyper, MetaParams, Params
 
 __all__ = ["ProtoNetEnsemble", "ensemble_meta"]
@@ -21,7 +21,7 @@ def ensemble_meta(metas: Sequence[MetaParams]) -> MetaParams:
     return nn.ModuleDict({f"member{i}": meta for i, meta in enumerate(metas)})
 
 
-class ProtoNetEnsemble(InnerLoop):
+class ProtoNetEnsemble(ClassAware, InnerLoop):
     """Several ProtoNets (`PrototypeLoop`s with their meta-parameters, e.g. runs trained with other seeds) as one
     inner loop for evaluation: `evaluate`, the protocols and Lake's runs score it as they score one ProtoNet.
 

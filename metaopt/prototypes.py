@@ -41,7 +41,8 @@ def class_means(embeddings: Tensor, labels: Tensor, n_way: int) -> PrototypeStat
 
 
 class ClassAware:
-    """A loop that answers at most `n_way` classes (labels 0..n_way-1): ProtoNets and Proto-MAML."""
+    """A loop that answers at most `n_way` classes (labels 0..n_way-1): ProtoNets, Proto-MAML and ensembles of
+    ProtoNets (which override `with_n_way` to rebuild their members)."""
 
     n_way: int
 

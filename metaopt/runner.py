@@ -14,8 +14,8 @@ previous chunk's objective alive while the next ran took the meta-step's peak RS
 30 MB to 49 MB), so a meta-step's peak is its largest chunk's plus the accumulated
 gradients.
 
-This module imports no estimator: it takes anything with `check`, `vmap_blocker`, `stacked_blocker`
-and `task_objective` (the `Differentiator` protocol).
+This module imports no estimator: it takes anything with `check`, `vmap_blocker`, `stacked_blocker`,
+`stacked_slower` and `task_objective` (the `Differentiator` protocol).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from metaopt.budget import Budget
 from metaopt.guard import StepGuard, TaskSkipped, UnrollTruncated
 from metaopt.loop import InnerLoop
 from metaopt.memory import peak_bytes, reset_peak
-from metaopt.stacked import StackedLoop, stacked_slower
+from metaopt.stacked import StackedLoop
 from metaopt.types import MetaParams, Task
 
 __all__ = ["MetaGrad", "TaskObjective", "Differentiator", "run_meta_gradient", "resolve_for", "grads_of", "chunks_of"]
@@ -89,6 +89,8 @@ class Differentiator(Protocol):
 
     def stacked_blocker(self, loop: InnerLoop, meta: MetaParams) -> str | None: ...
 
+    def stacked_slower(self, loop: InnerLoop, meta: MetaParams) -> str | None: ...
+
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
                        guard: StepGuard | None) -> TaskObjective: ...
 
@@ -96,12 +98,9 @@ class Differentiator(Protocol):
 def resolve_for(estimator: Differentiator, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
                 batching: Batching) -> tuple[Literal["stacked", "vmap", "loop"], Task | list[Task]]:
     """`resolve_batching` with what blocks or slows this estimator's vmapped and stacked forms (the runner, the
-    planner and its measurements resolve alike). An estimator with its own `stacked_slower` (the compiled
-    wrapper, `metaopt.compiled.Compiled`) says when stacking is slower for it."""
-    own = getattr(estimator, "stacked_slower", None)
-    slower = own(loop, meta) if own is not None else stacked_slower(loop, meta)
+    planner and its measurements resolve alike)."""
     return resolve_batching(tasks, batching, estimator.vmap_blocker(loop), estimator.stacked_blocker(loop, meta),
-                            slower)
+                            estimator.stacked_slower(loop, meta))
 
 
 def grads_of(loss: Tensor, meta: MetaParams) -> dict[str, Tensor]:

@@ -8,9 +8,9 @@ al.'s within-alphabet 20-way one-shot runs on Omniglot:
         within_alphabet_20way: {n_way: 20, within_alphabet: true, drawer_split: true, rotations: false}
 
 Each protocol is scored on `eval.n_tasks` tasks with the same seed and inner steps as the
-meta-test. A loop with its own number of classes (ProtoNets, Proto-MAML, their ensembles:
-`with_n_way`) answers the protocol's. A protocol the data cannot form (no held-out alphabet with 20 characters)
-or the model cannot answer (a 5-way MAML head on a 20-way protocol) is recorded as skipped
+meta-test. A loop with its own number of classes (`ClassAware`: ProtoNets, Proto-MAML, their
+ensembles) answers the protocol's (`with_n_way`). A protocol the data cannot form (no held-out alphabet with 20
+characters) or the model cannot answer (a 5-way MAML head on a 20-way protocol) is recorded as skipped
 with the reason instead of failing the run.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metaopt import evaluate
+from metaopt.prototypes import ClassAware
 from metaopt.tasks import RandomInit
 from metaopt_hydra.build import Parts, data_error
 from metaopt_hydra.checks import check_task_fits_model
@@ -57,7 +58,7 @@ def evaluate_protocols(cfg: DictConfig, parts: Parts) -> dict[str, dict[str, Any
             log.warning("protocol %s skipped: %s", name, error)
             continue
         loop = parts.loop
-        if hasattr(loop, "with_n_way"):  # a loop that knows its number of classes answers the protocol's
+        if isinstance(loop, ClassAware):  # a loop that knows its number of classes answers the protocol's
             loop = loop.with_n_way(tasks.n_way)
         if cfg.get("random_init", False):
             tasks = RandomInit(tasks, parts.model)

@@ -312,7 +312,8 @@ def test_an_ensemble_run_trains_standalone_members_and_answers_as_one(data, tmp_
               f"data.root={data}", "task.size=16", "model.channels=4", "model.image_size=16", "task.split_by=alphabet",
               "task.val_alphabets=0", "task.test_alphabets=1", "task.n_way=2", "task.k_query=2", "eval.task.n_way=2",
               "eval.val_task.n_way=2"]
-    for args in (["ensemble=2", f"hydra.run.dir={tmp_path / 'ens'}"], ["seed=1", "ensemble=1", f"hydra.run.dir={tmp_path / 'solo'}"]):
+    for args in (["ensemble=2", f"hydra.run.dir={tmp_path / 'ens'}"],
+                 ["seed=1", "ensemble=1", f"hydra.run.dir={tmp_path / 'solo'}"]):
         trained = subprocess.run([*common, *args], capture_output=True, text=True, env=env, cwd=root, timeout=300)
         assert trained.returncode == 0, trained.stderr[-3000:]
     metrics = json.loads((tmp_path / "ens" / "metrics.json").read_text())

@@ -26,7 +26,7 @@ from metaopt.guard import StepGuard
 from metaopt.loop import InnerLoop
 from metaopt.metacall import call_with_meta, meta_values
 from metaopt.runner import MetaGrad, TaskObjective, grads_of, run_meta_gradient
-from metaopt.stacked import stacked_blocker
+from metaopt.stacked import stacked_blocker, stacked_slower
 from metaopt.types import MetaParams, Task
 
 __all__ = [
@@ -170,6 +170,11 @@ class AbstractEstimator(abc.ABC):
         if not self.stacks:
             return f"estimator {self.name!r} does not run stacked"
         return stacked_blocker(loop, self.second_order)
+
+    def stacked_slower(self, loop: InnerLoop, meta: MetaParams) -> str | None:
+        """Why stacking is expected to be slower than vmap for this estimator here (then `batching="auto"`
+        vmaps), or None: `metaopt.stacked.stacked_slower` (the compiled wrapper has its own reason)."""
+        return stacked_slower(loop, meta)
 
     @abc.abstractmethod
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
