@@ -188,7 +188,7 @@ class Compiled:
         return self._stacked_blockers[key][2]
 
     def stacked_slower(self, loop: InnerLoop, meta: MetaParams) -> str | None:
-        """Why `batching="auto"` vmaps rather than stacks: compiled, a vmapped chunk ran 3-5% faster than the
+        """Why `batching="auto"` vmaps rather than stacks: compiled, a vmapped chunk ran 3-8% faster than the
         stacked trace of the same chunk at T=5 and 20 and the same within noise at T=1 (sinusoid MAML, meta-batch
         25, 2 threads, alternated; README's compiled path), where eager stacking is the faster one (1.3-1.6x).
         After a fallback to eager, the eager reason."""
