@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import time
 import types
 from typing import Any, Callable, Sequence
@@ -43,14 +44,15 @@ from metaopt.runner import Differentiator, MetaGrad, grads_of, run_meta_gradient
 from metaopt.stacked import StackedLoop
 from metaopt.types import MetaParams, Task
 
-__all__ = ["Compiled", "ChunkResult", "default_options", "gradient_errors", "as_float64", "FLOAT32_RTOL",
-           "REFEREE_FACTOR"]
+__all__ = ["Compiled", "ChunkResult", "default_options", "library_guard_filter", "gradient_errors", "as_float64",
+           "FLOAT32_RTOL", "REFEREE_FACTOR"]
 
 log = logging.getLogger("metaopt")
 
-ChunkResult = tuple[dict[str, Tensor], Tensor, dict[str, Tensor], Tensor]
+ChunkResult = tuple[dict[str, Tensor], Tensor, dict[str, Tensor], Tensor, Tensor]
 """A chunk's (gradients, the mean over its tasks; outer losses [B]; stats {name: [B]}; the mean outer loss, a
-scalar), no graph left."""
+scalar; which tasks were used, bool [B], all True), no graph left. The last two come out of the compiled graph:
+after the call, each op costs 5-12 us on caches the kernels left cold, several times its usual cost."""
 
 
 def _objective_of(estimator: Differentiator, loop: InnerLoop,
@@ -106,12 +108,54 @@ def gradient_errors(got: dict[str, Tensor], want: dict[str, Tensor]) -> dict[str
     return errors
 
 
+def library_guard_filter(entries: Sequence[Any]) -> list[bool]:
+    """Dynamo guard filter (`torch.compile(options={"guard_filter_fn": ...})`): keep every guard but those on the
+    globals of torch's, metaopt's and Python's own modules, which the traced code reads as functions, modules,
+    classes and their defaults.
+
+    Why: Dynamo re-checks every guard before each call. For sinusoid MAML about half of the ~1000 guards are on
+    such globals (the functions `torch.func.grad`, `vmap` and `functional_call` run through, and which module
+    holds which), and at T=1 checking them on caches the rest of a training step left cold cost about a tenth of
+    the call (`experiments/bench_step.py`). Those globals do not change while a process trains; what can change
+    stays guarded: the meta-parameters, the loop's hyperparameters and modules (reached through the function's
+    closure, not globals), the inputs' shapes, dtypes and devices, the global torch state (grad mode, default
+    dtype, ...), and the globals of every other module, such as a user's loss or model reading a module-level
+    constant. What is skipped: replacing a torch or metaopt function in place (monkeypatching) after a
+    compilation is not seen by that compilation.
+
+    Args:
+      entries: Dynamo's `GuardFilterEntry`s (`name`: the guarded source, e.g. "G['__import_torch_dot_func'].grad";
+        `is_global`).
+
+    Returns:
+      Per entry, whether to keep the guard.
+    """
+    return [not (entry.is_global and _library_global(entry.name)) for entry in entries]
+
+
+def _library_global(name: str) -> bool:
+    """Whether a global guard's source (e.g. "G['__import_metaopt_dot_loop'].unroll") is in torch's, metaopt's or
+    the standard library's modules. Dynamo names the traced root frame's globals (this module's: `torch`,
+    `vmap_tasks`, ...) and builtins directly, and other modules' as `__import_<module, dots as _dot_>`."""
+    if not name.startswith("G['"):
+        return False
+    key = name[3:name.find("'", 3)]
+    if not key.startswith("__import_"):
+        return True  # this module's own globals, builtins (`__builtins_dict___N`), namedtuple scopes
+    package = key[len("__import_"):].split("_dot_")[0]
+    return package in ("torch", "metaopt") or package in sys.stdlib_module_names
+
+
 def default_options(device: str) -> dict[str, Any]:
-    """Inductor options for a meta-gradient on `device` ("cpu", "cuda", ...): on the CPU the kernels are called
-    from generated C++ instead of Python (`cpp_wrapper`): a sinusoid MAML step has ~20 kernels and ~40
-    buffer allocations, and their Python calls were ~10% of the step at T=1 (`experiments/bench_step.py`).
-    Elsewhere torch's defaults (no GPU was at hand to measure the wrapper with CUDA graphs)."""
-    return {"cpp_wrapper": True} if device == "cpu" else {}
+    """Options for a meta-gradient's `torch.compile` on `device` ("cpu", "cuda", ...): everywhere Dynamo skips
+    the guards on library globals (`library_guard_filter`); on the CPU the kernels are called from generated C++
+    instead of Python (`cpp_wrapper`): a sinusoid MAML step has ~20 kernels and ~40 buffer allocations, and their
+    Python calls were ~10% of the step at T=1 (`experiments/bench_step.py`). Elsewhere Inductor's defaults (no
+    GPU was at hand to measure the wrapper with CUDA graphs)."""
+    options: dict[str, Any] = {"guard_filter_fn": library_guard_filter}
+    if device == "cpu":
+        options["cpp_wrapper"] = True
+    return options
 
 
 def _is_graph_break(error: Exception) -> bool:
@@ -129,9 +173,10 @@ class Compiled:
     Args:
       estimator: the estimator to compile (e.g. `Full()`, `FirstOrder()`).
       mode: `torch.compile`'s mode (None: default; "reduce-overhead" uses CUDA graphs on GPUs).
-      options: Inductor options (None: `default_options` for the tasks' device: on the CPU a C++ wrapper
-        around the kernels, which drops ~40 us of Python per call at T=1 for ~10 s more compile time; a
-        function whose C++ wrapper fails to build is compiled again without it before falling back).
+      options: `torch.compile` options (None: `default_options` for the tasks' device: no guards on library
+        globals, `library_guard_filter`; on the CPU a C++ wrapper around the kernels, which drops ~40 us of Python
+        per call at T=1 for ~10 s more compile time; a function whose C++ wrapper fails to build is compiled again
+        without it before falling back).
       fullgraph: refuse graph breaks (a break means Python runs between kernels: the gain is gone).
       verify: check the first call at each input shape against eager (see the module docstring).
 
@@ -228,7 +273,7 @@ class Compiled:
                 function = self._functions.get(key)
                 if function is None:
                     function = self._functions[key] = self._build(loop, meta, pattern, options, stacked)
-                grads, (losses, stats, mean_loss) = function(tasks)
+                grads, (losses, stats, mean_loss, used) = function(tasks)
             except Exception as error:
                 if not (first and options.get("cpp_wrapper")) or _is_graph_break(error):
                     raise
@@ -236,15 +281,16 @@ class Compiled:
                          type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "")
                 function = self._functions[key] = self._build(loop, meta, pattern, {**options, "cpp_wrapper": False},
                                                               stacked)
-                grads, (losses, stats, mean_loss) = function(tasks)
+                grads, (losses, stats, mean_loss, used) = function(tasks)
         except Exception as error:  # a compile error or a graph break: eager from now on
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
             self._fall_back(f"torch.compile failed: {type(error).__name__}: {' '.join(lines[:3])[:400]}")
             return None
         if self.mode is not None and "reduce-overhead" in self.mode:
             # CUDA graphs replay into the same output buffers: the caller keeps copies, not the buffers.
-            grads, losses, mean_loss = {k: g.clone() for k, g in grads.items()}, losses.clone(), mean_loss.clone()
-        result = (grads, losses, stats, mean_loss)  # grad's outputs and aux carry no graph
+            grads = {k: g.clone() for k, g in grads.items()}
+            losses, mean_loss, used = losses.clone(), mean_loss.clone(), used.clone()
+        result = (grads, losses, stats, mean_loss, used)  # grad's outputs and aux carry no graph
         if first:
             if self.verify:
                 eager = self._eager_chunk(loop, meta, tasks, pattern)
@@ -263,16 +309,16 @@ class Compiled:
                options: dict[str, Any], stacked: bool = False) -> Callable[..., Any]:
         estimator = self.eager
 
-        def total(meta_now: MetaParams, tasks: Task) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor], Tensor]]:
+        def total(meta_now: MetaParams, tasks: Task) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor], Tensor, Tensor]]:
             if stacked:
                 on_axis = StackedLoop(loop, tasks.query.x.shape[0], functional=True)
                 result = estimator.task_objective(on_axis, meta_now, expand_support(tasks, pattern), None)
                 surrogate, outer_loss, stats = result.surrogate, result.outer_loss, dict(result.stats)
             else:
                 surrogate, outer_loss, stats = vmap_tasks(_objective_of(estimator, loop, meta_now), tasks, pattern)
-            # The mean outer loss in the graph: after the call, the runner's first op on an output costs a few
-            # times an op's usual ~7 us (`experiments/bench_step.py`'s T=1 row).
-            return surrogate.mean(), (outer_loss, stats, outer_loss.detach().mean())
+            # The mean outer loss and the used-task mask in the graph (`ChunkResult`): ops after the call cost more.
+            losses = outer_loss.detach().to(torch.get_default_dtype())
+            return surrogate.mean(), (losses, stats, losses.mean(), torch.ones_like(losses, dtype=torch.bool))
 
         holder = MetaCall(meta)  # made here: a module created inside the traced function cannot be reparametrized
 
@@ -295,7 +341,9 @@ class Compiled:
     def _eager_chunk(self, loop: InnerLoop, meta: MetaParams, tasks: Task, pattern: tuple[int, ...]) -> ChunkResult:
         surrogate, outer_loss, stats = vmap_tasks(_objective_of(self.eager, loop, meta), tasks, pattern)
         grads = grads_of(surrogate.mean(), meta)
-        return grads, outer_loss.detach(), {k: v.detach() for k, v in stats.items()}, outer_loss.detach().mean()
+        losses = outer_loss.detach().to(torch.get_default_dtype())
+        return (grads, losses, {k: v.detach() for k, v in stats.items()}, losses.mean(),
+                torch.ones_like(losses, dtype=torch.bool))
 
     def _refereed(self, mismatch: str, compiled: ChunkResult, eager: ChunkResult, loop: InnerLoop, meta: MetaParams,
                   tasks: Task, pattern: tuple[int, ...]) -> str | None:

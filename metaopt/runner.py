@@ -121,13 +121,15 @@ def chunks_of(total: int, size: int) -> list[tuple[int, int]]:
 
 class _Chunk(NamedTuple):
     """A chunk's result with no graph left in it: `grads` is the mean over its tasks; `mean_loss` the mean of
-    `outer_loss` where the chunk computed it already (a compiled chunk: one op fewer per call), else None."""
+    `outer_loss` and `used` its all-True task mask where the chunk made them already (a compiled chunk: two ops
+    fewer after the call, where each costs several times its usual few us), else None."""
 
     grads: dict[str, Tensor]
     outer_loss: Tensor
     stats: dict[str, Tensor]
     carry: Any = None
     mean_loss: Tensor | None = None
+    used: Tensor | None = None
 
 
 class _Run:
@@ -169,8 +171,8 @@ class _Run:
             if done is not None:  # None: the wrapper fell back to eager
                 if guard is not None:
                     guard.after_backward(self.steps(first))
-                grads, outer_loss, stats, mean_loss = done
-                return _Chunk(grads, outer_loss, stats, mean_loss=mean_loss)
+                grads, outer_loss, stats, mean_loss, used = done
+                return _Chunk(grads, outer_loss, stats, mean_loss=mean_loss, used=used)
         result = self.objective(first, last, guard)
         grads = grads_of(result.surrogate.mean(), self.meta)
         if guard is not None:
@@ -253,13 +255,13 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
     stats_rows: list[dict[str, Tensor]] = []
     carries: list[Any] = []
     truncated = skipped = 0
-    whole_mean = None  # the mean outer loss, where one chunk of all the tasks computed it
+    whole: _Chunk | None = None  # the one chunk of all the tasks
     for first, last in chunks_of(total, size):
         done, was_cut = run.guarded_chunk(first, last)
         if done is None:
             skipped += last - first
             continue
-        whole_mean = done.mean_loss if last - first == total else None
+        whole = done if last - first == total else None
         truncated += was_cut * (last - first)
         mean_gradient.add(last - first, done.grads)
         losses.append((first, last, done.outer_loss))
@@ -267,7 +269,7 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
         carries.append(done.carry)
     used = total - skipped
     grads = mean_gradient.result(meta)
-    task_losses, task_used = _task_losses(losses, total)
+    task_losses, task_used = _task_losses(losses, total, whole.used if whole is not None else None)
     stats: dict[str, float | int | str] = {
         "seconds": time.perf_counter() - start, "tasks": total, "batching": mode, "chunk_size": size,
         "tasks_truncated": truncated, "tasks_skipped": skipped}
@@ -276,7 +278,8 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
         stats[k] = values.mean().item()
         stats[f"{k}_max"] = values.max().item()
     # A task that diverged keeps its NaN in the mean: only skipped tasks are left out.
-    outer_loss = whole_mean.to(task_losses) if whole_mean is not None else task_losses.mean() if used == total \
+    whole_mean = whole.mean_loss if whole is not None else None
+    outer_loss = _as(whole_mean, task_losses) if whole_mean is not None else task_losses.mean() if used == total \
         else task_losses[task_used].mean() if used else torch.tensor(float("nan"))
     carry = None if skipped or any(c is None for c in carries) else \
         carries[0] if len(carries) == 1 else tree_map(lambda *parts: torch.cat(parts), *carries)
@@ -312,12 +315,23 @@ class _MeanGradient:
         return dict(zip(self.names, torch._foreach_div(self.total, float(self.tasks))))
 
 
-def _task_losses(losses: list[tuple[int, int, Tensor]], total: int) -> tuple[Tensor, Tensor]:
+def _as(tensor: Tensor, like: Tensor) -> Tensor:
+    """`tensor.to(like)`, without the op where it would change nothing (an op after a compiled call is costly)."""
+    return tensor if tensor.dtype == like.dtype and tensor.device == like.device else tensor.to(like)
+
+
+def _task_losses(losses: list[tuple[int, int, Tensor]], total: int,
+                 whole_used: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Each task's outer loss (NaN where skipped; default dtype, on the CPU) and whether it was used, from the
-    chunks' (first, last, outer losses)."""
+    chunks' (first, last, outer losses); `whole_used`: the used mask a chunk of all the tasks made (all True)."""
     dtype = torch.get_default_dtype()
     if len(losses) == 1 and losses[0][:2] == (0, total):
-        return losses[0][2].to("cpu", dtype), torch.ones(total, dtype=torch.bool)
+        loss = losses[0][2]
+        if not (loss.dtype == dtype and loss.device.type == "cpu"):
+            loss = loss.to("cpu", dtype)
+        used = torch.ones(total, dtype=torch.bool) if whole_used is None else \
+            whole_used if whole_used.device.type == "cpu" else whole_used.to("cpu")
+        return loss, used
     task_losses = torch.full((total,), float("nan"), dtype=dtype)
     task_used = torch.zeros(total, dtype=torch.bool)
     for first, last, loss in losses:

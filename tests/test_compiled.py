@@ -8,7 +8,7 @@ import torch
 
 import metaopt as mo
 from db import ESTIMATORS
-from metaopt.compiled import Compiled, default_options
+from metaopt.compiled import Compiled, default_options, library_guard_filter
 from problems import META_KINDS, central_difference, tiny_model, tiny_tasks
 
 T = 2
@@ -62,6 +62,48 @@ def test_the_compiled_function_reads_the_meta_parameters_at_every_call():
     assert compiled.compiled and compiled.compiled_calls == 4
 
 
+#: Read by `_scaled_mse` at every call: a global of this (a user's) module, which the compiled function must guard.
+LOSS_SCALE = 1.0
+
+
+def _scaled_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return LOSS_SCALE * mo.losses.mse(pred, target)
+
+
+def test_the_globals_of_a_users_module_stay_guarded():
+    """`default_options` skips the guards on torch's and metaopt's globals, not on others: a user's loss reading
+    a module-level constant sees it change, as eager does."""
+    global LOSS_SCALE
+    model = tiny_model()
+    loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.05), _scaled_mse)
+    meta, tasks = META_KINDS["init"](model), tiny_tasks(3, T)
+    compiled, eager = mo.get_estimator("full", compile=True), mo.get_estimator("full")
+    try:
+        first = compiled(loop, meta, tasks)
+        _assert_equal(first, eager(loop, meta, tasks))
+        LOSS_SCALE = 2.0
+        second = compiled(loop, meta, tasks)
+        _assert_equal(second, eager(loop, meta, tasks))
+        assert compiled.compiled and compiled.compiled_calls == 2
+        assert second.outer_loss.item() != first.outer_loss.item()
+    finally:
+        LOSS_SCALE = 1.0
+
+
+def test_the_guard_filter_skips_library_globals_only():
+    class Entry:
+        def __init__(self, name: str, is_global: bool = True):
+            self.name, self.is_global = name, is_global
+
+    names = {"G['torch'].func.grad": False, "G['__import_torch_dot__functorch_dot_vmap']._flat_vmap": False,
+             "G['__import_metaopt_dot_loop'].unroll": False, "G['__builtins_dict___0']['len']": False,
+             "G['__import_contextlib']": False, "G['vmap_tasks']": False,
+             "G['__import_test_compiled'].LOSS_SCALE": True, "G['__import_mylab_dot_losses'].SCALE": True,
+             "G['__import___main__'].WIDTH": True}
+    entries = [Entry(n) for n in names] + [Entry("L['tasks'].query.x", is_global=False), Entry("", False)]
+    assert library_guard_filter(entries) == [*names.values(), True, True]
+
+
 def test_compiled_full_matches_finite_differences():
     loop, meta, tasks = _problem("init+lrs_element")
     grads = mo.get_estimator("full", compile=True)(loop, meta, tasks).grads
@@ -78,7 +120,8 @@ def test_a_wrong_compiled_result_falls_back_to_eager():
     def wrong(loop_, meta_, pattern, options, stacked=False):
         def function(tasks_):
             grads = {k: torch.zeros_like(p) for k, p in meta_.named_parameters() if p.requires_grad}
-            return grads, (torch.zeros(tasks_.query.x.shape[0]), {}, torch.zeros(()))
+            n = tasks_.query.x.shape[0]
+            return grads, (torch.zeros(n), {}, torch.zeros(()), torch.ones(n, dtype=torch.bool))
         return function
 
     compiled._build = wrong
@@ -100,13 +143,14 @@ def test_a_failed_cpp_wrapper_is_compiled_again_without_it():
             raise RuntimeError("CppCompileError: C++ compile error")
 
         def function(tasks_):
-            grads, losses, stats, mean_loss = compiled._eager_chunk(loop_, meta_, tasks_, pattern)
-            return grads, (losses, stats, mean_loss)
+            grads, *aux = compiled._eager_chunk(loop_, meta_, tasks_, pattern)
+            return grads, tuple(aux)
         return function
 
     compiled._build = flaky
     result = compiled(loop, meta, tasks)
-    assert tried == [{"cpp_wrapper": True}, {"cpp_wrapper": False}] and default_options("cpu") == tried[0]
+    assert [o.get("cpp_wrapper") for o in tried] == [True, False] and default_options("cpu") == tried[0]
+    assert tried[1] == {**tried[0], "cpp_wrapper": False}  # the guard filter stays
     assert compiled.compiled and compiled.compiled_calls == 1
     _assert_equal(result, mo.Full()(loop, meta, tasks))
 
