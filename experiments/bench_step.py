@@ -14,7 +14,9 @@ inner steps. Implementations, all computing the same gradient (checked here):
   metaopt-comp-vmap, metaopt-comp-stacked  the same with batching="vmap" / "stacked" (on request with
                  --only: the stacked trace of the chunk, the compiled default until stop 36)
   torch.func-comp  the hand-written reference's meta-gradient (torch.func.grad of the vmapped
-                 objective) under torch.compile(fullgraph=True)
+                 objective) under torch.compile(fullgraph=True), torch's default options
+  torch.func-comp-filtered  the same with metaopt's guard policy (`options={"guard_filter_fn":
+                 metaopt.compiled.library_guard_filter}`: no guards on torch's globals; on request with --only)
 TorchOpt is not compared: it does not install beside torch 2.13 here.
 Compile time is paid in the (untimed) warm-up call and printed separately.
 
@@ -39,17 +41,18 @@ import argparse
 import random
 import statistics
 import time
+import types
 from typing import Callable
 
 import torch
 from torch.func import functional_call, grad, vmap
 
 import metaopt as mo
-from metaopt.compiled import Compiled
+from metaopt.compiled import Compiled, library_guard_filter
 
 LR, META_BATCH, K = 0.01, 25, 10
 NAMES = ["metaopt", "metaopt-vmap", "metaopt-loop", "torch.func", "metaopt-comp", "metaopt-comp-vmap",
-         "metaopt-comp-stacked", "torch.func-comp", "higher"]
+         "metaopt-comp-stacked", "torch.func-comp", "torch.func-comp-filtered", "higher"]
 
 
 # Each make_* builds one implementation of MAML's meta-gradient (`loss`: inner and outer loss, `lr`: inner lr);
@@ -90,7 +93,7 @@ def make_torch_func(model, tasks, loss=mo.losses.mse, lr=LR):
     return step
 
 
-def make_torch_func_compiled(model, tasks, loss=mo.losses.mse, lr=LR, mode=None):
+def make_torch_func_compiled(model, tasks, loss=mo.losses.mse, lr=LR, mode=None, options=None):
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     xs, ys = tasks.support[0]
     xq, yq = tasks.query
@@ -105,7 +108,11 @@ def make_torch_func_compiled(model, tasks, loss=mo.losses.mse, lr=LR, mode=None)
     def meta_loss(p, xs, ys, xq, yq):
         return vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(p, xs, ys, xq, yq).mean()
 
-    compiled = torch.compile(grad(meta_loss), fullgraph=True, mode=mode)
+    meta_gradient = grad(meta_loss)
+    if options is not None:  # Dynamo caches per code object: other options need a code object of their own
+        meta_gradient = types.FunctionType(meta_gradient.__code__.replace(), meta_gradient.__globals__,
+                                           "meta_gradient", meta_gradient.__defaults__, meta_gradient.__closure__)
+    compiled = torch.compile(meta_gradient, fullgraph=True, mode=mode, options=options)
 
     def step():
         g = compiled(params, xs, ys, xq, yq)
@@ -148,6 +155,9 @@ def bench(steps: int, repeats: int, with_higher: bool, with_compile: bool = Fals
             if only and f"metaopt-comp-{batching}" in only:
                 impls[f"metaopt-comp-{batching}"] = make_metaopt(model, tasks, batching, compile=True)
         impls["torch.func-comp"] = make_torch_func_compiled(model, tasks)
+        if only and "torch.func-comp-filtered" in only:
+            impls["torch.func-comp-filtered"] = make_torch_func_compiled(
+                model, tasks, options={"guard_filter_fn": library_guard_filter})
     if with_higher:
         impls["higher"] = make_higher(model, tasks)
     if only:
@@ -180,18 +190,18 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="add the compiled implementations")
     parser.add_argument("--only", nargs="+", choices=NAMES, help="time these (and torch.func, the reference) only")
     args = parser.parse_args()
-    if args.only and any(name.endswith("-comp") for name in args.only) and not args.compile:
+    if args.only and any("-comp" in name for name in args.only) and not args.compile:
         parser.error("--only names a compiled implementation: add --compile")
     torch.set_num_threads(args.threads)
     print(f"median seconds per meta-step (meta-batch {META_BATCH}, K={K}, {args.repeats} repeats, "
           f"{args.threads} threads, torch {torch.__version__})")
-    print(f"{'T':>3} {'implementation':<14} {'median s':>10} {'vs torch.func':>14} {'speed-up vs higher':>19}")
+    print(f"{'T':>3} {'implementation':<24} {'median s':>10} {'vs torch.func':>14} {'speed-up vs higher':>19}")
     speedups = []
     for steps in args.steps:
         medians = bench(steps, args.repeats, not args.no_higher, args.compile, args.only)
         for name, seconds in medians.items():
             vs_higher = f"{medians['higher'] / seconds:.1f}x" if "higher" in medians else "-"
-            print(f"{steps:>3} {name:<14} {seconds:>10.5f} {seconds / medians['torch.func']:>13.2f}x {vs_higher:>19}")
+            print(f"{steps:>3} {name:<24} {seconds:>10.5f} {seconds / medians['torch.func']:>13.2f}x {vs_higher:>19}")
         if "metaopt-comp" in medians:
             speedups.append(f"T={steps}:{medians['torch.func'] / medians['metaopt-comp']:.2f}")
         if {"metaopt-comp", "torch.func-comp"} <= set(medians):
