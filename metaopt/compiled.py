@@ -108,6 +108,11 @@ def gradient_errors(got: dict[str, Tensor], want: dict[str, Tensor]) -> dict[str
     return errors
 
 
+#: Whether this torch's `torch.compile` takes a `guard_filter_fn` option (the torch versions that ship
+#: `torch.compiler.skip_guard_on_globals_unsafe` with it; metaopt supports torch >= 2.4: without it every guard stays).
+GUARD_FILTERS = hasattr(torch.compiler, "skip_guard_on_globals_unsafe")
+
+
 def library_guard_filter(entries: Sequence[Any]) -> list[bool]:
     """Dynamo guard filter (`torch.compile(options={"guard_filter_fn": ...})`): keep every guard but those on the
     globals of torch's, metaopt's and Python's own modules, which the traced code reads as functions, modules,
@@ -130,7 +135,9 @@ def library_guard_filter(entries: Sequence[Any]) -> list[bool]:
     Returns:
       Per entry, whether to keep the guard.
     """
-    return [not (entry.is_global and _library_global(entry.name)) for entry in entries]
+    # Entries are torch's unversioned data type: a field it lacks keeps the guard.
+    return [not (getattr(entry, "is_global", False) and _library_global(str(getattr(entry, "name", ""))))
+            for entry in entries]
 
 
 def _library_global(name: str) -> bool:
@@ -152,7 +159,7 @@ def default_options(device: str) -> dict[str, Any]:
     instead of Python (`cpp_wrapper`): a sinusoid MAML step has ~20 kernels and ~40 buffer allocations, and their
     Python calls were ~10% of the step at T=1 (`experiments/bench_step.py`). Elsewhere Inductor's defaults (no
     GPU was at hand to measure the wrapper with CUDA graphs)."""
-    options: dict[str, Any] = {"guard_filter_fn": library_guard_filter}
+    options: dict[str, Any] = {"guard_filter_fn": library_guard_filter} if GUARD_FILTERS else {}
     if device == "cpu":
         options["cpp_wrapper"] = True
     return options

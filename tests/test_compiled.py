@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import metaopt as mo
+import metaopt.compiled
 from db import ESTIMATORS
 from metaopt.compiled import Compiled, default_options, library_guard_filter
 from problems import META_KINDS, central_difference, tiny_model, tiny_tasks
@@ -90,7 +91,7 @@ def test_the_globals_of_a_users_module_stay_guarded():
         LOSS_SCALE = 1.0
 
 
-def test_the_guard_filter_skips_library_globals_only():
+def test_the_guard_filter_skips_library_globals_only(monkeypatch):
     class Entry:
         def __init__(self, name: str, is_global: bool = True):
             self.name, self.is_global = name, is_global
@@ -102,6 +103,11 @@ def test_the_guard_filter_skips_library_globals_only():
              "G['__import___main__'].WIDTH": True}
     entries = [Entry(n) for n in names] + [Entry("L['tasks'].query.x", is_global=False), Entry("", False)]
     assert library_guard_filter(entries) == [*names.values(), True, True]
+    assert library_guard_filter([object()]) == [True]  # an entry of another torch's making: kept
+    if metaopt.compiled.GUARD_FILTERS:  # this torch takes the option
+        assert default_options("cuda") == {"guard_filter_fn": library_guard_filter}
+    monkeypatch.setattr(metaopt.compiled, "GUARD_FILTERS", False)  # a torch without the option: every guard
+    assert default_options("cpu") == {"cpp_wrapper": True} and default_options("cuda") == {}
 
 
 def test_compiled_full_matches_finite_differences():
