@@ -329,8 +329,9 @@ def _task_losses(losses: list[tuple[int, int, Tensor]], total: int,
         loss = losses[0][2]
         if not (loss.dtype == dtype and loss.device.type == "cpu"):
             loss = loss.to("cpu", dtype)
-        used = torch.ones(total, dtype=torch.bool) if whole_used is None else \
-            whole_used if whole_used.device.type == "cpu" else whole_used.to("cpu")
+        # A mask on another device is not copied (a host sync): made here instead.
+        used = whole_used if whole_used is not None and whole_used.device.type == "cpu" else \
+            torch.ones(total, dtype=torch.bool)
         return loss, used
     task_losses = torch.full((total,), float("nan"), dtype=dtype)
     task_used = torch.zeros(total, dtype=torch.bool)

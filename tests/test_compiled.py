@@ -23,6 +23,8 @@ def _problem(kind: str):
 
 def _assert_equal(result: mo.MetaGrad, reference: mo.MetaGrad) -> None:
     torch.testing.assert_close(result.outer_loss, reference.outer_loss, rtol=1e-10, atol=0)
+    torch.testing.assert_close(result.task_losses, reference.task_losses, rtol=1e-10, atol=0)  # dtype too
+    assert torch.equal(result.task_used, reference.task_used)
     for k, g in reference.grads.items():
         torch.testing.assert_close(result.grads[k], g, rtol=1e-10, atol=1e-12, msg=f"gradient of {k}")
 
