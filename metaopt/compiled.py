@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import sys
+import sysconfig
 import time
 import types
 from typing import Any, Callable, Sequence
@@ -150,7 +152,19 @@ def _library_global(name: str) -> bool:
     if not key.startswith("__import_"):
         return True  # this module's own globals, builtins (`__builtins_dict___N`), namedtuple scopes
     package = key[len("__import_"):].split("_dot_")[0]
-    return package in ("torch", "metaopt") or package in sys.stdlib_module_names
+    return package in ("torch", "metaopt") or _is_stdlib(package)
+
+
+_STDLIB = os.path.realpath(sysconfig.get_paths()["stdlib"])
+
+
+def _is_stdlib(package: str) -> bool:
+    """Whether `package` is the standard library's: by name, and where it is loaded from a file, from the
+    standard library's directory (a user's own package named `test` or `code` keeps its guards)."""
+    if package not in sys.stdlib_module_names:
+        return False
+    file = getattr(sys.modules.get(package), "__file__", None)
+    return file is None or os.path.realpath(file).startswith(_STDLIB + os.sep)
 
 
 def default_options(device: str) -> dict[str, Any]:

@@ -3,6 +3,9 @@ back to eager with the reason, never silently wrong. Each compile takes seconds:
 (estimator, kind) pairs; the whole estimator x kind matrix is marked slow."""
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 
@@ -102,8 +105,10 @@ def test_the_guard_filter_skips_library_globals_only(monkeypatch):
              "G['__import_metaopt_dot_loop'].unroll": False, "G['__builtins_dict___0']['len']": False,
              "G['__import_contextlib']": False, "G['vmap_tasks']": False,
              "G['__import_test_compiled'].LOSS_SCALE": True, "G['__import_mylab_dot_losses'].SCALE": True,
-             "G['__import___main__'].WIDTH": True}
+             "G['__import___main__'].WIDTH": True, "G['__import_code_dot_losses'].SCALE": True}
     entries = [Entry(n) for n in names] + [Entry("L['tasks'].query.x", is_global=False), Entry("", False)]
+    # "code" is a standard library module's name too: a user's own package of that name keeps its guards.
+    monkeypatch.setitem(sys.modules, "code", types.SimpleNamespace(__file__="/home/me/lab/code/__init__.py"))
     assert library_guard_filter(entries) == [*names.values(), True, True]
     assert library_guard_filter([object()]) == [True]  # an entry of another torch's making: kept
     if metaopt.compiled.GUARD_FILTERS:  # this torch takes the option
