@@ -41,14 +41,13 @@ import argparse
 import random
 import statistics
 import time
-import types
 from typing import Callable
 
 import torch
 from torch.func import functional_call, grad, vmap
 
 import metaopt as mo
-from metaopt.compiled import Compiled, library_guard_filter
+from metaopt.compiled import Compiled, library_guard_filter, with_own_code
 
 LR, META_BATCH, K = 0.01, 25, 10
 NAMES = ["metaopt", "metaopt-vmap", "metaopt-loop", "torch.func", "metaopt-comp", "metaopt-comp-vmap",
@@ -109,9 +108,8 @@ def make_torch_func_compiled(model, tasks, loss=mo.losses.mse, lr=LR, mode=None,
         return vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(p, xs, ys, xq, yq).mean()
 
     meta_gradient = grad(meta_loss)
-    if options is not None:  # Dynamo caches per code object: other options need a code object of their own
-        meta_gradient = types.FunctionType(meta_gradient.__code__.replace(), meta_gradient.__globals__,
-                                           "meta_gradient", meta_gradient.__defaults__, meta_gradient.__closure__)
+    if options is not None:  # the first compilation's options would win in a shared code object's cache
+        meta_gradient = with_own_code(meta_gradient)
     compiled = torch.compile(meta_gradient, fullgraph=True, mode=mode, options=options)
 
     def step():

@@ -46,8 +46,8 @@ from metaopt.runner import Differentiator, MetaGrad, grads_of, run_meta_gradient
 from metaopt.stacked import StackedLoop
 from metaopt.types import MetaParams, Task
 
-__all__ = ["Compiled", "ChunkResult", "default_options", "library_guard_filter", "gradient_errors", "as_float64",
-           "FLOAT32_RTOL", "REFEREE_FACTOR"]
+__all__ = ["Compiled", "ChunkResult", "default_options", "library_guard_filter", "with_own_code", "gradient_errors",
+           "as_float64", "FLOAT32_RTOL", "REFEREE_FACTOR"]
 
 log = logging.getLogger("metaopt")
 
@@ -177,6 +177,15 @@ def default_options(device: str) -> dict[str, Any]:
     if device == "cpu":
         options["cpp_wrapper"] = True
     return options
+
+
+def with_own_code(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function` with a copy of its code object (same globals, defaults and closure). Dynamo caches compiled code
+    per code object, at most 8 variants, and under one code object's cache the first compilation's options win:
+    every `Compiled` wrapper shares `meta_gradient`'s (and torch.func.grad's) code, so a process building several
+    (tests, explorer workers) would hit the limit. A copy gives each compiled function a cache of its own."""
+    return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
 
 
 def _is_graph_break(error: Exception) -> bool:
@@ -352,12 +361,8 @@ class Compiled:
             # module tree in Python (~17 us per call at T=1).
             return torch.func.grad(surrogate, has_aux=True)(meta_values(holder.meta), tasks)
 
-        # Dynamo caches compiled code per code object, at most 8 variants: every wrapper shares `meta_gradient`'s
-        # (and torch.func.grad's) code, so a process building several (tests, explorer workers) would hit the
-        # limit. A copy of the code object gives each built function a cache of its own.
-        own = types.FunctionType(meta_gradient.__code__.replace(), meta_gradient.__globals__, "meta_gradient",
-                                 meta_gradient.__defaults__, meta_gradient.__closure__)
-        return torch.compile(own, fullgraph=self.fullgraph, mode=self.mode, options=options or None, dynamic=False)
+        return torch.compile(with_own_code(meta_gradient), fullgraph=self.fullgraph, mode=self.mode,
+                             options=options or None, dynamic=False)
 
     def _eager_chunk(self, loop: InnerLoop, meta: MetaParams, tasks: Task, pattern: tuple[int, ...]) -> ChunkResult:
         surrogate, outer_loss, stats = vmap_tasks(_objective_of(self.eager, loop, meta), tasks, pattern)

@@ -269,7 +269,7 @@ def run_meta_gradient(estimator: Differentiator, loop: InnerLoop, meta: MetaPara
         carries.append(done.carry)
     used = total - skipped
     grads = mean_gradient.result(meta)
-    task_losses, task_used = _task_losses(losses, total, whole.used if whole is not None else None)
+    task_losses, task_used = _task_losses(losses, total, whole)
     stats: dict[str, float | int | str] = {
         "seconds": time.perf_counter() - start, "tasks": total, "batching": mode, "chunk_size": size,
         "tasks_truncated": truncated, "tasks_skipped": skipped}
@@ -321,18 +321,16 @@ def _as(tensor: Tensor, like: Tensor) -> Tensor:
 
 
 def _task_losses(losses: list[tuple[int, int, Tensor]], total: int,
-                 whole_used: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 whole: _Chunk | None = None) -> tuple[Tensor, Tensor]:
     """Each task's outer loss (NaN where skipped; default dtype, on the CPU) and whether it was used, from the
-    chunks' (first, last, outer losses); `whole_used`: the used mask a chunk of all the tasks made (all True)."""
+    chunks' (first, last, outer losses), or from `whole`, the one chunk of all the tasks (its own mask where it
+    made one on the CPU: a mask on another device is made here rather than copied, a host sync)."""
     dtype = torch.get_default_dtype()
-    if len(losses) == 1 and losses[0][:2] == (0, total):
-        loss = losses[0][2]
-        if not (loss.dtype == dtype and loss.device.type == "cpu"):
-            loss = loss.to("cpu", dtype)
-        # A mask on another device is not copied (a host sync): made here instead.
-        used = whole_used if whole_used is not None and whole_used.device.type == "cpu" else \
+    if whole is not None:
+        used = whole.used if whole.used is not None and whole.used.device.type == "cpu" else \
             torch.ones(total, dtype=torch.bool)
-        return loss, used
+        loss = whole.outer_loss
+        return (loss if loss.dtype == dtype and loss.device.type == "cpu" else loss.to("cpu", dtype)), used
     task_losses = torch.full((total,), float("nan"), dtype=dtype)
     task_used = torch.zeros(total, dtype=torch.bool)
     for first, last, loss in losses:
