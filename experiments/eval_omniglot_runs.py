@@ -1,6 +1,7 @@
 """Lake et al.'s 20-way one-shot classification runs, on a trained checkpoint.
 
     python experiments/eval_omniglot_runs.py checkpoint=DIR runs_dir=PATH [support_views=9] [query_views=9]
+        [support_tuning_steps=0] [support_tuning_lr=1e-4]
 
 DIR is a training run's directory (experiments/train.py). MAML-style runs adapt on the
 20 training images (the run's eval.inner_steps inner steps) and classify the 20 test
@@ -12,6 +13,8 @@ does for sampled tasks: the image and its V - 1 nearest one-pixel shifts. `query
 test item and averages its predictions over the views (`Omniglot(query_views=V)`,
 `metaopt.tasks.augment.pooled_views`). Unset: 9 and 9 for every model (`DEFAULT_VIEWS`; a MAML-style run adapts
 on the 9 views of each training image); `support_views=1 query_views=1` scores the images alone.
+`support_tuning_steps=S` (ProtoNets and their ensembles) fine-tunes the embedding on each run's training images
+(their views included) for S Adam steps before it answers (`metaopt.support_tuning`; README has what it buys).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metaopt import losses, unroll
 from metaopt.checkpoint import load_checkpoint
+from metaopt.support_tuning import SupportTuning, with_support_tuning
 from metaopt.tasks.augment import VIEW_OFFSETS, pooled_views, with_views
 from metaopt.tasks.omniglot import load_one_shot_runs
 from metaopt_hydra.build import build
@@ -54,25 +58,28 @@ def main(cfg: DictConfig) -> None:
         if not 1 <= count <= len(VIEW_OFFSETS):
             raise ValueError(f"{name}={count} must be between 1 and {len(VIEW_OFFSETS)} (the image and its "
                              "one-pixel shifts)")
+    tuning = SupportTuning(steps=int(cfg.support_tuning_steps), lr=float(cfg.support_tuning_lr))
+    loop = with_support_tuning(parts.loop, tuning)  # before any work: a MAML checkpoint cannot tune
     parts.meta.load_state_dict(load_checkpoint(checkpoint_path)["meta"])
-    print(f"test-time views: {views['support_views']} of each training image, {views['query_views']} of each test item")
+    print(f"test-time views: {views['support_views']} of each training image, {views['query_views']} of each test item"
+          + (f"; {tuning.steps} steps of support tuning (lr {tuning.lr})" if tuning.steps else ""))
     steps = cfg.inner_steps if cfg.inner_steps is not None else train_cfg.eval.inner_steps
     size = train_cfg.task.get("size", 28)
     runs = load_one_shot_runs(cfg.runs_dir, size=size)
     errors = []
     with torch.no_grad():
         if "n_way" not in train_cfg.loop:  # a fixed head (MAML); ProtoNets and Proto-MAML make theirs per task
-            start = parts.loop.init(parts.meta)
-            outputs = parts.loop.predict(start, runs[0][1].query.x[:1]).shape[-1]
+            start = loop.init(parts.meta)
+            outputs = loop.predict(start, runs[0][1].query.x[:1]).shape[-1]
             if outputs != WAYS:
                 raise ValueError(f"the checkpoint's model gives {outputs} outputs but the runs are {WAYS}-way: "
                                  f"train it with task.n_way={WAYS} (or use a ProtoNet or Proto-MAML)")
         for name, task in runs:
             support, query = (with_views(task.support[0], views["support_views"]),
                               with_views(task.query, views["query_views"]))
-            state = unroll(parts.loop, parts.loop.init(parts.meta), (support,) * max(steps, 1), parts.meta,
+            state = unroll(loop, loop.init(parts.meta), (support,) * max(steps, 1), parts.meta,
                            create_graph=False)
-            logits, answers = pooled_views(parts.loop.predict(state, query.x), query.y, views["query_views"])
+            logits, answers = pooled_views(loop.predict(state, query.x), query.y, views["query_views"])
             error = 100 * (1 - losses.accuracy(logits, answers).item())
             errors.append(error)
             print(f"{name}: error {error:.1f}%")

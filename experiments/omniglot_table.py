@@ -2,7 +2,7 @@
 
     bash experiments/omniglot_runs.sh outputs/omniglot        # the training runs (one CPU thread each)
     python experiments/omniglot_table.py outputs/omniglot [--n-tasks 600] [--data-root PATH] [--folds]
-        [--protocols "20-way within alphabet"] [--support-views 9] [--query-views 9]
+        [--protocols "20-way within alphabet"] [--support-views 9] [--query-views 9] [--support-tuning-steps 20]
 
 Every run directory under the given folder (its .hydra/config.yaml and checkpoint.pt) is
 evaluated on the held-out alphabets at 1 shot, 600 seeded tasks (95% CI over tasks), on:
@@ -15,7 +15,9 @@ different alphabets, experiments/omniglot_folds_runs.sh), a row per fold with th
 that fold's own tasks, and the mean and standard deviation over folds. --protocols scores some columns only;
 --support-views V evaluates with test-time views (every support image with its V - 1 nearest one-pixel shifts,
 `Omniglot(support_views=V)`: the same seeded tasks otherwise, so columns compare task by task); --query-views V
-shifts every query alike and averages its predictions over the views (`Omniglot(query_views=V)`).
+shifts every query alike and averages its predictions over the views (`Omniglot(query_views=V)`);
+--support-tuning-steps S fine-tunes a ProtoNet's embedding on each task's support for S Adam steps before it
+answers (`metaopt.support_tuning`; ~0.5 s per step and task on one thread with 9 views; other runs are skipped).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metaopt.checkpoint import load_checkpoint
+from metaopt.support_tuning import SupportTuning, with_support_tuning
 from metaopt.tasks import TaskDistribution
 from metaopt.tasks.augment import pooled_views
 from metaopt.train import evaluate, mean_ci95
@@ -92,19 +95,24 @@ def load_run(run_dir: Path, overrides: dict, data_root: str | None) -> tuple[Dic
     return cfg, parts
 
 
-def evaluate_run(run_dir: Path, overrides: dict, n_tasks: int,
-                 data_root: str | None) -> tuple[tuple[float, float], TaskDistribution, int, int]:
-    """The run's accuracy (mean, CI) on eval tasks with `overrides`, the tasks it used, their seed and batch size."""
+def evaluate_run(run_dir: Path, overrides: dict, n_tasks: int, data_root: str | None,
+                 tuning: SupportTuning | None = None) -> tuple[tuple[float, float], TaskDistribution, int, int]:
+    """The run's accuracy (mean, CI) on eval tasks with `overrides`, the tasks it used, their seed and batch size;
+    a ProtoNet (or an ensemble of them) fine-tuned on each task's support first with `tuning`."""
     cfg, parts = load_run(run_dir, overrides, data_root)
     assert parts.eval_tasks is not None
     batch_size = cfg.eval.get("batch_size", 20)
-    metrics = evaluate(parts.loop, parts.meta, parts.eval_tasks, n_tasks=n_tasks, inner_steps=cfg.eval.inner_steps,
+    try:
+        loop = with_support_tuning(parts.loop, tuning)
+    except ValueError as error:
+        raise LookupError(f"{run_dir}: {error}") from None
+    metrics = evaluate(loop, parts.meta, parts.eval_tasks, n_tasks=n_tasks, inner_steps=cfg.eval.inner_steps,
                        seed=cfg.eval.seed, batching=cfg.batching, batch_size=batch_size)
     return (metrics["test_accuracy"], metrics["test_accuracy_ci95"]), parts.eval_tasks, cfg.eval.seed, batch_size
 
 
 def score_runs(runs: Path, n_tasks: int, data_root: str | None, per_run_reference: bool,
-               protocols: dict[str, dict] = PROTOCOLS) -> tuple[list, dict]:
+               protocols: dict[str, dict] = PROTOCOLS, tuning: SupportTuning | None = None) -> tuple[list, dict]:
     """Every finished run under `runs` on the protocols: rows (name, trained N, meta-steps, training minutes,
     threads, {column: (mean, CI)}, test alphabets, {column: pixel-NN (mean, CI)}) and pixel nearest neighbour on
     the first run's tasks ({column: (mean, CI)}; with `per_run_reference`, on every run's own tasks, in its row)."""
@@ -124,7 +132,7 @@ def score_runs(runs: Path, n_tasks: int, data_root: str | None, per_run_referenc
             for column, overrides in protocols.items():
                 if not prototypes and overrides["n_way"] != int(cfg.task.n_way):
                     continue  # a MAML head answers its own N only
-                results[column], tasks, seed, batch_size = evaluate_run(run_dir, overrides, n_tasks, data_root)
+                results[column], tasks, seed, batch_size = evaluate_run(run_dir, overrides, n_tasks, data_root, tuning)
                 alphabets = sorted(set(alphabets) | set(getattr(tasks, "alphabets", [])))
                 if per_run_reference:
                     own_ref[column] = pixel_nearest_neighbour(tasks, n_tasks, seed, batch_size)
@@ -204,11 +212,16 @@ def main() -> None:
     parser.add_argument("--query-views", type=int, default=1,
                         help="test-time views of every query, its predictions averaged over them (1 to 9; "
                              "Omniglot's query_views; default 1: none)")
+    parser.add_argument("--support-tuning-steps", type=int, default=0,
+                        help="ProtoNets: Adam steps of test-time fine-tuning on each task's support "
+                             "(metaopt.support_tuning; default 0: none; other runs are skipped)")
+    parser.add_argument("--support-tuning-lr", type=float, default=SupportTuning.lr)
     args = parser.parse_args()
+    tuning = SupportTuning(steps=args.support_tuning_steps, lr=args.support_tuning_lr)
     protocols = {name: {**PROTOCOLS[name], "support_views": args.support_views, "query_views": args.query_views}
                  for name in args.protocols}
     rows, nn_ref = score_runs(args.runs, args.n_tasks, args.data_root, per_run_reference=args.folds,
-                              protocols=protocols)
+                              protocols=protocols, tuning=tuning)
     if args.folds:
         print_folds(rows)
     else:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from metaopt.loop import InnerLoop
 from metaopt.prototypes import ClassAware, PrototypeLoop
+from metaopt.support_tuning import SupportTuning
 from metaopt.types import Batch, Hyper, MetaParams, Params
 
 __all__ = ["ProtoNetEnsemble", "ensemble_meta"]
@@ -60,6 +61,10 @@ class ProtoNetEnsemble(ClassAware, InnerLoop):
     def with_n_way(self, n_way: int) -> "ProtoNetEnsemble":
         """The same members answering `n_way` classes (each loop's `with_n_way`; the meta-parameters shared)."""
         return ProtoNetEnsemble([(loop.with_n_way(n_way), meta) for loop, meta in self.members])
+
+    def with_support_tuning(self, tuning: SupportTuning | None) -> "ProtoNetEnsemble":
+        """Every member fine-tuning its own embedding on each task's support (`PrototypeLoop.with_support_tuning`)."""
+        return ProtoNetEnsemble([(loop.with_support_tuning(tuning), meta) for loop, meta in self.members])
 
     def check(self, meta: MetaParams) -> None:
         for loop, member in self.members:

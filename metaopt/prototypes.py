@@ -5,12 +5,12 @@ import copy
 from typing import NamedTuple, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaopt import losses
 from metaopt.loop import InnerLoop
 from metaopt.optim import InnerOptimizer, sgd
+from metaopt.support_tuning import SupportTuning, tune_on_support
 from metaopt.types import Batch, Hyper, InnerState, LossFn, MetaParams
 
 __all__ = ["ClassAware", "PrototypeLoop", "PrototypeState", "class_means"]
@@ -34,7 +34,8 @@ def class_means(embeddings: Tensor, labels: Tensor, n_way: int) -> PrototypeStat
     """Each class's mean embedding: embeddings [n, D] and labels [n] in 0..n_way-1 -> prototypes [n_way, D]
     (zeros for a class with no example) and which classes had one, [n_way] bool. Differentiable in the
     embeddings; vmaps over tasks."""
-    one_hot = F.one_hot(labels, n_way).to(embeddings.dtype)                # [n, N]
+    # not F.one_hot, which vmap refuses for labels that differ between tasks
+    one_hot = (labels.unsqueeze(-1) == torch.arange(n_way, device=labels.device)).to(embeddings.dtype)  # [n, N]
     counts = one_hot.sum(0)                                                # [N]
     prototypes = one_hot.T @ embeddings / counts.clamp_min(1).unsqueeze(1)  # [N, D]
     return PrototypeState(prototypes, counts > 0)
@@ -75,20 +76,39 @@ class PrototypeLoop(ClassAware, InnerLoop):
       optimizer: unused (accepted so configs build every loop alike).
       loss_fn: the outer loss on the logits (cross-entropy).
       n_way: classes per task at most; labels are 0..n_way-1.
+      support_tuning: evaluation only: fine-tune the embedding on each task's support before making its
+        prototypes (`metaopt.support_tuning`; the tuned parameters then embed the queries too). None: never.
+        A loop that tunes refuses to build a meta-gradient; `with_support_tuning` makes one for evaluation.
     """
 
     def __init__(self, model: nn.Module, optimizer: InnerOptimizer | None = None,
-                 loss_fn: LossFn = losses.cross_entropy, n_way: int = 5, **unused: object):
+                 loss_fn: LossFn = losses.cross_entropy, n_way: int = 5,
+                 support_tuning: SupportTuning | None = None, **unused: object):
         super().__init__(model, sgd(lr=0.0), loss_fn)
         if n_way < 2:
             raise ValueError(f"PrototypeLoop: n_way must be >= 2, got {n_way}")
         self.n_way = n_way
+        self.support_tuning = support_tuning
+
+    def with_support_tuning(self, tuning: SupportTuning | None) -> "PrototypeLoop":
+        """The same loop (model and losses shared) fine-tuning its embedding on each task's support first
+        (`tuning`; None or 0 steps: as trained). For evaluation: `evaluate`, the protocols, Lake's runs."""
+        other = copy.copy(self)
+        other.support_tuning = tuning if tuning is not None and tuning.steps > 0 else None
+        return other
 
     def step(self, state: InnerState, batch: Batch, meta: MetaParams, *, create_graph: bool = True,
              hyper: Hyper | None = None) -> InnerState:
         batch = self.support_batch(batch, meta)
-        embeddings, buffers = self.forward(state.params, state.buffers, batch.x)
-        return InnerState(state.params, buffers, class_means(embeddings, batch.y, self.n_way), state.anchor)
+        params = state.params
+        if self.support_tuning is not None:
+            if create_graph:
+                raise ValueError("PrototypeLoop: support_tuning is for evaluation (create_graph=False); a "
+                                 "meta-gradient through the tuning is not built: train without it")
+            embed = lambda p, x: self.forward(p, state.buffers, x)[0]  # noqa: E731
+            params = tune_on_support(embed, params, batch, self.n_way, self.support_tuning)
+        embeddings, buffers = self.forward(params, state.buffers, batch.x)
+        return InnerState(params, buffers, class_means(embeddings, batch.y, self.n_way), state.anchor)
 
     def predict(self, state: InnerState, x: Tensor) -> Tensor:
         if not isinstance(state.opt_state, PrototypeState):

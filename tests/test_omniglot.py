@@ -242,6 +242,9 @@ def test_eval_omniglot_runs_contract(data, tmp_path, split, monkeypatch):
         assert set(variants) == {*VARIANTS, "one batch"}
         (accuracy, _), *_ = evaluate_run(train_dir, {**PROTOCOL, "n_way": 2}, 4, None)
         assert variants["euclidean"][0] == pytest.approx(accuracy, abs=1e-12)
+        from metaopt.support_tuning import SupportTuning  # the table's --support-tuning-steps
+        (tuned, _), *_ = evaluate_run(train_dir, {**PROTOCOL, "n_way": 2}, 4, None, SupportTuning(steps=2, lr=0.01))
+        assert 0 <= tuned <= 1
         # With views, `evaluate` averages a query's logits and this script its embedding: the same answers.
         viewed = embed_tasks(train_dir, 4, n_way=2, support_views=3, query_views=5)
         (pooled, _), *_ = evaluate_run(train_dir, {**PROTOCOL, "n_way": 2, "support_views": 3, "query_views": 5},
@@ -331,6 +334,13 @@ def test_an_ensemble_run_trains_standalone_members_and_answers_as_one(data, tmp_
                             capture_output=True, text=True, env=env, cwd=root, timeout=300)
     assert scored.returncode == 0, scored.stderr[-3000:]
     assert scored.stdout.strip().splitlines()[-1] == "error_rate=0.00"  # each item a copy of its answer's drawing
+    tuned = subprocess.run([sys.executable, str(root / "experiments" / "eval_omniglot_runs.py"),
+                            f"checkpoint={tmp_path / 'ens'}", f"runs_dir={runs}", "support_tuning_steps=2",
+                            "support_tuning_lr=0.01", f"hydra.run.dir={tmp_path / 'et'}"],
+                           capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert tuned.returncode == 0, tuned.stderr[-3000:]  # every member tunes on each run's training images
+    assert "; 2 steps of support tuning (lr 0.01)" in tuned.stdout
+    assert 0 <= float(tuned.stdout.strip().splitlines()[-1].removeprefix("error_rate=")) <= 100
     # Its members scored apart and summed by protonet_distances.py answer as the run's `ProtoNetEnsemble` does.
     monkeypatch.syspath_prepend(str(root / "experiments"))
     from omniglot_table import evaluate_run
@@ -398,6 +408,9 @@ def test_a_maml_run_with_a_20_way_head_scores_the_runs_with_views_by_default(dat
         lines = result.stdout.strip().splitlines()
         assert len([line for line in lines if line.startswith("run")]) == 2
         assert 0 <= float(lines[-1].removeprefix("error_rate=")) <= 100
+    with pytest.raises(AssertionError, match="support tuning .2 steps. is for ProtoNets and their ensembles, not "
+                                             "InnerLoop"):
+        score("support_tuning_steps=2")  # refused before any run is scored: MAML adapts by its own inner steps
 
 
 def test_within_alphabet_tasks_draw_every_class_from_one_alphabet_and_rotation(tmp_path):

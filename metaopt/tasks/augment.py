@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from metaopt.types import Batch
 
-__all__ = ["shifted", "warped", "shifted_views", "with_views", "pooled_views", "VIEW_OFFSETS"]
+__all__ = ["shifted", "random_affine", "affine", "warped", "shifted_views", "with_views", "pooled_views", "VIEW_OFFSETS"]
 
 #: The (rows, columns) offsets of `shifted_views`, nearest first: the image itself, then its 4 and 4 diagonal
 #: one-pixel neighbours.
@@ -32,27 +32,39 @@ def shifted(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Te
     return flat[torch.arange(flat.shape[0], device=x.device).view(-1, 1, 1), rows, cols].reshape(*lead, height, width)
 
 
+def random_affine(n: int, degrees: float, shear: float, scale: float, generator: torch.Generator,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`n` random affine maps about the image centre (Koch et al. 2015's distortions for Omniglot), as
+    `F.affine_grid` thetas [n, 2, 3] (output coordinates to input ones, so the inverse of each distortion): a
+    rotation by U(-degrees, degrees) degrees, a shear with both factors in U(-shear, shear), and a scaling of each
+    axis by U(1 - scale, 1 + scale); no translation. Draws [n, 5] uniforms from `generator`."""
+    u = torch.rand((n, 5), generator=generator, dtype=dtype) * 2 - 1   # U(-1, 1)
+    angle = u[:, 0] * math.radians(degrees)
+    cos, sin = angle.cos(), angle.sin()
+    rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)      # [n, 2, 2]
+    shearing = torch.eye(2, dtype=dtype).repeat(n, 1, 1)
+    shearing[:, 0, 1], shearing[:, 1, 0] = u[:, 1] * shear, u[:, 2] * shear
+    scaling = torch.diag_embed(1 + u[:, 3:5] * scale)
+    linear = torch.linalg.inv(rotation @ shearing @ scaling)
+    return torch.cat([linear, torch.zeros(n, 2, 1, dtype=dtype)], dim=2)
+
+
+def affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Images x [n, C, H, W] each resampled under its affine map theta [n, 2, 3] (`F.affine_grid`'s convention,
+    normalized coordinates: a translation of 2 / W is one pixel); bilinear, zeros outside. Vmaps over a task axis
+    of `x` with `theta` shared."""
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def warped(x: torch.Tensor, degrees: float, shear: float, scale: float, generator: torch.Generator) -> torch.Tensor:
-    """Each image [..., H, W] under its own random affine map about the image centre (Koch et al. 2015's
-    distortions for Omniglot): a rotation by U(-degrees, degrees) degrees, a shear with both factors in
-    U(-shear, shear), and a scaling of each axis by U(1 - scale, 1 + scale); bilinear resampling with zeros
-    outside. All zero: `x` itself."""
+    """Each image [..., H, W] under its own `random_affine` map (Koch et al. 2015's distortions); bilinear
+    resampling with zeros outside. All zero: `x` itself."""
     if not (degrees or shear or scale):
         return x
     *lead, height, width = x.shape
     flat = x.reshape(-1, 1, height, width)
-    u = torch.rand((flat.shape[0], 5), generator=generator, dtype=x.dtype) * 2 - 1   # U(-1, 1)
-    angle = u[:, 0] * math.radians(degrees)
-    cos, sin = angle.cos(), angle.sin()
-    rotation = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)      # [n, 2, 2]
-    shearing = torch.eye(2, dtype=x.dtype).repeat(flat.shape[0], 1, 1)
-    shearing[:, 0, 1], shearing[:, 1, 0] = u[:, 1] * shear, u[:, 2] * shear
-    scaling = torch.diag_embed(1 + u[:, 3:5] * scale)
-    # affine_grid maps output coordinates to input ones: the inverse of the distortion drawn.
-    linear = torch.linalg.inv(rotation @ shearing @ scaling)
-    theta = torch.cat([linear, torch.zeros(flat.shape[0], 2, 1, dtype=x.dtype)], dim=2)
-    grid = F.affine_grid(theta.to(x.device), list(flat.shape), align_corners=False)
-    return F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False).reshape(x.shape)
+    return affine(flat, random_affine(flat.shape[0], degrees, shear, scale, generator, x.dtype)).reshape(x.shape)
 
 
 def shifted_views(x: torch.Tensor, views: int) -> torch.Tensor:
