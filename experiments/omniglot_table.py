@@ -106,8 +106,9 @@ def evaluate_run(run_dir: Path, overrides: dict, n_tasks: int, data_root: str | 
         loop = with_support_tuning(parts.loop, tuning)
     except ValueError as error:
         raise LookupError(f"{run_dir}: {error}") from None
+    batching = "loop" if loop is not parts.loop else cfg.batching  # a tuning conv4 is faster task by task
     metrics = evaluate(loop, parts.meta, parts.eval_tasks, n_tasks=n_tasks, inner_steps=cfg.eval.inner_steps,
-                       seed=cfg.eval.seed, batching=cfg.batching, batch_size=batch_size)
+                       seed=cfg.eval.seed, batching=batching, batch_size=batch_size)
     return (metrics["test_accuracy"], metrics["test_accuracy_ci95"]), parts.eval_tasks, cfg.eval.seed, batch_size
 
 

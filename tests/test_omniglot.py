@@ -271,6 +271,7 @@ def test_eval_omniglot_runs_contract(data, tmp_path, split, monkeypatch):
     # Each test item is a copy of its answer's drawing: identical embeddings, distance 0, no error.
     assert last == "error_rate=0.00"
     assert "test-time views: 9 of each training image, 9 of each test item" in result.stdout  # a ProtoNet's default
+    assert "; 20 steps of support tuning (lr 0.0001)" in result.stdout  # and so is the support tuning
     if split == "background":  # test-time views of the training images: a prototype is the mean of 9 views
         views = subprocess.run([sys.executable, str(root / "experiments" / "eval_omniglot_runs.py"),
                                 f"checkpoint={train_dir}", f"runs_dir={runs}", "support_views=9",
@@ -284,10 +285,11 @@ def test_eval_omniglot_runs_contract(data, tmp_path, split, monkeypatch):
         # the mean of their embeddings is its answer's prototype: distance 0); without any, the images alone.
         both = subprocess.run([sys.executable, str(root / "experiments" / "eval_omniglot_runs.py"),
                                f"checkpoint={train_dir}", f"runs_dir={runs}", "support_views=1", "query_views=1",
-                               "hydra.run.dir=" + str(tmp_path / "e99")],
+                               "support_tuning_steps=0", "hydra.run.dir=" + str(tmp_path / "e99")],
                               capture_output=True, text=True, env=env, cwd=root, timeout=300)
         assert both.returncode == 0, both.stderr[-3000:]
         assert both.stdout.strip().splitlines()[-1] == "error_rate=0.00"
+        assert "support tuning" not in both.stdout
         refused = subprocess.run([sys.executable, str(root / "experiments" / "eval_omniglot_runs.py"),
                                   f"checkpoint={train_dir}", f"runs_dir={runs}", "support_views=10",
                                   "hydra.run.dir=" + str(tmp_path / "e10")],
@@ -404,7 +406,7 @@ def test_a_maml_run_with_a_20_way_head_scores_the_runs_with_views_by_default(dat
     for extra, shown in (((), "9 of each training image, 9 of each test item"),
                          (("support_views=1", "query_views=1"), "1 of each training image, 1 of each test item")):
         result = score(*extra)
-        assert f"test-time views: {shown}" in result.stdout
+        assert f"test-time views: {shown}" in result.stdout and "support tuning" not in result.stdout  # not MAML's
         lines = result.stdout.strip().splitlines()
         assert len([line for line in lines if line.startswith("run")]) == 2
         assert 0 <= float(lines[-1].removeprefix("error_rate=")) <= 100
