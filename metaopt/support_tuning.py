@@ -33,7 +33,8 @@ class SupportTuning:
     Attributes:
       steps: Adam steps per task (0: no tuning).
       lr: Adam's learning rate.
-      copies: warped copies of every support image per step (the step's queries).
+      copies: warped copies of every support image per step (the step's queries; with 9 test-time views of each
+        support image, 1 copy is already 9 warped queries per character: README's setting).
       degrees, shear, scale: the distortions' ranges (`metaopt.tasks.augment.random_affine`).
       shift: a translation of up to `shift` pixels (uniform, continuous) on top of each distortion.
       bank: how many distortions are drawn, once, from `seed`: copy j of image i at step s takes map
@@ -44,7 +45,7 @@ class SupportTuning:
 
     steps: int = 20
     lr: float = 1e-4
-    copies: int = 5
+    copies: int = 1
     degrees: float = 10.0
     shear: float = 0.3
     scale: float = 0.2
