@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metaopt.class_means import class_means
 from metaopt.optim import adam
 from metaopt.tasks.augment import affine, random_affine
 from metaopt.types import Batch, Params
@@ -88,8 +89,6 @@ def tune_on_support(embed: Callable[[Params, Tensor], Tensor], params: Params, s
     """
     if tuning.steps == 0:
         return params
-    from metaopt.prototypes import class_means  # a cycle: prototypes builds loops that tune
-
     x, y = support.x, support.y
     theta = tuning.thetas(x.shape[-1]).to(x.dtype)
     copies, labels = x.repeat(tuning.copies, 1, 1, 1), y.repeat(tuning.copies)
