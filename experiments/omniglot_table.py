@@ -85,6 +85,7 @@ def load_run(run_dir: Path, overrides: dict, data_root: str | None) -> tuple[Dic
             cfg.data.root = cfg.task.root = data_root
         cfg.eval.task = {**cfg.eval.task, **overrides}
         cfg.eval.val_task = cfg.eval.task
+        cfg.eval.n_tasks = max(int(cfg.eval.n_tasks), 1)  # trained with eval.n_tasks=0: still scored here
         if "n_way" in cfg.loop:
             cfg.loop.n_way = max(int(cfg.loop.n_way), overrides["n_way"])
     parts = build(cfg)
