@@ -15,7 +15,7 @@ test item and averages its predictions over the views (`Omniglot(query_views=V)`
 on the 9 views of each training image); `support_views=1 query_views=1` scores the images alone.
 `support_tuning_steps=S` (ProtoNets and their ensembles) fine-tunes the embedding on each run's training images
 (their views included) for S Adam steps before it answers (`metaopt.support_tuning`); unset: 20 for a ProtoNet
-(`DEFAULT_SUPPORT_TUNING_STEPS`, ~7 min for an ensemble of two on one CPU thread), none for other models;
+(`DEFAULT_SUPPORT_TUNING_STEPS`, ~8.5 min for an ensemble of two on one CPU thread), none for other models;
 `support_tuning_steps=0` scores without it.
 """
 from __future__ import annotations
