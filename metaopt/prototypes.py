@@ -56,7 +56,8 @@ class PrototypeLoop(ClassAware, InnerLoop):
       n_way: classes per task at most; labels are 0..n_way-1.
       support_tuning: evaluation only: fine-tune the embedding on each task's support before making its
         prototypes (`metaopt.support_tuning`; the tuned parameters then embed the queries too). None: never.
-        A loop that tunes refuses to build a meta-gradient; `with_support_tuning` makes one for evaluation.
+        A loop that tunes refuses to build a meta-gradient; `with_support_tuning` makes one for evaluation. With
+        several inner steps each step tunes on from the last step's parameters.
     """
 
     def __init__(self, model: nn.Module, optimizer: InnerOptimizer | None = None,
