@@ -1,4 +1,4 @@
-"""Each class's mean embedding: the prototypes of ProtoNets (`metaopt.prototypes`) and of support tuning."""
+"""Each class's mean embedding and the logits against it: ProtoNets (`metaopt.prototypes`) and support tuning."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -6,7 +6,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["PrototypeState", "class_means"]
+__all__ = ["PrototypeState", "class_means", "prototype_logits"]
 
 
 class PrototypeState(NamedTuple):
@@ -30,3 +30,10 @@ def class_means(embeddings: Tensor, labels: Tensor, n_way: int) -> PrototypeStat
     counts = one_hot.sum(0)                                                # [N]
     prototypes = one_hot.T @ embeddings / counts.clamp_min(1).unsqueeze(1)  # [N, D]
     return PrototypeState(prototypes, counts > 0)
+
+
+def prototype_logits(embeddings: Tensor, state: PrototypeState) -> Tensor:
+    """Logits [n, N] of embeddings [n, D]: minus the squared distance to each prototype; the dtype's lowest value for
+    a class without a prototype (probability exactly 0)."""
+    logits = -((embeddings.unsqueeze(1) - state.prototypes.unsqueeze(0)) ** 2).sum(-1)
+    return logits.masked_fill(~state.present, torch.finfo(logits.dtype).min)

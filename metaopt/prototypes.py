@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from metaopt import losses
-from metaopt.class_means import PrototypeState, class_means
+from metaopt.class_means import PrototypeState, class_means, prototype_logits
 from metaopt.loop import InnerLoop
 from metaopt.optim import InnerOptimizer, sgd
 from metaopt.support_tuning import SupportTuning, tune_on_support
@@ -93,7 +93,4 @@ class PrototypeLoop(ClassAware, InnerLoop):
         if not isinstance(state.opt_state, PrototypeState):
             raise ValueError("PrototypeLoop needs one inner step on the support batch before predicting "
                              "(inner_steps >= 1)")
-        embeddings = self.forward(state.params, state.buffers, x)[0]
-        prototypes, present = state.opt_state
-        logits = -((embeddings.unsqueeze(1) - prototypes.unsqueeze(0)) ** 2).sum(-1)
-        return logits.masked_fill(~present, torch.finfo(logits.dtype).min)
+        return prototype_logits(self.forward(state.params, state.buffers, x)[0], state.opt_state)

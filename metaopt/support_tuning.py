@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from metaopt.class_means import class_means
+from metaopt import losses
+from metaopt.class_means import class_means, prototype_logits
 from metaopt.optim import adam
 from metaopt.tasks.augment import affine, random_affine
 from metaopt.types import Batch, Params
@@ -96,9 +96,7 @@ def tune_on_support(embed: Callable[[Params, Tensor], Tensor], params: Params, s
     optimizer = adam(tuning.lr)
 
     def loss(p: Params, queries: Tensor) -> Tensor:
-        prototypes, present = class_means(embed(p, x), y, n_way)
-        logits = -((embed(p, queries).unsqueeze(1) - prototypes.unsqueeze(0)) ** 2).sum(-1)  # as PrototypeLoop
-        return F.cross_entropy(logits.masked_fill(~present, torch.finfo(logits.dtype).min), labels)
+        return losses.cross_entropy(prototype_logits(embed(p, queries), class_means(embed(p, x), y, n_way)), labels)
 
     params = {k: v.detach() for k, v in params.items()}
     opt_state = optimizer.init(params)
