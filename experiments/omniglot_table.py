@@ -17,7 +17,8 @@ that fold's own tasks, and the mean and standard deviation over folds. --protoco
 `Omniglot(support_views=V)`: the same seeded tasks otherwise, so columns compare task by task); --query-views V
 shifts every query alike and averages its predictions over the views (`Omniglot(query_views=V)`);
 --support-tuning-steps S fine-tunes a ProtoNet's embedding on each task's support for S Adam steps before it
-answers (`metaopt.support_tuning`; ~0.5 s per step and task on one thread with 9 views; other runs are skipped).
+answers (`metaopt.support_tuning`; ~0.5 s per step and task on one thread with 9 views; other runs are skipped);
+--support-tuning-gain prints, instead of the table, each run without and with it on the same tasks and the paired gain.
 """
 from __future__ import annotations
 
@@ -113,19 +114,34 @@ def evaluate_run(run_dir: Path, overrides: dict, n_tasks: int, data_root: str | 
     return (metrics["test_accuracy"], metrics["test_accuracy_ci95"]), parts.eval_tasks, cfg.eval.seed, batch_size
 
 
+def tuning_gain(run_dir: Path, overrides: dict, n_tasks: int, data_root: str | None,
+                tuning: SupportTuning) -> dict[str, tuple[float, float]]:
+    """A ProtoNet run's accuracy on the same seeded tasks without and with support `tuning` (both task by task)
+    and the gain, paired: {"untuned", "tuned", "gain"} -> (mean, 95% CI; the gain's over per-task differences)."""
+    cfg, parts = load_run(run_dir, overrides, data_root)
+    accuracies = [evaluate(loop, parts.meta, parts.eval_tasks, n_tasks=n_tasks, inner_steps=cfg.eval.inner_steps,
+                           seed=cfg.eval.seed, batching="loop", batch_size=cfg.eval.get("batch_size", 20),
+                           return_per_task=True)["task_accuracies"]
+                  for loop in (parts.loop, with_support_tuning(parts.loop, tuning))]
+    return {"untuned": mean_ci95(accuracies[0]), "tuned": mean_ci95(accuracies[1]),
+            "gain": mean_ci95(accuracies[1] - accuracies[0])}
+
+
+def finished_runs(runs: Path) -> list[Path]:
+    """The run directories under `runs` that finished: their config, checkpoint.pt and metrics.json."""
+    return [config.parents[1] for config in sorted(runs.glob("*/.hydra/config.yaml"))
+            if (config.parents[1] / "checkpoint.pt").exists() and (config.parents[1] / "metrics.json").exists()]
+
+
 def score_runs(runs: Path, n_tasks: int, data_root: str | None, per_run_reference: bool,
                protocols: dict[str, dict] = PROTOCOLS, tuning: SupportTuning | None = None) -> tuple[list, dict]:
     """Every finished run under `runs` on the protocols: rows (name, trained N, meta-steps, training minutes,
     threads, {column: (mean, CI)}, test alphabets, {column: pixel-NN (mean, CI)}) and pixel nearest neighbour on
     the first run's tasks ({column: (mean, CI)}; with `per_run_reference`, on every run's own tasks, in its row)."""
     rows, nn_ref = [], {}
-    for config in sorted(runs.glob("*/.hydra/config.yaml")):
-        run_dir = config.parents[1]
-        metrics_path = run_dir / "metrics.json"
-        if not (run_dir / "checkpoint.pt").exists() or not metrics_path.exists():
-            continue
-        metrics = json.loads(metrics_path.read_text())
-        cfg = OmegaConf.load(config)
+    for run_dir in finished_runs(runs):
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
         name = next((o.split("=", 1)[1] for o in OmegaConf.load(run_dir / ".hydra" / "overrides.yaml")
                      if o.startswith("experiment=")), "?")
         prototypes = "n_way" in cfg.loop
@@ -218,10 +234,23 @@ def main() -> None:
                         help="ProtoNets: Adam steps of test-time fine-tuning on each task's support "
                              "(metaopt.support_tuning; default 0: none; other runs are skipped)")
     parser.add_argument("--support-tuning-lr", type=float, default=SupportTuning.lr)
+    parser.add_argument("--support-tuning-gain", action="store_true",
+                        help="instead of the table: each ProtoNet run on each protocol without and with the support "
+                             "tuning, on the same tasks, and the paired gain")
     args = parser.parse_args()
     tuning = SupportTuning(steps=args.support_tuning_steps, lr=args.support_tuning_lr)
     protocols = {name: {**PROTOCOLS[name], "support_views": args.support_views, "query_views": args.query_views}
                  for name in args.protocols}
+    if args.support_tuning_gain:
+        if not tuning.steps:
+            raise SystemExit("--support-tuning-gain needs --support-tuning-steps > 0")
+        print("| run | protocol | untuned (%) | tuned (%) | gain, paired (points) |\n|---|---|---|---|---|")
+        for run_dir in finished_runs(args.runs):
+            for name, overrides in protocols.items():
+                result = tuning_gain(run_dir, overrides, args.n_tasks, args.data_root, tuning)
+                print(f"| {run_dir.name} | {name} | {cell(result['untuned'])} | {cell(result['tuned'])} | "
+                      f"{100 * result['gain'][0]:+.2f} ± {100 * result['gain'][1]:.2f} |", flush=True)
+        return
     rows, nn_ref = score_runs(args.runs, args.n_tasks, args.data_root, per_run_reference=args.folds,
                               protocols=protocols, tuning=tuning)
     if args.folds:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 from typing import TypeVar
 
-import torch
 from torch import Tensor, nn
 
 from metaopt import losses

@@ -242,9 +242,14 @@ def test_eval_omniglot_runs_contract(data, tmp_path, split, monkeypatch):
         assert set(variants) == {*VARIANTS, "one batch"}
         (accuracy, _), *_ = evaluate_run(train_dir, {**PROTOCOL, "n_way": 2}, 4, None)
         assert variants["euclidean"][0] == pytest.approx(accuracy, abs=1e-12)
-        from metaopt.support_tuning import SupportTuning  # the table's --support-tuning-steps
-        (tuned, _), *_ = evaluate_run(train_dir, {**PROTOCOL, "n_way": 2}, 4, None, SupportTuning(steps=2, lr=0.01))
-        assert 0 <= tuned <= 1
+        from omniglot_table import tuning_gain
+        from metaopt.support_tuning import SupportTuning  # the table's --support-tuning-steps and -gain
+        tuning = SupportTuning(steps=2, lr=0.01)
+        (tuned, _), *_ = evaluate_run(train_dir, {**PROTOCOL, "n_way": 2}, 4, None, tuning)
+        gain = tuning_gain(train_dir, {**PROTOCOL, "n_way": 2}, 4, None, tuning)
+        assert gain["untuned"][0] == pytest.approx(accuracy, abs=1e-6)  # the same tasks, task by task
+        assert gain["tuned"][0] == pytest.approx(tuned, abs=1e-6)
+        assert gain["gain"][0] == pytest.approx(gain["tuned"][0] - gain["untuned"][0], abs=1e-9)
         # With views, `evaluate` averages a query's logits and this script its embedding: the same answers.
         viewed = embed_tasks(train_dir, 4, n_way=2, support_views=3, query_views=5)
         (pooled, _), *_ = evaluate_run(train_dir, {**PROTOCOL, "n_way": 2, "support_views": 3, "query_views": 5},
