@@ -249,7 +249,7 @@ def test_eval_omniglot_runs_contract(data, tmp_path, split, monkeypatch):
         gain = tuning_gain(train_dir, {**PROTOCOL, "n_way": 2}, 4, None, tuning)
         assert gain["untuned"][0] == pytest.approx(accuracy, abs=1e-6)  # the same tasks, task by task
         assert gain["tuned"][0] == pytest.approx(tuned, abs=1e-6)
-        assert gain["gain"][0] == pytest.approx(gain["tuned"][0] - gain["untuned"][0], abs=1e-9)
+        assert gain["gain"][0] == pytest.approx(gain["tuned"][0] - gain["untuned"][0], abs=1e-6)  # float32 scores
         # With views, `evaluate` averages a query's logits and this script its embedding: the same answers.
         viewed = embed_tasks(train_dir, 4, n_way=2, support_views=3, query_views=5)
         (pooled, _), *_ = evaluate_run(train_dir, {**PROTOCOL, "n_way": 2, "support_views": 3, "query_views": 5},
