@@ -18,6 +18,7 @@ that fold's own tasks, and the mean and standard deviation over folds. --protoco
 shifts every query alike and averages its predictions over the views (`Omniglot(query_views=V)`);
 --support-tuning-steps S fine-tunes a ProtoNet's embedding on each task's support for S Adam steps before it
 answers (`metaopt.support_tuning`; ~0.5 s per step and task on one thread with 9 views; other runs are skipped);
+--inner-steps N adapts every task with N inner steps instead of the run's eval.inner_steps (MAML-style runs);
 --support-tuning-gain prints, instead of the table, each run without and with it on the same tasks and the paired gain.
 """
 from __future__ import annotations
@@ -76,9 +77,11 @@ PROTOCOLS = {  # column -> overrides of the run's eval.task
 }
 
 
-def load_run(run_dir: Path, overrides: dict, data_root: str | None) -> tuple[DictConfig, Parts]:
+def load_run(run_dir: Path, overrides: dict, data_root: str | None,
+             inner_steps: int | None = None) -> tuple[DictConfig, Parts]:
     """The trained run's config and parts (its meta-parameters loaded), its meta-test tasks given `overrides`
-    (a loop that knows its number of classes widened to theirs)."""
+    (a loop that knows its number of classes widened to theirs), `inner_steps` at meta-test if given (else the
+    run's eval.inner_steps)."""
     cfg = cast(DictConfig, OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
     OmegaConf.resolve(cfg)
     with open_dict(cfg):
@@ -87,6 +90,8 @@ def load_run(run_dir: Path, overrides: dict, data_root: str | None) -> tuple[Dic
         cfg.eval.task = {**cfg.eval.task, **overrides}
         cfg.eval.val_task = cfg.eval.task
         cfg.eval.n_tasks = max(int(cfg.eval.n_tasks), 1)  # trained with eval.n_tasks=0: still scored here
+        if inner_steps is not None:
+            cfg.eval.inner_steps = inner_steps
         if "n_way" in cfg.loop:
             cfg.loop.n_way = max(int(cfg.loop.n_way), overrides["n_way"])
     parts = build(cfg)
@@ -98,10 +103,12 @@ def load_run(run_dir: Path, overrides: dict, data_root: str | None) -> tuple[Dic
 
 
 def evaluate_run(run_dir: Path, overrides: dict, n_tasks: int, data_root: str | None,
-                 tuning: SupportTuning | None = None) -> tuple[tuple[float, float], TaskDistribution, int, int]:
+                 tuning: SupportTuning | None = None,
+                 inner_steps: int | None = None) -> tuple[tuple[float, float], TaskDistribution, int, int]:
     """The run's accuracy (mean, CI) on eval tasks with `overrides`, the tasks it used, their seed and batch size;
-    a ProtoNet (or an ensemble of them) fine-tuned on each task's support first with `tuning`."""
-    cfg, parts = load_run(run_dir, overrides, data_root)
+    a ProtoNet (or an ensemble of them) fine-tuned on each task's support first with `tuning`; `inner_steps`
+    adaptation steps per task if given (else the run's eval.inner_steps)."""
+    cfg, parts = load_run(run_dir, overrides, data_root, inner_steps)
     assert parts.eval_tasks is not None
     batch_size = cfg.eval.get("batch_size", 20)
     try:
@@ -134,7 +141,8 @@ def finished_runs(runs: Path) -> list[Path]:
 
 
 def score_runs(runs: Path, n_tasks: int, data_root: str | None, per_run_reference: bool,
-               protocols: dict[str, dict] = PROTOCOLS, tuning: SupportTuning | None = None) -> tuple[list, dict]:
+               protocols: dict[str, dict] = PROTOCOLS, tuning: SupportTuning | None = None,
+               inner_steps: int | None = None) -> tuple[list, dict]:
     """Every finished run under `runs` on the protocols: rows (name, trained N, meta-steps, training minutes,
     threads, {column: (mean, CI)}, test alphabets, {column: pixel-NN (mean, CI)}) and pixel nearest neighbour on
     the first run's tasks ({column: (mean, CI)}; with `per_run_reference`, on every run's own tasks, in its row)."""
@@ -150,7 +158,8 @@ def score_runs(runs: Path, n_tasks: int, data_root: str | None, per_run_referenc
             for column, overrides in protocols.items():
                 if not prototypes and overrides["n_way"] != int(cfg.task.n_way):
                     continue  # a MAML head answers its own N only
-                results[column], tasks, seed, batch_size = evaluate_run(run_dir, overrides, n_tasks, data_root, tuning)
+                results[column], tasks, seed, batch_size = evaluate_run(run_dir, overrides, n_tasks, data_root, tuning,
+                                                                      inner_steps)
                 alphabets = sorted(set(alphabets) | set(getattr(tasks, "alphabets", [])))
                 if per_run_reference:
                     own_ref[column] = pixel_nearest_neighbour(tasks, n_tasks, seed, batch_size)
@@ -234,6 +243,9 @@ def main() -> None:
                         help="ProtoNets: Adam steps of test-time fine-tuning on each task's support "
                              "(metaopt.support_tuning; default 0: none; other runs are skipped)")
     parser.add_argument("--support-tuning-lr", type=float, default=SupportTuning.lr)
+    parser.add_argument("--inner-steps", type=int, default=None,
+                        help="adaptation steps per task at meta-test (MAML-style runs; default: each run's "
+                             "eval.inner_steps)")
     parser.add_argument("--support-tuning-gain", action="store_true",
                         help="instead of the table: each ProtoNet run on each protocol without and with the support "
                              "tuning, on the same tasks, and the paired gain")
@@ -252,7 +264,7 @@ def main() -> None:
                       f"{100 * result['gain'][0]:+.2f} ± {100 * result['gain'][1]:.2f} |", flush=True)
         return
     rows, nn_ref = score_runs(args.runs, args.n_tasks, args.data_root, per_run_reference=args.folds,
-                              protocols=protocols, tuning=tuning)
+                              protocols=protocols, tuning=tuning, inner_steps=args.inner_steps)
     if args.folds:
         print_folds(rows)
     else:

@@ -242,7 +242,9 @@ def test_eval_omniglot_runs_contract(data, tmp_path, split, monkeypatch):
         assert set(variants) == {*VARIANTS, "one batch"}
         (accuracy, _), *_ = evaluate_run(train_dir, {**PROTOCOL, "n_way": 2}, 4, None)
         assert variants["euclidean"][0] == pytest.approx(accuracy, abs=1e-12)
-        from omniglot_table import tuning_gain
+        from omniglot_table import load_run, tuning_gain
+        cfg, _ = load_run(train_dir, {**PROTOCOL, "n_way": 2}, None, inner_steps=3)  # the table's --inner-steps
+        assert cfg.eval.inner_steps == 3 != load_run(train_dir, {**PROTOCOL, "n_way": 2}, None)[0].eval.inner_steps
         from metaopt.support_tuning import SupportTuning  # the table's --support-tuning-steps and -gain
         tuning = SupportTuning(steps=2, lr=0.01)
         (tuned, _), *_ = evaluate_run(train_dir, {**PROTOCOL, "n_way": 2}, 4, None, tuning)
@@ -402,14 +404,17 @@ def test_proto_maml_trained_on_fewer_ways_scores_the_20_way_runs(data, tmp_path)
     # A two-step model adapts badly at 20 ways (its inner lr 0.4 overshoots there): the figure is not the point.
     assert 0 <= float(result.stdout.strip().splitlines()[-1].removeprefix("error_rate=")) <= 100
     assert "test-time views: 9 of each training image, 9 of each test item" in result.stdout  # every model's default
+    assert "inner steps" not in result.stdout  # its run's own eval.inner_steps: 20 is MAML's default, not Proto-MAML's
 
 
 def test_a_maml_run_with_a_20_way_head_scores_the_runs_with_views_by_default(data, tmp_path):
     """A MAML run (a fixed 20-way head) adapts on the 9 views of each training image and averages each test item's
     logits over its 9 views unless told; `support_views=1 query_views=1` scores the images alone."""
     score = _tiny_run_and_scorer(data, tmp_path, "experiment=omniglot_maml", "task.n_way=20", "task.k_query=1")
-    for extra, shown in (((), "9 of each training image, 9 of each test item"),
-                         (("support_views=1", "query_views=1"), "1 of each training image, 1 of each test item")):
+    # Trained with one inner step, it adapts with 20 unless told (DEFAULT_MAML_INNER_STEPS; README: +7 points).
+    for extra, shown in (((), "9 of each training image, 9 of each test item; inner steps: 20"),
+                         (("support_views=1", "query_views=1", "inner_steps=3"),
+                          "1 of each training image, 1 of each test item; inner steps: 3")):
         result = score(*extra)
         assert f"test-time views: {shown}" in result.stdout and "support tuning" not in result.stdout  # not MAML's
         lines = result.stdout.strip().splitlines()
