@@ -82,6 +82,9 @@ def main(cfg: DictConfig) -> None:
     fixed_head = "n_way" not in train_cfg.loop  # MAML; ProtoNets and Proto-MAML make their head per task
     steps = int(cfg.inner_steps if cfg.inner_steps is not None else
                 max(train_cfg.eval.inner_steps, DEFAULT_MAML_INNER_STEPS) if fixed_head else train_cfg.eval.inner_steps)
+    if steps < 1:
+        raise ValueError(f"inner_steps={steps} must be >= 1: the model adapts to (or, a ProtoNet, embeds) each run's "
+                         "training images in its inner steps")
     print(f"test-time views: {views['support_views']} of each training image, {views['query_views']} of each test item"
           + (f"; {tuning.steps} steps of support tuning (lr {tuning.lr})" if tuning.steps else "")
           + (f"; inner steps: {steps}" if fixed_head else ""))
@@ -98,7 +101,7 @@ def main(cfg: DictConfig) -> None:
         for name, task in runs:
             support, query = (with_views(task.support[0], views["support_views"]),
                               with_views(task.query, views["query_views"]))
-            state = unroll(loop, loop.init(parts.meta), (support,) * max(steps, 1), parts.meta,
+            state = unroll(loop, loop.init(parts.meta), (support,) * steps, parts.meta,
                            create_graph=False)
             logits, answers = pooled_views(loop.predict(state, query.x), query.y, views["query_views"])
             error = 100 * (1 - losses.accuracy(logits, answers).item())

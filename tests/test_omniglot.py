@@ -423,6 +423,8 @@ def test_a_maml_run_with_a_20_way_head_scores_the_runs_with_views_by_default(dat
     with pytest.raises(AssertionError, match="support tuning .2 steps. is for ProtoNets and their ensembles, not "
                                              "InnerLoop"):
         score("support_tuning_steps=2")  # refused before any run is scored: MAML adapts by its own inner steps
+    with pytest.raises(AssertionError, match="inner_steps=0 must be >= 1"):
+        score("inner_steps=0")
 
 
 def test_within_alphabet_tasks_draw_every_class_from_one_alphabet_and_rotation(tmp_path):
