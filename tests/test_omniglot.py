@@ -411,7 +411,7 @@ def test_a_maml_run_with_a_20_way_head_scores_the_runs_with_views_by_default(dat
     """A MAML run (a fixed 20-way head) adapts on the 9 views of each training image and averages each test item's
     logits over its 9 views unless told; `support_views=1 query_views=1` scores the images alone."""
     score = _tiny_run_and_scorer(data, tmp_path, "experiment=omniglot_maml", "task.n_way=20", "task.k_query=1")
-    # Trained with one inner step, it adapts with 20 unless told (DEFAULT_MAML_INNER_STEPS; README: +7 points).
+    # Trained with debug=tiny's 2 inner steps, it adapts with 20 unless told (DEFAULT_MAML_INNER_STEPS; README).
     for extra, shown in (((), "9 of each training image, 9 of each test item; inner steps: 20"),
                          (("support_views=1", "query_views=1", "inner_steps=3"),
                           "1 of each training image, 1 of each test item; inner steps: 3")):
@@ -634,3 +634,40 @@ def test_tasks_gathered_on_another_device_are_the_same_tasks(data, tmp_path):
     assert torch.equal(omniglot.to("cpu").sample(4, 2, torch.Generator().manual_seed(3)).query.x, want.query.x)
     with pytest.raises(OmniglotDataError, match=r"the images given are \[8, 8\] pixels, not size = 28"):
         Omniglot(images)
+
+
+def test_lake_layout_runs_pair_two_drawers_of_one_alphabet(tmp_path, monkeypatch):
+    """experiments/make_lake_layout_runs.py: every run's 20 characters come from one alphabet, each test item is
+    its answer's character drawn by another person than the training image, and the reader loads the runs."""
+    from metaopt.tasks.omniglot import load_one_shot_runs
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "experiments"))
+    from make_lake_layout_runs import make_runs
+    sources = {}  # image bytes (each image distinct) -> (alphabet, character, drawer)
+    with zipfile.ZipFile(tmp_path / "images_background_small1.zip", "w") as archive:  # zipped and plain sources
+        for subset, alphabet, n in (("small1", "Greek", 21), ("small1", "Latin", 2), ("small2", "Korean", 20)):
+            for c in range(1, n + 1):
+                for d in range(1, 6):
+                    name = f"images_background_{subset}/{alphabet}/character{c:02d}/{c:02d}_{d:02d}.png"
+                    image = _png(len(sources))
+                    sources[image] = (alphabet, f"character{c:02d}", d)
+                    if subset == "small1":
+                        archive.writestr(name, image)
+                    else:
+                        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+                        (tmp_path / name).write_bytes(image)
+    assert len(sources) == (21 + 2 + 20) * 5
+    make_runs(tmp_path, tmp_path / "runs", ["Greek", "Korean"], n_runs=2, seed=0)
+    for r, alphabet in ((1, "Greek"), (2, "Korean")):
+        run = tmp_path / "runs" / f"run{r:02d}"
+        pairs = [line.split() for line in (run / "class_labels.txt").read_text().splitlines()]
+        assert len(pairs) == 20 and len({answer for _, answer in pairs}) == 20
+        trained = [sources[(tmp_path / "runs" / answer).read_bytes()] for _, answer in pairs]
+        tested = [sources[(tmp_path / "runs" / item).read_bytes()] for item, _ in pairs]
+        assert {t[0] for t in trained} == {t[0] for t in tested} == {alphabet}
+        assert [t[1] for t in trained] == [t[1] for t in tested]  # the same character
+        assert len({t[2] for t in trained}) == len({t[2] for t in tested}) == 1  # one drawer each ...
+        assert trained[0][2] != tested[0][2]  # ... two different people
+    runs = load_one_shot_runs(tmp_path / "runs", size=8)
+    assert [name for name, _ in runs] == ["run01", "run02"] and runs[0][1].support[0].x.shape == (20, 1, 8, 8)
+    with pytest.raises(ValueError, match="'Latin' has 2 characters"):
+        make_runs(tmp_path, tmp_path / "other", ["Latin"], n_runs=1)
