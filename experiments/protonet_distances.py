@@ -3,7 +3,7 @@
     python experiments/protonet_distances.py RUN_DIR [RUN_DIR ...] [--n-tasks 600] [--data-root PATH] [--n-way 20]
         [--support-views 9] [--query-views 9] [--no-one-batch]
 
-RUN_DIR is a ProtoNet run with held-out alphabets (e.g. a fold of experiments/omniglot_folds_runs.sh). Its
+RUN_DIR is a ProtoNet run (or a pretrained classifier: experiment=omniglot_pretrain) with held-out alphabets (e.g. a fold of experiments/omniglot_folds_runs.sh). Its
 embedding scores the same seeded tasks as `omniglot_table.py`'s "20-way within alphabet" column (600 tasks,
 20-way 1-shot, 5 queries per class, support and queries drawn by different people), a query going to the
 nearest prototype under each variant (1-shot: a prototype is the support image's embedding):
@@ -84,8 +84,9 @@ def embed_tasks(run_dir: Path, n_tasks: int, data_root: str | None = None, n_way
     module docstring); `one_batch=False` skips the "one batch" variant's second forward pass (then empty)."""
     cfg, parts = load_run(run_dir, {**PROTOCOL, "n_way": n_way, "support_views": support_views,
                                     "query_views": query_views}, data_root)
-    if "n_way" not in cfg.loop or cfg.model.get("out_features", 1) != 0:
-        raise SystemExit(f"{run_dir}: not a ProtoNet run (loop.n_way and model.out_features=0)")
+    classifier = str(cfg.loop.get("_target_", "")).endswith("ClassifierLoop")  # a head, but a ProtoNet at test
+    if "n_way" not in cfg.loop or (cfg.model.get("out_features", 1) != 0 and not classifier):
+        raise SystemExit(f"{run_dir}: not a ProtoNet run (loop.n_way and model.out_features=0, or loop=classifier)")
     if int(cfg.get("ensemble", 1)) > 1:
         raise SystemExit(f"{run_dir}: an ensemble run (ensemble={cfg.ensemble}); pass its members' directories "
                          f"({run_dir}/member0 ...), which this script scores alone and as an ensemble")

@@ -36,6 +36,7 @@ from metaopt.metaparams import (
 from metaopt.models import MLP, Conv4
 from metaopt.planning import Auto
 from metaopt.prototypes import PrototypeLoop
+from metaopt.pretraining import ClassifierLoop
 from metaopt.protomaml import ProtoMAMLLoop
 from metaopt.tasks import Digits, RandomInit, RandomPatterns, Sinusoid, TaskDistribution
 from metaopt.callbacks import Callback, Validation
@@ -50,7 +51,7 @@ __version__ = "0.1.0"
 __all__ = [
     "losses", "optim",
     "Batch", "Task", "InnerState",
-    "InnerLoop", "PrototypeLoop", "ProtoMAMLLoop", "unroll", "detach_state",
+    "InnerLoop", "PrototypeLoop", "ProtoMAMLLoop", "ClassifierLoop", "unroll", "detach_state",
     "Init", "LearningRates", "WeightDecay", "LearnedLoss", "LearnedOptimizer", "LearnedAffineAugmentation",
     "SyntheticData", "meta_params",
     "estimators", "AbstractEstimator", "MetaGrad", "get_estimator", "available_estimators",

@@ -233,17 +233,18 @@ def task_outer_loss(loop: InnerLoop, meta: MetaParams, task: Task, *, create_gra
     return loop.outer_loss(state, task.query, meta)
 
 
-def call_module(module: nn.Module, params: Params, buffers: Buffers, x: Tensor) -> tuple[Tensor, Buffers]:
-    """`module` on `x` with the given parameters and buffers: the prediction and the (detached) buffers after
-    the call. The module itself is not modified."""
+def call_module(module: nn.Module, params: Params, buffers: Buffers, x: Tensor,
+                **kwargs: object) -> tuple[Tensor, Buffers]:
+    """`module` on `x` (and keyword arguments of its forward, e.g. `embed=True`) with the given parameters and
+    buffers: the prediction and the (detached) buffers after the call. The module itself is not modified."""
     if not buffers:
-        return functional_call(module, params, (x,)), buffers
+        return functional_call(module, params, (x,), kwargs), buffers
     # Modules update buffers in place (BatchNorm). Under vmap, x is batched but a plain
     # copy of an unbatched buffer would not be, and vmap forbids writing batched values
     # into it; adding a zero taken from x gives each task its own copy (a new tensor).
     zero = torch.zeros_like(x.reshape(-1)[0])
     fresh = {k: b + zero.to(b.dtype) for k, b in buffers.items()}
-    pred = functional_call(module, (params, fresh), (x,))
+    pred = functional_call(module, (params, fresh), (x,), kwargs)
     return pred, {k: b.detach() for k, b in fresh.items()}
 
 

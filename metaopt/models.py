@@ -155,6 +155,8 @@ class Conv4(nn.Module):
         for conv in (m for m in self.features if channels_last and isinstance(m, nn.Conv2d)):
             conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [n, in_channels, image_size, image_size] -> [n, out_features] (or embeddings)."""
-        return self.head(self.features(x))
+    def forward(self, x: Tensor, embed: bool = False) -> Tensor:
+        """x: [n, in_channels, image_size, image_size] -> [n, out_features] (or embeddings); with `embed=True`
+        the embedding before the head, [n, embedding_size] (what `ClassifierLoop` makes prototypes of)."""
+        features = self.features(x)
+        return features if embed else self.head(features)

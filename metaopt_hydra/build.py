@@ -159,15 +159,26 @@ def _meta_test_tasks(cfg: DictConfig, tasks: TaskDistribution) -> tuple[TaskDist
 
 def _validation_tasks(cfg: DictConfig, tasks: TaskDistribution) -> TaskDistribution:
     """`task` with `eval.val_task`'s overrides (e.g. a validation split); where those cannot be built (a
-    split with no classes, e.g. task.val_alphabets=0), the training distribution, said in the log."""
-    overrides = cfg.eval.get("val_task") or {}
+    split with no classes, e.g. task.val_alphabets=0), the training split with the other overrides (no training
+    augmentation, evaluation labels: another seed than training's), or failing that the training distribution;
+    said in the log."""
+    overrides = dict(cfg.eval.get("val_task") or {})
     if not overrides:
         return tasks
     try:
         return instantiate(cfg.task, **overrides)
     except Exception as error:  # the data's own error, e.g. OmniglotDataError
+        cause = data_error(error)
+        why = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    others = {k: v for k, v in overrides.items() if k != "split"}
+    try:
+        fallback = instantiate(cfg.task, **others)
+        log.warning("validation tasks from the training split with eval.val_task's other settings %s (another "
+                    "seed): eval.val_task=%s cannot be built (%s)", others, overrides, why)
+        return fallback
+    except Exception:
         log.warning("validation tasks from the training distribution (another seed): eval.val_task=%s cannot be "
-                    "built (%s)", dict(overrides), str(error).splitlines()[-1] if str(error) else type(error).__name__)
+                    "built (%s)", overrides, why)
         return tasks
 
 

@@ -42,6 +42,15 @@ def check_task_fits_model(cfg: DictConfig, tasks: TaskDistribution, model: torch
     if tasks.kind == "classification" and cfg.loop._target_.endswith("InnerLoop") and n_way and width != n_way:
         raise ValueError(f"model={_name(cfg.model)} has {width} outputs but task={_name(cfg.task)} has "
                          f"{n_way} classes per task; set model.out_features=${{task.n_way}}")
+    classes = getattr(tasks, "num_classes", None)
+    if cfg.loop._target_.endswith("ClassifierLoop") and int(cfg.inner_steps) != 0:
+        raise ValueError(f"loop=classifier trains a classifier with no inner step, but inner_steps={cfg.inner_steps}; "
+                         "set inner_steps=0 (evaluation's eval.inner_steps=1 makes the prototypes)")
+    if cfg.loop._target_.endswith("ClassifierLoop") and getattr(tasks, "global_labels", False) and classes \
+            and width < classes:
+        raise ValueError(f"model={_name(cfg.model)} has {width} outputs but task={_name(cfg.task)} labels "
+                         f"{classes} training classes (task.global_labels=true, loop=classifier); set "
+                         f"model.out_features >= {classes}")
 
 
 def check_loop_classes(cfg: DictConfig, named_tasks: dict[str, TaskDistribution | None]) -> None:
@@ -49,6 +58,8 @@ def check_loop_classes(cfg: DictConfig, named_tasks: dict[str, TaskDistribution 
     distribution it scores; raise ValueError naming the config keys otherwise."""
     loop_ways = cfg.loop.get("n_way")
     for key, tasks in named_tasks.items():
+        if getattr(tasks, "global_labels", False):  # labelled by all classes: a classifier's head answers them
+            continue
         n_way = getattr(tasks, "n_way", None)
         if loop_ways is not None and n_way is not None and n_way > loop_ways:
             raise ValueError(f"loop.n_way={loop_ways} but {key} draws {n_way}-way tasks: set {key}.n_way <= "

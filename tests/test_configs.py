@@ -40,6 +40,9 @@ def test_every_option_composes_and_builds(override):
                    "model.channels=8"]
     embedding = ["task=patterns", "model=conv4", "model.out_features=0", "model.channels=8"]
     extra = {"loop=protonet": embedding, "loop=protomaml": embedding,
+             "loop=classifier": ["task=patterns", "model=conv4", "model.out_features=${task.n_way}",
+                                 "model.channels=8", "inner_steps=0"],
+             "experiment=omniglot_pretrain": ["inner_steps=0"],  # debug=tiny's 2 inner steps: refused (a test)
              "task=patterns": image_model, "task=omniglot": image_model,
              "task=digits": ["model.in_features=64", "model.out_features=10"]}.get(override, [])
     cfg = _compose([override, "debug=tiny", *extra])  # ProtoNets needs a classification task
@@ -78,10 +81,11 @@ def test_unknown_estimator_in_config_is_a_clear_hydra_error():
 
 @pytest.mark.parametrize("experiment", [e for e in _options("experiment") if e.startswith("omniglot")])
 def test_omniglot_evaluation_tasks_never_take_the_training_augmentations(experiment):
-    """Shifts, warps and mirrored classes are training augmentations: the meta-test, validation and protocol
-    tasks (eval.task and its overrides) turn every one off, whatever the training task sets."""
+    """Shifts, warps and mirrored classes are training augmentations, and global labels supervised pretraining's:
+    the meta-test, validation and protocol tasks (eval.task and its overrides) turn every one off, whatever the
+    training task sets."""
     cfg = _compose([f"experiment={experiment}", "task.shift=2", "task.warp_degrees=10", "task.warp_shear=0.3",
-                    "task.warp_scale=0.2", "task.flips=true"])
-    off = {"shift": 0, "warp_degrees": 0, "warp_shear": 0, "warp_scale": 0, "flips": False}
+                    "task.warp_scale=0.2", "task.flips=true", "task.global_labels=true"])
+    off = {"shift": 0, "warp_degrees": 0, "warp_shear": 0, "warp_scale": 0, "flips": False, "global_labels": False}
     for name in ("task", "val_task"):
         assert {k: cfg.eval[name][k] for k in off} == off, name

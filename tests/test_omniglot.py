@@ -671,3 +671,36 @@ def test_lake_layout_runs_pair_two_drawers_of_one_alphabet(tmp_path, monkeypatch
     assert [name for name, _ in runs] == ["run01", "run02"] and runs[0][1].support[0].x.shape == (20, 1, 8, 8)
     with pytest.raises(ValueError, match="'Latin' has 2 characters"):
         make_runs(tmp_path, tmp_path / "other", ["Latin"], n_runs=1)
+
+
+def test_global_labels_name_each_image_by_its_class_index(data, tmp_path):
+    """`global_labels=True` labels every image by its class's index among the split's classes (supervised
+    pretraining's batches); the images are the same as without it, and so is every class of a task."""
+    kwargs = dict(n_way=5, k_shot=1, k_query=2, size=8, cache_dir=tmp_path / "cache", split_by="background",
+                  val_alphabets=0)
+    plain, labelled = Omniglot(data, **kwargs), Omniglot(data, global_labels=True, **kwargs)
+    task, again = (o.sample(3, 0, torch.Generator().manual_seed(0)) for o in (plain, labelled))
+    assert torch.equal(task.query.x, again.query.x) and task.inner_steps == 0 and "global class labels" in repr(labelled)
+    assert task.query.y.max() < 5 and again.query.y.max() >= 5  # 36 classes: some index past the task's 5
+    for x, y in zip(again.query.x.reshape(-1, 1, 8, 8), again.query.y.reshape(-1)):
+        assert any(torch.equal(x, image.to(x.dtype) / 255.0) for image in labelled.images[y])  # one of its 20 drawings
+    # Images of one task-label share one global label: the relabelling is a bijection per task.
+    for local, global_ in zip(task.query.y, again.query.y):
+        assert all(len(set(global_[local == k].tolist())) == 1 for k in range(5))
+
+
+def test_a_pretrained_classifier_scores_the_runs_as_a_protonet(data, tmp_path):
+    """experiment=omniglot_pretrain (a head over every training class, no inner step) trains and is scored on Lake's
+    runs as a ProtoNet: views and support tuning by default. A head narrower than the training classes, or inner
+    steps, are refused before training."""
+    score = _tiny_run_and_scorer(data, tmp_path, "experiment=omniglot_pretrain", "task.n_way=4", "inner_steps=0")
+    result = score("support_tuning_steps=2")
+    assert "2 steps of support tuning" in result.stdout
+    assert 0 <= float(result.stdout.strip().splitlines()[-1].removeprefix("error_rate=")) <= 100
+    for i, (override, message) in enumerate((("model.out_features=30", "has 30 outputs but task=Omniglot labels 36 "
+                                                                         "training classes"),
+                                             ("inner_steps=1", "set inner_steps=0"))):
+        (tmp_path / f"refused{i}").mkdir()
+        with pytest.raises(AssertionError, match=message):
+            _tiny_run_and_scorer(data, tmp_path / f"refused{i}", "experiment=omniglot_pretrain", "task.n_way=4",
+                                 "inner_steps=0", override)

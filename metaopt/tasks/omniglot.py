@@ -216,6 +216,9 @@ class Omniglot(TaskDistribution):
       query_views: each query image together with its nearest one-pixel shifts, this many images in all (1 to 9;
         test-time augmentation, like `support_views`): evaluation averages a query's predictions over its views
         (`TaskDistribution.query_views`; for a ProtoNet, the same answers as the views' mean embedding).
+      global_labels: label every image by its class's index among the split's classes (0..num_classes-1, the
+        order of `images`) instead of 0..N-1 by the task's random class order: the batches of supervised
+        pretraining (`metaopt.ClassifierLoop`: one head over every training class); false for evaluation tasks.
       size: image side in pixels.
       seed: fixes the split.
       cache_dir: where decoded images are cached (default ~/.cache/metaopt).
@@ -235,7 +238,7 @@ class Omniglot(TaskDistribution):
                  rotations: bool = True, size: int = 28, seed: int = 0, cache_dir: str | None = None,
                  within_alphabet: bool = False, drawer_split: bool = False, shift: int = 0,
                  warp_degrees: float = 0.0, warp_shear: float = 0.0, warp_scale: float = 0.0,
-                 support_views: int = 1, query_views: int = 1, flips: bool = False):
+                 support_views: int = 1, query_views: int = 1, flips: bool = False, global_labels: bool = False):
         if k_shot < 1 or k_query < 1 or k_shot + k_query > DRAWERS:
             raise OmniglotDataError(f"omniglot: k_shot + k_query = {k_shot} + {k_query} must be between 2 and the "
                                     f"{DRAWERS} drawings each character has")
@@ -244,6 +247,7 @@ class Omniglot(TaskDistribution):
                                     f"background, got {split!r}, {split_by!r}")
         self.root, self.n_way, self.k_shot, self.k_query, self.split = root, n_way, k_shot, k_query, split
         self.within_alphabet, self.drawer_split, self.shift, self.flips = within_alphabet, drawer_split, shift, flips
+        self.global_labels = global_labels
         if shift < 0 or 2 * shift >= size:
             raise OmniglotDataError(f"omniglot: shift = {shift} must be between 0 and half the image size {size}")
         if not (0 <= warp_degrees <= 180 and 0 <= warp_shear < 1 and 0 <= warp_scale < 1):
@@ -296,6 +300,7 @@ class Omniglot(TaskDistribution):
                 f"{', mirrored classes' if self.flips else ''}"
                 f"{', within alphabet' if self.within_alphabet else ''}{', drawer split' if self.drawer_split else ''}"
                 f"{f', shifts of {self.shift} px' if self.shift else ''}"
+                f"{', global class labels' if self.global_labels else ''}"
                 f"{', warped' if self.warp_degrees or self.warp_shear or self.warp_scale else ''}"
                 f"{f', {self.support_views} views of each support image' if self.support_views > 1 else ''}"
                 f"{f', {self.query_views} views of each query' if self.query_views > 1 else ''})")
@@ -341,7 +346,8 @@ class Omniglot(TaskDistribution):
         x = warped(x, self.warp_degrees, self.warp_shear, self.warp_scale, generator)
         if self.shift:
             x = shifted(x, self.shift, generator)
-        y = torch.arange(n, device=device).view(1, n, 1).expand(n_tasks, n, per_class)
+        labels = classes.to(device) if self.global_labels else torch.arange(n, device=device).expand(n_tasks, n)
+        y = labels.unsqueeze(-1).expand(n_tasks, n, per_class)
         shape = x.shape[3:]
 
         def flat(xs: torch.Tensor, ys: torch.Tensor) -> Batch:
