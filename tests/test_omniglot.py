@@ -704,3 +704,22 @@ def test_a_pretrained_classifier_scores_the_runs_as_a_protonet(data, tmp_path):
         with pytest.raises(AssertionError, match=message):
             _tiny_run_and_scorer(data, tmp_path / f"refused{i}", "experiment=omniglot_pretrain", "task.n_way=4",
                                  "inner_steps=0", override)
+
+
+def test_validation_without_a_validation_split_draws_evaluation_tasks_from_the_training_split(data, tmp_path):
+    """With no validation alphabet (task.val_alphabets=0) validation draws from the training split with
+    eval.val_task's other settings: no shifts and, after supervised pretraining's globally labelled batches,
+    tasks labelled 0..N-1 that a ProtoNet can score (the training distribution itself could not be)."""
+    from hydra import compose, initialize_config_dir
+
+    from metaopt_hydra.build import build
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "experiment=omniglot_pretrain", f"data.root={data}", f"task.cache_dir={tmp_path / 'cache'}", "task.size=16",
+            "model.image_size=16", "model.channels=4", "task.split_by=background", "task.val_alphabets=0",
+            "task.n_way=4"])
+    parts = build(cfg)
+    assert parts.tasks.global_labels and parts.tasks.shift == 2 and parts.tasks.split == "train"
+    val = parts.val_tasks
+    assert (val.split, val.global_labels, val.shift, val.n_way, val.k_query) == ("train", False, 0, 5, 15)
