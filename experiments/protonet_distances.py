@@ -3,7 +3,8 @@
     python experiments/protonet_distances.py RUN_DIR [RUN_DIR ...] [--n-tasks 600] [--data-root PATH] [--n-way 20]
         [--support-views 9] [--query-views 9] [--no-one-batch]
 
-RUN_DIR is a ProtoNet run (or a pretrained classifier: experiment=omniglot_pretrain) with held-out alphabets (e.g. a fold of experiments/omniglot_folds_runs.sh). Its
+RUN_DIR is a ProtoNet run (or a pretrained classifier: experiment=omniglot_pretrain) with held-out alphabets (e.g.
+a fold of experiments/omniglot_folds_runs.sh). Its
 embedding scores the same seeded tasks as `omniglot_table.py`'s "20-way within alphabet" column (600 tasks,
 20-way 1-shot, 5 queries per class, support and queries drawn by different people), a query going to the
 nearest prototype under each variant (1-shot: a prototype is the support image's embedding):

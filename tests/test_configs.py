@@ -81,11 +81,12 @@ def test_unknown_estimator_in_config_is_a_clear_hydra_error():
 
 @pytest.mark.parametrize("experiment", [e for e in _options("experiment") if e.startswith("omniglot")])
 def test_omniglot_evaluation_tasks_never_take_the_training_augmentations(experiment):
-    """Shifts, warps and mirrored classes are training augmentations, and global labels supervised pretraining's:
-    the meta-test, validation and protocol tasks (eval.task and its overrides) turn every one off, whatever the
-    training task sets."""
+    """Shifts, warps, elastic distortions and mirrored classes are training augmentations, and global labels
+    supervised pretraining's: the meta-test, validation and protocol tasks (eval.task and its overrides) turn every
+    one off, whatever the training task sets."""
     cfg = _compose([f"experiment={experiment}", "task.shift=2", "task.warp_degrees=10", "task.warp_shear=0.3",
-                    "task.warp_scale=0.2", "task.flips=true", "task.global_labels=true"])
-    off = {"shift": 0, "warp_degrees": 0, "warp_shear": 0, "warp_scale": 0, "flips": False, "global_labels": False}
+                    "task.warp_scale=0.2", "task.flips=true", "task.global_labels=true", "task.elastic_pixels=1"])
+    off = {"shift": 0, "warp_degrees": 0, "warp_shear": 0, "warp_scale": 0, "flips": False, "global_labels": False,
+           "elastic_pixels": 0}
     for name in ("task", "val_task"):
         assert {k: cfg.eval[name][k] for k in off} == off, name

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from metaopt.tasks.augment import VIEW_OFFSETS, pooled_views, shifted, shifted_views, warped
+from metaopt.tasks.augment import VIEW_OFFSETS, elastic, pooled_views, shifted, shifted_views, warped
 from metaopt.tasks.omniglot import DRAWERS, Omniglot, OmniglotDataError, OmniglotEmptySplit, OmniglotImages
 
 
@@ -613,6 +613,48 @@ def test_warp_moves_a_point_where_the_drawn_affine_map_sends_it(data, tmp_path):
         Omniglot(data, size=8, cache_dir=tmp_path / "cache", warp_shear=1.5)
 
 
+def test_elastic_moves_a_point_against_its_drawn_displacement(data, tmp_path):
+    """An independent check: replay the generator's noise, smooth it with a 2-D Gaussian kernel (not the separable
+    one), scale it to the asked rms; the output pixel p reads the input at p + d(p), so a lit input point q lands at
+    the p solving p + d(p) = q (found by fixed-point iteration over the field)."""
+    size, n, pixels, sigma = 33, 30, 1.0, 4.0
+    x = torch.zeros(n, 1, size, size, dtype=torch.float64)
+    x[:, :, 12, 20] = 1.0  # row 12, column 20
+    out = elastic(x, pixels, sigma, torch.Generator().manual_seed(3))
+    noise = torch.rand((n, 2, size, size), generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2 - 1
+    radius = math.ceil(3 * sigma)
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-(taps[:, None] ** 2 + taps[None, :] ** 2) / (2 * sigma ** 2))
+    field = torch.nn.functional.conv2d(noise.reshape(2 * n, 1, size, size), (kernel / kernel.sum())[None, None],
+                                       padding=radius).reshape(n, 2, size, size)
+    field = field / field.pow(2).mean(dim=(2, 3), keepdim=True).sqrt() * pixels  # (dx, dy) in pixels
+    rows, cols = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
+                                indexing="ij")
+    moved = 0.0
+    for i in range(n):
+        p = torch.tensor([20.0, 12.0], dtype=torch.float64)  # (column, row)
+        for _ in range(20):  # p = q - d(p), d read bilinearly at p
+            c0, r0 = int(p[0]), int(p[1])
+            fc, fr = p[0] - c0, p[1] - r0
+            d = ((1 - fr) * ((1 - fc) * field[i, :, r0, c0] + fc * field[i, :, r0, c0 + 1])
+                 + fr * ((1 - fc) * field[i, :, r0 + 1, c0] + fc * field[i, :, r0 + 1, c0 + 1]))
+            p = torch.tensor([20.0, 12.0], dtype=torch.float64) - d
+        mass = out[i, 0]
+        centroid = torch.stack([(mass * cols).sum(), (mass * rows).sum()]) / mass.sum()
+        assert torch.allclose(centroid, p, atol=0.3), (i, centroid, p)
+        moved += float((p - torch.tensor([20.0, 12.0], dtype=torch.float64)).norm()) / n
+    assert 0.5 < moved < 2.5  # about the asked rms displacement, 1 px per axis
+    assert elastic(x, 0.0, sigma, torch.Generator()) is x  # nothing asked: nothing done
+    kwargs = dict(n_way=2, size=8, cache_dir=tmp_path / "cache", split_by="character", test_fraction=0.0,
+                  val_fraction=0.0)
+    distorted, plain = Omniglot(data, elastic_pixels=1.0, **kwargs), Omniglot(data, **kwargs)
+    assert "elastic distortions of 1.0 px" in repr(distorted)
+    a, b = (o.sample(3, 1, torch.Generator().manual_seed(0)).query.x for o in (distorted, plain))
+    assert a.shape == b.shape and not torch.equal(a, b)
+    with pytest.raises(OmniglotDataError, match="elastic_sigma = 0"):
+        Omniglot(data, size=8, cache_dir=tmp_path / "cache", elastic_pixels=1.0, elastic_sigma=0)
+
+
 def test_tasks_gathered_on_another_device_are_the_same_tasks(data, tmp_path):
     """`Omniglot.to(device)` keeps the images on the device and gathers, converts, shifts and warps there, while
     the classes, drawers and augmentations are still drawn from the CPU generator: every tensor of a task is on
@@ -680,7 +722,8 @@ def test_global_labels_name_each_image_by_its_class_index(data, tmp_path):
                   val_alphabets=0)
     plain, labelled = Omniglot(data, **kwargs), Omniglot(data, global_labels=True, **kwargs)
     task, again = (o.sample(3, 0, torch.Generator().manual_seed(0)) for o in (plain, labelled))
-    assert torch.equal(task.query.x, again.query.x) and task.inner_steps == 0 and "global class labels" in repr(labelled)
+    assert torch.equal(task.query.x, again.query.x) and task.inner_steps == 0
+    assert "global class labels" in repr(labelled)
     assert task.query.y.max() < 5 and again.query.y.max() >= 5  # 36 classes: some index past the task's 5
     for x, y in zip(again.query.x.reshape(-1, 1, 8, 8), again.query.y.reshape(-1)):
         assert any(torch.equal(x, image.to(x.dtype) / 255.0) for image in labelled.images[y])  # one of its 20 drawings

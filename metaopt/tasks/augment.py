@@ -1,6 +1,7 @@
 """Image augmentations for task samplers (no gradient flows through them).
 
-`shifted` and `warped` (training) take images [..., H, W] (any leading shape, e.g. [tasks, N, K + Q, 1, H, W])
+`shifted`, `warped` and `elastic` (training) take images [..., H, W] (any leading shape, e.g.
+[tasks, N, K + Q, 1, H, W])
 and a generator, and draw one transformation per image, so a seeded sampler stays reproducible. The draws come
 from the (CPU) generator and the images are transformed where they are: the same images on every device.
 `shifted_views` (test time) draws nothing: fixed one-pixel shifts of every image.
@@ -14,7 +15,8 @@ import torch.nn.functional as F
 
 from metaopt.types import Batch
 
-__all__ = ["shifted", "random_affine", "affine", "warped", "shifted_views", "with_views", "pooled_views", "VIEW_OFFSETS"]
+__all__ = ["shifted", "random_affine", "affine", "warped", "elastic", "shifted_views", "with_views", "pooled_views",
+           "VIEW_OFFSETS"]
 
 #: The (rows, columns) offsets of `shifted_views`, nearest first: the image itself, then its 4 and 4 diagonal
 #: one-pixel neighbours.
@@ -65,6 +67,32 @@ def warped(x: torch.Tensor, degrees: float, shear: float, scale: float, generato
     *lead, height, width = x.shape
     flat = x.reshape(-1, 1, height, width)
     return affine(flat, random_affine(flat.shape[0], degrees, shear, scale, generator, x.dtype)).reshape(x.shape)
+
+
+def elastic(x: torch.Tensor, pixels: float, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """Each image [..., H, W] under its own smooth random displacement field (Simard et al. 2003's elastic
+    distortions, the local wobble of one person's strokes against another's): uniform noise in each axis, smoothed
+    by a Gaussian of `sigma` pixels, scaled to an rms displacement of `pixels` pixels per image and axis; bilinear
+    resampling with zeros outside. Draws [n, 2, H, W] uniforms from `generator`. `pixels` 0: `x` itself."""
+    if not pixels:
+        return x
+    *lead, height, width = x.shape
+    flat = x.reshape(-1, 1, height, width)
+    n = flat.shape[0]
+    noise = (torch.rand((n, 2, height, width), generator=generator, dtype=x.dtype) * 2 - 1).to(x.device)
+    radius = max(1, math.ceil(3 * sigma))
+    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    field = F.conv2d(noise, kernel.view(1, 1, 1, -1).expand(2, 1, 1, -1), padding=(0, radius), groups=2)
+    field = F.conv2d(field, kernel.view(1, 1, -1, 1).expand(2, 1, -1, 1), padding=(radius, 0), groups=2)
+    rms = field.pow(2).mean(dim=(2, 3), keepdim=True).sqrt().clamp_min(torch.finfo(x.dtype).tiny)
+    field = field / rms * pixels                                                          # [n, 2, H, W] pixels
+    identity = torch.eye(2, 3, dtype=x.dtype, device=x.device).expand(n, 2, 3)
+    grid = F.affine_grid(identity, [n, 1, height, width], align_corners=False)           # [n, H, W, 2] (x, y)
+    grid = grid + field.permute(0, 2, 3, 1) * torch.tensor([2 / width, 2 / height], dtype=x.dtype, device=x.device)
+    out = F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.reshape(x.shape)
 
 
 def shifted_views(x: torch.Tensor, views: int) -> torch.Tensor:

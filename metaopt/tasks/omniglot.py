@@ -25,7 +25,7 @@ import torch
 
 from metaopt import losses
 from metaopt.checkpoint import load_checkpoint, save_atomic
-from metaopt.tasks.augment import VIEW_OFFSETS, shifted, warped, with_views
+from metaopt.tasks.augment import VIEW_OFFSETS, elastic, shifted, warped, with_views
 from metaopt.tasks.base import EmptySplit, TaskDistribution
 from metaopt.types import Batch, LossFn, Task
 
@@ -209,6 +209,9 @@ class Omniglot(TaskDistribution):
       warp_degrees, warp_shear, warp_scale: random affine distortions of every sampled image before the
         shift (Koch et al. 2015: 10, 0.3, 0.2): rotation in degrees, shear factor, per-axis scale change;
         0: none (see `metaopt.tasks.augment.warped`; training augmentation, like `shift`).
+      elastic_pixels, elastic_sigma: Simard et al.'s elastic distortions of every sampled image after the warp: a
+        smooth random displacement field (Gaussian-smoothed noise of `elastic_sigma` pixels) of rms
+        `elastic_pixels` pixels; 0: none (`metaopt.tasks.augment.elastic`; training augmentation, like `shift`).
       support_views: each support image together with its nearest one-pixel shifts, this many images in all
         (1 to 9; `metaopt.tasks.augment.shifted_views`; 1: the image alone): test-time augmentation for
         evaluation tasks. A ProtoNet's prototype becomes the mean embedding of the views; MAML adapts on them.
@@ -238,7 +241,8 @@ class Omniglot(TaskDistribution):
                  rotations: bool = True, size: int = 28, seed: int = 0, cache_dir: str | None = None,
                  within_alphabet: bool = False, drawer_split: bool = False, shift: int = 0,
                  warp_degrees: float = 0.0, warp_shear: float = 0.0, warp_scale: float = 0.0,
-                 support_views: int = 1, query_views: int = 1, flips: bool = False, global_labels: bool = False):
+                 support_views: int = 1, query_views: int = 1, flips: bool = False, global_labels: bool = False,
+                 elastic_pixels: float = 0.0, elastic_sigma: float = 4.0):
         if k_shot < 1 or k_query < 1 or k_shot + k_query > DRAWERS:
             raise OmniglotDataError(f"omniglot: k_shot + k_query = {k_shot} + {k_query} must be between 2 and the "
                                     f"{DRAWERS} drawings each character has")
@@ -254,6 +258,10 @@ class Omniglot(TaskDistribution):
             raise OmniglotDataError(f"omniglot: warp_degrees = {warp_degrees} must be in [0, 180], warp_shear = "
                                     f"{warp_shear} and warp_scale = {warp_scale} in [0, 1)")
         self.warp_degrees, self.warp_shear, self.warp_scale = warp_degrees, warp_shear, warp_scale
+        if elastic_pixels < 0 or elastic_sigma <= 0:
+            raise OmniglotDataError(f"omniglot: elastic_pixels = {elastic_pixels} must be >= 0 and elastic_sigma = "
+                                    f"{elastic_sigma} > 0")
+        self.elastic_pixels, self.elastic_sigma = elastic_pixels, elastic_sigma
         for name, views in (("support_views", support_views), ("query_views", query_views)):
             if not 1 <= views <= len(VIEW_OFFSETS):
                 raise OmniglotDataError(f"omniglot: {name} = {views} must be between 1 and {len(VIEW_OFFSETS)} (the "
@@ -302,6 +310,7 @@ class Omniglot(TaskDistribution):
                 f"{f', shifts of {self.shift} px' if self.shift else ''}"
                 f"{', global class labels' if self.global_labels else ''}"
                 f"{', warped' if self.warp_degrees or self.warp_shear or self.warp_scale else ''}"
+                f"{f', elastic distortions of {self.elastic_pixels} px' if self.elastic_pixels else ''}"
                 f"{f', {self.support_views} views of each support image' if self.support_views > 1 else ''}"
                 f"{f', {self.query_views} views of each query' if self.query_views > 1 else ''})")
 
@@ -344,6 +353,7 @@ class Omniglot(TaskDistribution):
         classes, drawers = self.draw(n_tasks, generator)
         x = self.images[classes.unsqueeze(-1).to(device), drawers.to(device)].to(torch.get_default_dtype()) / 255.0
         x = warped(x, self.warp_degrees, self.warp_shear, self.warp_scale, generator)
+        x = elastic(x, self.elastic_pixels, self.elastic_sigma, generator)
         if self.shift:
             x = shifted(x, self.shift, generator)
         labels = classes.to(device) if self.global_labels else torch.arange(n, device=device).expand(n_tasks, n)
