@@ -42,15 +42,16 @@ def check_task_fits_model(cfg: DictConfig, tasks: TaskDistribution, model: torch
     if tasks.kind == "classification" and cfg.loop._target_.endswith("InnerLoop") and n_way and width != n_way:
         raise ValueError(f"model={_name(cfg.model)} has {width} outputs but task={_name(cfg.task)} has "
                          f"{n_way} classes per task; set model.out_features=${{task.n_way}}")
-    classes = getattr(tasks, "num_classes", None)
-    if cfg.loop._target_.endswith("ClassifierLoop") and int(cfg.inner_steps) != 0:
-        raise ValueError(f"loop=classifier trains a classifier with no inner step, but inner_steps={cfg.inner_steps}; "
-                         "set inner_steps=0 (evaluation's eval.inner_steps=1 makes the prototypes)")
-    if cfg.loop._target_.endswith("ClassifierLoop") and getattr(tasks, "global_labels", False) and classes \
-            and width < classes:
-        raise ValueError(f"model={_name(cfg.model)} has {width} outputs but task={_name(cfg.task)} labels "
-                         f"{classes} training classes (task.global_labels=true, loop=classifier); set "
-                         f"model.out_features >= {classes}")
+    if cfg.loop._target_.endswith("ClassifierLoop"):
+        if int(cfg.inner_steps) != 0:
+            raise ValueError(f"loop=classifier trains a classifier with no inner step, but inner_steps="
+                             f"{cfg.inner_steps}; set inner_steps=0 (evaluation's eval.inner_steps=1 makes the "
+                             "prototypes)")
+        classes = getattr(tasks, "num_classes", 0)
+        if getattr(tasks, "global_labels", False) and width < classes:
+            raise ValueError(f"model={_name(cfg.model)} has {width} outputs but task={_name(cfg.task)} labels "
+                             f"{classes} training classes (task.global_labels=true, loop=classifier); set "
+                             f"model.out_features >= {classes}")
 
 
 def check_loop_classes(cfg: DictConfig, named_tasks: dict[str, TaskDistribution | None]) -> None:
