@@ -3,6 +3,8 @@
 
     python experiments/bench_gpu.py                                 # CUDA: meta-batch 16 and 32, T = 1 and 5
     python experiments/bench_gpu.py --device cpu --meta-batch 2 --steps 1 --channels 8 --repeats 3   # a smoke run
+    python experiments/bench_gpu.py --meta-batch 16 --steps 1 --conv native matmul --only metaopt \
+        metaopt-cudagraph torch.func --profile --top-kernels 8       # the convolution's kernels compared
 
 Tasks: 5-way 1-shot, 15 queries per class, 28x28 images, conv4 with 64 channels (CS330 HW2's MAML), one
 inner SGD step of lr 0.4 per support batch, cross-entropy. The images are synthetic
@@ -17,15 +19,22 @@ gradient's largest entry, floored at 1% of all gradients' largest; TF32 off unle
   torch.func-comp  the hand-written meta-gradient under torch.compile(fullgraph=True)
   higher           higher 0.2.1, task by task (when installed)
 
+`--conv native matmul` runs each metaopt implementation over both convolutions of `Conv4(conv=...)`:
+`native` (nn.Conv2d; per-task weights become one grouped cuDNN convolution) and `matmul` (`MatmulConv2d`,
+im2col and one batched GEMM), named e.g. `metaopt-cudagraph[matmul]`; the hand-written ones use native.
+`--only` keeps the named implementations (each compiled one costs a minute or more of compilation on a GPU).
+
 Times are medians over interleaved rounds in a shuffled order, measured with CUDA events on CUDA
 (perf_counter on CPU). Then `meta_train` runs `--train-steps` meta-steps on freshly sampled tasks
-(sampling, finiteness check, Adam step) with the eager and the compiled estimator; its median
-`seconds_per_meta_step` is compared with the bare meta-gradient's. `--train-tasks omniglot` (default):
+(sampling, finiteness check, Adam step) with the eager and the compiled estimator (the fastest compiled
+metaopt implementation of the table: its convolution and mode); its median `seconds_per_meta_step` is
+compared with the same implementation's bare meta-gradient. `--train-tasks omniglot` (default):
 Omniglot's sampler over generated images, gathered on the device; `patterns`: RandomPatterns, generated on
 the host and copied (what README's first GPU figures used). Sampling one meta-batch alone is timed too.
 
-The device and torch version are printed first; the last line is
-`ms_per_step_T1_B16 eager:<ms> compiled:<ms> cudagraph:<ms> hand_eager:<ms> train_vs_bare:<x>`.
+The device and torch version are printed first; the last line is `ms_per_step_T<T>_B<B>` and then
+`<implementation>:<ms>` for every implementation timed at the first (B, T), and `train_vs_bare:<x>` (the
+compiled whole step over its bare meta-gradient) where the whole step ran.
 """
 from __future__ import annotations
 
@@ -39,7 +48,7 @@ import torch
 
 import metaopt as mo
 from bench_step import make_higher, make_metaopt, make_torch_func, make_torch_func_compiled
-from metaopt.compiled import gradient_errors
+from metaopt.compiled import Compiled, gradient_errors
 from metaopt.tasks import TaskDistribution
 from metaopt.tasks.omniglot import Omniglot, OmniglotImages
 from metaopt.train import task_to
@@ -66,27 +75,42 @@ def timer(device: str) -> Callable[[Callable[[], object]], float]:
     return cpu_seconds
 
 
-def implementations(model: torch.nn.Module, tasks: mo.Task, device: str) -> dict[str, Callable[[], list]]:
-    loss = mo.losses.cross_entropy
-    impls = {"metaopt": make_metaopt(model, tasks, "auto", loss=loss, lr=INNER_LR),
-             "metaopt-comp": make_metaopt(model, tasks, "auto", compile=True, loss=loss, lr=INNER_LR),
-             "torch.func": make_torch_func(model, tasks, loss=loss, lr=INNER_LR),
-             "torch.func-comp": make_torch_func_compiled(model, tasks, loss=loss, lr=INNER_LR)}
-    if device.startswith("cuda"):
-        impls["metaopt-cudagraph"] = make_metaopt(model, tasks, "auto", compile=True, loss=loss, lr=INNER_LR,
-                                                  mode="reduce-overhead")
+METAOPT_MODES = {"metaopt": None, "metaopt-comp": "default", "metaopt-cudagraph": "reduce-overhead"}
+"""metaopt's implementations: None (eager) or the torch.compile mode."""
+
+
+def implementations(meta_batch: int, steps: int, args: argparse.Namespace) -> dict[str, Callable[[], list]]:
+    """Each implementation's meta-step (a function returning the gradients) over the same seeded weights and tasks:
+    metaopt's per convolution of `args.conv`, the hand-written ones over the native convolution; `args.only`
+    (base names, without the "[conv]" suffix) keeps some."""
+    loss, cuda = mo.losses.cross_entropy, args.device.startswith("cuda")
+    wanted = (lambda name: args.only is None or name in args.only)
+    impls: dict[str, Callable[[], list]] = {}
+    for conv in args.conv:
+        model, tasks = problem(meta_batch, steps, args, conv)
+        suffix = "" if conv == "native" else f"[{conv}]"
+        for name, mode in METAOPT_MODES.items():
+            if wanted(name) and (cuda or mode != "reduce-overhead"):
+                impls[name + suffix] = make_metaopt(model, tasks, "auto", compile=mode is not None, loss=loss,
+                                                    lr=INNER_LR, mode=None if mode == "default" else mode)
+    model, tasks = problem(meta_batch, steps, args, "native")
+    impls["torch.func"] = make_torch_func(model, tasks, loss=loss, lr=INNER_LR)  # the reference: always
+    if wanted("torch.func-comp"):
+        impls["torch.func-comp"] = make_torch_func_compiled(model, tasks, loss=loss, lr=INNER_LR)
     try:
         import higher  # noqa: F401
-        impls["higher"] = make_higher(model, tasks, loss=loss, lr=INNER_LR)
+        if wanted("higher"):
+            impls["higher"] = make_higher(model, tasks, loss=loss, lr=INNER_LR)
     except ImportError:
         pass
     return impls
 
 
-def problem(meta_batch: int, steps: int, args: argparse.Namespace) -> tuple[torch.nn.Module, mo.Task]:
-    """The seeded conv4 model and one batch of tasks on the device."""
+def problem(meta_batch: int, steps: int, args: argparse.Namespace,
+            conv: str = "native") -> tuple[torch.nn.Module, mo.Task]:
+    """The seeded conv4 model (the same weights for either convolution) and one batch of tasks on the device."""
     torch.manual_seed(0)
-    model = mo.Conv4(1, N_WAY, channels=args.channels, image_size=SIZE).to(args.device)
+    model = mo.Conv4(1, N_WAY, channels=args.channels, image_size=SIZE, conv=conv).to(args.device)
     sampler = mo.RandomPatterns(n_way=N_WAY, k_shot=K_SHOT, k_query=K_QUERY, size=SIZE)
     return model, task_to(sampler.sample(meta_batch, steps, torch.Generator().manual_seed(0)), args.device)
 
@@ -94,8 +118,7 @@ def problem(meta_batch: int, steps: int, args: argparse.Namespace) -> tuple[torc
 def bench(meta_batch: int, steps: int, args: argparse.Namespace, mismatches: list[str]) -> dict[str, float]:
     """Median seconds per meta-step of each implementation at this meta-batch and unroll length (and, with
     `--profile`, each one's profile table). Gradients that differ from torch.func's join `mismatches`."""
-    model, tasks = problem(meta_batch, steps, args)
-    impls = implementations(model, tasks, args.device)
+    impls = implementations(meta_batch, steps, args)
     reference = {str(i): g for i, g in enumerate(impls["torch.func"]())}
     for name, fn in impls.items():  # same gradient; warm-up (the compiled ones compile here)
         start = time.perf_counter()
@@ -112,7 +135,7 @@ def bench(meta_batch: int, steps: int, args: argparse.Namespace, mismatches: lis
         for name in order:
             times[name].append(seconds(impls[name]))
     if args.profile:
-        print_profile(impls, meta_batch, steps, args.device)
+        print_profile(impls, meta_batch, steps, args.device, args.top_kernels)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -151,22 +174,29 @@ def sampling_seconds(tasks: TaskDistribution, meta_batch: int, args: argparse.Na
     return statistics.median(times)
 
 
-def train_step_seconds(meta_batch: int, steps: int, compile: bool, args: argparse.Namespace) -> float:
-    """Median seconds of a whole meta_train step (sampling, copy, meta-gradient, checks, Adam)."""
+def train_step_seconds(meta_batch: int, steps: int, implementation: str, args: argparse.Namespace) -> float:
+    """Median seconds of a whole meta_train step (sampling, copy, meta-gradient, checks, Adam) with a metaopt
+    implementation of the table ("metaopt-cudagraph[matmul]": its mode and convolution)."""
+    name, _, conv = implementation.partition("[")
+    mode = METAOPT_MODES[name]
     torch.manual_seed(0)
-    model = mo.Conv4(1, N_WAY, channels=args.channels, image_size=SIZE).to(args.device)
-    loop = mo.InnerLoop(model, mo.optim.sgd(lr=INNER_LR), mo.losses.cross_entropy)
+    model = mo.Conv4(1, N_WAY, channels=args.channels, image_size=SIZE, conv=conv.rstrip("]") or "native")
+    loop = mo.InnerLoop(model.to(args.device), mo.optim.sgd(lr=INNER_LR), mo.losses.cross_entropy)
     meta = mo.meta_params(mo.Init(model))
-    metrics = mo.meta_train(loop, meta, mo.get_estimator("full", compile=compile), training_tasks(args.train_tasks),
+    estimator = mo.get_estimator("full") if mode is None else \
+        Compiled(mo.get_estimator("full"), mode=None if mode == "default" else mode)
+    metrics = mo.meta_train(loop, meta, estimator, training_tasks(args.train_tasks),
                             outer_optimizer=torch.optim.Adam(meta.parameters(), lr=1e-3), meta_steps=args.train_steps,
                             meta_batch_size=meta_batch, inner_steps=steps, eval_n_tasks=0, progress=False,
                             log_every=args.train_steps, device=args.device)
     return float(metrics["seconds_per_meta_step"])
 
 
-def profile_counts(fn: Callable[[], object], device: str) -> tuple[int, int, float]:
+def profile_counts(fn: Callable[[], object], device: str,
+                   top: int = 0) -> tuple[int, int, float, list[tuple[str, int, float]]]:
     """One call of fn under torch.profiler: (aten ops dispatched on the host, device kernels launched, total
-    kernel time in seconds). Kernel time far below the step's time means the step is launch- or host-bound."""
+    kernel time in seconds, and the `top` kernels by their summed time: (name, launches, seconds)). Kernel time
+    far below the step's time means the step is launch- or host-bound."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -178,22 +208,33 @@ def profile_counts(fn: Callable[[], object], device: str) -> tuple[int, int, flo
     events = prof.events()
     ops = sum(1 for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::"))
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
-    return ops, len(kernels), sum(e.device_time for e in kernels) / 1e6
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name, []).append(e.device_time / 1e6)
+    heaviest = sorted(((name, len(t), sum(t)) for name, t in by_name.items()), key=lambda k: -k[2])[:top]
+    return ops, len(kernels), sum(e.device_time for e in kernels) / 1e6, heaviest
 
 
-def print_profile(impls: dict[str, Callable[[], list]], meta_batch: int, steps: int, device: str) -> None:
-    """The profile table of each (already compiled and warm) implementation at one configuration."""
+def print_profile(impls: dict[str, Callable[[], list]], meta_batch: int, steps: int, device: str,
+                  top: int = 0) -> None:
+    """The profile table of each (already compiled and warm) implementation at one configuration, and with
+    `top` > 0 each one's heaviest kernels."""
     print(f"profile (B={meta_batch}, T={steps}; one meta-step):")
     print("| implementation | aten ops on the host | device kernels | kernel time ms |")
     print("|---|---|---|---|")
+    heaviest = {}
     for name, fn in impls.items():
-        ops, kernels, kernel_seconds = profile_counts(fn, device)
+        ops, kernels, kernel_seconds, heaviest[name] = profile_counts(fn, device, top)
         print(f"| {name} | {ops} | {kernels} | {1e3 * kernel_seconds:.2f} |", flush=True)
+    for name, rows in heaviest.items():
+        if rows:
+            print(f"heaviest kernels of {name}: " + "; ".join(
+                f"{kernel[:70]} x{launches} {1e3 * seconds:.2f} ms" for kernel, launches, seconds in rows), flush=True)
 
 
 def cudnn_benchmark_ab(meta_batch: int, steps: int, args: argparse.Namespace) -> None:
     """metaopt eager with `cudnn.benchmark` off and on, toggled per call, interleaved in a shuffled order."""
-    model, tasks = problem(meta_batch, steps, args)
+    model, tasks = problem(meta_batch, steps, args, args.conv[0])
     step, seconds = make_metaopt(model, tasks, "auto", loss=mo.losses.cross_entropy, lr=INNER_LR), timer(args.device)
     times: dict[bool, list[float]] = {False: [], True: []}
     order, shuffler = [False, True], random.Random(0)
@@ -216,6 +257,11 @@ def main() -> None:
     parser.add_argument("--meta-batch", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--channels", type=int, default=64)
+    parser.add_argument("--conv", nargs="+", choices=["native", "matmul"], default=["native"],
+                        help="Conv4's convolution(s) for metaopt's implementations (see above)")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="implementations to time (base names: metaopt, metaopt-comp, metaopt-cudagraph, "
+                             "torch.func-comp, higher); torch.func, the reference, always runs")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--train-steps", type=int, default=60, help="0: skip the whole-meta_train comparison")
     parser.add_argument("--train-tasks", choices=["omniglot", "patterns"], default="omniglot",
@@ -227,6 +273,7 @@ def main() -> None:
                         help="only time metaopt eager with cudnn.benchmark off vs on, interleaved")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step of each (ops, kernels) per configuration")
+    parser.add_argument("--top-kernels", type=int, default=0, help="with --profile: list each one's N heaviest kernels")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -260,19 +307,21 @@ def main() -> None:
     b, t = args.meta_batch[0], args.steps[0]
     if mismatches:
         raise SystemExit("bench_gpu: gradients differ from torch.func's (relative error): " + "; ".join(mismatches))
-    if args.train_steps <= 0:
+    fields = " ".join(f"{name}:{1e3 * seconds:.2f}" for name, seconds in headline.items())
+    compiled = {name: s for name, s in headline.items() if METAOPT_MODES.get(name.partition("[")[0])}
+    if args.train_steps <= 0 or not compiled:
+        print(f"ms_per_step_T{t}_B{b} {fields}")
         return
     sampled = sampling_seconds(training_tasks(args.train_tasks), b, args)
     print(f"sampling {b} {args.train_tasks} tasks onto {args.device}, alone: {1e3 * sampled:.2f} ms", flush=True)
-    eager_train = train_step_seconds(b, t, False, args)
-    compiled_train = train_step_seconds(b, t, True, args)
-    print(f"whole meta_train step (B={b}, T={t}): eager {1e3 * eager_train:.2f} ms "
-          f"({eager_train / headline['metaopt']:.2f}x the bare meta-gradient), compiled {1e3 * compiled_train:.2f} ms "
-          f"({compiled_train / headline['metaopt-comp']:.2f}x)")
-    cudagraph = f"{1e3 * headline['metaopt-cudagraph']:.2f}" if "metaopt-cudagraph" in headline else "-"
-    print(f"ms_per_step_T{t}_B{b} eager:{1e3 * headline['metaopt']:.2f} compiled:{1e3 * headline['metaopt-comp']:.2f} "
-          f"cudagraph:{cudagraph} hand_eager:{1e3 * headline['torch.func']:.2f} "
-          f"train_vs_bare:{compiled_train / headline['metaopt-comp']:.2f}")
+    fastest = min(compiled, key=lambda name: compiled[name])
+    eager = "metaopt" + fastest.partition("[")[1] + fastest.partition("[")[2]
+    eager_train = train_step_seconds(b, t, eager, args)
+    compiled_train = train_step_seconds(b, t, fastest, args)
+    print(f"whole meta_train step (B={b}, T={t}): {eager} {1e3 * eager_train:.2f} ms"
+          + (f" ({eager_train / headline[eager]:.2f}x the bare meta-gradient)" if eager in headline else "")
+          + f", {fastest} {1e3 * compiled_train:.2f} ms ({compiled_train / headline[fastest]:.2f}x)")
+    print(f"ms_per_step_T{t}_B{b} {fields} train_vs_bare:{compiled_train / headline[fastest]:.2f}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@
 4. A memory budget below full's prediction is refused before any work (BudgetExceeded), and
    `auto` under it picks an estimator whose measured peak fits.
 5. Omniglot's tasks gathered on the device (`Omniglot.to`) equal the CPU's (generated images).
+6. `Conv4(conv="matmul")` (im2col and a GEMM) gives native conv4's MAML meta-gradient on CUDA (float64,
+   vmapped and stacked) and the CPU's.
 Prints one line per check and exits non-zero if a check fails.
 """
 from __future__ import annotations
@@ -160,12 +162,38 @@ def check_device_sampling(failures: list[str]) -> None:
             failures.append(f"device sampling ({name})")
 
 
+def check_matmul_conv(failures: list[str]) -> None:
+    """Second-order MAML over `Conv4(conv="matmul")` on CUDA equals native conv4's there and the CPU's (float64)."""
+    torch.set_default_dtype(torch.float64)
+    tasks = mo.RandomPatterns(n_way=5, k_shot=1, k_query=3).sample(4, 2, torch.Generator().manual_seed(0))
+    grads = {}
+    for device in ("cpu", DEVICE):
+        for conv in ("native", "matmul"):
+            torch.manual_seed(0)
+            model = mo.Conv4(out_features=5, channels=16, conv=conv).to(device)
+            loop = mo.InnerLoop(model, mo.optim.sgd(0.4), mo.losses.cross_entropy)
+            meta = mo.meta_params(mo.Init(model))
+            for batching in ("vmap", "stacked"):
+                grads[device, conv, batching] = {k: g.cpu() for k, g in
+                                                 mo.Full()(loop, meta, task_to(tasks, device), batching=batching)
+                                                 .grads.items()}
+    reference = grads["cpu", "native", "vmap"]
+    worst = max(max(gradient_errors(g, reference).values()) for g in grads.values())
+    ok = worst <= 1e-9
+    print(f"matmul convolution: MAML meta-gradients of native and matmul conv4, vmapped and stacked, on CPU and "
+          f"{DEVICE}: largest relative difference {worst:.1e} {'ok' if ok else 'FAIL'}")
+    if not ok:
+        failures.append("matmul convolution")
+    torch.set_default_dtype(torch.float32)
+
+
 CHECKS: dict[str, Callable[[list[str], int], None]] = {
     "sampling": lambda failures, steps: check_device_sampling(failures),
     "exactness": lambda failures, steps: check_exactness(failures),
     "compiled": lambda failures, steps: check_compiled_float64(failures),
     "speed": check_speed_and_memory,
     "budget": lambda failures, steps: check_budget(failures),
+    "matmul": lambda failures, steps: check_matmul_conv(failures),
 }
 
 

@@ -33,7 +33,7 @@ from metaopt.metaparams import (
     WeightDecay,
     meta_params,
 )
-from metaopt.models import MLP, Conv4
+from metaopt.models import MLP, Conv4, MatmulConv2d
 from metaopt.planning import Auto
 from metaopt.prototypes import PrototypeLoop
 from metaopt.pretraining import ClassifierLoop
@@ -60,7 +60,7 @@ __all__ = [
     "EstimatorUnsupported", "UnknownEstimator",
     "Budget", "BudgetExceeded", "parse_bytes", "parse_seconds",
     "TaskShapeMismatch", "stack_tasks", "unstack_tasks",
-    "MLP", "Conv4",
+    "MLP", "Conv4", "MatmulConv2d",
     "TaskDistribution", "Sinusoid", "RandomPatterns", "Digits", "RandomInit",
     "meta_train", "meta_step", "TrainState", "StepConfig", "evaluate", "plan", "run_meta_gradient",
     "CollapseGuard", "TrainingCollapsed", "Callback", "Validation",

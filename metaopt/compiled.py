@@ -361,7 +361,11 @@ class Compiled:
             # module tree in Python (~17 us per call at T=1).
             return torch.func.grad(surrogate, has_aux=True)(meta_values(holder.meta), tasks)
 
-        return torch.compile(with_own_code(meta_gradient), fullgraph=self.fullgraph, mode=self.mode,
+        mode = self.mode
+        if mode is not None and options:  # torch.compile takes a mode or options, not both: the mode as options
+            from torch._inductor import list_mode_options
+            options, mode = {**list_mode_options(mode, dynamic=False), **options}, None
+        return torch.compile(with_own_code(meta_gradient), fullgraph=self.fullgraph, mode=mode,
                              options=options or None, dynamic=False)
 
     def _eager_chunk(self, loop: InnerLoop, meta: MetaParams, tasks: Task, pattern: tuple[int, ...]) -> ChunkResult:

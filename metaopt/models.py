@@ -6,7 +6,7 @@ from typing import Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MLP", "Conv4", "BatchNorm"]
+__all__ = ["MLP", "Conv4", "BatchNorm", "MatmulConv2d"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
@@ -96,6 +96,59 @@ class BatchNorm(nn.Module):
         return y
 
 
+class MatmulConv2d(nn.Conv2d):
+    """`nn.Conv2d` computed as one matrix product: the input's patches (im2col) as rows,
+    [n*H'*W', kh*kw*C], times the weight as a [kh*kw*C, out] matrix.
+
+    The same function as `nn.Conv2d` (float64 tests check outputs and meta-gradients), for other kernels:
+    with per-task weights (vmap, `metaopt.stacked`), PyTorch runs an ordinary convolution as one *grouped*
+    convolution over the tasks, whose backward and double backward are slow on cuDNN for small per-task
+    filters; as a product it is one batched GEMM per layer, and its derivatives are GEMMs with an inner
+    dimension of n*H'*W' (no per-example intermediate) and the patches' scatter-add. The patches
+    cost C*kh*kw floats per output pixel (9x the input for a 3x3 filter). The output is channels-last in
+    memory (an NCHW view of [n, H', W', out]). `groups=1` and numeric zero padding only.
+    """
+
+    def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            raise ValueError(f"MatmulConv2d: groups = {self.groups}, padding = {self.padding!r}, padding_mode = "
+                             f"{self.padding_mode!r}: only groups=1 and numeric zero padding")
+
+    def patch_rows(self, x: Tensor) -> tuple[Tensor, int, int]:
+        """x: [n, C, H, W] -> (rows [n*H'*W', kh*kw*C], H', W'): every output pixel's receptive field, in
+        (kh, kw, C) order (`rows_weight`'s). One gather from the padded input in channels-last order (its
+        derivatives an `index_put` with accumulation and a gather again, with vmap batching rules): a fixed
+        number of kernels whatever n (`F.unfold` launches one per example on CUDA)."""
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        ph, pw = (int(p) for p in self.padding)
+        n, c, height, width = x.shape
+        padded = nn.functional.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))  # [n, H + 2ph, W + 2pw, C]
+        out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        rows_at = torch.arange(out_h, device=x.device).view(-1, 1, 1, 1) * sh + \
+            torch.arange(kh, device=x.device).view(1, 1, -1, 1) * dh
+        cols_at = torch.arange(out_w, device=x.device).view(1, -1, 1, 1) * sw + \
+            torch.arange(kw, device=x.device).view(1, 1, 1, -1) * dw
+        index = (rows_at * (width + 2 * pw) + cols_at).reshape(-1)  # (H', W', kh, kw) -> flat padded pixel
+        # Advanced indexing, not index_select: Inductor (torch 2.13, CPU) miscompiled index_select's derivatives
+        # when two such layers follow each other under vmap (meta-gradients off by 20-95%; caught by
+        # `Compiled`'s check against eager, tests/test_models.py).
+        patches = padded.reshape(n, -1, c)[:, index]  # [n, H'*W'*kh*kw, C]
+        return patches.reshape(n * out_h * out_w, kh * kw * c), out_h, out_w
+
+    def rows_weight(self) -> Tensor:
+        """The weight as a [kh*kw*C, out] matrix, rows in `patch_rows`' (kh, kw, C) order."""
+        return self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1).t()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [n, in_channels, H, W] -> [n, out_channels, H', W'] (channels-last memory)."""
+        rows, height, width = self.patch_rows(x)
+        weight = self.rows_weight()
+        y = rows @ weight if self.bias is None else torch.addmm(self.bias, rows, weight)
+        return y.reshape(x.shape[0], height, width, self.out_channels).permute(0, 3, 1, 2)
+
+
 class Conv4(nn.Module):
     """The four-block convolutional backbone of few-shot learning (Vinyals et al. 2016).
 
@@ -125,12 +178,17 @@ class Conv4(nn.Module):
       norm: "primitive" (`metaopt.models.BatchNorm`) or "fused" (`nn.BatchNorm2d`); see above.
       channels_last: store the convolution weights channels-last (NHWC): a memory layout, the same values
         (measured no faster for conv4 on one CPU thread: README, experiments/bench_conv4.py).
+      conv: "native" (`nn.Conv2d`) or "matmul" (`MatmulConv2d`: im2col and one GEMM; the same function,
+        for per-task weights on the GPU, where a grouped convolution's derivatives are slow: README).
     """
 
     def __init__(self, in_channels: int = 1, out_features: int = 5, channels: int = 64,
                  image_size: int = 28, track_running_stats: bool = False, pools: int = 4, stem_stride: int = 1,
-                 norm: Literal["primitive", "fused"] = "primitive", channels_last: bool = False):
+                 norm: Literal["primitive", "fused"] = "primitive", channels_last: bool = False,
+                 conv: Literal["native", "matmul"] = "native"):
         super().__init__()
+        if conv not in ("native", "matmul"):
+            raise ValueError(f"Conv4: conv = {conv!r} must be 'native' (nn.Conv2d) or 'matmul' (MatmulConv2d)")
         if norm not in ("primitive", "fused"):
             raise ValueError(f"Conv4: norm = {norm!r} must be 'primitive' (exact under vmap) or 'fused' "
                              "(nn.BatchNorm2d)")
@@ -142,10 +200,11 @@ class Conv4(nn.Module):
                              f"least 1 pixel (image_size / stem_stride / 2**pools)")
         blocks: list[nn.Module] = []
         normalization = BatchNorm if norm == "primitive" else nn.BatchNorm2d
+        convolution = nn.Conv2d if conv == "native" else MatmulConv2d
         c, size = in_channels, stem_size
         for block in range(4):
             pooled = block < pools
-            blocks += [nn.Conv2d(c, channels, 3, padding=1, stride=stem_stride if block == 0 else 1),
+            blocks += [convolution(c, channels, 3, padding=1, stride=stem_stride if block == 0 else 1),
                        normalization(channels, track_running_stats=track_running_stats),
                        nn.ReLU()] + ([nn.MaxPool2d(2)] if pooled else [])
             c, size = channels, size // 2 if pooled else size

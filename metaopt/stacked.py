@@ -7,8 +7,9 @@ tensor code instead:
 
 - the inner parameters carry the task axis, [B, *shape] (the meta-parameters' initialization expanded);
 - the model runs on them through *stacked layers* (`stacked_forward`): a linear layer is one `baddbmm`
-  over the tasks, a convolution one grouped convolution, a BatchNorm one `batch_norm` over the tasks'
-  channels (per-task statistics). A module without a stacked rule runs under vmap (correct, not faster);
+  over the tasks, a convolution one grouped convolution (a `MatmulConv2d` one batched GEMM), a BatchNorm
+  one `batch_norm` over the tasks' channels (per-task statistics). A module without a stacked rule runs
+  under vmap (correct, not faster);
 - the inner gradient is `torch.autograd.grad` of the *sum* of the tasks' inner losses: tasks share no
   tensor, so d(sum_b L_b)/d params_b = dL_b/d params_b, each task's own gradient;
 - built-in optimizers step all tasks at once (elementwise: `InnerOptimizer.elementwise`), and `mse` and
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaopt.loop import InnerLoop, call_module
-from metaopt.models import MLP, BatchNorm, Conv4
+from metaopt.models import MLP, BatchNorm, Conv4, MatmulConv2d
 from metaopt.losses import per_task
 from metaopt.slots import DataSlot, LossSlot, OptimizerSlot
 from metaopt.types import Batch, Buffers, Hyper, InnerState, MetaParams, Params
@@ -183,6 +184,19 @@ def _conv2d(call: _Call, module: nn.Module, prefix: str, x: Tensor) -> Tensor:
                  None if bias is None else bias.reshape(-1), conv.stride, conv.padding, conv.dilation,
                  conv.groups * tasks)
     return _channels_as_tasks(y, tasks)
+
+
+@stacked_rule(MatmulConv2d)
+def _matmul_conv2d(call: _Call, module: nn.Module, prefix: str, x: Tensor) -> Tensor:
+    """Each task's patch rows times its own weight matrix: one `bmm` over the tasks."""
+    conv = cast(MatmulConv2d, module)
+    weight = call.params[prefix + "weight"].permute(0, 3, 4, 2, 1).flatten(1, 3)  # [B, kh*kw*C, out]
+    bias = call.params.get(prefix + "bias")  # [B, out]
+    tasks, n = x.shape[:2]
+    rows, height, width = conv.patch_rows(x.flatten(0, 1))
+    rows = rows.reshape(tasks, -1, rows.shape[-1])  # [B, n*H'*W', kh*kw*C]
+    y = torch.bmm(rows, weight) if bias is None else torch.baddbmm(bias.unsqueeze(1), rows, weight)
+    return y.reshape(tasks, n, height, width, -1).permute(0, 1, 4, 2, 3)
 
 
 @stacked_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, BatchNorm)

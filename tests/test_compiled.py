@@ -145,6 +145,17 @@ def test_a_wrong_compiled_result_falls_back_to_eager():
     assert result.stats["batching"] == "vmap" and compiled(loop, meta, tasks).stats["batching"] == "stacked"
 
 
+def test_a_compile_mode_compiles_beside_the_default_options():
+    """`mode=` (e.g. "reduce-overhead": CUDA graphs) with metaopt's default options (guard filter, C++ wrapper):
+    torch.compile refuses a mode and options together, so the mode goes in as its options. Before, every
+    `mode=` call fell back to eager ("Either mode or options can be specified"), on the GPU too."""
+    loop, meta, tasks = _problem("init")
+    compiled = Compiled(mo.Full(), mode="reduce-overhead")
+    result = compiled(loop, meta, tasks)
+    assert compiled.fallback_reason is None and compiled.compiled_calls == 1
+    _assert_equal(result, mo.Full()(loop, meta, tasks))
+
+
 def test_a_failed_cpp_wrapper_is_compiled_again_without_it():
     loop, meta, tasks = _problem("init")
     compiled = Compiled(mo.Full())

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import metaopt as mo
+from metaopt.stacked import unstacked_modules
 from problems import tiny_tasks
 
 
@@ -130,3 +131,72 @@ def test_conv4_fused_norm_is_known_to_be_second_order_unsafe_under_vmap():
     with pytest.raises(ValueError, match="functorch issue #534"):
         mo.Full()(loop, meta, tasks, batching="vmap")
     assert mo.FirstOrder()(loop, meta, tasks, batching="vmap").stats["batching"] == "vmap"
+
+
+@pytest.mark.parametrize("options", [{"padding": 1}, {"padding": 0, "bias": False}, {"padding": 1, "stride": 2},
+                                     {"padding": (2, 1), "dilation": (2, 1)}, {"padding": (1, 0), "stride": (2, 1)}])
+def test_matmul_conv2d_is_conv2d_to_the_second_derivative(options):
+    """`MatmulConv2d` (im2col and one GEMM) computes nn.Conv2d's function: the same outputs and first derivatives
+    as nn.Conv2d from the same weights (float64), and second derivatives that pass central differences."""
+    reference = nn.Conv2d(3, 4, 3, **options)
+    conv = mo.MatmulConv2d(3, 4, 3, **options)
+    conv.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 3, 9, 8, requires_grad=True)
+    y, want = conv(x), reference(x)
+    assert y.shape == want.shape
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    probe = torch.randn_like(y)
+    got = torch.autograd.grad((y * probe).sum(), [x, *conv.parameters()])
+    expected = torch.autograd.grad((want * probe).sum(), [x, *reference.parameters()])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    small = torch.randn(1, 3, 5, 4, requires_grad=True)
+    params = dict(conv.named_parameters())
+    assert torch.autograd.gradgradcheck(
+        lambda x, w: torch.func.functional_call(conv, {**params, "weight": w}, (x,)).tanh(),
+        (small, conv.weight.detach().clone().requires_grad_()))
+
+
+def test_matmul_conv2d_refuses_what_it_does_not_compute():
+    for options in [{"groups": 3, "padding": 1}, {"padding": "same"}, {"padding": 1, "padding_mode": "reflect"}]:
+        with pytest.raises(ValueError, match="only groups=1 and numeric zero padding"):
+            mo.MatmulConv2d(3, 3, 3, **options)
+    with pytest.raises(ValueError, match="conv = 'fft'"):
+        mo.Conv4(conv="fft")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("batching", ["vmap", "stacked", "loop"])
+def test_conv4_matmul_conv_computes_the_same_maml_meta_gradient(batching):
+    """`Conv4(conv="matmul")` is a kernel choice: second-order MAML's meta-gradient equals the native
+    convolution's (float64) vmapped, stacked (its own rule: one bmm over the tasks) and task by task."""
+    torch.manual_seed(0)
+    reference = mo.Conv4(out_features=3, channels=4, image_size=8, pools=3)
+    model = mo.Conv4(out_features=3, channels=4, image_size=8, pools=3, conv="matmul")
+    model.load_state_dict(reference.state_dict())
+    assert isinstance(model.features[0], mo.MatmulConv2d) and not unstacked_modules(model)
+    tasks = mo.RandomPatterns(n_way=3, k_shot=2, k_query=3, size=8).sample(3, 2, torch.Generator().manual_seed(0))
+    results = []
+    for m in (model, reference):
+        loop = mo.InnerLoop(m, mo.optim.sgd(lr=0.3), mo.losses.cross_entropy)
+        results.append(mo.Full()(loop, mo.meta_params(mo.Init(m)), tasks, batching=batching))
+    assert results[0].stats["batching"] == batching
+    torch.testing.assert_close(results[0].task_losses, results[1].task_losses, rtol=1e-12, atol=1e-12)
+    for k, g in results[1].grads.items():
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(results[0].grads[k], g, rtol=1e-10, atol=1e-12, msg=f"gradient of {k}")
+
+
+@pytest.mark.slow
+def test_conv4_matmul_conv_compiles_to_the_eager_meta_gradient():
+    """The compiled path (one torch.compile'd meta-gradient) over `Conv4(conv="matmul")` equals eager in float64
+    (about a minute of Inductor compilation on the CPU: slow)."""
+    from metaopt.compiled import Compiled, gradient_errors
+
+    model = mo.Conv4(out_features=3, channels=4, image_size=8, pools=3, conv="matmul")
+    loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.3), mo.losses.cross_entropy)
+    meta = mo.meta_params(mo.Init(model))
+    tasks = mo.RandomPatterns(n_way=3, k_shot=1, k_query=2, size=8).sample(2, 2, torch.Generator().manual_seed(0))
+    compiled = Compiled(mo.Full())
+    got = compiled(loop, meta, tasks).grads
+    assert compiled.fallback_reason is None and compiled.compiled_calls == 1
+    assert max(gradient_errors(got, mo.Full()(loop, meta, tasks).grads).values()) <= 1e-10
