@@ -26,9 +26,10 @@ im2col and one batched GEMM), named e.g. `metaopt-cudagraph[matmul]`; the hand-w
 
 Times are medians over interleaved rounds in a shuffled order, measured with CUDA events on CUDA
 (perf_counter on CPU). Then `meta_train` runs `--train-steps` meta-steps on freshly sampled tasks
-(sampling, finiteness check, Adam step) with the eager and the compiled estimator (the fastest compiled
-metaopt implementation of the table: its convolution and mode); its median `seconds_per_meta_step` is
-compared with the same implementation's bare meta-gradient. `--train-tasks omniglot` (default):
+(sampling, finiteness check, Adam step) with the eager estimator, drawing each batch between steps and
+ahead on a worker thread (`meta_train(prefetch=...)`), and with the compiled one, prefetching (the fastest
+compiled metaopt implementation of the table: its convolution and mode); its median
+`seconds_per_meta_step` is compared with the same implementation's bare meta-gradient. `--train-tasks omniglot` (default):
 Omniglot's sampler over generated images, gathered on the device; `patterns`: RandomPatterns, generated on
 the host and copied (what README's first GPU figures used). Sampling one meta-batch alone is timed too.
 
@@ -174,9 +175,11 @@ def sampling_seconds(tasks: TaskDistribution, meta_batch: int, args: argparse.Na
     return statistics.median(times)
 
 
-def train_step_seconds(meta_batch: int, steps: int, implementation: str, args: argparse.Namespace) -> float:
+def train_step_seconds(meta_batch: int, steps: int, implementation: str, args: argparse.Namespace,
+                       prefetch: bool | None = None) -> float:
     """Median seconds of a whole meta_train step (sampling, copy, meta-gradient, checks, Adam) with a metaopt
-    implementation of the table ("metaopt-cudagraph[matmul]": its mode and convolution)."""
+    implementation of the table ("metaopt-cudagraph[matmul]": its mode and convolution); `prefetch` as
+    `meta_train`'s (None: on CUDA)."""
     name, _, conv = implementation.partition("[")
     mode = METAOPT_MODES[name]
     torch.manual_seed(0)
@@ -188,7 +191,7 @@ def train_step_seconds(meta_batch: int, steps: int, implementation: str, args: a
     metrics = mo.meta_train(loop, meta, estimator, training_tasks(args.train_tasks),
                             outer_optimizer=torch.optim.Adam(meta.parameters(), lr=1e-3), meta_steps=args.train_steps,
                             meta_batch_size=meta_batch, inner_steps=steps, eval_n_tasks=0, progress=False,
-                            log_every=args.train_steps, device=args.device)
+                            log_every=args.train_steps, device=args.device, prefetch=prefetch)
     return float(metrics["seconds_per_meta_step"])
 
 
@@ -316,11 +319,14 @@ def main() -> None:
     print(f"sampling {b} {args.train_tasks} tasks onto {args.device}, alone: {1e3 * sampled:.2f} ms", flush=True)
     fastest = min(compiled, key=lambda name: compiled[name])
     eager = "metaopt" + fastest.partition("[")[1] + fastest.partition("[")[2]
-    eager_train = train_step_seconds(b, t, eager, args)
-    compiled_train = train_step_seconds(b, t, fastest, args)
-    print(f"whole meta_train step (B={b}, T={t}): {eager} {1e3 * eager_train:.2f} ms"
-          + (f" ({eager_train / headline[eager]:.2f}x the bare meta-gradient)" if eager in headline else "")
-          + f", {fastest} {1e3 * compiled_train:.2f} ms ({compiled_train / headline[fastest]:.2f}x)")
+    for prefetch in (False, True):  # drawing each batch ahead on a worker thread (metaopt.prefetch)
+        eager_train = train_step_seconds(b, t, eager, args, prefetch)
+        print(f"whole meta_train step (B={b}, T={t}), prefetch {prefetch}: {eager} {1e3 * eager_train:.2f} ms"
+              + (f" ({eager_train / headline[eager]:.2f}x the bare meta-gradient)" if eager in headline else ""),
+              flush=True)
+    compiled_train = train_step_seconds(b, t, fastest, args, prefetch=True)
+    print(f"whole meta_train step (B={b}, T={t}), prefetch True: {fastest} {1e3 * compiled_train:.2f} ms "
+          f"({compiled_train / headline[fastest]:.2f}x the bare meta-gradient)")
     print(f"ms_per_step_T{t}_B{b} {fields} train_vs_bare:{compiled_train / headline[fastest]:.2f}")
 
 

@@ -13,6 +13,8 @@
 5. Omniglot's tasks gathered on the device (`Omniglot.to`) equal the CPU's (generated images).
 6. `Conv4(conv="matmul")` (im2col and a GEMM) gives native conv4's MAML meta-gradient on CUDA (float64,
    vmapped and stacked) and the CPU's.
+7. `meta_train(prefetch=True)` on CUDA (batches drawn ahead on a worker thread and a side stream) trains to
+   the parameters that drawing in turn gives (float64, Omniglot's sampler on the device).
 Prints one line per check and exits non-zero if a check fails.
 """
 from __future__ import annotations
@@ -187,6 +189,28 @@ def check_matmul_conv(failures: list[str]) -> None:
     torch.set_default_dtype(torch.float32)
 
 
+def check_prefetch(failures: list[str]) -> None:
+    """meta_train on CUDA with and without prefetching: the same meta-parameters after a few steps (float64)."""
+    torch.set_default_dtype(torch.float64)
+    finals = []
+    for prefetch in (False, True):
+        torch.manual_seed(0)
+        model = mo.Conv4(out_features=5, channels=16).to(DEVICE)
+        loop = mo.InnerLoop(model, mo.optim.sgd(0.4), mo.losses.cross_entropy)
+        meta = mo.meta_params(mo.Init(model))
+        mo.meta_train(loop, meta, mo.Full(), generated_omniglot(n_way=5, k_shot=1, k_query=5, shift=2),
+                      outer_optimizer=torch.optim.Adam(meta.parameters(), 1e-3), meta_steps=6, meta_batch_size=8,
+                      eval_n_tasks=0, progress=False, device=DEVICE, prefetch=prefetch)
+        finals.append({k: v.detach().cpu() for k, v in meta.state_dict().items()})
+    worst = max(max(gradient_errors(finals[1], finals[0]).values()), 0.0)
+    ok = worst <= 1e-9
+    print(f"prefetch: meta-parameters after 6 steps with and without prefetching on {DEVICE}, largest relative "
+          f"difference {worst:.1e} {'ok' if ok else 'FAIL'}")
+    if not ok:
+        failures.append("prefetch")
+    torch.set_default_dtype(torch.float32)
+
+
 CHECKS: dict[str, Callable[[list[str], int], None]] = {
     "sampling": lambda failures, steps: check_device_sampling(failures),
     "exactness": lambda failures, steps: check_exactness(failures),
@@ -194,6 +218,7 @@ CHECKS: dict[str, Callable[[list[str], int], None]] = {
     "speed": check_speed_and_memory,
     "budget": lambda failures, steps: check_budget(failures),
     "matmul": lambda failures, steps: check_matmul_conv(failures),
+    "prefetch": lambda failures, steps: check_prefetch(failures),
 }
 
 

@@ -211,8 +211,8 @@ class Conv4(nn.Module):
         self.features = nn.Sequential(*blocks, nn.Flatten())
         self.embedding_size = channels * max(size, 1) ** 2
         self.head = nn.Linear(self.embedding_size, out_features) if out_features else nn.Identity()
-        for conv in (m for m in self.features if channels_last and isinstance(m, nn.Conv2d)):
-            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+        for layer in (m for m in self.features if channels_last and isinstance(m, nn.Conv2d)):
+            layer.weight.data = layer.weight.data.contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor, embed: bool = False) -> Tensor:
         """x: [n, in_channels, image_size, image_size] -> [n, out_features] (or embeddings); with `embed=True`

@@ -12,6 +12,7 @@ talks to a logger or a config system itself.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import statistics
@@ -35,6 +36,7 @@ from metaopt.guard import format_bytes
 from metaopt.loop import InnerLoop
 from metaopt.memory import Method, default_method, measure_peak_memory, tensor_bytes
 from metaopt.planning import Meter, Plan, Timer, describe, plan
+from metaopt.prefetch import Prefetcher
 from metaopt.tasks.base import TaskDistribution
 from metaopt.types import MetaParams, Task
 
@@ -327,7 +329,8 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
                memory_probe: Callable[[], int] | None = None, meter: Meter | None = None, timer: Timer | None = None,
                max_grad_norm: float | None = None, eval_batch_size: int = 100,
                checkpoint_extra: dict[str, Any] | None = None, callbacks: Sequence[Callback] = (),
-               lr_schedule: Callable[[int], float] | None = None, time_limit: float | None = None) -> dict:
+               lr_schedule: Callable[[int], float] | None = None, time_limit: float | None = None,
+               prefetch: bool | None = None) -> dict:
     """Meta-train `meta` with `estimator` (or the `auto` policy) under a budget, then evaluate on fresh tasks.
 
     Before the first step the meta-step is planned (`plan_training`): its peak memory is
@@ -354,6 +357,11 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
       lr_schedule: the outer learning rate's multiplier by meta-step (see `StepConfig`; `metaopt.schedules`).
       time_limit: seconds of training (over resumed sessions; not evaluation): no meta-step starts that the
         median step says would end past it; then "stopped_at_time_limit" (not a failure), "meta_steps" ran.
+      prefetch: draw each meta-step's tasks on a worker thread while the step before computes
+        (`metaopt.prefetch`: the same tasks, checkpoints as without). None: on CUDA devices, for distributions
+        whose next batch ignores the last meta-step (`next_batch` not overridden, e.g. not `OnlineTasks`); True
+        asks for it anywhere (refused for such a distribution), False never. Exact where the distribution draws
+        from the generator it is given (every built-in one does), not from torch's global generator.
 
     Returns:
       Metrics: "meta_steps", "estimator", "estimator_chosen", "predicted_peak_bytes",
@@ -378,10 +386,20 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
                                                state.carry)
         return task_to(batch, device)
 
+    prefetcher = None
+    if _prefetches(tasks, prefetch, device):
+        prefetcher = Prefetcher(lambda: task_to(tasks.sample(meta_batch_size, inner_steps, state.generator), device),
+                                state.generator, device)
+        save.rewind = prefetcher.rewound
     recorder = _Recorder(state, meta_steps, log_every, log, progress, estimator.name, callbacks)
     memory_method = default_method(device)
-    measured_peak = _loop(state, config, sample, meta_steps, recorder, save, checkpoint_every,
-                          lambda step: step - recorder.first < 2 or step % memory_every == 0, device, memory_method)
+    try:
+        measured_peak = _loop(state, config, prefetcher or sample, meta_steps, recorder, save, checkpoint_every,
+                              lambda step: step - recorder.first < 2 or step % memory_every == 0, device,
+                              memory_method)
+    finally:
+        if prefetcher is not None:
+            prefetcher.close()
     metrics: dict[str, Any] = _run_metrics(state, estimator, chosen, budget, recorder, measured_peak, memory_method,
                                            meta_steps=meta_steps, inner_steps=inner_steps,
                                            meta_batch_size=meta_batch_size, time_limit=time_limit)
@@ -399,12 +417,14 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
 class _Checkpointer:
     """Saves the train state atomically with `extra` entries, summing training time over sessions; never a
     state with non-finite meta-parameters (the last good checkpoint stays: a non-finite one could never resume).
-    Also the run's clock: `time_left()` before `time_limit` seconds of training (inf without one)."""
+    Also the run's clock: `time_left()` before `time_limit` seconds of training (inf without one). `rewind`:
+    a context in which the state's generator is as the steps taken left it (`Prefetcher.rewound`)."""
 
     def __init__(self, state: TrainState, path: str | Path | None, extra: dict[str, Any],
                  time_limit: float | None = None):
         self.state, self.path, self.extra, self.time_limit = state, path, extra, time_limit
         self.session_start, self.earlier = time.perf_counter(), state.train_seconds
+        self.rewind: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
 
     def time_left(self) -> float:
         return math.inf if self.time_limit is None else self.time_limit - self.elapsed()
@@ -420,7 +440,8 @@ class _Checkpointer:
         if not self.state.finite():
             logger.warning("meta-step %d: meta-parameters are not finite; checkpoint not written", self.state.step)
             return
-        save_atomic({**self.state.state_dict(), **self.extra}, self.path)
+        with self.rewind():
+            save_atomic({**self.state.state_dict(), **self.extra}, self.path)
 
 
 def _loop(state: TrainState, config: StepConfig, sample: Callable[[], Task], meta_steps: int, recorder: _Recorder,
@@ -451,6 +472,15 @@ def _loop(state: TrainState, config: StepConfig, sample: Callable[[], Task], met
         recorder.bar.close()
     save()
     return measured_peak
+
+
+def _prefetches(tasks: TaskDistribution, prefetch: bool | None, device: torch.device | str) -> bool:
+    """Whether `meta_train` prefetches (see its `prefetch`); raises for `True` where it cannot."""
+    independent = type(tasks).next_batch is TaskDistribution.next_batch
+    if prefetch and not independent:
+        raise ValueError(f"meta_train: prefetch=True, but {type(tasks).__name__}'s next batch depends on the last "
+                         "meta-step (it overrides next_batch, e.g. online windows): it cannot be drawn ahead")
+    return independent and (prefetch if prefetch is not None else torch.device(device).type == "cuda")
 
 
 def _over_budget(metrics: dict[str, Any], budget: Budget) -> list[str]:

@@ -108,13 +108,16 @@ def test_contract_learned_augmentation_on_generated_omniglot(tmp_path):
 
 
 def test_check_cuda_device_sampling_runs_as_a_cpu_smoke_test():
-    """check_cuda.py's sampling check (Omniglot gathered on the device equals the CPU's tasks) runs without a
-    GPU on --device cpu, so the script and bench_gpu's generated Omniglot it imports stay runnable."""
+    """check_cuda.py's checks that a GPU session runs first (Omniglot gathered on the device equals the CPU's
+    tasks; the matmul convolution's meta-gradients; prefetching's parameters) run without a GPU on --device cpu,
+    so the script and bench_gpu's generated Omniglot it imports stay runnable."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "experiments" / "check_cuda.py"), "--device", "cpu",
-                             "--only", "sampling"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+                             "--only", "sampling", "matmul", "prefetch"], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert result.stdout.count("device sampling") == 2 and "all checks passed" in result.stdout
+    assert "matmul convolution:" in result.stdout and "prefetch:" in result.stdout
 
 
 def test_bench_conv4_runs_small_and_prints_its_speedup_line():
