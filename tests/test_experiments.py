@@ -132,3 +132,19 @@ def test_bench_conv4_runs_small_and_prints_its_speedup_line():
     assert re.fullmatch(r"speedup_vs_default maml:\d+\.\d\d protonet:\d+\.\d\d", lines[-1])
     differences = [float(row.split("|")[4]) for row in lines if row.startswith("| ") and "loop |" in row]
     assert len(differences) == 6 and max(differences) < 1e-2
+
+
+def test_bench_gpu_runs_small_on_the_cpu_and_prints_its_headline_line():
+    """bench_gpu.py's smoke run (no GPU): both convolutions' eager meta-steps agree with torch.func's gradient,
+    the whole meta_train step runs with and without prefetching, and the last line has its form (no assertion
+    on the timings)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_gpu.py"), "--device", "cpu",
+                             "--meta-batch", "2", "--steps", "1", "--channels", "4", "--repeats", "1", "--conv",
+                             "native", "matmul", "--only", "metaopt", "--train-steps", "2"],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert sum("whole meta_train step" in line for line in lines) == 2  # eager, drawn in turn and prefetched
+    assert lines[-1].startswith("ms_per_step_T1_B2 metaopt:") and "metaopt[matmul]:" in lines[-1]
+    assert "train_vs_bare:" in lines[-1]
