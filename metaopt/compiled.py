@@ -220,6 +220,12 @@ class Compiled:
                  fullgraph: bool = True, verify: bool = True):
         if isinstance(estimator, Compiled):
             estimator = estimator.eager
+        if mode is not None:
+            from torch._inductor import list_mode_options
+            modes = list(list_mode_options())
+            if mode not in modes:
+                raise ValueError(f"Compiled: mode = {mode!r} is not a torch.compile mode; choose from "
+                                 f"{', '.join(modes)} (or None: the default)")
         self.eager: Any = estimator  # an estimator (its name, declarations and task_objective)
         self.mode, self.options, self.fullgraph, self.verify = mode, options, fullgraph, verify
         self.fallback_reason: str | None = None

@@ -154,6 +154,8 @@ def test_a_compile_mode_compiles_beside_the_default_options():
     result = compiled(loop, meta, tasks)
     assert compiled.fallback_reason is None and compiled.compiled_calls == 1
     _assert_equal(result, mo.Full()(loop, meta, tasks))
+    with pytest.raises(ValueError, match="'overhead' is not a torch.compile mode; choose from .*reduce-overhead"):
+        Compiled(mo.Full(), mode="overhead")
 
 
 def test_a_failed_cpp_wrapper_is_compiled_again_without_it():
