@@ -181,12 +181,16 @@ def check_matmul_conv(failures: list[str]) -> None:
                                                  .grads.items()}
     reference = grads["cpu", "native", "vmap"]
     worst = max(max(gradient_errors(g, reference).values()) for g in grads.values())
-    ok = worst <= 1e-9
-    print(f"matmul convolution: MAML meta-gradients of native and matmul conv4, vmapped and stacked, on CPU and "
-          f"{DEVICE}: largest relative difference {worst:.1e} {'ok' if ok else 'FAIL'}")
-    if not ok:
-        failures.append("matmul convolution")
+    _report(failures, "matmul convolution", worst <= 1e-9, f"MAML meta-gradients of native and matmul conv4, "
+            f"vmapped and stacked, on CPU and {DEVICE}: largest relative difference {worst:.1e}")
     torch.set_default_dtype(torch.float32)
+
+
+def _report(failures: list[str], check: str, ok: bool, message: str) -> None:
+    """Print `check: message ok|FAIL`; a failed check joins `failures`."""
+    print(f"{check}: {message} {'ok' if ok else 'FAIL'}")
+    if not ok:
+        failures.append(check)
 
 
 def check_prefetch(failures: list[str]) -> None:
@@ -202,12 +206,9 @@ def check_prefetch(failures: list[str]) -> None:
                       outer_optimizer=torch.optim.Adam(meta.parameters(), 1e-3), meta_steps=6, meta_batch_size=8,
                       eval_n_tasks=0, progress=False, device=DEVICE, prefetch=prefetch)
         finals.append({k: v.detach().cpu() for k, v in meta.state_dict().items()})
-    worst = max(max(gradient_errors(finals[1], finals[0]).values()), 0.0)
-    ok = worst <= 1e-9
-    print(f"prefetch: meta-parameters after 6 steps with and without prefetching on {DEVICE}, largest relative "
-          f"difference {worst:.1e} {'ok' if ok else 'FAIL'}")
-    if not ok:
-        failures.append("prefetch")
+    worst = max(gradient_errors(finals[1], finals[0]).values())
+    _report(failures, "prefetch", worst <= 1e-9, f"meta-parameters after 6 steps with and without prefetching "
+            f"on {DEVICE}, largest relative difference {worst:.1e}")
     torch.set_default_dtype(torch.float32)
 
 
