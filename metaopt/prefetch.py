@@ -28,11 +28,6 @@ from metaopt.types import Task
 __all__ = ["Prefetcher"]
 
 
-def _tensors(task: Task) -> Iterator[Tensor]:
-    for batch in (*task.support, task.query):
-        yield from (t for t in batch if isinstance(t, Tensor))
-
-
 class Prefetcher:
     """`draw()` called one batch ahead on a worker thread.
 
@@ -78,8 +73,9 @@ class Prefetcher:
         if event is not None:
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(event)
-            for tensor in _tensors(batch):
-                tensor.record_stream(stream)  # allocated on the side stream, used on this one
+            for tensor in torch.utils._pytree.tree_leaves(batch):  # allocated on the side stream, used on this one
+                if isinstance(tensor, Tensor) and tensor.is_cuda:
+                    tensor.record_stream(stream)
         return batch
 
     @contextlib.contextmanager
@@ -106,4 +102,3 @@ class Prefetcher:
             self.generator.set_state(before)
             self.pending = None
         self.pool.shutdown(wait=True)
-
