@@ -19,7 +19,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence, cast
+from typing import Any, Callable, Iterator, Literal, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -380,26 +380,12 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     config = StepConfig(loop, chosen, budget, on_nan, max_grad_norm, clock, memory_probe, lr_schedule)
     save = _Checkpointer(state, checkpoint_path, {"estimator": estimator.name, "batching": chosen.batching,
                                                   **(checkpoint_extra or {})}, time_limit)
-
-    def sample() -> Task:
-        batch, state.source = tasks.next_batch(meta_batch_size, inner_steps, state.generator, state.source,
-                                               state.carry)
-        return task_to(batch, device)
-
-    prefetcher = None
-    if _prefetches(tasks, prefetch, device):
-        prefetcher = Prefetcher(lambda: task_to(tasks.sample(meta_batch_size, inner_steps, state.generator), device),
-                                state.generator, device)
-        save.rewind = prefetcher.rewound
     recorder = _Recorder(state, meta_steps, log_every, log, progress, estimator.name, callbacks)
     memory_method = default_method(device)
-    try:
-        measured_peak = _loop(state, config, prefetcher or sample, meta_steps, recorder, save, checkpoint_every,
+    with _sampling(tasks, state, save, prefetch, device, meta_batch_size, inner_steps) as sample:
+        measured_peak = _loop(state, config, sample, meta_steps, recorder, save, checkpoint_every,
                               lambda step: step - recorder.first < 2 or step % memory_every == 0, device,
                               memory_method)
-    finally:
-        if prefetcher is not None:
-            prefetcher.close()
     metrics: dict[str, Any] = _run_metrics(state, estimator, chosen, budget, recorder, measured_peak, memory_method,
                                            meta_steps=meta_steps, inner_steps=inner_steps,
                                            meta_batch_size=meta_batch_size, time_limit=time_limit)
@@ -474,13 +460,30 @@ def _loop(state: TrainState, config: StepConfig, sample: Callable[[], Task], met
     return measured_peak
 
 
-def _prefetches(tasks: TaskDistribution, prefetch: bool | None, device: torch.device | str) -> bool:
-    """Whether `meta_train` prefetches (see its `prefetch`); raises for `True` where it cannot."""
+@contextlib.contextmanager
+def _sampling(tasks: TaskDistribution, state: TrainState, save: _Checkpointer, prefetch: bool | None,
+              device: torch.device | str, meta_batch_size: int, inner_steps: int) -> Iterator[Callable[[], Task]]:
+    """The training loop's `sample()`: each meta-step's tasks on `device`, drawn in turn or, with `prefetch`
+    (see `meta_train`), a step ahead (then checkpoints rewind the generator; the worker stops on exit)."""
     independent = type(tasks).next_batch is TaskDistribution.next_batch
     if prefetch and not independent:
         raise ValueError(f"meta_train: prefetch=True, but {type(tasks).__name__}'s next batch depends on the last "
                          "meta-step (it overrides next_batch, e.g. online windows): it cannot be drawn ahead")
-    return independent and (prefetch if prefetch is not None else torch.device(device).type == "cuda")
+    if not independent or not (prefetch if prefetch is not None else torch.device(device).type == "cuda"):
+        def sample() -> Task:
+            batch, state.source = tasks.next_batch(meta_batch_size, inner_steps, state.generator, state.source,
+                                                   state.carry)
+            return task_to(batch, device)
+        yield sample
+        return
+    prefetcher = Prefetcher(lambda: task_to(tasks.sample(meta_batch_size, inner_steps, state.generator), device),
+                            state.generator, device)
+    save.rewind = prefetcher.rewound
+    try:
+        yield prefetcher
+    finally:
+        prefetcher.close()
+        save.rewind = contextlib.nullcontext
 
 
 def _over_budget(metrics: dict[str, Any], budget: Budget) -> list[str]:
