@@ -1,9 +1,9 @@
 """Prefetching: the next meta-step's tasks drawn on a worker thread while this one computes.
 
 On a GPU a meta-step's host work and device work can overlap, but `meta_train` draws each batch between
-steps: the task sampler's host-side draws (e.g. `Omniglot.draw`: an argsort of every class's random score,
-~3 ms for 16 tasks on one CPU thread, measured on an H200 machine beside a ~25 ms step) wait for the last
-step to finish and the next step waits for them. `Prefetcher` draws batch k+1 on one worker thread as soon
+steps: the task sampler's host-side draws (Omniglot's took 3.5 ms for 16 tasks on an H200 machine beside a
+~25 ms step, before `metaopt.tasks.ranking` cut its sort) wait for the last step to finish and the next step
+waits for them. `Prefetcher` draws batch k+1 on one worker thread as soon
 as batch k is handed out; torch's ops release the GIL, so the draw runs while the main thread launches and
 waits for the step.
 

@@ -27,6 +27,7 @@ from metaopt import losses
 from metaopt.checkpoint import load_checkpoint, save_atomic
 from metaopt.tasks.augment import VIEW_OFFSETS, elastic, shifted, warped, with_views
 from metaopt.tasks.base import EmptySplit, TaskDistribution
+from metaopt.tasks.ranking import smallest_indices
 from metaopt.types import Batch, LossFn, Task
 
 __all__ = ["OmniglotImages", "Omniglot", "OmniglotDataError", "OmniglotEmptySplit", "load_one_shot_runs"]
@@ -339,12 +340,12 @@ class Omniglot(TaskDistribution):
             members = self._alphabet_members
             alphabet = torch.randint(len(members), (n_tasks,), generator=generator)
             scores = scores + (~members[alphabet]).to(scores.dtype)  # other alphabets' classes sort last
-        classes = scores.argsort(dim=1)[:, :n]
+        classes = smallest_indices(scores, n)
         if self.drawer_split:  # one order of the drawers per task, shared by its classes
-            drawers = torch.rand((n_tasks, 1, DRAWERS), generator=generator).argsort(dim=2)[:, :, :per_class]
+            drawers = smallest_indices(torch.rand((n_tasks, 1, DRAWERS), generator=generator), per_class)
             drawers = drawers.expand(n_tasks, n, per_class)
         else:
-            drawers = torch.rand((n_tasks, n, DRAWERS), generator=generator).argsort(dim=2)[:, :, :per_class]
+            drawers = smallest_indices(torch.rand((n_tasks, n, DRAWERS), generator=generator), per_class)
         return classes, drawers
 
     def sample(self, n_tasks: int, inner_steps: int, generator: torch.Generator) -> Task:
