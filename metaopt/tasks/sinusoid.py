@@ -8,6 +8,7 @@ import torch
 
 from metaopt import losses
 from metaopt.tasks.base import TaskDistribution
+from metaopt.tasks.ranking import smallest_indices
 from metaopt.types import Batch, LossFn, Task
 
 __all__ = ["Sinusoid"]
@@ -73,7 +74,7 @@ class Sinusoid(TaskDistribution):
             x = self._uniform((n_tasks, n, 1), self.x_range, generator)
         else:
             pool = self._uniform((n_tasks, self.points_per_task, 1), self.x_range, generator)
-            pick = torch.rand((n_tasks, self.points_per_task), generator=generator).argsort(dim=1)[:, :n]
+            pick = smallest_indices(torch.rand((n_tasks, self.points_per_task), generator=generator), n)
             x = pool.gather(1, pick.unsqueeze(-1))
         y = amplitude * torch.sin(x - phase)
         support = Batch(x[:, :self.k_shot], y[:, :self.k_shot])
