@@ -34,7 +34,8 @@ Omniglot's sampler over generated images, gathered on the device; `patterns`: Ra
 the host and copied (what README's first GPU figures used). Sampling one meta-batch alone is timed too.
 
 The device and torch version are printed first; the last line is `ms_per_step_T<T>_B<B>` and then
-`<implementation>:<ms>` for every implementation timed at the first (B, T), and `train_vs_bare:<x>` (the
+`<implementation>:<ms>` for every implementation timed at the first (B, T), `fell_back:<names>` where a compiled
+one ran eager (its reason printed at its first call), and `train_vs_bare:<x>` (the
 whole step, prefetching, over its bare meta-gradient: the fastest compiled metaopt implementation, or the
 fastest eager one where none compiled) where the whole step ran.
 """
@@ -117,9 +118,11 @@ def problem(meta_batch: int, steps: int, args: argparse.Namespace,
     return model, task_to(sampler.sample(meta_batch, steps, torch.Generator().manual_seed(0)), args.device)
 
 
-def bench(meta_batch: int, steps: int, args: argparse.Namespace, mismatches: list[str]) -> dict[str, float]:
+def bench(meta_batch: int, steps: int, args: argparse.Namespace, mismatches: list[str],
+          fallbacks: set[str]) -> dict[str, float]:
     """Median seconds per meta-step of each implementation at this meta-batch and unroll length (and, with
-    `--profile`, each one's profile table). Gradients that differ from torch.func's join `mismatches`."""
+    `--profile`, each one's profile table). Gradients that differ from torch.func's join `mismatches`; compiled
+    implementations that fell back to eager (`Compiled.fallback_reason`) join `fallbacks`."""
     impls = implementations(meta_batch, steps, args)
     reference = {str(i): g for i, g in enumerate(impls["torch.func"]())}
     for name, fn in impls.items():  # same gradient; warm-up (the compiled ones compile here)
@@ -129,6 +132,10 @@ def bench(meta_batch: int, steps: int, args: argparse.Namespace, mismatches: lis
               f"relative error {error:.1e}", flush=True)
         if not error <= (1e-2 if args.tf32 else 1e-3):  # reported at the end: the timings still come
             mismatches.append(f"B={meta_batch} T={steps} {name}: {error:.1e}")
+        reason = getattr(getattr(fn, "estimator", None), "fallback_reason", None)
+        if reason is not None:  # its row times eager code: said in the table and the last line
+            print(f"  B={meta_batch} T={steps}: {name} RUNS EAGER: {reason}", flush=True)
+            fallbacks.add(name)
     seconds = timer(args.device)
     times: dict[str, list[float]] = {name: [] for name in impls}
     order, shuffler = list(impls), random.Random(steps * 1000 + meta_batch)
@@ -300,11 +307,13 @@ def main() -> None:
     print("|---|---|---|---|---|")
     headline: dict[str, float] = {}
     mismatches: list[str] = []
+    fallbacks: set[str] = set()
     for meta_batch in args.meta_batch:
         for steps in args.steps:
-            medians = bench(meta_batch, steps, args, mismatches)
+            medians = bench(meta_batch, steps, args, mismatches, fallbacks)
             for impl, s in medians.items():
-                print(f"| {meta_batch} | {steps} | {impl} | {1e3 * s:.2f} | {medians['torch.func'] / s:.2f}x |",
+                shown = impl + (" (fell back to eager)" if impl in fallbacks else "")
+                print(f"| {meta_batch} | {steps} | {shown} | {1e3 * s:.2f} | {medians['torch.func'] / s:.2f}x |",
                       flush=True)
             if (meta_batch, steps) == (args.meta_batch[0], args.steps[0]):
                 headline = medians
@@ -312,7 +321,10 @@ def main() -> None:
     if mismatches:
         raise SystemExit("bench_gpu: gradients differ from torch.func's (relative error): " + "; ".join(mismatches))
     fields = " ".join(f"{name}:{1e3 * seconds:.2f}" for name, seconds in headline.items())
-    ours = {name: s for name, s in headline.items() if name.partition("[")[0] in METAOPT_MODES}
+    if fallbacks:
+        fields += f" fell_back:{','.join(sorted(fallbacks))}"
+    ours = {name: s for name, s in headline.items()  # metaopt's rows that ran as named
+            if name.partition("[")[0] in METAOPT_MODES and name not in fallbacks}
     compiled = {name: s for name, s in ours.items() if METAOPT_MODES[name.partition("[")[0]]}
     if args.train_steps <= 0 or not ours:
         print(f"ms_per_step_T{t}_B{b} {fields}")

@@ -70,6 +70,7 @@ def make_metaopt(model, tasks, batching, compile=False, loss=mo.losses.mse, lr=L
     def step():
         g = estimator(loop, meta, tasks, batching=batching).grads
         return [g[k] for k in names]
+    step.estimator = estimator  # type: ignore[attr-defined]  # callers read a compiled one's fallback_reason
     return step
 
 
