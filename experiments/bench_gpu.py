@@ -29,9 +29,10 @@ Times are medians over interleaved rounds in a shuffled order, measured with CUD
 (sampling, finiteness check, Adam step) with the eager estimator, drawing each batch between steps and
 ahead on a worker thread (`meta_train(prefetch=...)`), and with the compiled one, prefetching (the fastest
 compiled metaopt implementation of the table: its convolution and mode); its median
-`seconds_per_meta_step` is compared with the same implementation's bare meta-gradient. `--train-tasks omniglot` (default):
-Omniglot's sampler over generated images, gathered on the device; `patterns`: RandomPatterns, generated on
-the host and copied (what README's first GPU figures used). Sampling one meta-batch alone is timed too.
+`seconds_per_meta_step` is compared with the same implementation's bare meta-gradient.
+`--train-tasks omniglot` (default): Omniglot's sampler over generated images, gathered on the device;
+`patterns`: RandomPatterns, generated on the host and copied (what README's first GPU figures used).
+Sampling one meta-batch alone is timed too.
 
 The device and torch version are printed first; the last line is `ms_per_step_T<T>_B<B>` and then
 `<implementation>:<ms>` for every implementation timed at the first (B, T), `fell_back:<names>` where a compiled
