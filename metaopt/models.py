@@ -96,6 +96,27 @@ class BatchNorm(nn.Module):
         return y
 
 
+_PATCH_INDICES: dict[tuple, Tensor] = {}
+
+
+def _patch_index(out_h: int, out_w: int, padded_width: int, kernel: tuple[int, int], stride: tuple[int, int],
+                 dilation: tuple[int, int], device: torch.device) -> Tensor:
+    """The flat padded-pixel index of every (output row, output column, kernel row, kernel column), [H'*W'*kh*kw]
+    int64: computed once per geometry and device in eager mode (the inner step calls it at every forward), traced
+    (constants) under torch.compile."""
+    key = (out_h, out_w, padded_width, kernel, stride, dilation, device)
+    index = None if torch.compiler.is_compiling() else _PATCH_INDICES.get(key)
+    if index is None:
+        rows_at = torch.arange(out_h, device=device).view(-1, 1, 1, 1) * stride[0] + \
+            torch.arange(kernel[0], device=device).view(1, 1, -1, 1) * dilation[0]
+        cols_at = torch.arange(out_w, device=device).view(1, -1, 1, 1) * stride[1] + \
+            torch.arange(kernel[1], device=device).view(1, 1, 1, -1) * dilation[1]
+        index = (rows_at * padded_width + cols_at).reshape(-1)
+        if not torch.compiler.is_compiling():
+            _PATCH_INDICES[key] = index
+    return index
+
+
 class MatmulConv2d(nn.Conv2d):
     """`nn.Conv2d` computed as one matrix product: the input's patches (im2col) as rows,
     [n*H'*W', kh*kw*C], times the weight as a [kh*kw*C, out] matrix.
@@ -126,11 +147,7 @@ class MatmulConv2d(nn.Conv2d):
         padded = nn.functional.pad(x.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))  # [n, H + 2ph, W + 2pw, C]
         out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        rows_at = torch.arange(out_h, device=x.device).view(-1, 1, 1, 1) * sh + \
-            torch.arange(kh, device=x.device).view(1, 1, -1, 1) * dh
-        cols_at = torch.arange(out_w, device=x.device).view(1, -1, 1, 1) * sw + \
-            torch.arange(kw, device=x.device).view(1, 1, 1, -1) * dw
-        index = (rows_at * (width + 2 * pw) + cols_at).reshape(-1)  # (H', W', kh, kw) -> flat padded pixel
+        index = _patch_index(out_h, out_w, width + 2 * pw, (kh, kw), (sh, sw), (dh, dw), x.device)
         # Advanced indexing, not index_select: Inductor (torch 2.13, CPU) miscompiled index_select's derivatives
         # when two such layers follow each other under vmap (meta-gradients off by 20-95%; caught by
         # `Compiled`'s check against eager, tests/test_models.py).
