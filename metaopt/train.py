@@ -174,7 +174,7 @@ def meta_step(state: TrainState, batch: Task, config: StepConfig) -> tuple[Train
     "tasks", "tasks_truncated", "tasks_skipped".
     """
     meta_grad = config.meta_gradient(state.meta, batch)
-    meta_grad = _finite_or_handle(meta_grad, batch, state, config)
+    meta_grad, outer_loss = _finite_or_handle(meta_grad, batch, state, config)
     state.carry = meta_grad.carry
     stats = meta_grad.stats
     state.counts["tasks_truncated"] += int(stats["tasks_truncated"])
@@ -187,7 +187,7 @@ def meta_step(state: TrainState, batch: Task, config: StepConfig) -> tuple[Train
     state.step += 1
     if stats["tasks_skipped"] == stats["tasks"]:
         return state, metrics  # nothing to learn from this meta-step; the counts say so
-    metrics["meta_train_loss"] = meta_grad.outer_loss.item()
+    metrics["meta_train_loss"] = outer_loss if outer_loss is not None else meta_grad.outer_loss.item()
     apply_meta_grad(state.meta, meta_grad)
     if config.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(list(state.meta.parameters()), config.max_grad_norm)
@@ -200,15 +200,20 @@ def meta_step(state: TrainState, batch: Task, config: StepConfig) -> tuple[Train
     return state, metrics
 
 
-def _finite_or_handle(meta_grad: MetaGrad, batch: Task, state: TrainState, config: StepConfig) -> MetaGrad:
-    """Check the tasks' losses and the meta-gradient; raise with the location, or drop the bad tasks."""
+def _finite_or_handle(meta_grad: MetaGrad, batch: Task, state: TrainState,
+                      config: StepConfig) -> tuple[MetaGrad, float | None]:
+    """Check the tasks' losses and the meta-gradient; raise with the location, or drop the bad tasks. Returns
+    the meta-gradient to apply and, where it was the one checked, its mean outer loss as a float (read in the
+    same transfer as the finiteness flag: one host sync per meta-step, not one per gradient or per number)."""
     losses, used = meta_grad.task_losses, meta_grad.task_used
     assert losses is not None and used is not None  # always set by the runner
     bad = ~torch.isfinite(losses) & used
-    # One finiteness flag computed on the device: a single host sync per meta-step, not one per gradient.
-    flags = [~bad.any().to(next(iter(meta_grad.grads.values())).device)]
-    if bool(torch.stack(flags + [torch.isfinite(g).all() for g in meta_grad.grads.values()]).all()):
-        return meta_grad
+    device = next(iter(meta_grad.grads.values())).device
+    finite = torch.stack([~bad.any().to(device)] + [torch.isfinite(g).all() for g in meta_grad.grads.values()]).all()
+    loss = meta_grad.outer_loss.detach().to(device=device, dtype=torch.float64)
+    all_finite, outer_loss = torch.stack([finite.to(torch.float64), loss.reshape(())]).tolist()
+    if all_finite:
+        return meta_grad, outer_loss
     tasks = unstack_tasks(batch)
     bad_indices = [int(i) for i in torch.nonzero(bad).flatten()] or list(range(len(tasks)))
     if config.on_nan == "skip":
@@ -216,10 +221,10 @@ def _finite_or_handle(meta_grad: MetaGrad, batch: Task, state: TrainState, confi
         state.counts["tasks_nan_skipped"] += len(tasks) - len(good)
         logger.warning("meta-step %d: dropped %d task(s) with non-finite values", state.step, len(tasks) - len(good))
         if not good:
-            return meta_grad._replace(stats={**meta_grad.stats, "tasks_skipped": len(tasks)}, carry=None)
+            return meta_grad._replace(stats={**meta_grad.stats, "tasks_skipped": len(tasks)}, carry=None), None
         result = config.meta_gradient(state.meta, good)._replace(carry=None)  # the dropped tasks' carry is gone
         if all(bool(torch.isfinite(g).all()) for g in result.grads.values()):
-            return result
+            return result, None
         bad_indices = list(range(len(tasks)))
     where = locate_nonfinite(config.loop, state.meta, tasks[bad_indices[0]])
     raise FloatingPointError(f"meta-step {state.step}, task {bad_indices[0]}: {where} "

@@ -179,3 +179,33 @@ def test_time_limit_stops_before_a_step_that_would_not_fit(tmp_path):
     assert (tmp_path / "ckpt.pt").exists() and math.isfinite(metrics["meta_test_loss"])
     metrics = _train(loop, meta, opt, 5, time_limit=3600.0)
     assert metrics["meta_steps"] == 5 and not metrics["stopped_at_time_limit"]
+
+
+def test_a_meta_step_reads_the_device_once_for_the_finiteness_flag_and_the_loss(monkeypatch):
+    """On CUDA every read of a device number waits for the queued work: a meta-step reads one tensor (the flag
+    and the mean outer loss together), not one per gradient or per number. Counted here as every host read of
+    a tensor's values in `meta_step`: `.item()`/`bool()` (aten's _local_scalar_dense) and `.tolist()`."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import metaopt.train as train
+
+    reads: list[str] = []
+
+    class ScalarReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                reads.append("item")
+            return func(*args, **(kwargs or {}))
+
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append("tolist") or tolist(self))
+    step = train.meta_step
+
+    def counted(*args, **kwargs):
+        with ScalarReads():
+            return step(*args, **kwargs)
+    monkeypatch.setattr(train, "meta_step", counted)
+    loop, meta, _ = _parts()
+    metrics = _train(loop, meta, torch.optim.SGD(meta.parameters(), lr=1e-3), 3)  # SGD: no step counter to read
+    assert reads == ["tolist"] * 3
+    assert all(math.isfinite(h["meta_train_loss"]) for h in metrics["history"])
