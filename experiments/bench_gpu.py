@@ -38,7 +38,8 @@ The device and torch version are printed first; the last line is `ms_per_step_T<
 `<implementation>:<ms>` for every implementation timed at the first (B, T), `fell_back:<names>` where a compiled
 one ran eager (its reason printed at its first call), and `train_vs_bare:<x>` (the
 whole step, prefetching, over its bare meta-gradient: the fastest compiled metaopt implementation, or the
-fastest eager one where none compiled) where the whole step ran.
+fastest eager one where none compiled) where the whole step ran, `train_failed:<name>` where it raised (its error
+printed in its row; the other rows still run).
 """
 from __future__ import annotations
 
@@ -338,12 +339,19 @@ def main() -> None:
     for implementation, prefetch in ((eager, False), (eager, True), (fastest, True)):
         if (implementation, prefetch) in train:
             continue
-        train[implementation, prefetch] = seconds = train_step_seconds(b, t, implementation, args, prefetch)
+        try:
+            train[implementation, prefetch] = seconds = train_step_seconds(b, t, implementation, args, prefetch)
+        except Exception as error:  # noqa: BLE001 (a device run is one try: the other rows and the last line stay)
+            print(f"whole meta_train step (B={b}, T={t}), prefetch {prefetch}: {implementation} FAILED: "
+                  f"{type(error).__name__}: {error}", flush=True)
+            continue
         ratio = f" ({seconds / headline[implementation]:.2f}x the bare meta-gradient)" if implementation in headline \
             else ""
         print(f"whole meta_train step (B={b}, T={t}), prefetch {prefetch}: {implementation} {1e3 * seconds:.2f} ms"
               + ratio, flush=True)
-    print(f"ms_per_step_T{t}_B{b} {fields} train_vs_bare:{train[fastest, True] / headline[fastest]:.2f}")
+    whole = f" train_vs_bare:{train[fastest, True] / headline[fastest]:.2f}" if (fastest, True) in train \
+        else f" train_failed:{fastest}"
+    print(f"ms_per_step_T{t}_B{b} {fields}{whole}")
 
 
 if __name__ == "__main__":
