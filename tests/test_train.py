@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import metaopt as mo
@@ -209,3 +211,23 @@ def test_a_meta_step_reads_the_device_once_for_the_finiteness_flag_and_the_loss(
     metrics = _train(loop, meta, torch.optim.SGD(meta.parameters(), lr=1e-3), 3)  # SGD: no step counter to read
     assert reads == ["tolist"] * 3
     assert all(math.isfinite(h["meta_train_loss"]) for h in metrics["history"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(shapes=st.lists(st.lists(st.integers(0, 4), min_size=0, max_size=3), min_size=1, max_size=5),
+       bad=st.sampled_from([None, math.nan, math.inf, -math.inf]), where=st.integers(0, 10**6),
+       dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]))
+def test_the_finiteness_flag_sees_one_non_finite_entry_anywhere(shapes, bad, where, dtype):
+    """The meta-step's flag (each tensor's largest |entry|, two multi-tensor ops) is finite exactly when every
+    entry of every tensor is, empty tensors and 0-d ones included; huge finite values stay finite."""
+    from metaopt.train import _largest_magnitudes
+
+    generator = torch.Generator().manual_seed(where)
+    tensors = [torch.randn(shape, generator=generator).to(dtype) * torch.finfo(dtype).max / 4 for shape in shapes]
+    sizes = [t.numel() for t in tensors]
+    if bad is not None and sum(sizes):
+        index = where % sum(sizes)
+        owner = next(i for i in range(len(sizes)) if index < sum(sizes[:i + 1]))
+        tensors[owner].view(-1)[index - sum(sizes[:owner])] = bad
+    expected = all(bool(torch.isfinite(t).all()) for t in tensors)
+    assert bool(torch.isfinite(torch.stack(_largest_magnitudes(tensors))).all()) == expected
