@@ -4,8 +4,10 @@
 # graphs, kernel profiles, the whole meta_train step drawn in turn and prefetched). Run from the repository root:
 #     OUT=/some/dir experiments/gpu_checks.sh
 # BENCH_S: the headline benchmark's time limit in seconds (default 400). MORE=1 then also times T=5 and
-# meta-batch 32 with the matmul convolution (README's "not measured compiled" rows; ~2 more compiles).
-# Writes smi.txt, check.txt, bench.txt (and more.txt) under $OUT (default: the current directory).
+# meta-batch 32 with the matmul convolution (README's "not measured compiled" rows; ~2 more compiles). TF32=1
+# then times the matmul convolution at T=1 with TF32 GEMMs (`--tf32`: cuDNN's convolutions use TF32 by default,
+# GEMMs do not; the gradients then compare at 1e-2; one more compile).
+# Writes smi.txt, check.txt, bench.txt (and more.txt, tf32.txt) under $OUT (default: the current directory).
 OUT=${OUT:-.}
 export PYTHONPATH=$PWD:$PWD/experiments PYTHONUNBUFFERED=1
 cd experiments || exit 1
@@ -18,4 +20,9 @@ if [ "${MORE:-0}" = 1 ]; then
   timeout "${MORE_S:-300}" python3 bench_gpu.py --meta-batch 16 32 --steps 5 --conv matmul \
     --only metaopt metaopt-cudagraph --cudnn-benchmark --repeats 15 --train-steps 0 \
     2>&1 | grep -v Warning | tee "$OUT/more.txt"
+fi
+if [ "${TF32:-0}" = 1 ]; then
+  timeout "${TF32_S:-200}" python3 bench_gpu.py --meta-batch 16 --steps 1 --conv matmul --tf32 \
+    --only metaopt metaopt-cudagraph --cudnn-benchmark --repeats 30 --train-steps 0 \
+    2>&1 | grep -v Warning | tee "$OUT/tf32.txt"
 fi
