@@ -223,7 +223,7 @@ def _finite_or_handle(meta_grad: MetaGrad, batch: Task, state: TrainState,
         if not good:
             return meta_grad._replace(stats={**meta_grad.stats, "tasks_skipped": len(tasks)}, carry=None), None
         result = config.meta_gradient(state.meta, good)._replace(carry=None)  # the dropped tasks' carry is gone
-        if all(bool(torch.isfinite(g).all()) for g in result.grads.values()):
+        if bool(torch.isfinite(torch.stack(_largest_magnitudes(result.grads.values()))).all()):
             return result, None
         bad_indices = list(range(len(tasks)))
     where = locate_nonfinite(config.loop, state.meta, tasks[bad_indices[0]])
