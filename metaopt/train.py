@@ -187,7 +187,7 @@ def meta_step(state: TrainState, batch: Task, config: StepConfig) -> tuple[Train
     state.step += 1
     if stats["tasks_skipped"] == stats["tasks"]:
         return state, metrics  # nothing to learn from this meta-step; the counts say so
-    metrics["meta_train_loss"] = outer_loss if outer_loss is not None else meta_grad.outer_loss.item()
+    metrics["meta_train_loss"] = outer_loss
     apply_meta_grad(state.meta, meta_grad)
     if config.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(list(state.meta.parameters()), config.max_grad_norm)
@@ -201,17 +201,17 @@ def meta_step(state: TrainState, batch: Task, config: StepConfig) -> tuple[Train
 
 
 def _finite_or_handle(meta_grad: MetaGrad, batch: Task, state: TrainState,
-                      config: StepConfig) -> tuple[MetaGrad, float | None]:
+                      config: StepConfig) -> tuple[MetaGrad, float]:
     """Check the tasks' losses and the meta-gradient; raise with the location, or drop the bad tasks. Returns
-    the meta-gradient to apply and, where it was the one checked, its mean outer loss as a float (read in the
-    same transfer as the finiteness flag: one host sync per meta-step, not one per gradient or per number)."""
+    the meta-gradient to apply and its mean outer loss as a float (NaN where every task was dropped); when all is
+    finite the loss comes in the same transfer as the flag: one host read per meta-step."""
     losses, used = meta_grad.task_losses, meta_grad.task_used
     assert losses is not None and used is not None  # always set by the runner
     bad = ~torch.isfinite(losses) & used
     device = next(iter(meta_grad.grads.values())).device
     finite = ~bad.any().to(device) & torch.isfinite(torch.stack(_largest_magnitudes(meta_grad.grads.values()))).all()
-    loss = meta_grad.outer_loss.detach().to(device=device, dtype=torch.float64)
-    all_finite, outer_loss = torch.stack([finite.to(torch.float64), loss.reshape(())]).tolist()
+    loss = meta_grad.outer_loss.detach().reshape(()).to(device)
+    all_finite, outer_loss = torch.stack([finite.to(loss.dtype), loss]).tolist()  # exact: a float of its dtype
     if all_finite:
         return meta_grad, outer_loss
     tasks = unstack_tasks(batch)
@@ -221,10 +221,10 @@ def _finite_or_handle(meta_grad: MetaGrad, batch: Task, state: TrainState,
         state.counts["tasks_nan_skipped"] += len(tasks) - len(good)
         logger.warning("meta-step %d: dropped %d task(s) with non-finite values", state.step, len(tasks) - len(good))
         if not good:
-            return meta_grad._replace(stats={**meta_grad.stats, "tasks_skipped": len(tasks)}, carry=None), None
+            return meta_grad._replace(stats={**meta_grad.stats, "tasks_skipped": len(tasks)}, carry=None), math.nan
         result = config.meta_gradient(state.meta, good)._replace(carry=None)  # the dropped tasks' carry is gone
         if bool(torch.isfinite(torch.stack(_largest_magnitudes(result.grads.values()))).all()):
-            return result, None
+            return result, result.outer_loss.item()
         bad_indices = list(range(len(tasks)))
     where = locate_nonfinite(config.loop, state.meta, tasks[bad_indices[0]])
     raise FloatingPointError(f"meta-step {state.step}, task {bad_indices[0]}: {where} "
