@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 
 import metaopt as mo
 from metaopt.checkpoint import CorruptCheckpoint, load_checkpoint, save_atomic
@@ -192,6 +192,7 @@ def test_a_meta_step_reads_the_device_once_for_the_finiteness_flag_and_the_loss(
     import metaopt.train as train
 
     reads: list[str] = []
+    inside: list[bool] = []  # non-empty while a meta-step runs (evaluation's reads are not counted)
 
     class ScalarReads(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -200,12 +201,16 @@ def test_a_meta_step_reads_the_device_once_for_the_finiteness_flag_and_the_loss(
             return func(*args, **(kwargs or {}))
 
     tolist = torch.Tensor.tolist
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append("tolist") or tolist(self))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: (inside and reads.append("tolist")) or tolist(self))
     step = train.meta_step
 
     def counted(*args, **kwargs):
-        with ScalarReads():
-            return step(*args, **kwargs)
+        inside.append(True)
+        try:
+            with ScalarReads():
+                return step(*args, **kwargs)
+        finally:
+            inside.clear()
     monkeypatch.setattr(train, "meta_step", counted)
     loop, meta, _ = _parts()
     metrics = _train(loop, meta, torch.optim.SGD(meta.parameters(), lr=1e-3), 3)  # SGD: no step counter to read
