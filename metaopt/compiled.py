@@ -209,6 +209,10 @@ class Compiled:
         without it before falling back).
       fullgraph: refuse graph breaks (a break means Python runs between kernels: the gain is gone).
       verify: check the first call at each input shape against eager (see the module docstring).
+      backend: `torch.compile`'s backend. "inductor" (the default) generates kernels; the others locate a wrong
+        result: "aot_eager" runs the traced forward and backward graphs eagerly, "aot_eager_decomp_partition" also
+        Inductor's decompositions and partitioner, so a meta-gradient right there and wrong under "inductor" is
+        Inductor's code generation (`experiments/compiled_exactness.py`). `mode` and `options` are Inductor's.
 
     Attributes:
       fallback_reason: why the wrapper runs eager (None while compiled calls are in use).
@@ -217,7 +221,7 @@ class Compiled:
     """
 
     def __init__(self, estimator: Differentiator, *, mode: str | None = None, options: dict[str, Any] | None = None,
-                 fullgraph: bool = True, verify: bool = True):
+                 fullgraph: bool = True, verify: bool = True, backend: str = "inductor"):
         if isinstance(estimator, Compiled):
             estimator = estimator.eager
         if mode is not None:
@@ -226,6 +230,10 @@ class Compiled:
             if mode not in modes:
                 raise ValueError(f"Compiled: mode = {mode!r} is not a torch.compile mode; choose from "
                                  f"{', '.join(modes)} (or None: the default)")
+        if backend != "inductor" and (mode is not None or options):
+            raise ValueError(f"Compiled: mode = {mode!r}, options = {options!r} are Inductor's; backend = "
+                             f"{backend!r} takes neither")
+        self.backend = backend
         self.eager: Any = estimator  # an estimator (its name, declarations and task_objective)
         self.mode, self.options, self.fullgraph, self.verify = mode, options, fullgraph, verify
         self.fallback_reason: str | None = None
@@ -303,7 +311,8 @@ class Compiled:
         signature = (key, _signature(tasks, pattern))
         first = signature not in self._seen
         started = time.perf_counter()
-        options = self.options if self.options is not None else default_options(device)
+        options = {} if self.backend != "inductor" else (
+            self.options if self.options is not None else default_options(device))
         try:
             try:
                 function = self._functions.get(key)
@@ -367,6 +376,9 @@ class Compiled:
             # module tree in Python (~17 us per call at T=1).
             return torch.func.grad(surrogate, has_aux=True)(meta_values(holder.meta), tasks)
 
+        if self.backend != "inductor":
+            return torch.compile(with_own_code(meta_gradient), fullgraph=self.fullgraph, backend=self.backend,
+                                 dynamic=False)
         mode = self.mode
         if mode is not None and options:  # torch.compile takes a mode or options, not both: the mode as options
             from torch._inductor import list_mode_options

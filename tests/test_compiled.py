@@ -158,6 +158,27 @@ def test_a_compile_mode_compiles_beside_the_default_options():
         Compiled(mo.Full(), mode="overhead")
 
 
+def test_another_backend_compiles_with_it_and_refuses_inductors_settings(monkeypatch):
+    """`backend="aot_eager"` (the traced forward and backward graphs run eagerly: where a wrong Inductor result is
+    located) reaches torch.compile without Inductor's options and gives eager's meta-gradient; a mode or options
+    with it are refused before anything is traced."""
+    loop, meta, tasks = _problem("init")
+    calls, compile_ = [], torch.compile
+
+    def spy(fn, **kwargs):
+        calls.append(kwargs)
+        return compile_(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    compiled = Compiled(mo.Full(), backend="aot_eager")
+    _assert_equal(compiled(loop, meta, tasks), mo.Full()(loop, meta, tasks))
+    assert compiled.fallback_reason is None and compiled.compiled_calls == 1
+    assert [(c.get("backend"), c.get("options"), c.get("mode")) for c in calls] == [("aot_eager", None, None)]
+    for settings in ({"mode": "reduce-overhead"}, {"options": {"cpp_wrapper": False}}):
+        with pytest.raises(ValueError, match="are Inductor's; backend = 'aot_eager' takes neither"):
+            Compiled(mo.Full(), backend="aot_eager", **settings)
+
+
 def test_a_failed_cpp_wrapper_is_compiled_again_without_it():
     loop, meta, tasks = _problem("init")
     compiled = Compiled(mo.Full())

@@ -134,6 +134,20 @@ def test_bench_conv4_runs_small_and_prints_its_speedup_line():
     assert len(differences) == 6 and max(differences) < 1e-2
 
 
+def test_compiled_exactness_measures_the_compiled_program_not_its_fallback():
+    """compiled_exactness.py's smoke run: aot_eager in float64 (the traced graphs, no code generation) is exact to
+    rounding, eager batchings too, and the last line has its form."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "compiled_exactness.py"), "--device", "cpu",
+                             "--meta-batch", "2", "--channels", "4", "--backend", "aot_eager", "--dtype", "float64",
+                             "--repeats", "1"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert sum(line.startswith("eager ") for line in lines) == 3
+    match = re.fullmatch(r"worst_error compiled:(\S+) eager:(\S+) ms_per_call:\d+\.\d\d", lines[-1])
+    assert match and float(match[1]) < 1e-10 and float(match[2]) < 1e-10
+
+
 def test_bench_gpu_runs_small_on_the_cpu_and_prints_its_headline_line():
     """bench_gpu.py's smoke run (no GPU): both convolutions' eager meta-steps agree with torch.func's gradient,
     the whole meta_train step runs with and without prefetching, and the last line has its form (no assertion
