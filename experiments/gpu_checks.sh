@@ -7,7 +7,9 @@
 # meta-batch 32 with the matmul convolution (README's "not measured compiled" rows; ~2 more compiles). TF32=1
 # then times the matmul convolution at T=1 with TF32 GEMMs (`--tf32`: cuDNN's convolutions use TF32 by default,
 # GEMMs do not; the gradients then compare at 1e-2; one more compile).
-# Writes smi.txt, check.txt, bench.txt (and more.txt, tf32.txt) under $OUT (default: the current directory).
+# EXACT=1 then runs compiled_exactness.py on conv=matmul in float64 and float32 with CUDA graphs (is Inductor's
+# program right? README: torch 2.11 miscompiled it; ~2 compiles of ~90 s).
+# Writes smi.txt, check.txt, bench.txt (and more.txt, tf32.txt, exact.txt) under $OUT (default: the current directory).
 OUT=${OUT:-.}
 export PYTHONPATH=$PWD:$PWD/experiments PYTHONUNBUFFERED=1
 cd experiments || exit 1
@@ -25,4 +27,11 @@ if [ "${TF32:-0}" = 1 ]; then
   timeout "${TF32_S:-200}" python3 bench_gpu.py --meta-batch 16 --steps 1 --conv matmul --tf32 \
     --only metaopt metaopt-cudagraph --cudnn-benchmark --repeats 30 --train-steps 0 \
     2>&1 | grep -v Warning | tee "$OUT/tf32.txt"
+fi
+if [ "${EXACT:-0}" = 1 ]; then
+  for options in "--dtype float64" "--mode reduce-overhead"; do
+    # shellcheck disable=SC2086  # two words each
+    timeout "${EXACT_S:-200}" python3 compiled_exactness.py --conv matmul $options \
+      2>&1 | grep -v Warning | tee -a "$OUT/exact.txt"
+  done
 fi
