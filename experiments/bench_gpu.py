@@ -32,7 +32,8 @@ compiled metaopt implementation of the table: its convolution and mode); its med
 `seconds_per_meta_step` is compared with the same implementation's bare meta-gradient.
 `--train-tasks omniglot` (default): Omniglot's sampler over generated images, gathered on the device;
 `patterns`: RandomPatterns, generated on the host and copied (what README's first GPU figures used).
-Sampling one meta-batch alone is timed too.
+Sampling one meta-batch alone is timed too. `--profile-train` then profiles that compiled whole step
+(`profile_train_step`: the device's busy and idle time per step, the host's heaviest ops).
 
 The device and torch version are printed first; the last line is `ms_per_step_T<T>_B<B>` and then
 `<implementation>:<ms>` for every implementation timed at the first (B, T), `fell_back:<names>` where a compiled
@@ -47,11 +48,12 @@ import argparse
 import random
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 import metaopt as mo
+from metaopt.callbacks import Callback
 from bench_step import make_higher, make_metaopt, make_torch_func, make_torch_func_compiled
 from metaopt.compiled import Compiled, gradient_errors
 from metaopt.tasks import TaskDistribution
@@ -186,10 +188,11 @@ def sampling_seconds(tasks: TaskDistribution, meta_batch: int, args: argparse.Na
 
 
 def train_step_seconds(meta_batch: int, steps: int, implementation: str, args: argparse.Namespace,
-                       prefetch: bool | None = None) -> float:
+                       prefetch: bool | None = None, meta_steps: int | None = None,
+                       callbacks: Sequence[Callback] = ()) -> float:
     """Median seconds of a whole meta_train step (sampling, copy, meta-gradient, checks, Adam) with a metaopt
     implementation of the table ("metaopt-cudagraph[matmul]": its mode and convolution); `prefetch` as
-    `meta_train`'s (None: on CUDA)."""
+    `meta_train`'s (None: on CUDA); `meta_steps` (default `--train-steps`) and `callbacks` to `meta_train`."""
     name, _, conv = implementation.partition("[")
     mode = METAOPT_MODES[name]
     torch.manual_seed(0)
@@ -199,10 +202,62 @@ def train_step_seconds(meta_batch: int, steps: int, implementation: str, args: a
     estimator = mo.get_estimator("full") if mode is None else \
         Compiled(mo.get_estimator("full"), mode=None if mode == "default" else mode)
     metrics = mo.meta_train(loop, meta, estimator, training_tasks(args.train_tasks),
-                            outer_optimizer=torch.optim.Adam(meta.parameters(), lr=1e-3), meta_steps=args.train_steps,
-                            meta_batch_size=meta_batch, inner_steps=steps, eval_n_tasks=0, progress=False,
-                            log_every=args.train_steps, device=args.device, prefetch=prefetch)
+                            outer_optimizer=torch.optim.Adam(meta.parameters(), lr=1e-3),
+                            meta_steps=meta_steps or args.train_steps, meta_batch_size=meta_batch, inner_steps=steps,
+                            eval_n_tasks=0, progress=False, log_every=meta_steps or args.train_steps,
+                            device=args.device, prefetch=prefetch, callbacks=callbacks)
     return float(metrics["seconds_per_meta_step"])
+
+
+class ProfilerSteps(Callback):
+    """Advances a `torch.profiler` schedule after every meta-step: `meta_train` asks `due` once per step (this one
+    asks for no history entry)."""
+
+    def __init__(self, profiler: Any):
+        self.profiler = profiler
+
+    def due(self, step: int) -> bool:
+        self.profiler.step()
+        return False
+
+
+def profile_train_step(meta_batch: int, steps: int, implementation: str, args: argparse.Namespace,
+                       active: int = 8, top: int = 8) -> None:
+    """Where a whole meta_train step's time goes beyond its meta-gradient: `active` prefetched steps of
+    `implementation` under torch.profiler (after 3 steps for its first call and the memory-measured steps, and 2
+    of warm-up), printed as wall milliseconds per step, the device's busy milliseconds per step (the union of
+    its kernels' intervals: wall minus busy is the time the GPU waited for the host) and kernels per step, then
+    the `top` host ops by self time per step (every thread: the prefetching worker's too). The profiler slows
+    the host: compare busy and idle within this line, not with the timed rows."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    cuda = args.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, schedule=schedule(wait=3, warmup=2, active=active, repeat=1)) as prof:
+        train_step_seconds(meta_batch, steps, implementation, args, prefetch=True, meta_steps=3 + 2 + active + 1,
+                           callbacks=[ProfilerSteps(prof)])
+    events = prof.events()
+    marks = [e.time_range for e in events if e.name.startswith("ProfilerStep")]
+    if not marks:
+        print(f"whole-step profile ({implementation}): no profiled steps", flush=True)
+        return
+    begin, end = min(m.start for m in marks), max(m.end for m in marks)
+    kernels = sorted((max(e.time_range.start, begin), min(e.time_range.end, end)) for e in events
+                     if e.device_type == DeviceType.CUDA and e.time_range.end > begin and e.time_range.start < end)
+    busy, reach = 0.0, begin
+    for start, stop in kernels:  # the union of the kernels' intervals, in microseconds
+        busy += max(0.0, stop - max(start, reach))
+        reach = max(reach, stop)
+    wall = (end - begin) / len(marks)
+    host = sorted((a for a in prof.key_averages() if not a.key.startswith("ProfilerStep")),
+                  key=lambda a: -a.self_cpu_time_total)[:top]
+    print(f"whole-step profile (B={meta_batch}, T={steps}, {implementation}, prefetch True, {len(marks)} steps): "
+          f"wall {wall / 1e3:.2f} ms per step, device busy {busy / len(marks) / 1e3:.2f} ms, idle "
+          f"{(wall - busy / len(marks)) / 1e3:.2f} ms, {len(kernels) / len(marks):.0f} kernels per step; "
+          "host ops by self time per step: " + "; ".join(
+              f"{a.key[:50]} x{a.count / len(marks):.0f} {a.self_cpu_time_total / len(marks) / 1e3:.2f} ms"
+              for a in host), flush=True)
 
 
 def profile_counts(fn: Callable[[], object], device: str,
@@ -287,6 +342,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step of each (ops, kernels) per configuration")
     parser.add_argument("--top-kernels", type=int, default=0, help="with --profile: list each one's N heaviest kernels")
+    parser.add_argument("--profile-train", action="store_true",
+                        help="also profile the whole meta_train step of the fastest implementation: the device's "
+                             "busy and idle time per step and the host's heaviest ops")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -349,6 +407,11 @@ def main() -> None:
             else ""
         print(f"whole meta_train step (B={b}, T={t}), prefetch {prefetch}: {implementation} {1e3 * seconds:.2f} ms"
               + ratio, flush=True)
+    if args.profile_train:
+        try:
+            profile_train_step(b, t, fastest, args)
+        except Exception as error:  # noqa: BLE001 (a device run is one try: the last line stays)
+            print(f"whole-step profile: {fastest} FAILED: {type(error).__name__}: {error}", flush=True)
     whole = f" train_vs_bare:{train[fastest, True] / headline[fastest]:.2f}" if (fastest, True) in train \
         else f" train_failed:{fastest}"
     print(f"ms_per_step_T{t}_B{b} {fields}{whole}")
