@@ -53,8 +53,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 import metaopt as mo
-from metaopt.callbacks import Callback
 from bench_step import make_higher, make_metaopt, make_torch_func, make_torch_func_compiled
+from metaopt.callbacks import Callback
 from metaopt.compiled import Compiled, gradient_errors
 from metaopt.tasks import TaskDistribution
 from metaopt.tasks.omniglot import Omniglot, OmniglotImages
