@@ -193,6 +193,7 @@ def train_step_seconds(meta_batch: int, steps: int, implementation: str, args: a
     """Median seconds of a whole meta_train step (sampling, copy, meta-gradient, checks, Adam) with a metaopt
     implementation of the table ("metaopt-cudagraph[matmul]": its mode and convolution); `prefetch` as
     `meta_train`'s (None: on CUDA); `meta_steps` (default `--train-steps`) and `callbacks` to `meta_train`."""
+    meta_steps = meta_steps or args.train_steps
     name, _, conv = implementation.partition("[")
     mode = METAOPT_MODES[name]
     torch.manual_seed(0)
@@ -203,15 +204,16 @@ def train_step_seconds(meta_batch: int, steps: int, implementation: str, args: a
         Compiled(mo.get_estimator("full"), mode=None if mode == "default" else mode)
     metrics = mo.meta_train(loop, meta, estimator, training_tasks(args.train_tasks),
                             outer_optimizer=torch.optim.Adam(meta.parameters(), lr=1e-3),
-                            meta_steps=meta_steps or args.train_steps, meta_batch_size=meta_batch, inner_steps=steps,
-                            eval_n_tasks=0, progress=False, log_every=meta_steps or args.train_steps,
+                            meta_steps=meta_steps, meta_batch_size=meta_batch, inner_steps=steps,
+                            eval_n_tasks=0, progress=False, log_every=meta_steps,
                             device=args.device, prefetch=prefetch, callbacks=callbacks)
     return float(metrics["seconds_per_meta_step"])
 
 
 class ProfilerSteps(Callback):
-    """Advances a `torch.profiler` schedule after every meta-step: `meta_train` asks `due` once per step (this one
-    asks for no history entry)."""
+    """Advances a `torch.profiler` schedule after every meta-step but the last, asking for no history entry:
+    `meta_train` asks every callback's `due` after each meta-step that is neither a logging step nor the last, so
+    with `log_every` = `meta_steps` (as `train_step_seconds` runs it) that is every step but the last."""
 
     def __init__(self, profiler: Any):
         self.profiler = profiler

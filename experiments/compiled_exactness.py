@@ -18,7 +18,8 @@ is a wrong program when `--dtype float64` is far off too (float64 has no such ti
 `--backend aot_eager` (the traced graphs run eagerly) and `aot_eager_decomp_partition` (plus Inductor's
 decompositions and partitioner) say whether tracing or Inductor's code generation is at fault.
 
-Prints one line per implementation (`<name>: <weight>:<error> ...`), the compiled function's first-call seconds
+Prints one line per implementation (`<name>: <weight>:<error> ...`; the eager ones also count the max-pool windows
+whose gradient goes to another entry than in float64), the compiled function's first-call seconds
 and median milliseconds per call (CUDA events over `--repeats` calls; perf_counter on the CPU), and as the last
 line `worst_error compiled:<e> eager:<e> ms_per_call:<ms>` (eager: the worst of the three batchings).
 """
@@ -27,17 +28,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map_only
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import metaopt as mo
-from metaopt.compiled import Compiled, as_float64, gradient_errors
-from metaopt.train import task_to
-
-N_WAY, K_SHOT, K_QUERY, SIZE, INNER_LR = 5, 1, 15, 28, 0.4
+from bench_gpu import INNER_LR, problem, timer
+from metaopt.compiled import Compiled, as_float64, gradient_errors, tasks_as_float64
 
 
 def parse_config(pairs: list[str]) -> dict[str, Any]:
@@ -52,29 +51,52 @@ def parse_config(pairs: list[str]) -> dict[str, Any]:
     return config
 
 
-def milliseconds(fn: Callable[[], object], device: str, repeats: int) -> float:
-    """Median milliseconds per call of `fn` (CUDA events on CUDA, perf_counter elsewhere)."""
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - began))
-    return statistics.median(times)
-
-
 def weight_errors(grads: dict[str, Tensor], reference: dict[str, Tensor]) -> dict[str, float]:
     """Each weight's error against `reference` (`gradient_errors` over all gradients, weights kept: a bias before
     batch normalization has a zero gradient, noise in every implementation)."""
     errors = gradient_errors({k: g.double() for k, g in grads.items()}, reference)
     return {k.removeprefix("init.params."): e for k, e in errors.items() if k.endswith("weight")}
+
+
+BATCHINGS = ("stacked", "vmap", "loop")
+
+
+class PoolRoutes(TorchDispatchMode):
+    """Records, in order, the argmax indices of every max-pool run inside the block (`max_pool2d_with_indices`,
+    below vmap: the batched call's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.indices: list[Tensor] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.max_pool2d_with_indices.default:
+            self.indices.append(out[1].clone())
+        return out
+
+
+def eager_rows(loop: mo.InnerLoop, meta: mo.MetaParams, tasks: mo.Task) -> tuple[dict[str, Tensor], float]:
+    """Eager float64 by every batching (the stacked one's gradients are the reference: they agree to rounding),
+    then eager float32: prints each batching's weight errors against the reference and how many max-pool windows
+    route their gradient unlike the same batching in float64 (a near-tie broken the other way by rounding).
+    Returns (the reference, the worst float32 error)."""
+    loop64, meta64 = as_float64(loop, meta)
+    tasks64, runs64 = tasks_as_float64(tasks), {}
+    for batching in BATCHINGS:
+        with PoolRoutes() as routes64:
+            runs64[batching] = mo.Full()(loop64, meta64, tasks64, batching=batching).grads, routes64.indices
+    reference, worst = runs64["stacked"][0], 0.0
+    for batching in BATCHINGS:
+        with PoolRoutes() as routes:
+            errors = weight_errors(mo.Full()(loop, meta, tasks, batching=batching).grads, reference)
+        pairs = list(zip(routes.indices, runs64[batching][1]))
+        flips = sum(int((a != b).sum()) for a, b in pairs)
+        worst = max(worst, *errors.values())
+        print(f"eager {batching}: " + " ".join(f"{k}:{e:.1e}" for k, e in errors.items())
+              + f" | max-pool windows routed unlike float64: {flips} of {sum(a.numel() for a, _ in pairs)}",
+              flush=True)
+    return reference, worst
 
 
 def main() -> None:
@@ -99,24 +121,14 @@ def main() -> None:
         setattr(target, path[-1], value)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     torch.set_default_dtype(getattr(torch, args.dtype))
-    torch.manual_seed(0)
-    model = mo.Conv4(1, N_WAY, channels=args.channels, image_size=SIZE, conv=args.conv).to(args.device)
-    sampler = mo.RandomPatterns(n_way=N_WAY, k_shot=K_SHOT, k_query=K_QUERY, size=SIZE)
-    tasks = task_to(sampler.sample(args.meta_batch, 1, torch.Generator().manual_seed(0)), args.device)
+    model, tasks = problem(args.meta_batch, 1, args, args.conv)
     loop = mo.InnerLoop(model, mo.optim.sgd(lr=INNER_LR), mo.losses.cross_entropy)
     meta = mo.meta_params(mo.Init(model))
-    loop64, meta64 = as_float64(loop, meta)
-    tasks64 = tree_map_only(Tensor, lambda v: v.double() if v.is_floating_point() else v, tasks)
-    reference = mo.Full()(loop64, meta64, tasks64).grads
     print(f"device: {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'}; torch "
           f"{torch.__version__}; conv4-{args.channels} conv={args.conv}, meta-batch {args.meta_batch}, T=1, "
           f"{args.dtype}, TF32 off; errors against eager float64", flush=True)
 
-    worst_eager = 0.0
-    for batching in ("stacked", "vmap", "loop"):
-        errors = weight_errors(mo.Full()(loop, meta, tasks, batching=batching).grads, reference)
-        worst_eager = max(worst_eager, *errors.values())
-        print(f"eager {batching}: " + " ".join(f"{k}:{e:.1e}" for k, e in errors.items()), flush=True)
+    reference, worst_eager = eager_rows(loop, meta, tasks)
 
     compiled = Compiled(mo.Full(), mode=args.mode, backend=args.backend, verify=False)
     began = time.perf_counter()
@@ -125,7 +137,8 @@ def main() -> None:
     if compiled.fallback_reason is not None:
         raise SystemExit(f"compiled_exactness: nothing compiled: {compiled.fallback_reason}")
     errors = weight_errors(grads, reference)
-    ms = milliseconds(lambda: compiled(loop, meta, tasks), args.device, args.repeats)
+    seconds = timer(args.device)
+    ms = 1e3 * statistics.median(seconds(lambda: compiled(loop, meta, tasks)) for _ in range(args.repeats))
     label = f"compiled backend={args.backend} mode={args.mode} {parse_config(args.inductor) or ''}".rstrip()
     print(f"{label}: " + " ".join(f"{k}:{e:.1e}" for k, e in errors.items()), flush=True)
     print(f"compiled: first call {first:.1f} s, {ms:.2f} ms per call (median of {args.repeats})")

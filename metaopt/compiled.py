@@ -47,7 +47,7 @@ from metaopt.stacked import StackedLoop
 from metaopt.types import MetaParams, Task
 
 __all__ = ["Compiled", "ChunkResult", "default_options", "library_guard_filter", "with_own_code", "gradient_errors",
-           "as_float64", "FLOAT32_RTOL", "REFEREE_FACTOR"]
+           "as_float64", "tasks_as_float64", "FLOAT32_RTOL", "REFEREE_FACTOR"]
 
 log = logging.getLogger("metaopt")
 
@@ -95,6 +95,11 @@ def as_float64(loop: InnerLoop, meta: MetaParams) -> tuple[InnerLoop, MetaParams
         if isinstance(held, torch.nn.Module):
             held.double()
     return loop64, meta64
+
+
+def tasks_as_float64(tasks: Task) -> Task:
+    """`tasks` with every floating tensor in float64 (labels and other integer tensors as they are)."""
+    return tree_map_only(Tensor, lambda v: v.double() if v.is_floating_point() else v, tasks)
 
 
 def gradient_errors(got: dict[str, Tensor], want: dict[str, Tensor]) -> dict[str, float]:
@@ -402,8 +407,7 @@ class Compiled:
         10% of the floor of `gradient_errors`; a wrong compiled gradient is far from float64 where eager is not."""
         try:
             loop64, meta64 = as_float64(loop, meta)
-            tasks64 = tree_map_only(Tensor, lambda v: v.double() if v.is_floating_point() else v, tasks)
-            reference = self._eager_chunk(loop64, meta64, tasks64, pattern)[0]
+            reference = self._eager_chunk(loop64, meta64, tasks_as_float64(tasks), pattern)[0]
         except Exception as error:  # no referee (e.g. a loop holding tensors float64 cannot reach): the check stands
             return f"{mismatch} (no float64 referee: {type(error).__name__}: {str(error)[:100]})"
         compiled_errors = gradient_errors({k: g.double() for k, g in compiled[0].items()}, reference)
