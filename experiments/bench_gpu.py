@@ -27,8 +27,9 @@ im2col and one batched GEMM), named e.g. `metaopt-cudagraph[matmul]`; the hand-w
 Times are medians over interleaved rounds in a shuffled order, measured with CUDA events on CUDA
 (perf_counter on CPU). Then `meta_train` runs `--train-steps` meta-steps on freshly sampled tasks
 (sampling, finiteness check, Adam step) with the eager estimator, drawing each batch between steps and
-ahead on a worker thread (`meta_train(prefetch=...)`), and with the compiled one, prefetching (the fastest
-compiled metaopt implementation of the table: its convolution and mode); its median
+ahead on a worker thread (`meta_train(prefetch=...)`), each step in turn and one step ahead of the device
+(`meta_train(overlap=...)`, `metaopt.overlap`), and with the compiled one, prefetching, in turn and ahead (the
+fastest compiled metaopt implementation of the table: its convolution and mode); its median
 `seconds_per_meta_step` is compared with the same implementation's bare meta-gradient.
 `--train-tasks omniglot` (default): Omniglot's sampler over generated images, gathered on the device;
 `patterns`: RandomPatterns, generated on the host and copied (what README's first GPU figures used).
@@ -38,7 +39,7 @@ Sampling one meta-batch alone is timed too. `--profile-train` then profiles that
 The device and torch version are printed first; the last line is `ms_per_step_T<T>_B<B>` and then
 `<implementation>:<ms>` for every implementation timed at the first (B, T), `fell_back:<names>` where a compiled
 one ran eager (its reason printed at its first call), and `train_vs_bare:<x>` (the
-whole step, prefetching, over its bare meta-gradient: the fastest compiled metaopt implementation, or the
+whole step, prefetching and overlapped, over its bare meta-gradient: the fastest compiled metaopt implementation, or the
 fastest eager one where none compiled) where the whole step ran, `train_failed:<name>` where it raised (its error
 printed in its row; the other rows still run).
 """
@@ -189,10 +190,10 @@ def sampling_seconds(tasks: TaskDistribution, meta_batch: int, args: argparse.Na
 
 def train_step_seconds(meta_batch: int, steps: int, implementation: str, args: argparse.Namespace,
                        prefetch: bool | None = None, meta_steps: int | None = None,
-                       callbacks: Sequence[Callback] = ()) -> float:
+                       callbacks: Sequence[Callback] = (), overlap: bool | None = None) -> float:
     """Median seconds of a whole meta_train step (sampling, copy, meta-gradient, checks, Adam) with a metaopt
-    implementation of the table ("metaopt-cudagraph[matmul]": its mode and convolution); `prefetch` as
-    `meta_train`'s (None: on CUDA); `meta_steps` (default `--train-steps`) and `callbacks` to `meta_train`."""
+    implementation of the table ("metaopt-cudagraph[matmul]": its mode and convolution); `prefetch` and `overlap`
+    as `meta_train`'s (None: on CUDA); `meta_steps` (default `--train-steps`) and `callbacks` to `meta_train`."""
     meta_steps = meta_steps or args.train_steps
     name, _, conv = implementation.partition("[")
     mode = METAOPT_MODES[name]
@@ -206,14 +207,15 @@ def train_step_seconds(meta_batch: int, steps: int, implementation: str, args: a
                             outer_optimizer=torch.optim.Adam(meta.parameters(), lr=1e-3),
                             meta_steps=meta_steps, meta_batch_size=meta_batch, inner_steps=steps,
                             eval_n_tasks=0, progress=False, log_every=meta_steps,
-                            device=args.device, prefetch=prefetch, callbacks=callbacks)
+                            device=args.device, prefetch=prefetch, callbacks=callbacks, overlap=overlap)
     return float(metrics["seconds_per_meta_step"])
 
 
 class ProfilerSteps(Callback):
-    """Advances a `torch.profiler` schedule after every meta-step but the last, asking for no history entry:
-    `meta_train` asks every callback's `due` after each meta-step that is neither a logging step nor the last, so
-    with `log_every` = `meta_steps` (as `train_step_seconds` runs it) that is every step but the last."""
+    """Advances a `torch.profiler` schedule once per meta-step but the last, asking for no history entry:
+    `meta_train` asks every callback's `due` once for each meta-step that is neither a logging step nor the last
+    (an overlapped loop asks before the step runs, the synchronous one after), so with `log_every` = `meta_steps`
+    (as `train_step_seconds` runs it) that is every step but the last."""
 
     def __init__(self, profiler: Any):
         self.profiler = profiler
@@ -237,8 +239,8 @@ def profile_train_step(meta_batch: int, steps: int, implementation: str, args: a
     cuda = args.device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities, schedule=schedule(wait=3, warmup=2, active=active, repeat=1)) as prof:
-        train_step_seconds(meta_batch, steps, implementation, args, prefetch=True, meta_steps=3 + 2 + active + 1,
-                           callbacks=[ProfilerSteps(prof)])
+        train_step_seconds(meta_batch, steps, implementation, args, prefetch=True, overlap=True,
+                           meta_steps=3 + 2 + active + 1, callbacks=[ProfilerSteps(prof)])
     events = prof.events()
     marks = [e.time_range for e in events if e.name.startswith("ProfilerStep")]
     if not marks:
@@ -254,7 +256,8 @@ def profile_train_step(meta_batch: int, steps: int, implementation: str, args: a
     wall = (end - begin) / len(marks)
     host = sorted((a for a in prof.key_averages() if not a.key.startswith("ProfilerStep")),
                   key=lambda a: -a.self_cpu_time_total)[:top]
-    print(f"whole-step profile (B={meta_batch}, T={steps}, {implementation}, prefetch True, {len(marks)} steps): "
+    print(f"whole-step profile (B={meta_batch}, T={steps}, {implementation}, prefetch True, overlap True, "
+          f"{len(marks)} steps): "
           f"wall {wall / 1e3:.2f} ms per step, device busy {busy / len(marks) / 1e3:.2f} ms, idle "
           f"{(wall - busy / len(marks)) / 1e3:.2f} ms, {len(kernels) / len(marks):.0f} kernels per step; "
           "host ops by self time per step: " + "; ".join(
@@ -395,26 +398,27 @@ def main() -> None:
     print(f"sampling {b} {args.train_tasks} tasks onto {args.device}, alone: {1e3 * sampled:.2f} ms", flush=True)
     fastest = min(compiled or ours, key=lambda name: (compiled or ours)[name])  # compiled where one ran
     eager = "metaopt" + fastest.partition("[")[1] + fastest.partition("[")[2]
-    train: dict[tuple[str, bool], float] = {}
-    for implementation, prefetch in ((eager, False), (eager, True), (fastest, True)):
-        if (implementation, prefetch) in train:
+    train: dict[tuple[str, bool, bool], float] = {}
+    for implementation, prefetch, overlap in ((eager, False, False), (eager, True, False), (eager, True, True),
+                                              (fastest, True, False), (fastest, True, True)):
+        if (implementation, prefetch, overlap) in train:
             continue
+        row = f"whole meta_train step (B={b}, T={t}), prefetch {prefetch}, overlap {overlap}: {implementation}"
         try:
-            train[implementation, prefetch] = seconds = train_step_seconds(b, t, implementation, args, prefetch)
+            seconds = train_step_seconds(b, t, implementation, args, prefetch, overlap=overlap)
         except Exception as error:  # noqa: BLE001 (a device run is one try: the other rows and the last line stay)
-            print(f"whole meta_train step (B={b}, T={t}), prefetch {prefetch}: {implementation} FAILED: "
-                  f"{type(error).__name__}: {error}", flush=True)
+            print(f"{row} FAILED: {type(error).__name__}: {error}", flush=True)
             continue
+        train[implementation, prefetch, overlap] = seconds
         ratio = f" ({seconds / headline[implementation]:.2f}x the bare meta-gradient)" if implementation in headline \
             else ""
-        print(f"whole meta_train step (B={b}, T={t}), prefetch {prefetch}: {implementation} {1e3 * seconds:.2f} ms"
-              + ratio, flush=True)
+        print(f"{row} {1e3 * seconds:.2f} ms" + ratio, flush=True)
     if args.profile_train:
         try:
             profile_train_step(b, t, fastest, args)
         except Exception as error:  # noqa: BLE001 (a device run is one try: the last line stays)
             print(f"whole-step profile: {fastest} FAILED: {type(error).__name__}: {error}", flush=True)
-    whole = f" train_vs_bare:{train[fastest, True] / headline[fastest]:.2f}" if (fastest, True) in train \
+    whole = f" train_vs_bare:{train[fastest, True, True] / headline[fastest]:.2f}" if (fastest, True, True) in train \
         else f" train_failed:{fastest}"
     print(f"ms_per_step_T{t}_B{b} {fields}{whole}")
 

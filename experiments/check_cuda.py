@@ -15,6 +15,9 @@
    vmapped and stacked) and the CPU's.
 7. `meta_train(prefetch=True)` on CUDA (batches drawn ahead on a worker thread and a side stream) trains to
    the parameters that drawing in turn gives (float64, Omniglot's sampler on the device).
+8. `meta_train(overlap=True)` on CUDA (Adam stepped before the flag is read, the flag copied to pinned memory
+   behind an event and read a step late; a non-finite step undone) trains to the parameters the synchronous
+   loop gives, with a task made non-finite in two steps' batches (float64, on_nan="skip").
 Prints one line per check and exits non-zero if a check fails.
 """
 from __future__ import annotations
@@ -204,11 +207,45 @@ def check_prefetch(failures: list[str]) -> None:
         meta = mo.meta_params(mo.Init(model))
         mo.meta_train(loop, meta, mo.Full(), generated_omniglot(n_way=5, k_shot=1, k_query=5, shift=2),
                       outer_optimizer=torch.optim.Adam(meta.parameters(), 1e-3), meta_steps=6, meta_batch_size=8,
-                      eval_n_tasks=0, progress=False, device=DEVICE, prefetch=prefetch)
+                      eval_n_tasks=0, progress=False, device=DEVICE, prefetch=prefetch, overlap=False)
         finals.append({k: v.detach().cpu() for k, v in meta.state_dict().items()})
     worst = max(gradient_errors(finals[1], finals[0]).values())
     _report(failures, "prefetch", worst <= 1e-9, f"meta-parameters after 6 steps with and without prefetching "
             f"on {DEVICE}, largest relative difference {worst:.1e}")
+    torch.set_default_dtype(torch.float32)
+
+
+def check_overlap(failures: list[str]) -> None:
+    """meta_train on CUDA overlapped and in turn, with non-finite tasks in draws 4 and 6 (steps 2 and 4, dropped):
+    the same meta-parameters and the same dropped-task count (float64)."""
+    torch.set_default_dtype(torch.float64)
+    finals, dropped = [], []
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        model = mo.Conv4(out_features=5, channels=16).to(DEVICE)
+        loop = mo.InnerLoop(model, mo.optim.sgd(0.4), mo.losses.cross_entropy)
+        meta = mo.meta_params(mo.Init(model))
+        tasks = generated_omniglot(n_way=5, k_shot=1, k_query=5, shift=2).to(DEVICE)
+        draws, sample = [0], tasks.sample
+
+        def poisoned(n_tasks: int, inner_steps: int, generator: torch.Generator, sample=sample, draws=draws):
+            draws[0] += 1  # draw 1 is the planner's
+            task = sample(n_tasks, inner_steps, generator)
+            if draws[0] in (4, 6):
+                x = task.query.x.clone()
+                x[1] = float("nan")
+                task = task._replace(query=task.query._replace(x=x))
+            return task
+        tasks.sample = poisoned  # type: ignore[method-assign]
+        metrics = mo.meta_train(loop, meta, mo.Full(), tasks, outer_optimizer=torch.optim.Adam(meta.parameters(), 1e-3),
+                                meta_steps=8, meta_batch_size=8, eval_n_tasks=0, progress=False, device=DEVICE,
+                                log_every=8, on_nan="skip", overlap=overlap)
+        finals.append({k: v.detach().cpu() for k, v in meta.state_dict().items()})
+        dropped.append(metrics["tasks_nan_skipped"])
+    worst = max(gradient_errors(finals[1], finals[0]).values())
+    _report(failures, "overlap", worst <= 1e-12 and dropped == [2, 2],
+            f"meta-parameters after 8 steps overlapped and in turn on {DEVICE}, 2 of them with a NaN task "
+            f"(dropped {dropped}): largest relative difference {worst:.1e}")
     torch.set_default_dtype(torch.float32)
 
 
@@ -220,6 +257,7 @@ CHECKS: dict[str, Callable[[list[str], int], None]] = {
     "budget": lambda failures, steps: check_budget(failures),
     "matmul": lambda failures, steps: check_matmul_conv(failures),
     "prefetch": lambda failures, steps: check_prefetch(failures),
+    "overlap": lambda failures, steps: check_overlap(failures),
 }
 
 

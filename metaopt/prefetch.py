@@ -78,6 +78,10 @@ class Prefetcher:
                     tensor.record_stream(stream)
         return batch
 
+    def next_state(self) -> Tensor:
+        """The generator's state before the next batch handed out (whose draw may be under way)."""
+        return self.pending[1] if self.pending is not None else self.generator.get_state()
+
     @contextlib.contextmanager
     def rewound(self) -> Iterator[None]:
         """The generator as the batches handed out so far left it (before the draw ahead), e.g. for a

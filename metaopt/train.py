@@ -1,11 +1,8 @@
-"""Meta-training: an explicit train state, one meta-step, and `meta_train`, a short driver around them.
+"""Meta-training: `meta_train`, a short driver around the train state and one meta-step (`metaopt.step`).
 
-`TrainState` holds everything a run carries from one meta-step to the next
-(meta-parameters, outer optimizer, the task generator, counters, history) and
-checkpoints and resumes as one object. `meta_step(state, batch, config)` plans
-nothing and loops over nothing: it asks the planned estimator for a meta-gradient,
-handles non-finite tasks, and steps the outer optimizer. `meta_train` plans once,
-then loops: sample, step, record, checkpoint; and evaluates at the end.
+`meta_train` plans once, then loops: sample, step, record, checkpoint; and evaluates at the end. On a GPU
+the loop prefetches the next tasks (`metaopt.prefetch`) and runs one meta-step ahead of the device
+(`metaopt.overlap`); both give the run the synchronous loop gives.
 
 The library returns a metrics dict and calls an optional `log` callback; it never
 talks to a logger or a config system itself.
@@ -17,26 +14,27 @@ import logging
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, cast
+from typing import Any, Callable, Iterator, Literal, Sequence, cast
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from metaopt.batching import Batching, unstack_tasks
+from metaopt.batching import Batching
 from metaopt.budget import Budget
 from metaopt.checkpoint import load_checkpoint, save_atomic
 from metaopt.callbacks import Callback
-from metaopt.diagnose import locate_nonfinite
-from metaopt.estimators.base import MetaGrad, MetaGradientMethod
+from metaopt.estimators.base import MetaGradientMethod
 from metaopt.evaluation import evaluate, mean_ci95, task_to
 from metaopt.guard import format_bytes
 from metaopt.loop import InnerLoop
 from metaopt.memory import Method, default_method, measure_peak_memory, tensor_bytes
+from metaopt.overlap import OptimizerUndo, RandomState, undo_bytes
 from metaopt.planning import Meter, Plan, Timer, describe, plan
 from metaopt.prefetch import Prefetcher
+from metaopt.step import (Launched, StepConfig, TrainState, account, apply_meta_grad, launch, meta_step, optimize,
+                          settle, updates)
 from metaopt.tasks.base import TaskDistribution
 from metaopt.types import MetaParams, Task
 
@@ -45,13 +43,6 @@ __all__ = ["meta_train", "meta_step", "TrainState", "StepConfig", "evaluate", "m
 
 LogFn = Callable[[dict[str, float], int], None]
 logger = logging.getLogger("metaopt")
-
-
-def apply_meta_grad(meta: MetaParams, meta_grad: MetaGrad) -> None:
-    """Write a MetaGrad into `.grad` of the meta-parameters (the only place that does)."""
-    for name, p in meta.named_parameters():
-        if name in meta_grad.grads:
-            p.grad = meta_grad.grads[name]
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -67,178 +58,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return tensor_bytes(list(copy.state.values()))
 
 
-@dataclass
-class TrainState:
-    """What a run carries between meta-steps; `state_dict` / `load_state_dict` checkpoint it as one object.
-
-    Attributes:
-      meta: the meta-parameters (updated in place by the outer optimizer).
-      outer_optimizer: a torch optimizer over `meta.parameters()`.
-      generator: the task sampler's random stream.
-      step: meta-steps done.
-      counts: tasks truncated / skipped under the budget / dropped as non-finite, summed over the run.
-      history: one entry per logging interval (meta_step, meta_train_loss, seconds_per_meta_step, counts,
-        and the validation metrics where validation ran).
-      train_seconds: training wall-clock of earlier sessions of this run (before a resume).
-      estimator: the planned estimator; a stochastic one (es, pes, random forward mode) draws from its
-        own generators, which the checkpoint holds.
-      carry: what an online estimator carries to each task's next window (`MetaGrad.carry`), or None.
-      source: the task source's own state (`TaskDistribution.next_batch`: `metaopt.online.OnlineTasks`'
-        pool of unrolls and their positions), or None.
-
-    The checkpoint also holds torch's global random state (CPU and CUDA), from which vmapped dropout
-    draws, so a resumed run draws what the uninterrupted run would have drawn: resume is bit-exact
-    for every estimator.
-    """
-
-    meta: MetaParams
-    outer_optimizer: torch.optim.Optimizer
-    generator: torch.Generator
-    step: int = 0
-    counts: dict[str, int] = field(default_factory=lambda: {
-        "tasks_truncated": 0, "tasks_skipped": 0, "tasks_nan_skipped": 0})
-    history: list[dict[str, Any]] = field(default_factory=list)
-    train_seconds: float = 0.0
-    estimator: Any = None
-    carry: Any = None
-    source: Any = None
-
-    def state_dict(self) -> dict[str, Any]:
-        rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"meta": self.meta.state_dict(), "outer_optimizer": self.outer_optimizer.state_dict(),
-                "generator": self.generator.get_state(), "meta_step": self.step, "history": self.history,
-                "counts": self.counts, "train_seconds": self.train_seconds, "rng": rng,
-                "estimator_rng": self._estimator_rng(), "carry": self.carry, "task_source": self.source}
-
-    def _estimator_rng(self) -> dict[str, Tensor]:
-        rng_state = getattr(self.estimator, "rng_state", None)
-        return rng_state() if rng_state is not None else {}
-
-    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        self.meta.load_state_dict(ckpt["meta"])
-        self.outer_optimizer.load_state_dict(ckpt["outer_optimizer"])
-        self.generator.set_state(ckpt["generator"])
-        self.step, self.history = ckpt["meta_step"], ckpt["history"]
-        self.counts.update(ckpt.get("counts", {}))
-        self.train_seconds = ckpt.get("train_seconds", 0.0)
-        self.carry, self.source = ckpt.get("carry"), ckpt.get("task_source")
-        if ckpt.get("estimator_rng") and self.estimator is not None:
-            self.estimator.set_rng_state(ckpt["estimator_rng"])
-        if "rng" in ckpt:
-            torch.set_rng_state(ckpt["rng"]["cpu"])
-            if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-
-    def finite(self) -> bool:
-        """Whether every meta-parameter is finite (a state that is not is never checkpointed)."""
-        return all(bool(torch.isfinite(p).all()) for p in self.meta.parameters())
-
-
-@dataclass
-class StepConfig:
-    """How each meta-step runs (fixed for a run).
-
-    Attributes:
-      loop: the inner loop.
-      plan: the planned estimator, batching and chunk size (`metaopt.planning.plan`).
-      budget: the per-meta-step budget the run-time guard enforces.
-      on_nan: "raise" (naming meta-step, task and inner step) or "skip" (drop the task, count it).
-      max_grad_norm: clip the meta-gradient's global norm (None: no clipping).
-      clock, memory_probe: the guard's clock and memory probe (tests inject them).
-      lr_schedule: the outer learning rate at meta-step s (counted from 0) is the optimizer's initial
-        lr times `lr_schedule(s)` (e.g. `metaopt.schedules.Cosine`); the initial lr is kept in each param
-        group's "initial_lr", so it is checkpointed with the optimizer. None: a constant lr.
-    """
-
-    loop: InnerLoop
-    plan: Plan
-    budget: Budget
-    on_nan: Literal["raise", "skip"] = "raise"
-    max_grad_norm: float | None = None
-    clock: Callable[[], float] | None = None
-    memory_probe: Callable[[], int] | None = None
-    lr_schedule: Callable[[int], float] | None = None
-
-    def meta_gradient(self, meta: MetaParams, tasks: Task | list[Task]) -> MetaGrad:
-        return self.plan.estimator(self.loop, meta, tasks, self.budget, batching=self.plan.batching,
-                                   chunk_size=self.plan.chunk_size, clock=self.clock, memory_probe=self.memory_probe)
-
-
-def meta_step(state: TrainState, batch: Task, config: StepConfig) -> tuple[TrainState, dict[str, float]]:
-    """One outer step on a batch of tasks: meta-gradient, non-finite handling, optional clipping, optimizer step.
-
-    Returns the state (its meta-parameters, optimizer and counters updated; `step` advanced) and
-    this step's metrics: "meta_train_loss" (NaN when every task was skipped: no update then),
-    "tasks", "tasks_truncated", "tasks_skipped".
-    """
-    meta_grad = config.meta_gradient(state.meta, batch)
-    meta_grad, outer_loss = _finite_or_handle(meta_grad, batch, state, config)
-    state.carry = meta_grad.carry
-    stats = meta_grad.stats
-    state.counts["tasks_truncated"] += int(stats["tasks_truncated"])
-    state.counts["tasks_skipped"] += int(stats["tasks_skipped"])
-    if stats["tasks_truncated"] or stats["tasks_skipped"]:
-        logger.warning("meta-step %d: %d task(s) truncated, %d skipped (budget %s)", state.step,
-                       stats["tasks_truncated"], stats["tasks_skipped"], config.budget)
-    metrics = {"meta_train_loss": math.nan, "tasks": float(stats["tasks"]),
-               "tasks_truncated": float(stats["tasks_truncated"]), "tasks_skipped": float(stats["tasks_skipped"])}
-    state.step += 1
-    if stats["tasks_skipped"] == stats["tasks"]:
-        return state, metrics  # nothing to learn from this meta-step; the counts say so
-    metrics["meta_train_loss"] = outer_loss
-    apply_meta_grad(state.meta, meta_grad)
-    if config.max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(list(state.meta.parameters()), config.max_grad_norm)
-    if config.lr_schedule is not None:
-        factor = config.lr_schedule(state.step - 1)
-        for group in state.outer_optimizer.param_groups:
-            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
-    state.outer_optimizer.step()
-    state.outer_optimizer.zero_grad(set_to_none=True)
-    return state, metrics
-
-
-def _finite_or_handle(meta_grad: MetaGrad, batch: Task, state: TrainState,
-                      config: StepConfig) -> tuple[MetaGrad, float]:
-    """Check the tasks' losses and the meta-gradient; raise with the location, or drop the bad tasks. Returns
-    the meta-gradient to apply and its mean outer loss as a float (NaN where every task was dropped); when all is
-    finite the loss comes in the same transfer as the flag: one host read per meta-step."""
-    losses, used = meta_grad.task_losses, meta_grad.task_used
-    assert losses is not None and used is not None  # always set by the runner
-    bad = ~torch.isfinite(losses) & used
-    device = next(iter(meta_grad.grads.values())).device
-    finite = ~bad.any().to(device) & torch.isfinite(torch.stack(_largest_magnitudes(meta_grad.grads.values()))).all()
-    loss = meta_grad.outer_loss.detach().reshape(()).to(device)
-    all_finite, outer_loss = torch.stack([finite.to(loss.dtype), loss]).tolist()  # exact: a float of its dtype
-    if all_finite:
-        return meta_grad, outer_loss
-    tasks = unstack_tasks(batch)
-    bad_indices = [int(i) for i in torch.nonzero(bad).flatten()] or list(range(len(tasks)))
-    if config.on_nan == "skip":
-        good = [t for i, t in enumerate(tasks) if i not in bad_indices]
-        state.counts["tasks_nan_skipped"] += len(tasks) - len(good)
-        logger.warning("meta-step %d: dropped %d task(s) with non-finite values", state.step, len(tasks) - len(good))
-        if not good:
-            return meta_grad._replace(stats={**meta_grad.stats, "tasks_skipped": len(tasks)}, carry=None), math.nan
-        result = config.meta_gradient(state.meta, good)._replace(carry=None)  # the dropped tasks' carry is gone
-        if bool(torch.isfinite(torch.stack(_largest_magnitudes(result.grads.values()))).all()):
-            return result, result.outer_loss.item()
-        bad_indices = list(range(len(tasks)))
-    where = locate_nonfinite(config.loop, state.meta, tasks[bad_indices[0]])
-    raise FloatingPointError(f"meta-step {state.step}, task {bad_indices[0]}: {where} "
-                             f"(outer loss {losses[bad_indices[0]].item()}); use on_nan='skip' to drop such tasks")
-
-
-def _largest_magnitudes(tensors: Iterable[Tensor]) -> list[Tensor]:
-    """Each non-empty tensor's largest |entry| (0-d tensors, on its device): NaN or inf exactly where the tensor
-    has a non-finite entry. Two multi-tensor ops for all of them (fused kernels on CUDA), not two per tensor:
-    on a GPU the train loop's host time per meta-step is what the whole step adds to the bare meta-gradient."""
-    present = [t for t in tensors if t.numel()]
-    return list(torch._foreach_max(torch._foreach_abs(present))) if present else [torch.zeros(())]
-
-
 class _Recorder:
     """History entries every `log_every` steps, at the last step and where a callback asks for one; each entry
     goes through the callbacks (in order), then to the progress bar or log line and the caller's `log`."""
@@ -252,13 +71,24 @@ class _Recorder:
         self.first = state.step  # the first meta-step of this session
         self.step_seconds: list[float] = []
         self.recent: list[float] = []
+        self.asked: dict[int, bool] = {}
+
+    def entry_due(self, step: int) -> bool:
+        """Whether an entry is written after meta-step `step` (counted from 1): a logging step, the last, or one a
+        callback asks for (each callback's `due` is asked once per step)."""
+        if step not in self.asked:  # an overlapped loop asks about a step before the one it records
+            self.asked = {k: v for k, v in self.asked.items() if k >= step - 1}
+            self.asked[step] = step % self.log_every == 0 or step == self.meta_steps or any(
+                c.due(step) for c in self.callbacks)
+        return self.asked[step]
 
     def record(self, state: TrainState, metrics: dict[str, float], seconds: float) -> None:
         if not math.isnan(metrics["meta_train_loss"]):
             self.step_seconds.append(seconds)
             self.recent.append(metrics["meta_train_loss"])
+        self.bar.update()
         last = state.step == self.meta_steps
-        if state.step % self.log_every and not last and not any(c.due(state.step) for c in self.callbacks):
+        if not self.entry_due(state.step):
             return
         entry = {"meta_step": state.step,
                  "meta_train_loss": statistics.fmean(self.recent) if self.recent else math.nan,
@@ -288,7 +118,7 @@ def plan_training(estimator: MetaGradientMethod, loop: InnerLoop, meta: MetaPara
                   outer_optimizer: torch.optim.Optimizer, *, meta_batch_size: int, inner_steps: int, budget: Budget,
                   batching: Batching = "auto", seed: int = 0, device: torch.device | str = "cpu",
                   meter: Meter | None = None, timer: Timer | None = None,
-                  resumed_batching: str | None = None) -> Plan:
+                  resumed_batching: str | None = None, overlap: bool = False) -> Plan:
     """The plan of a run's meta-steps, on a batch drawn from its own generator (planning never changes the
     training tasks); the outer optimizer's state counts in the prediction. Under "auto", a resumed run keeps
     `resumed_batching`, the batching its checkpoint recorded: "auto" times the batchings against each other, and
@@ -296,9 +126,12 @@ def plan_training(estimator: MetaGradientMethod, loop: InnerLoop, meta: MetaPara
     differently (resuming would not be bit-exact); where it can no longer run (e.g. another model), afresh."""
     batch = task_to(tasks.sample(meta_batch_size, inner_steps, torch.Generator().manual_seed(seed + 7919)), device)
 
+    state_bytes = optimizer_state_bytes(outer_optimizer)
+    fixed = state_bytes + (undo_bytes(outer_optimizer, state_bytes) if overlap else 0)
+
     def planned(batching: Batching) -> Plan:
         return plan(estimator, loop, meta, batch, budget, batching=batching, device=device, meter=meter, timer=timer,
-                    fixed_bytes=optimizer_state_bytes(outer_optimizer))
+                    fixed_bytes=fixed)
     kept = cast(Batching, resumed_batching) if resumed_batching and batching == "auto" else None
     try:
         chosen = planned(kept or batching)
@@ -343,7 +176,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
                max_grad_norm: float | None = None, eval_batch_size: int = 100,
                checkpoint_extra: dict[str, Any] | None = None, callbacks: Sequence[Callback] = (),
                lr_schedule: Callable[[int], float] | None = None, time_limit: float | None = None,
-               prefetch: bool | None = None) -> dict:
+               prefetch: bool | None = None, overlap: bool | None = None) -> dict:
     """Meta-train `meta` with `estimator` (or the `auto` policy) under a budget, then evaluate on fresh tasks.
 
     Before the first step the meta-step is planned (`plan_training`): its peak memory is
@@ -361,8 +194,8 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
       clock, memory_probe: passed to the budget guard (tests inject them).
       meter, timer: replace the planner's memory measurement and its timing of vmap against one task at a time
         (see `metaopt.prediction.Meter` and `Timer`).
-      eval_n_tasks: 0 skips the final evaluation (the caller evaluates).
-      eval_batch_size: meta-test tasks evaluated at once at most (fewer where the budget needs it).
+      eval_n_tasks, eval_batch_size: 0 skips the final evaluation (the caller evaluates); meta-test tasks
+        evaluated at once at most (fewer where the budget needs it).
       checkpoint_extra: more entries for the checkpoint (e.g. the run's resolved config).
       callbacks: hooks on the history entries, in order (`metaopt.callbacks`): e.g.
         `Validation(validate, every)` (validation metrics join the entries and the returned metrics) and
@@ -370,38 +203,38 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
       lr_schedule: the outer learning rate's multiplier by meta-step (see `StepConfig`; `metaopt.schedules`).
       time_limit: seconds of training (over resumed sessions; not evaluation): no meta-step starts that the
         median step says would end past it; then "stopped_at_time_limit" (not a failure), "meta_steps" ran.
-      prefetch: draw each meta-step's tasks on a worker thread while the step before computes
-        (`metaopt.prefetch`: the same tasks, checkpoints as without). None: on CUDA devices, for distributions
-        whose next batch ignores the last meta-step (`next_batch` not overridden, e.g. not `OnlineTasks`); True
-        asks for it anywhere (refused for such a distribution), False never. Exact where the distribution draws
-        from the generator it is given (every built-in one does), not from torch's global generator.
+      prefetch, overlap: draw each meta-step's tasks on a worker thread while the step before computes
+        (`metaopt.prefetch`); step the optimizer before reading the step's finiteness flag, read it after the
+        next step is launched, undo a step found non-finite (`metaopt.overlap`; its copies count in the plan).
+        Both give the synchronous loop's run (prefetching: where the distribution draws from the generator it is
+        given, as every built-in one does). None: on CUDA, for distributions whose next batch ignores the last
+        step (not `OnlineTasks`) and estimators that carry nothing; True: anywhere it can run; False: never.
 
     Returns:
-      Metrics: "meta_steps", "estimator", "estimator_chosen", "predicted_peak_bytes",
-      "measured_peak_bytes", "memory_method", "plan", "batching", "chunk_size",
-      "tasks_truncated", "tasks_skipped", "tasks_nan_skipped", "meta_train_loss",
-      "seconds_per_meta_step" (median), "train_seconds" (summed over resumed sessions), "history", and
-      `evaluate`'s figures (including "eval_peak_bytes").
+      Metrics: "meta_steps", "estimator", "estimator_chosen", "predicted_peak_bytes", "measured_peak_bytes",
+      "memory_method", "plan", "batching", "chunk_size", "tasks_truncated", "tasks_skipped", "tasks_nan_skipped",
+      "meta_train_loss", "seconds_per_meta_step" (median), "train_seconds" (summed over resumed sessions),
+      "overlap" (whether the loop overlapped), "history", and `evaluate`'s figures (including "eval_peak_bytes").
     """
     _check_arguments(meta_steps, meta_batch_size, inner_steps, on_nan)
     budget = budget if budget is not None else Budget()
     estimator.check(loop, meta)
     tasks = tasks.to(device)  # where it can, the distribution samples on the device (the same tasks)
+    overlap = _overlaps(overlap, tasks, estimator, device)
     chosen, state = _plan_and_state(estimator, loop, meta, tasks, outer_optimizer, checkpoint_path, seed,
                                     meta_batch_size=meta_batch_size, inner_steps=inner_steps, budget=budget,
-                                    batching=batching, device=device, meter=meter, timer=timer)
+                                    batching=batching, device=device, meter=meter, timer=timer, overlap=overlap)
     config = StepConfig(loop, chosen, budget, on_nan, max_grad_norm, clock, memory_probe, lr_schedule)
     save = _Checkpointer(state, checkpoint_path, {"estimator": estimator.name, "batching": chosen.batching,
                                                   **(checkpoint_extra or {})}, time_limit)
     recorder = _Recorder(state, meta_steps, log_every, log, progress, estimator.name, callbacks)
     memory_method = default_method(device)
     with _sampling(tasks, state, save, prefetch, device, meta_batch_size, inner_steps) as sample:
-        measured_peak = _loop(state, config, sample, meta_steps, recorder, save, checkpoint_every,
-                              lambda step: step - recorder.first < 2 or step % memory_every == 0, device,
-                              memory_method)
+        measured_peak = _loop(state, config, sample, meta_steps, recorder, save, checkpoint_every, memory_every,
+                              device, memory_method, overlap)
     metrics: dict[str, Any] = _run_metrics(state, estimator, chosen, budget, recorder, measured_peak, memory_method,
                                            meta_steps=meta_steps, inner_steps=inner_steps,
-                                           meta_batch_size=meta_batch_size, time_limit=time_limit)
+                                           meta_batch_size=meta_batch_size, time_limit=time_limit, overlap=overlap)
     if eval_n_tasks > 0:  # 0: the caller evaluates (e.g. several unroll lengths)
         metrics.update(evaluate(loop, meta, eval_tasks or tasks, n_tasks=eval_n_tasks,
                                 inner_steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
@@ -424,6 +257,7 @@ class _Checkpointer:
         self.state, self.path, self.extra, self.time_limit = state, path, extra, time_limit
         self.session_start, self.earlier = time.perf_counter(), state.train_seconds
         self.rewind: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+        self.override: dict[str, Any] = {}  # entries that replace the state's (an overlapped loop's undone step)
 
     def time_left(self) -> float:
         return math.inf if self.time_limit is None else self.time_limit - self.elapsed()
@@ -440,37 +274,117 @@ class _Checkpointer:
             logger.warning("meta-step %d: meta-parameters are not finite; checkpoint not written", self.state.step)
             return
         with self.rewind():
-            save_atomic({**self.state.state_dict(), **self.extra}, self.path)
+            save_atomic({**self.state.state_dict(), **self.extra, **self.override}, self.path)
 
 
 def _loop(state: TrainState, config: StepConfig, sample: Callable[[], Task], meta_steps: int, recorder: _Recorder,
-          save: _Checkpointer, checkpoint_every: int, measure_at: Callable[[int], bool],
-          device: torch.device | str, memory_method: Method) -> int:
+          save: _Checkpointer, checkpoint_every: int, memory_every: int,
+          device: torch.device | str, memory_method: Method, overlap: bool = False) -> int:
     """Meta-steps until `meta_steps` (or until `save.time_left()` is below the median step), checkpointing
     every `checkpoint_every` and at the end (also before any error leaves); returns the largest measured peak
-    of a whole meta-step (-1 if none was measured)."""
+    of a whole meta-step (-1 if none was measured: the session's first two steps and every `memory_every`). With `overlap` (`metaopt.overlap`), a step after which
+    nothing reads the state (no entry, checkpoint or memory measurement is due) runs ahead: its flag is read
+    after the next step is launched."""
     measured_peak = -1
+    ahead = _Ahead(state, config, recorder, save)
     try:
-        while state.step < meta_steps:
+        while state.step + ahead.count < meta_steps:
             if save.time_left() < (statistics.median(recorder.step_seconds[-50:]) if recorder.step_seconds else 0.0):
                 logger.warning("meta-step %d of %d: stopping at the time limit", state.step, meta_steps)
                 break
             t0 = time.perf_counter()
-            measure = measure_at(state.step)
+            step = state.step + ahead.count  # this meta-step, counted from 0
+            measure = step - recorder.first < 2 or step % memory_every == 0
+            if overlap and not measure and not recorder.entry_due(step + 1) and step + 1 < meta_steps \
+                    and not (checkpoint_every and (step + 1) % checkpoint_every == 0):
+                ahead.step(sample, t0)
+                continue
+            ahead.finish(t0)
             with measure_peak_memory(device, memory_method if measure else "none") as memory:
                 state, step_metrics = meta_step(state, sample(), config)
             measured_peak = max(measured_peak, memory.peak_bytes if measure else -1)
             recorder.record(state, step_metrics, time.perf_counter() - t0)
-            recorder.bar.update()
             if checkpoint_every and state.step % checkpoint_every == 0:
                 save()
+        ahead.finish(time.perf_counter())
     except BaseException:
+        ahead.drop()
         save()  # everything learned before the failing meta-step stays on disk (after a collapse: the best state)
         raise
     finally:
         recorder.bar.close()
     save()
     return measured_peak
+
+
+class _Ahead:
+    """The meta-step that runs ahead in an overlapped loop (at most one): launched and optimized, its flag not
+    yet read. `step` launches the next meta-step and then settles the one ahead; `finish` settles it;
+    `drop` (on an error) keeps it if it was good and complete, else undoes it and points the checkpoint at the
+    random state from before it (a resumed run then runs it again, as an uninterrupted one would have)."""
+
+    def __init__(self, state: TrainState, config: StepConfig, recorder: _Recorder, save: _Checkpointer):
+        self.state, self.config, self.recorder, self.save = state, config, recorder, save
+        self.launched: Launched | None = None
+        self.undo: OptimizerUndo | None = None
+        self.before: dict[str, Any] = {}  # the generator and random streams before it
+        self.started = 0.0
+        self.optimized = False
+
+    @property
+    def count(self) -> int:
+        return int(self.launched is not None)
+
+    def step(self, sample: Callable[[], Task], t0: float) -> None:
+        random = RandomState(self.state.estimator)
+        before = {"generator": self.state.generator.get_state() if not isinstance(sample, Prefetcher)
+                  else sample.next_state(), "random": random}
+        batch = sample()
+        launched = launch(self.state, batch, self.config)
+        if self.launched is not None and not self._settle(t0, random):
+            launched = launch(self.state, batch, self.config)  # again, at the meta-parameters of the handled step
+        self.launched, self.before, self.started, self.optimized = launched, before, t0, False
+        self.undo = OptimizerUndo(self.state.outer_optimizer)
+        if updates(launched.meta_grad):
+            optimize(self.state, launched.meta_grad, self.config, self.state.step)
+        self.optimized = True
+
+    def finish(self, now: float) -> None:
+        if self.launched is not None:
+            self._settle(now, RandomState(self.state.estimator))
+
+    def _settle(self, now: float, after: RandomState) -> bool:
+        """Settle the step ahead (`after`: the random state the step after it started from); False where its
+        flag was not finite: then it was undone and handled as the synchronous loop would have."""
+        launched, undo = self.launched, self.undo
+        assert launched is not None and undo is not None
+        self.launched = None
+        good = bool(launched.check.read()[0])
+        if not good:
+            undo.restore()
+            after.restore()
+            self.save.override = self._checkpoint_before()
+        meta_grad, outer_loss = settle(self.state, launched, self.config)
+        self.save.override = {}
+        metrics = account(self.state, meta_grad, outer_loss, self.config)
+        if not good and updates(meta_grad):
+            optimize(self.state, meta_grad, self.config, self.state.step - 1)
+        self.recorder.record(self.state, metrics, now - self.started)
+        return good
+
+    def _checkpoint_before(self) -> dict[str, Any]:
+        return {"generator": self.before["generator"], **self.before["random"].as_checkpoint()}
+
+    def drop(self) -> None:
+        if self.launched is None:
+            return
+        if self.optimized and self.launched.check.read()[0]:
+            self._settle(time.perf_counter(), RandomState(self.state.estimator))
+            return
+        assert self.undo is not None
+        self.undo.restore()
+        self.launched = None
+        self.save.override = self._checkpoint_before()
 
 
 @contextlib.contextmanager
@@ -497,6 +411,17 @@ def _sampling(tasks: TaskDistribution, state: TrainState, save: _Checkpointer, p
     finally:
         prefetcher.close()
         save.rewind = contextlib.nullcontext
+
+
+def _overlaps(overlap: bool | None, tasks: TaskDistribution, estimator: MetaGradientMethod,
+              device: torch.device | str) -> bool:
+    """Whether the loop overlaps meta-steps (`meta_train`'s `overlap`); refuses True where it cannot run."""
+    why = ("its next batch depends on the last meta-step" if type(tasks).next_batch is not TaskDistribution.next_batch
+           else "the estimator carries state between meta-steps" if getattr(estimator, "online", False) else None)
+    if overlap and why:
+        raise ValueError(f"meta_train: overlap=True, but {why} ({type(tasks).__name__}, {estimator.name}): a step "
+                         "cannot be launched before the one before it is settled")
+    return not why and (overlap if overlap is not None else torch.device(device).type == "cuda")
 
 
 def _over_budget(metrics: dict[str, Any], budget: Budget) -> list[str]:
@@ -530,6 +455,7 @@ def _run_metrics(state: TrainState, estimator: MetaGradientMethod, chosen: Plan,
         "budget_headroom": budget.headroom,
         **state.counts,
         "inner_steps": settings["inner_steps"],
+        "overlap": settings["overlap"],
         "meta_batch_size": settings["meta_batch_size"],
         "meta_train_loss": state.history[-1]["meta_train_loss"] if state.history else float("nan"),
         "train_seconds": state.train_seconds,

@@ -152,8 +152,8 @@ def test_compiled_exactness_measures_the_compiled_program_not_its_fallback():
 
 def test_bench_gpu_runs_small_on_the_cpu_and_prints_its_headline_line():
     """bench_gpu.py's smoke run (no GPU): both convolutions' eager meta-steps agree with torch.func's gradient,
-    the whole meta_train step runs with and without prefetching and profiled, and the last line has its form (no
-    assertion on the timings)."""
+    the whole meta_train step runs with and without prefetching and overlapping and profiled, and the last line
+    has its form (no assertion on the timings)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_gpu.py"), "--device", "cpu",
                              "--meta-batch", "2", "--steps", "1", "--channels", "4", "--repeats", "1", "--conv",
@@ -161,8 +161,10 @@ def test_bench_gpu_runs_small_on_the_cpu_and_prints_its_headline_line():
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
-    assert sum("whole meta_train step" in line for line in lines) == 2  # eager, drawn in turn and prefetched
+    rows = [line for line in lines if line.startswith("whole meta_train step")]  # eager: in turn, prefetched, both
+    assert [row.split("), ", 1)[1].split(": ")[0] for row in rows] == [
+        "prefetch False, overlap False", "prefetch True, overlap False", "prefetch True, overlap True"]
     profiled = [line for line in lines if line.startswith("whole-step profile (")]  # 8 steps after 5 unprofiled
-    assert len(profiled) == 1 and "prefetch True, 8 steps): wall " in profiled[0] and "host ops" in profiled[0]
+    assert len(profiled) == 1 and "prefetch True, overlap True, 8 steps): wall " in profiled[0] and "host ops" in profiled[0]
     assert lines[-1].startswith("ms_per_step_T1_B2 metaopt:") and "metaopt[matmul]:" in lines[-1]
     assert "train_vs_bare:" in lines[-1]

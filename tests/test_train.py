@@ -225,7 +225,7 @@ def test_a_meta_step_reads_the_device_once_for_the_finiteness_flag_and_the_loss(
 def test_the_finiteness_flag_sees_one_non_finite_entry_anywhere(shapes, bad, where, dtype):
     """The meta-step's flag (each tensor's largest |entry|, two multi-tensor ops) is finite exactly when every
     entry of every tensor is, empty tensors and 0-d ones included; huge finite values stay finite."""
-    from metaopt.train import _largest_magnitudes
+    from metaopt.step import _largest_magnitudes
 
     generator = torch.Generator().manual_seed(where)
     tensors = [torch.randn(shape, generator=generator).to(dtype) * torch.finfo(dtype).max / 4 for shape in shapes]
