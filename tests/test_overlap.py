@@ -198,15 +198,8 @@ def test_overlap_adds_the_undo_copy_and_one_meta_gradient_to_the_planned_peak():
     assert plans[1].predicted_peak_bytes - plans[0].predicted_peak_bytes == undo_bytes(adam, state)
 
 
-def test_overlap_is_refused_where_a_step_depends_on_the_last_one_and_off_on_the_cpu_by_default():
-    torch.manual_seed(0)
-    model = mo.MLP(1, (8,), 1)
-    loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.05), mo.losses.mse)
-    meta = mo.meta_params(mo.Init(model))
-    online = OnlineTasks(mo.Sinusoid(k_shot=5, k_query=5), horizon=4)
-    with pytest.raises(ValueError, match="overlap=True, but its next batch depends on the last meta-step"):
-        mo.meta_train(loop, meta, mo.get_estimator("online_pes", population=2, sigma=0.01), online, meta_steps=2,
-                      outer_optimizer=torch.optim.Adam(meta.parameters(), 1e-2), meta_batch_size=2, inner_steps=2,
-                      eval_n_tasks=0, progress=False, overlap=True)
+def test_overlap_is_off_on_the_cpu_by_default_and_on_on_cuda():
+    """(Refused where a step depends on the last one: tests/test_prefetch.py.)"""
     from metaopt.train import _overlaps
     assert not _overlaps(None, mo.Sinusoid(), mo.Full(), "cpu") and _overlaps(None, mo.Sinusoid(), mo.Full(), "cuda")
+    assert not _overlaps(None, OnlineTasks(mo.Sinusoid(), horizon=4), mo.Full(), "cuda")

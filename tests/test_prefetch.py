@@ -92,13 +92,14 @@ def test_a_failed_draw_raises_at_the_step_that_needed_it_and_keeps_the_steps_bef
         assert torch.equal(meta.state_dict()[k], v), k
 
 
-def test_a_distribution_whose_next_batch_depends_on_the_last_step_is_not_prefetched():
+@pytest.mark.parametrize("option", ["prefetch", "overlap"])
+def test_a_distribution_whose_next_batch_depends_on_the_last_step_is_not_prefetched_or_overlapped(option):
     torch.manual_seed(0)
     model = mo.MLP(1, (8,), 1)
     loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.05), mo.losses.mse)
     meta = mo.meta_params(mo.Init(model))
     online = OnlineTasks(mo.Sinusoid(k_shot=5, k_query=5), horizon=4)
-    with pytest.raises(ValueError, match="depends on the last meta-step"):
+    with pytest.raises(ValueError, match=f"{option}=True, but .*depends on the last meta-step"):
         mo.meta_train(loop, meta, mo.get_estimator("online_pes", population=2, sigma=0.01), online, meta_steps=2,
                       outer_optimizer=torch.optim.Adam(meta.parameters(), 1e-2), meta_batch_size=2, inner_steps=2,
-                      eval_n_tasks=0, progress=False, prefetch=True)
+                      eval_n_tasks=0, progress=False, **{option: True})
