@@ -31,7 +31,9 @@ class Callback:
     """A meta-training hook (subclass and override what you need; the defaults do nothing)."""
 
     def due(self, step: int) -> bool:
-        """Whether this callback needs a history entry after meta-step `step` (besides the logging ones)."""
+        """Whether this callback needs a history entry after meta-step `step` (besides the logging ones). Asked
+        once per step that is not a logging one; an overlapped loop (`meta_train(overlap=...)`) asks before the
+        step runs, to run it in turn where an entry will read the state after it."""
         return False
 
     def on_entry(self, state: RunState, entry: dict[str, Any], last: bool) -> None:
