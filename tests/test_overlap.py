@@ -203,3 +203,21 @@ def test_overlap_is_off_on_the_cpu_by_default_and_on_on_cuda():
     from metaopt.train import _overlaps
     assert not _overlaps(None, mo.Sinusoid(), mo.Full(), "cpu") and _overlaps(None, mo.Sinusoid(), mo.Full(), "cuda")
     assert not _overlaps(None, OnlineTasks(mo.Sinusoid(), horizon=4), mo.Full(), "cuda")
+
+
+def test_a_time_limit_stop_settles_the_step_ahead(tmp_path, monkeypatch):
+    """The loop stops at the time limit (here: before the 7th step) with a step running ahead: that step is
+    settled and kept, and the run equals a synchronous run of as many steps."""
+    import metaopt.train as train
+    asked = [0]
+
+    def time_left(self) -> float:
+        asked[0] += 1
+        return math.inf if asked[0] <= 6 else 0.0
+    monkeypatch.setattr(train._Checkpointer, "time_left", time_left)
+    meta, metrics = _train(12, Sinusoid(), overlap=True, lr_schedule=None, checkpoint_path=tmp_path / "ckpt.pt")
+    monkeypatch.undo()
+    assert metrics["meta_steps"] == 6 and metrics["stopped_at_time_limit"]
+    assert load_checkpoint(tmp_path / "ckpt.pt")["meta_step"] == 6
+    reference, _ = _train(6, Sinusoid(), overlap=False, lr_schedule=None)
+    _assert_same(meta, reference)
