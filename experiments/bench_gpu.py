@@ -324,6 +324,18 @@ def cudnn_benchmark_ab(meta_batch: int, steps: int, args: argparse.Namespace) ->
           f"on {1e3 * on:.2f} ms, {off / on:.2f}x")
 
 
+def set_inductor_config(pairs: Sequence[str]) -> None:
+    """`KEY=VALUE` pairs into `torch._inductor.config` (VALUE a Python literal); an unknown key is an error."""
+    import ast
+
+    from torch._inductor import config
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not hasattr(config, key):
+            raise SystemExit(f"bench_gpu: --inductor-config {pair!r}: need KEY=VALUE with KEY in torch._inductor.config")
+        setattr(config, key, ast.literal_eval(value))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
@@ -351,18 +363,23 @@ def main() -> None:
                         help="also profile the whole meta_train step of the fastest implementation: the device's "
                              "busy and idle time per step and the host's heaviest ops")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--inductor-config", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="set torch._inductor.config entries for every compiled row (e.g. "
+                             "force_layout_optimization=True: channels-last convolutions, which Inductor's "
+                             "heuristics skip for grouped ones)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    set_inductor_config(args.inductor_config)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench_gpu: --device cuda but CUDA is not available (use --device cpu for a smoke run)")
     cuda = args.device.startswith("cuda")
     name = torch.cuda.get_device_name(args.device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; conv4-{args.channels}, {N_WAY}-way {K_SHOT}-shot "
           f"{K_QUERY} queries/class, {args.repeats} interleaved rounds, TF32 {'on' if args.tf32 else 'off'}, "
-          f"cudnn.benchmark {args.cudnn_benchmark}")
+          f"cudnn.benchmark {args.cudnn_benchmark}" + "".join(f", inductor {kv}" for kv in args.inductor_config))
     if args.cudnn_ab:
         for meta_batch in args.meta_batch:
             for steps in args.steps:

@@ -11,7 +11,11 @@
 # GEMMs do not; the gradients then compare at 1e-2; one more compile).
 # EXACT=1 then runs compiled_exactness.py on conv=matmul in float64 and float32 with CUDA graphs (is Inductor's
 # program right? README: torch 2.11 miscompiled it; ~2 compiles of ~90 s).
-# Writes smi.txt, check.txt, bench.txt (and more.txt, tf32.txt, exact.txt) under $OUT (default: the current directory).
+# LAYOUT=1 then times the native convolution compiled with channels-last layouts forced on Inductor
+# (`--inductor-config force_layout_optimization=True`; its heuristics skip them for grouped convolutions, the
+# kernels that bound the compiled step; one more compile).
+# Writes smi.txt, check.txt, bench.txt (and more.txt, tf32.txt, exact.txt, layout.txt) under $OUT (default: the
+# current directory).
 OUT=${OUT:-.}
 export PYTHONPATH=$PWD:$PWD/experiments PYTHONUNBUFFERED=1
 cd experiments || exit 1
@@ -29,6 +33,11 @@ if [ "${TF32:-0}" = 1 ]; then
   timeout "${TF32_S:-200}" python3 bench_gpu.py --meta-batch 16 --steps 1 --conv matmul --tf32 \
     --only metaopt metaopt-cudagraph --cudnn-benchmark --repeats 30 --train-steps 0 \
     2>&1 | grep -v Warning | tee "$OUT/tf32.txt"
+fi
+if [ "${LAYOUT:-0}" = 1 ]; then
+  timeout "${LAYOUT_S:-200}" python3 bench_gpu.py --meta-batch 16 --steps 1 --conv native \
+    --only metaopt metaopt-cudagraph --cudnn-benchmark --profile --top-kernels 6 --repeats 30 --train-steps 0 \
+    --inductor-config force_layout_optimization=True 2>&1 | grep -v Warning | tee "$OUT/layout.txt"
 fi
 if [ "${EXACT:-0}" = 1 ]; then
   for options in "--dtype float64" "--mode reduce-overhead"; do
