@@ -239,4 +239,5 @@ def train_from_config(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Call
         log=log, log_every=cfg.log_every, progress=cfg.progress, device=cfg.device, on_nan=cfg.on_nan,
         max_grad_norm=cfg.max_grad_norm, checkpoint_extra=checkpoint_extra, callbacks=callbacks(cfg, parts, evaluate),
         lr_schedule=instantiate(cfg.lr_schedule) if cfg.get("lr_schedule") else None,
-        time_limit=parse_seconds(cfg.time_limit) if cfg.get("time_limit") is not None else None)
+        time_limit=parse_seconds(cfg.time_limit) if cfg.get("time_limit") is not None else None,
+        prefetch=cfg.get("prefetch"), overlap=cfg.get("overlap"))
