@@ -282,9 +282,9 @@ def _loop(state: TrainState, config: StepConfig, sample: Callable[[], Task], met
           device: torch.device | str, memory_method: Method, overlap: bool = False) -> int:
     """Meta-steps until `meta_steps` (or until `save.time_left()` is below the median step), checkpointing
     every `checkpoint_every` and at the end (also before any error leaves); returns the largest measured peak
-    of a whole meta-step (-1 if none was measured: the session's first two steps and every `memory_every`). With `overlap` (`metaopt.overlap`), a step after which
-    nothing reads the state (no entry, checkpoint or memory measurement is due) runs ahead: its flag is read
-    after the next step is launched."""
+    of a whole meta-step (-1 if none was measured: the session's first two steps and every `memory_every`).
+    With `overlap` (`metaopt.overlap`), a step after which nothing reads the state (no entry, checkpoint or
+    memory measurement is due) runs ahead: its flag is read after the next step is launched."""
     measured_peak = -1
     ahead = _Ahead(state, config, recorder, save)
     try:
@@ -343,7 +343,7 @@ class _Ahead:
         launched = launch(self.state, batch, self.config)
         if self.launched is not None and not self._settle(t0, random):
             launched = launch(self.state, batch, self.config)  # again, at the meta-parameters of the handled step
-        self.launched, self.before, self.started, self.optimized = launched, before, t0, False
+        self.launched, self.before, self.started, self.optimized, self.undo = launched, before, t0, False, None
         self.undo = OptimizerUndo(self.state.outer_optimizer)
         if updates(launched.meta_grad):
             optimize(self.state, launched.meta_grad, self.config, self.state.step)
@@ -381,8 +381,8 @@ class _Ahead:
         if self.optimized and self.launched.check.read()[0]:
             self._settle(time.perf_counter(), RandomState(self.state.estimator))
             return
-        assert self.undo is not None
-        self.undo.restore()
+        if self.undo is not None:  # None: the error came before the copy, the optimizer untouched
+            self.undo.restore()
         self.launched = None
         self.save.override = self._checkpoint_before()
 

@@ -221,3 +221,34 @@ def test_a_time_limit_stop_settles_the_step_ahead(tmp_path, monkeypatch):
     assert load_checkpoint(tmp_path / "ckpt.pt")["meta_step"] == 6
     reference, _ = _train(6, Sinusoid(), overlap=False, lr_schedule=None)
     _assert_same(meta, reference)
+
+
+def test_an_error_in_the_optimizer_step_ahead_undoes_it(tmp_path):
+    """The outer optimizer fails on its 7th step (meta-step 5, run ahead; the first step is the planner's, on a
+    copy, to measure the optimizer's state) after updating the parameters: the update is undone, the checkpoint
+    holds 5 steps, and the resumed run ends where the uninterrupted one does."""
+    steps = [0]
+
+    class FailingAdam(torch.optim.Adam):
+        def step(self, closure=None):  # type: ignore[override]
+            loss = super().step(closure)
+            steps[0] += 1
+            if steps[0] == 7:
+                raise KeyboardInterrupt("optimizer")
+            return loss
+
+    def train_with(optimizer: type, steps_: int, **kwargs):
+        torch.manual_seed(kwargs.pop("seed", 0))
+        model = mo.MLP(1, (16, 16), 1).double()
+        loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.01), mo.losses.mse)
+        meta = mo.meta_params(mo.Init(model), mo.LearningRates(model, granularity="tensor"))
+        mo.meta_train(loop, meta, mo.Full(), Sinusoid(), outer_optimizer=optimizer(meta.parameters(), 1e-2),
+                      meta_steps=steps_, meta_batch_size=4, inner_steps=1, eval_n_tasks=0, progress=False,
+                      batching="stacked", log_every=steps_, **kwargs)
+        return meta
+
+    with pytest.raises(KeyboardInterrupt):
+        train_with(FailingAdam, 10, overlap=True, checkpoint_path=tmp_path / "ckpt.pt")
+    assert load_checkpoint(tmp_path / "ckpt.pt")["meta_step"] == 5
+    resumed = train_with(torch.optim.Adam, 10, seed=99, overlap=True, checkpoint_path=tmp_path / "ckpt.pt")
+    _assert_same(resumed, train_with(torch.optim.Adam, 10, overlap=False))
