@@ -38,9 +38,9 @@ Sampling one meta-batch alone is timed too. `--profile-train` then profiles that
 
 The device and torch version are printed first; the last line is `ms_per_step_T<T>_B<B>` and then
 `<implementation>:<ms>` for every implementation timed at the first (B, T), `fell_back:<names>` where a compiled
-one ran eager (its reason printed at its first call), and `train_vs_bare:<x>` (the
-whole step, prefetching and overlapped, over its bare meta-gradient: the fastest compiled metaopt implementation, or the
-fastest eager one where none compiled) where the whole step ran, `train_failed:<name>` where it raised (its error
+one ran eager (its reason printed at its first call), and `train_vs_bare:<x>` (the whole step, prefetching and
+overlapped, over its bare meta-gradient: the fastest compiled metaopt implementation, or the fastest eager one
+where none compiled) where the whole step ran, `train_failed:<name>` where it raised (its error
 printed in its row; the other rows still run).
 """
 from __future__ import annotations
@@ -332,7 +332,7 @@ def set_inductor_config(pairs: Sequence[str]) -> None:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not hasattr(config, key):
-            raise SystemExit(f"bench_gpu: --inductor-config {pair!r}: need KEY=VALUE with KEY in torch._inductor.config")
+            raise SystemExit(f"bench_gpu: --inductor-config {pair!r}: need KEY=VALUE, KEY in torch._inductor.config")
         setattr(config, key, ast.literal_eval(value))
 
 

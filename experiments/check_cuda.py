@@ -34,6 +34,7 @@ from metaopt import planning
 from metaopt.compiled import Compiled, gradient_errors
 from metaopt.guard import format_bytes
 from metaopt.memory import measure_peak_memory
+from metaopt.tasks import TaskDistribution
 from metaopt.train import task_to
 from metaopt.types import MetaParams
 from bench_gpu import generated_omniglot
@@ -196,53 +197,54 @@ def _report(failures: list[str], check: str, ok: bool, message: str) -> None:
         failures.append(check)
 
 
+def _trained_on_device(tasks: TaskDistribution, meta_steps: int, **options: object) -> tuple[dict, dict]:
+    """A seeded conv4-16 trained with Adam on `tasks` on DEVICE (`options` to meta_train): its meta-parameters on
+    the CPU and meta_train's metrics."""
+    torch.manual_seed(0)
+    model = mo.Conv4(out_features=5, channels=16).to(DEVICE)
+    loop = mo.InnerLoop(model, mo.optim.sgd(0.4), mo.losses.cross_entropy)
+    meta = mo.meta_params(mo.Init(model))
+    metrics = mo.meta_train(loop, meta, mo.Full(), tasks, outer_optimizer=torch.optim.Adam(meta.parameters(), 1e-3),
+                            meta_steps=meta_steps, meta_batch_size=8, eval_n_tasks=0, progress=False, device=DEVICE,
+                            **options)
+    return {k: v.detach().cpu() for k, v in meta.state_dict().items()}, metrics
+
+
 def check_prefetch(failures: list[str]) -> None:
     """meta_train on CUDA with and without prefetching: the same meta-parameters after a few steps (float64)."""
     torch.set_default_dtype(torch.float64)
-    finals = []
-    for prefetch in (False, True):
-        torch.manual_seed(0)
-        model = mo.Conv4(out_features=5, channels=16).to(DEVICE)
-        loop = mo.InnerLoop(model, mo.optim.sgd(0.4), mo.losses.cross_entropy)
-        meta = mo.meta_params(mo.Init(model))
-        mo.meta_train(loop, meta, mo.Full(), generated_omniglot(n_way=5, k_shot=1, k_query=5, shift=2),
-                      outer_optimizer=torch.optim.Adam(meta.parameters(), 1e-3), meta_steps=6, meta_batch_size=8,
-                      eval_n_tasks=0, progress=False, device=DEVICE, prefetch=prefetch, overlap=False)
-        finals.append({k: v.detach().cpu() for k, v in meta.state_dict().items()})
+    finals = [_trained_on_device(generated_omniglot(n_way=5, k_shot=1, k_query=5, shift=2), 6, prefetch=prefetch,
+                                 overlap=False)[0] for prefetch in (False, True)]
     worst = max(gradient_errors(finals[1], finals[0]).values())
     _report(failures, "prefetch", worst <= 1e-9, f"meta-parameters after 6 steps with and without prefetching "
             f"on {DEVICE}, largest relative difference {worst:.1e}")
     torch.set_default_dtype(torch.float32)
 
 
+def _poisoned(tasks: TaskDistribution, draws: tuple[int, ...]) -> TaskDistribution:
+    """`tasks` whose draws number `draws` (1-based; draw 1 is the planner's) have task 1's query images NaN."""
+    count, sample = [0], tasks.sample
+
+    def poisoned(n_tasks: int, inner_steps: int, generator: torch.Generator) -> mo.Task:
+        count[0] += 1
+        task = sample(n_tasks, inner_steps, generator)
+        if count[0] in draws:
+            x = task.query.x.clone()
+            x[1] = float("nan")
+            task = task._replace(query=task.query._replace(x=x))
+        return task
+    tasks.sample = poisoned  # type: ignore[method-assign]
+    return tasks
+
+
 def check_overlap(failures: list[str]) -> None:
     """meta_train on CUDA overlapped and in turn, with non-finite tasks in draws 4 and 6 (steps 2 and 4, dropped):
     the same meta-parameters and the same dropped-task count (float64)."""
     torch.set_default_dtype(torch.float64)
-    finals, dropped = [], []
-    for overlap in (False, True):
-        torch.manual_seed(0)
-        model = mo.Conv4(out_features=5, channels=16).to(DEVICE)
-        loop = mo.InnerLoop(model, mo.optim.sgd(0.4), mo.losses.cross_entropy)
-        meta = mo.meta_params(mo.Init(model))
-        tasks = generated_omniglot(n_way=5, k_shot=1, k_query=5, shift=2).to(DEVICE)
-        draws, sample = [0], tasks.sample
-
-        def poisoned(n_tasks: int, inner_steps: int, generator: torch.Generator, sample=sample, draws=draws):
-            draws[0] += 1  # draw 1 is the planner's
-            task = sample(n_tasks, inner_steps, generator)
-            if draws[0] in (4, 6):
-                x = task.query.x.clone()
-                x[1] = float("nan")
-                task = task._replace(query=task.query._replace(x=x))
-            return task
-        tasks.sample = poisoned  # type: ignore[method-assign]
-        metrics = mo.meta_train(loop, meta, mo.Full(), tasks, outer_optimizer=torch.optim.Adam(meta.parameters(), 1e-3),
-                                meta_steps=8, meta_batch_size=8, eval_n_tasks=0, progress=False, device=DEVICE,
-                                log_every=8, on_nan="skip", overlap=overlap)
-        finals.append({k: v.detach().cpu() for k, v in meta.state_dict().items()})
-        dropped.append(metrics["tasks_nan_skipped"])
-    worst = max(gradient_errors(finals[1], finals[0]).values())
+    runs = [_trained_on_device(_poisoned(generated_omniglot(n_way=5, k_shot=1, k_query=5, shift=2).to(DEVICE), (4, 6)),
+                               8, log_every=8, on_nan="skip", overlap=overlap) for overlap in (False, True)]
+    worst = max(gradient_errors(runs[1][0], runs[0][0]).values())
+    dropped = [metrics["tasks_nan_skipped"] for _, metrics in runs]
     _report(failures, "overlap", worst <= 1e-12 and dropped == [2, 2],
             f"meta-parameters after 8 steps overlapped and in turn on {DEVICE}, 2 of them with a NaN task "
             f"(dropped {dropped}): largest relative difference {worst:.1e}")

@@ -8,9 +8,9 @@ series with it. With `meta_train(overlap=True)` the train loop instead steps the
 flag, launches the next meta-step, and only then reads the flag of the step before it, whose copy reached
 the host while the device computed (`HostCopy`). A flag that turns out false is rare, and undone: the
 meta-parameters and the optimizer's state go back to the copy taken before the step (`OptimizerUndo`),
-the random streams to where they stood (`RandomState`), and the synchronous handling runs (raise, or drop
-the bad tasks), followed by the next meta-step again. The meta-parameters every step sees, and so the run,
-equal the synchronous loop's (tests: bit for bit in float64, non-finite tasks included).
+the random streams to where they stood (`metaopt.step.RandomState`), and the synchronous handling runs
+(raise, or drop the bad tasks), followed by the next meta-step again. The meta-parameters every step sees,
+and so the run, equal the synchronous loop's (tests: bit for bit in float64, non-finite tasks included).
 
 Costs: device memory for one copy of the meta-parameters and the optimizer's state, and one more
 meta-gradient alive (`meta_train` adds them to the planned peak); host time to copy them each step, which
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["HostCopy", "OptimizerUndo", "RandomState", "undo_bytes"]
+__all__ = ["HostCopy", "OptimizerUndo", "undo_bytes"]
 
 
 class HostCopy:
@@ -91,31 +91,6 @@ def _copy(targets: list[Tensor], sources: list[Tensor]) -> None:
         group[1].append(source)
     for group_targets, group_sources in groups.values():
         torch._foreach_copy_(group_targets, group_sources)
-
-
-class RandomState:
-    """torch's global random streams (CPU and every initialized CUDA device) and a stochastic estimator's own
-    generators, as they are now; `restore()` sets them back. Reading them waits for no device."""
-
-    def __init__(self, estimator: Any = None):
-        self.estimator = estimator
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() \
-            else None
-        rng_state = getattr(estimator, "rng_state", None)
-        self.own = rng_state() if rng_state is not None else None
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
-        if self.own is not None:
-            self.estimator.set_rng_state(self.own)
-
-    def as_checkpoint(self) -> dict[str, Any]:
-        """These streams as `TrainState.state_dict` writes them (its "rng" and "estimator_rng" entries)."""
-        return {"rng": {"cpu": self.cpu, **({"cuda": self.cuda} if self.cuda is not None else {})},
-                "estimator_rng": self.own or {}}
 
 
 def undo_bytes(optimizer: torch.optim.Optimizer, optimizer_state: int) -> int:

@@ -34,8 +34,8 @@ from metaopt.overlap import HostCopy
 from metaopt.planning import Plan
 from metaopt.types import MetaParams, Task
 
-__all__ = ["TrainState", "StepConfig", "Launched", "meta_step", "launch", "settle", "account", "optimize",
-           "apply_meta_grad", "updates"]
+__all__ = ["TrainState", "RandomState", "StepConfig", "Launched", "meta_step", "launch", "settle", "account",
+           "optimize", "apply_meta_grad", "updates"]
 
 logger = logging.getLogger("metaopt")
 
@@ -45,6 +45,31 @@ def apply_meta_grad(meta: MetaParams, meta_grad: MetaGrad) -> None:
     for name, p in meta.named_parameters():
         if name in meta_grad.grads:
             p.grad = meta_grad.grads[name]
+
+
+class RandomState:
+    """torch's global random streams (CPU and every initialized CUDA device) and a stochastic estimator's own
+    generators, as the checkpoint's "rng" and "estimator_rng" entries (`entries`): read now (waiting for no
+    device), or taken from `checkpoint`; `restore()` sets the streams to them."""
+
+    def __init__(self, estimator: Any = None, checkpoint: dict[str, Any] | None = None):
+        self.estimator = estimator
+        if checkpoint is None:
+            cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+            rng_state = getattr(estimator, "rng_state", None)
+            checkpoint = {"rng": {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state_all()} if cuda
+                                                                    else {})},
+                          "estimator_rng": rng_state() if rng_state is not None else {}}
+        self.entries = {"rng": checkpoint.get("rng"), "estimator_rng": checkpoint.get("estimator_rng") or {}}
+
+    def restore(self) -> None:
+        rng, own = self.entries["rng"], self.entries["estimator_rng"]
+        if own and self.estimator is not None:
+            self.estimator.set_rng_state(own)
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 @dataclass
@@ -84,17 +109,10 @@ class TrainState:
     source: Any = None
 
     def state_dict(self) -> dict[str, Any]:
-        rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         return {"meta": self.meta.state_dict(), "outer_optimizer": self.outer_optimizer.state_dict(),
                 "generator": self.generator.get_state(), "meta_step": self.step, "history": self.history,
-                "counts": self.counts, "train_seconds": self.train_seconds, "rng": rng,
-                "estimator_rng": self._estimator_rng(), "carry": self.carry, "task_source": self.source}
-
-    def _estimator_rng(self) -> dict[str, Tensor]:
-        rng_state = getattr(self.estimator, "rng_state", None)
-        return rng_state() if rng_state is not None else {}
+                "counts": self.counts, "train_seconds": self.train_seconds, "carry": self.carry,
+                "task_source": self.source, **RandomState(self.estimator).entries}
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         self.meta.load_state_dict(ckpt["meta"])
@@ -104,16 +122,12 @@ class TrainState:
         self.counts.update(ckpt.get("counts", {}))
         self.train_seconds = ckpt.get("train_seconds", 0.0)
         self.carry, self.source = ckpt.get("carry"), ckpt.get("task_source")
-        if ckpt.get("estimator_rng") and self.estimator is not None:
-            self.estimator.set_rng_state(ckpt["estimator_rng"])
-        if "rng" in ckpt:
-            torch.set_rng_state(ckpt["rng"]["cpu"])
-            if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        RandomState(self.estimator, ckpt).restore()
 
     def finite(self) -> bool:
         """Whether every meta-parameter is finite (a state that is not is never checkpointed)."""
         return all(bool(torch.isfinite(p).all()) for p in self.meta.parameters())
+
 
 @dataclass
 class StepConfig:

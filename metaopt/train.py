@@ -30,11 +30,11 @@ from metaopt.evaluation import evaluate, mean_ci95, task_to
 from metaopt.guard import format_bytes
 from metaopt.loop import InnerLoop
 from metaopt.memory import Method, default_method, measure_peak_memory, tensor_bytes
-from metaopt.overlap import OptimizerUndo, RandomState, undo_bytes
+from metaopt.overlap import OptimizerUndo, undo_bytes
 from metaopt.planning import Meter, Plan, Timer, describe, plan
 from metaopt.prefetch import Prefetcher
-from metaopt.step import (Launched, StepConfig, TrainState, account, apply_meta_grad, launch, meta_step, optimize,
-                          settle, updates)
+from metaopt.step import (Launched, RandomState, StepConfig, TrainState, account, apply_meta_grad, launch, meta_step,
+                          optimize, settle, updates)
 from metaopt.tasks.base import TaskDistribution
 from metaopt.types import MetaParams, Task
 
@@ -373,7 +373,7 @@ class _Ahead:
         return good
 
     def _checkpoint_before(self) -> dict[str, Any]:
-        return {"generator": self.before["generator"], **self.before["random"].as_checkpoint()}
+        return {"generator": self.before["generator"], **self.before["random"].entries}
 
     def drop(self) -> None:
         if self.launched is None:

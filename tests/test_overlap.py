@@ -15,7 +15,8 @@ from metaopt.callbacks import Callback
 from metaopt.schedules import Cosine
 from metaopt.checkpoint import load_checkpoint
 from metaopt.online import OnlineTasks
-from metaopt.overlap import HostCopy, OptimizerUndo, RandomState, undo_bytes
+from metaopt.overlap import HostCopy, OptimizerUndo, undo_bytes
+from metaopt.step import RandomState
 from metaopt.types import Batch, Task
 
 
@@ -181,7 +182,8 @@ def test_random_state_and_host_copy():
 
 
 def test_overlap_adds_the_undo_copy_and_one_meta_gradient_to_the_planned_peak():
-    params = [torch.zeros(10, dtype=torch.float64, requires_grad=True), torch.zeros(3, dtype=torch.float32, requires_grad=True)]
+    params = [torch.zeros(10, dtype=torch.float64, requires_grad=True),
+              torch.zeros(3, dtype=torch.float32, requires_grad=True)]
     optimizer = torch.optim.Adam(params)
     assert undo_bytes(optimizer, 1000) == 2 * (80 + 12) + 1000
     loop_args = dict(meta_batch_size=4, inner_steps=1, budget=mo.Budget(), batching="stacked",
