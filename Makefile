@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# pytest-xdist: one worker per core, at most 4 (each worker's torch runs one thread: tests/conftest.py).
+WORKERS ?= -n auto --maxprocesses 4
 
 .PHONY: run test test-all bench setup clean
 
@@ -24,10 +26,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m mypy
-	WANDB_MODE=disabled $(PY) -m pytest -m "not slow"
+	WANDB_MODE=disabled $(PY) -m pytest -m "not slow" $(WORKERS)
 
 test-all: $(STAMP)
-	WANDB_MODE=disabled $(PY) -m pytest
+	WANDB_MODE=disabled $(PY) -m pytest $(WORKERS)
 
 bench: $(STAMP)
 	$(PY) experiments/bench_step.py

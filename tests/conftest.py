@@ -7,7 +7,8 @@ import pytest
 import torch
 
 os.environ.setdefault("WANDB_MODE", "disabled")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist each worker gets one thread: two workers on two cores, not four threads fighting.
+torch.set_num_threads(1 if "PYTEST_XDIST_WORKER" in os.environ else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(autouse=True)
