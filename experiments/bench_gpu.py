@@ -14,7 +14,9 @@ gradient's largest entry, floored at 1% of all gradients' largest; TF32 off unle
 
   metaopt          `mo.get_estimator("full")`, eager
   metaopt-comp     the same compiled (`compile=True`: one torch.compile'd function per chunk)
-  metaopt-cudagraph  compiled with mode="reduce-overhead" (CUDA graphs; CUDA only)
+  metaopt-cudagraph  compiled with mode="reduce-overhead" (Inductor's kernels in CUDA graphs; CUDA only)
+  metaopt-aotgraph   compiled with backend="cudagraphs" (the traced graph on eager's kernels, replayed as CUDA
+                   graphs: no code generation; on the CPU the graph runs without them)
   torch.func       hand-written torch.func.grad + vmap inner loop, autograd outer gradient
   torch.func-comp  the hand-written meta-gradient under torch.compile(fullgraph=True)
   higher           higher 0.2.1, task by task (when installed)
@@ -83,8 +85,20 @@ def timer(device: str) -> Callable[[Callable[[], object]], float]:
     return cpu_seconds
 
 
-METAOPT_MODES = {"metaopt": None, "metaopt-comp": "default", "metaopt-cudagraph": "reduce-overhead"}
-"""metaopt's implementations: None (eager) or the torch.compile mode."""
+METAOPT_MODES: dict[str, tuple[str | None, str] | None] = {
+    "metaopt": None, "metaopt-comp": (None, "inductor"), "metaopt-cudagraph": ("reduce-overhead", "inductor"),
+    "metaopt-aotgraph": (None, "cudagraphs")}
+"""metaopt's implementations: None (eager) or `Compiled`'s (mode, backend)."""
+GRAPHS_ONLY = ("metaopt-cudagraph",)
+"""Timed on CUDA only (Inductor's compile for nothing: no CUDA graphs on the CPU); metaopt-aotgraph runs there as
+"aot_eager" (torch skips the graphs), no code generation: the CPU smoke run covers its rows."""
+
+
+def metaopt_estimator(name: str) -> Any:
+    """The estimator of metaopt's implementation `name` (a key of METAOPT_MODES): "full", eager or `Compiled`."""
+    compiled = METAOPT_MODES[name]
+    return mo.get_estimator("full") if compiled is None else \
+        Compiled(mo.get_estimator("full"), mode=compiled[0], backend=compiled[1])
 
 
 def implementations(meta_batch: int, steps: int, args: argparse.Namespace) -> dict[str, Callable[[], list]]:
@@ -97,10 +111,11 @@ def implementations(meta_batch: int, steps: int, args: argparse.Namespace) -> di
     for conv in args.conv:
         model, tasks = problem(meta_batch, steps, args, conv)
         suffix = "" if conv == "native" else f"[{conv}]"
-        for name, mode in METAOPT_MODES.items():
-            if wanted(name) and (cuda or mode != "reduce-overhead"):
-                impls[name + suffix] = make_metaopt(model, tasks, "auto", compile=mode is not None, loss=loss,
-                                                    lr=INNER_LR, mode=None if mode == "default" else mode)
+        for name, compiled in METAOPT_MODES.items():
+            if wanted(name) and (cuda or name not in GRAPHS_ONLY):
+                mode, backend = compiled or (None, "inductor")
+                impls[name + suffix] = make_metaopt(model, tasks, "auto", compile=compiled is not None, loss=loss,
+                                                    lr=INNER_LR, mode=mode, backend=backend)
     model, tasks = problem(meta_batch, steps, args, "native")
     impls["torch.func"] = make_torch_func(model, tasks, loss=loss, lr=INNER_LR)  # the reference: always
     if wanted("torch.func-comp"):
@@ -196,14 +211,11 @@ def train_step_seconds(meta_batch: int, steps: int, implementation: str, args: a
     as `meta_train`'s (None: on CUDA); `meta_steps` (default `--train-steps`) and `callbacks` to `meta_train`."""
     meta_steps = meta_steps or args.train_steps
     name, _, conv = implementation.partition("[")
-    mode = METAOPT_MODES[name]
     torch.manual_seed(0)
     model = mo.Conv4(1, N_WAY, channels=args.channels, image_size=SIZE, conv=conv.rstrip("]") or "native")
     loop = mo.InnerLoop(model.to(args.device), mo.optim.sgd(lr=INNER_LR), mo.losses.cross_entropy)
     meta = mo.meta_params(mo.Init(model))
-    estimator = mo.get_estimator("full") if mode is None else \
-        Compiled(mo.get_estimator("full"), mode=None if mode == "default" else mode)
-    metrics = mo.meta_train(loop, meta, estimator, training_tasks(args.train_tasks),
+    metrics = mo.meta_train(loop, meta, metaopt_estimator(name), training_tasks(args.train_tasks),
                             outer_optimizer=torch.optim.Adam(meta.parameters(), lr=1e-3),
                             meta_steps=meta_steps, meta_batch_size=meta_batch, inner_steps=steps,
                             eval_n_tasks=0, progress=False, log_every=meta_steps,
@@ -346,7 +358,7 @@ def main() -> None:
                         help="Conv4's convolution(s) for metaopt's implementations (see above)")
     parser.add_argument("--only", nargs="+", default=None,
                         help="implementations to time (base names: metaopt, metaopt-comp, metaopt-cudagraph, "
-                             "torch.func-comp, higher); torch.func, the reference, always runs")
+                             "metaopt-aotgraph, torch.func-comp, higher); torch.func, the reference, always runs")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--train-steps", type=int, default=60, help="0: skip the whole-meta_train comparison")
     parser.add_argument("--train-tasks", choices=["omniglot", "patterns"], default="omniglot",

@@ -27,7 +27,9 @@ rounds and each one's ratio to torch.func.
 
     python experiments/bench_step.py [--steps 1 5 20] [--repeats 30] [--threads 2] [--compile] [--only NAME ...]
 
---only times some implementations (torch.func, the reference, always runs): e.g. `--only metaopt-comp
+--only times some implementations (torch.func, the reference, always runs; `metaopt-comp-vmap`,
+`metaopt-comp-stacked`, `metaopt-aot-vmap`, `metaopt-aot-stacked` (compiled with `backend="aot_eager"`: the traced
+graph on eager's kernels) and `torch.func-comp-filtered` run on request only): e.g. `--only metaopt-comp
 torch.func-comp` alternates the compiled functions with no `higher` or task-by-task rounds between them, whose
 tens of milliseconds of Python-heavy work leave the caches cold for the next call (fixed per-call costs then
 weigh more: see README).
@@ -51,19 +53,20 @@ from metaopt.compiled import Compiled, library_guard_filter, with_own_code
 
 LR, META_BATCH, K = 0.01, 25, 10
 NAMES = ["metaopt", "metaopt-vmap", "metaopt-loop", "torch.func", "metaopt-comp", "metaopt-comp-vmap",
-         "metaopt-comp-stacked", "torch.func-comp", "torch.func-comp-filtered", "higher"]
+         "metaopt-comp-stacked", "metaopt-aot-vmap", "metaopt-aot-stacked", "torch.func-comp", "torch.func-comp-filtered",
+         "higher"]
 
 
 # Each make_* builds one implementation of MAML's meta-gradient (`loss`: inner and outer loss, `lr`: inner lr);
 # experiments/bench_gpu.py reuses them for conv4 classification.
 
 
-def make_metaopt(model, tasks, batching, compile=False, loss=mo.losses.mse, lr=LR, mode=None):
+def make_metaopt(model, tasks, batching, compile=False, loss=mo.losses.mse, lr=LR, mode=None, backend="inductor"):
     loop = mo.InnerLoop(model, mo.optim.sgd(lr=lr), loss)
     meta = mo.meta_params(mo.Init(model))
     estimator = mo.get_estimator("full", compile=compile)
-    if compile and mode is not None:  # e.g. "reduce-overhead": CUDA graphs
-        estimator = Compiled(mo.get_estimator("full"), mode=mode)
+    if compile and (mode is not None or backend != "inductor"):  # e.g. "reduce-overhead", "cudagraphs"
+        estimator = Compiled(mo.get_estimator("full"), mode=mode, backend=backend)
 
     names = ["init.params." + n.replace(".", "/") for n, _ in model.named_parameters()]  # once: not part of a step
 
@@ -137,6 +140,10 @@ def make_higher(model, tasks, loss=mo.losses.mse, lr=LR):
     return step
 
 
+def is_compiled(name: str) -> bool:
+    return "-comp" in name or "-aot" in name
+
+
 def bench(steps: int, repeats: int, with_higher: bool, with_compile: bool = False,
           only: list[str] | None = None) -> dict[str, float]:
     torch.manual_seed(0)
@@ -153,6 +160,9 @@ def bench(steps: int, repeats: int, with_higher: bool, with_compile: bool = Fals
         for batching in ("vmap", "stacked"):  # on request only: one more compilation per T
             if only and f"metaopt-comp-{batching}" in only:
                 impls[f"metaopt-comp-{batching}"] = make_metaopt(model, tasks, batching, compile=True)
+            if only and f"metaopt-aot-{batching}" in only:  # the traced graph run with eager's kernels
+                impls[f"metaopt-aot-{batching}"] = make_metaopt(model, tasks, batching, compile=True,
+                                                                 backend="aot_eager")
         impls["torch.func-comp"] = make_torch_func_compiled(model, tasks)
         if only and "torch.func-comp-filtered" in only:
             impls["torch.func-comp-filtered"] = make_torch_func_compiled(
@@ -166,7 +176,7 @@ def bench(steps: int, repeats: int, with_higher: bool, with_compile: bool = Fals
         start = time.perf_counter()
         for a, b in zip(fn(), reference):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"{name} differs from torch.func")
-        if "-comp" in name:
+        if is_compiled(name):
             print(f"  T={steps}: {name} compiled in {time.perf_counter() - start:.1f} s (first call)", flush=True)
     times: dict[str, list[float]] = {name: [] for name in impls}
     order = list(impls)
@@ -189,7 +199,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="add the compiled implementations")
     parser.add_argument("--only", nargs="+", choices=NAMES, help="time these (and torch.func, the reference) only")
     args = parser.parse_args()
-    if args.only and any("-comp" in name for name in args.only) and not args.compile:
+    if args.only and any(is_compiled(name) for name in args.only) and not args.compile:
         parser.error("--only names a compiled implementation: add --compile")
     torch.set_num_threads(args.threads)
     print(f"median seconds per meta-step (meta-batch {META_BATCH}, K={K}, {args.repeats} repeats, "

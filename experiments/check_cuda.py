@@ -18,6 +18,9 @@
 8. `meta_train(overlap=True)` on CUDA (Adam stepped before the flag is read, the flag copied to pinned memory
    behind an event and read a step late; a non-finite step undone) trains to the parameters the synchronous
    loop gives, with a task made non-finite in two steps' batches (float64, on_nan="skip").
+9. `Compiled(backend="cudagraphs")` (the traced graph on eager's kernels, replayed as CUDA graphs) over
+   `Conv4(conv="matmul")` equals eager in float64 at each of four calls, the meta-parameters stepped in place
+   between calls as an optimizer does (a replay must read them anew), and says whether CUDA graphs were skipped.
 Prints one line per check and exits non-zero if a check fails.
 """
 from __future__ import annotations
@@ -251,6 +254,35 @@ def check_overlap(failures: list[str]) -> None:
     torch.set_default_dtype(torch.float32)
 
 
+def check_graphs_backend(failures: list[str]) -> None:
+    """Compiled with backend="cudagraphs" equals eager (float64, conv4-16 with the matmul convolution, T=2, stacked
+    chunks) over four calls with an in-place step of the meta-parameters before each; CUDA graphs' skips counted."""
+    from torch._dynamo.utils import counters
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    model = mo.Conv4(out_features=5, channels=16, conv="matmul").to(DEVICE)
+    loop = mo.InnerLoop(model, mo.optim.sgd(0.4), mo.losses.cross_entropy)
+    meta = mo.meta_params(mo.Init(model))
+    batch = task_to(mo.RandomPatterns(n_way=5, k_shot=1, k_query=5).sample(4, 2, torch.Generator().manual_seed(0)),
+                    DEVICE)
+    compiled, skips_before = Compiled(mo.Full(), backend="cudagraphs"), sum(counters["inductor"].values())
+    worst, outputs = 0.0, []
+    for _ in range(4):
+        with torch.no_grad():
+            for p in meta.parameters():
+                p.mul_(0.99)
+        got = compiled(loop, meta, batch)
+        outputs.append(got.grads)
+        worst = max(worst, max(gradient_errors(got.grads, mo.Full()(loop, meta, batch).grads).values()))
+    distinct = all(a[k].data_ptr() != b[k].data_ptr() for a, b in zip(outputs, outputs[1:]) for k in a)
+    skips = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
+    ok = compiled.fallback_reason is None and compiled.compiled_calls == 4 and worst <= 1e-9 and distinct
+    _report(failures, "cudagraphs backend", ok, f"compiled with backend='cudagraphs' vs eager over 4 calls, "
+            f"float64 matmul conv4-16, T=2: largest relative difference {worst:.1e}, outputs kept apart: {distinct}, "
+            f"counters {skips or 'none'} (before: {skips_before}), fallback: {compiled.fallback_reason}")
+    torch.set_default_dtype(torch.float32)
+
+
 CHECKS: dict[str, Callable[[list[str], int], None]] = {
     "sampling": lambda failures, steps: check_device_sampling(failures),
     "exactness": lambda failures, steps: check_exactness(failures),
@@ -260,6 +292,7 @@ CHECKS: dict[str, Callable[[list[str], int], None]] = {
     "matmul": lambda failures, steps: check_matmul_conv(failures),
     "prefetch": lambda failures, steps: check_prefetch(failures),
     "overlap": lambda failures, steps: check_overlap(failures),
+    "graphs": lambda failures, steps: check_graphs_backend(failures),
 }
 
 

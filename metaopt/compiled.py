@@ -172,14 +172,15 @@ def _is_stdlib(package: str) -> bool:
     return file is None or os.path.realpath(file).startswith(_STDLIB + os.sep)
 
 
-def default_options(device: str) -> dict[str, Any]:
+def default_options(device: str, inductor: bool = True) -> dict[str, Any]:
     """Options for a meta-gradient's `torch.compile` on `device` ("cpu", "cuda", ...): everywhere Dynamo skips
-    the guards on library globals (`library_guard_filter`); on the CPU the kernels are called from generated C++
-    instead of Python (`cpp_wrapper`): a sinusoid MAML step has ~20 kernels and ~40 buffer allocations, and their
-    Python calls were ~10% of the step at T=1 (`experiments/bench_step.py`). Elsewhere Inductor's defaults (no
-    GPU was at hand to measure the wrapper with CUDA graphs)."""
+    the guards on library globals (`library_guard_filter`; Dynamo's option, for every backend); with Inductor on
+    the CPU the kernels are called from generated C++ instead of Python (`cpp_wrapper`): a sinusoid MAML step has
+    ~20 kernels and ~40 buffer allocations, and their Python calls were ~10% of the step at T=1
+    (`experiments/bench_step.py`). Elsewhere Inductor's defaults (no GPU was at hand to measure the wrapper with
+    CUDA graphs)."""
     options: dict[str, Any] = {"guard_filter_fn": library_guard_filter} if GUARD_FILTERS else {}
-    if device == "cpu":
+    if device == "cpu" and inductor:
         options["cpp_wrapper"] = True
     return options
 
@@ -214,10 +215,14 @@ class Compiled:
         without it before falling back).
       fullgraph: refuse graph breaks (a break means Python runs between kernels: the gain is gone).
       verify: check the first call at each input shape against eager (see the module docstring).
-      backend: `torch.compile`'s backend. "inductor" (the default) generates kernels; the others locate a wrong
-        result: "aot_eager" runs the traced forward and backward graphs eagerly, "aot_eager_decomp_partition" also
-        Inductor's decompositions and partitioner, so a meta-gradient right there and wrong under "inductor" is
-        Inductor's code generation (`experiments/compiled_exactness.py`). `mode` and `options` are Inductor's.
+      backend: `torch.compile`'s backend. "inductor" (the default) generates kernels. "cudagraphs" runs the
+        traced graph with eager's kernels under CUDA graphs (torch's backend of that name: no code generation,
+        the launches gone; on the CPU it runs the graph as "aot_eager" does): for a model whose eager kernels
+        Inductor does not beat or compiles wrong (`Conv4(conv="matmul")` on CUDA, torch 2.11: README). The others
+        locate a wrong result: "aot_eager" runs the traced forward and backward graphs eagerly,
+        "aot_eager_decomp_partition" also Inductor's decompositions and partitioner, so a meta-gradient right
+        there and wrong under "inductor" is Inductor's code generation (`experiments/compiled_exactness.py`).
+        `mode` and `options` are Inductor's; every backend gets the guard filter (`library_guard_filter`).
 
     Attributes:
       fallback_reason: why the wrapper runs eager (None while compiled calls are in use).
@@ -235,6 +240,11 @@ class Compiled:
             if mode not in modes:
                 raise ValueError(f"Compiled: mode = {mode!r} is not a torch.compile mode; choose from "
                                  f"{', '.join(modes)} (or None: the default)")
+        if backend != "inductor":
+            from torch._dynamo import list_backends
+            if backend not in list_backends(exclude_tags=()):
+                raise ValueError(f"Compiled: backend = {backend!r} is not a torch.compile backend; e.g. inductor, "
+                                 f"cudagraphs, aot_eager (all: torch._dynamo.list_backends(exclude_tags=()))")
         if backend != "inductor" and (mode is not None or options):
             raise ValueError(f"Compiled: mode = {mode!r}, options = {options!r} are Inductor's; backend = "
                              f"{backend!r} takes neither")
@@ -261,6 +271,11 @@ class Compiled:
         """Whether meta-gradients are computed compiled (False after a fallback)."""
         return self.fallback_reason is None
 
+    @property
+    def replays_graphs(self) -> bool:
+        """Whether the compiled function may replay CUDA graphs (outputs in buffers the next call overwrites)."""
+        return self.backend == "cudagraphs" or (self.mode is not None and "reduce-overhead" in self.mode)
+
     def candidates(self, loop: InnerLoop, meta: MetaParams, steps: int) -> list["Compiled"]:
         return [self]
 
@@ -285,8 +300,11 @@ class Compiled:
         """Why `batching="auto"` vmaps rather than stacks: compiled, a vmapped chunk ran 3-8% faster than the
         stacked trace of the same chunk at T=5 and 20 and the same within noise at T=1 (sinusoid MAML, meta-batch
         25, 2 threads, alternated; README's compiled path), where eager stacking is the faster one (1.3-1.6x).
-        After a fallback to eager, the eager reason."""
-        if self.fallback_reason is None:
+        A backend without code generation runs eager's kernels, and stacked ones the faster: "aot_eager" stacked
+        2.47 / 6.97 / 20.7 ms against vmapped 2.73 / 8.37 / 26.2 ms at T = 1 / 5 / 20 (eager stacked 2.71 / 7.68
+        / 24.2 ms; `python experiments/bench_step.py --compile --no-higher --only metaopt metaopt-aot-stacked
+        metaopt-aot-vmap`, 2 threads). There, and after a fallback to eager, the eager reason."""
+        if self.fallback_reason is None and self.backend == "inductor":
             return "compiled, a vmapped chunk runs faster than a stacked one"
         return self.eager.stacked_slower(loop, meta)
 
@@ -316,8 +334,8 @@ class Compiled:
         signature = (key, _signature(tasks, pattern))
         first = signature not in self._seen
         started = time.perf_counter()
-        options = {} if self.backend != "inductor" else (
-            self.options if self.options is not None else default_options(device))
+        options = (self.options if self.options is not None else default_options(device)) \
+            if self.backend == "inductor" else default_options(device, inductor=False)
         try:
             try:
                 function = self._functions.get(key)
@@ -336,7 +354,7 @@ class Compiled:
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]
             self._fall_back(f"torch.compile failed: {type(error).__name__}: {' '.join(lines[:3])[:400]}")
             return None
-        if self.mode is not None and "reduce-overhead" in self.mode:
+        if self.replays_graphs:
             # CUDA graphs replay into the same output buffers: the caller keeps copies, not the buffers.
             grads = {k: g.clone() for k, g in grads.items()}
             losses, mean_loss, used = losses.clone(), mean_loss.clone(), used.clone()
@@ -383,13 +401,13 @@ class Compiled:
 
         if self.backend != "inductor":
             return torch.compile(with_own_code(meta_gradient), fullgraph=self.fullgraph, backend=self.backend,
-                                 dynamic=False)
+                                 options=dict(options) or None, dynamic=False)  # torch pops from it
         mode = self.mode
         if mode is not None and options:  # torch.compile takes a mode or options, not both: the mode as options
             from torch._inductor import list_mode_options
             options, mode = {**list_mode_options(mode, dynamic=False), **options}, None
         return torch.compile(with_own_code(meta_gradient), fullgraph=self.fullgraph, mode=mode,
-                             options=options or None, dynamic=False)
+                             options=dict(options) or None, dynamic=False)  # torch pops from it
 
     def _eager_chunk(self, loop: InnerLoop, meta: MetaParams, tasks: Task, pattern: tuple[int, ...]) -> ChunkResult:
         surrogate, outer_loss, stats = vmap_tasks(_objective_of(self.eager, loop, meta), tasks, pattern)

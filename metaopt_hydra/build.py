@@ -105,10 +105,12 @@ def member_config(cfg: DictConfig, i: int) -> DictConfig:
 
 def compiled_if_asked(cfg: DictConfig, estimator: MetaGradientMethod) -> MetaGradientMethod:
     """The estimator wrapped in `metaopt.compiled.Compiled` when `compile: true`, in torch.compile's
-    `compile_mode` (null: the default; "reduce-overhead": CUDA graphs); a planning policy such as `auto` stays
-    eager (`compile_record` says why)."""
+    `compile_mode` (null: the default; "reduce-overhead": CUDA graphs) and `compile_backend` ("inductor";
+    "cudagraphs": eager's kernels under CUDA graphs); a planning policy such as `auto` stays eager
+    (`compile_record` says why)."""
     if cfg.get("compile", False) and isinstance(estimator, AbstractEstimator):
-        return cast(MetaGradientMethod, Compiled(estimator, mode=cfg.get("compile_mode")))
+        return cast(MetaGradientMethod, Compiled(estimator, mode=cfg.get("compile_mode"),
+                                                 backend=cfg.get("compile_backend") or "inductor"))
     return estimator
 
 

@@ -166,17 +166,49 @@ def test_another_backend_compiles_with_it_and_refuses_inductors_settings(monkeyp
     calls, compile_ = [], torch.compile
 
     def spy(fn, **kwargs):
-        calls.append(kwargs)
+        calls.append((kwargs.get("backend"), sorted(kwargs.get("options") or ()), kwargs.get("mode")))
         return compile_(fn, **kwargs)
 
     monkeypatch.setattr(torch, "compile", spy)
     compiled = Compiled(mo.Full(), backend="aot_eager")
     _assert_equal(compiled(loop, meta, tasks), mo.Full()(loop, meta, tasks))
     assert compiled.fallback_reason is None and compiled.compiled_calls == 1
-    assert [(c.get("backend"), c.get("options"), c.get("mode")) for c in calls] == [("aot_eager", None, None)]
+    guards = ["guard_filter_fn"] if metaopt.compiled.GUARD_FILTERS else []  # Dynamo's option: every backend's
+    assert calls == [("aot_eager", guards, None)]
     for settings in ({"mode": "reduce-overhead"}, {"options": {"cpp_wrapper": False}}):
         with pytest.raises(ValueError, match="are Inductor's; backend = 'aot_eager' takes neither"):
             Compiled(mo.Full(), backend="aot_eager", **settings)
+    with pytest.raises(ValueError, match="backend = 'aot_eagr' is not a torch.compile backend"):
+        Compiled(mo.Full(), backend="aot_eagr")
+
+
+def test_the_cudagraphs_backend_stacks_and_keeps_its_outputs_apart():
+    """`backend="cudagraphs"` runs the traced graph on eager's kernels (CUDA graphs on a GPU; on the CPU torch
+    skips them): eager's meta-gradient, chunks stacked under "auto" as eager stacks them (its kernels are eager's;
+    Inductor's trace vmaps), and outputs copied out of the buffers a replay would overwrite."""
+    loop, meta, tasks = _problem("init")
+    compiled = Compiled(mo.Full(), backend="cudagraphs")
+    assert compiled.replays_graphs and not Compiled(mo.Full()).replays_graphs
+    assert Compiled(mo.Full(), mode="reduce-overhead").replays_graphs
+    first = compiled(loop, meta, tasks)
+    assert first.stats["batching"] == "stacked" and compiled.compiled_calls == 1
+    _assert_equal(first, mo.Full()(loop, meta, tasks))
+    with torch.no_grad():
+        for p in meta.parameters():
+            p.mul_(0.9)
+    second = compiled(loop, meta, tasks)
+    _assert_equal(second, mo.Full()(loop, meta, tasks))
+    assert all(second.grads[k].data_ptr() != g.data_ptr() for k, g in first.grads.items())
+
+
+def test_building_a_function_leaves_its_options_whole():
+    """torch.compile pops Dynamo's `guard_filter_fn` out of the options it is given: `_build` passes a copy, so a
+    retry without the C++ wrapper (`{**options, ...}`) keeps the guard filter."""
+    loop, meta, tasks = _problem("init")
+    for backend in ("inductor", "aot_eager"):
+        options = default_options("cpu", inductor=backend == "inductor")
+        Compiled(mo.Full(), backend=backend)._build(loop, meta, (0,) * T, options)
+        assert options == default_options("cpu", inductor=backend == "inductor")
 
 
 def test_a_failed_cpp_wrapper_is_compiled_again_without_it():

@@ -90,3 +90,14 @@ def test_omniglot_evaluation_tasks_never_take_the_training_augmentations(experim
            "elastic_pixels": 0}
     for name in ("task", "val_task"):
         assert {k: cfg.eval[name][k] for k in off} == off, name
+
+
+def test_compile_backend_reaches_the_compiled_estimator_and_a_mode_beside_it_is_refused():
+    """`compile_backend=cudagraphs` builds `Compiled(backend="cudagraphs")`; a torch.compile mode is Inductor's, so
+    with another backend the build refuses it (before any training), naming both."""
+    from metaopt.compiled import Compiled
+    estimator = build(_compose(["debug=tiny", "compile=true", "compile_backend=cudagraphs"])).estimator
+    assert isinstance(estimator, Compiled) and estimator.backend == "cudagraphs" and estimator.mode is None
+    assert build(_compose(["debug=tiny", "compile=true"])).estimator.backend == "inductor"
+    with pytest.raises(ValueError, match="mode = 'reduce-overhead'.*backend = 'cudagraphs' takes neither"):
+        build(_compose(["debug=tiny", "compile=true", "compile_backend=cudagraphs", "compile_mode=reduce-overhead"]))

@@ -109,15 +109,18 @@ def test_contract_learned_augmentation_on_generated_omniglot(tmp_path):
 
 def test_check_cuda_device_sampling_runs_as_a_cpu_smoke_test():
     """check_cuda.py's checks that a GPU session runs first (Omniglot gathered on the device equals the CPU's
-    tasks; the matmul convolution's meta-gradients; prefetching's parameters) run without a GPU on --device cpu,
+    tasks; the matmul convolution's meta-gradients; prefetching's parameters; the cudagraphs backend, there the
+    traced graph run without CUDA graphs) run without a GPU on --device cpu,
     so the script and bench_gpu's generated Omniglot it imports stay runnable."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "experiments" / "check_cuda.py"), "--device", "cpu",
-                             "--only", "sampling", "matmul", "prefetch"], capture_output=True, text=True, env=env,
-                            cwd=ROOT, timeout=300)
+                             "--only", "sampling", "matmul", "prefetch", "graphs"], capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert result.stdout.count("device sampling") == 2 and "all checks passed" in result.stdout
     assert "matmul convolution:" in result.stdout and "prefetch:" in result.stdout
+    graphs = [line for line in result.stdout.splitlines() if line.startswith("cudagraphs backend:")]
+    assert len(graphs) == 1 and "largest relative difference 0.0e+00" in graphs[0]  # eager's kernels, in order
 
 
 def test_bench_conv4_runs_small_and_prints_its_speedup_line():
@@ -151,19 +154,22 @@ def test_compiled_exactness_measures_the_compiled_program_not_its_fallback():
 
 
 def test_bench_gpu_runs_small_on_the_cpu_and_prints_its_headline_line():
-    """bench_gpu.py's smoke run (no GPU): both convolutions' eager meta-steps agree with torch.func's gradient,
-    the whole meta_train step runs with and without prefetching and overlapping and profiled, and the last line
+    """bench_gpu.py's smoke run (no GPU): both convolutions' meta-steps, eager and compiled with backend="cudagraphs"
+    (on the CPU torch runs the graph without CUDA graphs), agree with torch.func's gradient, the whole meta_train
+    step runs with and without prefetching and overlapping, eager and compiled, and profiled, and the last line
     has its form (no assertion on the timings)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_gpu.py"), "--device", "cpu",
                              "--meta-batch", "2", "--steps", "1", "--channels", "4", "--repeats", "1", "--conv",
-                             "native", "matmul", "--only", "metaopt", "--train-steps", "2", "--profile-train"],
-                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+                             "native", "matmul", "--only", "metaopt", "metaopt-aotgraph", "--train-steps", "2",
+                             "--profile-train"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
     rows = [line for line in lines if line.startswith("whole meta_train step")]  # eager: in turn, prefetched, both
-    assert [row.split("), ", 1)[1].split(": ")[0] for row in rows] == [
-        "prefetch False, overlap False", "prefetch True, overlap False", "prefetch True, overlap True"]
+    assert [row.split("), ", 1)[1].split(" ms")[0].rsplit(" ", 1)[0] for row in rows] == [
+        f"prefetch {p}, overlap {o}: {name}" for p, o, name in [  # then the fastest compiled: prefetched, both
+            (False, False, "metaopt"), (True, False, "metaopt"), (True, True, "metaopt"),
+            (True, False, "metaopt-aotgraph"), (True, True, "metaopt-aotgraph")]]
     profiled = [line for line in lines if line.startswith("whole-step profile (")]  # 8 steps after 5 unprofiled
     assert len(profiled) == 1 and "prefetch True, overlap True, 8 steps): wall " in profiled[0] and "host ops" in profiled[0]
     assert lines[-1].startswith("ms_per_step_T1_B2 metaopt:") and "metaopt[matmul]:" in lines[-1]
