@@ -24,7 +24,8 @@ gradient's largest entry, floored at 1% of all gradients' largest; TF32 off unle
 `--conv native matmul` runs each metaopt implementation over both convolutions of `Conv4(conv=...)`:
 `native` (nn.Conv2d; per-task weights become one grouped cuDNN convolution) and `matmul` (`MatmulConv2d`,
 im2col and one batched GEMM), named e.g. `metaopt-cudagraph[matmul]`; the hand-written ones use native.
-`--only` keeps the named implementations (each compiled one costs a minute or more of compilation on a GPU).
+`--only` keeps the named implementations (a base name for every convolution, `name[conv]` for one, e.g.
+`metaopt-cudagraph[native]`; each compiled one costs a minute or more of compilation on a GPU).
 
 Times are medians over interleaved rounds in a shuffled order, measured with CUDA events on CUDA
 (perf_counter on CPU). Then `meta_train` runs `--train-steps` meta-steps on freshly sampled tasks
@@ -104,15 +105,15 @@ def metaopt_estimator(name: str) -> Any:
 def implementations(meta_batch: int, steps: int, args: argparse.Namespace) -> dict[str, Callable[[], list]]:
     """Each implementation's meta-step (a function returning the gradients) over the same seeded weights and tasks:
     metaopt's per convolution of `args.conv`, the hand-written ones over the native convolution; `args.only`
-    (base names, without the "[conv]" suffix) keeps some."""
+    keeps some: a base name ("metaopt-cudagraph") for every convolution, "name[conv]" for one."""
     loss, cuda = mo.losses.cross_entropy, args.device.startswith("cuda")
-    wanted = (lambda name: args.only is None or name in args.only)
+    wanted = (lambda name, conv="native": args.only is None or name in args.only or f"{name}[{conv}]" in args.only)
     impls: dict[str, Callable[[], list]] = {}
     for conv in args.conv:
         model, tasks = problem(meta_batch, steps, args, conv)
         suffix = "" if conv == "native" else f"[{conv}]"
         for name, compiled in METAOPT_MODES.items():
-            if wanted(name) and (cuda or name not in GRAPHS_ONLY):
+            if wanted(name, conv) and (cuda or name not in GRAPHS_ONLY):
                 mode, backend = compiled or (None, "inductor")
                 impls[name + suffix] = make_metaopt(model, tasks, "auto", compile=compiled is not None, loss=loss,
                                                     lr=INNER_LR, mode=mode, backend=backend)
@@ -358,7 +359,8 @@ def main() -> None:
                         help="Conv4's convolution(s) for metaopt's implementations (see above)")
     parser.add_argument("--only", nargs="+", default=None,
                         help="implementations to time (base names: metaopt, metaopt-comp, metaopt-cudagraph, "
-                             "metaopt-aotgraph, torch.func-comp, higher); torch.func, the reference, always runs")
+                             "metaopt-aotgraph, torch.func-comp, higher; metaopt's for every --conv, or one: "
+                             "metaopt-cudagraph[native]); torch.func, the reference, always runs")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--train-steps", type=int, default=60, help="0: skip the whole-meta_train comparison")
     parser.add_argument("--train-tasks", choices=["omniglot", "patterns"], default="omniglot",
