@@ -19,10 +19,12 @@ class RecordingSinusoid(mo.Sinusoid):
     def __init__(self, fail_at: int | None = None):
         super().__init__(k_shot=5)
         self.threads: list[str] = []
+        self.torch_threads: list[int] = []  # torch's intra-op threads in the drawing thread
         self.fail_at = fail_at
 
     def sample(self, n_tasks: int, inner_steps: int, generator: torch.Generator) -> Task:
         self.threads.append(threading.current_thread().name)
+        self.torch_threads.append(torch.get_num_threads())
         if len(self.threads) == self.fail_at:
             raise RuntimeError(f"draw {self.fail_at} failed")
         return super().sample(n_tasks, inner_steps, generator)
@@ -58,6 +60,20 @@ def test_prefetching_trains_on_the_same_tasks_on_a_worker_thread():
     # one batch per step and the one drawn ahead, dropped at the end
     assert len(tasks.threads) == 1 + 7 and all(name.startswith("metaopt-prefetch") for name in tasks.threads[1:])
     assert reference_tasks.threads == [main] * (1 + 6)  # sequential: on the caller's thread
+
+
+def test_the_worker_draws_on_one_torch_thread_and_leaves_the_callers_count():
+    """OpenMP's thread count is per thread: the worker sets its own to one (a second team of every core beside
+    the training thread's oversubscribed the cores, 2x slower steps on 2 cores), the caller keeps its count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tasks = RecordingSinusoid()
+        _train(3, tasks, prefetch=True)
+        assert tasks.torch_threads == [2] + [1] * 4  # the planner's draw on the caller's thread, then the worker's
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_on_the_cpu_prefetching_is_off_unless_asked_for():
