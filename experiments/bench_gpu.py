@@ -20,6 +20,7 @@ gradient's largest entry, floored at 1% of all gradients' largest; TF32 off unle
   torch.func       hand-written torch.func.grad + vmap inner loop, autograd outer gradient
   torch.func-comp  the hand-written meta-gradient under torch.compile(fullgraph=True)
   higher           higher 0.2.1, task by task (when installed)
+  torchopt         TorchOpt's MAML recipe (`torchopt.MetaSGD`), task by task (when installed)
 
 `--conv native matmul` runs each metaopt implementation over both convolutions of `Conv4(conv=...)`:
 `native` (nn.Conv2d; per-task weights become one grouped cuDNN convolution) and `matmul` (`MatmulConv2d`,
@@ -57,7 +58,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 import metaopt as mo
-from bench_step import make_higher, make_metaopt, make_torch_func, make_torch_func_compiled
+from bench_step import make_metaopt, make_torch_func, make_torch_func_compiled, task_by_task_references
 from metaopt.callbacks import Callback
 from metaopt.compiled import Compiled, gradient_errors
 from metaopt.tasks import TaskDistribution
@@ -121,12 +122,8 @@ def implementations(meta_batch: int, steps: int, args: argparse.Namespace) -> di
     impls["torch.func"] = make_torch_func(model, tasks, loss=loss, lr=INNER_LR)  # the reference: always
     if wanted("torch.func-comp"):
         impls["torch.func-comp"] = make_torch_func_compiled(model, tasks, loss=loss, lr=INNER_LR)
-    try:
-        import higher  # noqa: F401
-        if wanted("higher"):
-            impls["higher"] = make_higher(model, tasks, loss=loss, lr=INNER_LR)
-    except ImportError:
-        pass
+    references = task_by_task_references(model, tasks, loss=loss, lr=INNER_LR)  # higher, torchopt: where installed
+    impls.update({name: step for name, step in references.items() if wanted(name)})
     return impls
 
 
@@ -359,7 +356,7 @@ def main() -> None:
                         help="Conv4's convolution(s) for metaopt's implementations (see above)")
     parser.add_argument("--only", nargs="+", default=None,
                         help="implementations to time (base names: metaopt, metaopt-comp, metaopt-cudagraph, "
-                             "metaopt-aotgraph, torch.func-comp, higher; metaopt's for every --conv, or one: "
+                             "metaopt-aotgraph, torch.func-comp, higher, torchopt; metaopt's for every --conv, or one: "
                              "metaopt-cudagraph[native]); torch.func, the reference, always runs")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--train-steps", type=int, default=60, help="0: skip the whole-meta_train comparison")

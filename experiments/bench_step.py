@@ -17,7 +17,10 @@ inner steps. Implementations, all computing the same gradient (checked here):
                  objective) under torch.compile(fullgraph=True), torch's default options
   torch.func-comp-filtered  the same with metaopt's guard policy (`options={"guard_filter_fn":
                  metaopt.compiled.library_guard_filter}`: no guards on torch's globals; on request with --only)
-TorchOpt is not compared: it does not install beside torch 2.13 here.
+  torchopt       TorchOpt's MAML recipe (its few-shot example): `torchopt.MetaSGD` steps the module in place,
+                 task by task, the outer gradient accumulated by backward (when installed: `pip install torchopt`
+                 with torch already there; TorchOpt 0.7.3 runs on torch 2.13 without its C++ ops)
+`--no-higher` leaves out both task-by-task references (higher, torchopt).
 Compile time is paid in the (untimed) warm-up call and printed separately.
 
 Timings are interleaved: each round runs every implementation once, in a freshly
@@ -40,6 +43,8 @@ median of hand-written eager vmap over the median of metaopt compiled, same inte
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib.util
 import random
 import statistics
 import time
@@ -54,7 +59,7 @@ from metaopt.compiled import Compiled, library_guard_filter, with_own_code
 LR, META_BATCH, K = 0.01, 25, 10
 NAMES = ["metaopt", "metaopt-vmap", "metaopt-loop", "torch.func", "metaopt-comp", "metaopt-comp-vmap",
          "metaopt-comp-stacked", "metaopt-aot-vmap", "metaopt-aot-stacked", "torch.func-comp", "torch.func-comp-filtered",
-         "higher"]
+         "higher", "torchopt"]
 
 
 # Each make_* builds one implementation of MAML's meta-gradient (`loss`: inner and outer loss, `lr`: inner lr);
@@ -140,6 +145,34 @@ def make_higher(model, tasks, loss=mo.losses.mse, lr=LR):
     return step
 
 
+def make_torchopt(model, tasks, loss=mo.losses.mse, lr=LR):
+    import torchopt
+    net = copy.deepcopy(model)  # MetaSGD replaces the module's parameters: its own copy, recovered after each task
+    params = list(net.parameters())
+    inner = torchopt.MetaSGD(net, lr=lr)
+    net_state, inner_state = torchopt.extract_state_dict(net), torchopt.extract_state_dict(inner)
+    per_task = mo.unstack_tasks(tasks)
+
+    def step():
+        for p in params:
+            p.grad = None
+        for task in per_task:
+            for batch in task.support:
+                inner.step(loss(net(batch.x), batch.y))
+            (loss(net(task.query.x), task.query.y) / len(per_task)).backward()
+            torchopt.recover_state_dict(net, net_state)
+            torchopt.recover_state_dict(inner, inner_state)
+        return [p.grad for p in params]
+    return step
+
+
+def task_by_task_references(model, tasks, loss=mo.losses.mse, lr=LR) -> dict[str, Callable[[], list[torch.Tensor]]]:
+    """higher's and TorchOpt's meta-steps, those installed."""
+    makers = {"higher": make_higher, "torchopt": make_torchopt}
+    found = {name: importlib.util.find_spec(name) is not None for name in makers}
+    return {name: make(model, tasks, loss=loss, lr=lr) for name, make in makers.items() if found[name]}
+
+
 def is_compiled(name: str) -> bool:
     return "-comp" in name or "-aot" in name
 
@@ -168,7 +201,7 @@ def bench(steps: int, repeats: int, with_higher: bool, with_compile: bool = Fals
             impls["torch.func-comp-filtered"] = make_torch_func_compiled(
                 model, tasks, options={"guard_filter_fn": library_guard_filter})
     if with_higher:
-        impls["higher"] = make_higher(model, tasks)
+        impls.update(task_by_task_references(model, tasks))
     if only:
         impls = {name: fn for name, fn in impls.items() if name in only or name == "torch.func"}
     reference = impls["torch.func"]()
@@ -204,13 +237,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"median seconds per meta-step (meta-batch {META_BATCH}, K={K}, {args.repeats} repeats, "
           f"{args.threads} threads, torch {torch.__version__})")
-    print(f"{'T':>3} {'implementation':<24} {'median s':>10} {'vs torch.func':>14} {'speed-up vs higher':>19}")
+    print(f"{'T':>3} {'implementation':<24} {'median s':>10} {'vs torch.func':>14} {'speed-up vs higher':>19} "
+          f"{'speed-up vs torchopt':>21}")
     speedups = []
     for steps in args.steps:
         medians = bench(steps, args.repeats, not args.no_higher, args.compile, args.only)
         for name, seconds in medians.items():
-            vs_higher = f"{medians['higher'] / seconds:.1f}x" if "higher" in medians else "-"
-            print(f"{steps:>3} {name:<24} {seconds:>10.5f} {seconds / medians['torch.func']:>13.2f}x {vs_higher:>19}")
+            vs = {ref: f"{medians[ref] / seconds:.1f}x" if ref in medians else "-" for ref in ("higher", "torchopt")}
+            print(f"{steps:>3} {name:<24} {seconds:>10.5f} {seconds / medians['torch.func']:>13.2f}x "
+                  f"{vs['higher']:>19} {vs['torchopt']:>21}")
         if "metaopt-comp" in medians:
             speedups.append(f"T={steps}:{medians['torch.func'] / medians['metaopt-comp']:.2f}")
         if {"metaopt-comp", "torch.func-comp"} <= set(medians):
