@@ -20,7 +20,8 @@
    loop gives, with a task made non-finite in two steps' batches (float64, on_nan="skip").
 9. `Compiled(backend="cudagraphs")` (the traced graph on eager's kernels, replayed as CUDA graphs) over
    `Conv4(conv="matmul")` equals eager in float64 at each of four calls, the meta-parameters stepped in place
-   between calls as an optimizer does (a replay must read them anew), and says whether CUDA graphs were skipped.
+   between calls as an optimizer does (a replay must read them anew), and says whether CUDA graphs were skipped;
+   then meta_train with it: the measured peak against the planner's prediction (0.7-1.5x, as check 2).
 Prints one line per check and exits non-zero if a check fails.
 """
 from __future__ import annotations
@@ -200,14 +201,16 @@ def _report(failures: list[str], check: str, ok: bool, message: str) -> None:
         failures.append(check)
 
 
-def _trained_on_device(tasks: TaskDistribution, meta_steps: int, **options: object) -> tuple[dict, dict]:
-    """A seeded conv4-16 trained with Adam on `tasks` on DEVICE (`options` to meta_train): its meta-parameters on
-    the CPU and meta_train's metrics."""
+def _trained_on_device(tasks: TaskDistribution, meta_steps: int, estimator: object = None, conv: str = "native",
+                       **options: object) -> tuple[dict, dict]:
+    """A seeded conv4-16 (`conv`: its convolution) trained with Adam on `tasks` on DEVICE by `estimator` (default
+    `mo.Full()`; `options` to meta_train): its meta-parameters on the CPU and meta_train's metrics."""
     torch.manual_seed(0)
-    model = mo.Conv4(out_features=5, channels=16).to(DEVICE)
+    model = mo.Conv4(out_features=5, channels=16, conv=conv).to(DEVICE)
     loop = mo.InnerLoop(model, mo.optim.sgd(0.4), mo.losses.cross_entropy)
     meta = mo.meta_params(mo.Init(model))
-    metrics = mo.meta_train(loop, meta, mo.Full(), tasks, outer_optimizer=torch.optim.Adam(meta.parameters(), 1e-3),
+    metrics = mo.meta_train(loop, meta, estimator or mo.Full(), tasks,
+                            outer_optimizer=torch.optim.Adam(meta.parameters(), 1e-3),
                             meta_steps=meta_steps, meta_batch_size=8, eval_n_tasks=0, progress=False, device=DEVICE,
                             **options)
     return {k: v.detach().cpu() for k, v in meta.state_dict().items()}, metrics
@@ -280,6 +283,16 @@ def check_graphs_backend(failures: list[str]) -> None:
     _report(failures, "cudagraphs backend", ok, f"compiled with backend='cudagraphs' vs eager over 4 calls, "
             f"float64 matmul conv4-16, T=2: largest relative difference {worst:.1e}, outputs kept apart: {distinct}, "
             f"counters {skips or 'none'} (before: {skips_before}), fallback: {compiled.fallback_reason}")
+    # A graph's memory pool outlives its call: is a whole step's measured peak still what the planner predicted?
+    estimator = Compiled(mo.Full(), backend="cudagraphs")
+    _, metrics = _trained_on_device(generated_omniglot(n_way=5, k_shot=1, k_query=5, shift=2), 8, estimator,
+                                    conv="matmul", log_every=8)
+    predicted, measured = metrics["predicted_peak_bytes"], metrics["measured_peak_bytes"]
+    ratio = measured / predicted if predicted > 0 else float("nan")
+    _report(failures, "cudagraphs backend memory", 0.7 < ratio < 1.5 or metrics["memory_method"] != "cuda",
+            f"meta_train of matmul conv4-16 with it, 8 steps: peak ({metrics['memory_method']}) predicted "
+            f"{format_bytes(predicted)}, measured {format_bytes(measured)} (ratio {ratio:.2f}; the step that "
+            f"traced, apart: {format_bytes(metrics['compile_peak_bytes'])}), compiled {estimator.compiled}")
     torch.set_default_dtype(torch.float32)
 
 

@@ -228,6 +228,8 @@ class Compiled:
       fallback_reason: why the wrapper runs eager (None while compiled calls are in use).
       compile_seconds: seconds spent in first calls at new shapes (tracing, compiling, verifying).
       compiled_calls: chunks computed by the compiled function.
+      first_calls: calls that traced (or tried to trace) a new input shape, the check against eager included: a
+        train loop reports their memory apart from its steps' (`meta_train`'s "compile_peak_bytes").
     """
 
     def __init__(self, estimator: Differentiator, *, mode: str | None = None, options: dict[str, Any] | None = None,
@@ -254,6 +256,7 @@ class Compiled:
         self.fallback_reason: str | None = None
         self.compile_seconds = 0.0
         self.compiled_calls = 0
+        self.first_calls = 0
         self._functions: dict[tuple[int, int, tuple[int, ...], str, bool], Callable[..., Any]] = {}
         self._seen: set[tuple] = set()
         # Keyed by id, holding the objects themselves: an id is only reused after its object is gone.
@@ -333,6 +336,7 @@ class Compiled:
         key = (id(loop), id(meta), pattern, device, stacked)
         signature = (key, _signature(tasks, pattern))
         first = signature not in self._seen
+        self.first_calls += first
         started = time.perf_counter()
         options = (self.options if self.options is not None else default_options(device)) \
             if self.backend == "inductor" else default_options(device, inductor=False)

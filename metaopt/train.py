@@ -179,15 +179,15 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
                prefetch: bool | None = None, overlap: bool | None = None) -> dict:
     """Meta-train `meta` with `estimator` (or the `auto` policy) under a budget, then evaluate on fresh tasks.
 
-    Before the first step the meta-step is planned (`plan_training`): its peak memory is
-    predicted and fitted to `budget.memory` (vmap chunks, or task by task); a configuration
-    that cannot fit raises `BudgetExceeded` before any training. Each meta-step samples
-    `meta_batch_size` tasks and runs `meta_step` (a guard stops tasks that overrun, see
-    `metaopt.guard`). The peak memory of the whole meta-step (sampling, every chunk forward and
-    backward, the optimizer step) is measured on the first two meta-steps and every
-    `memory_every` after. If `checkpoint_path` holds a checkpoint, training resumes from it;
-    checkpoints are written atomically every `checkpoint_every` steps, at the end, and before
-    any error leaves this function.
+    Before the first step the meta-step is planned (`plan_training`): its peak memory is predicted and fitted to
+    `budget.memory` (vmap chunks, or task by task); a configuration that cannot fit raises `BudgetExceeded` before
+    any training. Each meta-step samples `meta_batch_size` tasks and runs `meta_step` (a guard stops tasks that
+    overrun, see `metaopt.guard`). The peak memory of the whole meta-step (sampling, every chunk forward and
+    backward, the optimizer step) is measured on the first two meta-steps and every `memory_every` after; one in
+    which a compiled estimator traces a new shape (and checks it) holds the compiler's memory too and is reported
+    apart ("compile_peak_bytes", -1: none), as compile time is. If `checkpoint_path` holds a checkpoint, training
+    resumes from it; checkpoints are written atomically every `checkpoint_every` steps, at the end, and before any
+    error leaves this function.
 
     Args:
       on_nan, max_grad_norm: see `StepConfig`.
@@ -212,9 +212,9 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
 
     Returns:
       Metrics: "meta_steps", "estimator", "estimator_chosen", "predicted_peak_bytes", "measured_peak_bytes",
-      "memory_method", "plan", "batching", "chunk_size", "tasks_truncated", "tasks_skipped", "tasks_nan_skipped",
-      "meta_train_loss", "seconds_per_meta_step" (median), "train_seconds" (summed over resumed sessions),
-      "overlap" (whether the loop overlapped), "history", and `evaluate`'s figures (including "eval_peak_bytes").
+      "compile_peak_bytes", "memory_method", "plan", "batching", "chunk_size", "tasks_truncated", "tasks_skipped",
+      "tasks_nan_skipped", "meta_train_loss", "seconds_per_meta_step" (median), "train_seconds" (summed over
+      resumed sessions), "overlap" (whether it overlapped), "history", `evaluate`'s figures ("eval_peak_bytes"...).
     """
     _check_arguments(meta_steps, meta_batch_size, inner_steps, on_nan)
     budget = budget if budget is not None else Budget()
@@ -230,9 +230,9 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     recorder = _Recorder(state, meta_steps, log_every, log, progress, estimator.name, callbacks)
     memory_method = default_method(device)
     with _sampling(tasks, state, save, prefetch, device, meta_batch_size, inner_steps) as sample:
-        measured_peak = _loop(state, config, sample, meta_steps, recorder, save, checkpoint_every, memory_every,
-                              device, memory_method, overlap)
-    metrics: dict[str, Any] = _run_metrics(state, estimator, chosen, budget, recorder, measured_peak, memory_method,
+        peaks = _loop(state, config, sample, meta_steps, recorder, save, checkpoint_every, memory_every, device,
+                      memory_method, overlap)
+    metrics: dict[str, Any] = _run_metrics(state, estimator, chosen, budget, recorder, peaks, memory_method,
                                            meta_steps=meta_steps, inner_steps=inner_steps,
                                            meta_batch_size=meta_batch_size, time_limit=time_limit, overlap=overlap)
     if eval_n_tasks > 0:  # 0: the caller evaluates (e.g. several unroll lengths)
@@ -279,13 +279,15 @@ class _Checkpointer:
 
 def _loop(state: TrainState, config: StepConfig, sample: Callable[[], Task], meta_steps: int, recorder: _Recorder,
           save: _Checkpointer, checkpoint_every: int, memory_every: int,
-          device: torch.device | str, memory_method: Method, overlap: bool = False) -> int:
+          device: torch.device | str, memory_method: Method, overlap: bool = False) -> dict[str, int]:
     """Meta-steps until `meta_steps` (or until `save.time_left()` is below the median step), checkpointing
-    every `checkpoint_every` and at the end (also before any error leaves); returns the largest measured peak
-    of a whole meta-step (-1 if none was measured: the session's first two steps and every `memory_every`).
-    With `overlap` (`metaopt.overlap`), a step after which nothing reads the state (no entry, checkpoint or
-    memory measurement is due) runs ahead: its flag is read after the next step is launched."""
-    measured_peak = -1
+    every `checkpoint_every` and at the end (also before any error leaves); returns "measured_peak_bytes", the
+    largest measured peak of a whole meta-step (-1 if none was measured: the session's first two steps and every
+    `memory_every`), and "compile_peak_bytes", that of the measured steps in which a compiled estimator traced a
+    new shape (its `first_calls`; -1: none). With `overlap` (`metaopt.overlap`), a step after which nothing reads
+    the state (no entry, checkpoint or memory measurement is due) runs ahead: its flag is read after the next step
+    is launched."""
+    peaks = {False: -1, True: -1}  # compiled in the step -> the largest measured peak
     ahead = _Ahead(state, config, recorder, save)
     try:
         while state.step + ahead.count < meta_steps:
@@ -300,9 +302,11 @@ def _loop(state: TrainState, config: StepConfig, sample: Callable[[], Task], met
                 ahead.step(sample, t0)
                 continue
             ahead.finish(t0)
+            first_calls = getattr(config.plan.estimator, "first_calls", 0)
             with measure_peak_memory(device, memory_method if measure else "none") as memory:
                 state, step_metrics = meta_step(state, sample(), config)
-            measured_peak = max(measured_peak, memory.peak_bytes if measure else -1)
+            compiled = getattr(config.plan.estimator, "first_calls", 0) > first_calls
+            peaks[compiled] = max(peaks[compiled], memory.peak_bytes if measure else -1)
             recorder.record(state, step_metrics, time.perf_counter() - t0)
             if checkpoint_every and state.step % checkpoint_every == 0:
                 save()
@@ -314,7 +318,7 @@ def _loop(state: TrainState, config: StepConfig, sample: Callable[[], Task], met
     finally:
         recorder.bar.close()
     save()
-    return measured_peak
+    return {"measured_peak_bytes": peaks[False], "compile_peak_bytes": peaks[True]}
 
 
 class _Ahead:
@@ -435,7 +439,7 @@ def _over_budget(metrics: dict[str, Any], budget: Budget) -> list[str]:
 
 
 def _run_metrics(state: TrainState, estimator: MetaGradientMethod, chosen: Plan, budget: Budget,
-                 recorder: _Recorder, measured_peak: int, memory_method: str, **settings: Any) -> dict[str, Any]:
+                 recorder: _Recorder, peaks: dict[str, int], memory_method: str, **settings: Any) -> dict[str, Any]:
     return {
         "meta_steps": state.step,
         "meta_steps_asked": settings["meta_steps"],
@@ -448,7 +452,7 @@ def _run_metrics(state: TrainState, estimator: MetaGradientMethod, chosen: Plan,
         "batching": chosen.batching,
         "chunk_size": chosen.chunk_size,
         "predicted_peak_bytes": chosen.predicted_peak_bytes,
-        "measured_peak_bytes": measured_peak,
+        **peaks,
         "memory_method": memory_method,
         "budget_memory_bytes": budget.memory,
         "budget_time_seconds": budget.time,
