@@ -167,7 +167,12 @@ class _Run:
             compressed, pattern = self.compressed
             whole = first == 0 and last == compressed.query.x.shape[0]  # slicing costs more than this path's step
             part = compressed if whole else tree_map_only(Tensor, lambda v: v[first:last], compressed)
+            traced = getattr(self.estimator, "first_calls", 0)
             done = compiled(self.loop, self.meta, part, pattern, self.stacked)
+            if guard is not None and getattr(self.estimator, "first_calls", 0) != traced:
+                # A call that traced a new shape spent the compiler's memory and time (reported apart: meta_train's
+                # compile_peak_bytes, compile_seconds); the budget guards the calls after it, from here.
+                guard.start()
             if done is not None:  # None: the wrapper fell back to eager
                 if guard is not None:
                     guard.after_backward(self.steps(first))

@@ -403,3 +403,32 @@ def test_the_steps_that_trace_report_their_memory_apart(compiled, monkeypatch):
                             inner_steps=2, eval_n_tasks=0, progress=False, memory_every=2,
                             outer_optimizer=torch.optim.SGD(meta.parameters(), lr=0.01))
     assert (metrics["compile_peak_bytes"], metrics["measured_peak_bytes"]) == ((5000, 80) if compiled else (-1, 5000))
+
+
+def test_the_budget_guards_the_calls_after_the_one_that_traced():
+    """The call that traces a new shape spends the compiler's memory and time (tracing, the check against eager;
+    reported apart): the guard starts again after it, so a trace past the budget does not fail a chunk that fits,
+    and a later call past the budget is still caught. Before, a compiled run under a budget 1.25x its eager
+    prediction raised BudgetExceeded at its first step (conv4-16 on the CPU: 499 MB of RSS against 362 MB)."""
+    loop, meta, tasks = _problem("init")
+    compiled = Compiled(mo.Full(), backend="aot_eager")
+    memory, build = [0], compiled._build
+
+    def building(*args, **kwargs):
+        memory[0] += 10_000_000  # the compiler's memory, held after the trace
+        return build(*args, **kwargs)
+
+    compiled._build = building
+    budget, probe = mo.Budget(memory=1_000_000), (lambda: memory[0])
+    _assert_equal(compiled(loop, meta, tasks, budget, memory_probe=probe), mo.Full()(loop, meta, tasks))
+    assert compiled.first_calls == 1 and compiled.compiled_calls == 1
+    (key, function), = compiled._functions.items()
+
+    def heavier(tasks_):
+        memory[0] += 2_000_000  # a call past the budget
+        return function(tasks_)
+
+    compiled._functions[key] = heavier
+    with pytest.raises(mo.BudgetExceeded, match="past its memory budget of 1 MB"):
+        compiled(loop, meta, tasks, budget, memory_probe=probe)
+    assert compiled.first_calls == 1
