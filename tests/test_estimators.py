@@ -46,15 +46,24 @@ def test_full_equals_gradcheck_on_learning_rate():
     assert torch.autograd.gradcheck(outer, (torch.tensor(0.2, requires_grad=True),))
 
 
+def _maml_init_gradient(optimizer: str):
+    """A tiny model, 4 tasks, and metaopt's MAML meta-gradient of the model's initialization (`optimizer` inside)."""
+    model = tiny_model()
+    loop = mo.InnerLoop(model, OPTIMIZERS[optimizer](), mo.losses.mse)
+    tasks = tiny_tasks(4, INNER_STEPS)
+    return model, tasks, mo.Full()(loop, mo.meta_params(mo.Init(model)), tasks).grads
+
+
+def _assert_init_gradient(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    """metaopt's gradients ("init.params.a/b") equal a reference's by parameter name ("a.b")."""
+    for name, ref in reference.items():
+        torch.testing.assert_close(ours["init.params." + name.replace(".", "/")], ref, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
 def test_full_equals_higher(optimizer):
     higher = pytest.importorskip("higher")
-    model = tiny_model()
-    loop = mo.InnerLoop(model, OPTIMIZERS[optimizer](), mo.losses.mse)
-    meta = mo.meta_params(mo.Init(model))
-    tasks = tiny_tasks(4, INNER_STEPS)
-    ours = mo.Full()(loop, meta, tasks).grads
-
+    model, tasks, ours = _maml_init_gradient(optimizer)
     torch_opt = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1),
                  "momentum": lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9)}[optimizer](model.parameters())
     total = 0.0
@@ -64,8 +73,7 @@ def test_full_equals_higher(optimizer):
                 diffopt.step(mo.losses.mse(fmodel(batch.x), batch.y))
             total = total + mo.losses.mse(fmodel(task.query.x), task.query.y)
     reference = torch.autograd.grad(total / 4, list(model.parameters()))
-    for (name, _), ref in zip(model.named_parameters(), reference):
-        torch.testing.assert_close(ours["init.params." + name.replace(".", "/")], ref, rtol=1e-9, atol=1e-12)
+    _assert_init_gradient(ours, {name: g for (name, _), g in zip(model.named_parameters(), reference)})
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
@@ -74,12 +82,7 @@ def test_full_equals_torchopt(optimizer):
     task; the outer gradient accumulated by backward, the module's state recovered after each task), with inner
     SGD, momentum and Adam (moments differentiated; eps_root as metaopt's)."""
     torchopt = pytest.importorskip("torchopt")
-    model = tiny_model()
-    loop = mo.InnerLoop(model, OPTIMIZERS[optimizer](), mo.losses.mse)
-    meta = mo.meta_params(mo.Init(model))
-    tasks = tiny_tasks(4, INNER_STEPS)
-    ours = mo.Full()(loop, meta, tasks).grads
-
+    model, tasks, ours = _maml_init_gradient(optimizer)
     inner = {"sgd": lambda m: torchopt.MetaSGD(m, lr=0.1),
              "momentum": lambda m: torchopt.MetaSGD(m, lr=0.05, momentum=0.9),
              "adam": lambda m: torchopt.MetaAdam(m, lr=0.05, eps_root=1e-16)}[optimizer](model)
@@ -91,8 +94,7 @@ def test_full_equals_torchopt(optimizer):
         (mo.losses.mse(model(task.query.x), task.query.y) / 4).backward()
         torchopt.recover_state_dict(model, model_state)
         torchopt.recover_state_dict(inner, inner_state)
-    for name, leaf in leaves.items():
-        torch.testing.assert_close(ours["init.params." + name.replace(".", "/")], leaf.grad, rtol=1e-9, atol=1e-12)
+    _assert_init_gradient(ours, {name: leaf.grad for name, leaf in leaves.items()})
 
 
 @pytest.mark.parametrize("estimator", [mo.Full(), mo.FirstOrder()], ids=str)
