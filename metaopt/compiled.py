@@ -276,8 +276,16 @@ class Compiled:
 
     @property
     def replays_graphs(self) -> bool:
-        """Whether the compiled function may replay CUDA graphs (outputs in buffers the next call overwrites)."""
-        return self.backend == "cudagraphs" or (self.mode is not None and "reduce-overhead" in self.mode)
+        """Whether the compiled function may replay CUDA graphs (outputs in buffers the next call overwrites): the
+        "cudagraphs" backend, or Inductor's `triton.cudagraphs` option as the mode sets it ("reduce-overhead",
+        "max-autotune") and the options override it."""
+        if self.backend != "inductor":
+            return self.backend == "cudagraphs"
+        options = dict(self.options or {})
+        if self.mode is not None:
+            from torch._inductor import list_mode_options
+            options = {**list_mode_options(self.mode, dynamic=False), **options}
+        return bool(options.get("triton.cudagraphs", False))
 
     def candidates(self, loop: InnerLoop, meta: MetaParams, steps: int) -> list["Compiled"]:
         return [self]

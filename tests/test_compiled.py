@@ -8,6 +8,7 @@ import types
 
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves
 
 import metaopt as mo
 import metaopt.compiled
@@ -189,16 +190,34 @@ def test_the_cudagraphs_backend_stacks_and_keeps_its_outputs_apart():
     loop, meta, tasks = _problem("init")
     compiled = Compiled(mo.Full(), backend="cudagraphs")
     assert compiled.replays_graphs and not Compiled(mo.Full()).replays_graphs
-    assert Compiled(mo.Full(), mode="reduce-overhead").replays_graphs
+    assert Compiled(mo.Full(), mode="reduce-overhead").replays_graphs and Compiled(mo.Full(), mode="max-autotune")\
+        .replays_graphs and not Compiled(mo.Full(), mode="max-autotune-no-cudagraphs").replays_graphs
+    assert Compiled(mo.Full(), options={"triton.cudagraphs": True}).replays_graphs
+    assert not Compiled(mo.Full(), mode="reduce-overhead", options={"triton.cudagraphs": False}).replays_graphs
     first = compiled(loop, meta, tasks)
     assert first.stats["batching"] == "stacked" and compiled.compiled_calls == 1
     _assert_equal(first, mo.Full()(loop, meta, tasks))
+    expected = {k: g.clone() for k, g in first.grads.items()}
+    (key, function), = compiled._functions.items()
+    buffers: list = []
+
+    def replayed(tasks_):  # as a CUDA graph replays: the same output buffers, overwritten at every call
+        outputs = function(tasks_)
+        if not buffers:
+            buffers.append(outputs)
+        for buffer, value in zip(tree_leaves(buffers[0]), tree_leaves(outputs)):
+            buffer.copy_(value)
+        return buffers[0]
+
+    compiled._functions[key] = replayed
+    kept = compiled(loop, meta, tasks)
     with torch.no_grad():
         for p in meta.parameters():
             p.mul_(0.9)
-    second = compiled(loop, meta, tasks)
+    second = compiled(loop, meta, tasks)  # overwrites the buffers: the result kept before must not change
     _assert_equal(second, mo.Full()(loop, meta, tasks))
-    assert all(second.grads[k].data_ptr() != g.data_ptr() for k, g in first.grads.items())
+    for k, g in expected.items():
+        torch.testing.assert_close(kept.grads[k], g, rtol=0, atol=0)
 
 
 def test_building_a_function_leaves_its_options_whole():
