@@ -312,8 +312,8 @@ class Compiled:
         stacked trace of the same chunk at T=5 and 20 and the same within noise at T=1 (sinusoid MAML, meta-batch
         25, 2 threads, alternated; README's compiled path), where eager stacking is the faster one (1.3-1.6x).
         A backend without code generation runs eager's kernels, and stacked ones the faster: "aot_eager" stacked
-        2.47 / 6.97 / 20.7 ms against vmapped 2.73 / 8.37 / 26.2 ms at T = 1 / 5 / 20 (eager stacked 2.71 / 7.68
-        / 24.2 ms; `python experiments/bench_step.py --compile --no-higher --only metaopt metaopt-aot-stacked
+        1.77 / 5.44 / 21.1 ms against vmapped 1.96 / 6.75 / 26.6 ms at T = 1 / 5 / 20 (eager stacked 1.90 / 6.38
+        / 25.9 ms; `python experiments/bench_step.py --compile --no-higher --only metaopt metaopt-aot-stacked
         metaopt-aot-vmap`, 2 threads). There, and after a fallback to eager, the eager reason."""
         if self.fallback_reason is None and self.backend == "inductor":
             return "compiled, a vmapped chunk runs faster than a stacked one"

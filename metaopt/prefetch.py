@@ -42,7 +42,7 @@ class Prefetcher:
         self.draw, self.generator, self.device = draw, generator, torch.device(device)
         # One intra-op thread for the worker's torch ops (OpenMP's thread count is per thread): a second team of
         # all the cores beside the main thread's oversubscribes them. On 2 CPU cores a prefetched conv4 step took
-        # 86.8 ms against 45.3 drawn in turn, and 50.9 against 41.6 with this (`python experiments/bench_gpu.py
+        # 86.8 ms against 45.3 drawn in turn, and 37.9 against 38.1 with this (`python experiments/bench_gpu.py
         # --device cpu --meta-batch 4 --steps 1 --channels 8 --repeats 3 --only metaopt --train-steps 30`).
         # Where nothing runs beside the host, drawing ahead cannot gain: off by default on the CPU.
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metaopt-prefetch",
