@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import metaopt as mo
+from metaopt.stacked import StackedLoop
 from db import ESTIMATORS
 from problems import META_KINDS, assert_unbiased, tiny_model, tiny_tasks
 
@@ -78,7 +79,7 @@ def test_truncated_k1_differs_from_full_and_zeroes_the_init():
     assert not torch.allclose(result[key], full[key], rtol=1e-3)
 
 
-def test_checkpoint_recomputes_each_step_once():
+def test_checkpoint_recomputes_each_step_once(monkeypatch):
     loop, meta, tasks = _problem("init", n_tasks=1, inner_steps=6)
     calls = []
     original = loop.step
@@ -90,8 +91,18 @@ def test_checkpoint_recomputes_each_step_once():
     loop.step = counting_step  # instance attribute: only this loop object counts
     for segment in (1, 2, 4, 6):
         calls.clear()
-        mo.estimators.Checkpoint(segment=segment)(loop, meta, tasks)
+        mo.estimators.Checkpoint(segment=segment)(loop, meta, tasks, batching="vmap")
         assert len(calls) == 2 * 6, segment  # forward sweep + each step recomputed exactly once
+    stacked_step = StackedLoop.step
+
+    def counting_stacked_step(*args, **kwargs):
+        calls.append(1)
+        return stacked_step(*args, **kwargs)
+
+    monkeypatch.setattr(StackedLoop, "step", counting_stacked_step)  # stacked: the runner's StackedLoop steps
+    calls.clear()
+    mo.estimators.Checkpoint(segment=2)(loop, meta, tasks, batching="stacked")
+    assert len(calls) == 2 * 6
     calls.clear()
     mo.Full()(loop, meta, tasks, batching="vmap")  # stacked runs a StackedLoop's steps, not this loop's
     assert len(calls) == 6

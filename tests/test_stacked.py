@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import metaopt as mo
+from metaopt.estimators.base import registered_estimators
 from metaopt.losses import per_task
 from metaopt.stacked import stacked_forward, unstacked_modules
 from problems import META_KINDS, OPTIMIZERS, tiny_model, tiny_tasks
@@ -23,16 +24,28 @@ def _assert_same(result: mo.MetaGrad, reference: mo.MetaGrad, rtol: float = 1e-1
         torch.testing.assert_close(result.grads[k], g, rtol=rtol, atol=1e-12, msg=f"gradient of {k}")
 
 
+# The estimators that stack, as they run here: truncated with its graph-free prefix (k < T), checkpoint with one
+# pullback per segment of one step.
+STACKING = {"full": mo.Full, "first_order": mo.FirstOrder, "truncated": lambda: mo.Truncated(k=1),
+            "checkpoint": lambda: mo.Checkpoint(segment=1)}
+
+
+def test_every_estimator_that_declares_stacks_is_tested_stacked():
+    assert {cls.name for cls in registered_estimators() if cls.stacks} == set(STACKING)
+
+
 @pytest.mark.parametrize("kind", sorted(META_KINDS))
-@pytest.mark.parametrize("name", ["full", "first_order"])
+@pytest.mark.parametrize("name", sorted(STACKING))
 def test_stacked_equals_vmap_for_every_kind(name, kind):
     model = tiny_model()
     loop = mo.InnerLoop(model, mo.optim.momentum(lr=0.05, momentum=0.5), mo.losses.mse)
     meta = META_KINDS[kind](model)
     tasks = tiny_tasks(3, T)
-    estimator = mo.get_estimator(name)
+    estimator = STACKING[name]()
     if name == "first_order" and "init" not in meta:
         meta = mo.meta_params(mo.Init(model), *meta.values())  # some kinds get zero first-order gradients alone
+    if name == "truncated" and set(meta) == {"init"}:
+        meta = META_KINDS["init+lrs_element"](model)  # an init acts before the cut alone: zero gradient
     stacked = estimator(loop, meta, tasks, batching="stacked")
     assert stacked.stats["batching"] == "stacked"
     _assert_same(stacked, estimator(loop, meta, tasks, batching="vmap"))
@@ -133,12 +146,14 @@ def test_what_cannot_run_stacked_says_why_and_auto_runs_what_can():
         mo.Full()(loop, meta, tasks, batching="stacked")
     assert mo.Full()(loop, meta, tasks).stats["batching"] == "loop"
     assert mo.FirstOrder()(loop, meta, tasks).stats["batching"] == "stacked"  # no second derivatives
-    with pytest.raises(ValueError, match="estimator 'checkpoint' does not run stacked"):
-        mo.get_estimator("checkpoint")(loop, meta, tasks, batching="stacked")
+    with pytest.raises(ValueError, match="estimator 'forward' does not run stacked"):
+        mo.get_estimator("forward")(loop, meta, tasks, batching="stacked")
     mlp = tiny_model()
     mlp_loop = mo.InnerLoop(mlp, mo.optim.sgd(lr=0.1), mo.losses.mse)
-    truncated = mo.get_estimator("truncated", k=1)(mlp_loop, META_KINDS["init"](mlp), tasks)
-    assert truncated.stats["batching"] == "vmap"  # an estimator that does not declare `stacks` vmaps
+    forward = mo.get_estimator("forward")(mlp_loop, META_KINDS["init"](mlp), tasks)
+    assert forward.stats["batching"] == "vmap"  # an estimator that does not declare `stacks` vmaps
+    for name in ("truncated", "checkpoint"):  # and those that do stack under "auto"
+        assert mo.get_estimator(name)(mlp_loop, META_KINDS["init"](mlp), tasks).stats["batching"] == "stacked"
 
 
 def test_per_task_losses_equal_the_loss_of_each_task():

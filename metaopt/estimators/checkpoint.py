@@ -58,7 +58,8 @@ class Checkpoint(AbstractEstimator):
     and the meta-gradient are pulled back. Memory O(T/S + S) states and graphs,
     minimal at S ~ sqrt(T); time: one extra forward unroll over `full` (every
     step runs exactly twice). Exact: equals `full` to rounding. Serves every slot;
-    runs under vmap (Griewank 1992; Chen et al. 2016).
+    runs under vmap and stacked (`metaopt.stacked`: all of a chunk's tasks in each
+    segment's pullback at once) (Griewank 1992; Chen et al. 2016).
 
     Why not `torch.utils.checkpoint`: its non-reentrant mode does keep the inner
     `create_graph`, but a segment whose graph holds inner backward passes has its
@@ -72,6 +73,7 @@ class Checkpoint(AbstractEstimator):
 
     exact = True
     compiles = False  # torch.compile refuses its recomputation (named_parameters on a reparametrized module)
+    stacks = True  # tests/test_stacked.py: equals vmap across the kinds
     relative_time = 1.5  # every inner step runs twice, the second time with its graph
 
     @classmethod
@@ -141,4 +143,8 @@ class Checkpoint(AbstractEstimator):
             grads = _add(grads, segment_grads)
         init_pullback = _vjp_with_aux(init, values)
         grads = _add(grads, init_pullback(adjoint)[0])
-        return TaskObjective(linear_surrogate(meta, grads), loss.detach())
+        # Stacked (a StackedLoop), the loss is each task's, [B], and the pullbacks summed the tasks' gradients: each
+        # task's surrogate is 1/B of the sum's, so that their mean differentiates to the tasks' mean gradient.
+        # One task (under vmap or alone): divided by 1, unchanged.
+        surrogate = (linear_surrogate(meta, grads) / loss.numel()).expand(loss.shape)
+        return TaskObjective(surrogate, loss.detach())

@@ -26,6 +26,7 @@ class Truncated(AbstractEstimator):
 
     exact = False
     compiles = True  # tests/test_compiled.py: equals eager across the kinds
+    stacks = True  # tests/test_stacked.py: equals vmap across the kinds
 
     @classmethod
     def auto_candidates(cls, loop: InnerLoop, meta: MetaParams, steps: int) -> list[AbstractEstimator]:
