@@ -33,17 +33,18 @@ def _assert_equal(result: mo.MetaGrad, reference: mo.MetaGrad) -> None:
         torch.testing.assert_close(result.grads[k], g, rtol=1e-10, atol=1e-12, msg=f"gradient of {k}")
 
 
-@pytest.mark.parametrize("name,kind,batching", [("full", "init", "auto"), ("full", "init", "stacked"),
-                                                ("full", "init+lrs_element", "auto"),
-                                                ("first_order", "lrs_tensor", "auto")])
-def test_compiled_equals_eager_in_float64(name, kind, batching):
+@pytest.mark.parametrize("name,kind,batching,options", [
+    ("full", "init", "auto", {}), ("full", "init", "stacked", {}), ("full", "init+lrs_element", "auto", {}),
+    ("first_order", "lrs_tensor", "auto", {}),
+    ("truncated", "init+lrs_element", "stacked", {"k": 1})])  # its graph-free prefix, on the task axis
+def test_compiled_equals_eager_in_float64(name, kind, batching, options):
     """Compiled, "auto" vmaps (the faster compiled trace); the stacked trace is there when asked for."""
     loop, meta, tasks = _problem(kind)
-    compiled = mo.get_estimator(name, compile=True)
+    compiled = mo.get_estimator(name, compile=True, **options)
     result = compiled(loop, meta, tasks, batching=batching)
     assert result.stats["batching"] == ("vmap" if batching == "auto" else batching)
     assert compiled.fallback_reason is None and compiled.compiled_calls == 1 and compiled.compile_seconds > 0
-    _assert_equal(result, mo.get_estimator(name)(loop, meta, tasks))
+    _assert_equal(result, mo.get_estimator(name, **options)(loop, meta, tasks, batching="vmap"))
     again = compiled(loop, meta, tasks, batching=batching)  # the cached function, no recompilation check
     assert compiled.compiled_calls == 2
     _assert_equal(again, result)

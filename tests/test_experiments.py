@@ -137,6 +137,21 @@ def test_bench_conv4_runs_small_and_prints_its_speedup_line():
     assert len(differences) == 6 and max(differences) < 1e-2
 
 
+def test_bench_stacking_runs_small_and_every_batching_computes_the_same_gradient():
+    """bench_stacking.py on the sinusoid: each estimator's stacked and task-by-task gradients agree with its vmapped
+    one, and the last line has its documented form (no assertion on the timings)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_stacking.py"), "--problems", "sinusoid",
+                             "--repeats", "1"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    names = ("full", "checkpoint", "truncated", "first_order")
+    assert re.fullmatch("speedup_stacked_vs_vmap " + " ".join(rf"sinusoid/{n}:\d+\.\d\d" for n in names), lines[-1])
+    rows = [row.split("|") for row in lines if row.startswith("| ") and row.endswith(" |") and "x |" in row]
+    differences = [float(d) for row in rows for d in row[6].split(",")]
+    assert len(rows) == 4 and max(differences) < 1e-4
+
+
 def test_compiled_exactness_measures_the_compiled_program_not_its_fallback():
     """compiled_exactness.py's smoke run: aot_eager in float64 (the traced graphs, no code generation) is exact to
     rounding, eager batchings too (their max-pools counted, none routed apart), and the last line has its form."""
