@@ -13,7 +13,9 @@ then times it against one task at a time). Problems:
 Estimators: full, checkpoint (segments of ceil(sqrt(T)) steps), truncated (k = T/4) and first_order.
 Timings are interleaved (every variant once per round, in a freshly shuffled seeded order), medians over
 rounds; every variant's gradient is checked against the vmapped one (`metaopt.compiled.gradient_errors`:
-relative to each gradient's largest entry, floored at 1% of the largest of all).
+relative to each gradient's largest entry, floored at 1% of the largest of all). The planner's predicted peak of
+the whole batch in one graph, stacked and vmapped (`metaopt.planning.plan`, no budget), is printed beside: on the
+CPU it comes from RSS probes in this process, coarse at tens of MB.
 
     python experiments/bench_stacking.py [--threads 1] [--repeats 7] [--problems sinusoid conv4]
         [--estimators full checkpoint truncated first_order]
@@ -34,6 +36,7 @@ import torch
 import metaopt as mo
 from metaopt.allocator import set_allocator
 from metaopt.compiled import gradient_errors
+from metaopt.planning import plan
 
 BATCHINGS = ("stacked", "vmap", "loop")
 ESTIMATORS: dict[str, Callable[[int], mo.AbstractEstimator]] = {
@@ -88,15 +91,18 @@ def main() -> None:
                 calls[key]()
                 times[key].append(time.perf_counter() - start)
         ms = {key: 1e3 * statistics.median(t) for key, t in times.items()}
+        predicted = {(e, b): plan(ESTIMATORS[e](tasks.inner_steps), loop, meta, tasks, mo.Budget(), batching=b)
+                     .predicted_peak_bytes / 1e6 for e in args.estimators for b in ("stacked", "vmap")}
         print(f"\n{name} (T={tasks.inner_steps}, meta-batch {len(tasks.query.x)}): ms per meta-gradient, median of "
               f"{args.repeats}")
-        print("| estimator | stacked | vmap | loop | stacked vs vmap | largest difference (stacked, loop) |\n"
-              "|---|---|---|---|---|---|")
+        print("| estimator | stacked | vmap | loop | stacked vs vmap | largest difference (stacked, loop) "
+              "| predicted MB (stacked, vmap) |\n|---|---|---|---|---|---|---|")
         for e in args.estimators:
             speedups[f"{name}/{e}"] = ms[e, "vmap"] / ms[e, "stacked"]
             print(f"| {ESTIMATORS[e](tasks.inner_steps)!r} | {ms[e, 'stacked']:.1f} | {ms[e, 'vmap']:.1f} | "
                   f"{ms[e, 'loop']:.1f} | {speedups[f'{name}/{e}']:.2f}x | "
-                  f"{errors[e, 'stacked']:.1e}, {errors[e, 'loop']:.1e} |")
+                  f"{errors[e, 'stacked']:.1e}, {errors[e, 'loop']:.1e} | "
+                  f"{predicted[e, 'stacked']:.1f}, {predicted[e, 'vmap']:.1f} |")
     print("speedup_stacked_vs_vmap " + " ".join(f"{k}:{x:.2f}" for k, x in speedups.items()))
 
 
