@@ -9,11 +9,12 @@ memory to the OS; CUDA: torch.cuda.max_memory_allocated; see metaopt/memory.py):
 2. chunks: `full` on 25 tasks in vmapped chunks of 1, 6 and 25 (sinusoid T = 100 and 200,
    conv4 T = 10): the prediction of the whole chunked call against the call as it runs.
 3. budgets: `meta_train` for 2 meta-steps under budgets of 1/2, 1/3 and 1/10 of full's
-   measured need, with estimator=full and estimator=auto: the plan's prediction against the
-   measured peak of the meta-steps (every chunk, forward and backward, the optimizer step),
-   and whether the measured peak stayed under the budget (or the plan was refused before work).
+   measured need, with estimator=full and estimator=auto, in vmapped chunks (`--batching stacked`: stacked):
+   the plan's prediction against the measured peak of the meta-steps (every chunk, forward and backward, the
+   optimizer step), and whether the measured peak stayed under the budget (or the plan was refused before work).
 
     OMP_NUM_THREADS=1 python experiments/bench_budget.py [--tables estimators chunks budgets] [--problems ...]
+        [--batching vmap|stacked]
 """
 from __future__ import annotations
 
@@ -96,8 +97,8 @@ def _train(name: str, args: argparse.Namespace, estimator, steps: int, budget: m
     return mo.meta_train(loop, meta, estimator, distribution, outer_optimizer=torch.optim.Adam(meta.parameters()),
                          meta_steps=2, meta_batch_size=25, inner_steps=steps, budget=budget, eval_n_tasks=0,
                          progress=False, device=args.device,
-                         batching="vmap")  # chunk plans by memory alone: under "auto" the planner also times the
-                                           # tasks one at a time and may run them so (conv4 on the CPU)
+                         batching=args.batching)  # chunk plans by memory alone: under "auto" the planner also times
+                                                  # the tasks one at a time and may run them so (conv4 on the CPU)
 
 
 def budget_table(name: str, args: argparse.Namespace) -> None:
@@ -126,6 +127,8 @@ def main() -> None:
     parser.add_argument("--tables", nargs="+", default=["estimators", "chunks", "budgets"],
                         choices=["estimators", "chunks", "budgets"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batching", choices=["vmap", "stacked"], default="vmap",
+                        help="the batched form of the budget table's plans (stacked: where the estimator stacks)")
     parser.add_argument("--steps", type=int, nargs="+", help="grid of T of the estimator table (default: the problem's)")
     parser.add_argument("--estimators", nargs="+", help="registry names to keep in the estimator table (default: all)")
     args = parser.parse_args()

@@ -119,8 +119,9 @@ def test_no_plan_is_predicted_above_its_headroom(budget, steps, n_tasks, headroo
     assert f"{1 - headroom:.0%} of the budget" in found.reason
 
 
+# meta_train's "auto" batching stacks each of them.
 ESTIMATORS = {"full": E.Full, "checkpoint": lambda: E.Checkpoint(segment=4), "first_order": E.FirstOrder,
-              "auto": mo.Auto}
+              "truncated": lambda: E.Truncated(k=10), "auto": mo.Auto}
 
 
 @settings(max_examples=6, deadline=None, derandomize=True,
