@@ -336,7 +336,11 @@ class StackedLoop(InnerLoop):
             if not create_graph:
                 grads = {k: g.detach() for k, g in grads.items()}
         else:
-            params = {k: p if p.requires_grad else p.detach().requires_grad_() for k, p in state.params.items()}
+            # Under no_grad (a graph-free unroll) every parameter becomes a fresh leaf: a view taken there of one that
+            # requires grad (the initialization expanded) says requires_grad but is not in any graph.
+            tracked = torch.is_grad_enabled()
+            params = {k: p if p.requires_grad and tracked else p.detach().requires_grad_()
+                      for k, p in state.params.items()}
             with torch.enable_grad():
                 losses, buffers = self.inner_objective(params, state, batch, meta)
                 grads = dict(zip(params, torch.autograd.grad(losses.sum(), list(params.values()),

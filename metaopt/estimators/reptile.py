@@ -17,13 +17,14 @@ class Reptile(AbstractEstimator):
 
     With an outer SGD of rate epsilon this is Reptile's theta <- theta + epsilon
     (phi_T - theta). Uses only the support batches; the query loss is reported, not
-    differentiated. Memory O(1) graphs, time O(T). Not a gradient of the outer
+    differentiated. Memory O(1) graphs, time O(T); runs under vmap and stacked. Not a gradient of the outer
     loss (approximates it to first order for small inner rates). Serves only the
     "init" slot.
     """
 
     exact = False
     second_order = False
+    stacks = True  # tests/test_stacked.py: equals vmap
 
     def check(self, loop: InnerLoop, meta: MetaParams) -> None:
         super().check(loop, meta)
@@ -38,5 +39,7 @@ class Reptile(AbstractEstimator):
         with torch.no_grad():
             state = unroll(loop, loop.init(meta, task.init), task.support, meta, create_graph=False, on_step=guard)
             loss = loop.outer_loss(state, task.query, meta)
-        surrogate = torch.stack([(p * (p - state.params[k]).detach()).sum() for k, p in start.items()]).sum()
+        # Summed per task: [B] on a StackedLoop (the loss's shape), a scalar for one task.
+        surrogate = torch.stack([(p * (p - state.params[k]).detach()).reshape(*loss.shape, -1).sum(-1)
+                                 for k, p in start.items()]).sum(0)
         return TaskObjective(surrogate, loss)
