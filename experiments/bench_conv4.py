@@ -31,15 +31,13 @@ variant's, same run.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
-import time
 from typing import Callable
 
 import torch
 
 import metaopt as mo
-from metaopt.allocator import set_allocator
+from interleaved import begin_cpu_benchmark, interleaved_seconds
 from metaopt.compiled import gradient_errors
 
 VARIANTS = {
@@ -83,24 +81,14 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=64, help="conv4 filters per block")
     parser.add_argument("--meta-batch", type=int, default=None, help="MAML's tasks per meta-step (default 16)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    set_allocator("keep")
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} interleaved rounds, allocator=keep")
+    begin_cpu_benchmark(args.threads, args.repeats)
     speedups = {}
     for workload in args.workloads:
         calls = setups(workload, args.channels, args.meta_batch)
         default = next(iter(calls))
         reference = calls[default]().grads  # also the warm-up of every variant below
         errors = {name: max(gradient_errors(call().grads, reference).values()) for name, call in calls.items()}
-        times: dict[str, list[float]] = {name: [] for name in calls}
-        order = random.Random(0)
-        for _ in range(args.repeats):
-            names = list(calls)
-            order.shuffle(names)
-            for name in names:
-                start = time.perf_counter()
-                calls[name]()
-                times[name].append(time.perf_counter() - start)
+        times = interleaved_seconds(calls, args.repeats)
         medians = {name: statistics.median(t) for name, t in times.items()}
         print(f"\n{workload}: seconds per meta-gradient (median of {args.repeats})")
         print("| variant | s | vs default | gradient difference |\n|---|---|---|---|")

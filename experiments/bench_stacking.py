@@ -26,15 +26,13 @@ one, same run.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
-import time
 from typing import Callable
 
 import torch
 
 import metaopt as mo
-from metaopt.allocator import set_allocator
+from interleaved import begin_cpu_benchmark, interleaved_seconds
 from metaopt.compiled import gradient_errors
 from metaopt.planning import plan
 
@@ -69,9 +67,7 @@ def main() -> None:
     parser.add_argument("--problems", nargs="+", choices=["sinusoid", "conv4"], default=["sinusoid", "conv4"])
     parser.add_argument("--estimators", nargs="+", choices=list(ESTIMATORS), default=list(ESTIMATORS))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    set_allocator("keep")
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} interleaved rounds, allocator=keep")
+    begin_cpu_benchmark(args.threads, args.repeats)
     speedups = {}
     for name in args.problems:
         loop, meta, tasks = problem(name)
@@ -81,15 +77,7 @@ def main() -> None:
         for e in args.estimators:  # also the warm-up of every variant
             reference = calls[e, "vmap"]().grads
             errors.update({(e, b): max(gradient_errors(calls[e, b]().grads, reference).values()) for b in BATCHINGS})
-        times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
-        order = random.Random(0)
-        for _ in range(args.repeats):
-            keys = list(calls)
-            order.shuffle(keys)
-            for key in keys:
-                start = time.perf_counter()
-                calls[key]()
-                times[key].append(time.perf_counter() - start)
+        times = interleaved_seconds(calls, args.repeats)
         ms = {key: 1e3 * statistics.median(t) for key, t in times.items()}
         predicted = {(e, b): plan(ESTIMATORS[e](tasks.inner_steps), loop, meta, tasks, mo.Budget(), batching=b)
                      .predicted_peak_bytes / 1e6 for e in args.estimators for b in ("stacked", "vmap")}
