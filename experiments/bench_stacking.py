@@ -10,7 +10,9 @@ then times it against one task at a time). Problems:
             inner SGD lr 0.4, T=4 (the configuration `search=omniglot_maml` explores; the images are
             `RandomPatterns`: contents do not change the cost)
 
-Estimators: full, checkpoint (segments of ceil(sqrt(T)) steps), truncated (k = T/4) and first_order.
+Estimators: full, checkpoint (segments of ceil(sqrt(T)) steps), truncated (k = T/4) and first_order, of an
+initialization (MAML); forward (exact: one jvp per meta-parameter scalar) of per-tensor learned inner learning
+rates (Meta-SGD's per-tensor form: 6 scalars for the MLP, 18 for Conv4), its use: a few hyperparameters.
 Timings are interleaved (every variant once per round, in a freshly shuffled seeded order), medians over
 rounds; every variant's gradient is checked against the vmapped one (`metaopt.compiled.gradient_errors`:
 relative to each gradient's largest entry, floored at 1% of the largest of all). The planner's predicted peak of
@@ -35,6 +37,7 @@ import metaopt as mo
 from interleaved import begin_cpu_benchmark, interleaved_seconds
 from metaopt.compiled import gradient_errors
 from metaopt.planning import plan
+from metaopt.prediction import describe
 
 BATCHINGS = ("stacked", "vmap", "loop")
 ESTIMATORS: dict[str, Callable[[int], mo.AbstractEstimator]] = {
@@ -42,7 +45,9 @@ ESTIMATORS: dict[str, Callable[[int], mo.AbstractEstimator]] = {
     "checkpoint": lambda steps: mo.Checkpoint(),
     "truncated": lambda steps: mo.Truncated(k=max(1, steps // 4)),
     "first_order": lambda steps: mo.FirstOrder(),
+    "forward": lambda steps: mo.ForwardMode(mode="exact"),
 }
+LEARNED_LRS = {"forward"}  # estimators timed on per-tensor learned inner lrs instead of an initialization
 
 
 def problem(name: str) -> tuple[mo.InnerLoop, mo.MetaParams, mo.Task]:
@@ -70,8 +75,10 @@ def main() -> None:
     begin_cpu_benchmark(args.threads, args.repeats)
     speedups = {}
     for name in args.problems:
-        loop, meta, tasks = problem(name)
-        calls = {(e, b): (lambda e=e, b=b: ESTIMATORS[e](tasks.inner_steps)(loop, meta, tasks, batching=b))
+        loop, init, tasks = problem(name)
+        lrs = mo.meta_params(mo.LearningRates(loop.model, init=loop.optimizer.defaults["lr"], granularity="tensor"))
+        metas = {e: lrs if e in LEARNED_LRS else init for e in args.estimators}
+        calls = {(e, b): (lambda e=e, b=b: ESTIMATORS[e](tasks.inner_steps)(loop, metas[e], tasks, batching=b))
                  for e in args.estimators for b in BATCHINGS}
         errors = {}
         for e in args.estimators:  # also the warm-up of every variant
@@ -79,7 +86,7 @@ def main() -> None:
             errors.update({(e, b): max(gradient_errors(calls[e, b]().grads, reference).values()) for b in BATCHINGS})
         times = interleaved_seconds(calls, args.repeats)
         ms = {key: 1e3 * statistics.median(t) for key, t in times.items()}
-        predicted = {(e, b): plan(ESTIMATORS[e](tasks.inner_steps), loop, meta, tasks, mo.Budget(), batching=b)
+        predicted = {(e, b): plan(ESTIMATORS[e](tasks.inner_steps), loop, metas[e], tasks, mo.Budget(), batching=b)
                      .predicted_peak_bytes / 1e6 for e in args.estimators for b in ("stacked", "vmap")}
         print(f"\n{name} (T={tasks.inner_steps}, meta-batch {len(tasks.query.x)}): ms per meta-gradient, median of "
               f"{args.repeats}")
@@ -87,7 +94,8 @@ def main() -> None:
               "| predicted MB (stacked, vmap) |\n|---|---|---|---|---|---|---|")
         for e in args.estimators:
             speedups[f"{name}/{e}"] = ms[e, "vmap"] / ms[e, "stacked"]
-            print(f"| {ESTIMATORS[e](tasks.inner_steps)!r} | {ms[e, 'stacked']:.1f} | {ms[e, 'vmap']:.1f} | "
+            label = describe(ESTIMATORS[e](tasks.inner_steps)) + (" of learned lrs" if e in LEARNED_LRS else "")
+            print(f"| {label} | {ms[e, 'stacked']:.1f} | {ms[e, 'vmap']:.1f} | "
                   f"{ms[e, 'loop']:.1f} | {speedups[f'{name}/{e}']:.2f}x | "
                   f"{errors[e, 'stacked']:.1e}, {errors[e, 'loop']:.1e} | "
                   f"{predicted[e, 'stacked']:.1f}, {predicted[e, 'vmap']:.1f} |")

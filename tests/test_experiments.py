@@ -145,11 +145,11 @@ def test_bench_stacking_runs_small_and_every_batching_computes_the_same_gradient
                              "--repeats", "1"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
-    names = ("full", "checkpoint", "truncated", "first_order")
+    names = ("full", "checkpoint", "truncated", "first_order", "forward")
     assert re.fullmatch("speedup_stacked_vs_vmap " + " ".join(rf"sinusoid/{n}:\d+\.\d\d" for n in names), lines[-1])
     rows = [row.split("|") for row in lines if row.startswith("| ") and row.endswith(" |") and "x |" in row]
     differences = [float(d) for row in rows for d in row[6].split(",")]
-    assert len(rows) == 4 and max(differences) < 1e-4
+    assert len(rows) == 5 and max(differences) < 1e-4
 
 
 def test_compiled_exactness_measures_the_compiled_program_not_its_fallback():

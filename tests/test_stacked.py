@@ -25,9 +25,10 @@ def _assert_same(result: mo.MetaGrad, reference: mo.MetaGrad, rtol: float = 1e-1
 
 
 # The estimators that stack, as they run here: truncated with its graph-free prefix (k < T), checkpoint with one
-# pullback per segment of one step; reptile, which serves only an initialization, with its graph-free unroll.
+# pullback per segment of one step; reptile, which serves only an initialization, with its graph-free unroll;
+# forward (exact: a jvp per meta-parameter scalar, inside which the stacked steps take functional gradients).
 STACKING = {"full": mo.Full, "first_order": mo.FirstOrder, "truncated": lambda: mo.Truncated(k=1),
-            "checkpoint": lambda: mo.Checkpoint(segment=1), "reptile": mo.Reptile}
+            "checkpoint": lambda: mo.Checkpoint(segment=1), "reptile": mo.Reptile, "forward": mo.ForwardMode}
 
 
 def test_every_estimator_that_declares_stacks_is_tested_stacked():
@@ -146,14 +147,18 @@ def test_what_cannot_run_stacked_says_why_and_auto_runs_what_can():
         mo.Full()(loop, meta, tasks, batching="stacked")
     assert mo.Full()(loop, meta, tasks).stats["batching"] == "loop"
     assert mo.FirstOrder()(loop, meta, tasks).stats["batching"] == "stacked"  # no second derivatives
-    with pytest.raises(ValueError, match="estimator 'forward' does not run stacked"):
-        mo.get_estimator("forward")(loop, meta, tasks, batching="stacked")
+    with pytest.raises(ValueError, match="estimator 'es' does not run stacked"):
+        mo.get_estimator("es", population=2)(loop, meta, tasks, batching="stacked")
     mlp = tiny_model()
-    mlp_loop = mo.InnerLoop(mlp, mo.optim.sgd(lr=0.1), mo.losses.mse)
-    forward = mo.get_estimator("forward")(mlp_loop, META_KINDS["init"](mlp), tasks)
-    assert forward.stats["batching"] == "vmap"  # an estimator that does not declare `stacks` vmaps
-    for name in ("truncated", "checkpoint"):  # and those that do stack under "auto"
-        assert mo.get_estimator(name)(mlp_loop, META_KINDS["init"](mlp), tasks).stats["batching"] == "stacked"
+    mlp_loop, mlp_meta = mo.InnerLoop(mlp, mo.optim.sgd(lr=0.1), mo.losses.mse), META_KINDS["init"](mlp)
+    es = mo.get_estimator("es", population=2)(mlp_loop, mlp_meta, tasks)
+    assert es.stats["batching"] == "vmap"  # an estimator that does not declare `stacks` vmaps
+    random = mo.ForwardMode(mode="random")
+    with pytest.raises(ValueError, match=r"forward \(random\) draws its tangents per task"):
+        random(mlp_loop, mlp_meta, tasks, batching="stacked")
+    assert random(mlp_loop, mlp_meta, tasks).stats["batching"] == "vmap"
+    for name in ("truncated", "checkpoint", "forward"):  # and those that do stack under "auto"
+        assert mo.get_estimator(name)(mlp_loop, mlp_meta, tasks).stats["batching"] == "stacked"
 
 
 def test_per_task_losses_equal_the_loss_of_each_task():

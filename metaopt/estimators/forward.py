@@ -40,7 +40,8 @@ class ForwardMode(AbstractEstimator):
     <grad, u> u is unbiased for grad; averages `directions` samples. Memory O(1)
     in T, time O(directions T), any number of meta-parameters, variance ~ N.
 
-    Serves every slot.
+    Serves every slot. Exact mode runs under vmap and stacked (`metaopt.stacked`: one jvp per scalar for all of a
+    chunk's tasks at once); random mode under vmap (a tangent per task).
 
     Args:
       mode: "exact" or "random".
@@ -51,6 +52,7 @@ class ForwardMode(AbstractEstimator):
 
     exact = True
     second_order = True
+    stacks = True  # exact mode (random mode draws its tangents per task: see stacked_blocker)
 
     def __init__(self, mode: Literal["exact", "random"] = "exact", directions: int = 1, max_scalars: int = 256,
                  seed: int = 0):
@@ -62,6 +64,11 @@ class ForwardMode(AbstractEstimator):
         self.exact = mode == "exact"
         self.stochastic = not self.exact
         self.relative_time = float(max_scalars) if self.exact else 1.0  # one forward pass per meta-scalar
+
+    def stacked_blocker(self, loop: InnerLoop, meta: MetaParams) -> str | None:
+        if self.mode == "random":
+            return "forward (random) draws its tangents per task, which only vmap does (randomness='different')"
+        return super().stacked_blocker(loop, meta)
 
     @classmethod
     def auto_candidates(cls, loop: InnerLoop, meta: MetaParams, steps: int) -> list[AbstractEstimator]:
@@ -91,12 +98,15 @@ class ForwardMode(AbstractEstimator):
                     tangent = {k: torch.zeros_like(v) for k, v in values.items()}
                     tangent[name] = F.one_hot(torch.tensor(i), value.numel()).to(value).view_as(value)
                     loss, derivative = _jvp(outer, values, tangent)
-                    derivatives.append(derivative)
+                    derivatives.append(derivative.sum())  # stacked: summed over the tasks
                 grads[name] = torch.stack(derivatives).view_as(value)
         else:
             grads = {k: torch.zeros_like(v) for k, v in values.items()}
             for _ in range(self.directions):
                 tangent = {k: self.noise_like(v) for k, v in values.items()}
                 loss, derivative = _jvp(outer, values, tangent)
-                grads = {k: grads[k] + derivative * tangent[k] / self.directions for k in grads}
-        return TaskObjective(linear_surrogate(meta, grads), loss.detach())
+                grads = {k: grads[k] + derivative.sum() * tangent[k] / self.directions for k in grads}
+        # Stacked, the loss is each task's, [B], and the derivatives above summed the tasks': each task's surrogate
+        # is 1/B of the sum's, as in `Checkpoint` (one task: divided by 1, unchanged).
+        surrogate = (linear_surrogate(meta, grads) / loss.numel()).expand(loss.shape)
+        return TaskObjective(surrogate, loss.detach())
