@@ -50,3 +50,19 @@ def test_every_readme_table_of_figures_names_the_command_that_made_it():
         if not any(re.search(r"(python|bash) experiments/", line) for line in section):
             missing.append(number)
     assert not missing, f"README tables of figures with no command in their section (header lines): {missing}"
+
+
+def test_the_estimator_table_says_how_each_estimator_batches():
+    """README's estimator table names each registered estimator and how `batching=auto` runs its tasks: "stacked"
+    exactly where the estimator declares `stacks` (forward: its exact mode stacks, its random mode vmaps)."""
+    from metaopt.estimators.base import registered_estimators
+
+    cells = {}
+    for line in README.read_text().split("## Estimators\n", 1)[1].splitlines():
+        match = re.match(r"\| `(\w+)` \|.*\| ([^|]+) \|$", line)
+        if match:
+            cells[match.group(1)] = match.group(2).strip()
+    for cls in registered_estimators():
+        expected = "stacked" if cls.stacks else "vmap"
+        assert cls.name in cells, f"README's estimator table has no row for {cls.name!r}"
+        assert cells[cls.name].split(" / ")[0] == expected, f"{cls.name}: README says {cells[cls.name]!r}"
