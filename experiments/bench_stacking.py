@@ -12,7 +12,8 @@ then times it against one task at a time). Problems:
 
 Estimators: full, checkpoint (segments of ceil(sqrt(T)) steps), truncated (k = T/4) and first_order, of an
 initialization (MAML); forward (exact: one jvp per meta-parameter scalar) of per-tensor learned inner learning
-rates (Meta-SGD's per-tensor form: 6 scalars for the MLP, 18 for Conv4), its use: a few hyperparameters.
+rates (Meta-SGD's per-tensor form: 6 scalars for the MLP, 18 for Conv4), its use: a few hyperparameters;
+implicit (conjugate gradient, 20 iterations) of an initialization with iMAML's proximal term (lambda = 1).
 Timings are interleaved (every variant once per round, in a freshly shuffled seeded order), medians over
 rounds; every variant's gradient is checked against the vmapped one (`metaopt.compiled.gradient_errors`:
 relative to each gradient's largest entry, floored at 1% of the largest of all). The planner's predicted peak of
@@ -46,8 +47,10 @@ ESTIMATORS: dict[str, Callable[[int], mo.AbstractEstimator]] = {
     "truncated": lambda steps: mo.Truncated(k=max(1, steps // 4)),
     "first_order": lambda steps: mo.FirstOrder(),
     "forward": lambda steps: mo.ForwardMode(mode="exact"),
+    "implicit": lambda steps: mo.Implicit(),
 }
 LEARNED_LRS = {"forward"}  # estimators timed on per-tensor learned inner lrs instead of an initialization
+PROXIMAL = {"implicit": 1.0}  # iMAML's term (an initialization has an implicit gradient only with it)
 
 
 def problem(name: str) -> tuple[mo.InnerLoop, mo.MetaParams, mo.Task]:
@@ -78,7 +81,9 @@ def main() -> None:
         loop, init, tasks = problem(name)
         lrs = mo.meta_params(mo.LearningRates(loop.model, init=loop.optimizer.defaults["lr"], granularity="tensor"))
         metas = {e: lrs if e in LEARNED_LRS else init for e in args.estimators}
-        calls = {(e, b): (lambda e=e, b=b: ESTIMATORS[e](tasks.inner_steps)(loop, metas[e], tasks, batching=b))
+        loops = {e: mo.InnerLoop(loop.model, loop.optimizer, loop.loss_fn, proximal=PROXIMAL.get(e, 0.0))
+                 for e in args.estimators}
+        calls = {(e, b): (lambda e=e, b=b: ESTIMATORS[e](tasks.inner_steps)(loops[e], metas[e], tasks, batching=b))
                  for e in args.estimators for b in BATCHINGS}
         errors = {}
         for e in args.estimators:  # also the warm-up of every variant
@@ -86,7 +91,7 @@ def main() -> None:
             errors.update({(e, b): max(gradient_errors(calls[e, b]().grads, reference).values()) for b in BATCHINGS})
         times = interleaved_seconds(calls, args.repeats)
         ms = {key: 1e3 * statistics.median(t) for key, t in times.items()}
-        predicted = {(e, b): plan(ESTIMATORS[e](tasks.inner_steps), loop, metas[e], tasks, mo.Budget(), batching=b)
+        predicted = {(e, b): plan(ESTIMATORS[e](tasks.inner_steps), loops[e], metas[e], tasks, mo.Budget(), batching=b)
                      .predicted_peak_bytes / 1e6 for e in args.estimators for b in ("stacked", "vmap")}
         print(f"\n{name} (T={tasks.inner_steps}, meta-batch {len(tasks.query.x)}): ms per meta-gradient, median of "
               f"{args.repeats}")
@@ -94,7 +99,8 @@ def main() -> None:
               "| predicted MB (stacked, vmap) |\n|---|---|---|---|---|---|---|")
         for e in args.estimators:
             speedups[f"{name}/{e}"] = ms[e, "vmap"] / ms[e, "stacked"]
-            label = describe(ESTIMATORS[e](tasks.inner_steps)) + (" of learned lrs" if e in LEARNED_LRS else "")
+            label = describe(ESTIMATORS[e](tasks.inner_steps)) + (" of learned lrs" if e in LEARNED_LRS else "") + (
+                f", proximal {PROXIMAL[e]}" if e in PROXIMAL else "")
             print(f"| {label} | {ms[e, 'stacked']:.1f} | {ms[e, 'vmap']:.1f} | "
                   f"{ms[e, 'loop']:.1f} | {speedups[f'{name}/{e}']:.2f}x | "
                   f"{errors[e, 'stacked']:.1e}, {errors[e, 'loop']:.1e} | "

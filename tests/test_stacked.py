@@ -26,9 +26,13 @@ def _assert_same(result: mo.MetaGrad, reference: mo.MetaGrad, rtol: float = 1e-1
 
 # The estimators that stack, as they run here: truncated with its graph-free prefix (k < T), checkpoint with one
 # pullback per segment of one step; reptile, which serves only an initialization, with its graph-free unroll;
-# forward (exact: a jvp per meta-parameter scalar, inside which the stacked steps take functional gradients).
+# forward (exact: a jvp per meta-parameter scalar, inside which the stacked steps take functional gradients);
+# implicit (with a proximal term, so that an initialization has an implicit gradient: per-task CG solves).
 STACKING = {"full": mo.Full, "first_order": mo.FirstOrder, "truncated": lambda: mo.Truncated(k=1),
-            "checkpoint": lambda: mo.Checkpoint(segment=1), "reptile": mo.Reptile, "forward": mo.ForwardMode}
+            "checkpoint": lambda: mo.Checkpoint(segment=1), "reptile": mo.Reptile, "forward": mo.ForwardMode,
+            "implicit": mo.Implicit}
+SERVES = {"reptile": lambda kind: kind == "init",  # the kinds an estimator serves, where not all
+          "implicit": lambda kind: "lrs" not in kind and "learned_optimizer" not in kind}  # no update rule
 
 
 def test_every_estimator_that_declares_stacks_is_tested_stacked():
@@ -38,10 +42,11 @@ def test_every_estimator_that_declares_stacks_is_tested_stacked():
 @pytest.mark.parametrize("name,kind", [
     pytest.param(name, kind, marks=[pytest.mark.slow] if (name, kind) == ("forward", "learned_optimizer_lstm") else [])
     for name in sorted(STACKING) for kind in sorted(META_KINDS)  # forward on the LSTM: 138 jvps, 14 s
-    if name != "reptile" or kind == "init"])
+    if SERVES.get(name, lambda kind: True)(kind)])
 def test_stacked_equals_vmap_for_every_kind(name, kind):
     model = tiny_model()
-    loop = mo.InnerLoop(model, mo.optim.momentum(lr=0.05, momentum=0.5), mo.losses.mse)
+    proximal = 0.5 if name == "implicit" else 0.0
+    loop = mo.InnerLoop(model, mo.optim.momentum(lr=0.05, momentum=0.5), mo.losses.mse, proximal=proximal)
     meta = META_KINDS[kind](model)
     tasks = tiny_tasks(3, T)
     estimator = STACKING[name]()
@@ -51,7 +56,11 @@ def test_stacked_equals_vmap_for_every_kind(name, kind):
         meta = META_KINDS["init+lrs_element"](model)  # an init acts before the cut alone: zero gradient
     stacked = estimator(loop, meta, tasks, batching="stacked")
     assert stacked.stats["batching"] == "stacked"
-    _assert_same(stacked, estimator(loop, meta, tasks, batching="vmap"))
+    vmapped = estimator(loop, meta, tasks, batching="vmap")
+    _assert_same(stacked, vmapped)
+    for key in ("residual", "stationarity"):  # implicit's per-task solves and stationarity, summarized alike
+        if key in vmapped.stats:
+            assert stacked.stats[key] == pytest.approx(vmapped.stats[key], rel=1e-10)
 
 
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))

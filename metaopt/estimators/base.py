@@ -163,7 +163,7 @@ class AbstractEstimator(abc.ABC):
     stacks: ClassVar[bool] = False
     """Whether `task_objective` may run on a `metaopt.stacked.StackedLoop` (all of a chunk's tasks at once on
     their task axis): estimators built on the loop's `init`, `unroll` and `outer_loss`, whose surrogate and outer
-    loss then come out per task, [B] (full, first_order, truncated, checkpoint, reptile, exact forward;
+    loss then come out per task, [B] (all but es, pes, online_pes and random forward;
     tests/test_stacked.py: equal to vmap across the kinds)."""
 
     def stacked_blocker(self, loop: InnerLoop, meta: MetaParams) -> str | None:

@@ -9,6 +9,7 @@ from metaopt.estimators.base import AbstractEstimator, EstimatorUnsupported, Tas
 from metaopt.guard import StepGuard
 from metaopt.linalg import conjugate_gradient, neumann, relative_residual
 from metaopt.loop import InnerLoop, detach_state, unroll
+from metaopt.stacked import StackedLoop
 from metaopt.types import MetaParams, Params, Task
 
 __all__ = ["Implicit"]
@@ -39,7 +40,8 @@ class Implicit(AbstractEstimator):
     changes J, so dataset distillation is served) defines J. Cannot serve "optimizer"
     meta-parameters (an update rule does not change the stationarity condition), nor
     "init" without a proximal term (the solution would not depend on it): use full,
-    checkpoint or forward.
+    checkpoint or forward. Runs under vmap and stacked (`metaopt.stacked`: the chunk's
+    B systems solved at once, with per-task inner products, residuals and stationarity).
 
     Args:
       solver: "cg" (conjugate gradient) or "neumann".
@@ -59,6 +61,7 @@ class Implicit(AbstractEstimator):
         """Exact only at a stationary point of the inner problem: ranked after the exact estimators."""
         return 0.01
     second_order = True
+    stacks = True  # tests/test_stacked.py: equals vmap (per-task solves)
 
     def __init__(self, solver: Literal["cg", "neumann"] = "cg", iters: int = 20, damping: float = 0.0,
                  neumann_alpha: float = 0.1):
@@ -83,6 +86,9 @@ class Implicit(AbstractEstimator):
                        guard: StepGuard | None) -> TaskObjective:
         if task.inner_steps < 1:
             raise ValueError("implicit: the task has no inner steps, so there is no inner solution")
+        # Stacked (a StackedLoop), every loss is per task, [B]: gradients of their sum are each task's own, and the
+        # solvers solve the B systems at once (per-task inner products).
+        stacked = isinstance(loop, StackedLoop)
         start = loop.init(meta, task.init)
         with torch.no_grad():
             solved = unroll(loop, detach_state(start), task.support, meta, create_graph=False, on_step=guard)
@@ -91,24 +97,34 @@ class Implicit(AbstractEstimator):
         params = {k: v.detach() for k, v in solved.params.items()}
 
         def inner_grad(p: Params) -> Params:
-            return torch.func.grad(lambda q: loop.inner_objective(q, at, batch, meta)[0])(p)
+            return torch.func.grad(lambda q: loop.inner_objective(q, at, batch, meta)[0].sum())(p)
 
         def hvp(v: Params) -> Params:
             hv = torch.func.jvp(inner_grad, (params,), (v,))[1]
             return {k: hv[k] + self.damping * v[k] for k in hv} if self.damping else hv
 
         with torch.no_grad():
-            outer_grad = torch.func.grad(lambda p: loop.outer_loss(solved._replace(params=p), task.query, meta))(params)
+            outer_grad = torch.func.grad(
+                lambda p: loop.outer_loss(solved._replace(params=p), task.query, meta).sum())(params)
             if self.solver == "cg":
-                v = conjugate_gradient(hvp, outer_grad, self.iters)
+                v = conjugate_gradient(hvp, outer_grad, self.iters, batched=stacked)
             else:
                 v = neumann(hvp, outer_grad, self.iters, self.neumann_alpha)
-            residual = relative_residual(hvp, v, outer_grad)
-            stationarity = torch.stack([(g ** 2).sum() for g in inner_grad(params).values()]).sum().sqrt()
+            residual = relative_residual(hvp, v, outer_grad, batched=stacked)
+            squares = {k: g ** 2 for k, g in inner_grad(params).items()}
+            stationarity = _total(squares, stacked).sqrt()
             loss = loop.outer_loss(solved, task.query, meta)
         # d/d meta of -<grad_params J(params*, meta), v>, with params* and v held fixed; the anchor
         # carries the initialization's graph.
         live = solved._replace(anchor=start.anchor)
-        grad_j = torch.func.grad(lambda q: loop.inner_objective(q, live, batch, meta)[0])(params)
-        surrogate = -sum((grad_j[k] * v[k]).sum() for k in grad_j)
+        grad_j = torch.func.grad(lambda q: loop.inner_objective(q, live, batch, meta)[0].sum())(params)
+        products = {k: grad_j[k] * v[k] for k in grad_j}
+        surrogate = -(_total(products, stacked) if stacked else sum(t.sum() for t in products.values()))
         return TaskObjective(surrogate, loss, {"residual": residual, "stationarity": stationarity})
+
+
+def _total(tensors: Params, stacked: bool) -> torch.Tensor:
+    """The sum of every entry, or per task ([B]) on a stacked loop."""
+    if stacked:
+        return torch.stack([t.flatten(1).sum(1) for t in tensors.values()]).sum(0)
+    return torch.stack([t.sum() for t in tensors.values()]).sum()
