@@ -199,6 +199,17 @@ def _is_graph_break(error: Exception) -> bool:
     return type(error).__name__ in ("Unsupported", "UserError") or "graph break" in str(error).lower()
 
 
+def _replays_graphs(backend: str, mode: str | None, options: dict[str, Any] | None) -> bool:
+    """`Compiled.replays_graphs` for these constructor arguments."""
+    if backend != "inductor":
+        return backend == "cudagraphs"
+    effective = dict(options or {})
+    if mode is not None:
+        from torch._inductor import list_mode_options
+        effective = {**list_mode_options(mode, dynamic=False), **effective}
+    return bool(effective.get("triton.cudagraphs", False))
+
+
 class Compiled:
     """An estimator whose vmapped chunks run as one compiled meta-gradient function.
 
@@ -253,6 +264,7 @@ class Compiled:
         self.backend = backend
         self.eager: Any = estimator  # an estimator (its name, declarations and task_objective)
         self.mode, self.options, self.fullgraph, self.verify = mode, options, fullgraph, verify
+        self._replays_graphs = _replays_graphs(backend, mode, options)
         self.fallback_reason: str | None = None
         self.compile_seconds = 0.0
         self.compiled_calls = 0
@@ -278,14 +290,9 @@ class Compiled:
     def replays_graphs(self) -> bool:
         """Whether the compiled function may replay CUDA graphs (outputs in buffers the next call overwrites): the
         "cudagraphs" backend, or Inductor's `triton.cudagraphs` option as the mode sets it ("reduce-overhead",
-        "max-autotune") and the options override it."""
-        if self.backend != "inductor":
-            return self.backend == "cudagraphs"
-        options = dict(self.options or {})
-        if self.mode is not None:
-            from torch._inductor import list_mode_options
-            options = {**list_mode_options(self.mode, dynamic=False), **options}
-        return bool(options.get("triton.cudagraphs", False))
+        "max-autotune") and the options override it. Fixed by the constructor's arguments: worked out once there,
+        not at every call."""
+        return self._replays_graphs
 
     def candidates(self, loop: InnerLoop, meta: MetaParams, steps: int) -> list["Compiled"]:
         return [self]
