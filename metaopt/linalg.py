@@ -15,16 +15,21 @@ from torch import Tensor
 
 from metaopt.types import Params
 
-__all__ = ["conjugate_gradient", "neumann", "relative_residual"]
+__all__ = ["conjugate_gradient", "neumann", "relative_residual", "entry_sum"]
 
 MatVec = Callable[[Params], Params]
 
 
+def entry_sum(tensors: Params, batched: bool = False) -> Tensor:
+    """The sum of every entry of every tensor: a scalar, or per task ([B]) when `batched` (each tensor [B, ...])."""
+    if batched:
+        return torch.stack([t.flatten(1).sum(1) for t in tensors.values()]).sum(0)
+    return torch.stack([t.sum() for t in tensors.values()]).sum()
+
+
 def _dot(a: Params, b: Params, batched: bool = False) -> Tensor:
     """<a, b> over every entry: a scalar, or per task ([B]) when `batched`."""
-    if batched:
-        return torch.stack([(a[k] * b[k]).flatten(1).sum(1) for k in a]).sum(0)
-    return torch.stack([(a[k] * b[k]).sum() for k in a]).sum()
+    return entry_sum({k: a[k] * b[k] for k in a}, batched)
 
 
 def _per_entry(scale: Tensor, like: Tensor) -> Tensor:

@@ -44,6 +44,7 @@ __all__ = [
     "meta_values",
     "call_with_meta",
     "linear_surrogate",
+    "task_surrogates",
 ]
 
 
@@ -74,6 +75,14 @@ def linear_surrogate(meta: MetaParams, grads: dict[str, Tensor]) -> Tensor:
     """sum_k <meta_k, grads_k.detach()>: a scalar whose gradient w.r.t. meta is `grads`."""
     params = dict(meta.named_parameters())
     return torch.stack([(params[k] * g.detach()).sum() for k, g in grads.items()]).sum()
+
+
+def task_surrogates(meta: MetaParams, grads: dict[str, Tensor], loss: Tensor) -> Tensor:
+    """Per-task surrogates, shaped like `loss`, for `grads` summed over the tasks of `loss` (a pullback or a
+    push-forward of a stacked chunk's per-task losses [B] sums their gradients): each task's is 1/B of
+    `linear_surrogate`'s, so that their mean differentiates to the tasks' mean gradient. One task (0-d loss, under
+    vmap or alone): `linear_surrogate` itself (divided by 1)."""
+    return (linear_surrogate(meta, grads) / loss.numel()).expand(loss.shape)
 
 
 class AbstractEstimator(abc.ABC):

@@ -10,9 +10,9 @@ from metaopt.estimators.base import (
     AbstractEstimator,
     TaskObjective,
     call_with_meta,
-    linear_surrogate,
     meta_values,
     register,
+    task_surrogates,
 )
 from metaopt.guard import StepGuard, shifted
 from metaopt.loop import InnerLoop, unroll
@@ -143,8 +143,4 @@ class Checkpoint(AbstractEstimator):
             grads = _add(grads, segment_grads)
         init_pullback = _vjp_with_aux(init, values)
         grads = _add(grads, init_pullback(adjoint)[0])
-        # Stacked (a StackedLoop), the loss is each task's, [B], and the pullbacks summed the tasks' gradients: each
-        # task's surrogate is 1/B of the sum's, so that their mean differentiates to the tasks' mean gradient.
-        # One task (under vmap or alone): divided by 1, unchanged.
-        surrogate = (linear_surrogate(meta, grads) / loss.numel()).expand(loss.shape)
-        return TaskObjective(surrogate, loss.detach())
+        return TaskObjective(task_surrogates(meta, grads, loss), loss.detach())  # stacked: per task

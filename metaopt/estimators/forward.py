@@ -11,9 +11,9 @@ from metaopt.estimators.base import (
     EstimatorUnsupported,
     TaskObjective,
     call_with_meta,
-    linear_surrogate,
     meta_values,
     register,
+    task_surrogates,
 )
 from metaopt.guard import StepGuard
 from metaopt.loop import InnerLoop, task_outer_loss
@@ -106,7 +106,4 @@ class ForwardMode(AbstractEstimator):
                 tangent = {k: self.noise_like(v) for k, v in values.items()}
                 loss, derivative = _jvp(outer, values, tangent)
                 grads = {k: grads[k] + derivative.sum() * tangent[k] / self.directions for k in grads}
-        # Stacked, the loss is each task's, [B], and the derivatives above summed the tasks': each task's surrogate
-        # is 1/B of the sum's, as in `Checkpoint` (one task: divided by 1, unchanged).
-        surrogate = (linear_surrogate(meta, grads) / loss.numel()).expand(loss.shape)
-        return TaskObjective(surrogate, loss.detach())
+        return TaskObjective(task_surrogates(meta, grads, loss), loss.detach())  # stacked: per task

@@ -7,7 +7,7 @@ import torch
 
 from metaopt.estimators.base import AbstractEstimator, EstimatorUnsupported, TaskObjective, register
 from metaopt.guard import StepGuard
-from metaopt.linalg import conjugate_gradient, neumann, relative_residual
+from metaopt.linalg import conjugate_gradient, entry_sum, neumann, relative_residual
 from metaopt.loop import InnerLoop, detach_state, unroll
 from metaopt.stacked import StackedLoop
 from metaopt.types import MetaParams, Params, Task
@@ -112,19 +112,13 @@ class Implicit(AbstractEstimator):
                 v = neumann(hvp, outer_grad, self.iters, self.neumann_alpha)
             residual = relative_residual(hvp, v, outer_grad, batched=stacked)
             squares = {k: g ** 2 for k, g in inner_grad(params).items()}
-            stationarity = _total(squares, stacked).sqrt()
+            stationarity = entry_sum(squares, stacked).sqrt()
             loss = loop.outer_loss(solved, task.query, meta)
         # d/d meta of -<grad_params J(params*, meta), v>, with params* and v held fixed; the anchor
         # carries the initialization's graph.
         live = solved._replace(anchor=start.anchor)
         grad_j = torch.func.grad(lambda q: loop.inner_objective(q, live, batch, meta)[0].sum())(params)
         products = {k: grad_j[k] * v[k] for k in grad_j}
-        surrogate = -(_total(products, stacked) if stacked else sum(t.sum() for t in products.values()))
+        surrogate = -(entry_sum(products, stacked) if stacked else sum(t.sum() for t in products.values()))
         return TaskObjective(surrogate, loss, {"residual": residual, "stationarity": stationarity})
 
-
-def _total(tensors: Params, stacked: bool) -> torch.Tensor:
-    """The sum of every entry, or per task ([B]) on a stacked loop."""
-    if stacked:
-        return torch.stack([t.flatten(1).sum(1) for t in tensors.values()]).sum(0)
-    return torch.stack([t.sum() for t in tensors.values()]).sum()

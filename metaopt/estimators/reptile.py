@@ -5,6 +5,7 @@ import torch
 
 from metaopt.estimators.base import AbstractEstimator, EstimatorUnsupported, TaskObjective, register
 from metaopt.guard import StepGuard
+from metaopt.linalg import entry_sum
 from metaopt.loop import InnerLoop, unroll
 from metaopt.types import MetaParams, Task
 
@@ -40,6 +41,5 @@ class Reptile(AbstractEstimator):
             state = unroll(loop, loop.init(meta, task.init), task.support, meta, create_graph=False, on_step=guard)
             loss = loop.outer_loss(state, task.query, meta)
         # Summed per task: [B] on a StackedLoop (the loss's shape), a scalar for one task.
-        surrogate = torch.stack([(p * (p - state.params[k]).detach()).reshape(*loss.shape, -1).sum(-1)
-                                 for k, p in start.items()]).sum(0)
+        surrogate = entry_sum({k: p * (p - state.params[k]).detach() for k, p in start.items()}, batched=loss.dim() > 0)
         return TaskObjective(surrogate, loss)
