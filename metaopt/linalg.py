@@ -82,5 +82,6 @@ def neumann(matvec: MatVec, b: Params, iters: int = 50, alpha: float = 0.1) -> P
 def relative_residual(matvec: MatVec, x: Params, b: Params, batched: bool = False) -> Tensor:
     """||A x - b|| / ||b|| (per task, [B], when `batched`)."""
     ax = matvec(x)
-    return torch.sqrt(_dot({k: ax[k] - b[k] for k in b}, {k: ax[k] - b[k] for k in b}, batched) /
+    error = {k: ax[k] - b[k] for k in b}
+    return torch.sqrt(_dot(error, error, batched) /
                       _dot(b, b, batched).clamp_min(torch.finfo(ax[next(iter(ax))].dtype).tiny))
