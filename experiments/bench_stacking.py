@@ -10,15 +10,18 @@ then times it against one task at a time). Problems:
             inner SGD lr 0.4, T=4 (the configuration `search=omniglot_maml` explores; the images are
             `RandomPatterns`: contents do not change the cost)
 
-Estimators: full, checkpoint (segments of ceil(sqrt(T)) steps), truncated (k = T/4) and first_order, of an
-initialization (MAML); forward (exact: one jvp per meta-parameter scalar) of per-tensor learned inner learning
-rates (Meta-SGD's per-tensor form: 6 scalars for the MLP, 18 for Conv4), its use: a few hyperparameters;
+Estimators: full, checkpoint (segments of ceil(sqrt(T)) steps) and first_order, of an initialization (MAML);
+truncated (k = T/4) and forward (exact: one jvp per meta-parameter scalar) of per-tensor learned inner learning
+rates (Meta-SGD's per-tensor form: 6 scalars for the MLP, 18 for Conv4; an initialization gets no gradient from
+truncated with k < T, and forward's use is a few hyperparameters);
 implicit (conjugate gradient, 20 iterations) of an initialization with iMAML's proximal term (lambda = 1).
 Timings are interleaved (every variant once per round, in a freshly shuffled seeded order), medians over
 rounds; every variant's gradient is checked against the vmapped one (`metaopt.compiled.gradient_errors`:
 relative to each gradient's largest entry, floored at 1% of the largest of all). The planner's predicted peak of
 the whole batch in one graph, stacked and vmapped (`metaopt.planning.plan`, no budget), is printed beside: on the
-CPU it comes from RSS probes in this process, coarse at tens of MB.
+CPU it comes from RSS probes in this process, coarse at tens of MB, and counts autograd's bookkeeping and the
+allocator's slack too; so is the peak of live tensor storage of one call of each (`torch.profiler`'s memory
+events, `metaopt.memory`'s "profiler" method: tensors only, exact to the byte).
 
     python experiments/bench_stacking.py [--threads 1] [--repeats 7] [--problems sinusoid conv4]
         [--estimators full checkpoint truncated first_order]
@@ -37,6 +40,7 @@ import torch
 import metaopt as mo
 from interleaved import begin_cpu_benchmark, interleaved_seconds
 from metaopt.compiled import gradient_errors
+from metaopt.memory import measure_peak_memory
 from metaopt.planning import plan
 from metaopt.prediction import describe
 
@@ -49,7 +53,8 @@ ESTIMATORS: dict[str, Callable[[int], mo.AbstractEstimator]] = {
     "forward": lambda steps: mo.ForwardMode(mode="exact"),
     "implicit": lambda steps: mo.Implicit(),
 }
-LEARNED_LRS = {"forward"}  # estimators timed on per-tensor learned inner lrs instead of an initialization
+LEARNED_LRS = {"forward", "truncated"}  # timed on per-tensor learned inner lrs (an initialization: no forward
+# gradient; truncated k < T: zero)
 PROXIMAL = {"implicit": 1.0}  # iMAML's term (an initialization has an implicit gradient only with it)
 
 
@@ -66,6 +71,13 @@ def problem(name: str) -> tuple[mo.InnerLoop, mo.MetaParams, mo.Task]:
         loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.4), mo.losses.cross_entropy)
         tasks = mo.RandomPatterns(n_way=5, k_shot=1, k_query=15).sample(8, 4, generator)
     return loop, mo.meta_params(mo.Init(model)), tasks
+
+
+def tensor_peak_bytes(call: Callable[[], object]) -> int:
+    """The peak of live tensor storage during one `call()`, above the level at its start (bytes, exact)."""
+    with measure_peak_memory("cpu", "profiler") as peak:
+        call()
+    return peak.peak_bytes
 
 
 def main() -> None:
@@ -93,10 +105,11 @@ def main() -> None:
         ms = {key: 1e3 * statistics.median(t) for key, t in times.items()}
         predicted = {(e, b): plan(ESTIMATORS[e](tasks.inner_steps), loops[e], metas[e], tasks, mo.Budget(), batching=b)
                      .predicted_peak_bytes / 1e6 for e in args.estimators for b in ("stacked", "vmap")}
+        tensors = {key: tensor_peak_bytes(call) / 1e6 for key, call in calls.items() if key[1] != "loop"}
         print(f"\n{name} (T={tasks.inner_steps}, meta-batch {len(tasks.query.x)}): ms per meta-gradient, median of "
               f"{args.repeats}")
         print("| estimator | stacked | vmap | loop | stacked vs vmap | largest difference (stacked, loop) "
-              "| predicted MB (stacked, vmap) |\n|---|---|---|---|---|---|---|")
+              "| predicted MB (stacked, vmap) | tensor MB (stacked, vmap) |\n|---|---|---|---|---|---|---|---|")
         for e in args.estimators:
             speedups[f"{name}/{e}"] = ms[e, "vmap"] / ms[e, "stacked"]
             label = describe(ESTIMATORS[e](tasks.inner_steps)) + (" of learned lrs" if e in LEARNED_LRS else "") + (
@@ -104,7 +117,8 @@ def main() -> None:
             print(f"| {label} | {ms[e, 'stacked']:.1f} | {ms[e, 'vmap']:.1f} | "
                   f"{ms[e, 'loop']:.1f} | {speedups[f'{name}/{e}']:.2f}x | "
                   f"{errors[e, 'stacked']:.1e}, {errors[e, 'loop']:.1e} | "
-                  f"{predicted[e, 'stacked']:.1f}, {predicted[e, 'vmap']:.1f} |")
+                  f"{predicted[e, 'stacked']:.1f}, {predicted[e, 'vmap']:.1f} | "
+                  f"{tensors[e, 'stacked']:.2f}, {tensors[e, 'vmap']:.2f} |")
     print("speedup_stacked_vs_vmap " + " ".join(f"{k}:{x:.2f}" for k, x in speedups.items()))
 
 

@@ -351,10 +351,13 @@ class StackedLoop(InnerLoop):
             tracked = torch.is_grad_enabled()
             params = {k: p if p.requires_grad and tracked else p.detach().requires_grad_()
                       for k, p in state.params.items()}
+            # The gradients' own graph serves the outer gradient only where the inner objective reads a tensor in the
+            # outer graph; through fresh leaves alone (the state after truncated's cut) it would be built and unused.
+            graph = create_graph and tracked and self._objective_in_graph(state, batch, meta)
             with torch.enable_grad():
                 losses, buffers = self.inner_objective(params, state, batch, meta)
                 grads = dict(zip(params, torch.autograd.grad(losses.sum(), list(params.values()),
-                                                             create_graph=create_graph)))
+                                                             create_graph=graph)))
         if hyper is None:
             hyper = self.hyper(meta)
         update: Callable[[Params, Params, Any, Hyper], tuple[Params, Any]] = self.optimizer.update
@@ -366,6 +369,13 @@ class StackedLoop(InnerLoop):
             new_params, opt_state = torch.func.vmap(lambda p, g, s: update(p, g, s, hyper))(
                 state.params, grads, state.opt_state)
         return InnerState(new_params, buffers, opt_state, state.anchor)
+
+    @staticmethod
+    def _objective_in_graph(state: InnerState, batch: Batch, meta: MetaParams) -> bool:
+        """Whether `inner_objective` reads a tensor that is in the outer graph: a parameter, the proximal anchor,
+        the (transformed) support batch, or a learned loss (taken to be)."""
+        return "loss" in meta or any(t.requires_grad for t in (*state.params.values(), *state.anchor.values(),
+                                                                batch.x, batch.y))
 
     def outer_loss(self, state: InnerState, batch: Batch, meta: MetaParams) -> Tensor:
         """Each task's outer loss, [B]."""
