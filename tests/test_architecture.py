@@ -1,14 +1,18 @@
 """The package's shape: no import cycle among metaopt's modules (imports inside functions included), short
 functions, and the layering DESIGN.md draws (estimators and meta-parameter kinds never import each other;
-the runner imports no estimator; the core never imports Hydra or wandb)."""
+the runner imports no estimator; the core never imports Hydra or wandb); DESIGN.md's layout names every module
+and every `metaopt...` name it gives exists."""
 from __future__ import annotations
 
 import ast
+import importlib
+import re
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "metaopt"
+DESIGN = (PACKAGE.parent / "DESIGN.md").read_text()
 MAX_FUNCTION_LINES = 80
 
 
@@ -88,3 +92,22 @@ def test_core_never_imports_hydra_or_wandb():
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 assert not any(m.split(".")[0] in ("hydra", "omegaconf", "wandb") for m in mods), name
+
+
+def test_design_layout_names_every_module():
+    """A module added without its line in DESIGN.md's layout fails here (subpackages count as one line)."""
+    layout = DESIGN.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"^ {6}(\w+(?:\.py|/))", layout, flags=re.M))
+    files = {p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"}
+    packages = {f"{p.name}/" for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert files | packages == named, f"missing: {sorted((files | packages) - named)}, stale: {sorted(named - files - packages)}"
+
+
+def test_every_metaopt_name_in_design_exists():
+    names = set(re.findall(r"`(metaopt(?:\.\w+)+)`", DESIGN))
+    assert len(names) > 20
+    for name in sorted(names):
+        module, attribute = name, None
+        while module not in MODULES and module != "metaopt":
+            module, _, attribute = module.rpartition(".")
+        assert attribute is None or hasattr(importlib.import_module(module), attribute), name
