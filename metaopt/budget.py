@@ -87,11 +87,13 @@ class Budget:
         guard watches it (`metaopt.guard`). Measured as in `metaopt.memory`: device tensor bytes
         on CUDA, process peak RSS on CPU.
       time: seconds for one task (a number or a string like "30s"); a vmapped chunk shares one
-        clock. None: no limit.
+        clock. None: no limit. The planner predicts a chunk's seconds (timed at a few inner steps,
+        extrapolated to T) and fits chunks, or chooses an estimator, under `(1 - headroom) x time`;
+        the guard watches it at run time.
       on_exceed: what happens to a task that runs past its budget: "raise" an error,
         "truncate" its unroll at that step boundary, or "skip" the task.
-      headroom: the share of `memory` the planner keeps free: it emits no plan predicted above
-        `(1 - headroom) x memory` (the run-time guard still allows up to `memory`).
+      headroom: the share of `memory` (and of `time`) the planner keeps free: it emits no plan predicted
+        above `(1 - headroom) x memory` (the run-time guard still allows up to `memory`).
     """
 
     memory: int | None = None

@@ -60,6 +60,9 @@ class Plan(NamedTuple):
       predicted_peak_bytes: predicted peak of the whole call (all chunks) plus `fixed_bytes`.
       task_peak_bytes: predicted peak of one task alone.
       reason: why this plan, in words.
+      predicted_chunk_seconds: predicted wall-clock seconds of one chunk (of one task with "loop"), what a
+        time budget bounds; None where the budget sets no time (nothing is timed for it) or the estimator is
+        compiled (its eager timing would overstate it).
     """
 
     estimator: AbstractEstimator
@@ -68,6 +71,7 @@ class Plan(NamedTuple):
     predicted_peak_bytes: int
     task_peak_bytes: int
     reason: str
+    predicted_chunk_seconds: float | None = None
 
 
 LOOP_FASTER = 1.2
@@ -211,6 +215,8 @@ def plan(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, tasks: T
     try:
         found = _plan_within(method, loop, meta, tasks, bounded, batching, device, meter, fixed_bytes, timer)
     except BudgetExceeded as refused:
+        if getattr(refused, "over_time", False):
+            raise
         raise BudgetExceeded(f"{machine}; nothing fits in it: {refused}") from None
     return found._replace(reason=f"{found.reason}; {machine}")
 
@@ -225,19 +231,67 @@ def _plan_within(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, 
     steps = predictor.steps
     candidates = ranked_candidates(method, loop, meta, steps, predictor)
     tried: list[str] = []
+    over_time: Plan | None = None  # the first plan that fits the memory but is predicted past the time budget
     for candidate in candidates:
         found = _fit(predictor, candidate, budget, batching, fixed_bytes)
         if found is not None:
-            if candidate is candidates[0]:
-                return found
-            kind = "exact" if candidate.exact else "approximate"
-            return found._replace(reason=f"{tried[0]} > {_limit_words(budget)}; {describe(candidate)} is the first "
-                                         f"{kind} estimator that fits ({found.reason})")
-        tried.append(f"{describe(candidate)} predicts {format_bytes(predictor.predict(candidate, 1) + fixed_bytes)}")
+            found, overrun = _fit_time(predictor, found, budget, fixed_bytes)
+            if overrun is None:
+                if candidate is candidates[0]:
+                    return found
+                kind = "exact" if candidate.exact else "approximate"
+                return found._replace(reason=f"{tried[0]}; {describe(candidate)} is the first {kind} estimator that "
+                                             f"fits ({found.reason})")
+            over_time = over_time or found
+            tried.append(overrun)
+            continue
+        tried.append(f"{describe(candidate)} predicts {format_bytes(predictor.predict(candidate, 1) + fixed_bytes)} "
+                     f"> {_limit_words(budget)}")
+    if over_time is not None and budget.on_exceed != "raise":
+        return over_time  # its reason says the guard will truncate or skip
+    if len(candidates) == 1 and over_time is not None:
+        refused = BudgetExceeded(f"{tried[0]} (`auto` plans the first estimator that fits memory and time; "
+                                 "on_exceed=truncate runs this one cut short; or raise the time budget, or lower "
+                                 "inner_steps)")
+        refused.over_time = True  # type: ignore[attr-defined]  # it fits the memory: `plan` adds no machine words
+        raise refused
     if len(candidates) == 1:
         raise BudgetExceeded(_refusal(candidates[0], loop, meta, budget, predictor, fixed_bytes))
-    raise BudgetExceeded(f"no estimator fits the memory budget {format_bytes(budget.memory or 0)} at T={steps} "
-                         f"(per task: {'; '.join(tried)})")
+    limits = f"memory budget {format_bytes(budget.memory or 0)}" if budget.time is None else \
+        f"budget ({format_bytes(budget.memory or 0) if budget.memory else 'no memory limit'}, {budget.time:.3g} s)"
+    raise BudgetExceeded(f"no estimator fits the {limits} at T={steps} (per task: {'; '.join(tried)})")
+
+
+def _fit_time(predictor: Predictor, found: Plan, budget: Budget, fixed_bytes: int) -> tuple[Plan, str | None]:
+    """`found` with its chunk's predicted seconds, its chunks made smaller where one would run past the time budget
+    (a chunk shares one clock) less its headroom, and None; or, where even one task alone is predicted past it, the
+    plan and why (the guard would truncate or skip every chunk, or raise). Unchanged where the budget sets no time,
+    nothing can be timed (a stand-in meter), or the estimator is compiled (timed eagerly, it would be overstated)."""
+    compiled = getattr(found.estimator, "chunk_gradient", None) is not None
+    if budget.time is None or compiled or not predictor.can_time:
+        return found, None
+    estimator, chunk, n = found.estimator, found.chunk_size, len(predictor.tasks)
+    limit = (1 - budget.headroom) * budget.time
+    words = f"{limit:.3g} s = {1 - budget.headroom:.0%} of the time budget {budget.time:.3g} s"
+    seconds = first = predictor.predict_seconds(estimator, chunk)
+    while seconds > limit and chunk > 1:
+        chunk = max(1, min(chunk - 1, int(chunk * limit / seconds)))
+        seconds = predictor.predict_seconds(estimator, chunk)
+    unit = "one task" if chunk == 1 else f"a chunk of {chunk} tasks"
+    timed = f"{unit} predicted {seconds:.3g} s {'>' if seconds > limit else '<='} {words}"
+    if chunk != found.chunk_size:
+        batching = found.batching if chunk > 1 else "loop"
+        predicted = predictor.predict(estimator, n, chunk) + fixed_bytes
+        reason = (f"{found.reason}; but chunks of {found.chunk_size} tasks predicted {first:.3g} s each: {batching} "
+                  f"chunks of {chunk}, predicted {format_bytes(predicted)}")
+        found = found._replace(batching=batching, chunk_size=chunk, reason=reason, predicted_peak_bytes=predicted)
+    found = found._replace(predicted_chunk_seconds=seconds, reason=f"{found.reason}; {timed}")
+    if seconds <= limit:
+        return found, None
+    action = {"truncate": "its unroll will be truncated", "skip": "its tasks will be skipped"}.get(budget.on_exceed)
+    overrun = f"{describe(estimator)} at T={predictor.steps}: {timed}"
+    return found._replace(reason=f"{found.reason}: {action} at run time (on_exceed={budget.on_exceed})"
+                          if action else found.reason), overrun
 
 
 def _refusal(estimator: AbstractEstimator, loop: InnerLoop, meta: MetaParams, budget: Budget, predictor: Predictor,

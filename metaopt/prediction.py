@@ -11,11 +11,14 @@ training's first measured meta-step.
 
 `Predictor.seconds` times calls the same way (for the planner's choice between vmapped
 chunks and one task at a time): wall-clock seconds, so approximate and load-dependent;
-the configurations alternate and each keeps its fastest call.
+the configurations alternate and each keeps its fastest call. `Predictor.predict_seconds`
+extrapolates such timings at a few inner steps to T (`AbstractEstimator.predict_seconds`),
+for the planner's check against a time budget.
 """
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from typing import Callable, Literal, Sequence
 
@@ -91,6 +94,7 @@ class Predictor:
         self.steps = self.tasks[0].inner_steps
         self._cache: dict[tuple[str, int, int, int], int] = {}
         self._warm: set[tuple[str, int, int]] = set()
+        self._seconds: dict[tuple[str, int], float] = {}
 
     def _batch(self, estimator: AbstractEstimator, steps: int, n_tasks: int,
                chunk: int) -> tuple[Task | list[Task], Literal["stacked", "vmap", "loop"]]:
@@ -127,31 +131,47 @@ class Predictor:
         """Whether `seconds` means anything: real calls, or a `timer` standing in for them."""
         return self.meter is None or self.timer is not None
 
-    def seconds(self, estimator: AbstractEstimator, n_tasks: int, chunks: Sequence[int],
-                rounds: int = 2) -> tuple[list[float], int]:
-        """Wall-clock seconds of one call of `estimator` on `n_tasks` tasks cut to `min(T, TIMED_STEPS)` inner
-        steps, for each vmapped chunk size in `chunks` (1: task by task), and those steps.
+    def seconds(self, estimator: AbstractEstimator, n_tasks: int, chunks: Sequence[int], rounds: int = 2,
+                steps: int | None = None, typical: bool = False) -> tuple[list[float], int]:
+        """Wall-clock seconds of one call of `estimator` on `n_tasks` tasks cut to `steps` inner steps (default
+        `min(T, TIMED_STEPS)`), for each vmapped chunk size in `chunks` (1: task by task), and those steps.
 
         Each configuration is warmed up once, then the configurations alternate for `rounds` rounds and each
-        keeps its fastest call (the load on a shared machine drifts; a minimum is the least disturbed call).
-        Approximate: a ratio between batchings, not a prediction of the seconds at T. A compiled estimator is
-        timed eagerly, as it is measured."""
+        keeps its fastest call (the load on a shared machine drifts; a minimum is the least disturbed call, the
+        right figure for comparing batchings) or, with `typical`, its median call (what a time budget's guard
+        sees: on this 2-core machine a call's median ran 5-15% above its minimum). Approximate: a ratio between
+        batchings, not a prediction of the seconds at T (`predict_seconds` is). A compiled estimator is timed
+        eagerly, as it is measured."""
         estimator = getattr(estimator, "eager", estimator)
-        steps = min(self.steps, TIMED_STEPS)
+        steps = min(self.steps, TIMED_STEPS if steps is None else steps)
         configs = [(max(1, min(c, n_tasks)), *self._batch(estimator, steps, n_tasks, c)) for c in chunks]
         if self.timer is not None:
             return [self.timer(estimator, batch, batching) for _, batch, batching in configs], steps
         for chunk, _, _ in configs:
             self._warm_up(estimator, n_tasks, chunk)
-        best = [math.inf] * len(configs)
+        calls: list[list[float]] = [[] for _ in configs]
         for _ in range(rounds):
             for i, (chunk, batch, batching) in enumerate(configs):
                 self._synchronize()
                 start = time.perf_counter()
                 estimator(self.loop, self.meta, batch, batching=batching, chunk_size=chunk)
                 self._synchronize()
-                best[i] = min(best[i], time.perf_counter() - start)
-        return best, steps
+                calls[i].append(time.perf_counter() - start)
+        return [statistics.median(c) if typical else min(c) for c in calls], steps
+
+    def predict_seconds(self, target: AbstractEstimator, chunk: int = 1) -> float:
+        """Predicted wall-clock seconds of one chunk of `chunk` tasks (1: one task alone) at the tasks' T: what a
+        time budget bounds (`Budget.time`: per task, or per stacked or vmapped chunk, which shares one clock).
+        The chunk is timed at a few inner steps (`seconds`: the median of three calls) and extrapolated
+        with the estimator's own law (`AbstractEstimator.predict_seconds`): approximate, as wall-clock time is
+        on a loaded machine; cached per configuration."""
+        key = (describe(target), chunk)
+        if key not in self._seconds:
+            def time_at(steps: int) -> float:
+                (seconds,), _ = self.seconds(target, chunk, (chunk,), rounds=3, steps=steps, typical=True)
+                return seconds
+            self._seconds[key] = target.predict_seconds(time_at, self.steps)
+        return self._seconds[key]
 
     def _warm_up(self, estimator: AbstractEstimator, n_tasks: int, chunk: int) -> None:
         """Run a configuration once at 2 inner steps, the first time only: first calls pay one-off costs (kernels,

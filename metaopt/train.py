@@ -212,9 +212,9 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
 
     Returns:
       Metrics: "meta_steps", "estimator", "estimator_chosen", "predicted_peak_bytes", "measured_peak_bytes",
-      "compile_peak_bytes", "memory_method", "plan", "batching", "chunk_size", "tasks_truncated", "tasks_skipped",
-      "tasks_nan_skipped", "meta_train_loss", "seconds_per_meta_step" (median), "train_seconds" (summed over
-      resumed sessions), "overlap" (whether it overlapped), "history", `evaluate`'s figures ("eval_peak_bytes"...).
+      "compile_peak_bytes", "predicted_chunk_seconds" (under a time budget), "memory_method", "plan", "batching",
+      "chunk_size", "tasks_truncated", "tasks_skipped", "tasks_nan_skipped", "meta_train_loss", "seconds_per_meta_step"
+      (median), "train_seconds" (summed over resumed sessions), "overlap", "history", `evaluate`'s figures.
     """
     _check_arguments(meta_steps, meta_batch_size, inner_steps, on_nan)
     budget = budget if budget is not None else Budget()
@@ -452,6 +452,7 @@ def _run_metrics(state: TrainState, estimator: MetaGradientMethod, chosen: Plan,
         "batching": chosen.batching,
         "chunk_size": chosen.chunk_size,
         "predicted_peak_bytes": chosen.predicted_peak_bytes,
+        "predicted_chunk_seconds": chosen.predicted_chunk_seconds,
         **peaks,
         "memory_method": memory_method,
         "budget_memory_bytes": budget.memory,

@@ -71,6 +71,15 @@ def linear_prediction(measure: Measure, steps: int, low: int, high: int,
     return int(at_high + max(at_high - at_low, 0) * (steps - high) / (high - low))
 
 
+def linear_seconds(time_at: Callable[[int], float], steps: int, low: int, high: int) -> float:
+    """time_at(steps) if steps <= high, else the line through the timings at `low` and `high` steps (its slope
+    at least 0: timing noise must not predict a longer unroll to be faster)."""
+    if steps <= high:
+        return time_at(steps)
+    at_low, at_high = time_at(low), time_at(high)
+    return at_high + max(at_high - at_low, 0.0) * (steps - high) / (high - low)
+
+
 def linear_surrogate(meta: MetaParams, grads: dict[str, Tensor]) -> Tensor:
     """sum_k <meta_k, grads_k.detach()>: a scalar whose gradient w.r.t. meta is `grads`."""
     params = dict(meta.named_parameters())
@@ -205,6 +214,13 @@ class AbstractEstimator(abc.ABC):
         that is affordable (`metaopt.prediction`); laws with their own probes ignore `probes`.
         """
         return linear_prediction(measure, steps, *probes)
+
+    def predict_seconds(self, time_at: Callable[[int], float], steps: int) -> float:
+        """Wall-clock seconds of a call at T = `steps`, from `time_at(t)`: the timed call at t steps.
+
+        Default: linear in T (every estimator here runs O(T) inner steps, plus a part that does not grow with T:
+        the outer loss, a linear solve), from timings at 16 and 32 steps; at T <= 32, the call itself."""
+        return linear_seconds(time_at, steps, 16, 32)
 
     def __call__(self, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
                  budget: Budget | None = None, *, batching: Batching = "auto", chunk_size: int | None = None,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from metaopt.estimators.base import AbstractEstimator, TaskObjective, linear_prediction, register
+from metaopt.estimators.base import AbstractEstimator, TaskObjective, linear_prediction, linear_seconds, register
 from metaopt.guard import StepGuard, shifted
 from metaopt.loop import InnerLoop, detach_state, unroll
 from metaopt.types import MetaParams, Task
@@ -50,6 +50,11 @@ class Truncated(AbstractEstimator):
         if steps <= self.k:
             return super().predict_peak_bytes(measure, steps)
         return linear_prediction(measure, steps, self.k + 16, self.k + 64)
+
+    def predict_seconds(self, time_at, steps: int) -> float:
+        # The k differentiated steps cost more than the graph-free ones before them: probes past k time the slope
+        # of the prefix, with all k steps in both.
+        return linear_seconds(time_at, steps, self.k + 16, self.k + 32)
 
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
                        guard: StepGuard | None) -> TaskObjective:

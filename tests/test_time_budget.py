@@ -1,0 +1,122 @@
+"""Time budgets are predicted and planned like memory: a chunk's seconds at T are extrapolated from timings at a
+few inner steps (`Predictor.predict_seconds`, each estimator's law), chunks shrink until one fits the time budget,
+`auto` takes the first estimator that fits both, and what cannot fit is refused before any work (or, under
+on_exceed=truncate/skip, planned with the reason saying what the guard will do). Timings here come from a stand-in
+timer: no test depends on wall-clock speed."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import metaopt as mo
+from metaopt import estimators as E
+from metaopt.estimators.base import linear_seconds
+from metaopt.planning import choose, plan
+from metaopt.prediction import Predictor
+from test_budget_enforcement import _problem, synthetic_meter
+
+PER_STEP = {E.Full: 1.0, E.Checkpoint: 2.0, E.FirstOrder: 0.25, E.Truncated: 0.5, E.ForwardMode: 10.0,
+            E.Implicit: 0.5}  # seconds per inner step of one task
+
+
+def synthetic_timer(calls: list | None = None):
+    """Seconds of a call as if each inner step cost PER_STEP of one task, plus 1 s fixed; a batched chunk costs
+    1 + 0.5 (n - 1) tasks' worth (it shares work), tasks one at a time n tasks' worth."""
+    def timer(estimator, tasks, batching) -> float:
+        steps = (tasks if isinstance(tasks, mo.Task) else tasks[0]).inner_steps
+        n = tasks.query.x.shape[0] if isinstance(tasks, mo.Task) else len(tasks)
+        if calls is not None:
+            calls.append((type(estimator).__name__, steps, n, batching))
+        weight = n if batching == "loop" else 1 + 0.5 * (n - 1)
+        return weight * (1.0 + PER_STEP[type(estimator)] * steps)
+    return timer
+
+
+def test_linear_seconds_times_short_unrolls_whole_and_extrapolates_long_ones():
+    timed: list[int] = []
+
+    def time_at(steps: int) -> float:
+        timed.append(steps)
+        return 0.5 + 0.1 * steps
+
+    assert linear_seconds(time_at, 20, 16, 32) == pytest.approx(2.5) and timed == [20]
+    assert linear_seconds(time_at, 1000, 16, 32) == pytest.approx(100.5) and timed[1:] == [16, 32]
+    assert linear_seconds(lambda steps: 2.0 - 0.01 * steps, 100, 16, 32) == pytest.approx(2.0 - 0.32)  # no slope < 0
+
+
+def test_truncated_times_its_prefix_past_the_differentiated_steps():
+    timed: list[int] = []
+    E.Truncated(k=50).predict_seconds(lambda steps: timed.append(steps) or 1.0, 200)
+    assert timed == [66, 82]
+
+
+def test_the_predicted_chunk_seconds_follow_the_estimators_law_at_t():
+    loop, meta, tasks = _problem(steps=100)
+    predictor = Predictor(loop, meta, tasks, meter=synthetic_meter, timer=synthetic_timer())
+    assert predictor.predict_seconds(E.Full(), 1) == pytest.approx(1.0 + 100)  # linear: exact for a linear timer
+    assert predictor.predict_seconds(E.Full(), 4) == pytest.approx(2.5 * (1.0 + 100))
+
+
+def test_chunks_shrink_until_one_fits_the_time_budget():
+    loop, meta, tasks = _problem(steps=100)  # a chunk of 4: 2.5 x 101 s; of 2: 1.5 x 101 s; one task 101 s
+    found = plan(E.Full(), loop, meta, tasks, mo.Budget(time=170), meter=synthetic_meter, timer=synthetic_timer())
+    assert (found.batching, found.chunk_size) == ("stacked", 2)
+    assert found.predicted_chunk_seconds == pytest.approx(151.5) and found.predicted_chunk_seconds <= 0.9 * 170
+    assert "but chunks of 4 tasks predicted 252 s each: stacked chunks of 2" in found.reason
+    first_chunk = mo.stack_tasks(mo.unstack_tasks(tasks)[:2])
+    assert found.predicted_peak_bytes == synthetic_meter(E.Full(), first_chunk, "stacked")  # the smaller chunk's
+    for time in (120, 160):  # 160: a chunk of 2 (151.5 s) is within the budget but not within its 10% headroom
+        alone = plan(E.Full(), loop, meta, tasks, mo.Budget(time=time), meter=synthetic_meter, timer=synthetic_timer())
+        assert (alone.batching, alone.chunk_size) == ("loop", 1) and alone.predicted_chunk_seconds == pytest.approx(101)
+
+
+def test_what_cannot_fit_the_time_budget_is_refused_before_any_work():
+    loop, meta, tasks = _problem(steps=100)
+    with pytest.raises(mo.BudgetExceeded, match=r"full\(\) at T=100: one task predicted 101 s > 45 s = 90% of the time budget 50 s"):
+        plan(E.Full(), loop, meta, tasks, mo.Budget(time=50), meter=synthetic_meter, timer=synthetic_timer())
+
+
+@pytest.mark.parametrize("on_exceed,words", [("truncate", "its unroll will be truncated"),
+                                             ("skip", "its tasks will be skipped")])
+def test_past_the_time_budget_a_plan_says_what_the_guard_will_do(on_exceed, words):
+    loop, meta, tasks = _problem(steps=100)
+    found = plan(E.Full(), loop, meta, tasks, mo.Budget(time=50, on_exceed=on_exceed), meter=synthetic_meter,
+                 timer=synthetic_timer())
+    assert found.chunk_size == 1 and found.predicted_chunk_seconds == pytest.approx(101)
+    assert f"one task predicted 101 s > 45 s = 90% of the time budget 50 s: {words} at run time" in found.reason
+
+
+def test_auto_takes_the_first_estimator_that_fits_memory_and_time():
+    loop, meta, tasks = _problem(steps=100)  # one task: full 101 s, checkpoint 201 s, first_order 26 s
+    found = choose(loop, meta, tasks, mo.Budget(time=40), meter=synthetic_meter, timer=synthetic_timer())
+    assert isinstance(found.estimator, E.FirstOrder) and found.predicted_chunk_seconds <= 40
+    assert found.reason.startswith("full() at T=100: one task predicted 101 s > 36 s = 90% of the time budget 40 s; ")
+    with pytest.raises(mo.BudgetExceeded, match=r"no estimator fits the budget \(.*, 10 s\) at T=100 \(per task: "
+                                                r"full\(\) at T=100: one task predicted 101 s"):
+        choose(loop, meta, tasks, mo.Budget(time=10), meter=synthetic_meter, timer=synthetic_timer())
+
+
+def test_without_a_time_budget_nothing_is_timed_for_it():
+    loop, meta, tasks = _problem(steps=100)
+    calls: list = []
+    found = plan(E.Full(), loop, meta, tasks, mo.Budget(memory=10**6), batching="stacked", meter=synthetic_meter,
+                 timer=synthetic_timer(calls))
+    assert found.predicted_chunk_seconds is None and calls == []
+
+
+def test_a_real_prediction_times_the_chunk_that_will_run():
+    loop, meta, tasks = _problem(steps=40)
+    seconds = Predictor(loop, meta, tasks).predict_seconds(E.Full(), 4)
+    assert 0 < seconds < math.inf
+
+
+def test_meta_train_records_the_predicted_chunk_seconds_and_refuses_before_any_step(tmp_path):
+    loop, meta, _ = _problem()
+    common = dict(outer_optimizer=torch.optim.Adam(meta.parameters(), lr=1e-3), meta_steps=2, meta_batch_size=4,
+                  inner_steps=40, eval_n_tasks=0, progress=False, meter=synthetic_meter, timer=synthetic_timer())
+    metrics = mo.meta_train(loop, meta, E.Full(), mo.Sinusoid(k_shot=5), budget=mo.Budget(time=200), **common)
+    assert metrics["predicted_chunk_seconds"] == pytest.approx(2.5 * 41) and metrics["meta_steps"] == 2
+    with pytest.raises(mo.BudgetExceeded, match="time budget 10 s"):
+        mo.meta_train(loop, meta, E.Full(), mo.Sinusoid(k_shot=5), budget=mo.Budget(time=10), **common)
