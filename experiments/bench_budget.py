@@ -1,6 +1,6 @@
 """Benchmark: predicted vs measured peak memory of every estimator, of chunked plans, and of `auto` under budgets.
 
-Three tables (CPU: peak RSS above the level before the call, after returning freed heap
+Three memory tables and one of time (CPU: peak RSS above the level before the call, after returning freed heap
 memory to the OS; CUDA: torch.cuda.max_memory_allocated; see metaopt/memory.py):
 
 1. estimators: each estimator on one task (task by task) and `full` on a vmapped batch of 8:
@@ -13,12 +13,18 @@ memory to the OS; CUDA: torch.cuda.max_memory_allocated; see metaopt/memory.py):
    the plan's prediction against the measured peak of the meta-steps (every chunk, forward and backward, the
    optimizer step), and whether the measured peak stayed under the budget (or the plan was refused before work).
 
-    OMP_NUM_THREADS=1 python experiments/bench_budget.py [--tables estimators chunks budgets] [--problems ...]
+4. seconds (on request): a chunk's predicted wall-clock seconds (`Predictor.predict_seconds`, what a time budget
+   is planned by) against the median of 5 calls of it at T, for each estimator, one task alone and 8 tasks in one
+   batched chunk (as `batching=auto` runs them).
+
+    OMP_NUM_THREADS=1 python experiments/bench_budget.py [--tables estimators chunks budgets seconds] [--problems ...]
         [--batching vmap|stacked]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 
@@ -92,6 +98,39 @@ def chunk_table(name: str, args: argparse.Namespace) -> None:
                   f"{format_bytes(memory.peak_bytes):>10} {_ratio(predicted, memory.peak_bytes)}", flush=True)
 
 
+def seconds_table(name: str, args: argparse.Namespace) -> None:
+    """`Predictor.predict_seconds` (a chunk timed at 16 and 32 inner steps, median of 3, extrapolated to T) against
+    the median of 5 calls of that chunk at T (after a warm-up): one task alone, and 8 tasks in one batched chunk."""
+    _, distribution, loop, meta = _setup(name, args.device)
+    for steps in args.steps or PROBLEMS[name][4]:
+        batch = task_to(distribution.sample(8, steps, torch.Generator().manual_seed(steps)), args.device)
+        predictor = Predictor(loop, meta, batch, args.device)
+        tasks = mo.unstack_tasks(batch)
+        for estimator in estimators():
+            if args.estimators and estimator.name not in args.estimators:
+                continue
+            for chunk in (1, 8):
+                predicted = predictor.predict_seconds(estimator, chunk)
+                call_tasks = tasks[0] if chunk == 1 else batch
+                batching = "loop" if chunk == 1 else "auto"
+                estimator(loop, meta, call_tasks, batching=batching)  # warm-up
+                measured = statistics.median(_seconds(lambda: estimator(loop, meta, call_tasks, batching=batching),
+                                                      args.device) for _ in range(5))
+                label = describe(estimator) + ("" if chunk == 1 else f" x{chunk} {batching}")
+                print(f"{name:<9} {steps:>5} {label:<40} {predicted:>10.4f} {measured:>10.4f} "
+                      f"{predicted / measured:>9.2f}", flush=True)
+
+
+def _seconds(call, device: str) -> float:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    call()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def _train(name: str, args: argparse.Namespace, estimator, steps: int, budget: mo.Budget) -> dict:
     _, distribution, loop, meta = _setup(name, args.device)
     return mo.meta_train(loop, meta, estimator, distribution, outer_optimizer=torch.optim.Adam(meta.parameters()),
@@ -125,11 +164,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     parser.add_argument("--tables", nargs="+", default=["estimators", "chunks", "budgets"],
-                        choices=["estimators", "chunks", "budgets"])
+                        choices=["estimators", "chunks", "budgets", "seconds"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batching", choices=["vmap", "stacked"], default="vmap",
                         help="the batched form of the budget table's plans (stacked: where the estimator stacks)")
-    parser.add_argument("--steps", type=int, nargs="+", help="grid of T of the estimator table (default: the problem's)")
+    parser.add_argument("--steps", type=int, nargs="+",
+                        help="grid of T of the estimator and seconds tables (default: the problem's)")
     parser.add_argument("--estimators", nargs="+", help="registry names to keep in the estimator table (default: all)")
     args = parser.parse_args()
     if "estimators" in args.tables:
@@ -140,6 +180,10 @@ def main() -> None:
         print(f"\n{'problem':<9} {'T':>5} {'chunked call':<32} {'predicted':>10} {'measured':>10} {'pred/meas':>9}")
         for name in args.problems:
             chunk_table(name, args)
+    if "seconds" in args.tables:
+        print(f"\n{'problem':<9} {'T':>5} {'chunk':<40} {'predicted':>10} {'measured':>10} {'pred/meas':>9}  (seconds)")
+        for name in args.problems:
+            seconds_table(name, args)
     if "budgets" in args.tables:
         print(f"\n{'problem':<9} {'T':>5} {'budget':>6} {'bytes':>9} {'method':<6} {'plan':<34} {'predicted':>10} "
               f"{'measured':>10} {'pred/meas':>9} {'under':>6}")
