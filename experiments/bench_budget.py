@@ -99,7 +99,7 @@ def chunk_table(name: str, args: argparse.Namespace) -> None:
 
 
 def seconds_table(name: str, args: argparse.Namespace) -> None:
-    """`Predictor.predict_seconds` (a chunk timed at 16 and 32 inner steps, median of 3, extrapolated to T) against
+    """`Predictor.predict_seconds` (a chunk timed at 16 and 64 inner steps, median of 3, extrapolated to T) against
     the median of 5 calls of that chunk at T (after a warm-up): one task alone, and 8 tasks in one batched chunk."""
     _, distribution, loop, meta = _setup(name, args.device)
     for steps in args.steps or PROBLEMS[name][4]:
@@ -111,7 +111,7 @@ def seconds_table(name: str, args: argparse.Namespace) -> None:
                 continue
             for chunk in (1, 8):
                 predicted = predictor.predict_seconds(estimator, chunk)
-                call_tasks = tasks[0] if chunk == 1 else batch
+                call_tasks = tasks[:1] if chunk == 1 else batch
                 batching = "loop" if chunk == 1 else "auto"
                 estimator(loop, meta, call_tasks, batching=batching)  # warm-up
                 measured = statistics.median(_seconds(lambda: estimator(loop, meta, call_tasks, batching=batching),

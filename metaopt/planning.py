@@ -18,10 +18,15 @@ of c tasks costs far less than c tasks: measured, 25 sinusoid tasks at T=100 tak
 about 7x one task), and each candidate chunk is then *measured* as the whole
 chunked call before it is accepted.
 
+Under a time budget (`Budget.time`: per task, or per batched chunk, which shares one clock) the planned chunk
+is then *timed* at a few inner steps and its seconds at T predicted (`Predictor.predict_seconds`); chunks shrink
+until one is predicted under `(1 - headroom) x time`. Where one task alone is not, the estimator is refused
+(`on_exceed="raise"`) or planned with its reason saying that the guard will truncate or skip.
+
 `auto` is a planning policy, not an estimator: it ranks the configurations that
 the registered estimators declare (`AbstractEstimator.auto_candidates`) by their
 declared bias, then relative time, then predicted memory, and plans the first
-that fits. Adding an estimator adds its candidates here without any change.
+that fits (memory and time). Adding an estimator adds its candidates here without any change.
 """
 from __future__ import annotations
 
@@ -190,7 +195,8 @@ def ranked_candidates(method: MetaGradientMethod, loop: InnerLoop, meta: MetaPar
 def plan(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
          budget: Budget, *, batching: Batching = "auto", device: torch.device | str = "cpu",
          meter: Meter | None = None, fixed_bytes: int = 0, timer: Timer | None = None) -> Plan:
-    """Predict the peak memory of `method` on these tasks and fit it to the budget.
+    """Predict the peak memory (and under a time budget, a chunk's seconds) of `method` on these tasks and fit it
+    to the budget.
 
     For an estimator: its largest vmapped chunks that fit (under `batching="auto"`, one task at a time instead
     where that fits and is measured `LOOP_FASTER` x faster). For a policy such as `auto`: the
@@ -206,7 +212,7 @@ def plan(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, tasks: T
 
     Raises:
       BudgetExceeded: nothing fits; the message names the estimator, T, the predicted and the
-        allowed bytes, and (for one estimator) the configurations that would fit.
+        allowed bytes (or seconds), and (for one estimator) the configurations that would fit.
     """
     bounded, room = machine_bounded(budget, device)
     if room is None:
@@ -319,7 +325,7 @@ def choose(loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task], budg
 
 @register("auto")
 class Auto:
-    """The planning policy `auto`: the most exact, then fastest, estimator that fits the memory budget.
+    """The planning policy `auto`: the most exact, then fastest, estimator that fits the budget (memory and time).
 
     Its candidates are every registered estimator's `auto_candidates` (full; checkpoint
     with segments around sqrt(T); exact forward mode and implicit where they serve the

@@ -219,8 +219,9 @@ class AbstractEstimator(abc.ABC):
         """Wall-clock seconds of a call at T = `steps`, from `time_at(t)`: the timed call at t steps.
 
         Default: linear in T (every estimator here runs O(T) inner steps, plus a part that does not grow with T:
-        the outer loss, a linear solve), from timings at 16 and 32 steps; at T <= 32, the call itself."""
-        return linear_seconds(time_at, steps, 16, 32)
+        the outer loss, a linear solve), from timings at 16 and 64 steps (wide apart: the slope's noise is multiplied
+        by (T - 64) / 48); at T <= 64, the call itself."""
+        return linear_seconds(time_at, steps, 16, 64)
 
     def __call__(self, loop: InnerLoop, meta: MetaParams, tasks: Task | Sequence[Task],
                  budget: Budget | None = None, *, batching: Batching = "auto", chunk_size: int | None = None,

@@ -54,7 +54,7 @@ class Truncated(AbstractEstimator):
     def predict_seconds(self, time_at, steps: int) -> float:
         # The k differentiated steps cost more than the graph-free ones before them: probes past k time the slope
         # of the prefix, with all k steps in both.
-        return linear_seconds(time_at, steps, self.k + 16, self.k + 32)
+        return linear_seconds(time_at, steps, self.k + 16, self.k + 64)
 
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
                        guard: StepGuard | None) -> TaskObjective:
