@@ -274,7 +274,10 @@ def _fit_time(predictor: Predictor, found: Plan, budget: Budget, fixed_bytes: in
     plan and why (the guard would truncate or skip every chunk, or raise). Unchanged where the budget sets no time,
     nothing can be timed (a stand-in meter), or the estimator is compiled (timed eagerly, it would be overstated)."""
     compiled = getattr(found.estimator, "chunk_gradient", None) is not None
-    if budget.time is None or compiled or not predictor.can_time:
+    if budget.time is not None and compiled:
+        return found._replace(reason=f"{found.reason}; its seconds are not predicted (compiled: timed eagerly, they "
+                                     "would be overstated; the guard watches the time budget)"), None
+    if budget.time is None or not predictor.can_time:
         return found, None
     estimator, chunk, n = found.estimator, found.chunk_size, len(predictor.tasks)
     limit = (1 - budget.headroom) * budget.time

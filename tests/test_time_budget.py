@@ -12,6 +12,7 @@ import torch
 
 import metaopt as mo
 from metaopt import estimators as E
+from metaopt.compiled import Compiled
 from metaopt.estimators.base import linear_seconds
 from metaopt.planning import choose, plan
 from metaopt.prediction import Predictor
@@ -121,3 +122,11 @@ def test_meta_train_records_the_predicted_chunk_seconds_and_refuses_before_any_s
     assert metrics["predicted_chunk_seconds"] == pytest.approx(2.5 * 41) and metrics["meta_steps"] == 2
     with pytest.raises(mo.BudgetExceeded, match="time budget 10 s"):
         mo.meta_train(loop, meta, E.Full(), mo.Sinusoid(k_shot=5), budget=mo.Budget(time=10), **common)
+
+
+def test_a_compiled_estimator_is_not_timed_and_its_plan_says_so():
+    loop, meta, tasks = _problem(steps=100)
+    calls: list = []
+    found = plan(Compiled(E.Full()), loop, meta, tasks, mo.Budget(time=1), meter=synthetic_meter,
+                 timer=synthetic_timer(calls))
+    assert found.predicted_chunk_seconds is None and calls == [] and "its seconds are not predicted" in found.reason
