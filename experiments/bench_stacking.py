@@ -14,7 +14,9 @@ Estimators: full, checkpoint (segments of ceil(sqrt(T)) steps) and first_order, 
 truncated (k = T/4) and forward (exact: one jvp per meta-parameter scalar) of per-tensor learned inner learning
 rates (Meta-SGD's per-tensor form: 6 scalars for the MLP, 18 for Conv4; an initialization gets no gradient from
 truncated with k < T, and forward's use is a few hyperparameters);
-implicit (conjugate gradient, 20 iterations) of an initialization with iMAML's proximal term (lambda = 1).
+implicit (conjugate gradient, 20 iterations) of an initialization with iMAML's proximal term (lambda = 1); on
+request (`--estimators forward_passes`), forward exact with all of its one-hot tangents in one pass
+(`tangents_per_pass=32`).
 Timings are interleaved (every variant once per round, in a freshly shuffled seeded order), medians over
 rounds; every variant's gradient is checked against the vmapped one (`metaopt.compiled.gradient_errors`:
 relative to each gradient's largest entry, floored at 1% of the largest of all). The planner's predicted peak of
@@ -52,8 +54,10 @@ ESTIMATORS: dict[str, Callable[[int], mo.AbstractEstimator]] = {
     "first_order": lambda steps: mo.FirstOrder(),
     "forward": lambda steps: mo.ForwardMode(mode="exact"),
     "implicit": lambda steps: mo.Implicit(),
+    "forward_passes": lambda steps: mo.ForwardMode(mode="exact", tangents_per_pass=32),  # on request only
 }
-LEARNED_LRS = {"forward", "truncated"}  # timed on per-tensor learned inner lrs (an initialization: no forward
+DEFAULT = [e for e in ESTIMATORS if e != "forward_passes"]
+LEARNED_LRS = {"forward", "forward_passes", "truncated"}  # timed on per-tensor learned inner lrs (an initialization: no forward
 # gradient; truncated k < T: zero)
 PROXIMAL = {"implicit": 1.0}  # iMAML's term (an initialization has an implicit gradient only with it)
 
@@ -85,7 +89,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--problems", nargs="+", choices=["sinusoid", "conv4"], default=["sinusoid", "conv4"])
-    parser.add_argument("--estimators", nargs="+", choices=list(ESTIMATORS), default=list(ESTIMATORS))
+    parser.add_argument("--estimators", nargs="+", choices=list(ESTIMATORS), default=DEFAULT)
     args = parser.parse_args()
     begin_cpu_benchmark(args.threads, args.repeats)
     speedups = {}

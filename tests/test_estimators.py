@@ -194,3 +194,28 @@ def test_stochastic_estimators_draw_from_their_own_seeded_stream(name, batching)
     assert any(not torch.equal(first[k], g) for k, g in other(loop, meta, tasks, batching=batching).grads.items())
     other.set_rng_state(saved)  # continues the seed-0 stream where it was saved
     assert all(torch.equal(following[k], g) for k, g in other(loop, meta, tasks, batching=batching).grads.items())
+
+
+def test_forward_passes_of_one_hot_tangents_cover_every_scalar_once():
+    """Exact forward mode with several tangents per pass: the passes' one-hot tangents, stacked, are the identity
+    over all meta-parameter scalars (in order), whatever the pass boundaries."""
+    from metaopt.estimators.forward import _one_hot_tangents
+    values = {"a": torch.zeros(2, 3), "b": torch.zeros(()), "c": torch.zeros(4)}
+    for per_pass in (1, 4, 5, 11):
+        passes = [_one_hot_tangents(values, s, min(s + per_pass, 11)) for s in range(0, 11, per_pass)]
+        rows = torch.cat([torch.cat([p[k].reshape(p[k].shape[0], -1) for k in values], dim=1) for p in passes])
+        torch.testing.assert_close(rows, torch.eye(11))
+
+
+@pytest.mark.parametrize("batching", ["stacked", "vmap", "loop"])
+@pytest.mark.parametrize("kind", ["lrs_tensor", "synthetic_data"])
+def test_forward_tangents_per_pass_equal_one_at_a_time_in_every_batching(kind, batching):
+    model = tiny_model()
+    loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.1), mo.losses.mse)
+    meta, tasks = META_KINDS[kind](model), tiny_tasks(3, 2)
+    one = mo.ForwardMode(max_scalars=20)(loop, meta, tasks, batching=batching)
+    passes = mo.ForwardMode(max_scalars=20, tangents_per_pass=4)(loop, meta, tasks, batching=batching)
+    assert passes.stats["batching"] == batching
+    torch.testing.assert_close(passes.outer_loss, one.outer_loss, rtol=1e-12, atol=0)
+    for k, g in one.grads.items():
+        torch.testing.assert_close(passes.grads[k], g, rtol=1e-10, atol=1e-12)
