@@ -156,6 +156,19 @@ def test_bench_stacking_runs_small_and_every_batching_computes_the_same_gradient
     assert all(0 < stacked <= 1.05 * vmapped for stacked, vmapped in tensors), tensors  # (a built, unused graph: 1.12)
 
 
+def test_bench_budget_seconds_table_runs_small():
+    """bench_budget.py's time table (predicted chunk seconds against measured) runs and prints one row per estimator
+    and chunk (no assertion on the timings beyond their being positive)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_budget.py"), "--tables", "seconds",
+                             "--problems", "sinusoid", "--steps", "20", "--estimators", "full", "first_order"],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("sinusoid")]
+    assert [row[2] for row in rows] == ["full()", "full()", "first_order()", "first_order()"]
+    assert all(float(row[-3]) > 0 and float(row[-2]) > 0 for row in rows)
+
+
 def test_compiled_exactness_measures_the_compiled_program_not_its_fallback():
     """compiled_exactness.py's smoke run: aot_eager in float64 (the traced graphs, no code generation) is exact to
     rounding, eager batchings too (their max-pools counted, none routed apart), and the last line has its form."""
