@@ -151,6 +151,32 @@ def test_a_candidate_that_does_not_fit_its_share_goes_down_the_ladder_or_is_infe
     assert all(r.trial not in [e["trial"] for e in explorer.events] for r in infeasible)  # never started
 
 
+class SlowPricing(FakeRunner):
+    """Pricing takes 4 fake seconds (the planner measures and times real calls)."""
+
+    def __init__(self, clock):
+        super().__init__(clock)
+        self.priced_at: list[float] = []
+
+    def price(self, candidate, memory_share, excluded):
+        self.priced_at.append(self.clock())
+        self.clock.now += 4.0
+        return super().price(candidate, memory_share, excluded)
+
+
+def test_the_queue_is_not_priced_past_the_deadline():
+    """Admission prices the queue in order while slots are free; past the deadline it stops (before: a 60-s
+    sinusoid search's last event came 3.5 s past its deadline, and 20 s past with a slower pricing tried once)."""
+    clock = FakeClock()
+    runner = SlowPricing(clock)
+    explorer = _explorer(clock, runner=runner, time_budget=20, memory=10)  # nothing fits: every candidate is priced
+    explorer.started, explorer.deadline, clock.now = 0.0, 20.0, 15.0
+    for trial in range(5):
+        explorer._push(Candidate(1.0, {"x": 0.5, "cost": 100}, trial))
+    explorer._admit()
+    assert runner.priced_at == [15.0, 19.0] and len(explorer.queue) == 3
+
+
 def test_dominated_trials_are_pruned_at_a_rung():
     clock = FakeClock()
     explorer = _explorer(clock, time_budget=200)

@@ -263,8 +263,8 @@ class Explorer:
 
     def _admit(self) -> None:
         for candidate in self._ordered():
-            if len(self.running) >= self.max_parallel:
-                return
+            if len(self.running) >= self.max_parallel or self.clock() >= self.deadline:
+                return  # (pricing takes time: the queue is not priced past the deadline)
             record = self.records[candidate.trial]
             if candidate.predicted_peak_bytes is None:
                 priced = self.runner.price(candidate, self.share, record.excluded)
@@ -354,8 +354,8 @@ class Explorer:
     def run(self) -> list[TrialRecord]:
         """Explore until the deadline (or until the sampler's `max_trials` are all done); every trial's record."""
         self.started = self.clock()
-        deadline, last_progress = self.started + self.time_budget, -math.inf
-        while self.clock() < deadline:
+        self.deadline, last_progress = self.started + self.time_budget, -math.inf
+        while self.clock() < self.deadline:
             self._fill()
             self._admit()
             self._poll()
