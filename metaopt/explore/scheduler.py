@@ -189,6 +189,7 @@ class Explorer:
         self.events: list[dict[str, Any]] = []
         self.drawn = 0
         self._last_was_child = True  # the first start goes to the sampler
+        self.deadline = math.inf  # set by `run`
 
     # --- bookkeeping -------------------------------------------------------------------------------------------
     @property
