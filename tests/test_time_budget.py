@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import metaopt as mo
 from metaopt import estimators as E
@@ -130,3 +132,31 @@ def test_a_compiled_estimator_is_not_timed_and_its_plan_says_so():
     found = plan(Compiled(E.Full()), loop, meta, tasks, mo.Budget(time=1), meter=synthetic_meter,
                  timer=synthetic_timer(calls))
     assert found.predicted_chunk_seconds is None and calls == [] and "its seconds are not predicted" in found.reason
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(per_step=st.floats(0.001, 2.0), fixed=st.floats(0.0, 5.0), sharing=st.floats(0.05, 1.0),
+       steps=st.integers(1, 300), time=st.floats(0.01, 500.0), n_tasks=st.integers(1, 6))
+def test_every_plan_under_a_time_budget_is_predicted_within_it_or_refused(per_step, fixed, sharing, steps, time,
+                                                                          n_tasks):
+    """Time-budget integrity, as for memory: under on_exceed=raise a plan's chunk is predicted within
+    (1 - headroom) x time, at the seconds the timer's law gives that chunk at T; a refusal means one task alone is not."""
+    loop, meta, tasks = _problem(n_tasks=n_tasks, steps=steps)
+
+    def seconds(n: int, batching: str, at: int) -> float:
+        return (n if batching == "loop" else 1 + sharing * (n - 1)) * (fixed + per_step * at)
+
+    def timer(estimator, chunk_tasks, batching) -> float:
+        at = (chunk_tasks if isinstance(chunk_tasks, mo.Task) else chunk_tasks[0]).inner_steps
+        n = chunk_tasks.query.x.shape[0] if isinstance(chunk_tasks, mo.Task) else len(chunk_tasks)
+        return seconds(n, batching, at)
+
+    budget = mo.Budget(time=time)
+    limit = 0.9 * time
+    try:
+        found = plan(E.Full(), loop, meta, tasks, budget, meter=synthetic_meter, timer=timer)
+    except mo.BudgetExceeded as refused:
+        assert seconds(1, "loop", steps) > limit * (1 - 1e-9) and "time budget" in str(refused)
+        return
+    assert found.predicted_chunk_seconds is not None and found.predicted_chunk_seconds <= limit
+    assert found.predicted_chunk_seconds == pytest.approx(seconds(found.chunk_size, found.batching, steps))
