@@ -4,7 +4,7 @@ The flat public API. Importing metaopt never imports Hydra, wandb or CUDA code.
 """
 from metaopt import estimators, losses, optim
 from metaopt.batching import TaskShapeMismatch, stack_tasks, unstack_tasks
-from metaopt.budget import Budget, BudgetExceeded, parse_bytes, parse_seconds
+from metaopt.budget import Budget, BudgetExceeded, TimeBudgetExceeded, parse_bytes, parse_seconds
 from metaopt.estimators import (
                                 AbstractEstimator,
                                 Checkpoint,
@@ -58,7 +58,7 @@ __all__ = [
     "Full", "FirstOrder", "Truncated", "Checkpoint", "Implicit", "ForwardMode", "Reptile", "EvolutionStrategies",
     "PersistentES", "Auto",
     "EstimatorUnsupported", "UnknownEstimator",
-    "Budget", "BudgetExceeded", "parse_bytes", "parse_seconds",
+    "Budget", "BudgetExceeded", "TimeBudgetExceeded", "parse_bytes", "parse_seconds",
     "TaskShapeMismatch", "stack_tasks", "unstack_tasks",
     "MLP", "Conv4", "MatmulConv2d",
     "TaskDistribution", "Sinusoid", "RandomPatterns", "Digits", "RandomInit",

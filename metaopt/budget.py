@@ -15,7 +15,7 @@ import torch
 
 from metaopt.memory import available_bytes
 
-__all__ = ["Budget", "BudgetExceeded", "parse_bytes", "parse_seconds", "machine_bounded"]
+__all__ = ["Budget", "BudgetExceeded", "TimeBudgetExceeded", "parse_bytes", "parse_seconds", "machine_bounded"]
 
 OnExceed = Literal["raise", "truncate", "skip"]
 
@@ -34,6 +34,11 @@ _QUANTITY = re.compile(r"^\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*([A-Z
 
 class BudgetExceeded(RuntimeError):
     """A configuration cannot fit, or a task ran past, its budget."""
+
+
+class TimeBudgetExceeded(BudgetExceeded):
+    """Refused before any work: a configuration that fits the memory is predicted past the time budget, even one
+    task alone (`metaopt.planning`)."""
 
 
 def _parse(value: str | float | int, units: dict, what: str, examples: str) -> float:

@@ -37,7 +37,7 @@ from typing import Callable, ClassVar, Literal, NamedTuple, Sequence
 import torch
 
 from metaopt.batching import Batching
-from metaopt.budget import Budget, BudgetExceeded, machine_bounded
+from metaopt.budget import Budget, BudgetExceeded, TimeBudgetExceeded, machine_bounded
 from metaopt.estimators.base import (
     AbstractEstimator,
     EstimatorUnsupported,
@@ -220,9 +220,9 @@ def plan(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, tasks: T
     machine = f"no memory budget was given: the plan fits the {format_bytes(room)} available on {torch.device(device)}"
     try:
         found = _plan_within(method, loop, meta, tasks, bounded, batching, device, meter, fixed_bytes, timer)
+    except TimeBudgetExceeded:
+        raise  # it fits the machine's memory
     except BudgetExceeded as refused:
-        if getattr(refused, "over_time", False):
-            raise
         raise BudgetExceeded(f"{machine}; nothing fits in it: {refused}") from None
     return found._replace(reason=f"{found.reason}; {machine}")
 
@@ -256,11 +256,9 @@ def _plan_within(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, 
     if over_time is not None and budget.on_exceed != "raise":
         return over_time  # its reason says the guard will truncate or skip
     if len(candidates) == 1 and over_time is not None:
-        refused = BudgetExceeded(f"{tried[0]} (`auto` plans the first estimator that fits memory and time; "
+        raise TimeBudgetExceeded(f"{tried[0]} (`auto` plans the first estimator that fits memory and time; "
                                  "on_exceed=truncate runs this one cut short; or raise the time budget, or lower "
                                  "inner_steps)")
-        refused.over_time = True  # type: ignore[attr-defined]  # it fits the memory: `plan` adds no machine words
-        raise refused
     if len(candidates) == 1:
         raise BudgetExceeded(_refusal(candidates[0], loop, meta, budget, predictor, fixed_bytes))
     limits = f"memory budget {format_bytes(budget.memory or 0)}" if budget.time is None else \

@@ -374,8 +374,9 @@ class StackedLoop(InnerLoop):
     def _objective_in_graph(state: InnerState, batch: Batch, meta: MetaParams) -> bool:
         """Whether `inner_objective` reads a tensor that is in the outer graph: a parameter, the proximal anchor,
         the (transformed) support batch, or a learned loss (taken to be)."""
-        return "loss" in meta or any(t.requires_grad for t in (*state.params.values(), *state.anchor.values(),
-                                                                batch.x, batch.y))
+        # Every inner step asks: lazily, most likely first (a parameter in the graph), building nothing.
+        return (any(p.requires_grad for p in state.params.values()) or "loss" in meta or batch.x.requires_grad
+                or batch.y.requires_grad or any(a.requires_grad for a in state.anchor.values()))
 
     def outer_loss(self, state: InnerState, batch: Batch, meta: MetaParams) -> Tensor:
         """Each task's outer loss, [B]."""

@@ -77,7 +77,7 @@ def test_chunks_shrink_until_one_fits_the_time_budget():
 
 def test_what_cannot_fit_the_time_budget_is_refused_before_any_work():
     loop, meta, tasks = _problem(steps=100)
-    with pytest.raises(mo.BudgetExceeded,
+    with pytest.raises(mo.TimeBudgetExceeded,
                        match=r"full\(\) at T=100: one task predicted 101 s > 45 s = 90% of the time budget 50 s"):
         plan(E.Full(), loop, meta, tasks, mo.Budget(time=50), meter=synthetic_meter, timer=synthetic_timer())
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Callable, Literal
 
 import torch
-import torch.nn.functional as F
 
 from metaopt.estimators.base import (
     AbstractEstimator,
@@ -112,17 +111,7 @@ class ForwardMode(AbstractEstimator):
         def outer(vals: Params) -> torch.Tensor:
             return call_with_meta(meta, vals, lambda m: task_outer_loss(loop, m, task, on_step=guard))
 
-        if self.mode == "exact" and self.tangents_per_pass == 1:
-            grads = {}
-            for name, value in values.items():
-                derivatives = []
-                for i in range(value.numel()):
-                    tangent = {k: torch.zeros_like(v) for k, v in values.items()}
-                    tangent[name] = F.one_hot(torch.tensor(i), value.numel()).to(value).view_as(value)
-                    loss, derivative = _jvp(outer, values, tangent)
-                    derivatives.append(derivative.sum())  # stacked: summed over the tasks
-                grads[name] = torch.stack(derivatives).view_as(value)
-        elif self.mode == "exact":
+        if self.mode == "exact":
             loss, grads = self._passes(outer, values)
         else:
             grads = {k: torch.zeros_like(v) for k, v in values.items()}
@@ -133,16 +122,22 @@ class ForwardMode(AbstractEstimator):
         return TaskObjective(task_surrogates(meta, grads, loss), loss.detach())  # stacked: per task
 
     def _passes(self, outer: Callable[[Params], torch.Tensor], values: Params) -> tuple[torch.Tensor, Params]:
-        """Exact mode with `tangents_per_pass` one-hot tangents per pass: the loss and every scalar's derivative.
-        randomness="same": every tangent of a pass differentiates the same draws (an augmentation's)."""
+        """Exact mode: the loss and every scalar's derivative, `tangents_per_pass` one-hot tangents per pass (one: a
+        plain jvp; more: vmapped over the tangents, randomness="same" so that each tangent of a pass differentiates
+        the same draws, an augmentation's)."""
         total = sum(v.numel() for v in values.values())
         pushed = torch.func.vmap(lambda tangent: _jvp(outer, values, tangent), randomness="same")
         derivatives = []
         for start in range(0, total, self.tangents_per_pass):
             stop = min(start + self.tangents_per_pass, total)
-            losses, derivative = pushed(_one_hot_tangents(values, start, stop))
+            tangents = _one_hot_tangents(values, start, stop)
+            if stop - start == 1:
+                loss, derivative = _jvp(outer, values, {k: t[0] for k, t in tangents.items()})
+                derivative = derivative.reshape(1, -1)
+            else:
+                losses, derivative = pushed(tangents)
+                loss = losses[0]
             derivatives.append(derivative.reshape(stop - start, -1).sum(1))  # stacked: summed over the tasks
         flat = torch.cat(derivatives)
         sizes = [v.numel() for v in values.values()]
-        grads = {k: d.view_as(v) for (k, v), d in zip(values.items(), flat.split(sizes))}
-        return losses[0], grads
+        return loss, {k: d.view_as(v) for (k, v), d in zip(values.items(), flat.split(sizes))}
