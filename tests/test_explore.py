@@ -9,11 +9,14 @@ import subprocess
 import sys
 
 import pytest
+from db import ESTIMATORS
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from test_experiments import ROOT
 from test_explore_engine import FakeClock, FakeRunner
 
 from metaopt.explore import Explorer
+from metaopt_hydra.explore.runner import estimator_node
 from metaopt_hydra.explore.search import SearchSpace
 from metaopt_hydra.explore.study import ExplorerStudy, open_storage
 
@@ -141,3 +144,12 @@ def test_report_of_a_search_where_no_trial_reached_a_rung(tmp_path):
                TrialRecord(1, {"inner_steps": 1}, status="infeasible", error="nothing fits")]
     write_report(records, tmp_path, ["inner_steps"], {0: None, 1: None})
     assert (tmp_path / "pareto.png").stat().st_size > 1000 and (tmp_path / "pareto.csv").exists()
+
+
+@pytest.mark.parametrize("info", ESTIMATORS, ids=str)
+def test_a_priced_estimator_is_written_back_as_a_config_that_builds_it(info):
+    """A trial runs the estimator it was priced with, from its written config: the node builds an estimator of
+    the same class with the same state (`es` keeps arguments it does not take, PES's k: they must not be written)."""
+    estimator = info.make(3)
+    built = instantiate(OmegaConf.create(estimator_node(estimator)))
+    assert type(built) is type(estimator) and vars(built) == vars(estimator)
