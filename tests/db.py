@@ -53,7 +53,10 @@ ESTIMATORS = [
                   errors=((lambda: E.EvolutionStrategies(population=3), "population must be an even number"),)),
     EstimatorInfo("pes", lambda T: E.PersistentES(population=2, sigma=1e-4, k=1), "unbiased",
                   errors=((lambda: E.PersistentES(sigma=0), "need sigma > 0"),
-                          (lambda: E.PersistentES(k=0), "k >= 1"))),
+                          (lambda: E.PersistentES(k=0), "k >= 1"),
+                          (lambda: E.PersistentES(particles_per_pass=3), "1 or an even number"))),
+    EstimatorInfo("pes_2_per_pass", lambda T: E.PersistentES(population=4, sigma=1e-4, k=1, particles_per_pass=2),
+                  "unbiased"),
     # On a task with no carry, online PES starts the unroll in this window: antithetic ES of the final loss.
     EstimatorInfo("online_pes", lambda T: E.OnlinePES(population=2, sigma=1e-4), "unbiased",
                   errors=((lambda: E.OnlinePES(population=3), "population must be an even number"),

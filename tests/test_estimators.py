@@ -219,3 +219,21 @@ def test_forward_tangents_per_pass_equal_one_at_a_time_in_every_batching(kind, b
     torch.testing.assert_close(passes.outer_loss, one.outer_loss, rtol=1e-12, atol=0)
     for k, g in one.grads.items():
         torch.testing.assert_close(passes.grads[k], g, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+@pytest.mark.parametrize("kind", ["init", "lrs_tensor", "learned_loss"])
+@pytest.mark.parametrize("k", [None, 1])
+def test_es_particles_per_pass_equal_one_at_a_time_in_every_batching(kind, batching, k):
+    """Vmapped particles draw the same noise and give the same estimate as one unroll after another (ES: k None;
+    PES over windows of one step: the noise of every window)."""
+    model = tiny_model()
+    loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.1), mo.losses.mse)
+    meta, tasks = META_KINDS[kind](model), tiny_tasks(3, 2)
+    one = mo.PersistentES(population=6, k=k)(loop, meta, tasks, batching=batching)
+    for per_pass in (2, 4, 6):  # 4: a last pass of one pair
+        passes = mo.PersistentES(population=6, k=k, particles_per_pass=per_pass)(loop, meta, tasks, batching=batching)
+        torch.testing.assert_close(passes.outer_loss, one.outer_loss, rtol=1e-12, atol=0)
+        for name, g in one.grads.items():
+            assert g.abs().max() > 0, name
+            torch.testing.assert_close(passes.grads[name], g, rtol=1e-9, atol=1e-12)

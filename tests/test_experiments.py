@@ -156,6 +156,21 @@ def test_bench_stacking_runs_small_and_every_batching_computes_the_same_gradient
     assert all(0 < stacked <= 1.05 * vmapped for stacked, vmapped in tensors), tensors  # (a built, unused graph: 1.12)
 
 
+def test_bench_es_runs_small_and_particles_in_one_pass_give_the_same_estimate():
+    """bench_es.py on the sinusoid, population 4: the one-pass estimates agree with one unroll after another (the
+    same noise), and the last line has its documented form (no assertion on the timings)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_es.py"), "--problems", "sinusoid",
+                             "--repeats", "1", "--population", "4", "--batchings", "vmap"], capture_output=True,
+                            text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert re.fullmatch(r"speedup_particles_in_one_pass sinusoid/es/vmap:\d+\.\d\d sinusoid/pes/vmap:\d+\.\d\d",
+                        lines[-1])
+    rows = [row.split("|") for row in lines if row.startswith("| ") and "x |" in row]
+    assert len(rows) == 2 and max(float(row[6]) for row in rows) < 1e-4
+
+
 def test_bench_budget_seconds_table_runs_small():
     """bench_budget.py's time table (predicted chunk seconds against measured) runs and prints one row per estimator
     and chunk (no assertion on the timings beyond their being positive)."""

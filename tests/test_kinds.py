@@ -180,8 +180,8 @@ def test_data_kinds_match_finite_differences(kind):
     assert analytic == pytest.approx(central_difference(loop, meta, tasks, direction), rel=1e-6, abs=1e-9)
 
 
-DATA_SERVED = {"full", "checkpoint", "checkpoint_S2", "truncated_k=T", "forward_random", "es", "pes", "online_pes",
-               "truncated_k=1", "first_order", "truncated_es", "implicit"}
+DATA_SERVED = {"full", "checkpoint", "checkpoint_S2", "truncated_k=T", "forward_random", "es", "pes", "pes_2_per_pass",
+               "online_pes", "truncated_k=1", "first_order", "truncated_es", "implicit"}
 
 
 @pytest.mark.parametrize("kind", ["augmentation", "synthetic_soft_labels"])
