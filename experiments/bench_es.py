@@ -8,10 +8,11 @@ problems are `bench_stacking.py`'s (sinusoid: MLP 1-40-40-1, meta-batch 25, T=20
 with windows of k=5 steps; the tasks run vmapped and one at a time (ES does not stack: each task perturbs the
 meta-parameters its own way). Timings are interleaved medians; the largest difference is relative to the
 largest entry of the one-at-a-time gradient (`metaopt.compiled.gradient_errors`); tensor MB is the peak of live
-tensor storage of one call (`torch.profiler`).
+tensor storage of one call (`torch.profiler`). `--allocator system` leaves glibc's default, which maps and unmaps
+every buffer over 32 MB at each call (`metaopt.allocator`): one pass's buffers are `population` times larger.
 
     python experiments/bench_es.py [--threads 1] [--repeats 5] [--problems sinusoid conv4] [--population 16]
-        [--batchings vmap loop]
+        [--batchings vmap loop] [--allocator keep]
 
 The last line is `speedup_particles_in_one_pass <problem>/<estimator>/<batching>:<x> ...`: the one-at-a-time
 median over the one-pass median, same run.
@@ -36,9 +37,10 @@ def main() -> None:
     parser.add_argument("--problems", nargs="+", choices=["sinusoid", "conv4"], default=["sinusoid", "conv4"])
     parser.add_argument("--population", type=int, default=16)
     parser.add_argument("--batchings", nargs="+", choices=["vmap", "loop"], default=["vmap", "loop"])
+    parser.add_argument("--allocator", choices=["keep", "system"], default="keep")
     args = parser.parse_args()
     population = args.population
-    begin_cpu_benchmark(args.threads, args.repeats)
+    begin_cpu_benchmark(args.threads, args.repeats, args.allocator)
     speedups = {}
     for name in args.problems:
         loop, meta, tasks = problem(name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Callable, Hashable, Mapping, TypeVar
+from typing import Callable, Hashable, Literal, Mapping, TypeVar
 
 import torch
 
@@ -27,9 +27,9 @@ def interleaved_seconds(calls: Mapping[K, Callable[[], object]], repeats: int, s
     return times
 
 
-def begin_cpu_benchmark(threads: int, repeats: int) -> None:
-    """Set torch's thread count and glibc's allocator to keep freed memory (`allocator=keep`, as the Omniglot
-    experiments run), and print the header line that says so."""
+def begin_cpu_benchmark(threads: int, repeats: int, allocator: Literal["system", "keep"] = "keep") -> None:
+    """Set torch's thread count and glibc's allocator (by default to keep freed memory, `allocator=keep`, as the
+    Omniglot experiments run), and print the header line that says so."""
     torch.set_num_threads(threads)
-    set_allocator("keep")
-    print(f"torch {torch.__version__}, {threads} thread(s), {repeats} interleaved rounds, allocator=keep")
+    set_allocator(allocator)
+    print(f"torch {torch.__version__}, {threads} thread(s), {repeats} interleaved rounds, allocator={allocator}")
