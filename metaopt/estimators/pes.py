@@ -46,8 +46,9 @@ class PersistentES(AbstractEstimator):
     `particles_per_pass` > 1 runs that many particles (whole antithetic pairs) as one unroll vmapped over them:
     the per-op cost is shared and the live state grows with it. The noise is drawn in the same order, so the
     estimate equals the one-at-a-time one to rounding. Where dispatch dominates it is the faster form
-    (`experiments/bench_es.py`: the sinusoid MLP, population 16 in one pass, 3.5x faster vmapped over the tasks and
-    6x task by task); on conv4 it is slower (a vmapped convolution over per-particle weights is a grouped one).
+    (`experiments/bench_es.py`: the sinusoid MLP, population 16 in one pass, 3.3-3.8x faster vmapped over the
+    tasks, 6x task by task); on conv4 it gains 1.03-1.2x at 16x the tensor memory with `allocator=keep`, and is
+    up to 2.4x slower with glibc's default allocator (its large buffers page-faulted in at every call).
 
     Args:
       population: particles per task (even: population/2 antithetic pairs).
