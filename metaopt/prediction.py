@@ -59,9 +59,7 @@ def describe(estimator: AbstractEstimator) -> str:
     eager = getattr(estimator, "eager", None)
     if eager is not None:
         return f"compiled({describe(eager)})"
-    args = ", ".join(f"{k}={v!r}" for k, v in vars(estimator).items()
-                     if not k.startswith("_") and k not in ("exact", "relative_time", "stochastic"))
-    return f"{estimator.name}({args})"
+    return f"{estimator.name}({', '.join(f'{k}={v!r}' for k, v in estimator.arguments().items())})"
 
 
 class Predictor:

@@ -60,7 +60,10 @@ ESTIMATORS = [
     # On a task with no carry, online PES starts the unroll in this window: antithetic ES of the final loss.
     EstimatorInfo("online_pes", lambda T: E.OnlinePES(population=2, sigma=1e-4), "unbiased",
                   errors=((lambda: E.OnlinePES(population=3), "population must be an even number"),
-                          (lambda: E.OnlinePES(sigma=0), "need sigma > 0"))),
+                          (lambda: E.OnlinePES(sigma=0), "need sigma > 0"),
+                          (lambda: E.OnlinePES(particles_per_pass=5), "1 or an even number"))),
+    EstimatorInfo("online_pes_2_per_pass", lambda T: E.OnlinePES(population=4, sigma=1e-4, particles_per_pass=2),
+                  "unbiased"),
     EstimatorInfo("truncated_k=1", lambda T: E.Truncated(k=1), "approximate"),
     EstimatorInfo("first_order", lambda T: E.FirstOrder(), "approximate"),
     EstimatorInfo("truncated_es", lambda T: E.PersistentES(population=2, sigma=1e-4, k=1, persistent=False),

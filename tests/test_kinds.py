@@ -181,7 +181,7 @@ def test_data_kinds_match_finite_differences(kind):
 
 
 DATA_SERVED = {"full", "checkpoint", "checkpoint_S2", "truncated_k=T", "forward_random", "es", "pes", "pes_2_per_pass",
-               "online_pes", "truncated_k=1", "first_order", "truncated_es", "implicit"}
+               "online_pes", "online_pes_2_per_pass", "truncated_k=1", "first_order", "truncated_es", "implicit"}
 
 
 @pytest.mark.parametrize("kind", ["augmentation", "synthetic_soft_labels"])

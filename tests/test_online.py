@@ -55,6 +55,35 @@ def test_online_pes_carries_each_particle_and_restarts_fresh_tasks():
     assert not torch.allclose(second.carry.plus.params[weight][1:], first.carry.plus.params[weight][1:])
 
 
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+@pytest.mark.parametrize("kind", ["init", "lrs_tensor"])
+def test_online_pes_particles_per_pass_equal_one_at_a_time_across_windows(kind, batching):
+    """Particles vmapped in one pass draw the same noise and carry the same states as one after another: two
+    windows (the second continues two of three tasks from the first's carry), every pass split (2: one pair per
+    pass; 4: a last pass of one pair; 6: all)."""
+    model = tiny_model()
+    loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.1), mo.losses.mse)
+    meta, tasks = META_KINDS[kind](model), tiny_tasks(3, 2)
+
+    def two_windows(per_pass: int) -> tuple[mo.MetaGrad, mo.MetaGrad]:
+        estimator = OnlinePES(population=6, sigma=1e-2, particles_per_pass=per_pass)
+        first = estimator(loop, meta, tasks._replace(carry=Carry(torch.ones(3, dtype=torch.bool), None)),
+                          batching=batching)
+        fresh = torch.tensor([True, False, False])
+        return first, estimator(loop, meta, tasks._replace(carry=Carry(fresh, first.carry)), batching=batching)
+
+    one = two_windows(1)
+    for per_pass in (2, 4, 6):
+        for window, reference in zip(two_windows(per_pass), one):
+            torch.testing.assert_close(window.outer_loss, reference.outer_loss, rtol=1e-12, atol=0)
+            for name, g in reference.grads.items():
+                assert g.abs().max() > 0, name
+                torch.testing.assert_close(window.grads[name], g, rtol=1e-9, atol=1e-12)
+            for got, want in zip(torch.utils._pytree.tree_leaves(window.carry),
+                                 torch.utils._pytree.tree_leaves(reference.carry)):
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_online_tasks_stagger_windows_and_replace_finished_unrolls():
     base = mo.Sinusoid(k_shot=3, k_query=4)
     source = OnlineTasks(base, horizon=6)

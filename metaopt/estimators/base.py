@@ -14,6 +14,7 @@ This package never imports `metaopt.metaparams`.
 from __future__ import annotations
 
 import abc
+import inspect
 from typing import Callable, ClassVar, Protocol, Sequence, TypeVar, cast
 
 import torch
@@ -232,9 +233,22 @@ class AbstractEstimator(abc.ABC):
         return run_meta_gradient(self, loop, meta, tasks, budget, batching=batching, chunk_size=chunk_size,
                                  clock=clock, memory_probe=memory_probe)
 
+    def arguments(self) -> dict[str, object]:
+        """The constructor's arguments that rebuild this estimator, read back from the attributes of the same names
+        (not every attribute is one: `es` keeps PES's `k`, `forward` its `stochastic` flag).
+
+        Raises:
+          TypeError: an argument is kept under no attribute of its name (then no config can rebuild it).
+        """
+        names = [p.name for p in inspect.signature(type(self).__init__).parameters.values()
+                 if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        missing = [name for name in names if not hasattr(self, name)]
+        if missing:
+            raise TypeError(f"{type(self).__name__} keeps no attribute for its argument(s) {missing}")
+        return {name: getattr(self, name) for name in names}
+
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({args})"
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.arguments().items())})"
 
 
 class MetaGradientMethod(Protocol):

@@ -68,6 +68,10 @@ class OnlinePES(AbstractEstimator):
       population: particles per task (even: population/2 antithetic pairs, each with two trajectories).
       sigma: perturbation scale.
       seed: the perturbations' random stream (`noise_like`).
+      particles_per_pass: particles per window pass: 1 (one after another) or an even number (whole pairs, one
+        unroll vmapped over them; the same noise, drawn in the same order). On `experiment=learned_optimizer_online`
+        all 16 in one pass gained nothing with `allocator=keep` and were ~1.7x slower with the system allocator
+        (a scratch timing, not a README figure): the LSTM rule's arithmetic dominates there, not dispatch.
     """
 
     exact = False
@@ -75,9 +79,9 @@ class OnlinePES(AbstractEstimator):
     stochastic = True
     online = True
 
-    def __init__(self, population: int = 16, sigma: float = 0.01, seed: int = 0):
-        check_population(self.name, population, sigma)
-        self.population, self.sigma, self.seed = population, sigma, seed
+    def __init__(self, population: int = 16, sigma: float = 0.01, seed: int = 0, particles_per_pass: int = 1):
+        check_population(self.name, population, sigma, particles_per_pass)
+        self.population, self.sigma, self.seed, self.particles_per_pass = population, sigma, seed, particles_per_pass
 
     def _start(self, loop: InnerLoop, meta: MetaParams, task: Task, values: Params, carried: InnerState | None,
                fresh: Tensor | None) -> InnerState:
@@ -87,37 +91,59 @@ class OnlinePES(AbstractEstimator):
             return initial
         return tree_map(lambda new, old: torch.where(fresh, new, old), initial, carried)
 
+    def _windows(self, loop: InnerLoop, meta: MetaParams, task: Task, values: Params, before: InnerState | None,
+                 guard: StepGuard | None) -> tuple[Tensor, InnerState]:
+        """The window of each particle whose meta-values are in `values` ([particles, *shape]) from its carried
+        state in `before` (leaves [particles, ...], or None): the window-end losses [particles] and the states at
+        the window's end (leaves [particles, ...]). One after another where `particles_per_pass` is 1, else one
+        unroll vmapped over the particles (randomness="different", as separate unrolls)."""
+        fresh = None if task.carry is None else task.carry.fresh
+
+        def window(vals: Params, carried: InnerState | None) -> tuple[Tensor, InnerState]:
+            state = self._start(loop, meta, task, vals, carried, fresh)
+            state = call_with_meta(meta, vals, lambda m, s: unroll(loop, s, task.support, m, create_graph=False,
+                                                                   on_step=guard), state)
+            return call_with_meta(meta, vals, lambda m, s: loop.outer_loss(s, task.query, m), state), state
+
+        if self.particles_per_pass > 1:
+            return torch.func.vmap(window, in_dims=(0, None if before is None else 0), randomness="different")(
+                values, before)
+        ends, states = zip(*(window({k: v[i] for k, v in values.items()},
+                                    None if before is None else tree_map(lambda v: v[i], before))
+                             for i in range(next(iter(values.values())).shape[0])))
+        return torch.stack(ends), _stack(list(states))  # type: ignore[return-value]
+
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
                        guard: StepGuard | None) -> TaskObjective:
         values = meta_values(meta)
         carry: Carry | None = task.carry
         carried: OnlinePESState | None = None if carry is None else carry.state
         pairs = self.population // 2
-        plus_states: list[InnerState] = []
-        minus_states: list[InnerState] = []
-        xis: list[dict[str, Tensor]] = []
-        losses: list[Tensor] = []
+        pairs_per_pass = max(1, self.particles_per_pass // 2)
+        ends, states, xis = [], [], []
         with torch.no_grad():
+            for start in range(0, pairs, pairs_per_pass):
+                # Particles in the order plus, minus of each pair: the noise is drawn pair by pair as before.
+                pass_pairs = range(start, min(start + pairs_per_pass, pairs))
+                noises = [{k: self.noise_like(v) for k, v in values.items()} for _ in pass_pairs]
+                xis += [noise if carried is None or carry is None else
+                        {k: torch.where(carry.fresh, 0.0, carried.xi[k][p]) + noise[k] for k in noise}
+                        for p, noise in zip(pass_pairs, noises)]
+                vals = {k: torch.stack([v + sign * self.sigma * noise[k] for noise in noises for sign in (1.0, -1.0)])
+                        for k, v in values.items()}
+                before = None if carried is None else tree_map(
+                    lambda plus, minus: torch.stack([x for p in pass_pairs for x in (plus[p], minus[p])]),
+                    carried.plus, carried.minus)
+                window_ends, window_states = self._windows(loop, meta, task, vals, before, guard)
+                ends.append(window_ends)
+                states.append(window_states)
+            ends_all = torch.cat(ends)  # [population]: plus, minus of each pair
+            state_all = tree_map(lambda *leaves: torch.cat(leaves), *states)
+            scales = (ends_all[0::2] - ends_all[1::2]) / (2 * self.sigma * pairs)
             grads = {k: torch.zeros_like(v) for k, v in values.items()}
-            # A Python loop over pairs: one nested vmap over all particles was measured slower (6.0 vs 3.4 s per
-            # meta-step on experiment=learned_optimizer_online) and took 3.9x the memory.
-            for p in range(pairs):
-                noise = {k: self.noise_like(v) for k, v in values.items()}
-                xi = noise if carried is None or carry is None else \
-                    {k: torch.where(carry.fresh, 0.0, carried.xi[k][p]) + noise[k] for k in noise}
-                ends = []
-                for sign, states in ((1.0, plus_states), (-1.0, minus_states)):
-                    vals = {k: v + sign * self.sigma * noise[k] for k, v in values.items()}
-                    before = None if carried is None else tree_map(lambda v: v[p],
-                                                                   carried.plus if sign > 0 else carried.minus)
-                    state = self._start(loop, meta, task, vals, before, None if carry is None else carry.fresh)
-                    state = call_with_meta(meta, vals, lambda m, s: unroll(loop, s, task.support, m,
-                                                                           create_graph=False, on_step=guard), state)
-                    ends.append(call_with_meta(meta, vals, lambda m, s: loop.outer_loss(s, task.query, m), state))
-                    states.append(state)
-                scale = (ends[0] - ends[1]) / (2 * self.sigma * pairs)
+            for scale, xi in zip(scales, xis):
                 grads = {k: grads[k] + scale * xi[k] for k in grads}
-                xis.append(xi)
-                losses.append(0.5 * (ends[0] + ends[1]))
-        state_out = OnlinePESState(_stack(plus_states), _stack(minus_states), _stack(xis))  # type: ignore[arg-type]
-        return TaskObjective(linear_surrogate(meta, grads), torch.stack(losses).mean(), carry=state_out)
+            losses = 0.5 * (ends_all[0::2] + ends_all[1::2])
+        state_out = OnlinePESState(tree_map(lambda v: v[0::2], state_all), tree_map(lambda v: v[1::2], state_all),
+                                   _stack(xis))  # type: ignore[arg-type]
+        return TaskObjective(linear_surrogate(meta, grads), losses.mean(), carry=state_out)

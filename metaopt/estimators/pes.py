@@ -18,12 +18,16 @@ from metaopt.types import InnerState, MetaParams, Params, Task
 __all__ = ["PersistentES"]
 
 
-def check_population(name: str, population: int, sigma: float) -> None:
-    """Raise ValueError unless population is an even number >= 2 (antithetic pairs) and sigma > 0."""
+def check_population(name: str, population: int, sigma: float, particles_per_pass: int = 1) -> None:
+    """Raise ValueError unless population is an even number >= 2 (antithetic pairs), sigma > 0, and
+    particles_per_pass is 1 or an even number (whole pairs)."""
     if population < 2 or population % 2:
         raise ValueError(f"{name}: population must be an even number >= 2, got {population}")
     if sigma <= 0:
         raise ValueError(f"{name}: need sigma > 0 and k >= 1, got sigma={sigma}")
+    if particles_per_pass < 1 or (particles_per_pass > 1 and particles_per_pass % 2):
+        raise ValueError(f"{name}: particles_per_pass must be 1 or an even number (whole antithetic pairs), "
+                         f"got {particles_per_pass}")
 
 
 @register("pes")
@@ -66,12 +70,9 @@ class PersistentES(AbstractEstimator):
 
     def __init__(self, population: int = 16, sigma: float = 0.01, k: int | None = 5, persistent: bool = True,
                  seed: int = 0, particles_per_pass: int = 1):
-        check_population(self.name, population, sigma)
+        check_population(self.name, population, sigma, particles_per_pass)
         if k is not None and k < 1:
             raise ValueError(f"{self.name}: need sigma > 0 and k >= 1, got sigma={sigma}, k={k}")
-        if particles_per_pass < 1 or (particles_per_pass > 1 and particles_per_pass % 2):
-            raise ValueError(f"{self.name}: particles_per_pass must be 1 or an even number (whole antithetic pairs), "
-                             f"got {particles_per_pass}")
         self.population, self.sigma, self.k, self.persistent, self.seed = population, sigma, k, persistent, seed
         self.particles_per_pass = particles_per_pass
 

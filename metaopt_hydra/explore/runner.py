@@ -1,7 +1,6 @@
 """Pricing explorer trials with the planner, and running them in worker processes."""
 from __future__ import annotations
 
-import inspect
 import logging
 import multiprocessing
 from pathlib import Path
@@ -38,17 +37,9 @@ class _Ladder(Auto):
 
 
 def estimator_node(estimator: AbstractEstimator) -> dict[str, Any]:
-    """The config node that builds `estimator`: its class and its constructor's arguments, read back from the
-    attributes of the same names (not every attribute is an argument: `es` keeps PES's k and `forward` its
-    `stochastic` flag)."""
+    """The config node that builds `estimator`: its class and its constructor's arguments."""
     cls = type(estimator)
-    names = [p.name for p in inspect.signature(cls.__init__).parameters.values()
-             if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    missing = [name for name in names if not hasattr(estimator, name)]
-    if missing:
-        raise TypeError(f"estimator_node: {cls.__name__} keeps no attribute for its argument(s) {missing}, so its "
-                        "configuration cannot be written back")
-    return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **{name: getattr(estimator, name) for name in names}}
+    return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **estimator.arguments()}
 
 
 class ProcessRunner:
