@@ -368,5 +368,9 @@ class Auto:
                              "predicted_peak_bytes": chosen.predicted_peak_bytes})
         return result
 
+    def arguments(self) -> dict[str, object]:
+        """Its constructor's arguments (what `describe` prints, as for an estimator)."""
+        return {"meter": self.meter, "timer": self.timer}
+
     def __repr__(self) -> str:
         return "Auto()"

@@ -237,3 +237,17 @@ def test_es_particles_per_pass_equal_one_at_a_time_in_every_batching(kind, batch
         for name, g in one.grads.items():
             assert g.abs().max() > 0, name
             torch.testing.assert_close(passes.grads[name], g, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", mo.available_estimators())
+@pytest.mark.parametrize("compiled", [False, True])
+def test_every_registered_method_describes_itself_by_its_arguments(name, compiled):
+    """`describe` names a plan's estimator in reasons, metrics.json and the explorer's exclusions: it must work
+    for every registered method (auto and compiled wrappers included) and show only constructor arguments."""
+    from metaopt.prediction import describe
+    if compiled and name == "auto":
+        pytest.skip("auto is a planning policy: it does not compile (get_estimator refuses it, tested elsewhere)")
+    method = mo.get_estimator(name, compile=compiled) if compiled else mo.get_estimator(name)
+    text = describe(method)
+    assert text.startswith(f"compiled({name}(" if compiled else f"{name}("), text
+    assert "stochastic" not in text and "relative_time" not in text and "exact=" not in text
