@@ -26,7 +26,10 @@ allocator's slack too; so is the peak of live tensor storage of one call of each
 events, `metaopt.memory`'s "profiler" method: tensors only, exact to the byte).
 
     python experiments/bench_stacking.py [--threads 1] [--repeats 7] [--problems sinusoid conv4]
-        [--estimators full checkpoint truncated first_order]
+        [--estimators full checkpoint truncated first_order] [--allocator keep]
+
+`--allocator system` keeps glibc's default (freed memory returned, large buffers page-faulted in again: slower
+conv4 rows, but a lower RSS where `keep`'s fragmented heap would not fit, e.g. conv4 `forward_passes`).
 
 The last line is `speedup_stacked_vs_vmap <problem>/<estimator>:<x> ...`: the vmapped median over the stacked
 one, same run.
@@ -90,8 +93,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--problems", nargs="+", choices=["sinusoid", "conv4"], default=["sinusoid", "conv4"])
     parser.add_argument("--estimators", nargs="+", choices=list(ESTIMATORS), default=DEFAULT)
+    parser.add_argument("--allocator", choices=["keep", "system"], default="keep")
     args = parser.parse_args()
-    begin_cpu_benchmark(args.threads, args.repeats)
+    begin_cpu_benchmark(args.threads, args.repeats, args.allocator)
     speedups = {}
     for name in args.problems:
         loop, init, tasks = problem(name)
