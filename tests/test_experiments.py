@@ -171,6 +171,20 @@ def test_bench_es_runs_small_and_particles_in_one_pass_give_the_same_estimate():
     assert len(rows) == 2 and max(float(row[6]) for row in rows) < 1e-4
 
 
+def test_bench_es_times_online_pes_on_the_learned_optimizer_experiment():
+    """bench_es.py's learned_optimizer_online problem (the experiment's config, population 2): the one-pass second
+    window equals one at a time (the same noise, the same carried states), and the last line names it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_es.py"), "--problems",
+                             "learned_optimizer_online", "--repeats", "1", "--population", "2"], capture_output=True,
+                            text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert re.fullmatch(r"speedup_particles_in_one_pass learned_optimizer_online/online_pes/vmap:\d+\.\d\d", lines[-1])
+    rows = [row.split("|") for row in lines if row.startswith("| ") and "x |" in row]
+    assert len(rows) == 1 and float(rows[0][6]) < 1e-4
+
+
 def test_bench_budget_seconds_table_runs_small():
     """bench_budget.py's time table (predicted chunk seconds against measured) runs and prints one row per estimator
     and chunk (no assertion on the timings beyond their being positive)."""
