@@ -70,8 +70,8 @@ class OnlinePES(AbstractEstimator):
       seed: the perturbations' random stream (`noise_like`).
       particles_per_pass: particles per window pass: 1 (one after another) or an even number (whole pairs, one
         unroll vmapped over them; the same noise, drawn in the same order). On `experiment=learned_optimizer_online`
-        all 16 in one pass gained nothing with `allocator=keep` and were ~1.7x slower with the system allocator
-        (a scratch timing, not a README figure): the LSTM rule's arithmetic dominates there, not dispatch.
+        all 16 in one pass gain nothing (0.96x with `allocator=keep`, 0.56x with the system allocator:
+        `experiments/bench_es.py --problems learned_optimizer_online`): the LSTM rule's arithmetic dominates there.
     """
 
     exact = False
