@@ -12,11 +12,11 @@ tensor storage of one call (`torch.profiler`). `--allocator system` leaves glibc
 every buffer over 32 MB at each call (`metaopt.allocator`): one pass's buffers are `population` times larger.
 
 `--problems learned_optimizer_online` times `online_pes` on `experiment=learned_optimizer_online` as configured
-(the LSTM rule training permuted-digits MLPs, meta-batch 8, windows of 10 steps, population 16): the second window,
-every particle continuing from its carried state, tasks vmapped.
+(the LSTM rule training permuted-digits MLPs, meta-batch 8, windows of 10 steps; `--population` particles): the
+second window, every particle continuing from its carried state, tasks vmapped.
 
-    python experiments/bench_es.py [--threads 1] [--repeats 5] [--problems sinusoid conv4] [--population 16]
-        [--batchings vmap loop] [--allocator keep]
+    python experiments/bench_es.py [--threads 1] [--repeats 5] [--problems sinusoid conv4 learned_optimizer_online]
+        [--population 16] [--batchings vmap loop] [--allocator keep]
 
 The last line is `speedup_particles_in_one_pass <problem>/<estimator>/<batching>:<x> ...`: the one-at-a-time
 median over the one-pass median, same run.
