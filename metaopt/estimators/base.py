@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import abc
 import inspect
-from typing import Callable, ClassVar, Protocol, Sequence, TypeVar, cast
+from typing import Any, Callable, ClassVar, Protocol, Sequence, TypeVar, cast
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_leaves, tree_map
 
 from metaopt.batching import Batching
 from metaopt.budget import Budget
@@ -46,6 +47,8 @@ __all__ = [
     "call_with_meta",
     "linear_surrogate",
     "task_surrogates",
+    "map_leading_axis",
+    "stack_trees",
 ]
 
 
@@ -93,6 +96,23 @@ def task_surrogates(meta: MetaParams, grads: dict[str, Tensor], loss: Tensor) ->
     `linear_surrogate`'s, so that their mean differentiates to the tasks' mean gradient. One task (0-d loss, under
     vmap or alone): `linear_surrogate` itself (divided by 1)."""
     return (linear_surrogate(meta, grads) / loss.numel()).expand(loss.shape)
+
+
+def stack_trees(trees: Sequence[Any]) -> Any:
+    """Pytrees of one structure stacked leaf by leaf on a new leading axis."""
+    return tree_map(lambda *leaves: torch.stack(leaves), *trees)
+
+
+def map_leading_axis(fn: Callable[..., Any], *args: Any, vectorized: bool, randomness: str = "different") -> Any:
+    """`fn` of each slice of `args` along their leading axis (pytrees of tensors; a None argument is passed as is),
+    the outputs stacked leaf by leaf: one call vmapped over the axis where `vectorized` (the repetitions of an
+    estimator run as one pass: forward's tangents, ES's particles), else one call per slice (the sequential
+    computation, bit for bit)."""
+    if vectorized:
+        in_dims = tuple(None if a is None else 0 for a in args)
+        return torch.func.vmap(fn, in_dims=in_dims, randomness=randomness)(*args)
+    n = next(leaf.shape[0] for a in args if a is not None for leaf in tree_leaves(a))
+    return stack_trees([fn(*(None if a is None else tree_map(lambda v: v[i], a) for a in args)) for i in range(n)])
 
 
 class AbstractEstimator(abc.ABC):

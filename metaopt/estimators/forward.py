@@ -10,6 +10,7 @@ from metaopt.estimators.base import (
     EstimatorUnsupported,
     TaskObjective,
     call_with_meta,
+    map_leading_axis,
     meta_values,
     register,
     task_surrogates,
@@ -126,18 +127,13 @@ class ForwardMode(AbstractEstimator):
         plain jvp; more: vmapped over the tangents, randomness="same" so that each tangent of a pass differentiates
         the same draws, an augmentation's)."""
         total = sum(v.numel() for v in values.values())
-        pushed = torch.func.vmap(lambda tangent: _jvp(outer, values, tangent), randomness="same")
         derivatives = []
         for start in range(0, total, self.tangents_per_pass):
             stop = min(start + self.tangents_per_pass, total)
-            tangents = _one_hot_tangents(values, start, stop)
-            if stop - start == 1:
-                loss, derivative = _jvp(outer, values, {k: t[0] for k, t in tangents.items()})
-                derivative = derivative.reshape(1, -1)
-            else:
-                losses, derivative = pushed(tangents)
-                loss = losses[0]
+            losses, derivative = map_leading_axis(lambda tangent: _jvp(outer, values, tangent),
+                                                  _one_hot_tangents(values, start, stop), vectorized=stop - start > 1,
+                                                  randomness="same")
             derivatives.append(derivative.reshape(stop - start, -1).sum(1))  # stacked: summed over the tasks
         flat = torch.cat(derivatives)
         sizes = [v.numel() for v in values.values()]
-        return loss, {k: d.view_as(v) for (k, v), d in zip(values.items(), flat.split(sizes))}
+        return losses[0], {k: d.view_as(v) for (k, v), d in zip(values.items(), flat.split(sizes))}

@@ -12,8 +12,10 @@ from metaopt.estimators.base import (
     TaskObjective,
     call_with_meta,
     linear_surrogate,
+    map_leading_axis,
     meta_values,
     register,
+    stack_trees,
 )
 from metaopt.estimators.pes import check_population
 from metaopt.guard import StepGuard
@@ -36,10 +38,6 @@ class OnlinePESState(NamedTuple):
     plus: InnerState
     minus: InnerState
     xi: dict[str, Tensor]
-
-
-def _stack(items: list) -> object:
-    return tree_map(lambda *leaves: torch.stack(leaves), *items)
 
 
 @register("online_pes")
@@ -105,13 +103,7 @@ class OnlinePES(AbstractEstimator):
                                                                    on_step=guard), state)
             return call_with_meta(meta, vals, lambda m, s: loop.outer_loss(s, task.query, m), state), state
 
-        if self.particles_per_pass > 1:
-            return torch.func.vmap(window, in_dims=(0, None if before is None else 0), randomness="different")(
-                values, before)
-        ends, states = zip(*(window({k: v[i] for k, v in values.items()},
-                                    None if before is None else tree_map(lambda v: v[i], before))
-                             for i in range(next(iter(values.values())).shape[0])))
-        return torch.stack(ends), _stack(list(states))  # type: ignore[return-value]
+        return map_leading_axis(window, values, before, vectorized=self.particles_per_pass > 1)
 
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
                        guard: StepGuard | None) -> TaskObjective:
@@ -145,5 +137,5 @@ class OnlinePES(AbstractEstimator):
                 grads = {k: grads[k] + scale * xi[k] for k in grads}
             losses = 0.5 * (ends_all[0::2] + ends_all[1::2])
         state_out = OnlinePESState(tree_map(lambda v: v[0::2], state_all), tree_map(lambda v: v[1::2], state_all),
-                                   _stack(xis))  # type: ignore[arg-type]
+                                   stack_trees(xis))
         return TaskObjective(linear_surrogate(meta, grads), losses.mean(), carry=state_out)

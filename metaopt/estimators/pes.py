@@ -8,6 +8,7 @@ from metaopt.estimators.base import (
     TaskObjective,
     call_with_meta,
     linear_surrogate,
+    map_leading_axis,
     meta_values,
     register,
 )
@@ -113,19 +114,6 @@ class PersistentES(AbstractEstimator):
             xis.append(xi)
         return [{k: torch.stack([p[k] for p in particles]) for k in values} for particles in windows], xis
 
-    def _losses(self, loop: InnerLoop, meta: MetaParams, task: Task, windows: list[Params],
-                guard: StepGuard | None) -> torch.Tensor:
-        """The outer losses of the particles in `windows`, [particles]: one unroll after another where
-        `particles_per_pass` is 1, else one vmapped unroll (randomness="different": each particle draws as its own
-        unroll would)."""
-        def loss_of(particle: list[Params]) -> torch.Tensor:
-            return self._particle_loss(loop, meta, task, particle, guard)
-
-        if self.particles_per_pass > 1:
-            return torch.func.vmap(loss_of, randomness="different")(windows)
-        particles = next(iter(windows[0].values())).shape[0]
-        return torch.stack([loss_of([{k: v[i] for k, v in w.items()} for w in windows]) for i in range(particles)])
-
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
                        guard: StepGuard | None) -> TaskObjective:
         values = meta_values(meta)
@@ -136,7 +124,8 @@ class PersistentES(AbstractEstimator):
             grads = {k: torch.zeros_like(v) for k, v in values.items()}
             for start in range(0, pairs, pairs_per_pass):
                 windows, xis = self._perturbations(values, n_windows, min(pairs_per_pass, pairs - start))
-                losses = self._losses(loop, meta, task, windows, guard)
+                losses = map_leading_axis(lambda particle: self._particle_loss(loop, meta, task, particle, guard),
+                                          windows, vectorized=self.particles_per_pass > 1)
                 for i, xi in enumerate(xis):
                     scale = (losses[2 * i] - losses[2 * i + 1]) / (2 * self.sigma * pairs)
                     grads = {k: grads[k] + scale * xi[k] for k in grads}
