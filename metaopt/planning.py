@@ -68,6 +68,10 @@ class Plan(NamedTuple):
       predicted_chunk_seconds: predicted wall-clock seconds of one chunk (of one task with "loop"), what a
         time budget bounds; None where the budget sets no time (nothing is timed for it) or the estimator is
         compiled (its eager timing would overstate it).
+      predicted_call_seconds: approximate wall-clock seconds of the whole call (every chunk) at T, from the calls
+        that measured its memory, timed once each (`Predictor.probed_seconds`): free, rougher than
+        `predicted_chunk_seconds`, for comparing configurations (the explorer calibrates it by the trials it ran).
+        None where nothing was timed (a stand-in meter) or the estimator is compiled.
     """
 
     estimator: AbstractEstimator
@@ -77,6 +81,7 @@ class Plan(NamedTuple):
     task_peak_bytes: int
     reason: str
     predicted_chunk_seconds: float | None = None
+    predicted_call_seconds: float | None = None
 
 
 LOOP_FASTER = 1.2
@@ -242,6 +247,7 @@ def _plan_within(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, 
         found = _fit(predictor, candidate, budget, batching, fixed_bytes)
         if found is not None:
             found, overrun = _fit_time(predictor, found, budget, fixed_bytes)
+            found = _with_call_seconds(predictor, found)
             if overrun is None:
                 if candidate is candidates[0]:
                     return found
@@ -264,6 +270,14 @@ def _plan_within(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, 
     limits = f"memory budget {format_bytes(budget.memory or 0)}" if budget.time is None else \
         f"budget ({format_bytes(budget.memory or 0) if budget.memory else 'no memory limit'}, {budget.time:.3g} s)"
     raise BudgetExceeded(f"no estimator fits the {limits} at T={steps} (per task: {'; '.join(tried)})")
+
+
+def _with_call_seconds(predictor: Predictor, found: Plan) -> Plan:
+    """`found` with its call's seconds as its memory probes timed them (not for a compiled estimator)."""
+    if getattr(found.estimator, "chunk_gradient", None) is not None:
+        return found
+    seconds = predictor.probed_seconds(found.estimator, len(predictor.tasks), found.chunk_size)
+    return found._replace(predicted_call_seconds=seconds)
 
 
 def _fit_time(predictor: Predictor, found: Plan, budget: Budget, fixed_bytes: int) -> tuple[Plan, str | None]:

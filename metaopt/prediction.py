@@ -13,7 +13,9 @@ training's first measured meta-step.
 chunks and one task at a time): wall-clock seconds, so approximate and load-dependent;
 the configurations alternate and each keeps its fastest call. `Predictor.predict_seconds`
 extrapolates such timings at a few inner steps to T (`AbstractEstimator.predict_seconds`),
-for the planner's check against a time budget.
+for the planner's check against a time budget. `Predictor.probed_seconds` is the free, rougher
+figure: the memory probes' own calls, each timed once as it ran, extrapolated to T (what the
+explorer prices a trial's time with, calibrated by the trials it has run).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from typing import Callable, Literal, Sequence
 import torch
 
 from metaopt.batching import Batching, unstack_tasks
-from metaopt.estimators.base import AbstractEstimator
+from metaopt.estimators.base import AbstractEstimator, linear_seconds
 from metaopt.loop import InnerLoop
 from metaopt.memory import Method, measure_peak_memory
 from metaopt.runner import resolve_for
@@ -91,6 +93,8 @@ class Predictor:
         self.tasks = unstack_tasks(tasks) if isinstance(tasks, Task) else list(tasks)
         self.steps = self.tasks[0].inner_steps
         self._cache: dict[tuple[str, int, int, int], int] = {}
+        self._call_seconds: dict[tuple[str, int, int, int], float] = {}  # the measured calls, timed
+        self._probes: dict[tuple[str, int, int], dict[int, tuple[str, int, int, int]]] = {}  # steps -> measured call
         self._warm: set[tuple[str, int, int]] = set()
         self._seconds: dict[tuple[str, int], float] = {}
 
@@ -110,7 +114,7 @@ class Predictor:
         every probe's shape would cost more than the run; the compiled graph keeps no more than eager's)."""
         estimator = getattr(estimator, "eager", estimator)
         chunk = max(1, min(chunk, n_tasks))
-        key = (describe(estimator), steps, n_tasks, chunk)
+        key = self._key(estimator, steps, n_tasks, chunk)
         if key in self._cache:
             return self._cache[key]
         batch, batching = self._batch(estimator, steps, n_tasks, chunk)
@@ -120,9 +124,24 @@ class Predictor:
             return self._cache[key]
         self._warm_up(estimator, n_tasks, chunk)
         with measure_peak_memory(self.device, self.method) as memory:
+            self._synchronize()
+            start = time.perf_counter()
             estimator(self.loop, self.meta, batch, batching=batching, chunk_size=chunk)
+            self._synchronize()
+            self._call_seconds[key] = time.perf_counter() - start
         self._cache[key] = memory.peak_bytes
         return self._cache[key]
+
+    @staticmethod
+    def _key(estimator: AbstractEstimator, steps: int, n_tasks: int, chunk: int) -> tuple[str, int, int, int]:
+        """The cache key of a measured call: (estimator, steps, tasks, chunk size)."""
+        estimator = getattr(estimator, "eager", estimator)
+        return describe(estimator), steps, n_tasks, max(1, min(chunk, n_tasks))
+
+    def _configuration(self, estimator: AbstractEstimator, n_tasks: int, chunk: int) -> tuple[str, int, int]:
+        """A call's key less its steps: the probes of one prediction."""
+        name, _, n_tasks, chunk = self._key(estimator, 0, n_tasks, chunk)
+        return name, n_tasks, chunk
 
     @property
     def can_time(self) -> bool:
@@ -187,11 +206,33 @@ class Predictor:
     def predict(self, target: AbstractEstimator, n_tasks: int = 1, chunk: int = 1, at: int | None = None) -> int:
         """Predicted peak bytes of `target` at T = `at` (default: the tasks') on `n_tasks` tasks in vmapped
         chunks of `chunk` (1: task by task)."""
+        probes = self._probes.setdefault(self._configuration(target, n_tasks, chunk), {})
+
         def measure(steps: int, estimator: AbstractEstimator | None = None) -> int:
-            return self.measure(estimator if estimator is not None else target, steps, n_tasks, chunk)
+            measured = estimator if estimator is not None else target
+            probes[min(steps, self.steps)] = self._key(measured, steps, n_tasks, chunk)
+            return self.measure(measured, steps, n_tasks, chunk)
         steps = self.steps if at is None else at
         coarse = target.predict_peak_bytes(measure, steps)
         if steps < REFINE_FROM or coarse > 2 * self.limit:
             return coarse
         # Probes near T: the error of a slope measured over 16..64 steps grows 3x by T=200.
         return target.predict_peak_bytes(measure, steps, probes=(steps // 4, steps // 2))
+
+    def probed_seconds(self, target: AbstractEstimator, n_tasks: int, chunk: int = 1) -> float | None:
+        """Approximate wall-clock seconds of one call of `target` at the tasks' T on `n_tasks` tasks in chunks of
+        `chunk`, from the calls that predicted its memory (`predict`, called first): each was timed once as it ran
+        (just after the heap was trimmed, so page faults included) and the line through the two longest is
+        extrapolated to T (time is linear in T for every estimator here). Free, and rougher than `predict_seconds`
+        (one call per probe, not a median): a relative figure, calibrated by what its user measures. None where
+        no call was timed (a stand-in `meter`) or `predict` was not called for this configuration."""
+        probes = self._probes.get(self._configuration(target, n_tasks, chunk), {})
+        timed = {steps: self._call_seconds[key] for steps, key in probes.items() if key in self._call_seconds}
+        if not timed:
+            return None
+        if self.steps in timed:
+            return timed[self.steps]
+        longest = sorted(timed)[-2:]
+        if len(longest) == 1:
+            return timed[longest[0]] * self.steps / longest[0]
+        return linear_seconds(timed.__getitem__, self.steps, *longest)

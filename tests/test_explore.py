@@ -94,6 +94,8 @@ def test_contract_explore_end_to_end(tmp_path):
     assert {r["status"] for r in rows} <= {"complete", "pruned", "infeasible", "failed"}
     front = [r for r in rows if r["pareto"] == "1"]
     assert front and all(r["val_loss"] for r in front)
+    # Admission's seconds per meta-step (the memory probes, timed) beside the measured ones.
+    assert all(float(r["predicted_step_seconds"]) > 0 and float(r["measured_step_seconds"]) > 0 for r in front)
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     assert events and all({"time", "trial", "event", "running_predicted_bytes"} <= set(e) for e in events)
     assert all(e["running_predicted_bytes"] <= 10**9 for e in events)

@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from metaopt.explore import (
+    Price,
+    RungTimes,
     Candidate,
     CandidateQueue,
     Explorer,
@@ -136,7 +138,7 @@ def test_a_measured_peak_above_its_prediction_counts_in_the_front_and_in_the_pac
     record = TrialRecord(0, {}, predicted_peak_bytes=200, rungs=[Rung(0, 10, 1.0, 1.0, 450)])
     candidate = Candidate(0.0, {}, 0)
     candidate.predicted_peak_bytes = 200
-    explorer.running = {0: _Running(candidate, record, None)}
+    explorer.running = {0: _Running(candidate, record, None, 0.0)}
     assert explorer.reserved_bytes == 450 and explorer.running_predicted_bytes == 200
 
 
@@ -265,3 +267,103 @@ def test_hypervolume_of_a_box_and_of_points_outside_the_reference():
     assert hypervolume([(0.5, 0.5, 0.5)], (1, 1, 1)) == pytest.approx(0.125)
     assert hypervolume([(2.0, 0.1)], (1, 1)) == 0.0
     assert math.isclose(hypervolume([(0.0, 0.5), (0.5, 0.0)], (1, 1)), 0.75)
+
+
+class TimedRunner(FakeRunner):
+    """A trial's rung ends its meta-steps x its true seconds per meta-step (`params["step"]`) after it was started or
+    resumed; admission predicts half of that per meta-step (`predicts=False`: no prediction)."""
+
+    def __init__(self, clock: FakeClock, predicts: bool = True):
+        super().__init__(clock)
+        self.predicts = predicts
+
+    def price(self, candidate, memory_share, excluded):
+        return Price(10, "full", candidate.params["step"] / 2 if self.predicts else None)
+
+    def start(self, candidate, rung_steps):
+        self.started.append(candidate.trial)
+        return {"c": candidate, "rung": 0, "steps": rung_steps, "waiting": False,
+                "due": self.clock() + rung_steps[0] * candidate.params["step"]}
+
+    def poll(self, h):
+        if h["waiting"] or self.clock() < h["due"]:
+            return []
+        r, steps, params = h["rung"], h["steps"][h["rung"]], h["c"].params
+        rung = Rung(r, steps, params["x"] + 1 / (r + 1), steps * params["step"], 10)
+        h["waiting"] = True
+        return [Message("rung", rung)] + ([Message("done")] if r + 1 == len(h["steps"]) else [])
+
+    def resume(self, h):
+        h["rung"] += 1
+        h["waiting"] = False
+        h["due"] = self.clock() + (h["steps"][h["rung"]] - h["steps"][h["rung"] - 1]) * h["c"].params["step"]
+
+
+class TimedStudy(FakeStudy):
+    def ask(self):
+        return next(self.count), {"x": self.rng.random(), "step": self.rng.choice([0.1, 0.5, 2.0])}
+
+
+def _timed_search(predicts: bool) -> tuple[list[TrialRecord], Explorer]:
+    clock = FakeClock()
+    explorer = _explorer(clock, runner=TimedRunner(clock, predicts), study=TimedStudy(), time_budget=120,
+                         max_parallel=2, rung_steps=10, eta=2, rungs=3, children=0)
+    return explorer.run(), explorer
+
+
+def test_a_trial_predicted_to_reach_its_rung_past_the_deadline_does_not_take_a_slot():
+    """Admission's seconds per meta-step (here half the truth) are calibrated by the first rungs (ratio 2), so near
+    the deadline a candidate whose first rung would end past it is held back and a cheaper one runs instead. Without
+    predictions, trials are started that the deadline then stops before their first rung."""
+    records, explorer = _timed_search(predicts=True)
+    assert explorer.times.ratio == pytest.approx(2.0)
+    cut = [r for r in records if "stopped at the deadline before its first rung" in r.error]
+    held = [r for r in records if "its first rung was predicted" in r.error]
+    assert not cut and held and all(r.status == "pruned" and not r.rungs for r in held)
+    late = [e for e in explorer.events if e["event"] == "late"]
+    assert late and any(e["event"] == "start" and e["time"] > late[0]["time"] for e in explorer.events)
+    unpredicted, _ = _timed_search(predicts=False)
+    assert any("stopped at the deadline before its first rung" in r.error for r in unpredicted)
+
+
+def test_admission_holds_back_by_the_calibrated_prediction():
+    clock = FakeClock()
+    explorer = _explorer(clock, rung_steps=10)
+    explorer.started, explorer.deadline = 0.0, 100.0
+    explorer.times.observe(1.0, 10, 20.0)  # a trial ran at 2 s per meta-step where 1 s was predicted
+    candidate = Candidate(1.0, {}, 0, predicted_peak_bytes=1, predicted_step_seconds=1.0)
+    clock.now = 85.0  # 15 s left: its first rung (10 x 1 s x 2) is predicted 20 s away
+    assert explorer._too_late(candidate) and "predicted 20 s away with 15 s left" in explorer.late[0]
+    clock.now = 75.0
+    assert not explorer._too_late(candidate)
+    assert not explorer._too_late(Candidate(1.0, {}, 1, predicted_peak_bytes=1))  # no prediction: not held back
+
+
+def test_rung_times_calibrate_by_medians():
+    times = RungTimes()
+    assert times.to_first_rung(None, 10) is None and times.to_first_rung(0.5, 10) == pytest.approx(5.0)
+    for predicted, measured, wall in ((1.0, 20.0, 23.0), (1.0, 30.0, 31.0), (2.0, 80.0, 90.0)):
+        times.observe(predicted, 10, measured, wall)  # ratios 2, 3, 4; overheads 3, 1, 10
+    times.observe(1.0, 30, 100.0, 65.0, train_seconds_before=40.0, first=False)  # a later rung: overhead 5 only
+    assert times.ratio == pytest.approx(3.0) and len(times.ratios) == 3
+    assert times.to_first_rung(0.5, 10) == pytest.approx(3.0 + 10 * 0.5 * 3.0)
+    assert times.to_next_rung(2.0, 20) == pytest.approx(5.0 + 40.0)
+
+
+def test_a_trial_whose_next_rung_would_end_past_the_deadline_stops_at_its_rung_as_complete():
+    clock = FakeClock()
+    runner = TimedRunner(clock)
+    explorer = _explorer(clock, runner=runner, rung_steps=10, eta=2, rungs=3)
+    explorer.started, explorer.deadline, clock.now = 0.0, 100.0, 50.0
+    for trial, left in ((0, 50.0), (1, 15.0)):  # 2 s per meta-step: its next rung (10 more) takes 20 s
+        clock.now = explorer.deadline - left
+        candidate = Candidate(1.0, {"x": 0.1, "step": 2.0}, trial, predicted_peak_bytes=10)
+        record = TrialRecord(trial, candidate.params, status="running", predicted_peak_bytes=10,
+                             predicted_step_seconds=1.0)
+        explorer.records[trial] = record
+        explorer.running[trial] = _Running(candidate, record, runner.start(candidate, explorer.rung_steps),
+                                           clock.now - 20.0)
+        explorer._handle(trial, Message("rung", Rung(0, 10, 0.1, 20.0, 10)))
+    assert 0 in explorer.running and explorer.records[0].status == "running"
+    assert 1 not in explorer.running and explorer.records[1].status == "complete"
+    assert "its next rung (20 meta-steps) was predicted 20 s away with 15 s left" in explorer.records[1].error

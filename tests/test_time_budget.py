@@ -160,3 +160,39 @@ def test_every_plan_under_a_time_budget_is_predicted_within_it_or_refused(per_st
         return
     assert found.predicted_chunk_seconds is not None and found.predicted_chunk_seconds <= limit
     assert found.predicted_chunk_seconds == pytest.approx(seconds(found.chunk_size, found.batching, steps))
+
+
+def _clocked_seconds(steps: int, n: int) -> float:
+    return 0.5 + 0.01 * steps * n + 1e-4 * steps ** 2  # not linear: which probes the line goes through matters
+
+
+class _ClockedFull(E.Full):
+    """`full` whose calls advance a fake clock by `_clocked_seconds` (and compute as usual)."""
+
+    clock = [0.0]  # a class attribute: an estimator describes itself by its constructor's arguments
+
+    def __call__(self, loop, meta, tasks, budget=None, **options):
+        steps = (tasks if isinstance(tasks, mo.Task) else tasks[0]).inner_steps
+        n = tasks.query.x.shape[0] if isinstance(tasks, mo.Task) else len(tasks)
+        self.clock[0] += _clocked_seconds(steps, n)
+        return super().__call__(loop, meta, tasks, budget, **options)
+
+
+@pytest.mark.parametrize("steps", [30, 200])
+def test_the_memory_probes_calls_give_the_calls_seconds_at_t(monkeypatch, steps):
+    """`Predictor.probed_seconds` and `Plan.predicted_call_seconds`: the calls that measured the memory, timed, and
+    extrapolated to T from the two longest (at T = 200: probes at 16, 64, then 50 and 100; at 30: the call at T)."""
+    clock = _ClockedFull.clock
+    monkeypatch.setattr("metaopt.prediction.time.perf_counter", lambda: clock[0])
+    loop, meta, tasks = _problem(steps=steps)
+    estimator = _ClockedFull()
+    predictor = Predictor(loop, meta, tasks)
+    assert predictor.probed_seconds(estimator, 4, 4) is None  # nothing measured yet
+    predictor.predict(estimator, 4, 2)
+    expected = linear_seconds(lambda t: _clocked_seconds(t, 4), steps, 64, 100)  # the call itself at T = 30
+    assert predictor.probed_seconds(estimator, 4, 2) == pytest.approx(expected)
+    assert predictor.probed_seconds(estimator, 4, 4) is None  # another configuration
+    found = plan(estimator, loop, meta, tasks, mo.Budget(memory=10**9), batching="vmap")
+    assert found.predicted_call_seconds == pytest.approx(expected)
+    assert plan(E.Full(), loop, meta, tasks, mo.Budget(memory=10**9), meter=synthetic_meter).predicted_call_seconds \
+        is None  # a stand-in meter runs no call to time

@@ -19,6 +19,7 @@ class Candidate:
       parent: the trial it was perturbed from (None: drawn by the sampler).
       predicted_peak_bytes: filled in once admission has priced it (None before).
       estimator_chosen: the estimator admission settled on (the asked one, or one down the ladder).
+      predicted_step_seconds: admission's approximate seconds per meta-step (None: not predicted).
       order: insertion order (ties run first-in, first-out).
     """
 
@@ -28,6 +29,7 @@ class Candidate:
     parent: int | None = None
     predicted_peak_bytes: int | None = None
     estimator_chosen: str | None = None
+    predicted_step_seconds: float | None = None
     order: int = field(default=0, compare=False)
 
 

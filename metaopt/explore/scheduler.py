@@ -10,7 +10,10 @@ One loop, driven by an injectable clock:
 - **Admission.** Before a candidate runs, the runner prices it (`TrialRunner.price`): the
   predicted peak of its meta-step under the per-trial memory share (`memory / max_parallel`),
   with a cheaper estimator from the `auto` ladder when the asked one does not fit, or the reason
-  it cannot fit at all (the trial is then recorded as infeasible without running).
+  it cannot fit at all (the trial is then recorded as infeasible without running). The planner's probes
+  were timed too: the price includes approximate seconds per meta-step, calibrated by the rungs run so
+  far (`RungTimes`), and a candidate predicted to reach its first rung only past the deadline is not
+  started (a cheaper one may be).
 - **Packing.** Candidates start first-fit in priority order while the peaks of the running trials
   (predicted, or measured at a rung once higher), plus the candidate's predicted one, stay within
   `memory`, and at most `max_parallel` run.
@@ -29,7 +32,9 @@ One loop, driven by an injectable clock:
 - **Failures.** A trial stopped by its run-time guard (a misprediction) is retried once per rung
   down the estimator ladder; any other error fails it.
 - **Deadline.** At `time` seconds no new trial starts, running trials are stopped, and their last
-  rung counts.
+  rung counts. A trial whose next rung is predicted (at its own measured seconds per meta-step) to end
+  past the deadline stops at the rung it reached, as complete: the rest would be cut off unreported,
+  and its place goes to a trial that can report.
 
 Every start and stop goes to `events` (time, trial, event, running_predicted_bytes: the running trials'
 predicted peaks summed, running_reserved_bytes: the same with measured peaks where higher).
@@ -44,8 +49,9 @@ from typing import Any, Callable, NamedTuple, Protocol
 
 from metaopt.explore.pareto import non_dominated_ranks
 from metaopt.explore.queue import Candidate, CandidateQueue
+from metaopt.explore.timing import RungTimes
 
-__all__ = ["Rung", "TrialRecord", "TrialRunner", "Study", "Explorer", "Message"]
+__all__ = ["Rung", "TrialRecord", "TrialRunner", "Study", "Explorer", "Message", "Price"]
 
 
 class Rung(NamedTuple):
@@ -68,6 +74,14 @@ class Message(NamedTuple):
     budget: bool = False
 
 
+class Price(NamedTuple):
+    """What admission learns of a candidate before it runs."""
+
+    peak_bytes: int  # the predicted peak of its meta-step
+    estimator: str  # the estimator chosen (the asked one, or one down the ladder)
+    step_seconds: float | None = None  # approximate seconds per meta-step (None: not predicted)
+
+
 @dataclass
 class TrialRecord:
     """Everything the explorer knows about one trial (one row of pareto.csv)."""
@@ -82,6 +96,12 @@ class TrialRecord:
     error: str = ""
     retries: int = 0
     excluded: list[str] = field(default_factory=list)  # estimators whose prediction the guard caught too low
+    predicted_step_seconds: float | None = None  # admission's approximate seconds per meta-step
+
+    @property
+    def measured_step_seconds(self) -> float:
+        """Training seconds per meta-step at its last rung (nan before one)."""
+        return self.rungs[-1].train_seconds / self.rungs[-1].meta_steps if self.rungs else math.nan
 
     @property
     def val_loss(self) -> float:
@@ -118,9 +138,9 @@ class TrialRecord:
 class TrialRunner(Protocol):
     """Prices and runs trials (real: worker processes; tests: tiny objectives)."""
 
-    def price(self, candidate: Candidate, memory_share: int, excluded: list[str]) -> tuple[int, str] | str:
-        """(predicted peak bytes, estimator chosen) of the first plan that fits `memory_share`, skipping the
-        estimators in `excluded`, or why nothing fits."""
+    def price(self, candidate: Candidate, memory_share: int, excluded: list[str]) -> Price | tuple[int, str] | str:
+        """The `Price` of the first plan that fits `memory_share`, skipping the estimators in `excluded` (a plain
+        (peak bytes, estimator) pair: no seconds predicted), or why nothing fits."""
 
     def start(self, candidate: Candidate, rung_steps: list[int]) -> Any: ...
 
@@ -146,6 +166,7 @@ class _Running:
     candidate: Candidate
     record: TrialRecord
     handle: Any
+    since: float  # the clock when it was started or last resumed
 
 
 class Explorer:
@@ -189,6 +210,11 @@ class Explorer:
         self.events: list[dict[str, Any]] = []
         self.drawn = 0
         self._last_was_child = True  # the first start goes to the sampler
+        self.times = RungTimes()
+        for r in previous or []:  # an earlier session's trials calibrate the seconds per meta-step
+            if r.rungs:
+                self.times.observe(r.predicted_step_seconds, r.rungs[-1].meta_steps, r.rungs[-1].train_seconds)
+        self.late: dict[int, str] = {}  # trial -> why it was not started yet (its first rung predicted too late)
         self.deadline = math.inf  # set by `run`
 
     # --- bookkeeping -------------------------------------------------------------------------------------------
@@ -273,16 +299,40 @@ class Explorer:
                     self.queue.remove(candidate)
                     self._finish(record, "infeasible", priced)
                     continue
-                candidate.predicted_peak_bytes, candidate.estimator_chosen = priced
-                record.predicted_peak_bytes, record.estimator_chosen = priced
+                price = Price(*priced)
+                candidate.predicted_peak_bytes, candidate.estimator_chosen, candidate.predicted_step_seconds = price
+                record.predicted_peak_bytes, record.estimator_chosen, record.predicted_step_seconds = price
+            if self._too_late(candidate):
+                continue
             if self.reserved_bytes + candidate.predicted_peak_bytes <= self.memory:  # first fit
                 self.queue.remove(candidate)
                 self._last_was_child = candidate.parent is not None
                 record.status = "running"
                 self.running[candidate.trial] = _Running(candidate, record,
-                                                         self.runner.start(candidate, self.rung_steps))
+                                                         self.runner.start(candidate, self.rung_steps), self.clock())
                 self._event(candidate.trial, "start", predicted_peak_bytes=candidate.predicted_peak_bytes,
                             estimator_chosen=candidate.estimator_chosen)
+
+    def _too_late(self, candidate: Candidate) -> bool:
+        """Whether the candidate's first rung is predicted to end past the deadline (then it is not started)."""
+        seconds = self.times.to_first_rung(candidate.predicted_step_seconds, self.rung_steps[0])
+        left = self.deadline - self.clock()
+        if seconds is None or seconds < left:  # (at the deadline itself the trial would be stopped)
+            return False
+        if candidate.trial not in self.late:
+            self.late[candidate.trial] = f"its first rung was predicted {seconds:.3g} s away with {left:.3g} s left"
+            self._event(candidate.trial, "late", predicted_seconds=round(seconds, 3))
+        return True
+
+    def _next_rung_late(self, record: TrialRecord, rung: Rung) -> str | None:
+        """Why the trial stops at `rung` (its next one is predicted to end past the deadline), or None."""
+        steps = self.rung_steps[rung.level + 1]
+        seconds = self.times.to_next_rung(record.measured_step_seconds, steps - rung.meta_steps)
+        left = self.deadline - self.clock()
+        if seconds < left:
+            return None
+        return (f"stopped at rung {rung.level}: its next rung ({steps} meta-steps) was predicted {seconds:.3g} s away "
+                f"with {left:.3g} s left")
 
     # --- rungs -------------------------------------------------------------------------------------------------
     def _pruning_reason(self, record: TrialRecord, rung: Rung) -> str | None:
@@ -311,14 +361,22 @@ class Explorer:
         running = self.running[trial]
         record = running.record
         if message.kind == "rung" and message.rung is not None:
-            record.rungs.append(message.rung)
-            if message.rung.level + 1 >= len(self.rung_steps):
+            rung = message.rung
+            self.times.observe(record.predicted_step_seconds, rung.meta_steps, rung.train_seconds,
+                               self.clock() - running.since, record.rungs[-1].train_seconds if record.rungs else 0.0,
+                               first=not record.rungs)
+            record.rungs.append(rung)
+            if rung.level + 1 >= len(self.rung_steps):
                 return  # its "done" follows
-            reason = self._pruning_reason(record, message.rung)
-            if reason is None:
-                self.runner.resume(running.handle)
-            else:
+            reason = self._pruning_reason(record, rung)
+            late = self._next_rung_late(record, rung) if reason is None else None
+            if reason is not None:
                 self._stop(trial, "pruned", reason)
+            elif late is not None:
+                self._stop(trial, "complete", late)
+            else:
+                self.runner.resume(running.handle)
+                running.since = self.clock()
         elif message.kind == "done":
             self._stop(trial, "complete")
         elif message.kind == "error" and message.budget and record.retries < len(self.rung_steps):
@@ -371,7 +429,9 @@ class Explorer:
             self._stop(trial, status, "" if status == "complete" else "stopped at the deadline before its first rung")
         for candidate in list(self.queue):
             self.queue.remove(candidate)
-            self._finish(self.records[candidate.trial], "pruned", "not started before the deadline")
+            late = self.late.get(candidate.trial)
+            self._finish(self.records[candidate.trial], "pruned",
+                         "not started before the deadline" + (f" ({late})" if late else ""))
         if self.progress is not None:
             self.progress(self._status())
         return sorted(self.records.values(), key=lambda r: r.trial)

@@ -94,4 +94,8 @@ def run_explore(cfg: DictConfig) -> float:
     print(table)
     print(f"{len(records)} trial(s) in {time.perf_counter() - started:.0f} s -> {run_dir / 'pareto.csv'}, "
           f"{run_dir / 'pareto.png'}, {run_dir / 'best'}")
+    if explorer.times.ratios:
+        print(f"seconds per meta-step, measured / predicted at admission: median {explorer.times.ratio:.2f} over "
+              f"{len(explorer.times.ratios)} trial(s); {len(explorer.late)} candidate(s) held back, their first rung "
+              "predicted past the deadline")
     return min((r.val_loss for r in records if r.rungs), default=float("nan"))

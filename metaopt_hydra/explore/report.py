@@ -18,7 +18,8 @@ from metaopt.explore.scheduler import TrialRecord  # noqa: E402
 __all__ = ["write_report", "COLUMNS", "front_of"]
 
 COLUMNS = ["trial", "status", "estimator_chosen", "predicted_peak_bytes", "measured_peak_bytes", "train_seconds",
-           "val_loss", "pareto"]
+           "val_loss", "pareto"]  # (the contract's first columns; the seconds per meta-step come last)
+LAST_COLUMNS = ["meta_steps", "parent", "error", "predicted_step_seconds", "measured_step_seconds"]
 
 
 def front_of(records: list[TrialRecord]) -> list[TrialRecord]:
@@ -31,6 +32,10 @@ def front_of(records: list[TrialRecord]) -> list[TrialRecord]:
 def _row(record: TrialRecord, front: set[int], params: list[str]) -> dict[str, Any]:
     return {"trial": record.trial, "status": record.status, "estimator_chosen": record.estimator_chosen,
             "predicted_peak_bytes": record.predicted_peak_bytes, "measured_peak_bytes": record.measured_peak_bytes,
+            "predicted_step_seconds": "" if record.predicted_step_seconds is None else
+            f"{record.predicted_step_seconds:.4g}",
+            "measured_step_seconds": "" if math.isnan(record.measured_step_seconds) else
+            f"{record.measured_step_seconds:.4g}",
             "train_seconds": "" if math.isnan(record.train_seconds) else round(record.train_seconds, 3),
             "val_loss": "" if math.isnan(record.val_loss) else record.val_loss,
             "pareto": int(record.trial in front), **{p: record.params.get(p, "") for p in params},
@@ -73,13 +78,15 @@ def write_report(records: list[TrialRecord], run_dir: Path, params: list[str], c
     front = {r.trial for r in front_of(records)}
     rows = [_row(r, front, params) for r in sorted(records, key=lambda r: r.trial)]
     with open(run_dir / "pareto.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS + params + ["meta_steps", "parent", "error"])
+        writer = csv.DictWriter(f, fieldnames=COLUMNS + params + LAST_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    table = ["| trial | estimator chosen | val_loss | train seconds | predicted peak | measured peak | meta-steps | "
-             + " | ".join(params) + " |", "|---" * (7 + len(params)) + "|"]
+    table = ["| trial | estimator chosen | val_loss | train seconds | s per meta-step (predicted / measured) "
+             "| predicted peak | measured peak | meta-steps | " + " | ".join(params) + " |",
+             "|---" * (8 + len(params)) + "|"]
     for row in sorted((r for r in rows if r["pareto"]), key=lambda r: r["val_loss"]):
         table.append(f"| {row['trial']} | {row['estimator_chosen']} | {row['val_loss']:.4g} | {row['train_seconds']} "
+                     f"| {row['predicted_step_seconds'] or '—'} / {row['measured_step_seconds'] or '—'} "
                      f"| {row['predicted_peak_bytes'] / 1e6:.3g} MB | {_megabytes(row['measured_peak_bytes'])} "
                      f"| {row['meta_steps']} | "
                      + " | ".join(str(row[p]) for p in params) + " |")

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from metaopt import Auto, Budget, BudgetExceeded
 from metaopt.estimators import AbstractEstimator
 from metaopt.explore.queue import Candidate
-from metaopt.explore.scheduler import Message
+from metaopt.explore.scheduler import Message, Price
 from metaopt.planning import describe, plan
 from metaopt.train import optimizer_state_bytes, task_to
 from metaopt.types import MetaParams
@@ -63,7 +63,7 @@ class ProcessRunner:
         self.context = multiprocessing.get_context("spawn")
         self.idle: list[tuple[Any, Any]] = []  # (process, connection) of workers waiting for a trial
 
-    def price(self, candidate: Candidate, memory_share: int, excluded: list[str]) -> tuple[int, str] | str:
+    def price(self, candidate: Candidate, memory_share: int, excluded: list[str]) -> Price | str:
         try:
             cfg = self.compose(candidate.params)
             parts = build(cfg)
@@ -88,7 +88,7 @@ class ProcessRunner:
             self.configs[candidate.trial] = OmegaConf.to_yaml(cfg, resolve=True)
             if self.on_config is not None:
                 self.on_config(candidate.trial, self.configs[candidate.trial])
-            return chosen.predicted_peak_bytes, describe(chosen.estimator)
+            return Price(chosen.predicted_peak_bytes, describe(chosen.estimator), chosen.predicted_call_seconds)
         return reason
 
     def _worker(self) -> tuple[Any, Any]:

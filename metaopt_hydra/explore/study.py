@@ -67,6 +67,7 @@ class ExplorerStudy:
         trial = self.trials[record.trial]
         attrs = {"status": record.status, "estimator_chosen": record.estimator_chosen, "error": record.error,
                  "predicted_peak_bytes": record.predicted_peak_bytes,
+                 "predicted_step_seconds": record.predicted_step_seconds,
                  "measured_peak_bytes": record.measured_peak_bytes, "train_seconds": record.train_seconds,
                  "val_loss": record.val_loss, "meta_steps": record.rungs[-1].meta_steps if record.rungs else 0,
                  "rungs": len(record.rungs), "parent": record.parent}
@@ -94,7 +95,8 @@ class ExplorerStudy:
                 rungs = [Rung(a["rungs"] - 1, a["meta_steps"], a["val_loss"], a["train_seconds"],
                               a["measured_peak_bytes"])]
             record = TrialRecord(t.number, dict(t.params), a.get("parent"), a["status"], a.get("estimator_chosen", ""),
-                                 a.get("predicted_peak_bytes", 0), rungs, a.get("error", ""))
+                                 a.get("predicted_peak_bytes", 0), rungs, a.get("error", ""),
+                                 predicted_step_seconds=a.get("predicted_step_seconds"))
             out.append(record)
         return out
 
