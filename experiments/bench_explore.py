@@ -13,7 +13,9 @@ Each method gets the same wall-clock time on the same search space (conf/search/
 Every trial is scored like the explorer's: (validation loss, training seconds, peak bytes:
 predicted, or measured where higher); a trial counts if it finished before the deadline. The table
 gives the trials evaluated, the best validation loss, and the hypervolume of each method's final front against a
-fixed reference point (`--reference`: validation loss, seconds, MB), then the explorer's ratios.
+fixed reference point (`--reference`: validation loss, seconds, MB), then the explorer's ratios. Before it, the
+explorer's own line on its time predictions (`metaopt_hydra.explore.report.time_summary`). `--methods explorer`
+runs the explorer alone.
 """
 from __future__ import annotations
 
@@ -49,11 +51,12 @@ def run_explorer(args: argparse.Namespace, out: Path) -> list[tuple[float, float
     run_dir = out / "explorer"
     if run_dir.exists():  # explore.py resumes a study it finds in its run directory: the bench needs a fresh one
         shutil.rmtree(run_dir)
-    subprocess.run([sys.executable, str(ROOT / "experiments" / "explore.py"), f"search={args.search}",
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "explore.py"), f"search={args.search}",
                     f"explore.time={args.time}s", f"explore.memory={args.memory}",
                     f"explore.max_parallel={args.max_parallel}", f"explore.rung_steps={args.rung_steps}",
                     f"explore.seed={args.seed}",
                     f"hydra.run.dir={run_dir}"], check=True, cwd=ROOT, capture_output=True, text=True)
+    print(f"explorer: {done.stdout.strip().splitlines()[-1]}", flush=True)  # its time predictions
     with open(run_dir / "pareto.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["val_loss"]]
     return [(float(r["val_loss"]), float(r["train_seconds"]),
@@ -104,13 +107,18 @@ def main() -> None:
                         help="hypervolume reference: validation loss, training seconds, predicted peak MB")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_explore"))
+    parser.add_argument("--methods", nargs="+", choices=["explorer", "tpe", "random"],
+                        default=["explorer", "tpe", "random"])
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     parse_bytes(args.memory)  # a bad value fails here, before minutes of work
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    results = {"explorer": run_explorer(args, args.out),
-               "tpe (sequential, no pruning)": run_sequential(args, optuna.samplers.TPESampler(seed=args.seed)),
-               "random (sequential)": run_sequential(args, optuna.samplers.RandomSampler(seed=args.seed))}
+    tpe = "tpe (sequential, no pruning)"
+    methods = {"explorer": ("explorer", lambda: run_explorer(args, args.out)),
+               "tpe": (tpe, lambda: run_sequential(args, optuna.samplers.TPESampler(seed=args.seed))),
+               "random": ("random (sequential)",
+                          lambda: run_sequential(args, optuna.samplers.RandomSampler(seed=args.seed)))}
+    results = {methods[m][0]: methods[m][1]() for m in args.methods}
     print(f"search={args.search}, {args.time:.0f} s and {args.memory} per method, reference point {args.reference}")
     print("| method | trials evaluated | best val_loss | front size | hypervolume |")
     print("|---|---|---|---|---|")
@@ -121,7 +129,8 @@ def main() -> None:
         best = min((p[0] for p in points), default=math.nan)
         print(f"| {name} | {len(points)} | {best:.4g} | {len(front)} | {volumes[name]:.4g} |")
     trials = {name: len(points) for name, points in results.items()}
-    tpe = "tpe (sequential, no pruning)"
+    if "explorer" not in results or tpe not in results:
+        return
     print(f"explorer_vs_tpe trials:{trials['explorer'] / max(trials[tpe], 1):.2f}x "
           f"hypervolume:{volumes['explorer'] / volumes[tpe] if volumes[tpe] else math.inf:.2f}x")
 

@@ -319,7 +319,7 @@ class Explorer:
         left = self.deadline - self.clock()
         if seconds is None or seconds < left:  # (at the deadline itself the trial would be stopped)
             return False
-        if candidate.trial not in self.late:
+        if left > 0 and candidate.trial not in self.late:  # (pricing it may have taken past the deadline)
             self.late[candidate.trial] = f"its first rung was predicted {seconds:.3g} s away with {left:.3g} s left"
             self._event(candidate.trial, "late", predicted_seconds=round(seconds, 3))
         return True

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metaopt.budget import parse_bytes, parse_seconds
 from metaopt.explore import Explorer
-from metaopt_hydra.explore.report import front_of, write_report
+from metaopt_hydra.explore.report import front_of, time_summary, write_report
 from metaopt_hydra.explore.runner import ProcessRunner
 from metaopt_hydra.explore.search import SearchSpace
 from metaopt_hydra.explore.study import ExplorerStudy, open_storage
@@ -94,8 +94,5 @@ def run_explore(cfg: DictConfig) -> float:
     print(table)
     print(f"{len(records)} trial(s) in {time.perf_counter() - started:.0f} s -> {run_dir / 'pareto.csv'}, "
           f"{run_dir / 'pareto.png'}, {run_dir / 'best'}")
-    if explorer.times.ratios:
-        print(f"seconds per meta-step, measured / predicted at admission: median {explorer.times.ratio:.2f} over "
-              f"{len(explorer.times.ratios)} trial(s); {len(explorer.late)} candidate(s) held back, their first rung "
-              "predicted past the deadline")
+    print(time_summary(records))
     return min((r.val_loss for r in records if r.rungs), default=float("nan"))

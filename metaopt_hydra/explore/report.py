@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import yaml  # noqa: E402
 from metaopt.explore.pareto import pareto_front  # noqa: E402
 from metaopt.explore.scheduler import TrialRecord  # noqa: E402
 
-__all__ = ["write_report", "COLUMNS", "front_of"]
+__all__ = ["write_report", "COLUMNS", "front_of", "time_summary"]
 
 COLUMNS = ["trial", "status", "estimator_chosen", "predicted_peak_bytes", "measured_peak_bytes", "train_seconds",
            "val_loss", "pareto"]  # (the contract's first columns; the seconds per meta-step come last)
@@ -41,6 +42,28 @@ def _row(record: TrialRecord, front: set[int], params: list[str]) -> dict[str, A
             "pareto": int(record.trial in front), **{p: record.params.get(p, "") for p in params},
             "meta_steps": record.rungs[-1].meta_steps if record.rungs else 0, "parent": record.parent,
             "error": record.error}
+
+
+def time_summary(records: list[TrialRecord]) -> str:
+    """One line on the explorer's time predictions: measured / predicted seconds per meta-step over the trials that
+    ran (the prediction before calibration; the median is what the explorer scaled it by), how many of them the
+    median puts within 1.25x, and what the deadline rule did (trials cut before their first rung, candidates held
+    back, trials stopped at a rung because the next would end past the deadline)."""
+    ratios = sorted(r.measured_step_seconds / r.predicted_step_seconds for r in records
+                    if r.rungs and r.predicted_step_seconds and r.measured_step_seconds > 0)
+
+    def count(words: str) -> int:
+        return sum(words in r.error for r in records)
+    deadline = (f"first rungs cut by the deadline: {count('stopped at the deadline before its first rung')}; "
+                f"held back, their first rung predicted past it: {count('its first rung was predicted')}; "
+                f"stopped at a rung, the next predicted past it: {count('its next rung')}")
+    if not ratios:
+        return f"seconds per meta-step: no trial with a prediction ran; {deadline}"
+    median = statistics.median(ratios)
+    within = sum(1 / 1.25 <= ratio / median <= 1.25 for ratio in ratios)
+    spread = f"{ratios[0]:.2f}-{ratios[-1]:.2f}" if len(ratios) > 1 else ""
+    return (f"seconds per meta-step, measured / predicted at admission: median {median:.2f} ({spread}) over "
+            f"{len(ratios)} trial(s); scaled by the median, {within} of {len(ratios)} within 1.25x; {deadline}")
 
 
 def _megabytes(value: int) -> str:
