@@ -333,10 +333,11 @@ def test_admission_holds_back_by_the_calibrated_prediction():
     explorer.times.observe(1.0, 10, 20.0)  # a trial ran at 2 s per meta-step where 1 s was predicted
     candidate = Candidate(1.0, {}, 0, predicted_peak_bytes=1, predicted_step_seconds=1.0)
     clock.now = 85.0  # 15 s left: its first rung (10 x 1 s x 2) is predicted 20 s away
-    assert explorer._too_late(candidate) and "predicted 20 s away with 15 s left" in explorer.late[0]
+    assert explorer._first_rung_late(candidate) == (20.0, "its first rung was predicted 20 s away with 15 s left")
     clock.now = 75.0
-    assert not explorer._too_late(candidate)
-    assert not explorer._too_late(Candidate(1.0, {}, 1, predicted_peak_bytes=1))  # no prediction: not held back
+    assert explorer._first_rung_late(candidate) is None
+    clock.now = 85.0
+    assert explorer._first_rung_late(Candidate(1.0, {}, 1, predicted_peak_bytes=1)) is None  # no prediction
 
 
 def test_rung_times_calibrate_by_medians():

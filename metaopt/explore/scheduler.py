@@ -13,7 +13,7 @@ One loop, driven by an injectable clock:
   it cannot fit at all (the trial is then recorded as infeasible without running). The planner's probes
   were timed too: the price includes approximate seconds per meta-step, calibrated by the rungs run so
   far (`RungTimes`), and a candidate predicted to reach its first rung only past the deadline is not
-  started (a cheaper one may be).
+  started: it leaves the queue (pruned, event "late"), and a cheaper one may start in its place.
 - **Packing.** Candidates start first-fit in priority order while the peaks of the running trials
   (predicted, or measured at a rung once higher), plus the candidate's predicted one, stay within
   `memory`, and at most `max_parallel` run.
@@ -36,7 +36,7 @@ One loop, driven by an injectable clock:
   past the deadline stops at the rung it reached, as complete: the rest would be cut off unreported,
   and its place goes to a trial that can report.
 
-Every start and stop goes to `events` (time, trial, event, running_predicted_bytes: the running trials'
+Every start, stop and late candidate goes to `events` (time, trial, event, running_predicted_bytes: the running trials'
 predicted peaks summed, running_reserved_bytes: the same with measured peaks where higher).
 """
 from __future__ import annotations
@@ -214,7 +214,6 @@ class Explorer:
         for r in previous or []:  # an earlier session's trials calibrate the seconds per meta-step
             if r.rungs:
                 self.times.observe(r.predicted_step_seconds, r.rungs[-1].meta_steps, r.rungs[-1].train_seconds)
-        self.late: dict[int, str] = {}  # trial -> why it was not started yet (its first rung predicted too late)
         self.deadline = math.inf  # set by `run`
 
     # --- bookkeeping -------------------------------------------------------------------------------------------
@@ -302,7 +301,13 @@ class Explorer:
                 price = Price(*priced)
                 candidate.predicted_peak_bytes, candidate.estimator_chosen, candidate.predicted_step_seconds = price
                 record.predicted_peak_bytes, record.estimator_chosen, record.predicted_step_seconds = price
-            if self._too_late(candidate):
+            if self.clock() >= self.deadline:
+                return  # (pricing it took past the deadline)
+            late = self._first_rung_late(candidate)
+            if late is not None:  # time left only shrinks: it will not fit later either; its place goes to a draw
+                self.queue.remove(candidate)
+                self._event(candidate.trial, "late", predicted_seconds=late[0])
+                self._finish(record, "pruned", f"not started: {late[1]}")
                 continue
             if self.reserved_bytes + candidate.predicted_peak_bytes <= self.memory:  # first fit
                 self.queue.remove(candidate)
@@ -313,16 +318,14 @@ class Explorer:
                 self._event(candidate.trial, "start", predicted_peak_bytes=candidate.predicted_peak_bytes,
                             estimator_chosen=candidate.estimator_chosen)
 
-    def _too_late(self, candidate: Candidate) -> bool:
-        """Whether the candidate's first rung is predicted to end past the deadline (then it is not started)."""
+    def _first_rung_late(self, candidate: Candidate) -> tuple[float, str] | None:
+        """(predicted seconds, why) where the candidate's first rung is predicted to end past the deadline, else
+        None (also without a prediction)."""
         seconds = self.times.to_first_rung(candidate.predicted_step_seconds, self.rung_steps[0])
         left = self.deadline - self.clock()
         if seconds is None or seconds < left:  # (at the deadline itself the trial would be stopped)
-            return False
-        if left > 0 and candidate.trial not in self.late:  # (pricing it may have taken past the deadline)
-            self.late[candidate.trial] = f"its first rung was predicted {seconds:.3g} s away with {left:.3g} s left"
-            self._event(candidate.trial, "late", predicted_seconds=round(seconds, 3))
-        return True
+            return None
+        return round(seconds, 3), f"its first rung was predicted {seconds:.3g} s away with {left:.3g} s left"
 
     def _next_rung_late(self, record: TrialRecord, rung: Rung) -> str | None:
         """Why the trial stops at `rung` (its next one is predicted to end past the deadline), or None."""
@@ -429,9 +432,7 @@ class Explorer:
             self._stop(trial, status, "" if status == "complete" else "stopped at the deadline before its first rung")
         for candidate in list(self.queue):
             self.queue.remove(candidate)
-            late = self.late.get(candidate.trial)
-            self._finish(self.records[candidate.trial], "pruned",
-                         "not started before the deadline" + (f" ({late})" if late else ""))
+            self._finish(self.records[candidate.trial], "pruned", "not started before the deadline")
         if self.progress is not None:
             self.progress(self._status())
         return sorted(self.records.values(), key=lambda r: r.trial)

@@ -47,15 +47,15 @@ def _row(record: TrialRecord, front: set[int], params: list[str]) -> dict[str, A
 def time_summary(records: list[TrialRecord]) -> str:
     """One line on the explorer's time predictions: measured / predicted seconds per meta-step over the trials that
     ran (the prediction before calibration; the median is what the explorer scaled it by), how many of them the
-    median puts within 1.25x, and what the deadline rule did (trials cut before their first rung, candidates held
-    back, trials stopped at a rung because the next would end past the deadline)."""
+    median puts within 1.25x, and what the deadline rule did (trials cut before their first rung, candidates not
+    started, trials stopped at a rung because the next would end past the deadline)."""
     ratios = sorted(r.measured_step_seconds / r.predicted_step_seconds for r in records
                     if r.rungs and r.predicted_step_seconds and r.measured_step_seconds > 0)
 
     def count(words: str) -> int:
         return sum(words in r.error for r in records)
     deadline = (f"first rungs cut by the deadline: {count('stopped at the deadline before its first rung')}; "
-                f"held back, their first rung predicted past it: {count('its first rung was predicted')}; "
+                f"not started, their first rung predicted past it: {count('its first rung was predicted')}; "
                 f"stopped at a rung, the next predicted past it: {count('its next rung')}")
     if not ratios:
         return f"seconds per meta-step: no trial with a prediction ran; {deadline}"
