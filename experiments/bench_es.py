@@ -1,7 +1,7 @@
 """Benchmark: evolution strategies with their particles one unroll after another, or vmapped in one pass (CPU).
 
-`es` and `pes` run `population` perturbed unrolls per task. `particles_per_pass=1` (the default) runs them one after
-another; `particles_per_pass=population` runs them as one vmapped unroll, sharing the per-op cost (dispatch) at
+`es` and `pes` run `population` perturbed unrolls per task. `particles_per_pass=1` runs them one after
+another (what the planner's choice, the default, falls back to without timing); `particles_per_pass=population` runs them as one vmapped unroll, sharing the per-op cost (dispatch) at
 `population` times the live state of one. Both draw the same noise, so the estimates agree to rounding. The
 problems are `bench_stacking.py`'s (sinusoid: MLP 1-40-40-1, meta-batch 25, T=20; conv4: Conv4-32, 5-way 1-shot
 15 queries, meta-batch 8, T=4), MAML's initialization as the meta-parameters, sigma 0.01, `pes`

@@ -55,7 +55,7 @@ ESTIMATORS: dict[str, Callable[[int], mo.AbstractEstimator]] = {
     "checkpoint": lambda steps: mo.Checkpoint(),
     "truncated": lambda steps: mo.Truncated(k=max(1, steps // 4)),
     "first_order": lambda steps: mo.FirstOrder(),
-    "forward": lambda steps: mo.ForwardMode(mode="exact"),
+    "forward": lambda steps: mo.ForwardMode(mode="exact", tangents_per_pass=1),
     "implicit": lambda steps: mo.Implicit(),
     "forward_passes": lambda steps: mo.ForwardMode(mode="exact", tangents_per_pass=32),  # on request only
 }

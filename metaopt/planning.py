@@ -243,13 +243,17 @@ def _plan_within(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, 
     candidates = ranked_candidates(method, loop, meta, steps, predictor)
     tried: list[str] = []
     over_time: Plan | None = None  # the first plan that fits the memory but is predicted past the time budget
-    for candidate in candidates:
+    for listed in candidates:
+        variants = listed.pass_variants(loop, meta) if isinstance(listed, AbstractEstimator) else []
+        candidate = variants[0] if variants else listed  # (the fewest repetitions per pass: the least memory)
         found = _fit(predictor, candidate, budget, batching, fixed_bytes)
+        if found is not None and len(variants) > 1 and batching == "auto" and predictor.can_time:
+            found = _fastest_pass(predictor, found, variants[1:], budget, fixed_bytes)
         if found is not None:
             found, overrun = _fit_time(predictor, found, budget, fixed_bytes)
             found = _with_call_seconds(predictor, found)
             if overrun is None:
-                if candidate is candidates[0]:
+                if listed is candidates[0]:
                     return found
                 kind = "exact" if candidate.exact else "approximate"
                 return found._replace(reason=f"{tried[0]}; {describe(candidate)} is the first {kind} estimator that "
@@ -270,6 +274,24 @@ def _plan_within(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, 
     limits = f"memory budget {format_bytes(budget.memory or 0)}" if budget.time is None else \
         f"budget ({format_bytes(budget.memory or 0) if budget.memory else 'no memory limit'}, {budget.time:.3g} s)"
     raise BudgetExceeded(f"no estimator fits the {limits} at T={steps} (per task: {'; '.join(tried)})")
+
+
+def _fastest_pass(predictor: Predictor, found: Plan, others: list[AbstractEstimator], budget: Budget,
+                  fixed_bytes: int) -> Plan:
+    """`found` (one repetition per pass), or the first of `others` (more per pass: `pass_variants`) that fits and is
+    measured `LOOP_FASTER` x faster than it, each as it would run (its own chunks), on the batch at a few steps."""
+    n = len(predictor.tasks)
+    plans = [found] + [p for p in (_fit(predictor, o, budget, "auto", fixed_bytes) for o in others) if p is not None]
+    option = found.estimator.per_pass
+    if len(plans) == 1:
+        return found._replace(reason=f"{found.reason}; {option}=1: more per pass does not fit")
+    (one, *more), steps = predictor.seconds_of([(p.estimator, p.chunk_size) for p in plans], n)
+    fastest = min(range(len(more)), key=more.__getitem__)
+    chosen = plans[1 + fastest] if more[fastest] * LOOP_FASTER <= one else found
+    count = getattr(chosen.estimator, option or "")
+    timed = ", ".join(f"{getattr(p.estimator, option or '')} per pass {t:.3g} s" for p, t in zip(plans, [one, *more]))
+    return chosen._replace(reason=f"{chosen.reason}; {option}={count} ({timed}, measured on the {n} tasks at {steps} "
+                                  f"inner step{'s' if steps != 1 else ''})")
 
 
 def _with_call_seconds(predictor: Predictor, found: Plan) -> Plan:

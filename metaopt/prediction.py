@@ -159,16 +159,24 @@ class Predictor:
         sees: on this 2-core machine a call's median ran 5-15% above its minimum). Approximate: a ratio between
         batchings, not a prediction of the seconds at T (`predict_seconds` is). A compiled estimator is timed
         eagerly, as it is measured."""
-        estimator = getattr(estimator, "eager", estimator)
+        return self.seconds_of([(estimator, chunk) for chunk in chunks], n_tasks, rounds, steps, typical)
+
+    def seconds_of(self, configurations: Sequence[tuple[AbstractEstimator, int]], n_tasks: int, rounds: int = 2,
+                   steps: int | None = None, typical: bool = False) -> tuple[list[float], int]:
+        """`seconds` for (estimator, chunk size) pairs, which may differ in the estimator too (the planner compares
+        an estimator's repetitions per pass this way), timed alternately."""
         steps = min(self.steps, TIMED_STEPS if steps is None else steps)
-        configs = [(max(1, min(c, n_tasks)), *self._batch(estimator, steps, n_tasks, c)) for c in chunks]
+        configs = []
+        for estimator, c in configurations:
+            estimator = getattr(estimator, "eager", estimator)
+            configs.append((estimator, max(1, min(c, n_tasks)), *self._batch(estimator, steps, n_tasks, c)))
         if self.timer is not None:
-            return [self.timer(estimator, batch, batching) for _, batch, batching in configs], steps
-        for chunk, _, _ in configs:
+            return [self.timer(estimator, batch, batching) for estimator, _, batch, batching in configs], steps
+        for estimator, chunk, _, _ in configs:
             self._warm_up(estimator, n_tasks, chunk)
         calls: list[list[float]] = [[] for _ in configs]
         for _ in range(rounds):
-            for i, (chunk, batch, batching) in enumerate(configs):
+            for i, (estimator, chunk, batch, batching) in enumerate(configs):
                 self._synchronize()
                 start = time.perf_counter()
                 estimator(self.loop, self.meta, batch, batching=batching, chunk_size=chunk)

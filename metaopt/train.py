@@ -25,7 +25,7 @@ from metaopt.batching import Batching
 from metaopt.budget import Budget
 from metaopt.checkpoint import load_checkpoint, save_atomic
 from metaopt.callbacks import Callback
-from metaopt.estimators.base import MetaGradientMethod
+from metaopt.estimators.base import AbstractEstimator, MetaGradientMethod
 from metaopt.evaluation import evaluate, mean_ci95, task_to
 from metaopt.guard import format_bytes
 from metaopt.loop import InnerLoop
@@ -149,6 +149,23 @@ def plan_training(estimator: MetaGradientMethod, loop: InnerLoop, meta: MetaPara
     return chosen
 
 
+def _with_resumed_per_pass(estimator: MetaGradientMethod, resumed: dict[str, Any] | None) -> MetaGradientMethod:
+    """The estimator with the repetitions per pass that its checkpoint recorded, where they were the planner's
+    choice (timed, like the batching: re-timed, a resumed session could choose otherwise and round otherwise)."""
+    option = getattr(estimator, "per_pass", None)
+    count = (resumed or {}).get("per_pass")
+    if not isinstance(estimator, AbstractEstimator) or option is None or count is None \
+            or getattr(estimator, option) is not None:
+        return estimator
+    return estimator.replaced(**{option: count})
+
+
+def _per_pass(estimator: AbstractEstimator) -> int | None:
+    """The repetitions per pass an estimator runs (None: it has none to choose)."""
+    option = getattr(estimator, "per_pass", None)
+    return getattr(estimator, option) if option else None
+
+
 def _plan_and_state(estimator: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution,
                     outer_optimizer: torch.optim.Optimizer, checkpoint_path: str | Path | None, seed: int,
                     **planning: Any) -> tuple[Plan, TrainState]:
@@ -156,6 +173,7 @@ def _plan_and_state(estimator: MetaGradientMethod, loop: InnerLoop, meta: MetaPa
     `checkpoint_path` where there is one (the plan then keeps the batching it recorded)."""
     resumed = load_checkpoint(checkpoint_path) if checkpoint_path is not None and Path(checkpoint_path).exists() \
         else None
+    estimator = _with_resumed_per_pass(estimator, resumed)
     chosen = plan_training(estimator, loop, meta, tasks, outer_optimizer, seed=seed,
                            resumed_batching=(resumed or {}).get("batching"), **planning)
     state = TrainState(meta, outer_optimizer, torch.Generator().manual_seed(seed), estimator=chosen.estimator)
@@ -225,8 +243,8 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
                                     meta_batch_size=meta_batch_size, inner_steps=inner_steps, budget=budget,
                                     batching=batching, device=device, meter=meter, timer=timer, overlap=overlap)
     config = StepConfig(loop, chosen, budget, on_nan, max_grad_norm, clock, memory_probe, lr_schedule)
-    save = _Checkpointer(state, checkpoint_path, {"estimator": estimator.name, "batching": chosen.batching,
-                                                  **(checkpoint_extra or {})}, time_limit)
+    recorded = {"estimator": estimator.name, "batching": chosen.batching, "per_pass": _per_pass(chosen.estimator)}
+    save = _Checkpointer(state, checkpoint_path, {**recorded, **(checkpoint_extra or {})}, time_limit)
     recorder = _Recorder(state, meta_steps, log_every, log, progress, estimator.name, callbacks)
     memory_method = default_method(device)
     with _sampling(tasks, state, save, prefetch, device, meta_batch_size, inner_steps) as sample:

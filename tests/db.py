@@ -47,8 +47,9 @@ ESTIMATORS = [
                   frozenset({"lrs_scalar", "lrs_tensor", "weight_decay", "synthetic_data"})),
     EstimatorInfo("forward_random", lambda T: E.ForwardMode(mode="random"), "unbiased",
                   errors=((lambda: E.ForwardMode(mode="sideways"), "mode must be 'exact' or 'random'"),
-                          (lambda: E.ForwardMode(mode="random", directions=0), "must be >= 1, got 0 and 1"),
-                          (lambda: E.ForwardMode(tangents_per_pass=0), "must be >= 1, got 1 and 0"))),
+                          (lambda: E.ForwardMode(mode="random", directions=0), "directions must be >= 1, got 0"),
+                          (lambda: E.ForwardMode(tangents_per_pass=0), r"tangents_per_pass must be >= 1 \(or None")
+                          )),
     EstimatorInfo("es", lambda T: E.EvolutionStrategies(population=2, sigma=1e-4), "unbiased",
                   errors=((lambda: E.EvolutionStrategies(population=3), "population must be an even number"),)),
     EstimatorInfo("pes", lambda T: E.PersistentES(population=2, sigma=1e-4, k=1), "unbiased",

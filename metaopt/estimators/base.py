@@ -181,6 +181,27 @@ class AbstractEstimator(abc.ABC):
         1 first-order (every second-order term dropped), in between for partial truncations."""
         return 0.0 if self.exact else 1.0
 
+    per_pass: ClassVar[str | None] = None
+    """The constructor argument, if any, that sets how many of its repetitions run as one vectorized pass (forward's
+    tangents, ES's particles). Left None by the user, it is the planner's choice (`pass_variants`)."""
+
+    def per_pass_counts(self, loop: InnerLoop, meta: MetaParams) -> list[int]:
+        """The repetitions per pass the planner may choose from, fewest (least memory) first; none by default."""
+        return []
+
+    def pass_variants(self, loop: InnerLoop, meta: MetaParams) -> list["AbstractEstimator"]:
+        """Where the repetitions per pass are left to the planner (`per_pass` argument None): one configuration per
+        count of `per_pass_counts`, fewest first, which compute the same estimate (to rounding). The planner runs
+        the fastest that fits under `batching="auto"` (timed), else the first. [] where there is nothing to choose
+        (an estimator without repetitions, or a count the user set). Called directly, None runs one per pass."""
+        if self.per_pass is None or getattr(self, self.per_pass) is not None:
+            return []
+        return [self.replaced(**{self.per_pass: n}) for n in self.per_pass_counts(loop, meta)]
+
+    def replaced(self, **arguments: object) -> "AbstractEstimator":
+        """A new estimator of this class with these constructor arguments changed (the others as this one's)."""
+        return type(self)(**{**self.arguments(), **arguments})
+
     def candidates(self, loop: InnerLoop, meta: MetaParams, steps: int) -> list["AbstractEstimator"]:
         """What the planner may run for this estimator: itself (a planning policy such as `auto` lists more)."""
         return [self]

@@ -22,8 +22,9 @@ class EvolutionStrategies(PersistentES):
       population: perturbations per task (even: population/2 antithetic pairs).
       sigma: perturbation scale.
       seed: the perturbations' random stream.
-      particles_per_pass: unrolls run as one vmapped pass (1, or whole pairs: see `PersistentES`).
+      particles_per_pass: unrolls run as one vmapped pass (1, whole pairs, or None: the planner's choice; see
+        `PersistentES`).
     """
 
-    def __init__(self, population: int = 16, sigma: float = 0.01, seed: int = 0, particles_per_pass: int = 1):
+    def __init__(self, population: int = 16, sigma: float = 0.01, seed: int = 0, particles_per_pass: int | None = None):
         super().__init__(population, sigma, k=None, seed=seed, particles_per_pass=particles_per_pass)

@@ -67,19 +67,23 @@ class ForwardMode(AbstractEstimator):
       directions: random tangents per task (mode="random").
       max_scalars: the largest meta-parameter count that exact mode accepts.
       seed: the random tangents' stream (mode="random"; `noise_like`).
-      tangents_per_pass: one-hot tangents per forward pass (mode="exact"; 1: one at a time).
+      tangents_per_pass: one-hot tangents per forward pass (mode="exact"; 1: one at a time). None: the planner's
+        choice, one or all of them, timed under `batching="auto"` (`pass_variants`); one where nothing plans it.
     """
 
     exact = True
     second_order = True
     stacks = True  # exact mode (random mode draws its tangents per task: see stacked_blocker)
+    per_pass = "tangents_per_pass"
 
     def __init__(self, mode: Literal["exact", "random"] = "exact", directions: int = 1, max_scalars: int = 256,
-                 seed: int = 0, tangents_per_pass: int = 1):
+                 seed: int = 0, tangents_per_pass: int | None = None):
         if mode not in ("exact", "random"):
             raise ValueError(f"forward: mode must be 'exact' or 'random', got {mode!r}")
-        if directions < 1 or tangents_per_pass < 1:
-            raise ValueError(f"forward: directions and tangents_per_pass must be >= 1, got {directions} and "
+        if directions < 1:
+            raise ValueError(f"forward: directions must be >= 1, got {directions}")
+        if tangents_per_pass is not None and tangents_per_pass < 1:
+            raise ValueError(f"forward: tangents_per_pass must be >= 1 (or None: the planner's choice), got "
                              f"{tangents_per_pass}")
         self.mode, self.directions, self.max_scalars, self.seed = mode, directions, max_scalars, seed
         self.tangents_per_pass = tangents_per_pass
@@ -95,6 +99,11 @@ class ForwardMode(AbstractEstimator):
     @classmethod
     def auto_candidates(cls, loop: InnerLoop, meta: MetaParams, steps: int) -> list[AbstractEstimator]:
         return [cls()]  # exact mode; refused above max_scalars
+
+    def per_pass_counts(self, loop: InnerLoop, meta: MetaParams) -> list[int]:
+        """Exact mode: one tangent per pass, or every scalar's in one."""
+        n = sum(v.numel() for v in meta_values(meta).values())
+        return sorted({1, n}) if self.mode == "exact" else []
 
     def check(self, loop: InnerLoop, meta: MetaParams) -> None:
         super().check(loop, meta)
@@ -128,8 +137,9 @@ class ForwardMode(AbstractEstimator):
         the same draws, an augmentation's)."""
         total = sum(v.numel() for v in values.values())
         derivatives = []
-        for start in range(0, total, self.tangents_per_pass):
-            stop = min(start + self.tangents_per_pass, total)
+        per_pass = self.tangents_per_pass or 1
+        for start in range(0, total, per_pass):
+            stop = min(start + per_pass, total)
             losses, derivative = map_leading_axis(lambda tangent: _jvp(outer, values, tangent),
                                                   _one_hot_tangents(values, start, stop), vectorized=stop - start > 1,
                                                   randomness="same")

@@ -19,13 +19,15 @@ from metaopt.types import InnerState, MetaParams, Params, Task
 __all__ = ["PersistentES"]
 
 
-def check_population(name: str, population: int, sigma: float, particles_per_pass: int = 1) -> None:
+def check_population(name: str, population: int, sigma: float, particles_per_pass: int | None = 1) -> None:
     """Raise ValueError unless population is an even number >= 2 (antithetic pairs), sigma > 0, and
-    particles_per_pass is 1 or an even number (whole pairs)."""
+    particles_per_pass is None (the planner's choice), 1 or an even number (whole pairs)."""
     if population < 2 or population % 2:
         raise ValueError(f"{name}: population must be an even number >= 2, got {population}")
     if sigma <= 0:
         raise ValueError(f"{name}: need sigma > 0 and k >= 1, got sigma={sigma}")
+    if particles_per_pass is None:
+        return
     if particles_per_pass < 1 or (particles_per_pass > 1 and particles_per_pass % 2):
         raise ValueError(f"{name}: particles_per_pass must be 1 or an even number (whole antithetic pairs), "
                          f"got {particles_per_pass}")
@@ -63,19 +65,26 @@ class PersistentES(AbstractEstimator):
       persistent: accumulate perturbations across windows (PES) or not (truncated ES).
       seed: the perturbations' random stream (`noise_like`).
       particles_per_pass: particles per unroll: 1 (one after another) or an even number (whole pairs, vmapped).
+        None: the planner's choice, one or the whole population, timed under `batching="auto"` (`pass_variants`);
+        one where nothing plans it.
     """
 
     exact = False
     second_order = False
     stochastic = True
+    per_pass = "particles_per_pass"
 
     def __init__(self, population: int = 16, sigma: float = 0.01, k: int | None = 5, persistent: bool = True,
-                 seed: int = 0, particles_per_pass: int = 1):
+                 seed: int = 0, particles_per_pass: int | None = None):
         check_population(self.name, population, sigma, particles_per_pass)
         if k is not None and k < 1:
             raise ValueError(f"{self.name}: need sigma > 0 and k >= 1, got sigma={sigma}, k={k}")
         self.population, self.sigma, self.k, self.persistent, self.seed = population, sigma, k, persistent, seed
         self.particles_per_pass = particles_per_pass
+
+    def per_pass_counts(self, loop: InnerLoop, meta: MetaParams) -> list[int]:
+        """One particle per unroll, or the whole population in one."""
+        return [1, self.population]
 
     def _window(self, task: Task) -> int:
         return self.k if self.k is not None else max(1, task.inner_steps)
@@ -119,13 +128,14 @@ class PersistentES(AbstractEstimator):
         values = meta_values(meta)
         n_windows = max(1, -(-task.inner_steps // self._window(task)))
         pairs = self.population // 2
-        pairs_per_pass = max(1, self.particles_per_pass // 2)
+        per_pass = self.particles_per_pass or 1
+        pairs_per_pass = max(1, per_pass // 2)
         with torch.no_grad():
             grads = {k: torch.zeros_like(v) for k, v in values.items()}
             for start in range(0, pairs, pairs_per_pass):
                 windows, xis = self._perturbations(values, n_windows, min(pairs_per_pass, pairs - start))
                 losses = map_leading_axis(lambda particle: self._particle_loss(loop, meta, task, particle, guard),
-                                          windows, vectorized=self.particles_per_pass > 1)
+                                          windows, vectorized=per_pass > 1)
                 for i, xi in enumerate(xis):
                     scale = (losses[2 * i] - losses[2 * i + 1]) / (2 * self.sigma * pairs)
                     grads = {k: grads[k] + scale * xi[k] for k in grads}
