@@ -1,11 +1,12 @@
 """How long an explorer trial will take to reach its next rung, before it runs: the planner's seconds, calibrated.
 
 Admission prices a trial's memory with the planner, whose probes run the meta-gradient call at a few inner steps;
-those calls are timed too (`metaopt.planning.Plan.predicted_call_seconds`), so a predicted seconds per meta-step
-costs nothing more. It is approximate in two ways that the trials themselves correct:
+those calls are timed too (`metaopt.planning.Plan.predicted_call_seconds`), and so is the draw of the meta-batch
+they run on: a predicted seconds per meta-step costs next to nothing more. It is approximate in two ways that the
+trials themselves correct:
 
 - **per meta-step**: the probes ran once each, in the scheduler's process, beside the running trials, and a trial's
-  meta-step adds the outer update and task sampling. `RungTimes` keeps the ratio measured / predicted seconds per
+  meta-step adds the outer update and its bookkeeping. `RungTimes` keeps the ratio measured / predicted seconds per
   meta-step of every trial that reported a rung and scales predictions by their median; a trial that has reported
   a rung is predicted from its own measured seconds per meta-step.
 - **per rung**: a rung costs more than its meta-steps (a first rung the worker's build and the plan's probes, every

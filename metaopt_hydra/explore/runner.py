@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,8 +72,7 @@ class ProcessRunner:
             return f"cannot build: {type(error).__name__}: {error}"
         budget = Budget(memory=memory_share, headroom=cfg.budget.headroom)
         outer = instantiate(cfg.outer_optim)(parts.meta.parameters())
-        batch = task_to(parts.tasks.sample(cfg.meta_batch_size, cfg.inner_steps,
-                                           torch.Generator().manual_seed(cfg.seed + 7919)), cfg.device)
+        batch, sample_seconds = self._sample(cfg, parts)
         methods = [] if describe(parts.estimator) in excluded else [parts.estimator]  # type: ignore[arg-type]
         reason = "every estimator of the ladder was excluded"
         for method in methods + [_Ladder(excluded)]:
@@ -88,8 +88,22 @@ class ProcessRunner:
             self.configs[candidate.trial] = OmegaConf.to_yaml(cfg, resolve=True)
             if self.on_config is not None:
                 self.on_config(candidate.trial, self.configs[candidate.trial])
-            return Price(chosen.predicted_peak_bytes, describe(chosen.estimator), chosen.predicted_call_seconds)
+            seconds = chosen.predicted_call_seconds
+            return Price(chosen.predicted_peak_bytes, describe(chosen.estimator),
+                         None if seconds is None else seconds + sample_seconds)
         return reason
+
+    @staticmethod
+    def _sample(cfg: DictConfig, parts: Any) -> tuple[Any, float]:
+        """The batch the trial is priced on, and the seconds a meta-step's sampling takes (a meta-step samples its
+        tasks, then computes the meta-gradient): the second of two draws, timed (the first may load data)."""
+        def draw() -> Any:
+            return task_to(parts.tasks.sample(cfg.meta_batch_size, cfg.inner_steps,
+                                              torch.Generator().manual_seed(cfg.seed + 7919)), cfg.device)
+        draw()
+        started = time.perf_counter()
+        batch = draw()
+        return batch, time.perf_counter() - started
 
     def _worker(self) -> tuple[Any, Any]:
         while self.idle:
