@@ -9,8 +9,10 @@ budget.memory`; the reason says so.
 Under `batching="auto"` a vmapped plan that fits is then *timed* against one task at
 a time on the same tasks (`Predictor.seconds`, at up to 16 inner steps), and the
 loop is planned where it is measured `LOOP_FASTER` (1.2) x faster and fits: memory
-decides what may run, measured time which of those runs. An explicit `batching`,
-a compiled estimator, or a stand-in `meter` without a `timer` plan by memory alone.
+decides what may run, measured time which of those runs. The same holds for an estimator's repetitions per
+pass left to the planner (`AbstractEstimator.pass_variants`: forward's tangents, ES's particles): one per pass,
+or all in one where that fits and is measured `LOOP_FASTER` x faster. An explicit `batching`,
+a compiled estimator, or a stand-in `meter` without a `timer` plan by memory alone (one per pass).
 
 Chunk sizes start from an interpolation between one task and the whole batch
 under vmap (a vmapped graph has as many autograd nodes as one task's, so a chunk
@@ -278,8 +280,9 @@ def _plan_within(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, 
 
 def _fastest_pass(predictor: Predictor, found: Plan, others: list[AbstractEstimator], budget: Budget,
                   fixed_bytes: int) -> Plan:
-    """`found` (one repetition per pass), or the first of `others` (more per pass: `pass_variants`) that fits and is
-    measured `LOOP_FASTER` x faster than it, each as it would run (its own chunks), on the batch at a few steps."""
+    """`found` (one repetition per pass), or the fastest of `others` (more per pass: `pass_variants`) where it fits and
+    is measured `LOOP_FASTER` x faster than `found`, each timed as it would run (its own chunks and batching) on the
+    batch at a few inner steps."""
     n = len(predictor.tasks)
     plans = [found] + [p for p in (_fit(predictor, o, budget, "auto", fixed_bytes) for o in others) if p is not None]
     option = found.estimator.per_pass
