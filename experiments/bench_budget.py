@@ -23,6 +23,7 @@ memory to the OS; CUDA: torch.cuda.max_memory_allocated; see metaopt/memory.py):
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -100,7 +101,9 @@ def chunk_table(name: str, args: argparse.Namespace) -> None:
 
 def seconds_table(name: str, args: argparse.Namespace) -> None:
     """`Predictor.predict_seconds` (a chunk timed at 16 and 64 inner steps, median of 3, extrapolated to T) against
-    the median of 5 calls of that chunk at T (after a warm-up): one task alone, and 8 tasks in one batched chunk."""
+    the median of 5 calls of that chunk at T (after a warm-up): one task alone, and 8 tasks in one batched chunk.
+    Then the free figure the explorer prices time with, `Predictor.probed_seconds` (the memory probes' calls, timed
+    once each), and its ratio to the same median."""
     _, distribution, loop, meta = _setup(name, args.device)
     for steps in args.steps or PROBLEMS[name][4]:
         batch = task_to(distribution.sample(8, steps, torch.Generator().manual_seed(steps)), args.device)
@@ -117,8 +120,10 @@ def seconds_table(name: str, args: argparse.Namespace) -> None:
                 measured = statistics.median(_seconds(lambda: estimator(loop, meta, call_tasks, batching=batching),
                                                       args.device) for _ in range(5))
                 label = describe(estimator) + ("" if chunk == 1 else f" x{chunk} {batching}")
+                predictor.predict(estimator, chunk, chunk)  # the memory probes, timed as they run
+                probed = predictor.probed_seconds(estimator, chunk, chunk) or math.nan
                 print(f"{name:<9} {steps:>5} {label:<40} {predicted:>10.4f} {measured:>10.4f} "
-                      f"{predicted / measured:>9.2f}", flush=True)
+                      f"{predicted / measured:>9.2f} {probed:>10.4f} {probed / measured:>9.2f}", flush=True)
 
 
 def _seconds(call, device: str) -> float:
@@ -181,7 +186,8 @@ def main() -> None:
         for name in args.problems:
             chunk_table(name, args)
     if "seconds" in args.tables:
-        print(f"\n{'problem':<9} {'T':>5} {'chunk':<40} {'predicted':>10} {'measured':>10} {'pred/meas':>9}  (seconds)")
+        print(f"\n{'problem':<9} {'T':>5} {'chunk':<40} {'predicted':>10} {'measured':>10} {'pred/meas':>9} "
+              f"{'probed':>10} {'prob/meas':>9}  (seconds)")
         for name in args.problems:
             seconds_table(name, args)
     if "budgets" in args.tables:
