@@ -155,3 +155,21 @@ def test_a_priced_estimator_is_written_back_as_a_config_that_builds_it(info):
     estimator = info.make(3)
     built = instantiate(OmegaConf.create(estimator_node(estimator)))
     assert type(built) is type(estimator) and vars(built) == vars(estimator)
+
+
+def test_the_time_summary_states_the_ratios_and_what_the_deadline_rule_did():
+    from metaopt.explore import Rung, TrialRecord
+    from metaopt_hydra.explore.report import time_summary
+
+    def ran(trial: int, predicted: float | None, measured: float, error: str = "") -> TrialRecord:
+        return TrialRecord(trial, {}, status="complete", rungs=[Rung(0, 10, 1.0, 10 * measured, 1)], error=error,
+                           predicted_step_seconds=predicted)
+    records = [ran(0, 1.0, 1.0), ran(1, 1.0, 2.0), ran(2, 1.0, 4.0, "stopped at rung 0: its next rung (30 ..."),
+               ran(3, None, 9.0),
+               TrialRecord(4, {}, status="pruned", error="stopped at the deadline before its first rung"),
+               TrialRecord(5, {}, status="pruned", error="not started: its first rung was predicted 9 s away")]
+    line = time_summary(records)
+    assert "median 2.00 (1.00-4.00) over 3 trial(s)" in line and "1 of 3 within 1.25x" in line
+    assert "first rungs cut by the deadline: 1" in line and "first rung predicted past it: 1" in line
+    assert "stopped at a rung, the next predicted past it: 1" in line
+    assert time_summary(records[3:]).startswith("seconds per meta-step: no trial with a prediction ran")
