@@ -173,3 +173,32 @@ def test_the_time_summary_states_the_ratios_and_what_the_deadline_rule_did():
     assert "first rungs cut by the deadline: 1" in line and "first rung predicted past it: 1" in line
     assert "stopped at a rung, the next predicted past it: 1" in line
     assert time_summary(records[3:]).startswith("seconds per meta-step: no trial with a prediction ran")
+
+
+def test_a_worker_applies_its_trials_allocator_and_is_reused_only_for_the_same_one(monkeypatch, tmp_path):
+    """`allocator: keep` (the Omniglot configs') made trials 2x faster per step under train.py, but explorer workers
+    never applied it: a trial then ran, and was timed, slower than its config runs alone."""
+    import multiprocessing
+
+    from metaopt_hydra.explore import worker
+    from metaopt_hydra.explore.runner import ProcessRunner
+
+    applied: list[str] = []
+    monkeypatch.setattr(worker, "set_allocator", applied.append)
+    parent, child = multiprocessing.Pipe()
+    parent.send("exit")
+    worker.worker_main(child, 1, "keep")
+    assert applied == ["keep"]
+
+    class Alive:
+        def __init__(self, alive: bool = True):
+            self.alive = alive
+
+        def is_alive(self) -> bool:
+            return self.alive
+
+    runner = ProcessRunner(lambda params: OmegaConf.create({}), tmp_path, threads=1)
+    dead, system, keep = (Alive(False), "c0", "system"), (Alive(), "c1", "system"), (Alive(), "c2", "keep")
+    runner.idle = [dead, system, keep]
+    assert runner._worker("keep") == (keep[0], "c2") and runner._worker("system") == (system[0], "c1")
+    assert runner.idle == []  # the dead one dropped, the others taken

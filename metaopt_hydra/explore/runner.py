@@ -61,8 +61,9 @@ class ProcessRunner:
         self.compose, self.run_dir, self.threads, self.on_config = compose, run_dir, threads, on_config
         self.group = group
         self.configs: dict[int, str] = {}
+        self.allocators: dict[int, str] = {}  # trial -> its config's `allocator` (a worker process keeps its own)
         self.context = multiprocessing.get_context("spawn")
-        self.idle: list[tuple[Any, Any]] = []  # (process, connection) of workers waiting for a trial
+        self.idle: list[tuple[Any, Any, str]] = []  # (process, connection, allocator) of workers waiting for a trial
 
     def price(self, candidate: Candidate, memory_share: int, excluded: list[str]) -> Price | str:
         try:
@@ -70,6 +71,8 @@ class ProcessRunner:
             parts = build(cfg)
         except Exception as error:  # a config that cannot be built cannot run either
             return f"cannot build: {type(error).__name__}: {error}"
+        if cfg.get("allocator", "system") not in ("system", "keep"):
+            return f"cannot run: allocator={cfg.allocator!r} (use system or keep)"
         budget = Budget(memory=memory_share, headroom=cfg.budget.headroom)
         outer = instantiate(cfg.outer_optim)(parts.meta.parameters())
         batch, sample_seconds = self._sample(cfg, parts)
@@ -86,6 +89,7 @@ class ProcessRunner:
             cfg.budget.memory = memory_share
             cfg.batching = chosen.batching  # the trial runs the batching it was priced with (auto times it once)
             self.configs[candidate.trial] = OmegaConf.to_yaml(cfg, resolve=True)
+            self.allocators[candidate.trial] = str(cfg.get("allocator", "system"))
             if self.on_config is not None:
                 self.on_config(candidate.trial, self.configs[candidate.trial])
             seconds = chosen.predicted_call_seconds
@@ -105,22 +109,28 @@ class ProcessRunner:
         batch = draw()
         return batch, time.perf_counter() - started
 
-    def _worker(self) -> tuple[Any, Any]:
-        while self.idle:
-            process, conn = self.idle.pop()
-            if process.is_alive():
+    def _worker(self, allocator: str) -> tuple[Any, Any]:
+        """An idle worker whose process runs `allocator` (set once per process: glibc's settings cannot be undone),
+        or a new one."""
+        for entry in list(self.idle):
+            process, conn, kept = entry
+            if not process.is_alive():
+                self.idle.remove(entry)
+            elif kept == allocator:
+                self.idle.remove(entry)
                 return process, conn
         parent, child = self.context.Pipe()
-        process = self.context.Process(target=worker_main, args=(child, self.threads), daemon=True)
+        process = self.context.Process(target=worker_main, args=(child, self.threads, allocator), daemon=True)
         process.start()
         child.close()
         return process, parent
 
     def start(self, candidate: Candidate, rung_steps: list[int]) -> dict[str, Any]:
-        process, conn = self._worker()
+        allocator = self.allocators.get(candidate.trial, "system")
+        process, conn = self._worker(allocator)
         run_dir = self.run_dir / "trials" / str(candidate.trial)
         conn.send((self.configs[candidate.trial], str(run_dir), rung_steps, self.group))
-        return {"process": process, "conn": conn, "finished": False, "waiting": False}
+        return {"process": process, "conn": conn, "finished": False, "waiting": False, "allocator": allocator}
 
     def poll(self, handle: dict[str, Any]) -> list[Message]:
         messages = []
@@ -156,7 +166,7 @@ class ProcessRunner:
         if process.is_alive() and (handle["finished"] or handle["waiting"]):
             if handle["waiting"] and not handle["finished"]:
                 conn.send("stop")
-            self.idle.append((process, conn))
+            self.idle.append((process, conn, handle["allocator"]))
             return
         process.terminate()
         process.join(timeout=2)
@@ -167,7 +177,7 @@ class ProcessRunner:
 
     def close(self) -> None:
         """Stop the idle workers."""
-        for process, conn in self.idle:
+        for process, conn, _ in self.idle:
             try:
                 conn.send("exit")
             except (BrokenPipeError, OSError):

@@ -17,6 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from metaopt.allocator import set_allocator
 from metaopt.budget import BudgetExceeded
 from metaopt.checkpoint import load_checkpoint
 from metaopt.explore.scheduler import Rung
@@ -41,10 +42,13 @@ def _rung(cfg: Any, parts: Any, run_dir: Path, index: int, steps: int, logger: R
                 int(metrics["measured_peak_bytes"])), metrics
 
 
-def worker_main(conn: Connection, threads: int) -> None:
+def worker_main(conn: Connection, threads: int, allocator: str = "system") -> None:
     """A worker process: runs the trials it is sent, one after another, until told "exit" (or its pipe closes).
-    Reusing it saves the interpreter start and imports (seconds) per trial."""
+    Reusing it saves the interpreter start and imports (seconds) per trial. `allocator`: its trials' config
+    `allocator` (`metaopt.allocator`), as `train.py` applies it: a trial runs, and is timed, as its config would run
+    alone (an Omniglot step under `keep` takes half the time)."""
     torch.set_num_threads(threads)
+    set_allocator(allocator)  # type: ignore[arg-type]
     while True:
         try:
             job = conn.recv()
