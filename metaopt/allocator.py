@@ -18,7 +18,10 @@ import ctypes.util
 import logging
 from typing import Literal
 
-__all__ = ["keep_freed_memory", "set_allocator"]
+__all__ = ["keep_freed_memory", "set_allocator", "ALLOCATORS"]
+
+ALLOCATORS = ("system", "keep")
+"""The values of a config's `allocator` (`set_allocator`)."""
 
 log = logging.getLogger("metaopt")
 
@@ -55,8 +58,6 @@ def set_allocator(mode: Literal["system", "keep"]) -> bool:
     Raises:
       ValueError: another mode, naming the choices.
     """
-    if mode == "system":
-        return False
-    if mode == "keep":
-        return keep_freed_memory()
-    raise ValueError(f"allocator={mode!r}: use system (the default) or keep (freed memory stays in the process)")
+    if mode not in ALLOCATORS:
+        raise ValueError(f"allocator={mode!r}: use system (the default) or keep (freed memory stays in the process)")
+    return mode == "keep" and keep_freed_memory()

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, ClassVar, Literal, NamedTuple, Sequence
+from typing import Callable, ClassVar, Literal, NamedTuple, Sequence, cast
 
 import torch
 
@@ -285,14 +285,14 @@ def _fastest_pass(predictor: Predictor, found: Plan, others: list[AbstractEstima
     batch at a few inner steps."""
     n = len(predictor.tasks)
     plans = [found] + [p for p in (_fit(predictor, o, budget, "auto", fixed_bytes) for o in others) if p is not None]
-    option = found.estimator.per_pass
+    option = cast(str, found.estimator.per_pass)  # (it has variants)
     if len(plans) == 1:
         return found._replace(reason=f"{found.reason}; {option}=1: more per pass does not fit")
     (one, *more), steps = predictor.seconds_of([(p.estimator, p.chunk_size) for p in plans], n)
     fastest = min(range(len(more)), key=more.__getitem__)
     chosen = plans[1 + fastest] if more[fastest] * LOOP_FASTER <= one else found
-    count = getattr(chosen.estimator, option or "")
-    timed = ", ".join(f"{getattr(p.estimator, option or '')} per pass {t:.3g} s" for p, t in zip(plans, [one, *more]))
+    count = getattr(chosen.estimator, option)
+    timed = ", ".join(f"{getattr(p.estimator, option)} per pass {t:.3g} s" for p, t in zip(plans, [one, *more]))
     return chosen._replace(reason=f"{chosen.reason}; {option}={count} ({timed}, measured on the {n} tasks at {steps} "
                                   f"inner step{'s' if steps != 1 else ''})")
 

@@ -10,6 +10,7 @@ import metaopt as mo
 from metaopt import estimators as E
 from metaopt.planning import plan
 from metaopt.train import _per_pass, _with_resumed_per_pass
+from metaopt.types import Carry
 from test_budget_enforcement import _problem
 
 
@@ -69,6 +70,9 @@ def test_none_runs_one_per_pass_when_called_directly():
     direct = E.EvolutionStrategies(population=4, seed=1)(loop, meta, tasks)
     one = E.EvolutionStrategies(population=4, seed=1, particles_per_pass=1)(loop, meta, tasks)
     assert all(torch.equal(direct.grads[k], one.grads[k]) for k in one.grads)
+    windows = tasks._replace(carry=Carry(torch.ones(tasks.query.x.shape[0], dtype=torch.bool), None))
+    online = [E.OnlinePES(population=4, particles_per_pass=n)(loop, meta, windows) for n in (None, 1)]
+    assert all(torch.equal(online[0].grads[k], online[1].grads[k]) for k in online[1].grads)  # (never planned)
 
 
 def test_a_resumed_run_keeps_the_repetitions_per_pass_its_checkpoint_recorded():

@@ -67,7 +67,8 @@ class OnlinePES(AbstractEstimator):
       sigma: perturbation scale.
       seed: the perturbations' random stream (`noise_like`).
       particles_per_pass: particles per window pass: 1 (one after another) or an even number (whole pairs, one
-        unroll vmapped over them; the same noise, drawn in the same order). On `experiment=learned_optimizer_online`
+        unroll vmapped over them; the same noise, drawn in the same order); None, as for `pes`, is one (the planner
+        does not choose it here). On `experiment=learned_optimizer_online`
         all 16 in one pass gain nothing (0.96x with `allocator=keep`, 0.56x with the system allocator:
         `experiments/bench_es.py --problems learned_optimizer_online`): the LSTM rule's arithmetic dominates there.
     """
@@ -77,7 +78,7 @@ class OnlinePES(AbstractEstimator):
     stochastic = True
     online = True
 
-    def __init__(self, population: int = 16, sigma: float = 0.01, seed: int = 0, particles_per_pass: int = 1):
+    def __init__(self, population: int = 16, sigma: float = 0.01, seed: int = 0, particles_per_pass: int | None = 1):
         check_population(self.name, population, sigma, particles_per_pass)
         self.population, self.sigma, self.seed, self.particles_per_pass = population, sigma, seed, particles_per_pass
 
@@ -103,7 +104,7 @@ class OnlinePES(AbstractEstimator):
                                                                    on_step=guard), state)
             return call_with_meta(meta, vals, lambda m, s: loop.outer_loss(s, task.query, m), state), state
 
-        return map_leading_axis(window, values, before, vectorized=self.particles_per_pass > 1)
+        return map_leading_axis(window, values, before, vectorized=(self.particles_per_pass or 1) > 1)
 
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
                        guard: StepGuard | None) -> TaskObjective:
@@ -111,7 +112,7 @@ class OnlinePES(AbstractEstimator):
         carry: Carry | None = task.carry
         carried: OnlinePESState | None = None if carry is None else carry.state
         pairs = self.population // 2
-        pairs_per_pass = max(1, self.particles_per_pass // 2)
+        pairs_per_pass = max(1, (self.particles_per_pass or 1) // 2)
         ends, states, xis = [], [], []
         with torch.no_grad():
             for start in range(0, pairs, pairs_per_pass):

@@ -51,7 +51,13 @@ from metaopt.explore.pareto import non_dominated_ranks
 from metaopt.explore.queue import Candidate, CandidateQueue
 from metaopt.explore.timing import RungTimes
 
-__all__ = ["Rung", "TrialRecord", "TrialRunner", "Study", "Explorer", "Message", "Price"]
+__all__ = ["Rung", "TrialRecord", "TrialRunner", "Study", "Explorer", "Message", "Price", "CUT", "NOT_STARTED_LATE",
+           "STOPPED_BEFORE_LATE_RUNG"]
+
+# How a trial's record (`error`) says what the deadline did to it (`metaopt_hydra.explore.report` counts them).
+CUT = "stopped at the deadline before its first rung"
+NOT_STARTED_LATE = "not started: its first rung was predicted"
+STOPPED_BEFORE_LATE_RUNG = "its next rung"
 
 
 class Rung(NamedTuple):
@@ -306,8 +312,9 @@ class Explorer:
             late = self._first_rung_late(candidate)
             if late is not None:  # time left only shrinks: it will not fit later either; its place goes to a draw
                 self.queue.remove(candidate)
-                self._event(candidate.trial, "late", predicted_seconds=late[0])
-                self._finish(record, "pruned", f"not started: {late[1]}")
+                seconds, left = late
+                self._event(candidate.trial, "late", predicted_seconds=round(seconds, 3))
+                self._finish(record, "pruned", f"{NOT_STARTED_LATE} {seconds:.3g} s away with {left:.3g} s left")
                 continue
             if self.reserved_bytes + candidate.predicted_peak_bytes <= self.memory:  # first fit
                 self.queue.remove(candidate)
@@ -318,14 +325,14 @@ class Explorer:
                 self._event(candidate.trial, "start", predicted_peak_bytes=candidate.predicted_peak_bytes,
                             estimator_chosen=candidate.estimator_chosen)
 
-    def _first_rung_late(self, candidate: Candidate) -> tuple[float, str] | None:
-        """(predicted seconds, why) where the candidate's first rung is predicted to end past the deadline, else
-        None (also without a prediction)."""
+    def _first_rung_late(self, candidate: Candidate) -> tuple[float, float] | None:
+        """(predicted seconds to its first rung, seconds left) where that rung is predicted to end past the deadline,
+        else None (also without a prediction)."""
         seconds = self.times.to_first_rung(candidate.predicted_step_seconds, self.rung_steps[0])
         left = self.deadline - self.clock()
         if seconds is None or seconds < left:  # (at the deadline itself the trial would be stopped)
             return None
-        return round(seconds, 3), f"its first rung was predicted {seconds:.3g} s away with {left:.3g} s left"
+        return seconds, left
 
     def _next_rung_late(self, record: TrialRecord, rung: Rung) -> str | None:
         """Why the trial stops at `rung` (its next one is predicted to end past the deadline), or None."""
@@ -334,8 +341,8 @@ class Explorer:
         left = self.deadline - self.clock()
         if seconds < left:
             return None
-        return (f"stopped at rung {rung.level}: its next rung ({steps} meta-steps) was predicted {seconds:.3g} s away "
-                f"with {left:.3g} s left")
+        return (f"stopped at rung {rung.level}: {STOPPED_BEFORE_LATE_RUNG} ({steps} meta-steps) was predicted "
+                f"{seconds:.3g} s away with {left:.3g} s left")
 
     # --- rungs -------------------------------------------------------------------------------------------------
     def _pruning_reason(self, record: TrialRecord, rung: Rung) -> str | None:
@@ -429,7 +436,7 @@ class Explorer:
             self.sleep(0.05)
         for trial in list(self.running):  # the deadline: their last rung counts
             status = "complete" if self.running[trial].record.rungs else "pruned"
-            self._stop(trial, status, "" if status == "complete" else "stopped at the deadline before its first rung")
+            self._stop(trial, status, "" if status == "complete" else CUT)
         for candidate in list(self.queue):
             self.queue.remove(candidate)
             self._finish(self.records[candidate.trial], "pruned", "not started before the deadline")

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from metaopt.explore.pareto import pareto_front  # noqa: E402
-from metaopt.explore.scheduler import TrialRecord  # noqa: E402
+from metaopt.explore.scheduler import CUT, NOT_STARTED_LATE, STOPPED_BEFORE_LATE_RUNG, TrialRecord  # noqa: E402
 
 __all__ = ["write_report", "COLUMNS", "front_of", "time_summary"]
 
@@ -54,9 +54,9 @@ def time_summary(records: list[TrialRecord]) -> str:
 
     def count(words: str) -> int:
         return sum(words in r.error for r in records)
-    deadline = (f"first rungs cut by the deadline: {count('stopped at the deadline before its first rung')}; "
-                f"not started, their first rung predicted past it: {count('its first rung was predicted')}; "
-                f"stopped at a rung, the next predicted past it: {count('its next rung')}")
+    deadline = (f"first rungs cut by the deadline: {count(CUT)}; "
+                f"not started, their first rung predicted past it: {count(NOT_STARTED_LATE)}; "
+                f"stopped at a rung, the next predicted past it: {count(STOPPED_BEFORE_LATE_RUNG)}")
     if not ratios:
         return f"seconds per meta-step: no trial with a prediction ran; {deadline}"
     median = statistics.median(ratios)

@@ -5,13 +5,14 @@ import logging
 import multiprocessing
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metaopt import Auto, Budget, BudgetExceeded
+from metaopt.allocator import ALLOCATORS
 from metaopt.estimators import AbstractEstimator
 from metaopt.explore.queue import Candidate
 from metaopt.explore.scheduler import Message, Price
@@ -61,7 +62,6 @@ class ProcessRunner:
         self.compose, self.run_dir, self.threads, self.on_config = compose, run_dir, threads, on_config
         self.group = group
         self.configs: dict[int, str] = {}
-        self.allocators: dict[int, str] = {}  # trial -> its config's `allocator` (a worker process keeps its own)
         self.context = multiprocessing.get_context("spawn")
         self.idle: list[tuple[Any, Any, str]] = []  # (process, connection, allocator) of workers waiting for a trial
 
@@ -71,8 +71,8 @@ class ProcessRunner:
             parts = build(cfg)
         except Exception as error:  # a config that cannot be built cannot run either
             return f"cannot build: {type(error).__name__}: {error}"
-        if cfg.get("allocator", "system") not in ("system", "keep"):
-            return f"cannot run: allocator={cfg.allocator!r} (use system or keep)"
+        if cfg.get("allocator", "system") not in ALLOCATORS:  # (its worker would die at start)
+            return f"cannot run: allocator={cfg.allocator!r} (use one of {', '.join(ALLOCATORS)})"
         budget = Budget(memory=memory_share, headroom=cfg.budget.headroom)
         outer = instantiate(cfg.outer_optim)(parts.meta.parameters())
         batch, sample_seconds = self._sample(cfg, parts)
@@ -89,7 +89,6 @@ class ProcessRunner:
             cfg.budget.memory = memory_share
             cfg.batching = chosen.batching  # the trial runs the batching it was priced with (auto times it once)
             self.configs[candidate.trial] = OmegaConf.to_yaml(cfg, resolve=True)
-            self.allocators[candidate.trial] = str(cfg.get("allocator", "system"))
             if self.on_config is not None:
                 self.on_config(candidate.trial, self.configs[candidate.trial])
             seconds = chosen.predicted_call_seconds
@@ -126,7 +125,8 @@ class ProcessRunner:
         return process, parent
 
     def start(self, candidate: Candidate, rung_steps: list[int]) -> dict[str, Any]:
-        allocator = self.allocators.get(candidate.trial, "system")
+        config = cast(DictConfig, OmegaConf.create(self.configs[candidate.trial]))
+        allocator = str(config.get("allocator", "system"))
         process, conn = self._worker(allocator)
         run_dir = self.run_dir / "trials" / str(candidate.trial)
         conn.send((self.configs[candidate.trial], str(run_dir), rung_steps, self.group))
