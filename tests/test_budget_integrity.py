@@ -143,8 +143,9 @@ def test_whatever_runs_measures_under_its_budget(name, steps, n_tasks, fraction,
                              progress=False)
 
     need = train(E.Full(), mo.Budget())["measured_peak_bytes"]
-    # Below ~3 MB the heap's and pages' granularity is more than the headroom (README: memory prediction).
-    assume(need * fraction >= 3e6)
+    # Below a few MB the heap's and pages' granularity (up to ~1 MB: README, memory prediction) is more than the
+    # headroom: it flaked at 1.7 MB under load, and at 3.8 MB (3.92 MB measured) beside the rest of `make test`.
+    assume(need * fraction >= 5e6)
     budget = mo.Budget(memory=int(need * fraction))
     try:
         metrics = train(ESTIMATORS[name](), budget)
