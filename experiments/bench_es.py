@@ -5,8 +5,9 @@ another (what the planner's choice, the default, falls back to without timing); 
 `population` times the live state of one. Both draw the same noise, so the estimates agree to rounding. The
 problems are `bench_stacking.py`'s (sinusoid: MLP 1-40-40-1, meta-batch 25, T=20; conv4: Conv4-32, 5-way 1-shot
 15 queries, meta-batch 8, T=4), MAML's initialization as the meta-parameters, sigma 0.01, `pes`
-with windows of k=5 steps; the tasks run vmapped and one at a time (ES does not stack: each task perturbs the
-meta-parameters its own way). Timings are interleaved medians; the largest difference is relative to the
+with windows of k=5 steps; the tasks run stacked (each row of the task axis at its own perturbed meta-values; one
+pass of `population` particles is one unroll of population x meta-batch rows), vmapped and one at a time. Timings
+are interleaved medians; the largest difference is relative to the
 largest entry of the one-at-a-time gradient (`metaopt.compiled.gradient_errors`); tensor MB is the peak of live
 tensor storage of one call (`torch.profiler`). `--allocator system` leaves glibc's default, which maps and unmaps
 every buffer over 32 MB at each call (`metaopt.allocator`): one pass's buffers are `population` times larger.
@@ -16,10 +17,12 @@ every buffer over 32 MB at each call (`metaopt.allocator`): one pass's buffers a
 second window, every particle continuing from its carried state, tasks vmapped.
 
     python experiments/bench_es.py [--threads 1] [--repeats 5] [--problems sinusoid conv4 learned_optimizer_online]
-        [--population 16] [--batchings vmap loop] [--allocator keep]
+        [--population 16] [--batchings stacked vmap loop] [--allocator keep]
 
-The last line is `speedup_particles_in_one_pass <problem>/<estimator>/<batching>:<x> ...`: the one-at-a-time
-median over the one-pass median, same run.
+With both stacked and vmap timed, the line before the last is `speedup_stacked_vs_vmap
+<problem>/<estimator>/<particles per pass>:<x> ...` (vmapped median over stacked median, and the largest difference
+of the stacked estimate from the vmapped one). The last line is `speedup_particles_in_one_pass
+<problem>/<estimator>/<batching>:<x> ...`: the one-at-a-time median over the one-pass median, same run.
 """
 from __future__ import annotations
 
@@ -47,12 +50,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--problems", nargs="+", choices=PROBLEMS, default=["sinusoid", "conv4"])
     parser.add_argument("--population", type=int, default=16)
-    parser.add_argument("--batchings", nargs="+", choices=["vmap", "loop"], default=["vmap", "loop"])
+    parser.add_argument("--batchings", nargs="+", choices=["stacked", "vmap", "loop"], default=["stacked", "vmap", "loop"])
     parser.add_argument("--allocator", choices=["keep", "system"], default="keep")
     args = parser.parse_args()
     population = args.population
     begin_cpu_benchmark(args.threads, args.repeats, args.allocator)
-    speedups = {}
+    speedups, stacked_speedups = {}, {}
     for name in args.problems:
         if name == "learned_optimizer_online":
             calls, shape = online_calls(population)
@@ -62,12 +65,16 @@ def main() -> None:
             calls = {(e, b, n): (lambda e=e, b=b, n=n: mo.PersistentES(
                 population, k=ESTIMATORS[e], particles_per_pass=n)(loop, meta, tasks, batching=b))
                 for e in ESTIMATORS for b in batchings for n in (1, population)}
-        errors = {}
+        errors, grads = {}, {}
         for e, b, _ in list(calls)[::2]:  # also the warm-up of every variant
-            reference = calls[e, b, 1]().grads
-            errors[e, b] = max(gradient_errors(calls[e, b, population]().grads, reference).values())
+            grads[e, b, 1], grads[e, b, population] = calls[e, b, 1]().grads, calls[e, b, population]().grads
+            errors[e, b] = max(gradient_errors(grads[e, b, population], grads[e, b, 1]).values())
         times = interleaved_seconds(calls, args.repeats)
         ms = {key: 1e3 * statistics.median(t) for key, t in times.items()}
+        for (e, b, n) in calls:
+            if b == "stacked" and (e, "vmap", n) in calls:
+                difference = max(gradient_errors(grads[e, b, n], grads[e, "vmap", n]).values())
+                stacked_speedups[f"{name}/{e}/{n}"] = (ms[e, "vmap", n] / ms[e, b, n], difference)
         tensors = {key: tensor_peak_bytes(call) / 1e6 for key, call in calls.items()}
         print(f"\n{name} ({shape}, population {population}): ms per meta-gradient, median of {args.repeats}")
         print("| estimator | tasks | one at a time | one pass | speedup | largest difference | tensor MB (one at a "
@@ -78,6 +85,9 @@ def main() -> None:
             label = e if ESTIMATORS.get(e) is None else f"{e} (k={ESTIMATORS[e]})"
             print(f"| {label} | {b} | {ms[e, b, 1]:.1f} | {ms[e, b, population]:.1f} | {speedups[key]:.2f}x | "
                   f"{error:.1e} | {tensors[e, b, 1]:.2f}, {tensors[e, b, population]:.2f} |")
+    if stacked_speedups:
+        print("speedup_stacked_vs_vmap " + " ".join(f"{k}:{x:.2f}" for k, (x, _) in stacked_speedups.items())
+              + f" (largest difference {max(d for _, d in stacked_speedups.values()):.1e})")
     print("speedup_particles_in_one_pass " + " ".join(f"{k}:{x:.2f}" for k, x in speedups.items()))
 
 

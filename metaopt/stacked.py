@@ -34,9 +34,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaopt.loop import InnerLoop, call_module
+from metaopt.metacall import call_with_meta
 from metaopt.models import MLP, BatchNorm, Conv4, MatmulConv2d
 from metaopt.losses import per_task
-from metaopt.slots import DataSlot, LossSlot, OptimizerSlot
+from metaopt.optim import hyper_for
+from metaopt.slots import DataSlot, InitSlot, LossSlot, OptimizerSlot
 from metaopt.types import Batch, Buffers, Hyper, InnerState, MetaParams, Params
 
 __all__ = ["StackedLoop", "stacked_forward", "stacked_rule", "stacked_blocker", "stacked_slower", "unstacked_modules"]
@@ -283,28 +285,49 @@ class StackedLoop(InnerLoop):
     are per task, [B]; `step` and `outer_loss` compute what the loop's vmapped versions would. Built by
     the runner for one vmapped chunk; an estimator that declares `stacks = True` runs on it unchanged.
 
+    Rows with their own meta-values (`row_meta`): evolution strategies perturb the meta-parameters per task and
+    per particle, so each row of the axis (a task, or a particle of a task) runs at its own point. Every read of a
+    meta-parameter then maps over the rows (`torch.func.vmap` of `call_with_meta` at each row's values): the
+    initialization and the optimizer's hyperparameters once per unroll, a learned loss, update rule or data
+    transform at every step (as without `row_meta`, where they run under vmap too); the rest of the step is the
+    stacked code above, unchanged.
+
     Args:
       loop: the inner loop of one task.
-      tasks: B.
+      tasks: B, the rows of the axis.
       functional: take inner gradients with `torch.func.grad` (composes with an outer `torch.func` transform
         and traces under `torch.compile`: `metaopt.compiled`) instead of `torch.autograd.grad` (faster eager);
         inside `torch.func.jvp` (forward mode) the step takes `torch.func.grad` whatever this says.
+      row_meta: each row's meta-values, {name: [B, *shape]} keyed as `meta_values` (None: every row at meta's own
+        values, the initialization expanded).
     """
 
-    def __init__(self, loop: InnerLoop, tasks: int, functional: bool = False):
+    def __init__(self, loop: InnerLoop, tasks: int, functional: bool = False,
+                 row_meta: dict[str, Tensor] | None = None):
         # Not super().__init__ (it would re-walk the model's parameters at every call): the configuration only.
         self.model, self.optimizer, self.loss_fn = loop.model, loop.optimizer, loop.loss_fn
         self.outer_loss_fn, self.proximal, self.param_shapes = loop.outer_loss_fn, loop.proximal, loop.param_shapes
-        self.tasks, self.functional = tasks, functional
+        self.tasks, self.functional, self.row_meta = tasks, functional, row_meta
+
+    def per_row(self, meta: MetaParams, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(meta, *args)` row by row, each row at its own meta-values (`row_meta`), vmapped over the rows (the
+        arguments carry the row axis first): the one way a row-meta loop reads a meta-parameter."""
+        assert self.row_meta is not None
+        return torch.func.vmap(lambda values, *a: call_with_meta(meta, values, fn, *a), randomness="different")(
+            self.row_meta, *args)
 
     def init(self, meta: MetaParams, start: Params | None = None) -> InnerState:
         """Every task's state at step 0: one task's parameters expanded to [B, ...], or each task's own
         `start`; the optimizer's state for the stacked parameters."""
         one = super().init(meta, None if start is None else {k: v[0] for k, v in start.items()})  # checks
         params = {k: v.expand(self.tasks, *v.shape) for k, v in one.params.items()} if start is None else dict(start)
+        if self.row_meta is not None and "init" in meta:
+            params = self.per_row(meta, lambda m: cast(InitSlot, m["init"]).initial_params())
         buffers = {k: v.expand(self.tasks, *v.shape) for k, v in one.buffers.items()}
-        if _steps_all_tasks_at_once(self, meta):
+        if _steps_all_tasks_at_once(self, meta):  # an elementwise slot's state is its optimizer's: no meta read
             opt_state = self.optimizer_init(meta, params)
+        elif self.row_meta is not None:
+            opt_state = self.per_row(meta, lambda m, p: self.optimizer_init(m, p), params)
         else:
             opt_state = torch.func.vmap(lambda p: self.optimizer_init(meta, p))(params)
         return InnerState(params, buffers, opt_state, params if self.proximal else {})
@@ -315,14 +338,33 @@ class StackedLoop(InnerLoop):
     def support_batch(self, batch: Batch, meta: MetaParams) -> Batch:
         if "data" not in meta:
             return batch
+        if self.row_meta is not None:
+            return cast(Batch, self.per_row(meta, lambda m, b: cast(DataSlot, m["data"]).transform(b), batch))
         transform = cast(DataSlot, meta["data"]).transform
         return cast(Batch, torch.func.vmap(transform, randomness="different")(batch))
+
+    def hyper(self, meta: MetaParams) -> Hyper:
+        """The optimizer's hyperparameters. With `row_meta`, each row's (`per_row`), as one entry per parameter that
+        broadcasts against its stacked tensors: [B, 1, ..., 1] for a rate per tensor, [B, *shape] per element (a [B]
+        value left as it is would broadcast against a parameter's last axis). `unroll` computes them once."""
+        if self.row_meta is None or "optimizer" not in meta:
+            return super().hyper(meta)
+        rows = cast(Hyper, self.per_row(meta, lambda m: InnerLoop.hyper(self, m)))
+
+        def on_rows(value: Tensor, name: str) -> Tensor:
+            rank = len(self.param_shapes[name])
+            return value.reshape(value.shape[0], *[1] * (rank - value.dim() + 1), *value.shape[1:])
+        return {key: {name: on_rows(cast(Tensor, hyper_for(value, name)), name) for name in self.param_shapes}
+                for key, value in rows.items()}
 
     def inner_objective(self, params: Params, state: InnerState, batch: Batch,
                         meta: MetaParams) -> tuple[Tensor, Buffers]:
         """Each task's inner loss, [B], and the buffers after the forward."""
         pred, buffers = self.forward(params, state.buffers, batch.x)
-        if "loss" in meta:
+        if "loss" in meta and self.row_meta is not None:
+            losses = self.per_row(meta, lambda m, q, b, p: cast(LossSlot, m["loss"]).inner_loss(q, b, p, self.loss_fn),
+                                  pred, batch, params)
+        elif "loss" in meta:
             inner_loss = cast(LossSlot, meta["loss"]).inner_loss
             losses = torch.func.vmap(lambda q, b, p: inner_loss(q, b, p, self.loss_fn))(pred, batch, params)
         else:
@@ -365,6 +407,10 @@ class StackedLoop(InnerLoop):
             update = functools.partial(cast(OptimizerSlot, meta["optimizer"]).update, self.optimizer)
         if _steps_all_tasks_at_once(self, meta):
             new_params, opt_state = update(state.params, grads, state.opt_state, hyper)
+        elif self.row_meta is not None and "optimizer" in meta:
+            new_params, opt_state = self.per_row(
+                meta, lambda m, p, g, s, h: cast(OptimizerSlot, m["optimizer"]).update(self.optimizer, p, g, s, h),
+                state.params, grads, state.opt_state, hyper)
         else:
             new_params, opt_state = torch.func.vmap(lambda p, g, s: update(p, g, s, hyper))(
                 state.params, grads, state.opt_state)

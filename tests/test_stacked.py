@@ -10,6 +10,7 @@ from torch import nn
 import metaopt as mo
 from metaopt.estimators.base import registered_estimators
 from metaopt.losses import per_task
+from metaopt.metacall import meta_values
 from metaopt.stacked import StackedLoop, stacked_forward, unstacked_modules
 from problems import META_KINDS, OPTIMIZERS, tiny_model, tiny_tasks
 
@@ -27,10 +28,13 @@ def _assert_same(result: mo.MetaGrad, reference: mo.MetaGrad, rtol: float = 1e-1
 # The estimators that stack, as they run here: truncated with its graph-free prefix (k < T), checkpoint with one
 # pullback per segment of one step; reptile, which serves only an initialization, with its graph-free unroll;
 # forward (exact: a jvp per meta-parameter scalar, inside which the stacked steps take functional gradients);
-# implicit (with a proximal term, so that an initialization has an implicit gradient: per-task CG solves).
+# implicit (with a proximal term, so that an initialization has an implicit gradient: per-task CG solves);
+# es and pes (rows at their own perturbed meta-values; each call a fresh estimator, so both draw the same noise:
+# one draw of [B, *shape] stacked is what vmap's "different" randomness draws for B tasks).
 STACKING = {"full": mo.Full, "first_order": mo.FirstOrder, "truncated": lambda: mo.Truncated(k=1),
             "checkpoint": lambda: mo.Checkpoint(segment=1), "reptile": mo.Reptile, "forward": mo.ForwardMode,
-            "implicit": mo.Implicit}
+            "implicit": mo.Implicit, "es": lambda: mo.EvolutionStrategies(population=4),
+            "pes": lambda: mo.PersistentES(population=4, k=1)}
 SERVES = {"reptile": lambda kind: kind == "init",  # the kinds an estimator serves, where not all
           "implicit": lambda kind: "lrs" not in kind and "learned_optimizer" not in kind}  # no update rule
 
@@ -49,18 +53,59 @@ def test_stacked_equals_vmap_for_every_kind(name, kind):
     loop = mo.InnerLoop(model, mo.optim.momentum(lr=0.05, momentum=0.5), mo.losses.mse, proximal=proximal)
     meta = META_KINDS[kind](model)
     tasks = tiny_tasks(3, T)
-    estimator = STACKING[name]()
     if name == "first_order" and "init" not in meta:
         meta = mo.meta_params(mo.Init(model), *meta.values())  # some kinds get zero first-order gradients alone
     if name == "truncated" and set(meta) == {"init"}:
         meta = META_KINDS["init+lrs_element"](model)  # an init acts before the cut alone: zero gradient
-    stacked = estimator(loop, meta, tasks, batching="stacked")
+    stacked = STACKING[name]()(loop, meta, tasks, batching="stacked")
     assert stacked.stats["batching"] == "stacked"
-    vmapped = estimator(loop, meta, tasks, batching="vmap")
+    vmapped = STACKING[name]()(loop, meta, tasks, batching="vmap")
     _assert_same(stacked, vmapped)
     for key in ("residual", "stationarity"):  # implicit's per-task solves and stationarity, summarized alike
         if key in vmapped.stats:
             assert stacked.stats[key] == pytest.approx(vmapped.stats[key], rel=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["init", "lrs_scalar", "init+lrs_element", "weight_decay", "learned_optimizer_mlp",
+                                  "synthetic_data"])
+@pytest.mark.parametrize("estimator", [
+    lambda: mo.EvolutionStrategies(population=6, particles_per_pass=6),
+    lambda: mo.EvolutionStrategies(population=6, particles_per_pass=4),  # a pass of 2 pairs, then one of 1
+    lambda: mo.PersistentES(population=4, k=1, particles_per_pass=2),
+    lambda: mo.PersistentES(population=4, k=2, particles_per_pass=4)])  # windows of 2 steps and 1
+def test_stacked_es_runs_its_particles_as_rows_and_equals_vmap(kind, estimator):
+    """Several particles per pass stacked: one unroll of particles x tasks rows, each row at its own perturbed
+    meta-values (the tasks' data repeated per particle, their own initializations too), across PES windows (T=3,
+    k=1: three windows, the state carried between them). Equal to vmap over the tasks of the particles vmapped."""
+    model = tiny_model()
+    loop = mo.InnerLoop(model, mo.optim.momentum(lr=0.05, momentum=0.5), mo.losses.mse)
+    meta = META_KINDS[kind](model)
+    tasks = tiny_tasks(3, 3)
+    if "init" not in meta:
+        g = torch.Generator().manual_seed(2)
+        tasks = tasks._replace(init={k: torch.randn(3, *p.shape, generator=g) for k, p in model.named_parameters()})
+    stacked = estimator()(loop, meta, tasks, batching="stacked")
+    assert stacked.stats["batching"] == "stacked"
+    _assert_same(stacked, estimator()(loop, meta, tasks, batching="vmap"), rtol=1e-9)
+
+
+def test_rows_at_their_own_rates_step_each_row_at_its_rate():
+    """A stacked loop whose rows carry their own learned rates: one scalar rate per row ([B]) must scale that row's
+    parameters, not broadcast against a parameter's last axis (here of size B too, where a [B] rate would run
+    silently wrong)."""
+    model = nn.Sequential(nn.Linear(1, 3), nn.Tanh(), nn.Linear(3, 1))  # a [3, 1] and a [1, 3] weight; B = 3
+    loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.1), mo.losses.mse)
+    meta = META_KINDS["lrs_scalar"](model)
+    tasks = tiny_tasks(3, 1)
+    rates = torch.tensor([0.1, 0.2, 0.3])
+    assert set(meta_values(meta)) == {"optimizer.lr"}
+    rows = StackedLoop(loop, 3, row_meta={"optimizer.lr": rates})
+    after = mo.unroll(rows, rows.init(meta), tasks.support, meta, create_graph=False)
+    start = {k: p.detach() for k, p in model.named_parameters()}
+    for b, task in enumerate(mo.unstack_tasks(tasks)):
+        grads = torch.func.grad(lambda p: loop.inner_objective(p, loop.init(meta), task.support[0], meta)[0])(start)
+        for k, p in start.items():
+            torch.testing.assert_close(after.params[k][b], p - rates[b] * grads[k], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
@@ -173,17 +218,16 @@ def test_what_cannot_run_stacked_says_why_and_auto_runs_what_can():
         mo.Full()(loop, meta, tasks, batching="stacked")
     assert mo.Full()(loop, meta, tasks).stats["batching"] == "loop"
     assert mo.FirstOrder()(loop, meta, tasks).stats["batching"] == "stacked"  # no second derivatives
-    with pytest.raises(ValueError, match="estimator 'es' does not run stacked"):
-        mo.get_estimator("es", population=2)(loop, meta, tasks, batching="stacked")
     mlp = tiny_model()
     mlp_loop, mlp_meta = mo.InnerLoop(mlp, mo.optim.sgd(lr=0.1), mo.losses.mse), META_KINDS["init"](mlp)
-    es = mo.get_estimator("es", population=2)(mlp_loop, mlp_meta, tasks)
-    assert es.stats["batching"] == "vmap"  # an estimator that does not declare `stacks` vmaps
+    online = mo.get_estimator("online_pes", population=2)
+    with pytest.raises(ValueError, match="estimator 'online_pes' does not run stacked"):
+        online(mlp_loop, mlp_meta, tasks, batching="stacked")
     random = mo.ForwardMode(mode="random")
     with pytest.raises(ValueError, match=r"forward \(random\) draws its tangents per task"):
         random(mlp_loop, mlp_meta, tasks, batching="stacked")
     assert random(mlp_loop, mlp_meta, tasks).stats["batching"] == "vmap"
-    for name in ("truncated", "checkpoint", "forward"):  # and those that do stack under "auto"
+    for name in ("truncated", "checkpoint", "forward", "es", "pes"):  # and those that do stack under "auto"
         assert mo.get_estimator(name)(mlp_loop, mlp_meta, tasks).stats["batching"] == "stacked"
 
 

@@ -1,7 +1,11 @@
 """Persistent evolution strategies over truncated windows of the unroll (Vicol et al. 2021)."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
+from torch import Tensor
+from torch.utils._pytree import tree_map_only
 
 from metaopt.estimators.base import (
     AbstractEstimator,
@@ -11,10 +15,15 @@ from metaopt.estimators.base import (
     map_leading_axis,
     meta_values,
     register,
+    task_surrogates,
 )
 from metaopt.guard import StepGuard, shifted
 from metaopt.loop import InnerLoop, task_outer_loss, unroll
+from metaopt.stacked import StackedLoop
 from metaopt.types import InnerState, MetaParams, Params, Task
+
+RunAt = Callable[..., Any]
+"""run_at(values, fn, *args) = fn(loop, meta, *args) with the meta-parameters at `values`: one particle's point."""
 
 __all__ = ["PersistentES"]
 
@@ -73,6 +82,7 @@ class PersistentES(AbstractEstimator):
     second_order = False
     stochastic = True
     per_pass = "particles_per_pass"
+    stacks = True  # rows at their own meta-values; tests/test_stacked.py: equals vmap across the kinds
 
     def __init__(self, population: int = 16, sigma: float = 0.01, k: int | None = 5, persistent: bool = True,
                  seed: int = 0, particles_per_pass: int | None = None):
@@ -89,18 +99,18 @@ class PersistentES(AbstractEstimator):
     def _window(self, task: Task) -> int:
         return self.k if self.k is not None else max(1, task.inner_steps)
 
-    def _particle_loss(self, loop: InnerLoop, meta: MetaParams, task: Task, windows: list[Params],
-                       guard: StepGuard | None) -> torch.Tensor:
+    def _particle_loss(self, task: Task, windows: list[Params], guard: StepGuard | None, run_at: RunAt) -> Tensor:
+        """The outer loss of one particle (or, stacked, of one pass's rows) whose meta-values in window j are
+        `windows[j]`, each window run at its values by `run_at`."""
         state: InnerState | None = None
         size = self._window(task)
         for j, vals in enumerate(windows):
             batches = task.support[j * size:(j + 1) * size]
             if state is None:  # the initialization belongs to the first window
-                state = call_with_meta(meta, vals, lambda m: loop.init(m, task.init))
+                state = run_at(vals, lambda lp, m: lp.init(m, task.init))
             hook = shifted(guard, j * size)
-            state = call_with_meta(meta, vals, lambda m, s: unroll(loop, s, batches, m, create_graph=False,
-                                                                   on_step=hook), state)
-        return call_with_meta(meta, windows[-1], lambda m, s: loop.outer_loss(s, task.query, m), state)
+            state = run_at(vals, lambda lp, m, s: unroll(lp, s, batches, m, create_graph=False, on_step=hook), state)
+        return run_at(windows[-1], lambda lp, m, s: lp.outer_loss(s, task.query, m), state)
 
     def _perturbations(self, values: Params, n_windows: int, pairs: int) -> tuple[list[Params], list[Params]]:
         """`pairs` antithetic pairs' meta-values, window by window, and each pair's accumulated noise xi.
@@ -125,7 +135,10 @@ class PersistentES(AbstractEstimator):
 
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
                        guard: StepGuard | None) -> TaskObjective:
+        stacked = isinstance(loop, StackedLoop)
         values = meta_values(meta)
+        if stacked:  # each task its own noise: [B, *shape] per draw, as vmap draws it
+            values = {k: v.expand(loop.tasks, *v.shape) for k, v in values.items()}
         n_windows = max(1, -(-task.inner_steps // self._window(task)))
         pairs = self.population // 2
         per_pass = self.particles_per_pass or 1
@@ -134,10 +147,52 @@ class PersistentES(AbstractEstimator):
             grads = {k: torch.zeros_like(v) for k, v in values.items()}
             for start in range(0, pairs, pairs_per_pass):
                 windows, xis = self._perturbations(values, n_windows, min(pairs_per_pass, pairs - start))
-                losses = map_leading_axis(lambda particle: self._particle_loss(loop, meta, task, particle, guard),
-                                          windows, vectorized=per_pass > 1)
+                if isinstance(loop, StackedLoop):  # (not `stacked`: mypy narrows by isinstance)
+                    losses = self._rows_losses(loop, meta, task, windows, guard)
+                else:
+                    def run_at(vals: Params, fn: Callable[..., Any], *args: Any) -> Any:
+                        return call_with_meta(meta, vals, lambda m, *a: fn(loop, m, *a), *args)
+                    losses = map_leading_axis(lambda particle: self._particle_loss(task, particle, guard, run_at),
+                                              windows, vectorized=per_pass > 1)
                 for i, xi in enumerate(xis):
-                    scale = (losses[2 * i] - losses[2 * i + 1]) / (2 * self.sigma * pairs)
-                    grads = {k: grads[k] + scale * xi[k] for k in grads}
+                    scale = (losses[2 * i] - losses[2 * i + 1]) / (2 * self.sigma * pairs)  # [] ([B] stacked)
+                    grads = {k: grads[k] + (_on_rows(scale, xi[k]) if stacked else scale) * xi[k] for k in grads}
             loss = task_outer_loss(loop, meta, task, create_graph=False, on_step=guard)
+        if stacked:  # the tasks' estimates summed, each task 1/B of the surrogate (their mean: the mean gradient)
+            return TaskObjective(task_surrogates(meta, {k: g.sum(0) for k, g in grads.items()}, loss), loss)
         return TaskObjective(linear_surrogate(meta, grads), loss)
+
+    def _rows_losses(self, loop: StackedLoop, meta: MetaParams, tasks: Task, windows: list[Params],
+                     guard: StepGuard | None) -> Tensor:
+        """Outer losses [particles, B] of a stacked chunk's particles (`windows[j][name]`: [particles, B, *shape]).
+        `particles_per_pass` particles run as one unroll of particles x B rows (particle-major), each row at its
+        own meta-values (`StackedLoop(row_meta=...)`); one particle per pass: B rows."""
+        particles = next(iter(windows[0].values())).shape[0]
+        group = min(self.particles_per_pass or 1, particles)
+        rows = _repeated(tasks, group)
+        losses = []
+        for first in range(0, particles, group):
+            def run_at(vals: Params, fn: Callable[..., Any], *args: Any) -> Any:
+                return fn(StackedLoop(loop, group * loop.tasks, loop.functional, row_meta=vals), meta, *args)
+            part = [{k: v[first:first + group].flatten(0, 1) for k, v in window.items()} for window in windows]
+            losses.append(self._particle_loss(rows, part, guard, run_at).reshape(group, loop.tasks))
+        return torch.cat(losses)
+
+
+def _on_rows(per_row: Tensor, like: Tensor) -> Tensor:
+    """[B] values shaped to scale `like`'s rows ([B, *shape]): [B, 1, ..., 1]."""
+    return per_row.reshape(-1, *[1] * (like.dim() - 1))
+
+
+def _repeated(tasks: Task, times: int) -> Task:
+    """A stacked batch of tasks repeated `times` over on its task axis (copy i of task b at row i * B + b); a
+    support batch that several steps share stays one object."""
+    if times == 1:
+        return tasks
+    done: dict[int, Tensor] = {}
+
+    def repeat(value: Tensor) -> Tensor:
+        if id(value) not in done:
+            done[id(value)] = value.repeat(times, *[1] * (value.dim() - 1))
+        return done[id(value)]
+    return tree_map_only(Tensor, repeat, tasks)
