@@ -50,7 +50,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--problems", nargs="+", choices=PROBLEMS, default=["sinusoid", "conv4"])
     parser.add_argument("--population", type=int, default=16)
-    parser.add_argument("--batchings", nargs="+", choices=["stacked", "vmap", "loop"], default=["stacked", "vmap", "loop"])
+    parser.add_argument("--batchings", nargs="+", choices=["stacked", "vmap", "loop"],
+                        default=["stacked", "vmap", "loop"])
     parser.add_argument("--allocator", choices=["keep", "system"], default="keep")
     args = parser.parse_args()
     population = args.population

@@ -11,7 +11,8 @@ a time on the same tasks (`Predictor.seconds`, at up to 16 inner steps), and the
 loop is planned where it is measured `LOOP_FASTER` (1.2) x faster and fits: memory
 decides what may run, measured time which of those runs. The same holds for an estimator's repetitions per
 pass left to the planner (`AbstractEstimator.pass_variants`: forward's tangents, ES's particles): one per pass,
-or all in one where that fits and is measured `LOOP_FASTER` x faster. An explicit `batching`,
+or the most in one pass that fits (all of them, else the largest doubling that fits) where that is measured
+`LOOP_FASTER` x faster. An explicit `batching`,
 a compiled estimator, or a stand-in `meter` without a `timer` plan by memory alone (one per pass).
 
 Chunk sizes start from an interpolation between one task and the whole batch
@@ -280,21 +281,28 @@ def _plan_within(method: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, 
 
 def _fastest_pass(predictor: Predictor, found: Plan, others: list[AbstractEstimator], budget: Budget,
                   fixed_bytes: int) -> Plan:
-    """`found` (one repetition per pass), or the fastest of `others` (more per pass: `pass_variants`) where it fits and
-    is measured `LOOP_FASTER` x faster than `found`, each timed as it would run (its own chunks and batching) on the
-    batch at a few inner steps."""
+    """`found` (one repetition per pass), or the most per pass of `others` (`pass_variants`, fewest first) that fits,
+    where it is measured `LOOP_FASTER` x faster than `found`, both timed as they would run (their own chunks and
+    batching) on the batch at a few inner steps. Only the largest count that fits is timed: more per pass shares
+    the per-op cost among more repetitions, so where all of them do not fit the largest doubling that does is the
+    candidate (before, one per pass ran there)."""
     n = len(predictor.tasks)
-    plans = [found] + [p for p in (_fit(predictor, o, budget, "auto", fixed_bytes) for o in others) if p is not None]
     option = cast(str, found.estimator.per_pass)  # (it has variants)
-    if len(plans) == 1:
+    larger, unfit = None, []
+    for other in reversed(others):
+        larger = _fit(predictor, other, budget, "auto", fixed_bytes)
+        if larger is not None:
+            break
+        unfit.append(getattr(other, option))
+    words = f"; {', '.join(map(str, unfit))} per pass do{'es' if len(unfit) == 1 else ''} not fit" if unfit else ""
+    if larger is None:
         return found._replace(reason=f"{found.reason}; {option}=1: more per pass does not fit")
-    (one, *more), steps = predictor.seconds_of([(p.estimator, p.chunk_size) for p in plans], n)
-    fastest = min(range(len(more)), key=more.__getitem__)
-    chosen = plans[1 + fastest] if more[fastest] * LOOP_FASTER <= one else found
+    (one, more), steps = predictor.seconds_of([(p.estimator, p.chunk_size) for p in (found, larger)], n)
+    chosen = larger if more * LOOP_FASTER <= one else found
     count = getattr(chosen.estimator, option)
-    timed = ", ".join(f"{getattr(p.estimator, option)} per pass {t:.3g} s" for p, t in zip(plans, [one, *more]))
+    timed = f"1 per pass {one:.3g} s, {getattr(larger.estimator, option)} per pass {more:.3g} s"
     return chosen._replace(reason=f"{chosen.reason}; {option}={count} ({timed}, measured on the {n} tasks at {steps} "
-                                  f"inner step{'s' if steps != 1 else ''})")
+                                  f"inner step{'s' if steps != 1 else ''}{words})")
 
 
 def _with_call_seconds(predictor: Predictor, found: Plan) -> Plan:

@@ -15,7 +15,9 @@ tensor code instead:
 - built-in optimizers step all tasks at once (elementwise: `InnerOptimizer.elementwise`), and `mse` and
   `cross_entropy` give each task's loss directly (`metaopt.losses.per_task`); the per-task pieces it does not
   know (another loss, a learned loss, a learned update rule, a data transform) run under vmap, as the
-  per-task function would, paying vmap's fixed cost per call at every step (`stacked_slower`).
+  per-task function would, paying vmap's fixed cost per call at every step (`stacked_slower`);
+- rows may carry their own meta-values (`StackedLoop(row_meta=...)`): evolution strategies perturb the
+  meta-parameters per task and per particle, and run a pass of particles as one unroll of particles x tasks rows.
 
 It computes what vmap computes, up to floating-point rounding (tests/test_stacked.py: float64, every
 stacked estimator and meta-parameter kind, against vmap and task by task). It is also exact where vmap is

@@ -24,7 +24,12 @@ from metaopt.online import OnlineTasks
 from metaopt.tasks import RandomInit, TaskDistribution
 from metaopt.tasks.base import EmptySplit
 from metaopt.types import MetaParams
-from metaopt_hydra.checks import check_device_and_dtype, check_loop_classes, check_task_fits_model
+from metaopt_hydra.checks import (
+    check_data_slot_fits_model,
+    check_device_and_dtype,
+    check_loop_classes,
+    check_task_fits_model,
+)
 
 log = logging.getLogger("metaopt")
 
@@ -74,6 +79,7 @@ def build(cfg: DictConfig, load_tasks: bool = True) -> Parts:
     if tasks is not None:
         check_task_fits_model(cfg, tasks, model)
         check_loop_classes(cfg, {"task": tasks, "eval.task": eval_tasks, "eval.val_task": val_tasks})
+    drawn = tasks  # as drawn, before the wrappers below
     if cfg.get("random_init", False) and tasks is not None:
         # Every task starts from its own fresh initialization of the model (Task.init).
         tasks = RandomInit(tasks, model)
@@ -82,6 +88,8 @@ def build(cfg: DictConfig, load_tasks: bool = True) -> Parts:
     if cfg.get("online_horizon") and tasks is not None:
         tasks = OnlineTasks(tasks, int(cfg.online_horizon))  # training only: evaluation draws whole unrolls
     meta = build_meta(cfg, model)
+    if drawn is not None:
+        check_data_slot_fits_model(cfg, drawn, model, meta)
     loop = instantiate(cfg.loop)(model=model, optimizer=instantiate(cfg.inner_optim), loss_fn=loss_fn)
     if int(cfg.get("ensemble", 1)) > 1:  # members 1.. as built alone (their own seeds); trained or loaded later
         others = [build(member_config(cfg, i), load_tasks=False) for i in range(1, int(cfg.ensemble))]

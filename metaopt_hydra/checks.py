@@ -1,12 +1,18 @@
 """Clear errors before any work: configurations that cannot run, named by the config keys to change."""
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from omegaconf import DictConfig
+from torch import Tensor
+from torch.utils._pytree import tree_map_only
 
+from metaopt.slots import DataSlot
 from metaopt.tasks import TaskDistribution
+from metaopt.types import Batch, MetaParams
 
-__all__ = ["check_device_and_dtype", "check_task_fits_model", "check_loop_classes"]
+__all__ = ["check_device_and_dtype", "check_task_fits_model", "check_data_slot_fits_model", "check_loop_classes"]
 
 
 def check_device_and_dtype(cfg: DictConfig) -> None:
@@ -52,6 +58,33 @@ def check_task_fits_model(cfg: DictConfig, tasks: TaskDistribution, model: torch
             raise ValueError(f"model={_name(cfg.model)} has {width} outputs but task={_name(cfg.task)} labels "
                              f"{classes} training classes (task.global_labels=true, loop=classifier); set "
                              f"model.out_features >= {classes}")
+
+
+def check_data_slot_fits_model(cfg: DictConfig, tasks: TaskDistribution, model: torch.nn.Module,
+                               meta: MetaParams) -> None:
+    """A data slot (a learned augmentation, synthetic data) makes the inputs the inner loop trains on: run it and the
+    model on one sampled support batch; raise ValueError naming `metaparam.data`, `task` and `model` if they cannot
+    (e.g. `metaparam=synthetic`, built for 8x8 digits, on the sinusoid: before, a shape error from the model's
+    first layer inside the planner's first call)."""
+    if "data" not in meta:
+        return
+    task = tasks.sample(1, 1, torch.Generator().manual_seed(0))
+    support = cast(Batch, tree_map_only(Tensor, lambda v: v[0].to(cfg.device), task.support[0]))
+    made = None
+    device = torch.device(cfg.device)
+    try:  # a random augmentation draws from torch's stream: the run's draws stay as they were
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            made = cast(DataSlot, meta["data"]).transform(support)
+            model(made.x)
+    except (RuntimeError, ValueError) as error:
+        shapes = f"the task's support inputs have shape {tuple(support.x.shape[1:])}"
+        if made is not None:
+            shapes += f", the slot's {tuple(made.x.shape[1:])}"
+        raise ValueError(
+            f"metaparam.data={_name(cfg.metaparam.data)} cannot serve task={_name(cfg.task)} with "
+            f"model={_name(cfg.model)}: {shapes} ({str(error).splitlines()[0]}). Make the slot's examples the "
+            "task's (e.g. metaparam.data.shape), or choose the task it is built for (metaparam=synthetic: "
+            "experiment=distill_digits; metaparam=augmentation: an image task)") from None
 
 
 def check_loop_classes(cfg: DictConfig, named_tasks: dict[str, TaskDistribution | None]) -> None:

@@ -30,12 +30,12 @@ def timer_where(faster: float):
     return timer
 
 
-def test_left_to_the_planner_the_counts_are_one_and_all():
+def test_left_to_the_planner_the_counts_are_one_doublings_and_all():
     loop, meta, _ = _problem()  # 6-6 MLP init: 61 scalars
     n = sum(p.numel() for p in meta.parameters())
-    assert [e.particles_per_pass for e in E.EvolutionStrategies(population=8).pass_variants(loop, meta)] == [1, 8]
-    assert [e.particles_per_pass for e in E.PersistentES(population=4, k=2).pass_variants(loop, meta)] == [1, 4]
-    assert [e.tangents_per_pass for e in E.ForwardMode().pass_variants(loop, meta)] == [1, n]
+    assert [e.particles_per_pass for e in E.EvolutionStrategies(population=8).pass_variants(loop, meta)] == [1, 2, 4, 8]
+    assert [e.particles_per_pass for e in E.PersistentES(population=6, k=2).pass_variants(loop, meta)] == [1, 2, 4, 6]
+    assert [e.tangents_per_pass for e in E.ForwardMode().pass_variants(loop, meta)] == [1, 2, 4, 8, 16, 32, n]
     variant = E.PersistentES(population=4, sigma=0.1, k=2, seed=3).pass_variants(loop, meta)[1]
     assert (variant.population, variant.sigma, variant.k, variant.seed) == (4, 0.1, 2, 3)  # the rest kept
     for chosen in (E.EvolutionStrategies(particles_per_pass=2), E.ForwardMode(tangents_per_pass=1),
@@ -56,13 +56,28 @@ def test_more_per_pass_runs_only_where_it_fits_and_only_when_timed():
     loop, meta, tasks = _problem()
     tight = plan(E.EvolutionStrategies(population=8), loop, meta, tasks, mo.Budget(memory=4000), meter=meter,
                  timer=timer_where(10.0))  # 8 per pass: 8000 bytes > 3600
-    assert tight.estimator.particles_per_pass == 1 and "more per pass does not fit" in tight.reason
+    assert tight.estimator.particles_per_pass == 2 and "8, 4 per pass do not fit" in tight.reason
+    none_fits = plan(E.EvolutionStrategies(population=8), loop, meta, tasks, mo.Budget(memory=2000), meter=meter,
+                     timer=timer_where(10.0))  # 2 per pass: 2000 bytes > 1800
+    assert none_fits.estimator.particles_per_pass == 1 and "more per pass does not fit" in none_fits.reason
     for batching in ("vmap", "loop"):  # an explicit batching: nothing is timed, the least memory runs
         found = plan(E.EvolutionStrategies(population=8), loop, meta, tasks, mo.Budget(memory=10**6), meter=meter,
                      timer=timer_where(10.0), batching=batching)
         assert found.estimator.particles_per_pass == 1
     forward = plan(E.ForwardMode(), loop, meta, tasks, mo.Budget(memory=10**8), meter=meter, timer=timer_where(3.0))
     assert forward.estimator.tangents_per_pass == sum(p.numel() for p in meta.parameters())
+
+
+@pytest.mark.parametrize("faster, expected", [(1.5, 8), (1.1, 1)])
+def test_where_all_do_not_fit_the_largest_doubling_that_fits_is_timed_against_one(faster, expected):
+    """Population 16 under a budget for 8 per pass (9000 of 10000 bytes at 1000 per particle): 8 per pass is timed
+    against one and runs where it is faster by the margin (before, one per pass ran whenever all did not fit)."""
+    loop, meta, tasks = _problem()
+    found = plan(E.EvolutionStrategies(population=16), loop, meta, tasks, mo.Budget(memory=10000), meter=meter,
+                 timer=timer_where(faster))
+    assert found.estimator.particles_per_pass == expected
+    assert f"(1 per pass 1 s, 8 per pass {1 / faster:.3g} s" in found.reason
+    assert "16 per pass does not fit" in found.reason
 
 
 def test_none_runs_one_per_pass_when_called_directly():

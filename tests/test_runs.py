@@ -100,6 +100,8 @@ def test_changed_keys_ignore_what_may_change_on_resume():
     ("budget.memory=abc", "cannot parse 'abc'"),
     ("dtype=float16", "dtype=float16 on device=cpu"),
     ("model=conv4", "model=Conv4 cannot take the inputs of task=Sinusoid"),
+    ("metaparam=synthetic", "metaparam.data=SyntheticData cannot serve task=Sinusoid with model=MLP: the task's "
+                            "support inputs have shape (1,), the slot's (64,)"),
     ("eval.n_tasks=-1", "eval.n_tasks must be >= 0"),
 ])
 def test_contract_failures_before_work_leave_a_record(tmp_path, override, message):

@@ -189,10 +189,21 @@ class AbstractEstimator(abc.ABC):
         """The repetitions per pass the planner may choose from, fewest (least memory) first; none by default."""
         return []
 
+    @staticmethod
+    def doubling(first: int, last: int) -> list[int]:
+        """1, then `first`, 2 x `first`, 4 x `first`, ... below `last`, then `last`: the repetitions per pass a planner
+        tries (one, all of them, and where all do not fit, the largest of the doublings that does)."""
+        counts, count = [1], first
+        while count < last:
+            counts.append(count)
+            count *= 2
+        return sorted(set(counts + [last]))
+
     def pass_variants(self, loop: InnerLoop, meta: MetaParams) -> list["AbstractEstimator"]:
         """Where the repetitions per pass are left to the planner (`per_pass` argument None): one configuration per
-        count of `per_pass_counts`, fewest first, which compute the same estimate (to rounding). The planner runs
-        the fastest that fits under `batching="auto"` (timed), else the first. [] where there is nothing to choose
+        count of `per_pass_counts`, fewest first, which compute the same estimate (to rounding). Under
+        `batching="auto"` the planner times the first against the last that fits and runs the faster by a margin;
+        else the first. [] where there is nothing to choose
         (an estimator without repetitions, or a count the user set). Called directly, None runs one per pass."""
         if self.per_pass is None or getattr(self, self.per_pass) is not None:
             return []
@@ -223,7 +234,7 @@ class AbstractEstimator(abc.ABC):
     stacks: ClassVar[bool] = False
     """Whether `task_objective` may run on a `metaopt.stacked.StackedLoop` (all of a chunk's tasks at once on
     their task axis): estimators built on the loop's `init`, `unroll` and `outer_loss`, whose surrogate and outer
-    loss then come out per task, [B] (all but es, pes, online_pes and random forward;
+    loss then come out per task, [B] (all but online_pes and random forward;
     tests/test_stacked.py: equal to vmap across the kinds)."""
 
     def stacked_blocker(self, loop: InnerLoop, meta: MetaParams) -> str | None:

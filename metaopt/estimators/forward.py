@@ -101,9 +101,9 @@ class ForwardMode(AbstractEstimator):
         return [cls()]  # exact mode; refused above max_scalars
 
     def per_pass_counts(self, loop: InnerLoop, meta: MetaParams) -> list[int]:
-        """Exact mode: one tangent per pass, or every scalar's in one."""
+        """Exact mode: one tangent per pass, doubling (2, 4, 8, ...), or every scalar's in one."""
         n = sum(v.numel() for v in meta_values(meta).values())
-        return sorted({1, n}) if self.mode == "exact" else []
+        return self.doubling(2, n) if self.mode == "exact" else []
 
     def check(self, loop: InnerLoop, meta: MetaParams) -> None:
         super().check(loop, meta)

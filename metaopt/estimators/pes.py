@@ -66,6 +66,12 @@ class PersistentES(AbstractEstimator):
     tasks, 6x task by task); on conv4 it gains 1.03-1.2x at 16x the tensor memory with `allocator=keep`, and is
     up to 2.4x slower with glibc's default allocator (its large buffers page-faulted in at every call).
 
+    Stacked (`batching="stacked"`, what `auto` runs where stacking is not slower: `metaopt.stacked`), a chunk's
+    tasks run on their task axis, each row at its own perturbed meta-values (`StackedLoop(row_meta=...)`), and a
+    pass of several particles is one unroll of particles x tasks rows (the tasks' data repeated per particle). The
+    noise is one draw of [B, *shape] per draw of the per-task code, which is what vmap over B tasks draws, so the
+    stacked estimate equals the vmapped one to rounding (tests/test_stacked.py, float64).
+
     Args:
       population: particles per task (even: population/2 antithetic pairs).
       sigma: perturbation scale.
@@ -93,8 +99,8 @@ class PersistentES(AbstractEstimator):
         self.particles_per_pass = particles_per_pass
 
     def per_pass_counts(self, loop: InnerLoop, meta: MetaParams) -> list[int]:
-        """One particle per unroll, or the whole population in one."""
-        return [1, self.population]
+        """One particle per unroll, whole pairs doubling (2, 4, 8, ...), or the whole population in one."""
+        return self.doubling(2, self.population)
 
     def _window(self, task: Task) -> int:
         return self.k if self.k is not None else max(1, task.inner_steps)
@@ -135,10 +141,10 @@ class PersistentES(AbstractEstimator):
 
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
                        guard: StepGuard | None) -> TaskObjective:
-        stacked = isinstance(loop, StackedLoop)
+        stacked = loop if isinstance(loop, StackedLoop) else None
         values = meta_values(meta)
-        if stacked:  # each task its own noise: [B, *shape] per draw, as vmap draws it
-            values = {k: v.expand(loop.tasks, *v.shape) for k, v in values.items()}
+        if stacked is not None:  # each task its own noise: [B, *shape] per draw, as vmap draws it
+            values = {k: v.expand(stacked.tasks, *v.shape) for k, v in values.items()}
         n_windows = max(1, -(-task.inner_steps // self._window(task)))
         pairs = self.population // 2
         per_pass = self.particles_per_pass or 1
@@ -147,8 +153,8 @@ class PersistentES(AbstractEstimator):
             grads = {k: torch.zeros_like(v) for k, v in values.items()}
             for start in range(0, pairs, pairs_per_pass):
                 windows, xis = self._perturbations(values, n_windows, min(pairs_per_pass, pairs - start))
-                if isinstance(loop, StackedLoop):  # (not `stacked`: mypy narrows by isinstance)
-                    losses = self._rows_losses(loop, meta, task, windows, guard)
+                if stacked is not None:
+                    losses = self._rows_losses(stacked, meta, task, windows, guard)
                 else:
                     def run_at(vals: Params, fn: Callable[..., Any], *args: Any) -> Any:
                         return call_with_meta(meta, vals, lambda m, *a: fn(loop, m, *a), *args)
@@ -156,9 +162,10 @@ class PersistentES(AbstractEstimator):
                                               windows, vectorized=per_pass > 1)
                 for i, xi in enumerate(xis):
                     scale = (losses[2 * i] - losses[2 * i + 1]) / (2 * self.sigma * pairs)  # [] ([B] stacked)
-                    grads = {k: grads[k] + (_on_rows(scale, xi[k]) if stacked else scale) * xi[k] for k in grads}
+                    grads = {k: grads[k] + (scale if stacked is None else _on_rows(scale, xi[k])) * xi[k]
+                             for k in grads}
             loss = task_outer_loss(loop, meta, task, create_graph=False, on_step=guard)
-        if stacked:  # the tasks' estimates summed, each task 1/B of the surrogate (their mean: the mean gradient)
+        if stacked is not None:  # the tasks' estimates summed, each task 1/B of the surrogate (the mean gradient)
             return TaskObjective(task_surrogates(meta, {k: g.sum(0) for k, g in grads.items()}, loss), loss)
         return TaskObjective(linear_surrogate(meta, grads), loss)
 
