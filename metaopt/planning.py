@@ -13,7 +13,8 @@ decides what may run, measured time which of those runs. The same holds for an e
 pass left to the planner (`AbstractEstimator.pass_variants`: forward's tangents, ES's particles): one per pass,
 or the most in one pass that fits (all of them, else the largest doubling that fits) where that is measured
 `LOOP_FASTER` x faster. An explicit `batching`,
-a compiled estimator, or a stand-in `meter` without a `timer` plan by memory alone (one per pass).
+a compiled estimator, or a stand-in `meter` without a `timer` plan by memory alone (one per pass); under a time
+budget a compiled estimator's chunk is timed compiled (`Predictor.compiled_seconds`).
 
 Chunk sizes start from an interpolation between one task and the whole batch
 under vmap (a vmapped graph has as many autograd nodes as one task's, so a chunk
@@ -69,12 +70,13 @@ class Plan(NamedTuple):
       task_peak_bytes: predicted peak of one task alone.
       reason: why this plan, in words.
       predicted_chunk_seconds: predicted wall-clock seconds of one chunk (of one task with "loop"), what a
-        time budget bounds; None where the budget sets no time (nothing is timed for it) or the estimator is
-        compiled (its eager timing would overstate it).
+        time budget bounds (a compiled estimator's: measured compiled at T); None where the budget sets no time
+        (nothing is timed for it).
       predicted_call_seconds: approximate wall-clock seconds of the whole call (every chunk) at T, from the calls
         that measured its memory, timed once each (`Predictor.probed_seconds`): free, rougher than
         `predicted_chunk_seconds`, for comparing configurations (the explorer calibrates it by the trials it ran).
-        None where nothing was timed (a stand-in meter) or the estimator is compiled.
+        None where nothing was timed (a stand-in meter); for a compiled estimator, its chunks' seconds measured
+        compiled under a time budget, else None (its memory probes run eager).
     """
 
     estimator: AbstractEstimator
@@ -306,9 +308,13 @@ def _fastest_pass(predictor: Predictor, found: Plan, others: list[AbstractEstima
 
 
 def _with_call_seconds(predictor: Predictor, found: Plan) -> Plan:
-    """`found` with its call's seconds as its memory probes timed them (not for a compiled estimator)."""
+    """`found` with its call's seconds as its memory probes timed them; for a compiled estimator, its chunks' timed
+    seconds (under a time budget: `_fit_time`), else none (its memory probes ran eager)."""
     if getattr(found.estimator, "chunk_gradient", None) is not None:
-        return found
+        if found.predicted_chunk_seconds is None:
+            return found
+        chunks = -(-len(predictor.tasks) // found.chunk_size)
+        return found._replace(predicted_call_seconds=found.predicted_chunk_seconds * chunks)
     seconds = predictor.probed_seconds(found.estimator, len(predictor.tasks), found.chunk_size)
     return found._replace(predicted_call_seconds=seconds)
 
@@ -316,27 +322,33 @@ def _with_call_seconds(predictor: Predictor, found: Plan) -> Plan:
 def _fit_time(predictor: Predictor, found: Plan, budget: Budget, fixed_bytes: int) -> tuple[Plan, str | None]:
     """`found` with its chunk's predicted seconds, its chunks made smaller where one would run past the time budget
     (a chunk shares one clock) less its headroom, and None; or, where even one task alone is predicted past it, the
-    plan and why (the guard would truncate or skip every chunk, or raise). Unchanged where the budget sets no time,
-    nothing can be timed (a stand-in meter), or the estimator is compiled (timed eagerly, it would be overstated)."""
-    compiled = getattr(found.estimator, "chunk_gradient", None) is not None
-    if budget.time is not None and compiled:
-        return found._replace(reason=f"{found.reason}; its seconds are not predicted (compiled: timed eagerly, they "
-                                     "would be overstated; the guard watches the time budget)"), None
+    plan and why (the guard would truncate or skip every chunk, or raise). Unchanged where the budget sets no time or
+    nothing can be timed (a stand-in meter). A compiled estimator's chunk is timed compiled at T
+    (`Predictor.compiled_seconds`: compiled once, as training's first step would, and kept), not predicted from
+    eager timings, which would overstate it; where it falls back to eager, as eager."""
     if budget.time is None or not predictor.can_time:
         return found, None
     estimator, chunk, n = found.estimator, found.chunk_size, len(predictor.tasks)
+    compiled = getattr(estimator, "chunk_gradient", None) is not None
     limit = (1 - budget.headroom) * budget.time
     words = f"{limit:.3g} s = {1 - budget.headroom:.0%} of the time budget {budget.time:.3g} s"
-    seconds = first = predictor.predict_seconds(estimator, chunk)
+
+    def seconds_of(chunk: int) -> tuple[float, str]:
+        measured = predictor.compiled_seconds(estimator, chunk) if compiled else None
+        if measured is not None:
+            return measured, "measured compiled at T"
+        return predictor.predict_seconds(estimator, chunk), "predicted"
+    seconds, how = seconds_of(chunk)
+    first = seconds
     while seconds > limit and chunk > 1:
         chunk = max(1, min(chunk - 1, int(chunk * limit / seconds)))
-        seconds = predictor.predict_seconds(estimator, chunk)
+        seconds, how = seconds_of(chunk)
     unit = "one task" if chunk == 1 else f"a chunk of {chunk} tasks"
-    timed = f"{unit} predicted {seconds:.3g} s {'>' if seconds > limit else '<='} {words}"
+    timed = f"{unit} {how} {seconds:.3g} s {'>' if seconds > limit else '<='} {words}"
     if chunk != found.chunk_size:
-        batching = found.batching if chunk > 1 else "loop"
+        batching = found.batching if chunk > 1 or compiled else "loop"
         predicted = predictor.predict(estimator, n, chunk) + fixed_bytes
-        reason = (f"{found.reason}; but chunks of {found.chunk_size} tasks predicted {first:.3g} s each: {batching} "
+        reason = (f"{found.reason}; but chunks of {found.chunk_size} tasks {how} {first:.3g} s each: {batching} "
                   f"chunks of {chunk}, predicted {format_bytes(predicted)}")
         found = found._replace(batching=batching, chunk_size=chunk, reason=reason, predicted_peak_bytes=predicted)
     found = found._replace(predicted_chunk_seconds=seconds, reason=f"{found.reason}; {timed}")

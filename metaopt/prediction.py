@@ -198,6 +198,34 @@ class Predictor:
             self._seconds[key] = target.predict_seconds(time_at, self.steps)
         return self._seconds[key]
 
+    def compiled_seconds(self, target: AbstractEstimator, chunk: int = 1) -> float | None:
+        """Wall-clock seconds of one chunk of `chunk` tasks at the tasks' own T through a compiled estimator
+        (`metaopt.compiled.Compiled`): the median of three calls after a first one, which traces, compiles and checks
+        the chunk's shape. That first call is the compilation training's first step would pay: the wrapper keeps the
+        compiled function for the same shapes. Compiled code is specialized to T, so nothing is extrapolated (probes
+        at other T would each compile). None where the chunk cannot compile (task by task) or the wrapper fell back
+        to eager (its `fallback_reason` says why); cached per configuration."""
+        key = (describe(target), chunk)
+        if key not in self._seconds:
+            mode, batch = resolve_for(target, self.loop, self.meta, self.tasks[:max(1, chunk)], self.batched)
+            if mode == "loop":
+                return None
+            if self.timer is not None:
+                self._seconds[key] = self.timer(target, batch, mode)
+                return self._seconds[key]
+            target(self.loop, self.meta, batch, batching=mode, chunk_size=chunk)  # traces, compiles, checks
+            if not getattr(target, "compiled", False):
+                return None
+            calls = []
+            for _ in range(3):
+                self._synchronize()
+                start = time.perf_counter()
+                target(self.loop, self.meta, batch, batching=mode, chunk_size=chunk)
+                self._synchronize()
+                calls.append(time.perf_counter() - start)
+            self._seconds[key] = statistics.median(calls)
+        return self._seconds[key]
+
     def _warm_up(self, estimator: AbstractEstimator, n_tasks: int, chunk: int) -> None:
         """Run a configuration once at 2 inner steps, the first time only: first calls pay one-off costs (kernels,
         vmap and forward-AD setup) that neither a measurement nor a timing should see."""

@@ -18,6 +18,7 @@ from metaopt.compiled import Compiled
 from metaopt.estimators.base import linear_seconds
 from metaopt.planning import choose, plan
 from metaopt.prediction import Predictor
+from problems import tiny_tasks
 from test_budget_enforcement import _problem, synthetic_meter
 
 PER_STEP = {E.Full: 1.0, E.Checkpoint: 2.0, E.FirstOrder: 0.25, E.Truncated: 0.5, E.ForwardMode: 10.0,
@@ -126,12 +127,45 @@ def test_meta_train_records_the_predicted_chunk_seconds_and_refuses_before_any_s
         mo.meta_train(loop, meta, E.Full(), mo.Sinusoid(k_shot=5), budget=mo.Budget(time=10), **common)
 
 
-def test_a_compiled_estimator_is_not_timed_and_its_plan_says_so():
-    loop, meta, tasks = _problem(steps=100)
+def compiled_timer(calls: list):
+    """Seconds of a compiled chunk: 0.01 s per inner step per task (a chunk shares nothing), calls recorded."""
+    def timer(estimator, tasks, batching) -> float:
+        n, steps = tasks.query.x.shape[0], tasks.inner_steps
+        calls.append((type(estimator).__name__, steps, n, batching))
+        return 0.01 * steps * n
+    return timer
+
+
+def test_a_compiled_estimator_is_timed_compiled_at_t_and_its_chunks_shrink_to_the_budget():
+    """Compiled code is specialized to T: its chunk is timed at T itself (no probes at other T, each of which would
+    compile), in the batching it compiles (vmapped, one task too), and shrunk or refused like an eager one."""
+    loop, meta, tasks = _problem(steps=100)  # 4 tasks: a chunk of 4 takes 4 s, of 2 2 s, one task 1 s
     calls: list = []
-    found = plan(Compiled(E.Full()), loop, meta, tasks, mo.Budget(time=1), meter=synthetic_meter,
-                 timer=synthetic_timer(calls))
-    assert found.predicted_chunk_seconds is None and calls == [] and "its seconds are not predicted" in found.reason
+    found = plan(Compiled(E.Full()), loop, meta, tasks, mo.Budget(time=2.5), meter=synthetic_meter,
+                 timer=compiled_timer(calls))
+    assert (found.batching, found.chunk_size) == ("vmap", 2) and found.predicted_chunk_seconds == pytest.approx(2.0)
+    assert calls == [("Compiled", 100, 4, "vmap"), ("Compiled", 100, 2, "vmap")]
+    assert "a chunk of 2 tasks measured compiled at T 2 s <= 2.25 s" in found.reason
+    assert found.predicted_call_seconds == pytest.approx(4.0)  # two chunks
+    alone = plan(Compiled(E.Full()), loop, meta, tasks, mo.Budget(time=1.5), meter=synthetic_meter,
+                 timer=compiled_timer(calls))
+    assert (alone.batching, alone.chunk_size) == ("vmap", 1)  # one task at a time: a vmap of one task, compiled
+    with pytest.raises(mo.TimeBudgetExceeded, match=r"one task measured compiled at T 1 s > 0.9 s"):
+        plan(Compiled(E.Full()), loop, meta, tasks, mo.Budget(time=1), meter=synthetic_meter,
+             timer=compiled_timer(calls))
+
+
+def test_a_compiled_chunk_timed_by_the_planner_is_the_one_training_runs():
+    """Real calls (a backend without code generation: fast to trace): the planner's timing compiles the chunk's
+    shape once, and the training-shaped call after it traces nothing more (the compilation is not paid twice)."""
+    loop, meta, tasks = _problem(steps=3)
+    compiled = Compiled(E.Full(), backend="aot_eager")
+    found = plan(compiled, loop, meta, tasks, mo.Budget(time=60))
+    assert found.predicted_chunk_seconds is not None and 0 < found.predicted_chunk_seconds < 54
+    assert "measured compiled at T" in found.reason and compiled.compiled and compiled.first_calls == 1
+    again = tiny_tasks(4, 3, seed=1)  # another draw of the same shapes
+    result = compiled(loop, meta, again, mo.Budget(time=60), batching=found.batching, chunk_size=found.chunk_size)
+    assert compiled.first_calls == 1 and result.stats["batching"] == found.batching
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
