@@ -68,7 +68,8 @@ class ForwardMode(AbstractEstimator):
       max_scalars: the largest meta-parameter count that exact mode accepts.
       seed: the random tangents' stream (mode="random"; `noise_like`).
       tangents_per_pass: one-hot tangents per forward pass (mode="exact"; 1: one at a time). None: the planner's
-        choice, one or all of them, timed under `batching="auto"` (`pass_variants`); one where nothing plans it.
+        choice, one or the most per pass that fits (all, else a doubling), timed under `batching="auto"`
+        (`pass_variants`); one where nothing plans it.
     """
 
     exact = True

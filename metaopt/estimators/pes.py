@@ -80,8 +80,8 @@ class PersistentES(AbstractEstimator):
       persistent: accumulate perturbations across windows (PES) or not (truncated ES).
       seed: the perturbations' random stream (`noise_like`).
       particles_per_pass: particles per unroll: 1 (one after another) or an even number (whole pairs, vmapped).
-        None: the planner's choice, one or the whole population, timed under `batching="auto"` (`pass_variants`);
-        one where nothing plans it.
+        None: the planner's choice, one or the most per pass that fits (all, else a doubling), timed under
+        `batching="auto"` (`pass_variants`); one where nothing plans it.
     """
 
     exact = False
