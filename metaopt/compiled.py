@@ -68,10 +68,14 @@ def _objective_of(estimator: Differentiator, loop: InnerLoop,
 
 
 def _signature(tasks: Task, pattern: tuple[int, ...]) -> tuple:
-    """What a new compilation depends on, cheaply (per call): the shapes, dtype and device of the inputs
-    and the support pattern (the meta-parameters' shapes are fixed for a wrapper's (loop, meta))."""
-    x = tasks.query.x
-    return (tuple(x.shape), x.dtype, x.device.type, tuple(tuple(b.x.shape) for b in tasks.support),
+    """What a new compilation depends on, cheaply (per call): the shapes and strides of the inputs (Dynamo
+    specializes on both: a query sliced from a larger sample and the same query made contiguous compile
+    separately), their dtype and device, and the support pattern (the meta-parameters' shapes are fixed for a
+    wrapper's (loop, meta)). A recompilation this missed would not be checked against eager, and the budget
+    guard would count its compile time as the step's."""
+    x, y = tasks.query
+    return (x.shape, x.stride(), y.shape, y.stride(), x.dtype, x.device.type,
+            tuple((b.x.shape, b.x.stride(), b.y.shape, b.y.stride()) for b in tasks.support),
             tasks.init is not None, pattern)
 
 

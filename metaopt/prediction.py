@@ -25,8 +25,10 @@ import time
 from typing import Callable, Literal, Sequence
 
 import torch
+from torch import Tensor
+from torch.utils._pytree import tree_map_only
 
-from metaopt.batching import Batching, unstack_tasks
+from metaopt.batching import Batching, compress_support, expand_support, unstack_tasks
 from metaopt.estimators.base import AbstractEstimator, linear_seconds
 from metaopt.loop import InnerLoop
 from metaopt.memory import Method, measure_peak_memory
@@ -91,6 +93,7 @@ class Predictor:
         self.timer = timer
         self.limit = limit
         self.tasks = unstack_tasks(tasks) if isinstance(tasks, Task) else list(tasks)
+        self.stacked_tasks = tasks if isinstance(tasks, Task) else None  # as drawn: its layout (strides) kept
         self.steps = self.tasks[0].inner_steps
         self._cache: dict[tuple[str, int, int, int], int] = {}
         self._call_seconds: dict[tuple[str, int, int, int], float] = {}  # the measured calls, timed
@@ -207,7 +210,11 @@ class Predictor:
         to eager (its `fallback_reason` says why); cached per configuration."""
         key = (describe(target), chunk)
         if key not in self._seconds:
-            mode, batch = resolve_for(target, self.loop, self.meta, self.tasks[:max(1, chunk)], self.batched)
+            part: Task | list[Task] = self.tasks[:max(1, chunk)]
+            if self.stacked_tasks is not None:  # sliced as the runner slices a chunk: the strides training's calls have
+                compressed, pattern = compress_support(self.stacked_tasks)
+                part = expand_support(tree_map_only(Tensor, lambda v: v[:max(1, chunk)], compressed), pattern)
+            mode, batch = resolve_for(target, self.loop, self.meta, part, self.batched)
             if mode == "loop":
                 return None
             if self.timer is not None:

@@ -221,7 +221,7 @@ def test_forward_tangents_per_pass_equal_one_at_a_time_in_every_batching(kind, b
         torch.testing.assert_close(passes.grads[k], g, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("batching", ["vmap", "loop"])
+@pytest.mark.parametrize("batching", ["stacked", "vmap", "loop"])
 @pytest.mark.parametrize("kind", ["init", "lrs_tensor", "learned_loss"])
 @pytest.mark.parametrize("k", [None, 1])
 def test_es_particles_per_pass_equal_one_at_a_time_in_every_batching(kind, batching, k):

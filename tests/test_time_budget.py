@@ -12,8 +12,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from torch.utils._pytree import tree_map_only
+
 import metaopt as mo
 from metaopt import estimators as E
+from metaopt.batching import compress_support, expand_support
 from metaopt.compiled import Compiled
 from metaopt.estimators.base import linear_seconds
 from metaopt.planning import choose, plan
@@ -156,16 +159,23 @@ def test_a_compiled_estimator_is_timed_compiled_at_t_and_its_chunks_shrink_to_th
 
 
 def test_a_compiled_chunk_timed_by_the_planner_is_the_one_training_runs():
-    """Real calls (a backend without code generation: fast to trace): the planner's timing compiles the chunk's
-    shape once, and the training-shaped call after it traces nothing more (the compilation is not paid twice)."""
+    """Real calls (a backend without code generation: fast to trace): the planner's timing compiles the chunk once,
+    in the layout training's draws have (a query sliced from a larger sample: Dynamo specializes on strides), and
+    the training call after it traces nothing more (the compilation is not paid twice; first timed on the tasks
+    restacked contiguous, training recompiled at its first step and the guard read the compile as the step's)."""
     loop, meta, tasks = _problem(steps=3)
     compiled = Compiled(E.Full(), backend="aot_eager")
     found = plan(compiled, loop, meta, tasks, mo.Budget(time=60))
     assert found.predicted_chunk_seconds is not None and 0 < found.predicted_chunk_seconds < 54
     assert "measured compiled at T" in found.reason and compiled.compiled and compiled.first_calls == 1
-    again = tiny_tasks(4, 3, seed=1)  # another draw of the same shapes
+    again = tiny_tasks(4, 3, seed=1)  # another draw of the same shapes and layout
+    assert not again.query.x.is_contiguous()  # support and query are slices of one sample
     result = compiled(loop, meta, again, mo.Budget(time=60), batching=found.batching, chunk_size=found.chunk_size)
     assert compiled.first_calls == 1 and result.stats["batching"] == found.batching
+    compressed, pattern = compress_support(again)  # the same tasks laid out contiguously: a new compilation, counted
+    contiguous = expand_support(tree_map_only(torch.Tensor, torch.Tensor.contiguous, compressed), pattern)
+    compiled(loop, meta, contiguous, batching=found.batching, chunk_size=found.chunk_size)
+    assert compiled.first_calls == 2
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
