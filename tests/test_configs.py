@@ -44,7 +44,10 @@ def test_every_option_composes_and_builds(override):
                                  "model.channels=8", "inner_steps=0"],
              "experiment=omniglot_pretrain": ["inner_steps=0"],  # debug=tiny's 2 inner steps: refused (a test)
              "task=patterns": image_model, "task=omniglot": image_model,
-             "task=digits": ["model.in_features=64", "model.out_features=10"]}.get(override, [])
+             "task=digits": ["model.in_features=64", "model.out_features=10"],
+             # a data slot makes the inner loop's inputs: built for images (build runs it on one support batch)
+             "metaparam=augmentation": ["task=patterns", *image_model[1:], "model=conv4"],
+             "metaparam=synthetic": ["task=digits", "model.in_features=64", "model.out_features=10"]}.get(override, [])
     cfg = _compose([override, "debug=tiny", *extra])  # ProtoNets needs a classification task
     if cfg.model._target_.endswith("Conv4") and cfg.task._target_.endswith("Sinusoid"):
         pytest.skip("conv4 needs an image task")
