@@ -157,18 +157,23 @@ def test_bench_stacking_runs_small_and_every_batching_computes_the_same_gradient
 
 
 def test_bench_es_runs_small_and_particles_in_one_pass_give_the_same_estimate():
-    """bench_es.py on the sinusoid, population 4: the one-pass estimates agree with one unroll after another (the
-    same noise), and the last line has its documented form (no assertion on the timings)."""
+    """bench_es.py on the sinusoid, population 4, stacked and vmapped: the one-pass estimates agree with one unroll
+    after another (the same noise), stacked with vmapped, and the last two lines have their documented form (no
+    assertion on the timings)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_es.py"), "--problems", "sinusoid",
-                             "--repeats", "1", "--population", "4", "--batchings", "vmap"], capture_output=True,
-                            text=True, env=env, cwd=ROOT, timeout=300)
+                             "--repeats", "1", "--population", "4", "--batchings", "stacked", "vmap"],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
-    assert re.fullmatch(r"speedup_particles_in_one_pass sinusoid/es/vmap:\d+\.\d\d sinusoid/pes/vmap:\d+\.\d\d",
-                        lines[-1])
+    x = r"\d+\.\d\d"
+    assert re.fullmatch(rf"speedup_particles_in_one_pass sinusoid/es/stacked:{x} sinusoid/es/vmap:{x} "
+                        rf"sinusoid/pes/stacked:{x} sinusoid/pes/vmap:{x}", lines[-1])
+    stacked = re.fullmatch(rf"speedup_stacked_vs_vmap sinusoid/es/1:{x} sinusoid/es/4:{x} sinusoid/pes/1:{x} "
+                           rf"sinusoid/pes/4:{x} \(largest difference (\S+)\)", lines[-2])
+    assert stacked and float(stacked.group(1)) < 1e-4, lines[-2]
     rows = [row.split("|") for row in lines if row.startswith("| ") and "x |" in row]
-    assert len(rows) == 2 and max(float(row[6]) for row in rows) < 1e-4
+    assert len(rows) == 4 and max(float(row[6]) for row in rows) < 1e-4
 
 
 def test_bench_es_times_online_pes_on_the_learned_optimizer_experiment():
