@@ -100,6 +100,7 @@ class Predictor:
         self._probes: dict[tuple[str, int, int], dict[int, tuple[str, int, int, int]]] = {}  # steps -> measured call
         self._warm: set[tuple[str, int, int]] = set()
         self._seconds: dict[tuple[str, int], float] = {}
+        self._compiled_seconds: dict[tuple[str, int], float] = {}  # measured at T, apart from extrapolations
 
     def _batch(self, estimator: AbstractEstimator, steps: int, n_tasks: int,
                chunk: int) -> tuple[Task | list[Task], Literal["stacked", "vmap", "loop"]]:
@@ -209,7 +210,7 @@ class Predictor:
         at other T would each compile). None where the chunk cannot compile (task by task) or the wrapper fell back
         to eager (its `fallback_reason` says why); cached per configuration."""
         key = (describe(target), chunk)
-        if key not in self._seconds:
+        if key not in self._compiled_seconds:
             part: Task | list[Task] = self.tasks[:max(1, chunk)]
             if self.stacked_tasks is not None:  # sliced as the runner slices a chunk: the strides training's calls have
                 compressed, pattern = compress_support(self.stacked_tasks)
@@ -218,8 +219,8 @@ class Predictor:
             if mode == "loop":
                 return None
             if self.timer is not None:
-                self._seconds[key] = self.timer(target, batch, mode)
-                return self._seconds[key]
+                self._compiled_seconds[key] = self.timer(target, batch, mode)
+                return self._compiled_seconds[key]
             target(self.loop, self.meta, batch, batching=mode, chunk_size=chunk)  # traces, compiles, checks
             if not getattr(target, "compiled", False):
                 return None
@@ -230,8 +231,8 @@ class Predictor:
                 target(self.loop, self.meta, batch, batching=mode, chunk_size=chunk)
                 self._synchronize()
                 calls.append(time.perf_counter() - start)
-            self._seconds[key] = statistics.median(calls)
-        return self._seconds[key]
+            self._compiled_seconds[key] = statistics.median(calls)
+        return self._compiled_seconds[key]
 
     def _warm_up(self, estimator: AbstractEstimator, n_tasks: int, chunk: int) -> None:
         """Run a configuration once at 2 inner steps, the first time only: first calls pay one-off costs (kernels,
