@@ -38,6 +38,21 @@ def test_full_meta_gradient_equals_finite_differences_and_vmap_equals_loop(gener
         torch.testing.assert_close(looped.grads[k], g, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_checkpoint_equals_full_on_a_protonet_whose_state_holds_a_bool_mask(batching):
+    """A ProtoNet's inner state holds which classes are present (bool): checkpoint's pullbacks differentiate the
+    state's floating-point tensors only (before, `torch.func.vjp` refused the mask: "only Tensors of floating point
+    dtype can require gradients", e.g. `experiment=omniglot_protonet estimator=auto budget.memory=200MB`)."""
+    _, loop, meta, tasks = _setup()
+    tasks = tasks._replace(support=tasks.support * 3)  # T=3: segments of one step, states carried between them
+    reference = mo.Full()(loop, meta, tasks, batching=batching)
+    result = mo.Checkpoint(segment=1)(loop, meta, tasks, batching=batching)
+    torch.testing.assert_close(result.outer_loss, reference.outer_loss, rtol=1e-12, atol=0)
+    for k, g in reference.grads.items():
+        assert g.abs().max() > 0, k
+        torch.testing.assert_close(result.grads[k], g, rtol=1e-10, atol=1e-12)
+
+
 def test_protonet_meta_training_raises_accuracy():
     _, loop, meta, _ = _setup(n_way=3)
     tasks = mo.RandomPatterns(n_way=3, k_shot=2, k_query=3, size=8, noise=0.5)

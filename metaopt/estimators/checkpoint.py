@@ -5,6 +5,8 @@ import math
 from typing import Callable, Sequence
 
 import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from metaopt.estimators.base import (
     AbstractEstimator,
@@ -31,6 +33,21 @@ def _split(state: InnerState) -> tuple[Carry, Buffers]:
 def _join(carry: Carry, buffers: Buffers) -> InnerState:
     params, opt_state, anchor = carry
     return InnerState(params, buffers, opt_state, anchor)
+
+
+def _floating(carry: Carry) -> tuple[list[Tensor], Callable[[list[Tensor]], Carry]]:
+    """The carry's floating-point tensors, which the pullbacks differentiate, and a function that puts others in
+    their place. The rest is held fixed: `torch.func.vjp` cannot make an integer or bool tensor require grad (a
+    ProtoNet's inner state holds a bool mask of the classes present, `PrototypeState.present`)."""
+    leaves, spec = tree_flatten(carry)
+    where = [i for i, v in enumerate(leaves) if isinstance(v, Tensor) and v.is_floating_point()]
+
+    def rebuild(floats: list[Tensor]) -> Carry:
+        full = list(leaves)
+        for i, value in zip(where, floats):
+            full[i] = value
+        return tree_unflatten(full, spec)
+    return [leaves[i] for i in where], rebuild
 
 
 def _add(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -127,9 +144,9 @@ class Checkpoint(AbstractEstimator):
                 inputs.append((carry, buffers))
                 carry, buffers = run(carry, values, buffers, batches, i * size)
 
-        loss, pullback = _vjp(
-            lambda c, v: call_with_meta(meta, v, lambda m, s: loop.outer_loss(s, task.query, m), _join(c, buffers)),
-            carry, values)
+        floats, rebuild = _floating(carry)
+        loss, pullback = _vjp(lambda c, v: call_with_meta(meta, v, lambda m, s: loop.outer_loss(s, task.query, m),
+                                                          _join(rebuild(c), buffers)), floats, values)
         adjoint, grads = pullback(torch.ones_like(loss))
         # Each pullback holds its segment's graph: drop it before the next segment is recomputed,
         # or two segments' graphs are alive at once.
@@ -137,10 +154,19 @@ class Checkpoint(AbstractEstimator):
         while segments:
             offset = (len(segments) - 1) * size
             batches, (carry_in, buffers_in) = segments.pop(), inputs.pop()
-            pullback = _vjp_with_aux(lambda c, v: run(c, v, buffers_in, batches, offset), carry_in, values)
+            floats, rebuild = _floating(carry_in)
+
+            def segment(c: list[Tensor], v: Params) -> tuple[list[Tensor], Buffers]:
+                carry_out, buffers_out = run(rebuild(c), v, buffers_in, batches, offset)
+                return _floating(carry_out)[0], buffers_out
+            pullback = _vjp_with_aux(segment, floats, values)
             adjoint, segment_grads = pullback(adjoint)
             del pullback
             grads = _add(grads, segment_grads)
-        init_pullback = _vjp_with_aux(init, values)
+
+        def started(v: Params) -> tuple[list[Tensor], Buffers]:
+            carry_out, buffers_out = init(v)
+            return _floating(carry_out)[0], buffers_out
+        init_pullback = _vjp_with_aux(started, values)
         grads = _add(grads, init_pullback(adjoint)[0])
         return TaskObjective(task_surrogates(meta, grads, loss), loss.detach())  # stacked: per task
