@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, cast
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
@@ -29,6 +31,7 @@ from metaopt_hydra.checks import (
     check_device_and_dtype,
     check_loop_classes,
     check_task_fits_model,
+    target_name,
 )
 
 log = logging.getLogger("metaopt")
@@ -96,10 +99,29 @@ def build(cfg: DictConfig, load_tasks: bool = True) -> Parts:
         members = [(loop, meta), *((other.loop, other.meta) for other in others)]
         loop, meta = ProtoNetEnsemble(members), ensemble_meta([m for _, m in members])  # type: ignore[arg-type]
     log.info("Instantiating estimator <%s>", cfg.estimator._target_)
-    estimator = compiled_if_asked(cfg, instantiate(cfg.estimator))
+    estimator = compiled_if_asked(cfg, instantiate_estimator(cfg))
     log.info("tasks=%r model=%s meta=%s estimator=%r budget=%r", tasks, type(model).__name__,
              {k: type(v).__name__ for k, v in meta.items()}, estimator, budget)
     return Parts(tasks, eval_tasks, model, loop, meta, estimator, budget, val_tasks, skipped)
+
+
+def instantiate_estimator(cfg: DictConfig) -> MetaGradientMethod:
+    """`cfg.estimator` built. A key the chosen estimator does not take is a ValueError that names it and how to drop
+    it: an experiment written for one estimator sets its keys in the estimator package, and choosing another keeps
+    them (`experiment=learned_optimizer_online estimator=auto` kept online_pes's `population`, and Hydra said
+    `Auto.__init__() got an unexpected keyword argument 'population'`)."""
+    try:
+        return cast(MetaGradientMethod, instantiate(cfg.estimator))
+    except InstantiationException as error:
+        cause = error.__cause__
+        match = re.search(r"unexpected keyword argument '(\w+)'", str(cause)) if isinstance(cause, TypeError) else None
+        if match is None:
+            raise
+        key = match.group(1)
+        raise ValueError(f"estimator={target_name(cfg.estimator)} takes no `{key}` (estimator.{key}="
+                         f"{cfg.estimator.get(key)!r}: the config sets it for another estimator, e.g. an "
+                         f"experiment's); drop it with ~estimator.{key}, or choose the estimator the config was "
+                         "written for") from None
 
 
 def member_config(cfg: DictConfig, i: int) -> DictConfig:

@@ -12,7 +12,8 @@ from metaopt.slots import DataSlot
 from metaopt.tasks import TaskDistribution
 from metaopt.types import Batch, MetaParams
 
-__all__ = ["check_device_and_dtype", "check_task_fits_model", "check_data_slot_fits_model", "check_loop_classes"]
+__all__ = ["check_device_and_dtype", "check_task_fits_model", "check_data_slot_fits_model", "check_loop_classes",
+           "target_name"]
 
 
 def check_device_and_dtype(cfg: DictConfig) -> None:
@@ -40,13 +41,13 @@ def check_task_fits_model(cfg: DictConfig, tasks: TaskDistribution, model: torch
             out = model(x)
     except RuntimeError as error:
         raise ValueError(
-            f"model={_name(cfg.model)} cannot take the inputs of task={_name(cfg.task)} (examples of shape "
+            f"model={target_name(cfg.model)} cannot take the inputs of task={target_name(cfg.task)} (examples of shape "
             f"{tuple(x.shape[1:])}): {str(error).splitlines()[0]}. Change `model` (image tasks: model=conv4 with "
             f"model.image_size=${{task.size}}) or `task`") from None
     n_way = getattr(tasks, "n_way", None)
     width = out.shape[-1] if out.dim() > 1 else 1
     if tasks.kind == "classification" and cfg.loop._target_.endswith("InnerLoop") and n_way and width != n_way:
-        raise ValueError(f"model={_name(cfg.model)} has {width} outputs but task={_name(cfg.task)} has "
+        raise ValueError(f"model={target_name(cfg.model)} has {width} outputs but task={target_name(cfg.task)} has "
                          f"{n_way} classes per task; set model.out_features=${{task.n_way}}")
     if cfg.loop._target_.endswith("ClassifierLoop"):
         if int(cfg.inner_steps) != 0:
@@ -55,8 +56,8 @@ def check_task_fits_model(cfg: DictConfig, tasks: TaskDistribution, model: torch
                              "prototypes)")
         classes = getattr(tasks, "num_classes", 0)
         if getattr(tasks, "global_labels", False) and width < classes:
-            raise ValueError(f"model={_name(cfg.model)} has {width} outputs but task={_name(cfg.task)} labels "
-                             f"{classes} training classes (task.global_labels=true, loop=classifier); set "
+            raise ValueError(f"model={target_name(cfg.model)} has {width} outputs but task={target_name(cfg.task)} "
+                             f"labels {classes} training classes (task.global_labels=true, loop=classifier); set "
                              f"model.out_features >= {classes}")
 
 
@@ -81,8 +82,8 @@ def check_data_slot_fits_model(cfg: DictConfig, tasks: TaskDistribution, model: 
         if made is not None:
             shapes += f", the slot's {tuple(made.x.shape[1:])}"
         raise ValueError(
-            f"metaparam.data={_name(cfg.metaparam.data)} cannot serve task={_name(cfg.task)} with "
-            f"model={_name(cfg.model)}: {shapes} ({str(error).splitlines()[0]}). Make the slot's examples the "
+            f"metaparam.data={target_name(cfg.metaparam.data)} cannot serve task={target_name(cfg.task)} with "
+            f"model={target_name(cfg.model)}: {shapes} ({str(error).splitlines()[0]}). Make the slot's examples the "
             "task's (e.g. metaparam.data.shape), or choose the task it is built for (metaparam=synthetic: "
             "experiment=distill_digits; metaparam=augmentation: an image task)") from None
 
@@ -100,5 +101,6 @@ def check_loop_classes(cfg: DictConfig, named_tasks: dict[str, TaskDistribution 
                              f"{loop_ways} (or task.n_way >= {n_way})")
 
 
-def _name(node: DictConfig) -> str:
+def target_name(node: DictConfig) -> str:
+    """The class a config node builds, e.g. "Conv4" for `_target_: metaopt.Conv4`."""
     return str(node.get("_target_", "?")).rsplit(".", 1)[-1]

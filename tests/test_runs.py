@@ -102,10 +102,12 @@ def test_changed_keys_ignore_what_may_change_on_resume():
     ("model=conv4", "model=Conv4 cannot take the inputs of task=Sinusoid"),
     ("metaparam=synthetic", "metaparam.data=SyntheticData cannot serve task=Sinusoid with model=MLP: the task's "
                             "support inputs have shape (1,), the slot's (64,)"),
+    ("experiment=learned_optimizer_online estimator=auto", "estimator=Auto takes no `population` (estimator.population"
+                                                          "=16: the config sets it for another estimator"),
     ("eval.n_tasks=-1", "eval.n_tasks must be >= 0"),
 ])
 def test_contract_failures_before_work_leave_a_record(tmp_path, override, message):
-    result = run_train(tmp_path, "debug=tiny", override)
+    result = run_train(tmp_path, "debug=tiny", *override.split())
     assert result.returncode != 0 and message in result.stderr
     record = _metrics(tmp_path)
     assert record["status"] == "failed" and message in record["error"]
