@@ -128,11 +128,7 @@ class Predictor:
             return self._cache[key]
         self._warm_up(estimator, n_tasks, chunk)
         with measure_peak_memory(self.device, self.method) as memory:
-            self._synchronize()
-            start = time.perf_counter()
-            estimator(self.loop, self.meta, batch, batching=batching, chunk_size=chunk)
-            self._synchronize()
-            self._call_seconds[key] = time.perf_counter() - start
+            self._call_seconds[key] = self._timed_call(estimator, batch, batching, chunk)
         self._cache[key] = memory.peak_bytes
         return self._cache[key]
 
@@ -181,11 +177,7 @@ class Predictor:
         calls: list[list[float]] = [[] for _ in configs]
         for _ in range(rounds):
             for i, (estimator, chunk, batch, batching) in enumerate(configs):
-                self._synchronize()
-                start = time.perf_counter()
-                estimator(self.loop, self.meta, batch, batching=batching, chunk_size=chunk)
-                self._synchronize()
-                calls[i].append(time.perf_counter() - start)
+                calls[i].append(self._timed_call(estimator, batch, batching, chunk))
         return [statistics.median(c) if typical else min(c) for c in calls], steps
 
     def predict_seconds(self, target: AbstractEstimator, chunk: int = 1) -> float:
@@ -224,14 +216,8 @@ class Predictor:
             target(self.loop, self.meta, batch, batching=mode, chunk_size=chunk)  # traces, compiles, checks
             if not getattr(target, "compiled", False):
                 return None
-            calls = []
-            for _ in range(3):
-                self._synchronize()
-                start = time.perf_counter()
-                target(self.loop, self.meta, batch, batching=mode, chunk_size=chunk)
-                self._synchronize()
-                calls.append(time.perf_counter() - start)
-            self._compiled_seconds[key] = statistics.median(calls)
+            self._compiled_seconds[key] = statistics.median(self._timed_call(target, batch, mode, chunk)
+                                                            for _ in range(3))
         return self._compiled_seconds[key]
 
     def _warm_up(self, estimator: AbstractEstimator, n_tasks: int, chunk: int) -> None:
@@ -242,6 +228,15 @@ class Predictor:
             warm, batching = self._batch(estimator, min(self.steps, 2), n_tasks, chunk)
             estimator(self.loop, self.meta, warm, batching=batching, chunk_size=chunk)
             self._warm.add(key)
+
+    def _timed_call(self, estimator: AbstractEstimator, batch: Task | list[Task], batching: Batching,
+                    chunk: int) -> float:
+        """Seconds of one call of `estimator` on `batch` (the device synchronized before and after)."""
+        self._synchronize()
+        start = time.perf_counter()
+        estimator(self.loop, self.meta, batch, batching=batching, chunk_size=chunk)
+        self._synchronize()
+        return time.perf_counter() - start
 
     def _synchronize(self) -> None:
         if torch.device(self.device).type == "cuda":
