@@ -6,14 +6,13 @@ plain-Python example in README builds exactly what a config builds.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
-import re
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, cast
 
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, open_dict
 
 from metaopt import Budget, InnerLoop, evaluate, losses, meta_params, meta_train
@@ -109,19 +108,17 @@ def instantiate_estimator(cfg: DictConfig) -> MetaGradientMethod:
     """`cfg.estimator` built. A key the chosen estimator does not take is a ValueError that names it and how to drop
     it: an experiment written for one estimator sets its keys in the estimator package, and choosing another keeps
     them (`experiment=learned_optimizer_online estimator=auto` kept online_pes's `population`, and Hydra said
-    `Auto.__init__() got an unexpected keyword argument 'population'`)."""
-    try:
-        return cast(MetaGradientMethod, instantiate(cfg.estimator))
-    except InstantiationException as error:
-        cause = error.__cause__
-        match = re.search(r"unexpected keyword argument '(\w+)'", str(cause)) if isinstance(cause, TypeError) else None
-        if match is None:
-            raise
-        key = match.group(1)
-        raise ValueError(f"estimator={target_name(cfg.estimator)} takes no `{key}` (estimator.{key}="
-                         f"{cfg.estimator.get(key)!r}: the config sets it for another estimator, e.g. an "
-                         f"experiment's); drop it with ~estimator.{key}, or choose the estimator the config was "
-                         "written for") from None
+    `Auto.__init__() got an unexpected keyword argument 'population'`). Checked against the constructor's
+    signature before building."""
+    parameters = inspect.signature(get_object(cfg.estimator._target_)).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        for key in cfg.estimator:
+            if not str(key).startswith("_") and key not in parameters:
+                raise ValueError(f"estimator={target_name(cfg.estimator)} takes no `{key}` (estimator.{key}="
+                                 f"{cfg.estimator[key]!r}: the config sets it for another estimator, e.g. an "
+                                 f"experiment's); drop it with ~estimator.{key}, or choose the estimator the config "
+                                 "was written for")
+    return cast(MetaGradientMethod, instantiate(cfg.estimator))
 
 
 def member_config(cfg: DictConfig, i: int) -> DictConfig:
