@@ -37,7 +37,7 @@ from metaopt.support_tuning import SupportTuning, with_support_tuning
 from metaopt.tasks import TaskDistribution
 from metaopt.tasks.augment import pooled_views
 from metaopt.train import evaluate, mean_ci95
-from metaopt_hydra.build import Parts, build
+from metaopt_hydra.build import Parts, build, eval_batching
 
 # Published full-background results (30 background alphabets), 5-way / 20-way 1-shot accuracy in %.
 PUBLISHED = {
@@ -115,7 +115,7 @@ def evaluate_run(run_dir: Path, overrides: dict, n_tasks: int, data_root: str | 
         loop = with_support_tuning(parts.loop, tuning)
     except ValueError as error:
         raise LookupError(f"{run_dir}: {error}") from None
-    batching = "loop" if loop is not parts.loop else cfg.batching  # a tuning conv4 is faster task by task
+    batching = "loop" if loop is not parts.loop else eval_batching(cfg)  # a tuning conv4 is faster task by task
     metrics = evaluate(loop, parts.meta, parts.eval_tasks, n_tasks=n_tasks, inner_steps=cfg.eval.inner_steps,
                        seed=cfg.eval.seed, batching=batching, batch_size=batch_size)
     return (metrics["test_accuracy"], metrics["test_accuracy_ci95"]), parts.eval_tasks, cfg.eval.seed, batch_size

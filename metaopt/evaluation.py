@@ -1,8 +1,14 @@
-"""Meta-testing: post-adaptation performance on fresh seeded tasks, in batches that fit a memory budget."""
+"""Meta-testing: post-adaptation performance on fresh seeded tasks, planned as training is: by memory, then by time.
+
+`plan_evaluation` sizes the vmapped pieces to the memory budget, then times 1, 2, 4, ... tasks at once up to that
+size and runs the fastest (`EvalPlan`); `evaluate` runs the plan and reports its predicted and measured seconds.
+"""
 from __future__ import annotations
 
 import math
-from typing import Any
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, cast
 
 import torch
 from torch import Tensor
@@ -12,11 +18,16 @@ from metaopt.batching import Batching, compress_support, resolve_batching, vmap_
 from metaopt.budget import Budget, machine_bounded
 from metaopt.loop import InnerLoop, unroll
 from metaopt.memory import measure_peak_memory
+from metaopt.estimators.base import AbstractEstimator
 from metaopt.tasks.augment import pooled_views
 from metaopt.tasks.base import TaskDistribution
 from metaopt.types import MetaParams, Task
 
-__all__ = ["evaluate", "mean_ci95", "task_to", "eval_batch_size_for"]
+__all__ = ["evaluate", "mean_ci95", "task_to", "EvalPlan", "plan_evaluation"]
+
+EvalBatching = Literal["vmap", "loop"]
+PROBE_TASKS = 4  # memory is measured at 1 and min(batch_size, PROBE_TASKS) tasks at once; explicit forms timed there
+TIMING_ROUNDS = 2  # timed calls per size, after a warm-up; the fastest is kept
 
 
 def mean_ci95(values: Tensor) -> tuple[float, float]:
@@ -30,6 +41,10 @@ def mean_ci95(values: Tensor) -> tuple[float, float]:
 def task_to(task: Task, device: torch.device | str) -> Task:
     """The task with every tensor moved to `device`."""
     return torch.utils._pytree.tree_map_only(Tensor, lambda v: v.to(device), task)
+
+
+def _first(batch: Task, count: int) -> Task:
+    return torch.utils._pytree.tree_map_only(Tensor, lambda v: v[:count], batch)
 
 
 def _adapted_scores(loop: InnerLoop, meta: MetaParams, batch: Task, classification: bool,
@@ -52,54 +67,173 @@ def _adapted_scores(loop: InnerLoop, meta: MetaParams, batch: Task, classificati
         return loss, score
 
 
-def eval_batch_size_for(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, budget: Budget, *,
-                        inner_steps: int, batch_size: int, batching: Batching = "auto",
-                        device: torch.device | str = "cpu") -> int:
-    """The largest number of meta-test tasks per vmapped graph (at most `batch_size`) predicted to fit under
-    `(1 - headroom) x budget.memory`: evaluation is measured on 1 and on min(batch_size, 4) tasks (after a
-    warm-up) and is linear in the tasks at once. Without a memory budget, under the memory available on `device`
-    now (`metaopt.budget.machine_bounded`; `batch_size` itself where that is unknown)."""
-    budget = machine_bounded(budget, device)[0]
-    if budget.memory is None or batch_size <= 1:
-        return batch_size
-    generator = torch.Generator().manual_seed(4242)  # never the meta-test tasks' own generator
-    probe = task_to(tasks.sample(min(batch_size, 4), inner_steps, generator), device)
-    classification = tasks.kind == "classification"
-    n = probe.query.x.shape[0]
+@dataclass(frozen=True)
+class EvalPlan:
+    """How meta-test tasks run.
+
+    Attributes:
+      batching: "vmap" (pieces of `piece` tasks, each one vmapped graph) or "loop" (one task at a time).
+      piece: tasks at once: the most predicted to fit the memory budget with "vmap", 1 with "loop".
+      reason: why, with the figures.
+      task_seconds: measured seconds per task in the chosen form, on the planning tasks (None: not timed).
+        Approximate: a larger vmapped piece may cost more or less per task than the planning tasks' piece.
+      sample_seconds: seconds to draw one task (measured on the planning draw; 0 if not timed).
+    """
+
+    batching: EvalBatching
+    piece: int
+    reason: str
+    task_seconds: float | None = None
+    sample_seconds: float = 0.0
+
+    def predicted_seconds(self, n_tasks: int) -> float | None:
+        """Predicted wall-clock seconds to draw and score `n_tasks` tasks (approximate; None: not timed)."""
+        return None if self.task_seconds is None else n_tasks * (self.task_seconds + self.sample_seconds)
+
+
+class _PlanningTasks:
+    """The first k tasks of a fixed stream (never the meta-test tasks': its own seed), drawn as the plan needs
+    them; `sample_seconds` is the measured seconds per drawn task."""
+
+    def __init__(self, tasks: TaskDistribution, inner_steps: int, device: torch.device | str):
+        self.tasks, self.inner_steps, self.device = tasks, inner_steps, device
+        self.generator = torch.Generator().manual_seed(4242)
+        self.drawn: Task | None = None
+        self.count, self.seconds = 0, 0.0
+
+    def first(self, k: int) -> Task:
+        if k > self.count:
+            start = time.perf_counter()
+            more = task_to(self.tasks.sample(k - self.count, self.inner_steps, self.generator), self.device)
+            self.seconds += time.perf_counter() - start
+            self.drawn = more if self.drawn is None else \
+                torch.utils._pytree.tree_map(lambda a, b: torch.cat([a, b]) if isinstance(a, Tensor) else a,
+                                             self.drawn, more)
+            self.count = k
+        assert self.drawn is not None
+        return _first(self.drawn, k)
+
+    @property
+    def sample_seconds(self) -> float:
+        return self.seconds / max(self.count, 1)
+
+
+def _vmapped_piece(scores: Callable[[int], Any], budget: Budget, batch_size: int, probe_size: int,
+                   device: torch.device | str) -> tuple[int, str]:
+    """The most tasks per vmapped graph (at most `batch_size`) predicted to fit under `(1 - headroom) x
+    budget.memory`: measured on 1 and `probe_size` tasks (each after a warm-up), linear in the tasks at once.
+    Without a memory budget, under the memory available on `device` now (`machine_bounded`)."""
+    budget, available = machine_bounded(budget, device)
+    if batch_size <= 1:
+        return 1, "1 at once (eval batch_size 1)"
+    if budget.memory is None:
+        return batch_size, f"{batch_size} at once (no memory bound is known)"
 
     def peak(count: int) -> int:
-        part = torch.utils._pytree.tree_map_only(Tensor, lambda v: v[:count], probe)
-        _adapted_scores(loop, meta, part, classification, batching, tasks.query_views)  # warm-up
+        scores(count)  # warm-up
         with measure_peak_memory(device) as memory:
-            _adapted_scores(loop, meta, part, classification, batching, tasks.query_views)
+            scores(count)
         return memory.peak_bytes
 
-    one, many = peak(1), peak(n)
-    per_task = max(many - one, 0) / max(n - 1, 1)
+    one, many = peak(1), peak(probe_size)
+    per_task = max(many - one, 0) / max(probe_size - 1, 1)
     limit = (1 - budget.headroom) * budget.memory
-    if per_task == 0:
-        return batch_size
-    return int(max(1, min(batch_size, (limit - one) // per_task + 1)))
+    piece = batch_size if per_task == 0 else int(max(1, min(batch_size, (limit - one) // per_task + 1)))
+    bound = "the memory available" if available is not None else "the memory budget"
+    return piece, f"{piece} of {batch_size} at once fit {limit / 1e6:.3g} MB ({bound} less headroom)"
+
+
+def plan_evaluation(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, budget: Budget, *,
+                    inner_steps: int, batch_size: int, batching: Batching = "auto",
+                    device: torch.device | str = "cpu",
+                    timer: Callable[[EvalBatching, int], float] | None = None) -> EvalPlan:
+    """How to run meta-test tasks drawn `batch_size` at a time: by memory, then by time, as training is planned.
+
+    On tasks from a fixed stream (never the meta-test tasks'), the vmapped piece is sized to the memory budget
+    (`_vmapped_piece`, measured on 1 and `min(batch_size, PROBE_TASKS)` tasks). Under `batching="auto"` the
+    seconds per task are then timed at 1 (one task at a time), 2, 4, ... tasks at once up to that piece, until a
+    size is no faster than the one before, and the fastest size runs: a vmapped conv4 is a grouped convolution
+    whose cost per task grows with the tasks at once on the CPU, while the sinusoid MLP's falls to the largest
+    piece. Each size is timed where it will run (a warm-up call, then the fastest of `TIMING_ROUNDS`), so the
+    prediction is of the chosen form itself. An explicit "vmap" ("stacked" means vmap here) or "loop" is kept, and
+    timed on `min(piece, PROBE_TASKS)` tasks for the prediction alone. `timer(form, n_tasks)`: a stand-in for one
+    timed call (tests)."""
+    if batching not in ("auto", "stacked", "vmap", "loop"):
+        raise ValueError(f"evaluation batching must be 'auto', 'stacked', 'vmap' or 'loop', got {batching!r}")
+    drawn = _PlanningTasks(tasks, inner_steps, device)
+    classification = tasks.kind == "classification"
+
+    def scores(count: int, form: Batching = "vmap") -> None:
+        _adapted_scores(loop, meta, drawn.first(count), classification, form, tasks.query_views)
+
+    def per_task(count: int) -> float:
+        return _seconds_per_task(scores, count, timer, device)
+
+    mode = "vmap" if batching == "stacked" else batching
+    piece, why = (1, "one at a time (batching=loop)") if mode == "loop" else \
+        _vmapped_piece(scores, budget, batch_size, max(1, min(batch_size, PROBE_TASKS)), device)
+    if mode != "auto":
+        size = min(piece, PROBE_TASKS) if mode == "vmap" else 1
+        seconds = per_task(size)
+        return EvalPlan(cast(EvalBatching, mode), piece, f"{why}; {seconds * 1e3:.3g} ms per task timed at {size} "
+                        "at once", seconds, drawn.sample_seconds)
+    timed: dict[int, float] = {}
+    best = 1
+    for size in AbstractEstimator.doubling(2, piece):
+        timed[size] = per_task(size)
+        if size > 1 and timed[size] >= timed[best]:
+            break
+        best = size
+    ladder = ", ".join(f"{size}: {seconds * 1e3:.3g} ms" for size, seconds in timed.items())
+    runs = "one at a time" if best == 1 else f"{best} at once"
+    return EvalPlan("loop" if best == 1 else "vmap", best, f"{why}; per task at 1, 2, 4, ... at once ({ladder}): "
+                    f"{runs}", timed[best], drawn.sample_seconds)
+
+
+def _seconds_per_task(scores: Callable[..., None], count: int, timer: Callable[[EvalBatching, int], float] | None,
+                      device: torch.device | str) -> float:
+    """Seconds per task of `count` planning tasks at once (1: one task alone, "loop"): a warm-up, then the fastest
+    of `TIMING_ROUNDS` calls."""
+    form: EvalBatching = "loop" if count == 1 else "vmap"
+    if timer is not None:
+        return timer(form, count) / count
+    cuda = torch.device(device).type == "cuda"
+    scores(count, form)
+    calls = []
+    for _ in range(TIMING_ROUNDS):
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        scores(count, form)
+        if cuda:
+            torch.cuda.synchronize(device)
+        calls.append(time.perf_counter() - start)
+    return min(calls) / count
 
 
 def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_tasks: int = 600,
              inner_steps: int = 1, batch_size: int = 100, seed: int = 1234,
              batching: Batching = "auto", device: torch.device | str = "cpu",
-             return_per_task: bool = False, budget: Budget | None = None) -> dict[str, Any]:
+             return_per_task: bool = False, budget: Budget | None = None,
+             plan: EvalPlan | None = None) -> dict[str, Any]:
     """Post-adaptation performance on `n_tasks` fresh tasks from a seeded generator.
 
     Each task adapts from `loop.init(meta, task.init)` for `inner_steps` steps on its support
     set; the adapted model is scored on its query set (a query's predictions averaged over its views where
     `tasks.query_views` > 1). No meta-gradient is built. Tasks are
-    drawn `batch_size` at a time whatever the budget (the same seed and `batch_size` give the
-    same tasks) and run in vmapped pieces that fit `budget.memory` (`eval_batch_size_for`).
+    drawn `batch_size` at a time whatever the budget (the same seed and `batching` give the
+    same tasks) and run as `plan` says (default: `plan_evaluation`, i.e. vmapped pieces that fit
+    `budget.memory`, or one at a time where that is measured faster; a caller that evaluates often passes the
+    plan it made once).
 
     Returns:
       "meta_test_loss" and "meta_test_loss_ci95" (mean and 95% CI half-width over
       tasks), plus "test_accuracy" and "test_accuracy_ci95" for classification, and
-      "eval_peak_bytes" (the measured peak of the whole evaluation above its start) and
-      "eval_batch_size". With `return_per_task`, also "task_losses" (and "task_accuracies"):
-      tensors [n_tasks] in task order, for paired comparisons of two methods on the same tasks.
+      "eval_peak_bytes" (the measured peak of the whole evaluation above its start), "eval_batch_size" (tasks at
+      once), "eval_batching", "eval_plan" (why), "eval_seconds" (measured: drawing and scoring),
+      "predicted_eval_seconds" (the plan's, approximate) and "eval_plan_seconds" (planning). With
+      `return_per_task`, also "task_losses" (and "task_accuracies"): tensors [n_tasks] in task order, for paired
+      comparisons of two methods on the same tasks.
 
     Raises:
       ValueError: `n_tasks` or `batch_size` below 1 (nothing to score), before any work.
@@ -109,24 +243,30 @@ def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_ta
                          f"batch_size={batch_size}")
     budget = budget if budget is not None else Budget()
     tasks = tasks.to(device)  # where it can, the distribution samples on the device (the same tasks)
-    fitted = eval_batch_size_for(loop, meta, tasks, budget, inner_steps=inner_steps, batch_size=batch_size,
-                                 batching=batching, device=device)
+    start = time.perf_counter()
+    if plan is None:
+        plan = plan_evaluation(loop, meta, tasks, budget, inner_steps=inner_steps, batch_size=batch_size,
+                               batching=batching, device=device)
+    planned = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     classification = tasks.kind == "classification"
+    piece = plan.piece if plan.batching == "vmap" else batch_size  # "loop" runs a piece's tasks in turn
     task_losses, scores = [], []
     with measure_peak_memory(device) as memory:
-        for start in range(0, n_tasks, batch_size):  # draws as at `batch_size`; run in pieces of `fitted`
-            batch = task_to(tasks.sample(min(batch_size, n_tasks - start), inner_steps, generator), device)
-            for first in range(0, batch.query.x.shape[0], fitted):
-                part = torch.utils._pytree.tree_map_only(Tensor, lambda v: v[first:first + fitted], batch)
-                loss, score = _adapted_scores(loop, meta, part, classification, batching, tasks.query_views)
+        for first_task in range(0, n_tasks, batch_size):  # draws as at `batch_size`; run in pieces of `piece`
+            batch = task_to(tasks.sample(min(batch_size, n_tasks - first_task), inner_steps, generator), device)
+            for first in range(0, batch.query.x.shape[0], piece):
+                part = torch.utils._pytree.tree_map_only(Tensor, lambda v: v[first:first + piece], batch)
+                loss, score = _adapted_scores(loop, meta, part, classification, plan.batching, tasks.query_views)
                 task_losses.append(loss)
                 scores.append(score)
     all_losses, all_scores = torch.cat(task_losses), torch.cat(scores)
     metrics: dict[str, Any] = dict(zip(("meta_test_loss", "meta_test_loss_ci95"), mean_ci95(all_losses)))
     if classification:
         metrics.update(zip(("test_accuracy", "test_accuracy_ci95"), mean_ci95(all_scores)))
-    metrics.update(eval_peak_bytes=memory.peak_bytes, eval_batch_size=fitted)
+    metrics.update(eval_peak_bytes=memory.peak_bytes, eval_batch_size=plan.piece, eval_batching=plan.batching,
+                   eval_plan=plan.reason, eval_seconds=time.perf_counter() - planned,
+                   predicted_eval_seconds=plan.predicted_seconds(n_tasks), eval_plan_seconds=planned - start)
     if return_per_task:
         metrics["task_losses"] = all_losses.cpu()
         if classification:

@@ -191,7 +191,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
                progress: bool = True, device: torch.device | str = "cpu", on_nan: Literal["raise", "skip"] = "raise",
                memory_every: int = 1000, clock: Callable[[], float] | None = None,
                memory_probe: Callable[[], int] | None = None, meter: Meter | None = None, timer: Timer | None = None,
-               max_grad_norm: float | None = None, eval_batch_size: int = 100,
+               max_grad_norm: float | None = None, eval_batch_size: int = 100, eval_batching: Batching | None = None,
                checkpoint_extra: dict[str, Any] | None = None, callbacks: Sequence[Callback] = (),
                lr_schedule: Callable[[int], float] | None = None, time_limit: float | None = None,
                prefetch: bool | None = None, overlap: bool | None = None) -> dict:
@@ -214,6 +214,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
         (see `metaopt.prediction.Meter` and `Timer`).
       eval_n_tasks, eval_batch_size: 0 skips the final evaluation (the caller evaluates); meta-test tasks
         evaluated at once at most (fewer where the budget needs it).
+      eval_batching: the evaluation's batching (`metaopt.evaluation.plan_evaluation`; None: `batching`).
       checkpoint_extra: more entries for the checkpoint (e.g. the run's resolved config).
       callbacks: hooks on the history entries, in order (`metaopt.callbacks`): e.g.
         `Validation(validate, every)` (validation metrics join the entries and the returned metrics) and
@@ -256,7 +257,8 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     if eval_n_tasks > 0:  # 0: the caller evaluates (e.g. several unroll lengths)
         metrics.update(evaluate(loop, meta, eval_tasks or tasks, n_tasks=eval_n_tasks,
                                 inner_steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
-                                batch_size=eval_batch_size, batching=batching, device=device, budget=budget))
+                                batch_size=eval_batch_size, batching=eval_batching or batching, device=device,
+                                budget=budget))
     metrics["budget_exceeded"] = _over_budget(metrics, budget)
     for callback in callbacks:
         metrics.update(callback.on_end(state))

@@ -28,7 +28,7 @@ from metaopt.budget import parse_seconds
 from metaopt.checkpoint import load_checkpoint, save_atomic
 from metaopt.ensemble import ProtoNetEnsemble, ensemble_meta
 from metaopt_hydra.baselines import compare
-from metaopt_hydra.build import Parts, build, compile_record, member_config, train_from_config
+from metaopt_hydra.build import Parts, build, compile_record, eval_batching, member_config, train_from_config
 from metaopt_hydra.curves import plot_curves
 from metaopt_hydra.loggers import NullLogger, RunLogger, new_run_id
 from metaopt_hydra.protocols import evaluate_protocols
@@ -124,7 +124,7 @@ def train_ensemble(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Callabl
                            "stopped_at_time_limit": any(r.get("stopped_at_time_limit") for r in records)}
     if parts.eval_tasks is not None and cfg.eval.n_tasks > 0:
         out.update(evaluate(loop, meta, parts.eval_tasks, n_tasks=cfg.eval.n_tasks, inner_steps=cfg.eval.inner_steps,
-                            batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, batching=cfg.batching,
+                            batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, batching=eval_batching(cfg),
                             device=cfg.device, budget=parts.budget))
     save_atomic({"meta": meta.state_dict(), **checkpoint_extra}, run_dir / "checkpoint.pt")
     return out, parts._replace(loop=loop, meta=meta)

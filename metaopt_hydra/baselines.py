@@ -33,7 +33,7 @@ from typing import Any, NamedTuple, cast
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metaopt.train import evaluate, mean_ci95
-from metaopt_hydra.build import Parts, build, train_from_config
+from metaopt_hydra.build import Parts, build, eval_batching, train_from_config
 
 log = logging.getLogger("metaopt")
 
@@ -68,7 +68,7 @@ def _evaluate(cfg: DictConfig, parts: Parts, steps: int, *, validation: bool = F
     assert tasks is not None, "build() refuses a comparison without meta-test tasks"
     return evaluate(parts.loop, parts.meta, tasks, n_tasks=n_tasks or cfg.eval.n_tasks, inner_steps=steps,
                     batch_size=cfg.eval.batch_size,
-                    seed=cfg.eval.seed + (1 if validation else 0), batching=cfg.batching, device=cfg.device,
+                    seed=cfg.eval.seed + (1 if validation else 0), batching=eval_batching(cfg), device=cfg.device,
                     return_per_task=True)
 
 

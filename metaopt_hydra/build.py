@@ -17,10 +17,12 @@ from omegaconf import DictConfig, open_dict
 
 from metaopt import Budget, InnerLoop, evaluate, losses, meta_params, meta_train
 from metaopt.callbacks import Callback, Validation
+from metaopt.batching import Batching
 from metaopt.budget import parse_seconds
 from metaopt.compiled import Compiled
 from metaopt.ensemble import ProtoNetEnsemble, ensemble_meta
 from metaopt.estimators import AbstractEstimator, MetaGradientMethod
+from metaopt.evaluation import EvalPlan, plan_evaluation
 from metaopt.online import OnlineTasks
 from metaopt.tasks import RandomInit, TaskDistribution
 from metaopt.tasks.base import EmptySplit
@@ -218,6 +220,11 @@ def build_meta(cfg: DictConfig, model: torch.nn.Module) -> MetaParams:
     return meta_params(*(make(model) for make in slots.values())).to(cfg.device)
 
 
+def eval_batching(cfg: DictConfig) -> Batching:
+    """The batching evaluation runs with: `eval.batching`, or training's `batching` where that is null."""
+    return cast(Batching, cfg.eval.get("batching") or cfg.batching)
+
+
 def validation(cfg: DictConfig, parts: Parts) -> Callable[[MetaParams], dict[str, float]] | None:
     """`validate(meta) -> {"val_loss", ["val_accuracy"]}` on `eval.val_n_tasks` validation tasks (seed
     eval.seed + 1, so never the meta-test tasks), or None when `eval.val_n_tasks` is 0."""
@@ -226,10 +233,16 @@ def validation(cfg: DictConfig, parts: Parts) -> Callable[[MetaParams], dict[str
     if n_tasks <= 0 or val_tasks is None:
         return None
 
+    planned: list[EvalPlan] = []  # planned at the first validation, kept for the rest
+
     def validate(meta: MetaParams) -> dict[str, float]:
+        if not planned:
+            planned.append(plan_evaluation(parts.loop, meta, val_tasks, parts.budget, inner_steps=cfg.eval.inner_steps,
+                                           batch_size=cfg.eval.batch_size, batching=eval_batching(cfg),
+                                           device=cfg.device))
         scores = evaluate(parts.loop, meta, val_tasks, n_tasks=n_tasks, inner_steps=cfg.eval.inner_steps,
-                          batch_size=cfg.eval.batch_size, seed=cfg.eval.seed + 1, batching=cfg.batching,
-                          device=cfg.device, budget=parts.budget)
+                          batch_size=cfg.eval.batch_size, seed=cfg.eval.seed + 1, device=cfg.device,
+                          budget=parts.budget, plan=planned[0])
         out = {"val_loss": scores["meta_test_loss"]}
         if "test_accuracy" in scores:
             out["val_accuracy"] = scores["test_accuracy"]
@@ -263,7 +276,7 @@ def train_from_config(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Call
         inner_steps=cfg.inner_steps, budget=parts.budget, batching=cfg.batching, seed=cfg.seed,
         eval_tasks=parts.eval_tasks, eval_inner_steps=cfg.eval.inner_steps,
         eval_n_tasks=cfg.eval.n_tasks if evaluate and parts.eval_tasks is not None else 0,
-        eval_batch_size=cfg.eval.batch_size,
+        eval_batch_size=cfg.eval.batch_size, eval_batching=eval_batching(cfg),
         checkpoint_path=run_dir / "checkpoint.pt", checkpoint_every=cfg.checkpoint_every,
         log=log, log_every=cfg.log_every, progress=cfg.progress, device=cfg.device, on_nan=cfg.on_nan,
         max_grad_norm=cfg.max_grad_norm, checkpoint_extra=checkpoint_extra, callbacks=callbacks(cfg, parts, evaluate),

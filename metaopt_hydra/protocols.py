@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from metaopt import evaluate
 from metaopt.prototypes import ClassAware
 from metaopt.tasks import RandomInit
-from metaopt_hydra.build import Parts, data_error
+from metaopt_hydra.build import Parts, data_error, eval_batching
 from metaopt_hydra.checks import check_task_fits_model
 
 __all__ = ["evaluate_protocols", "SCORES"]
@@ -63,7 +63,7 @@ def evaluate_protocols(cfg: DictConfig, parts: Parts) -> dict[str, dict[str, Any
         if cfg.get("random_init", False):
             tasks = RandomInit(tasks, parts.model)
         scores = evaluate(loop, parts.meta, tasks, n_tasks=cfg.eval.n_tasks, inner_steps=cfg.eval.inner_steps,
-                          batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, batching=cfg.batching,
+                          batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, batching=eval_batching(cfg),
                           device=cfg.device, budget=parts.budget)
         out[name] = {"task": repr(tasks), **{k: float(scores[k]) for k in SCORES if k in scores}}
         log.info("protocol %s: %s", name, {k: round(v, 4) for k, v in out[name].items() if isinstance(v, float)})

@@ -345,9 +345,14 @@ def test_evaluation_without_a_memory_budget_runs_in_pieces_that_fit_the_machine(
     loop, meta, _ = _problem()
     tasks = mo.Sinusoid(k_shot=5)
     monkeypatch.setattr("metaopt.budget.available_bytes", lambda device: 10_000)
-    assert evaluation.eval_batch_size_for(loop, meta, tasks, mo.Budget(), inner_steps=2, batch_size=20) == 9
+
+    def piece() -> int:
+        return evaluation.plan_evaluation(loop, meta, tasks, mo.Budget(), inner_steps=2, batch_size=20,
+                                          batching="vmap", timer=lambda form, n: 1.0).piece
+
+    assert piece() == 9
     monkeypatch.setattr("metaopt.budget.available_bytes", lambda device: None)
-    assert evaluation.eval_batch_size_for(loop, meta, tasks, mo.Budget(), inner_steps=2, batch_size=20) == 20
+    assert piece() == 20
 
 
 def test_available_memory_is_read_from_the_machine():
