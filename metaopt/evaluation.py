@@ -95,21 +95,22 @@ class _PlanningTasks:
     """The first k tasks of a fixed stream (never the meta-test tasks': its own seed), drawn as the plan needs
     them; `sample_seconds` is the measured seconds per drawn task."""
 
-    def __init__(self, tasks: TaskDistribution, inner_steps: int, device: torch.device | str):
-        self.tasks, self.inner_steps, self.device = tasks, inner_steps, device
+    def __init__(self, tasks: TaskDistribution, inner_steps: int, device: torch.device | str, draw_at_least: int):
+        self.tasks, self.inner_steps, self.device, self.draw_at_least = tasks, inner_steps, device, draw_at_least
         self.generator = torch.Generator().manual_seed(4242)
         self.drawn: Task | None = None
         self.count, self.seconds = 0, 0.0
 
     def first(self, k: int) -> Task:
-        if k > self.count:
+        if k > self.count:  # draws at least doubles what is drawn
+            count = max(k - self.count, self.count, self.draw_at_least)
             start = time.perf_counter()
-            more = task_to(self.tasks.sample(k - self.count, self.inner_steps, self.generator), self.device)
+            more = task_to(self.tasks.sample(count, self.inner_steps, self.generator), self.device)
             self.seconds += time.perf_counter() - start
             self.drawn = more if self.drawn is None else \
                 torch.utils._pytree.tree_map(lambda a, b: torch.cat([a, b]) if isinstance(a, Tensor) else a,
                                              self.drawn, more)
-            self.count = k
+            self.count += count
         assert self.drawn is not None
         return _first(self.drawn, k)
 
@@ -160,7 +161,7 @@ def plan_evaluation(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, 
     timed call (tests)."""
     if batching not in ("auto", "stacked", "vmap", "loop"):
         raise ValueError(f"evaluation batching must be 'auto', 'stacked', 'vmap' or 'loop', got {batching!r}")
-    drawn = _PlanningTasks(tasks, inner_steps, device)
+    drawn = _PlanningTasks(tasks, inner_steps, device, min(batch_size, PROBE_TASKS))
     classification = tasks.kind == "classification"
 
     def scores(count: int, form: Batching = "vmap") -> None:

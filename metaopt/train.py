@@ -26,7 +26,7 @@ from metaopt.budget import Budget
 from metaopt.checkpoint import load_checkpoint, save_atomic
 from metaopt.callbacks import Callback
 from metaopt.estimators.base import AbstractEstimator, MetaGradientMethod
-from metaopt.evaluation import evaluate, mean_ci95, task_to
+from metaopt.evaluation import evaluate, mean_ci95, plan_evaluation, task_to
 from metaopt.guard import format_bytes
 from metaopt.loop import InnerLoop
 from metaopt.memory import Method, default_method, measure_peak_memory, tensor_bytes
@@ -212,9 +212,8 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
       clock, memory_probe: passed to the budget guard (tests inject them).
       meter, timer: replace the planner's memory measurement and its timing of vmap against one task at a time
         (see `metaopt.prediction.Meter` and `Timer`).
-      eval_n_tasks, eval_batch_size: 0 skips the final evaluation (the caller evaluates); meta-test tasks
-        evaluated at once at most (fewer where the budget needs it).
-      eval_batching: the evaluation's batching (`metaopt.evaluation.plan_evaluation`; None: `batching`).
+      eval_n_tasks, eval_batch_size, eval_batching: 0 skips the final evaluation (the caller evaluates); tasks drawn
+        at once; its batching (None: `batching`). It is planned before training (`metaopt.evaluation`).
       checkpoint_extra: more entries for the checkpoint (e.g. the run's resolved config).
       callbacks: hooks on the history entries, in order (`metaopt.callbacks`): e.g.
         `Validation(validate, every)` (validation metrics join the entries and the returned metrics) and
@@ -244,26 +243,41 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
                                     meta_batch_size=meta_batch_size, inner_steps=inner_steps, budget=budget,
                                     batching=batching, device=device, meter=meter, timer=timer, overlap=overlap)
     config = StepConfig(loop, chosen, budget, on_nan, max_grad_norm, clock, memory_probe, lr_schedule)
+    evaluation = _final_evaluation(loop, meta, eval_tasks or tasks, budget, eval_n_tasks, device=device,
+                                   inner_steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
+                                   batch_size=eval_batch_size, batching=eval_batching or batching)
     recorded = {"estimator": estimator.name, "batching": chosen.batching, "per_pass": _per_pass(chosen.estimator)}
     save = _Checkpointer(state, checkpoint_path, {**recorded, **(checkpoint_extra or {})}, time_limit)
     recorder = _Recorder(state, meta_steps, log_every, log, progress, estimator.name, callbacks)
-    memory_method = default_method(device)
     with _sampling(tasks, state, save, prefetch, device, meta_batch_size, inner_steps) as sample:
         peaks = _loop(state, config, sample, meta_steps, recorder, save, checkpoint_every, memory_every, device,
-                      memory_method, overlap)
+                      memory_method := default_method(device), overlap)
     metrics: dict[str, Any] = _run_metrics(state, estimator, chosen, budget, recorder, peaks, memory_method,
                                            meta_steps=meta_steps, inner_steps=inner_steps,
                                            meta_batch_size=meta_batch_size, time_limit=time_limit, overlap=overlap)
-    if eval_n_tasks > 0:  # 0: the caller evaluates (e.g. several unroll lengths)
-        metrics.update(evaluate(loop, meta, eval_tasks or tasks, n_tasks=eval_n_tasks,
-                                inner_steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
-                                batch_size=eval_batch_size, batching=eval_batching or batching, device=device,
-                                budget=budget))
+    if evaluation is not None:  # None: the caller evaluates (e.g. several unroll lengths)
+        metrics.update(evaluation())
     metrics["budget_exceeded"] = _over_budget(metrics, budget)
     for callback in callbacks:
         metrics.update(callback.on_end(state))
     metrics["history"] = state.history
     return metrics
+
+
+def _final_evaluation(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, budget: Budget, n_tasks: int, *,
+                      device: torch.device | str, **settings: Any) -> Callable[[], dict[str, Any]] | None:
+    """The final evaluation, planned now, before training (None where `n_tasks` is 0): its plan and predicted
+    seconds are in the log before any work, and an evaluation that cannot run fails before the training it would
+    follow. Call the result after training to evaluate `meta` as it is then."""
+    if n_tasks <= 0:
+        return None
+    tasks = tasks.to(device)
+    found = plan_evaluation(loop, meta, tasks, budget, device=device, **settings)
+    predicted = found.predicted_seconds(n_tasks)
+    logger.info("evaluation plan: %s; %d tasks predicted %s", found.reason, n_tasks,
+                "untimed" if predicted is None else f"{predicted:.3g} s")
+    return lambda: evaluate(loop, meta, tasks, n_tasks=n_tasks, inner_steps=settings["inner_steps"],
+                            batch_size=settings["batch_size"], device=device, budget=budget, plan=found)
 
 
 class _Checkpointer:
