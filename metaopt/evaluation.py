@@ -73,10 +73,12 @@ class EvalPlan:
 
     Attributes:
       batching: "vmap" (pieces of `piece` tasks, each one vmapped graph) or "loop" (one task at a time).
-      piece: tasks at once: the most predicted to fit the memory budget with "vmap", 1 with "loop".
+      piece: tasks at once, 1 with "loop": the fastest size timed (`batching="auto"`), or the most predicted to fit
+        the memory budget (an explicit "vmap").
       reason: why, with the figures.
-      task_seconds: measured seconds per task in the chosen form, on the planning tasks (None: not timed).
-        Approximate: a larger vmapped piece may cost more or less per task than the planning tasks' piece.
+      task_seconds: measured seconds per task on the planning tasks, at `piece` at once (`batching="auto"`), or at
+        `min(piece, PROBE_TASKS)` (an explicit form: approximate, a larger vmapped piece may cost more or less per
+        task); None: not timed.
       sample_seconds: seconds to draw one task (measured on the planning draw; 0 if not timed).
     """
 

@@ -141,8 +141,10 @@ def plan_training(estimator: MetaGradientMethod, loop: InnerLoop, meta: MetaPara
         logger.warning("resuming: the checkpoint's batching %r cannot run (%s); planning afresh", resumed_batching,
                        error)
         chosen = planned(batching)
-    logger.info("plan: %s, %s, chunks of %d tasks, predicted peak %s (%s)", describe(chosen.estimator),
-                chosen.batching, chosen.chunk_size, format_bytes(chosen.predicted_peak_bytes), chosen.reason)
+    call = "" if chosen.predicted_call_seconds is None else \
+        f", ~{chosen.predicted_call_seconds:.3g} s per meta-gradient (its memory probes' calls, approximate)"
+    logger.info("plan: %s, %s, chunks of %d tasks, predicted peak %s%s (%s)", describe(chosen.estimator),
+                chosen.batching, chosen.chunk_size, format_bytes(chosen.predicted_peak_bytes), call, chosen.reason)
     if tasks.windowed and not getattr(chosen.estimator, "online", False):
         raise ValueError(f"meta_train: {tasks!r} gives windows of longer unrolls, which only an online estimator "
                          f"can continue (e.g. online_pes); got {describe(chosen.estimator)}")
@@ -201,9 +203,8 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     `budget.memory` (vmap chunks, or task by task); a configuration that cannot fit raises `BudgetExceeded` before
     any training. Each meta-step samples `meta_batch_size` tasks and runs `meta_step` (a guard stops tasks that
     overrun, see `metaopt.guard`). The peak memory of the whole meta-step (sampling, every chunk forward and
-    backward, the optimizer step) is measured on the first two meta-steps and every `memory_every` after; one in
-    which a compiled estimator traces a new shape (and checks it) holds the compiler's memory too and is reported
-    apart ("compile_peak_bytes", -1: none), as compile time is. If `checkpoint_path` holds a checkpoint, training
+    backward, the optimizer step) is measured on the first two meta-steps and every `memory_every` after (one where a
+    compiled estimator compiles is reported apart, "compile_peak_bytes", -1: none, as compile time is). If `checkpoint_path` holds a checkpoint, training
     resumes from it; checkpoints are written atomically every `checkpoint_every` steps, at the end, and before any
     error leaves this function.
 
@@ -230,9 +231,10 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
 
     Returns:
       Metrics: "meta_steps", "estimator", "estimator_chosen", "predicted_peak_bytes", "measured_peak_bytes",
-      "compile_peak_bytes", "predicted_chunk_seconds" (under a time budget), "memory_method", "plan", "batching",
-      "chunk_size", "tasks_truncated", "tasks_skipped", "tasks_nan_skipped", "meta_train_loss", "seconds_per_meta_step"
-      (median), "train_seconds" (summed over resumed sessions), "overlap", "history", `evaluate`'s figures.
+      "compile_peak_bytes", "predicted_chunk_seconds" (under a time budget), "predicted_call_seconds" (`Plan`'s),
+      "memory_method", "plan", "batching", "chunk_size", "tasks_truncated", "tasks_skipped", "tasks_nan_skipped",
+      "meta_train_loss", "seconds_per_meta_step" (median), "train_seconds" (summed over resumed sessions),
+      "overlap", "history", `evaluate`'s figures.
     """
     _check_arguments(meta_steps, meta_batch_size, inner_steps, on_nan)
     budget = budget if budget is not None else Budget()
@@ -487,6 +489,7 @@ def _run_metrics(state: TrainState, estimator: MetaGradientMethod, chosen: Plan,
         "chunk_size": chosen.chunk_size,
         "predicted_peak_bytes": chosen.predicted_peak_bytes,
         "predicted_chunk_seconds": chosen.predicted_chunk_seconds,
+        "predicted_call_seconds": chosen.predicted_call_seconds,
         **peaks,
         "memory_method": memory_method,
         "budget_memory_bytes": budget.memory,

@@ -119,3 +119,32 @@ def test_validation_plans_once_and_reuses_the_plan(monkeypatch, tmp_path):
     assert validate is not None
     first, second = validate(parts.meta), validate(parts.meta)
     assert first == second and len(calls) == 1
+
+
+def _meta_train(tmp_path, **kwargs):
+    loop, meta, tasks = _problem()
+    return mo.meta_train(loop, meta, mo.Full(), tasks, outer_optimizer=torch.optim.Adam(meta.parameters(), 1e-3),
+                         meta_steps=3, meta_batch_size=4, inner_steps=2, eval_n_tasks=8, eval_batch_size=4,
+                         progress=False, checkpoint_path=tmp_path / "ckpt.pt", **kwargs)
+
+
+def test_a_run_records_its_predicted_and_measured_seconds(tmp_path):
+    metrics = _meta_train(tmp_path)
+    assert metrics["predicted_call_seconds"] > 0 and metrics["seconds_per_meta_step"] > 0
+    assert metrics["predicted_eval_seconds"] > 0 and metrics["eval_seconds"] > 0
+    assert metrics["eval_batch_size"] in (1, 2, 4) and metrics["eval_batching"] in ("vmap", "loop")
+
+
+def test_an_evaluation_that_cannot_run_fails_before_training(tmp_path, monkeypatch):
+    """The final evaluation is planned before the first meta-step: its error comes before any training work."""
+    from metaopt import train as train_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation cannot run")
+
+    steps: list = []
+    monkeypatch.setattr(train_module, "plan_evaluation", broken)
+    monkeypatch.setattr(train_module, "_loop", lambda *args, **kwargs: steps.append(1))
+    with pytest.raises(RuntimeError, match="evaluation cannot run"):
+        _meta_train(tmp_path)
+    assert not steps and not (tmp_path / "ckpt.pt").exists()
