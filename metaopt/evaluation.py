@@ -1,14 +1,14 @@
 """Meta-testing: post-adaptation performance on fresh seeded tasks, planned as training is: by memory, then by time.
 
-`plan_evaluation` sizes the vmapped pieces to the memory budget, then times 1, 2, 4, ... tasks at once up to that
-size and runs the fastest (`EvalPlan`); `evaluate` runs the plan and reports its predicted and measured seconds.
+`plan_evaluation` sizes the pieces (stacked where the loop stacks, else vmapped) to the memory budget, then times 1,
+2, 4, ... tasks at once up to that size and runs the fastest (`EvalPlan`); `evaluate` runs the plan and reports its predicted and measured seconds.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, cast
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
@@ -18,6 +18,7 @@ from metaopt.batching import Batching, compress_support, resolve_batching, vmap_
 from metaopt.budget import Budget, machine_bounded
 from metaopt.loop import InnerLoop, unroll
 from metaopt.memory import measure_peak_memory
+from metaopt.stacked import StackedLoop, stacked_blocker, stacked_slower
 from metaopt.estimators.base import AbstractEstimator
 from metaopt.tasks.augment import pooled_views
 from metaopt.tasks.base import TaskDistribution
@@ -25,7 +26,7 @@ from metaopt.types import MetaParams, Task
 
 __all__ = ["evaluate", "mean_ci95", "task_to", "EvalPlan", "plan_evaluation"]
 
-EvalBatching = Literal["vmap", "loop"]
+EvalBatching = Literal["stacked", "vmap", "loop"]
 PROBE_TASKS = 4  # memory is measured at 1 and min(batch_size, PROBE_TASKS) tasks at once; explicit forms timed there
 TIMING_ROUNDS = 2  # timed calls per size, after a warm-up; the fastest is kept
 
@@ -50,7 +51,8 @@ def _first(batch: Task, count: int) -> Task:
 def _adapted_scores(loop: InnerLoop, meta: MetaParams, batch: Task, classification: bool,
                     batching: Batching, query_views: int = 1) -> tuple[Tensor, Tensor]:
     """Each task's post-adaptation outer loss and accuracy (zeros for regression), [B] each; a query's
-    predictions averaged over its `query_views` views (`TaskDistribution.query_views`)."""
+    predictions averaged over its `query_views` views (`TaskDistribution.query_views`). "stacked": the tasks on
+    their task axis (`metaopt.stacked.StackedLoop`: the loop must stack, `evaluation_form`)."""
     def per_task(task: Task) -> tuple[Tensor, Tensor]:
         state = unroll(loop, loop.init(meta, task.init), task.support, meta, create_graph=False)
         pred, y = pooled_views(loop.predict(state, task.query.x), task.query.y, query_views)
@@ -58,8 +60,9 @@ def _adapted_scores(loop: InnerLoop, meta: MetaParams, batch: Task, classificati
         return loop.outer_loss_fn(pred, y), score
 
     with torch.no_grad():  # torch.func.grad still computes the inner gradients
-        # Evaluation vmaps a batch (stacked batching serves meta-gradients: `metaopt.stacked`).
-        _, prepared = resolve_batching(batch, "vmap" if batching == "stacked" else batching)
+        if batching == "stacked":
+            return _stacked_scores(loop, meta, batch, classification, query_views)
+        _, prepared = resolve_batching(batch, batching)
         if isinstance(prepared, Task):  # vmap
             compressed, pattern = compress_support(prepared)
             return vmap_tasks(per_task, compressed, pattern)
@@ -67,14 +70,32 @@ def _adapted_scores(loop: InnerLoop, meta: MetaParams, batch: Task, classificati
         return loss, score
 
 
+def _stacked_scores(loop: InnerLoop, meta: MetaParams, batch: Task, classification: bool,
+                    query_views: int) -> tuple[Tensor, Tensor]:
+    """`_adapted_scores` of a stacked batch on its task axis: ordinary batched tensor code, no vmap."""
+    on_axis = StackedLoop(loop, batch.query.x.shape[0])
+    state = unroll(on_axis, on_axis.init(meta, batch.init), batch.support, meta, create_graph=False)
+    pred, y = pooled_views(on_axis.predict(state, batch.query.x), batch.query.y, query_views)
+    score = (pred.argmax(-1) == y).to(pred.dtype).flatten(1).mean(1) if classification else pred.new_zeros(len(pred))
+    return losses.per_task(loop.outer_loss_fn, pred, y), score
+
+
+def evaluation_form(loop: InnerLoop, meta: MetaParams) -> tuple[EvalBatching, str]:
+    """How tasks run together in evaluation: "stacked" where the loop stacks and stacking is not expected slower
+    (`metaopt.stacked`; as training's planner decides), else "vmap", and why."""
+    why = stacked_blocker(loop, second_order=False) or stacked_slower(loop, meta)
+    return ("vmap", f"vmapped ({why})") if why else ("stacked", "stacked")
+
+
 @dataclass(frozen=True)
 class EvalPlan:
     """How meta-test tasks run.
 
     Attributes:
-      batching: "vmap" (pieces of `piece` tasks, each one vmapped graph) or "loop" (one task at a time).
+      batching: "stacked" or "vmap" (pieces of `piece` tasks on their task axis, or in one vmapped graph) or
+        "loop" (one task at a time).
       piece: tasks at once, 1 with "loop": the fastest size timed (`batching="auto"`), or the most predicted to fit
-        the memory budget (an explicit "vmap").
+        the memory budget (an explicit "stacked" or "vmap").
       reason: why, with the figures.
       task_seconds: measured seconds per task on the planning tasks, at `piece` at once (`batching="auto"`), or at
         `min(piece, PROBE_TASKS)` (an explicit form: approximate, a larger vmapped piece may cost more or less per
@@ -121,9 +142,9 @@ class _PlanningTasks:
         return self.seconds / max(self.count, 1)
 
 
-def _vmapped_piece(scores: Callable[[int], Any], budget: Budget, batch_size: int, probe_size: int,
+def _batched_piece(scores: Callable[[int], Any], budget: Budget, batch_size: int, probe_size: int,
                    device: torch.device | str) -> tuple[int, str]:
-    """The most tasks per vmapped graph (at most `batch_size`) predicted to fit under `(1 - headroom) x
+    """The most tasks at once (stacked or vmapped; at most `batch_size`) predicted to fit under `(1 - headroom) x
     budget.memory`: measured on 1 and `probe_size` tasks (each after a warm-up), linear in the tasks at once.
     Without a memory budget, under the memory available on `device` now (`machine_bounded`)."""
     budget, available = machine_bounded(budget, device)
@@ -152,34 +173,36 @@ def plan_evaluation(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, 
                     timer: Callable[[EvalBatching, int], float] | None = None) -> EvalPlan:
     """How to run meta-test tasks drawn `batch_size` at a time: by memory, then by time, as training is planned.
 
-    On tasks from a fixed stream (never the meta-test tasks'), the vmapped piece is sized to the memory budget
-    (`_vmapped_piece`, measured on 1 and `min(batch_size, PROBE_TASKS)` tasks). Under `batching="auto"` the
-    seconds per task are then timed at 1 (one task at a time), 2, 4, ... tasks at once up to that piece, until a
+    Tasks run together stacked where the loop stacks, else vmapped (`evaluation_form`), or one at a time. On tasks
+    from a fixed stream (never the meta-test tasks'), the most at once is sized to the memory budget
+    (`_batched_piece`, measured on 1 and `min(batch_size, PROBE_TASKS)` tasks). Under `batching="auto"` the
+    seconds per task are then timed at 1 (one task at a time), 2, 4, ... tasks at once up to that size, until a
     size is no faster than the one before, and the fastest size runs: a vmapped conv4 is a grouped convolution
     whose cost per task grows with the tasks at once on the CPU, while the sinusoid MLP's falls to the largest
     piece. Each size is timed where it will run (a warm-up call, then the fastest of `TIMING_ROUNDS`), so the
-    prediction is of the chosen form itself. An explicit "vmap" ("stacked" means vmap here) or "loop" is kept, and
-    timed on `min(piece, PROBE_TASKS)` tasks for the prediction alone. `timer(form, n_tasks)`: a stand-in for one
-    timed call (tests)."""
+    prediction is of the chosen form itself. An explicit "stacked" (vmap where the loop does not stack), "vmap"
+    or "loop" is kept, and timed on `min(piece, PROBE_TASKS)` tasks for the prediction alone. `timer(form,
+    n_tasks)`: a stand-in for one timed call (tests)."""
     if batching not in ("auto", "stacked", "vmap", "loop"):
         raise ValueError(f"evaluation batching must be 'auto', 'stacked', 'vmap' or 'loop', got {batching!r}")
     drawn = _PlanningTasks(tasks, inner_steps, device, min(batch_size, PROBE_TASKS))
     classification = tasks.kind == "classification"
+    form: EvalBatching
+    form, how = ("vmap", "vmapped") if batching == "vmap" else evaluation_form(loop, meta)
 
-    def scores(count: int, form: Batching = "vmap") -> None:
-        _adapted_scores(loop, meta, drawn.first(count), classification, form, tasks.query_views)
+    def scores(count: int, run: EvalBatching = form) -> None:
+        _adapted_scores(loop, meta, drawn.first(count), classification, run, tasks.query_views)
 
     def per_task(count: int) -> float:
-        return _seconds_per_task(scores, count, timer, device)
+        return _seconds_per_task(scores, count, "loop" if count == 1 else form, timer, device)
 
-    mode = "vmap" if batching == "stacked" else batching
-    piece, why = (1, "one at a time (batching=loop)") if mode == "loop" else \
-        _vmapped_piece(scores, budget, batch_size, max(1, min(batch_size, PROBE_TASKS)), device)
-    if mode != "auto":
-        size = min(piece, PROBE_TASKS) if mode == "vmap" else 1
+    piece, why = (1, "one at a time (batching=loop)") if batching == "loop" else \
+        _batched_piece(scores, budget, batch_size, max(1, min(batch_size, PROBE_TASKS)), device)
+    if batching != "auto":
+        size = 1 if batching == "loop" else min(piece, PROBE_TASKS)
         seconds = per_task(size)
-        return EvalPlan(cast(EvalBatching, mode), piece, f"{why}; {seconds * 1e3:.3g} ms per task timed at {size} "
-                        "at once", seconds, drawn.sample_seconds)
+        return EvalPlan("loop" if batching == "loop" else form, piece, f"{why}, {how}; {seconds * 1e3:.3g} ms per "
+                        f"task timed at {size} at once", seconds, drawn.sample_seconds)
     timed: dict[int, float] = {}
     best = 1
     for size in AbstractEstimator.doubling(2, piece):
@@ -188,16 +211,15 @@ def plan_evaluation(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, 
             break
         best = size
     ladder = ", ".join(f"{size}: {seconds * 1e3:.3g} ms" for size, seconds in timed.items())
-    runs = "one at a time" if best == 1 else f"{best} at once"
-    return EvalPlan("loop" if best == 1 else "vmap", best, f"{why}; per task at 1, 2, 4, ... at once ({ladder}): "
-                    f"{runs}", timed[best], drawn.sample_seconds)
+    runs = "one at a time" if best == 1 else f"{best} at once, {how}"
+    return EvalPlan("loop" if best == 1 else form, best, f"{why}, {how}; per task at 1, 2, 4, ... at once "
+                    f"({ladder}): {runs}", timed[best], drawn.sample_seconds)
 
 
-def _seconds_per_task(scores: Callable[..., None], count: int, timer: Callable[[EvalBatching, int], float] | None,
-                      device: torch.device | str) -> float:
-    """Seconds per task of `count` planning tasks at once (1: one task alone, "loop"): a warm-up, then the fastest
-    of `TIMING_ROUNDS` calls."""
-    form: EvalBatching = "loop" if count == 1 else "vmap"
+def _seconds_per_task(scores: Callable[..., None], count: int, form: EvalBatching,
+                      timer: Callable[[EvalBatching, int], float] | None, device: torch.device | str) -> float:
+    """Seconds per task of `count` planning tasks at once in `form`: a warm-up, then the fastest of `TIMING_ROUNDS`
+    calls."""
     if timer is not None:
         return timer(form, count) / count
     cuda = torch.device(device).type == "cuda"
@@ -225,8 +247,8 @@ def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_ta
     set; the adapted model is scored on its query set (a query's predictions averaged over its views where
     `tasks.query_views` > 1). No meta-gradient is built. Tasks are
     drawn `batch_size` at a time whatever the budget (the same seed and `batching` give the
-    same tasks) and run as `plan` says (default: `plan_evaluation`, i.e. vmapped pieces that fit
-    `budget.memory`, or one at a time where that is measured faster; a caller that evaluates often passes the
+    same tasks) and run as `plan` says (default: `plan_evaluation`, i.e. stacked or vmapped pieces that fit
+    `budget.memory`, of the size measured fastest, or one at a time; a caller that evaluates often passes the
     plan it made once).
 
     Returns:
@@ -253,7 +275,7 @@ def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_ta
     planned = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     classification = tasks.kind == "classification"
-    piece = plan.piece if plan.batching == "vmap" else batch_size  # "loop" runs a piece's tasks in turn
+    piece = batch_size if plan.batching == "loop" else plan.piece  # "loop" runs a piece's tasks in turn
     task_losses, scores = [], []
     with measure_peak_memory(device) as memory:
         for first_task in range(0, n_tasks, batch_size):  # draws as at `batch_size`; run in pieces of `piece`

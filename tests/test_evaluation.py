@@ -41,26 +41,26 @@ def test_auto_times_doubling_pieces_until_one_is_no_faster_and_runs_the_fastest(
     found = plan_evaluation(loop, meta, tasks, mo.Budget(memory="1GB"), inner_steps=2, batch_size=20,
                             timer=timer_of(per_task_ms, calls))
     assert calls == sizes and found.piece == chosen
-    assert found.batching == ("loop" if chosen == 1 else "vmap")
+    assert found.batching == ("loop" if chosen == 1 else "stacked")  # an InnerLoop on an MLP stacks
     assert found.task_seconds == pytest.approx(per_task_ms(chosen) * 1e-3)
     assert "per task at 1, 2, 4, ... at once" in found.reason
 
 
 def test_the_pieces_timed_stop_at_what_fits_the_memory(monkeypatch):
     loop, meta, tasks = _problem()
-    monkeypatch.setattr(evaluation, "_vmapped_piece", lambda *args: (6, "6 of 20 at once fit"))
+    monkeypatch.setattr(evaluation, "_batched_piece", lambda *args: (6, "6 of 20 at once fit"))
     calls: list = []
     found = plan_evaluation(loop, meta, tasks, mo.Budget(memory="1GB"), inner_steps=2, batch_size=20,
                             timer=timer_of(lambda n: 1 / n, calls))
-    assert calls == [1, 2, 4, 6] and (found.batching, found.piece) == ("vmap", 6)
-    monkeypatch.setattr(evaluation, "_vmapped_piece", lambda *args: (1, "1 of 20 at once fits"))
+    assert calls == [1, 2, 4, 6] and (found.batching, found.piece) == ("stacked", 6)
+    monkeypatch.setattr(evaluation, "_batched_piece", lambda *args: (1, "1 of 20 at once fits"))
     calls.clear()
     found = plan_evaluation(loop, meta, tasks, mo.Budget(memory="1GB"), inner_steps=2, batch_size=20,
                             timer=timer_of(lambda n: 1 / n, calls))
     assert calls == [1] and (found.batching, found.piece) == ("loop", 1)
 
 
-@pytest.mark.parametrize("asked, form, piece, timed", [("vmap", "vmap", 20, 4), ("stacked", "vmap", 20, 4),
+@pytest.mark.parametrize("asked, form, piece, timed", [("vmap", "vmap", 20, 4), ("stacked", "stacked", 20, 4),
                                                        ("loop", "loop", 1, 1)])
 def test_an_explicit_batching_is_kept_and_timed_for_the_prediction_alone(asked, form, piece, timed):
     loop, meta, tasks = _problem()
@@ -77,10 +77,11 @@ def test_the_plan_predicts_drawing_and_scoring_per_task():
     assert EvalPlan("loop", 1, "").predicted_seconds(600) is None
 
 
-@pytest.mark.parametrize("batching", ["vmap", "loop"])
-def test_either_form_scores_the_same_tasks_the_same(batching):
-    """The plan changes how tasks run, never which tasks or their scores: vmapped pieces of 3 and one task at a
-    time give the same per-task losses (float64) as a reference computed task by task with `unroll`, here."""
+@pytest.mark.parametrize("batching", ["stacked", "vmap", "loop"])
+def test_every_form_scores_the_same_tasks_the_same(batching):
+    """The plan changes how tasks run, never which tasks or their scores: stacked or vmapped pieces of 3 and one
+    task at a time give the same per-task losses (float64) as a reference computed task by task with `unroll`,
+    here."""
     loop, meta, tasks = _problem()
     plan = EvalPlan(batching, 3, "given")
     got = mo.evaluate(loop, meta, tasks, n_tasks=7, batch_size=5, inner_steps=2, seed=3, plan=plan,
@@ -100,7 +101,7 @@ def test_either_form_scores_the_same_tasks_the_same(batching):
 def test_a_real_plan_is_timed_and_predicts_the_evaluation():
     loop, meta, tasks = _problem()
     metrics = mo.evaluate(loop, meta, tasks, n_tasks=20, batch_size=10, inner_steps=2)
-    assert metrics["eval_batching"] in ("vmap", "loop") and "per task at 1, 2, 4, ... at once" in metrics["eval_plan"]
+    assert metrics["eval_batching"] in ("stacked", "loop") and "per task at 1, 2, 4, ... at once" in metrics["eval_plan"]
     assert metrics["predicted_eval_seconds"] > 0 and metrics["eval_plan_seconds"] > 0
 
 
@@ -132,7 +133,7 @@ def test_a_run_records_its_predicted_and_measured_seconds(tmp_path):
     metrics = _meta_train(tmp_path)
     assert metrics["predicted_call_seconds"] > 0 and metrics["seconds_per_meta_step"] > 0
     assert metrics["predicted_eval_seconds"] > 0 and metrics["eval_seconds"] > 0
-    assert metrics["eval_batch_size"] in (1, 2, 4) and metrics["eval_batching"] in ("vmap", "loop")
+    assert metrics["eval_batch_size"] in (1, 2, 4) and metrics["eval_batching"] in ("stacked", "loop")
 
 
 def test_an_evaluation_that_cannot_run_fails_before_training(tmp_path, monkeypatch):
@@ -148,3 +149,20 @@ def test_an_evaluation_that_cannot_run_fails_before_training(tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="evaluation cannot run"):
         _meta_train(tmp_path)
     assert not steps and not (tmp_path / "ckpt.pt").exists()
+
+
+def test_a_loop_that_does_not_stack_evaluates_vmapped_and_a_stacked_conv4_scores_as_one_at_a_time():
+    """A ProtoNet's loop has methods of its own: evaluation vmaps it. A conv4 classifier with BatchNorm (per-task
+    statistics) and two inner steps stacks: its per-task losses and accuracies equal one task at a time's (float64)."""
+    model = mo.Conv4(in_channels=1, out_features=3, channels=4, image_size=8, pools=2)
+    tasks = mo.RandomPatterns(n_way=3, k_shot=2, k_query=3, size=8)
+    proto = mo.PrototypeLoop(model)
+    assert evaluation.evaluation_form(proto, mo.meta_params(mo.Init(model)))[0] == "vmap"
+    loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.1), mo.losses.cross_entropy)
+    meta = mo.meta_params(mo.Init(model), mo.LearningRates(model))
+    assert evaluation.evaluation_form(loop, meta)[0] == "stacked"
+    got = {form: mo.evaluate(loop, meta, tasks, n_tasks=5, batch_size=5, inner_steps=2, plan=EvalPlan(form, 5, ""),
+                             return_per_task=True) for form in ("stacked", "loop")}
+    for key in ("task_losses", "task_accuracies"):
+        torch.testing.assert_close(got["stacked"][key], got["loop"][key], rtol=1e-10, atol=1e-12)
+    assert got["loop"]["task_accuracies"].unique().numel() > 1 or got["loop"]["task_losses"].std() > 0

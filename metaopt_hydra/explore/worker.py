@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 import torch
 from hydra.utils import instantiate
@@ -29,11 +29,10 @@ __all__ = ["trial_worker", "worker_main"]
 
 
 def _rung(cfg: Any, parts: Any, run_dir: Path, index: int, steps: int, logger: RunLogger,
-          run_id: str) -> tuple[Rung, dict[str, Any]]:
+          run_id: str, validate: Callable[[Any], dict[str, float]] | None) -> tuple[Rung, dict[str, Any]]:
     cfg.meta_steps = steps
     metrics = train_from_config(cfg, parts, run_dir, evaluate=False, log=logger.log,
                                 checkpoint_extra={"config": resolved(cfg), "logger_run_id": run_id})
-    validate = validation(cfg, parts)
     val = validate(parts.meta) if validate is not None else {"val_loss": metrics["meta_train_loss"]}
     logger.log({**val, "rung": index}, steps)
     metrics.update(val, status="ok", config=resolved(cfg), rung=index)
@@ -82,8 +81,9 @@ def trial_worker(config_yaml: str, run_dir: str, rung_steps: list[int], group: s
     try:
         parts = build(cfg)
         logger, run_id = _start_logger(cfg, path, group)
+        validate = validation(cfg, parts)  # one per trial: it plans its evaluation once, at the first rung
         for index, steps in enumerate(rung_steps):
-            rung, _ = _rung(cfg, parts, path, index, steps, logger, run_id)
+            rung, _ = _rung(cfg, parts, path, index, steps, logger, run_id, validate)
             conn.send(("rung", rung))
             if index + 1 == len(rung_steps):
                 conn.send(("done",))
