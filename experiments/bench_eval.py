@@ -74,7 +74,7 @@ def main() -> None:
         gap = (results["vmap"]["task_losses"] - results["auto"]["task_losses"]).abs().max().item()
         speedups[name] = vmap_s / auto_s
         auto = plans["auto"]
-        print(f"| {name} | {auto.batching} ({auto.piece} at once) | {vmap_s:.2f} | {auto_s:.2f} | {predicted:.2f} | "
+        print(f"| {name} | {auto.batching} ({auto.piece} at once) | {vmap_s:.3g} | {auto_s:.3g} | {predicted:.3g} | "
               f"{auto_s / predicted:.2f} | {speedups[name]:.2f}x | {gap:.1e} |", flush=True)
         print(f"  auto: {auto.reason}", flush=True)
     print("speedup_auto_vs_vmap " + " ".join(f"{name}:{x:.2f}" for name, x in speedups.items()))
