@@ -230,6 +230,8 @@ class Compiled:
         without it before falling back).
       fullgraph: refuse graph breaks (a break means Python runs between kernels: the gain is gone).
       verify: check the first call at each input shape against eager (see the module docstring).
+      choose: compile only where it pays (`compile: auto`): a training run plans it eager and compiled and runs
+        the faster (`metaopt.compile_choice.choose_compiled`); False: always compiled.
       backend: `torch.compile`'s backend. "inductor" (the default) generates kernels. "cudagraphs" runs the
         traced graph with eager's kernels under CUDA graphs (torch's backend of that name: no code generation,
         the launches gone; on the CPU it runs the graph as "aot_eager" does): for a model whose eager kernels
@@ -248,7 +250,7 @@ class Compiled:
     """
 
     def __init__(self, estimator: Differentiator, *, mode: str | None = None, options: dict[str, Any] | None = None,
-                 fullgraph: bool = True, verify: bool = True, backend: str = "inductor"):
+                 fullgraph: bool = True, verify: bool = True, backend: str = "inductor", choose: bool = False):
         if isinstance(estimator, Compiled):
             estimator = estimator.eager
         if mode is not None:
@@ -265,7 +267,7 @@ class Compiled:
         if backend != "inductor" and (mode is not None or options):
             raise ValueError(f"Compiled: mode = {mode!r}, options = {options!r} are Inductor's; backend = "
                              f"{backend!r} takes neither")
-        self.backend = backend
+        self.backend, self.choose = backend, choose
         self.eager: Any = estimator  # an estimator (its name, declarations and task_objective)
         self.mode, self.options, self.fullgraph, self.verify = mode, options, fullgraph, verify
         self._replays_graphs = _replays_graphs(backend, mode, options)

@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 from metaopt.batching import Batching
 from metaopt.budget import Budget
 from metaopt.checkpoint import load_checkpoint, save_atomic
+from metaopt.compile_choice import choose_compiled
+from metaopt.compiled import Compiled
 from metaopt.callbacks import Callback
 from metaopt.estimators.base import AbstractEstimator, MetaGradientMethod
 from metaopt.evaluation import evaluate, mean_ci95, plan_evaluation, task_to
@@ -118,7 +120,7 @@ def plan_training(estimator: MetaGradientMethod, loop: InnerLoop, meta: MetaPara
                   outer_optimizer: torch.optim.Optimizer, *, meta_batch_size: int, inner_steps: int, budget: Budget,
                   batching: Batching = "auto", seed: int = 0, device: torch.device | str = "cpu",
                   meter: Meter | None = None, timer: Timer | None = None,
-                  resumed_batching: str | None = None, overlap: bool = False) -> Plan:
+                  resumed_batching: str | None = None, overlap: bool = False, meta_steps: int = 0) -> Plan:
     """The plan of a run's meta-steps, on a batch drawn from its own generator (planning never changes the
     training tasks); the outer optimizer's state counts in the prediction. Under "auto", a resumed run keeps
     `resumed_batching`, the batching its checkpoint recorded: "auto" times the batchings against each other, and
@@ -130,6 +132,9 @@ def plan_training(estimator: MetaGradientMethod, loop: InnerLoop, meta: MetaPara
     fixed = state_bytes + (undo_bytes(outer_optimizer, state_bytes) if overlap else 0)
 
     def planned(batching: Batching) -> Plan:
+        if isinstance(estimator, Compiled) and estimator.choose:  # compile: auto
+            return choose_compiled(estimator, loop, meta, batch, budget, meta_steps=meta_steps, batching=batching,
+                                   device=device, meter=meter, timer=timer, fixed_bytes=fixed)
         return plan(estimator, loop, meta, batch, budget, batching=batching, device=device, meter=meter, timer=timer,
                     fixed_bytes=fixed)
     kept = cast(Batching, resumed_batching) if resumed_batching and batching == "auto" else None
@@ -186,12 +191,11 @@ def _plan_and_state(estimator: MetaGradientMethod, loop: InnerLoop, meta: MetaPa
 
 def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod, tasks: TaskDistribution, *,
                outer_optimizer: torch.optim.Optimizer, meta_steps: int, meta_batch_size: int = 25,
-               inner_steps: int = 1, budget: Budget | None = None, batching: Batching = "auto",
-               seed: int = 0, eval_tasks: TaskDistribution | None = None, eval_inner_steps: int | None = None,
-               eval_n_tasks: int = 600, checkpoint_path: str | Path | None = None,
-               checkpoint_every: int = 1000, log: LogFn | None = None, log_every: int = 100,
+               inner_steps: int = 1, budget: Budget | None = None, batching: Batching = "auto", seed: int = 0,
+               eval_tasks: TaskDistribution | None = None, eval_inner_steps: int | None = None, eval_n_tasks: int = 600,
+               checkpoint_path: str | Path | None = None, checkpoint_every: int = 1000, log: LogFn | None = None,
                progress: bool = True, device: torch.device | str = "cpu", on_nan: Literal["raise", "skip"] = "raise",
-               memory_every: int = 1000, clock: Callable[[], float] | None = None,
+               log_every: int = 100, memory_every: int = 1000, clock: Callable[[], float] | None = None,
                memory_probe: Callable[[], int] | None = None, meter: Meter | None = None, timer: Timer | None = None,
                max_grad_norm: float | None = None, eval_batch_size: int = 100, eval_batching: Batching | None = None,
                checkpoint_extra: dict[str, Any] | None = None, callbacks: Sequence[Callback] = (),
@@ -204,9 +208,9 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     any training. Each meta-step samples `meta_batch_size` tasks and runs `meta_step` (a guard stops tasks that
     overrun, see `metaopt.guard`). The peak memory of the whole meta-step (sampling, every chunk forward and
     backward, the optimizer step) is measured on the first two meta-steps and every `memory_every` after (one where a
-    compiled estimator compiles is reported apart, "compile_peak_bytes", -1: none, as compile time is). If `checkpoint_path` holds a checkpoint, training
-    resumes from it; checkpoints are written atomically every `checkpoint_every` steps, at the end, and before any
-    error leaves this function.
+    compiled estimator compiles: "compile_peak_bytes", -1: none, as compile time is). Training resumes from the
+    checkpoint at `checkpoint_path` if any; checkpoints are written atomically every `checkpoint_every` steps, at
+    the end, and before any error leaves this function.
 
     Args:
       on_nan, max_grad_norm: see `StepConfig`.
@@ -243,7 +247,8 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     overlap = _overlaps(overlap, tasks, estimator, device)
     chosen, state = _plan_and_state(estimator, loop, meta, tasks, outer_optimizer, checkpoint_path, seed,
                                     meta_batch_size=meta_batch_size, inner_steps=inner_steps, budget=budget,
-                                    batching=batching, device=device, meter=meter, timer=timer, overlap=overlap)
+                                    meter=meter, batching=batching, device=device, timer=timer, overlap=overlap,
+                                    meta_steps=meta_steps)
     config = StepConfig(loop, chosen, budget, on_nan, max_grad_norm, clock, memory_probe, lr_schedule)
     evaluation = _final_evaluation(loop, meta, eval_tasks or tasks, budget, eval_n_tasks, device=device,
                                    inner_steps=inner_steps if eval_inner_steps is None else eval_inner_steps,

@@ -192,7 +192,7 @@ def run_training(cfg: DictConfig) -> float:
             metrics, parts = train_ensemble(cfg, parts, run_dir, log=logger.log, checkpoint_extra=extra)
         else:
             metrics = train_from_config(cfg, parts, run_dir, log=logger.log, checkpoint_extra=extra)
-        metrics.update(compile_record(cfg, parts.estimator))
+        metrics.update(compile_record(cfg, parts.estimator, metrics))
         if parts.meta_test_skipped is not None:
             metrics["meta_test_skipped"] = parts.meta_test_skipped
         if cfg.eval.get("protocols"):

@@ -133,28 +133,38 @@ def member_config(cfg: DictConfig, i: int) -> DictConfig:
 
 
 def compiled_if_asked(cfg: DictConfig, estimator: MetaGradientMethod) -> MetaGradientMethod:
-    """The estimator wrapped in `metaopt.compiled.Compiled` when `compile: true`, in torch.compile's
+    """The estimator wrapped in `metaopt.compiled.Compiled` when `compile: true` (or `auto`: compiled only where the
+    run is long enough and compiled is measured faster, `metaopt.compile_choice`), in torch.compile's
     `compile_mode` (null: the default; "reduce-overhead": CUDA graphs) and `compile_backend` ("inductor";
     "cudagraphs": eager's kernels under CUDA graphs); a planning policy such as `auto` stays eager
     (`compile_record` says why)."""
-    if cfg.get("compile", False) and isinstance(estimator, AbstractEstimator):
+    asked = cfg.get("compile", False)
+    if asked not in (True, False, "auto"):
+        raise ValueError(f"compile = {asked!r}: use true, false or auto (compile where it pays)")
+    if asked and isinstance(estimator, AbstractEstimator):
         return cast(MetaGradientMethod, Compiled(estimator, mode=cfg.get("compile_mode"),
-                                                 backend=cfg.get("compile_backend") or "inductor"))
+                                                 backend=cfg.get("compile_backend") or "inductor",
+                                                 choose=asked == "auto"))
     return estimator
 
 
-def compile_record(cfg: DictConfig, estimator: MetaGradientMethod) -> dict[str, Any]:
-    """For metrics.json: "compiled" (whether the meta-gradients ran compiled), and with `compile: true`
-    "compile_seconds" and, where it ran eager, "compile_fallback_reason"."""
+def compile_record(cfg: DictConfig, estimator: MetaGradientMethod, metrics: dict[str, Any]) -> dict[str, Any]:
+    """For metrics.json: "compiled" (whether the meta-gradients ran compiled), and with `compile: true` or `auto`
+    "compile_seconds" (planning's compilation included) and, where it ran eager, "compile_fallback_reason";
+    with `auto`, "compile_choice" ("compiled" or "eager": the plan's reason says why)."""
     if not cfg.get("compile", False):
         return {"compiled": False}
     if not isinstance(estimator, Compiled):
         return {"compiled": False, "compile_fallback_reason": f"estimator {estimator.name!r} is a planning policy: "
                 "compile an estimator (e.g. estimator=full)"}
-    record: dict[str, Any] = {"compiled": estimator.compiled and estimator.compiled_calls > 0,
+    chosen = not estimator.choose or str(metrics.get("estimator_config", "")).startswith("compiled(")
+    record: dict[str, Any] = {"compiled": chosen and estimator.compiled and estimator.compiled_calls > 0,
                               "compile_seconds": estimator.compile_seconds}
+    if estimator.choose:
+        record["compile_choice"] = "compiled" if chosen else "eager"
     if not record["compiled"]:
-        record["compile_fallback_reason"] = estimator.fallback_reason or "no meta-gradient was computed"
+        record["compile_fallback_reason"] = estimator.fallback_reason or (
+            "no meta-gradient was computed" if chosen else "compile: auto chose eager (the plan says why)")
     return record
 
 
