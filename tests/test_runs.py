@@ -105,6 +105,7 @@ def test_changed_keys_ignore_what_may_change_on_resume():
     ("experiment=learned_optimizer_online estimator=auto", "estimator=Auto takes no `population` (estimator.population"
                                                           "=16: the config sets it for another estimator"),
     ("eval.n_tasks=-1", "eval.n_tasks must be >= 0"),
+    ("compile=yes", "compile = 'yes': use true, false or auto"),
 ])
 def test_contract_failures_before_work_leave_a_record(tmp_path, override, message):
     result = run_train(tmp_path, "debug=tiny", *override.split())
@@ -297,3 +298,12 @@ def test_online_run_trains_windows_of_a_long_unroll_and_evaluates_at_the_horizon
     assert ckpt["carry"].plus.params["net.0.weight"].shape[:2] == (2, 1)
     refused = run_train(tmp_path / "full", "debug=tiny", "online_horizon=4")
     assert refused.returncode != 0 and "only an online estimator can continue" in refused.stderr
+
+
+def test_compile_auto_records_its_choice_and_a_short_run_stays_eager(tmp_path):
+    result = run_train(tmp_path, "debug=tiny", "compile=auto")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = _metrics(tmp_path)
+    assert metrics["status"] == "ok" and metrics["compiled"] is False and metrics["compile_choice"] == "eager"
+    assert metrics["compile_seconds"] == 0 and "under the 60 s after which compiling may pay" in metrics["plan"]
+    assert metrics["predicted_eval_seconds"] > 0 and metrics["eval_seconds"] > 0
