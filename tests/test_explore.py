@@ -202,3 +202,19 @@ def test_a_worker_applies_its_trials_allocator_and_is_reused_only_for_the_same_o
     runner.idle = [dead, system, keep]
     assert runner._worker("keep") == (keep[0], "c2") and runner._worker("system") == (system[0], "c1")
     assert runner.idle == []  # the dead one dropped, the others taken
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "search").glob("*.yaml")))
+def test_every_search_space_composes_with_its_base(name):
+    """Each shipped search space's base and drawn keys are keys of the config (a typo would fail every trial)."""
+    from hydra import compose, initialize_config_dir
+
+    spec = OmegaConf.load(ROOT / "conf" / "search" / f"{name}.yaml")
+    base = [str(o).replace("${data.root}", "/nowhere") for o in OmegaConf.to_container(spec.base, resolve=False)]
+    space = SearchSpace(spec.params)
+    drawn = {k: (d.choices[-1] if hasattr(d, "choices") else d.high) for k, d in space.distributions.items()}
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=base + space.overrides(drawn))
+    for key, value in drawn.items():
+        if "." in key:  # a config group (estimator=...) is not a value to read back
+            assert OmegaConf.select(cfg, key) == value, key
