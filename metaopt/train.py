@@ -120,19 +120,26 @@ def plan_training(estimator: MetaGradientMethod, loop: InnerLoop, meta: MetaPara
                   outer_optimizer: torch.optim.Optimizer, *, meta_batch_size: int, inner_steps: int, budget: Budget,
                   batching: Batching = "auto", seed: int = 0, device: torch.device | str = "cpu",
                   meter: Meter | None = None, timer: Timer | None = None,
-                  resumed_batching: str | None = None, overlap: bool = False, meta_steps: int = 0) -> Plan:
+                  resumed_batching: str | None = None, overlap: bool = False, meta_steps: int = 0,
+                  resumed_compiled: bool | None = None) -> Plan:
     """The plan of a run's meta-steps, on a batch drawn from its own generator (planning never changes the
     training tasks); the outer optimizer's state counts in the prediction. Under "auto", a resumed run keeps
     `resumed_batching`, the batching its checkpoint recorded: "auto" times the batchings against each other, and
     a timing on a loaded machine could pick another one for the resumed session, whose sums would then round
-    differently (resuming would not be bit-exact); where it can no longer run (e.g. another model), afresh."""
+    differently (resuming would not be bit-exact); where it can no longer run (e.g. another model), afresh. So does
+    `compile: auto`'s choice (`resumed_compiled`: whether the first session ran compiled)."""
     batch = task_to(tasks.sample(meta_batch_size, inner_steps, torch.Generator().manual_seed(seed + 7919)), device)
 
     state_bytes = optimizer_state_bytes(outer_optimizer)
     fixed = state_bytes + (undo_bytes(outer_optimizer, state_bytes) if overlap else 0)
 
     def planned(batching: Batching) -> Plan:
-        if isinstance(estimator, Compiled) and estimator.choose:  # compile: auto
+        if isinstance(estimator, Compiled) and estimator.choose and resumed_compiled is not None:  # compile: auto
+            kept = plan(estimator if resumed_compiled else estimator.eager, loop, meta, batch, budget,
+                        batching=batching, device=device, meter=meter, timer=timer, fixed_bytes=fixed)
+            choice = "compiled" if resumed_compiled else "eager"
+            return kept._replace(reason=f"{kept.reason}; compile: auto's choice ({choice}) kept from the checkpoint")
+        if isinstance(estimator, Compiled) and estimator.choose:
             return choose_compiled(estimator, loop, meta, batch, budget, meta_steps=meta_steps, batching=batching,
                                    device=device, meter=meter, timer=timer, fixed_bytes=fixed)
         return plan(estimator, loop, meta, batch, budget, batching=batching, device=device, meter=meter, timer=timer,
@@ -173,6 +180,13 @@ def _per_pass(estimator: AbstractEstimator) -> int | None:
     return getattr(estimator, option) if option else None
 
 
+def _recorded(estimator: MetaGradientMethod, chosen: Plan) -> dict[str, Any]:
+    """What a checkpoint keeps of the plan: what was chosen by timing (batching, repetitions per pass, `compile:
+    auto`'s choice) is kept by a resumed session rather than timed again."""
+    return {"estimator": estimator.name, "batching": chosen.batching, "per_pass": _per_pass(chosen.estimator),
+            "compiled": isinstance(chosen.estimator, Compiled)}
+
+
 def _plan_and_state(estimator: MetaGradientMethod, loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution,
                     outer_optimizer: torch.optim.Optimizer, checkpoint_path: str | Path | None, seed: int,
                     **planning: Any) -> tuple[Plan, TrainState]:
@@ -182,7 +196,8 @@ def _plan_and_state(estimator: MetaGradientMethod, loop: InnerLoop, meta: MetaPa
         else None
     estimator = _with_resumed_per_pass(estimator, resumed)
     chosen = plan_training(estimator, loop, meta, tasks, outer_optimizer, seed=seed,
-                           resumed_batching=(resumed or {}).get("batching"), **planning)
+                           resumed_batching=(resumed or {}).get("batching"),
+                           resumed_compiled=(resumed or {}).get("compiled"), **planning)
     state = TrainState(meta, outer_optimizer, torch.Generator().manual_seed(seed), estimator=chosen.estimator)
     if resumed is not None:
         state.load_state_dict(resumed)
@@ -253,8 +268,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     evaluation = _final_evaluation(loop, meta, eval_tasks or tasks, budget, eval_n_tasks, device=device,
                                    inner_steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
                                    batch_size=eval_batch_size, batching=eval_batching or batching)
-    recorded = {"estimator": estimator.name, "batching": chosen.batching, "per_pass": _per_pass(chosen.estimator)}
-    save = _Checkpointer(state, checkpoint_path, {**recorded, **(checkpoint_extra or {})}, time_limit)
+    save = _Checkpointer(state, checkpoint_path, _recorded(estimator, chosen) | (checkpoint_extra or {}), time_limit)
     recorder = _Recorder(state, meta_steps, log_every, log, progress, estimator.name, callbacks)
     with _sampling(tasks, state, save, prefetch, device, meta_batch_size, inner_steps) as sample:
         peaks = _loop(state, config, sample, meta_steps, recorder, save, checkpoint_every, memory_every, device,

@@ -71,3 +71,27 @@ def test_meta_train_under_compile_auto_runs_a_short_run_eager_and_never_compiles
                             progress=False)
     assert metrics["estimator_config"] == "full()" and compiled.first_calls == 0 and compiled.compiled_calls == 0
     assert "eager: the run's meta-gradients are predicted" in metrics["plan"]
+
+
+def test_a_resumed_run_keeps_the_choice_its_first_session_made(tmp_path, monkeypatch):
+    """The choice is timed, like the batching: a resumed session keeps it (re-timed, it could differ and the run
+    would not resume bit for bit). Here a fresh choice would compile (the threshold set to 0 s); the resumed session
+    keeps the first session's eager choice and compiles nothing."""
+    loop, meta, _ = _problem()
+
+    def run(steps: int, compiled: Compiled, path) -> dict:
+        return mo.meta_train(loop, meta, compiled, mo.Sinusoid(k_shot=5), meta_steps=steps, meta_batch_size=4,
+                             inner_steps=2, outer_optimizer=torch.optim.Adam(meta.parameters(), 1e-3),
+                             eval_n_tasks=0, progress=False, checkpoint_path=path)
+
+    first = run(2, Compiled(E.Full(), backend="aot_eager", choose=True), tmp_path / "ckpt.pt")
+    assert first["estimator_config"] == "full()"
+    monkeypatch.setattr(compile_choice, "COMPILE_PAYS_AFTER", 0.0)
+    resumed_wrapper = Compiled(E.Full(), backend="aot_eager", choose=True)
+    resumed = run(3, resumed_wrapper, tmp_path / "ckpt.pt")
+    assert resumed["meta_steps"] == 3 and resumed["estimator_config"] == "full()"
+    assert "compile: auto's choice (eager) kept from the checkpoint" in resumed["plan"]
+    assert resumed_wrapper.first_calls == 0
+    fresh_wrapper = Compiled(E.Full(), backend="aot_eager", choose=True)
+    run(1, fresh_wrapper, tmp_path / "fresh.pt")
+    assert fresh_wrapper.first_calls >= 1  # without a checkpoint, the same settings compile to time it
