@@ -176,6 +176,20 @@ def test_bench_es_runs_small_and_particles_in_one_pass_give_the_same_estimate():
     assert len(rows) == 4 and max(float(row[6]) for row in rows) < 1e-4
 
 
+def test_bench_eval_runs_small_and_both_plans_score_the_same_tasks_alike():
+    """bench_eval.py on the sinusoid, 10 tasks, one round: the planner's evaluation and the vmapped one score the
+    same tasks to float32 rounding, and the last line has its documented form (no assertion on the timings)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_eval.py"), "--problems", "sinusoid",
+                             "--repeats", "1", "--tasks", "10"], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert re.fullmatch(r"speedup_auto_vs_vmap sinusoid:\d+\.\d\d", lines[-1]), lines[-1]
+    row = next(line for line in lines if line.startswith("| sinusoid |")).split("|")
+    assert float(row[8]) < 1e-5 and "stacked" in row[2]
+
+
 def test_bench_es_times_online_pes_on_the_learned_optimizer_experiment():
     """bench_es.py's learned_optimizer_online problem (the experiment's config, population 2): the one-pass second
     window equals one at a time (the same noise, the same carried states), and the last line names it."""
