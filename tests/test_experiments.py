@@ -19,6 +19,16 @@ def run_train(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
                            *overrides], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
 
 
+def run_experiment(script: str, *args: str) -> list[str]:
+    """Run `experiments/<script>` on one thread from the repository root and return its stdout lines; it must exit 0
+    (the failure message shows the output's tail)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], capture_output=True,
+                            text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout.strip().splitlines()
+
+
 @pytest.mark.parametrize("experiment", [None, "sinusoid_maml", "sinusoid_metasgd"])
 def test_train_writes_metrics_and_checkpoint(tmp_path, experiment):
     overrides = ["debug=tiny"] + ([f"experiment={experiment}"] if experiment else [])
@@ -112,26 +122,18 @@ def test_check_cuda_device_sampling_runs_as_a_cpu_smoke_test():
     tasks; the matmul convolution's meta-gradients; prefetching's parameters; the cudagraphs backend, there the
     traced graph run without CUDA graphs) run without a GPU on --device cpu,
     so the script and bench_gpu's generated Omniglot it imports stay runnable."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "check_cuda.py"), "--device", "cpu",
-                             "--only", "sampling", "matmul", "prefetch", "graphs"], capture_output=True, text=True,
-                            env=env, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert result.stdout.count("device sampling") == 2 and "all checks passed" in result.stdout
-    assert "matmul convolution:" in result.stdout and "prefetch:" in result.stdout
-    graphs = [line for line in result.stdout.splitlines() if line.startswith("cudagraphs backend:")]
+    lines = run_experiment("check_cuda.py", "--device", "cpu", "--only", "sampling", "matmul", "prefetch", "graphs")
+    out = "\n".join(lines)
+    assert out.count("device sampling") == 2 and "all checks passed" in out
+    assert "matmul convolution:" in out and "prefetch:" in out
+    graphs = [line for line in lines if line.startswith("cudagraphs backend:")]
     assert len(graphs) == 1 and "largest relative difference 0.0e+00" in graphs[0]  # eager's kernels, in order
 
 
 def test_bench_conv4_runs_small_and_prints_its_speedup_line():
     """bench_conv4.py on a 4-filter conv4 and 2 tasks: every variant's gradient agrees with the default's, and
     the last line has the contract's form (no assertion on the timings)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_conv4.py"), "--channels", "4",
-                             "--meta-batch", "2", "--repeats", "1"], capture_output=True, text=True, env=env, cwd=ROOT,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    lines = result.stdout.strip().splitlines()
+    lines = run_experiment("bench_conv4.py", "--channels", "4", "--meta-batch", "2", "--repeats", "1")
     assert re.fullmatch(r"speedup_vs_default maml:\d+\.\d\d protonet:\d+\.\d\d", lines[-1])
     differences = [float(row.split("|")[4]) for row in lines if row.startswith("| ") and "loop |" in row]
     assert len(differences) == 6 and max(differences) < 1e-2
@@ -141,13 +143,8 @@ def test_bench_stacking_runs_small_and_every_batching_computes_the_same_gradient
     """bench_stacking.py on the sinusoid: each estimator's stacked and task-by-task gradients agree with its vmapped
     one, the stacked form holds no more tensor memory than the vmapped one, and the last line has its documented form
     (no assertion on the timings)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     names = ("full", "checkpoint", "truncated", "first_order", "forward")  # implicit: its float32 CG is ill-conditioned
-    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_stacking.py"), "--problems", "sinusoid",
-                             "--repeats", "1", "--estimators", *names], capture_output=True, text=True, env=env,
-                            cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    lines = result.stdout.strip().splitlines()
+    lines = run_experiment("bench_stacking.py", "--problems", "sinusoid", "--repeats", "1", "--estimators", *names)
     assert re.fullmatch("speedup_stacked_vs_vmap " + " ".join(rf"sinusoid/{n}:\d+\.\d\d" for n in names), lines[-1])
     rows = [row.split("|") for row in lines if row.startswith("| ") and row.endswith(" |") and "x |" in row]
     differences = [float(d) for row in rows for d in row[6].split(",")]
@@ -160,12 +157,8 @@ def test_bench_es_runs_small_and_particles_in_one_pass_give_the_same_estimate():
     """bench_es.py on the sinusoid, population 4, stacked and vmapped: the one-pass estimates agree with one unroll
     after another (the same noise), stacked with vmapped, and the last two lines have their documented form (no
     assertion on the timings)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_es.py"), "--problems", "sinusoid",
-                             "--repeats", "1", "--population", "4", "--batchings", "stacked", "vmap"],
-                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    lines = result.stdout.strip().splitlines()
+    lines = run_experiment("bench_es.py", "--problems", "sinusoid", "--repeats", "1", "--population", "4",
+                           "--batchings", "stacked", "vmap")
     x = r"\d+\.\d\d"
     assert re.fullmatch(rf"speedup_particles_in_one_pass sinusoid/es/stacked:{x} sinusoid/es/vmap:{x} "
                         rf"sinusoid/pes/stacked:{x} sinusoid/pes/vmap:{x}", lines[-1])
@@ -179,12 +172,7 @@ def test_bench_es_runs_small_and_particles_in_one_pass_give_the_same_estimate():
 def test_bench_eval_runs_small_and_both_plans_score_the_same_tasks_alike():
     """bench_eval.py on the sinusoid, 10 tasks, one round: the planner's evaluation and the vmapped one score the
     same tasks to float32 rounding, and the last line has its documented form (no assertion on the timings)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_eval.py"), "--problems", "sinusoid",
-                             "--repeats", "1", "--tasks", "10"], capture_output=True, text=True, env=env, cwd=ROOT,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    lines = result.stdout.strip().splitlines()
+    lines = run_experiment("bench_eval.py", "--problems", "sinusoid", "--repeats", "1", "--tasks", "10")
     assert re.fullmatch(r"speedup_auto_vs_vmap sinusoid:\d+\.\d\d", lines[-1]), lines[-1]
     row = next(line for line in lines if line.startswith("| sinusoid |")).split("|")
     assert float(row[8]) < 1e-5 and "stacked" in row[2]
@@ -193,12 +181,8 @@ def test_bench_eval_runs_small_and_both_plans_score_the_same_tasks_alike():
 def test_bench_es_times_online_pes_on_the_learned_optimizer_experiment():
     """bench_es.py's learned_optimizer_online problem (the experiment's config, population 2): the one-pass second
     window equals one at a time (the same noise, the same carried states), and the last line names it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_es.py"), "--problems",
-                             "learned_optimizer_online", "--repeats", "1", "--population", "2"], capture_output=True,
-                            text=True, env=env, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    lines = result.stdout.strip().splitlines()
+    lines = run_experiment("bench_es.py", "--problems", "learned_optimizer_online", "--repeats", "1",
+                           "--population", "2")
     assert re.fullmatch(r"speedup_particles_in_one_pass learned_optimizer_online/online_pes/vmap:\d+\.\d\d", lines[-1])
     rows = [row.split("|") for row in lines if row.startswith("| ") and "x |" in row]
     assert len(rows) == 1 and float(rows[0][6]) < 1e-4
@@ -207,12 +191,9 @@ def test_bench_es_times_online_pes_on_the_learned_optimizer_experiment():
 def test_bench_budget_seconds_table_runs_small():
     """bench_budget.py's time table (predicted chunk seconds against measured, and the memory probes' free figure)
     runs and prints one row per estimator and chunk (no assertion on the timings beyond their being positive)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_budget.py"), "--tables", "seconds",
-                             "--problems", "sinusoid", "--steps", "20", "--estimators", "full", "first_order"],
-                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    rows = [line.split() for line in result.stdout.splitlines() if line.startswith("sinusoid")]
+    lines = run_experiment("bench_budget.py", "--tables", "seconds", "--problems", "sinusoid", "--steps", "20",
+                           "--estimators", "full", "first_order")
+    rows = [line.split() for line in lines if line.startswith("sinusoid")]
     assert [row[2] for row in rows] == ["full()", "full()", "first_order()", "first_order()"]
     assert all(float(row[-5]) > 0 and float(row[-4]) > 0 and float(row[-2]) > 0 for row in rows)  # pred, meas, probed
 
@@ -220,12 +201,8 @@ def test_bench_budget_seconds_table_runs_small():
 def test_compiled_exactness_measures_the_compiled_program_not_its_fallback():
     """compiled_exactness.py's smoke run: aot_eager in float64 (the traced graphs, no code generation) is exact to
     rounding, eager batchings too (their max-pools counted, none routed apart), and the last line has its form."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "compiled_exactness.py"), "--device", "cpu",
-                             "--meta-batch", "2", "--channels", "4", "--backend", "aot_eager", "--dtype", "float64",
-                             "--repeats", "1"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    lines = result.stdout.strip().splitlines()
+    lines = run_experiment("compiled_exactness.py", "--device", "cpu", "--meta-batch", "2", "--channels", "4",
+                           "--backend", "aot_eager", "--dtype", "float64", "--repeats", "1")
     eager = [line for line in lines if line.startswith("eager ")]
     assert len(eager) == 3  # float64 against float64: every max-pool window routes alike, and there are some
     assert all(re.search(r"routed unlike float64: 0 of [1-9]\d*$", line) for line in eager)
@@ -238,13 +215,9 @@ def test_bench_gpu_runs_small_on_the_cpu_and_prints_its_headline_line():
     (on the CPU torch runs the graph without CUDA graphs), agree with torch.func's gradient, the whole meta_train
     step runs with and without prefetching and overlapping, eager and compiled, and profiled, and the last line
     has its form (no assertion on the timings)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_gpu.py"), "--device", "cpu",
-                             "--meta-batch", "2", "--steps", "1", "--channels", "4", "--repeats", "1", "--conv",
-                             "native", "matmul", "--only", "metaopt", "metaopt-aotgraph", "--train-steps", "2",
-                             "--profile-train"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    lines = result.stdout.strip().splitlines()
+    lines = run_experiment("bench_gpu.py", "--device", "cpu", "--meta-batch", "2", "--steps", "1", "--channels", "4",
+                           "--repeats", "1", "--conv", "native", "matmul", "--only", "metaopt", "metaopt-aotgraph",
+                           "--train-steps", "2", "--profile-train")
     rows = [line for line in lines if line.startswith("whole meta_train step")]  # eager: in turn, prefetched, both
     assert [row.split("), ", 1)[1].split(" ms")[0].rsplit(" ", 1)[0] for row in rows] == [
         f"prefetch {p}, overlap {o}: {name}" for p, o, name in [  # then the fastest compiled: prefetched, both
