@@ -10,7 +10,7 @@ plan's median seconds, the prediction the auto plan made before running, and the
 the two plans are compared (largest difference; the same tasks, the same arithmetic up to float rounding).
 
     python experiments/bench_eval.py [--threads 1] [--repeats 3] [--tasks 100]
-        [--problems sinusoid omniglot_5way omniglot_20way omniglot_protonet] [--data-root ../shared/data/omniglot]
+        [--problems sinusoid omniglot_5way omniglot_20way omniglot_protonet] [--data-root PATH]
 
 The last line is `speedup_auto_vs_vmap <problem>:<x> ...` (the vmapped plan's median over the auto plan's, same
 run). Omniglot problems are skipped, with a line saying so, where the data is not found.
@@ -42,7 +42,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=100)
     parser.add_argument("--problems", nargs="+", choices=list(PROBLEMS), default=list(PROBLEMS))
-    parser.add_argument("--data-root", default=str(CONF.parent.parent / "shared" / "data" / "omniglot"))
+    parser.add_argument("--data-root", default=None, help="Omniglot's folder (default: the config's data.root, "
+                        "../shared/data/omniglot from the repository root)")
     args = parser.parse_args()
     begin_cpu_benchmark(args.threads, args.repeats)
     print(f"{args.tasks} meta-test tasks per evaluation")
@@ -51,12 +52,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     speedups = {}
     for name in args.problems:
-        overrides = [*PROBLEMS[name], f"data.root={args.data_root}"]
-        if name.startswith("omniglot") and not Path(args.data_root).exists():
-            print(f"| {name} | skipped: no Omniglot data at {args.data_root} |")
-            continue
+        root = [f"data.root={args.data_root}"] if args.data_root else []
         with initialize_config_dir(config_dir=str(CONF), version_base=None):
-            cfg = compose("train", overrides=overrides)
+            cfg = compose("train", overrides=[*PROBLEMS[name], *root])
+        if name.startswith("omniglot") and not Path(cfg.data.root).exists():
+            print(f"| {name} | skipped: no Omniglot data at {cfg.data.root} |")
+            continue
         parts = build(cfg)
         assert parts.eval_tasks is not None
         common = dict(inner_steps=cfg.eval.inner_steps, batch_size=cfg.eval.batch_size)

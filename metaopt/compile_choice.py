@@ -53,8 +53,8 @@ def choose_compiled(compiled: Compiled, loop: InnerLoop, meta: MetaParams, tasks
         return _chose(eager, f"eager: the run's meta-gradients are predicted {figure} eager, under the "
                              f"{COMPILE_PAYS_AFTER:.0f} s after which compiling may pay (compile: auto)")
     found = plan(compiled, loop, meta, tasks, budget, **common)  # type: ignore[arg-type]
-    n = tasks.query.x.shape[0] if isinstance(tasks, Task) else len(tasks)
     predictor = Predictor(loop, meta, tasks, device, timer=timer, batching=found.batching)
+    n = len(predictor.tasks)
     chunk_seconds = predictor.compiled_seconds(cast(AbstractEstimator, compiled), found.chunk_size)
     if chunk_seconds is None:
         why = compiled.fallback_reason or "the plan runs one task at a time, which does not compile"

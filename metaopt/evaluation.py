@@ -19,6 +19,7 @@ from metaopt.batching import Batching, compress_support, resolve_batching, vmap_
 from metaopt.budget import Budget, machine_bounded
 from metaopt.loop import InnerLoop, unroll
 from metaopt.memory import measure_peak_memory
+from metaopt.prediction import seconds_of
 from metaopt.stacked import StackedLoop, stacked_blocker, stacked_slower
 from metaopt.estimators.base import AbstractEstimator
 from metaopt.tasks.augment import pooled_views
@@ -191,11 +192,15 @@ def plan_evaluation(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, 
     form: EvalBatching
     form, how = ("vmap", "vmapped") if batching == "vmap" else evaluation_form(loop, meta)
 
+    ran: set[tuple[int, EvalBatching]] = set()  # (tasks at once, form) run once already: warm
+
     def scores(count: int, run: EvalBatching = form) -> None:
         _adapted_scores(loop, meta, drawn.first(count), classification, run, tasks.query_views)
+        ran.add((count, run))
 
     def per_task(count: int) -> float:
-        return _seconds_per_task(scores, count, "loop" if count == 1 else form, timer, device)
+        run: EvalBatching = "loop" if count == 1 else form
+        return _seconds_per_task(scores, count, run, timer, device, warm=(count, run) in ran)
 
     piece, why = (1, "one at a time (batching=loop)") if batching == "loop" else \
         _batched_piece(scores, budget, batch_size, max(1, min(batch_size, PROBE_TASKS)), device)
@@ -218,23 +223,15 @@ def plan_evaluation(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, 
 
 
 def _seconds_per_task(scores: Callable[..., None], count: int, form: EvalBatching,
-                      timer: Callable[[EvalBatching, int], float] | None, device: torch.device | str) -> float:
-    """Seconds per task of `count` planning tasks at once in `form`: a warm-up, then the fastest of `TIMING_ROUNDS`
-    calls."""
+                      timer: Callable[[EvalBatching, int], float] | None, device: torch.device | str,
+                      warm: bool = False) -> float:
+    """Seconds per task of `count` planning tasks at once in `form`: a warm-up unless that call ran already (the
+    memory's probes), then the fastest of `TIMING_ROUNDS` calls."""
     if timer is not None:
         return timer(form, count) / count
-    cuda = torch.device(device).type == "cuda"
-    scores(count, form)
-    calls = []
-    for _ in range(TIMING_ROUNDS):
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
+    if not warm:
         scores(count, form)
-        if cuda:
-            torch.cuda.synchronize(device)
-        calls.append(time.perf_counter() - start)
-    return min(calls) / count
+    return min(seconds_of(lambda: scores(count, form), device) for _ in range(TIMING_ROUNDS)) / count
 
 
 def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_tasks: int = 600,
@@ -247,7 +244,7 @@ def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_ta
     Each task adapts from `loop.init(meta, task.init)` for `inner_steps` steps on its support
     set; the adapted model is scored on its query set (a query's predictions averaged over its views where
     `tasks.query_views` > 1). No meta-gradient is built. Tasks are
-    drawn `batch_size` at a time whatever the budget (the same seed and `batching` give the
+    drawn `batch_size` at a time whatever the plan (the same seed and `batch_size` give the
     same tasks) and run as `plan` says (default: `plan_evaluation`, i.e. stacked or vmapped pieces that fit
     `budget.memory`, of the size measured fastest, or one at a time; a caller that evaluates often passes the
     plan it made once).

@@ -66,6 +66,18 @@ def describe(estimator: AbstractEstimator) -> str:
     return f"{estimator.name}({', '.join(f'{k}={v!r}' for k, v in estimator.arguments().items())})"
 
 
+def seconds_of(call: Callable[[], object], device: torch.device | str) -> float:
+    """Wall-clock seconds of `call()`, the device synchronized before and after (CUDA runs asynchronously)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    call()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 class Predictor:
     """Measures probes of estimators on one batch of tasks and predicts their peak memory.
 
@@ -231,16 +243,9 @@ class Predictor:
 
     def _timed_call(self, estimator: AbstractEstimator, batch: Task | list[Task], batching: Batching,
                     chunk: int) -> float:
-        """Seconds of one call of `estimator` on `batch` (the device synchronized before and after)."""
-        self._synchronize()
-        start = time.perf_counter()
-        estimator(self.loop, self.meta, batch, batching=batching, chunk_size=chunk)
-        self._synchronize()
-        return time.perf_counter() - start
-
-    def _synchronize(self) -> None:
-        if torch.device(self.device).type == "cuda":
-            torch.cuda.synchronize(self.device)
+        """Seconds of one call of `estimator` on `batch` (`seconds_of`)."""
+        return seconds_of(lambda: estimator(self.loop, self.meta, batch, batching=batching, chunk_size=chunk),
+                          self.device)
 
     def predict(self, target: AbstractEstimator, n_tasks: int = 1, chunk: int = 1, at: int | None = None) -> int:
         """Predicted peak bytes of `target` at T = `at` (default: the tasks') on `n_tasks` tasks in vmapped
