@@ -43,12 +43,20 @@ class Callback:
         """Entries for the run's returned metrics."""
         return {}
 
+    def end_seconds(self, meta: MetaParams) -> float | None:
+        """Predicted seconds of this callback's work after the last meta-step (its last entry's and `on_end`'s),
+        asked before training where the run has a wall-clock deadline (`metaopt.deadline`): 0.0 for none, None
+        for work it cannot predict."""
+        return 0.0
+
 
 class Validation(Callback):
     """Metrics on validation tasks (never the meta-test tasks) every `every` meta-steps and at the end.
 
     Args:
       validate: meta -> metrics, e.g. {"val_loss": ...}; they join the history entries and the run's metrics.
+        Its `predicted_seconds(meta)`, where it has one (`metaopt_hydra.build.Validator`), prices the validation
+        at the end for a deadline; without one that validation is not predicted.
       every: meta-steps between validations (0: only at the end).
     """
 
@@ -70,3 +78,9 @@ class Validation(Callback):
         if self.latest is None or self.latest[0] != state.step:
             self.latest = (state.step, self.validate(state.meta))
         return dict(self.latest[1])
+
+    def end_seconds(self, meta: MetaParams) -> float | None:
+        """One validation (at the last entry, or in `on_end` after a stop at a time limit): `validate`'s
+        `predicted_seconds(meta)`, or None where it has none."""
+        predict = getattr(self.validate, "predicted_seconds", None)
+        return predict(meta) if predict is not None else None

@@ -27,6 +27,7 @@ from metaopt.checkpoint import load_checkpoint, save_atomic
 from metaopt.compile_choice import choose_compiled
 from metaopt.compiled import Compiled
 from metaopt.callbacks import Callback
+from metaopt.deadline import Deadline
 from metaopt.estimators.base import AbstractEstimator, MetaGradientMethod
 from metaopt.evaluation import evaluate, mean_ci95, plan_evaluation, task_to
 from metaopt.guard import format_bytes
@@ -215,7 +216,8 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
                max_grad_norm: float | None = None, eval_batch_size: int = 100, eval_batching: Batching | None = None,
                checkpoint_extra: dict[str, Any] | None = None, callbacks: Sequence[Callback] = (),
                lr_schedule: Callable[[int], float] | None = None, time_limit: float | None = None,
-               prefetch: bool | None = None, overlap: bool | None = None) -> dict:
+               prefetch: bool | None = None, overlap: bool | None = None,
+               deadline: Deadline | None = None) -> dict:
     """Meta-train `meta` with `estimator` (or the `auto` policy) under a budget, then evaluate on fresh tasks.
 
     Before the first step the meta-step is planned (`plan_training`): its peak memory is predicted and fitted to
@@ -241,6 +243,10 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
       lr_schedule: the outer learning rate's multiplier by meta-step (see `StepConfig`; `metaopt.schedules`).
       time_limit: seconds of training (over resumed sessions; not evaluation): no meta-step starts that the
         median step says would end past it; then "stopped_at_time_limit" (not a failure), "meta_steps" ran.
+      deadline: this session's wall-clock limit, evaluation included (`metaopt.deadline`): the final evaluation
+        and the callbacks' work at the end reserve their predicted seconds before the first meta-step (refused,
+        `DeadlineExceeded`, where nothing is left for training), and no meta-step starts that the median step says
+        would end inside the reservation; "stopped_by" says which limit stopped training.
       prefetch, overlap: draw each meta-step's tasks on a worker thread while the step before computes
         (`metaopt.prefetch`); step the optimizer before reading the step's finiteness flag, read it after the
         next step is launched, undo a step found non-finite (`metaopt.overlap`; its copies count in the plan).
@@ -253,7 +259,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
       "compile_peak_bytes", "predicted_chunk_seconds" (under a time budget), "predicted_call_seconds" (`Plan`'s),
       "memory_method", "plan", "batching", "chunk_size", "tasks_truncated", "tasks_skipped", "tasks_nan_skipped",
       "meta_train_loss", "seconds_per_meta_step" (median), "train_seconds" (summed over resumed sessions),
-      "overlap", "history", `evaluate`'s figures.
+      "overlap", "history", `evaluate`'s figures; with a deadline, its `record()` ("job_time_limit", ...).
     """
     _check_arguments(meta_steps, meta_batch_size, inner_steps, on_nan)
     budget = budget if budget is not None else Budget()
@@ -267,29 +273,35 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     config = StepConfig(loop, chosen, budget, on_nan, max_grad_norm, clock, memory_probe, lr_schedule)
     evaluation = _final_evaluation(loop, meta, eval_tasks or tasks, budget, eval_n_tasks, device=device,
                                    inner_steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
-                                   batch_size=eval_batch_size, batching=eval_batching or batching)
-    save = _Checkpointer(state, checkpoint_path, _recorded(estimator, chosen) | (checkpoint_extra or {}), time_limit)
+                                   batch_size=eval_batch_size, batching=eval_batching or batching, deadline=deadline)
+    _reserve_callbacks(deadline, callbacks, meta)
+    save = _Checkpointer(state, checkpoint_path, _recorded(estimator, chosen) | (checkpoint_extra or {}), time_limit,
+                         deadline)
     recorder = _Recorder(state, meta_steps, log_every, log, progress, estimator.name, callbacks)
     with _sampling(tasks, state, save, prefetch, device, meta_batch_size, inner_steps) as sample:
         peaks = _loop(state, config, sample, meta_steps, recorder, save, checkpoint_every, memory_every, device,
                       memory_method := default_method(device), overlap)
     metrics: dict[str, Any] = _run_metrics(state, estimator, chosen, budget, recorder, peaks, memory_method,
                                            meta_steps=meta_steps, inner_steps=inner_steps,
-                                           meta_batch_size=meta_batch_size, time_limit=time_limit, overlap=overlap)
+                                           meta_batch_size=meta_batch_size, time_limit=time_limit, overlap=overlap,
+                                           stopped_by=save.stopped_by)
     if evaluation is not None:  # None: the caller evaluates (e.g. several unroll lengths)
         metrics.update(evaluation())
     metrics["budget_exceeded"] = _over_budget(metrics, budget)
     for callback in callbacks:
         metrics.update(callback.on_end(state))
     metrics["history"] = state.history
+    if deadline is not None:
+        metrics.update(deadline.record())
     return metrics
 
 
 def _final_evaluation(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, budget: Budget, n_tasks: int, *,
-                      device: torch.device | str, **settings: Any) -> Callable[[], dict[str, Any]] | None:
+                      device: torch.device | str, deadline: Deadline | None = None,
+                      **settings: Any) -> Callable[[], dict[str, Any]] | None:
     """The final evaluation, planned now, before training (None where `n_tasks` is 0): its plan and predicted
-    seconds are in the log before any work, and an evaluation that cannot run fails before the training it would
-    follow. Call the result after training to evaluate `meta` as it is then."""
+    seconds are in the log before any work (and reserved in `deadline`), and an evaluation that cannot run fails
+    before the training it would follow. Call the result after training to evaluate `meta` as it is then."""
     if n_tasks <= 0:
         return None
     tasks = tasks.to(device)
@@ -297,25 +309,48 @@ def _final_evaluation(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution
     predicted = found.predicted_seconds(n_tasks)
     logger.info("evaluation plan: %s; %d tasks predicted %s", found.reason, n_tasks,
                 "untimed" if predicted is None else f"{predicted:.3g} s")
+    if deadline is not None:
+        deadline.reserve(f"the final evaluation ({n_tasks} tasks)", predicted)
     return lambda: evaluate(loop, meta, tasks, n_tasks=n_tasks, inner_steps=settings["inner_steps"],
                             batch_size=settings["batch_size"], device=device, budget=budget, plan=found)
+
+
+def _reserve_callbacks(deadline: Deadline | None, callbacks: Sequence[Callback], meta: MetaParams) -> None:
+    """Reserve in `deadline` each callback's predicted seconds at the end (`Callback.end_seconds`), then refuse
+    (`DeadlineExceeded`) where nothing is left for training."""
+    if deadline is None:
+        return
+    for callback in callbacks:
+        seconds = callback.end_seconds(meta)
+        if seconds != 0.0:
+            deadline.reserve(f"{type(callback).__name__} at the end", seconds)
+    deadline.check()
 
 
 class _Checkpointer:
     """Saves the train state atomically with `extra` entries, summing training time over sessions; never a
     state with non-finite meta-parameters (the last good checkpoint stays: a non-finite one could never resume).
-    Also the run's clock: `time_left()` before `time_limit` seconds of training (inf without one). `rewind`:
+    Also the run's clock: `time_left()` before `time_limit` seconds of training (inf without one) or before the
+    `deadline`'s reservation, whichever is first (`stopped_by` names it once `time_left` has said it). `rewind`:
     a context in which the state's generator is as the steps taken left it (`Prefetcher.rewound`)."""
 
     def __init__(self, state: TrainState, path: str | Path | None, extra: dict[str, Any],
-                 time_limit: float | None = None):
-        self.state, self.path, self.extra, self.time_limit = state, path, extra, time_limit
+                 time_limit: float | None = None, deadline: Deadline | None = None):
+        self.state, self.path, self.extra, self.time_limit, self.deadline = state, path, extra, time_limit, deadline
         self.session_start, self.earlier = time.perf_counter(), state.train_seconds
         self.rewind: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
         self.override: dict[str, Any] = {}  # entries that replace the state's (an overlapped loop's undone step)
+        self.stopped_by: str | None = None
 
     def time_left(self) -> float:
-        return math.inf if self.time_limit is None else self.time_limit - self.elapsed()
+        training = math.inf if self.time_limit is None else self.time_limit - self.elapsed()
+        job = math.inf if self.deadline is None else self.deadline.training_left()
+        return min(training, job)
+
+    def stop(self) -> None:
+        """Training stops for lack of time: say which limit."""
+        training = math.inf if self.time_limit is None else self.time_limit - self.elapsed()
+        self.stopped_by = "time_limit" if training <= self.time_left() else "job_time_limit"
 
     def elapsed(self) -> float:
         """Seconds of training so far, earlier sessions included."""
@@ -347,7 +382,10 @@ def _loop(state: TrainState, config: StepConfig, sample: Callable[[], Task], met
     try:
         while state.step + ahead.count < meta_steps:
             if save.time_left() < (statistics.median(recorder.step_seconds[-50:]) if recorder.step_seconds else 0.0):
-                logger.warning("meta-step %d of %d: stopping at the time limit", state.step, meta_steps)
+                save.stop()
+                logger.warning("meta-step %d of %d: stopping at the %s", state.step, meta_steps,
+                               "time limit" if save.stopped_by == "time_limit" else
+                               "job time limit (the work after training keeps its predicted seconds)")
                 break
             t0 = time.perf_counter()
             step = state.step + ahead.count  # this meta-step, counted from 0
@@ -500,6 +538,7 @@ def _run_metrics(state: TrainState, estimator: MetaGradientMethod, chosen: Plan,
         "meta_steps_asked": settings["meta_steps"],
         "stopped_at_time_limit": state.step < settings["meta_steps"],
         "time_limit": settings["time_limit"],
+        "stopped_by": settings["stopped_by"],
         "estimator": estimator.name,
         "estimator_chosen": chosen.estimator.name,
         "estimator_config": describe(chosen.estimator),

@@ -23,15 +23,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metaopt import evaluate
+from metaopt.evaluation import EvalPlan, plan_evaluation
 from metaopt.allocator import set_allocator
 from metaopt.budget import parse_seconds
 from metaopt.checkpoint import load_checkpoint, save_atomic
+from metaopt.deadline import Deadline
 from metaopt.ensemble import ProtoNetEnsemble, ensemble_meta
 from metaopt_hydra.baselines import compare
 from metaopt_hydra.build import Parts, build, compile_record, eval_batching, member_config, train_from_config
 from metaopt_hydra.curves import plot_curves
 from metaopt_hydra.loggers import NullLogger, RunLogger, new_run_id
-from metaopt_hydra.protocols import evaluate_protocols
+from metaopt_hydra.jobs import job_deadline
+from metaopt_hydra.protocols import evaluate_protocols, plan_protocols
 from metaopt_hydra.records import (
     ResumeMismatch,
     changed_keys,
@@ -42,7 +45,7 @@ from metaopt_hydra.records import (
 )
 from metaopt_hydra.threads import apply_threads, choose_threads
 
-__all__ = ["run_training", "train_ensemble", "RunFailed"]
+__all__ = ["run_training", "train_ensemble", "planning_parts", "RunFailed"]
 
 log = logging.getLogger("metaopt")
 
@@ -87,11 +90,23 @@ ENSEMBLE_SUMS = ("meta_steps", "meta_steps_asked", "train_seconds", "tasks_skipp
 """Counts an ensemble run's metrics.json gives over all its members."""
 
 
+def planning_parts(cfg: DictConfig, parts: Parts) -> Parts:
+    """The parts the evaluations after training are planned with, before training: the run's own, or for an
+    ensemble (`ensemble: K`) an ensemble of K copies of the untrained member (the same shapes and cost as the
+    trained ensemble's; a plan holds sizes and timings, not weights)."""
+    count = int(cfg.get("ensemble", 1))
+    if count <= 1:
+        return parts
+    loop = ProtoNetEnsemble([(parts.loop, parts.meta)] * count)  # type: ignore[list-item]
+    return parts._replace(loop=loop, meta=ensemble_meta([parts.meta] * count))
+
+
 def train_ensemble(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Callable[[dict, int], None] | None,
-                   checkpoint_extra: dict[str, Any]) -> tuple[dict[str, Any], Parts]:
+                   checkpoint_extra: dict[str, Any], deadline: Deadline | None = None) -> tuple[dict[str, Any], Parts]:
     """Train an ensemble run's members (`ensemble: K`) one after another, member i in `run_dir/member{i}` as the
     standalone run of `member_config(cfg, i)` (so resumable alone, its config checked as any run's), each within
-    an equal share of what remains of `time_limit`; then meta-test them as one `ProtoNetEnsemble` and save their
+    an equal share of what remains of `time_limit` (and of the `deadline`'s training time); then meta-test them as
+    one `ProtoNetEnsemble` (planned before the members train, reserved in `deadline`) and save their
     meta-parameters together in `run_dir/checkpoint.pt` (what `build(cfg)` loads). Returns the metrics (the
     members' counts summed, `ENSEMBLE_SUMS`; each member's in "members") and the parts with the ensemble."""
     if cfg.get("compare"):
@@ -99,6 +114,9 @@ def train_ensemble(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Callabl
                          "set compare=null or ensemble=1")
     count = int(cfg.ensemble)
     limit = parse_seconds(cfg.time_limit) if cfg.get("time_limit") is not None else None
+    final = _plan_ensemble_evaluation(cfg, parts, deadline)
+    if deadline is not None:
+        deadline.check()
     members: list[Parts] = []
     records: list[dict[str, Any]] = []
     for i in range(count):
@@ -111,7 +129,8 @@ def train_ensemble(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Callabl
         previous_run(member_cfg, member_dir)
         member = build(member_cfg)
         metrics = train_from_config(member_cfg, member, member_dir, log=log, evaluate=False,
-                                    checkpoint_extra={"config": resolved(member_cfg)})
+                                    checkpoint_extra={"config": resolved(member_cfg)},
+                                    deadline=deadline.share(count - i) if deadline is not None else None)
         write_json_atomic({**metrics, "status": "ok", "config": resolved(member_cfg)}, member_dir / "metrics.json")
         members.append(member)
         records.append({"dir": member_dir.name, "seed": int(member_cfg.seed),
@@ -122,16 +141,39 @@ def train_ensemble(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Callabl
     out: dict[str, Any] = {**{k: v for k, v in metrics.items() if k != "history"}, "members": records,
                            **{k: sum(r.get(k, 0) for r in records) for k in ENSEMBLE_SUMS},
                            "stopped_at_time_limit": any(r.get("stopped_at_time_limit") for r in records)}
-    if parts.eval_tasks is not None and cfg.eval.n_tasks > 0:
+    if final is not None:
+        assert parts.eval_tasks is not None
         out.update(evaluate(loop, meta, parts.eval_tasks, n_tasks=cfg.eval.n_tasks, inner_steps=cfg.eval.inner_steps,
-                            batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, batching=eval_batching(cfg),
-                            device=cfg.device, budget=parts.budget))
+                            batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, device=cfg.device, budget=parts.budget,
+                            plan=final))
+    for key in ("job_time_limit", "job_reserved", "job_reserved_seconds", "job_unreserved", "job_seconds"):
+        out.pop(key, None)  # a member's share, not the run's (the run records its own deadline)
     save_atomic({"meta": meta.state_dict(), **checkpoint_extra}, run_dir / "checkpoint.pt")
     return out, parts._replace(loop=loop, meta=meta)
 
 
-def _finish(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path, logger: RunLogger, threads: int) -> None:
+def _plan_ensemble_evaluation(cfg: DictConfig, parts: Parts, deadline: Deadline | None) -> EvalPlan | None:
+    """The ensemble's meta-test, planned before its members train (None: no meta-test)."""
+    if parts.eval_tasks is None or cfg.eval.n_tasks <= 0:
+        return None
+    planning = planning_parts(cfg, parts)
+    plan = plan_evaluation(planning.loop, planning.meta, parts.eval_tasks, parts.budget,
+                           inner_steps=cfg.eval.inner_steps, batch_size=cfg.eval.batch_size,
+                           batching=eval_batching(cfg), device=cfg.device)
+    predicted = plan.predicted_seconds(cfg.eval.n_tasks)
+    log.info("ensemble evaluation plan: %s; %d tasks predicted %s", plan.reason, cfg.eval.n_tasks,
+             "untimed" if predicted is None else f"{predicted:.3g} s")
+    if deadline is not None:
+        deadline.reserve(f"the final evaluation ({cfg.eval.n_tasks} tasks)", predicted)
+    return plan
+
+
+def _finish(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path, logger: RunLogger, threads: int,
+            deadline: Deadline | None = None) -> None:
     metrics.update(status="ok", threads=threads, config=resolved(cfg))
+    if deadline is not None:  # the whole session's, measured here: training, evaluations, comparison
+        metrics.update(deadline.record())
+        metrics["job_within_limit"] = metrics["job_seconds"] <= deadline.seconds
     why = check_outcome(metrics)
     if why is not None:
         metrics.update(status="failed", error=f"RunFailed: {why}")
@@ -182,24 +224,29 @@ def run_training(cfg: DictConfig) -> float:
         threads = choose_threads(cfg, launcher)
         apply_threads(threads)
         set_allocator(cfg.get("allocator", "system"))
+        deadline = job_deadline(cfg, launcher, started)
         previous = previous_run(cfg, run_dir)
         parts = build(cfg)
         run_id = previous.get("logger_run_id") or new_run_id()
         logger = instantiate(cfg.logger)
         logger.start(run_dir, resolved(cfg), run_id, sweep_dir)
         extra = {"config": resolved(cfg), "logger_run_id": run_id}
+        protocols = plan_protocols(cfg, planning_parts(cfg, parts), deadline)  # before training, as every evaluation
+        if cfg.get("compare") and deadline is not None:
+            deadline.reserve("compare (baselines trained and evaluated)", None)
         if int(cfg.get("ensemble", 1)) > 1:
-            metrics, parts = train_ensemble(cfg, parts, run_dir, log=logger.log, checkpoint_extra=extra)
+            metrics, parts = train_ensemble(cfg, parts, run_dir, log=logger.log, checkpoint_extra=extra,
+                                            deadline=deadline)
         else:
-            metrics = train_from_config(cfg, parts, run_dir, log=logger.log, checkpoint_extra=extra)
+            metrics = train_from_config(cfg, parts, run_dir, log=logger.log, checkpoint_extra=extra, deadline=deadline)
         metrics.update(compile_record(cfg, parts.estimator, metrics))
         if parts.meta_test_skipped is not None:
             metrics["meta_test_skipped"] = parts.meta_test_skipped
-        if cfg.eval.get("protocols"):
-            metrics["protocols"] = evaluate_protocols(cfg, parts)
+        if protocols:
+            metrics["protocols"] = evaluate_protocols(cfg, parts, protocols)
         if cfg.get("compare"):
             metrics.update(compare(cfg, parts, run_dir))
-        _finish(cfg, metrics, run_dir, logger, threads)
+        _finish(cfg, metrics, run_dir, logger, threads, deadline)
         exit_code = 0
     except KeyboardInterrupt as interrupted:
         write_json_atomic(failure_record(cfg, interrupted, "interrupted"), run_dir / "metrics.json")

@@ -20,6 +20,7 @@ from metaopt.callbacks import Callback, Validation
 from metaopt.batching import Batching
 from metaopt.budget import parse_seconds
 from metaopt.compiled import Compiled
+from metaopt.deadline import Deadline
 from metaopt.ensemble import ProtoNetEnsemble, ensemble_meta
 from metaopt.estimators import AbstractEstimator, MetaGradientMethod
 from metaopt.evaluation import EvalPlan, plan_evaluation
@@ -235,30 +236,44 @@ def eval_batching(cfg: DictConfig) -> Batching:
     return cast(Batching, cfg.eval.get("batching") or cfg.batching)
 
 
-def validation(cfg: DictConfig, parts: Parts) -> Callable[[MetaParams], dict[str, float]] | None:
-    """`validate(meta) -> {"val_loss", ["val_accuracy"]}` on `eval.val_n_tasks` validation tasks (seed
-    eval.seed + 1, so never the meta-test tasks), or None when `eval.val_n_tasks` is 0."""
-    n_tasks = int(cfg.eval.get("val_n_tasks", 0) or 0)
-    val_tasks = parts.val_tasks
-    if n_tasks <= 0 or val_tasks is None:
-        return None
+class Validator:
+    """`validator(meta) -> {"val_loss", ["val_accuracy"]}` on `n_tasks` validation tasks (seed eval.seed + 1, so
+    never the meta-test tasks), planned once (`plan_evaluation`, at the first call or the first
+    `predicted_seconds`) and run with that plan after."""
 
-    planned: list[EvalPlan] = []  # planned at the first validation, kept for the rest
+    def __init__(self, cfg: DictConfig, parts: Parts, tasks: TaskDistribution, n_tasks: int):
+        self.cfg, self.parts, self.tasks, self.n_tasks = cfg, parts, tasks, n_tasks
+        self.plan: EvalPlan | None = None
 
-    def validate(meta: MetaParams) -> dict[str, float]:
-        if not planned:
-            planned.append(plan_evaluation(parts.loop, meta, val_tasks, parts.budget, inner_steps=cfg.eval.inner_steps,
-                                           batch_size=cfg.eval.batch_size, batching=eval_batching(cfg),
-                                           device=cfg.device))
-        scores = evaluate(parts.loop, meta, val_tasks, n_tasks=n_tasks, inner_steps=cfg.eval.inner_steps,
+    def _planned(self, meta: MetaParams) -> EvalPlan:
+        if self.plan is None:
+            cfg = self.cfg
+            self.plan = plan_evaluation(self.parts.loop, meta, self.tasks, self.parts.budget,
+                                        inner_steps=cfg.eval.inner_steps, batch_size=cfg.eval.batch_size,
+                                        batching=eval_batching(cfg), device=cfg.device)
+        return self.plan
+
+    def predicted_seconds(self, meta: MetaParams) -> float | None:
+        """Predicted seconds of one validation (approximate; None: not timed)."""
+        return self._planned(meta).predicted_seconds(self.n_tasks)
+
+    def __call__(self, meta: MetaParams) -> dict[str, float]:
+        cfg = self.cfg
+        scores = evaluate(self.parts.loop, meta, self.tasks, n_tasks=self.n_tasks, inner_steps=cfg.eval.inner_steps,
                           batch_size=cfg.eval.batch_size, seed=cfg.eval.seed + 1, device=cfg.device,
-                          budget=parts.budget, plan=planned[0])
+                          budget=self.parts.budget, plan=self._planned(meta))
         out = {"val_loss": scores["meta_test_loss"]}
         if "test_accuracy" in scores:
             out["val_accuracy"] = scores["test_accuracy"]
         return out
 
-    return validate
+
+def validation(cfg: DictConfig, parts: Parts) -> Validator | None:
+    """The run's `Validator` on `eval.val_n_tasks` validation tasks, or None when `eval.val_n_tasks` is 0."""
+    n_tasks = int(cfg.eval.get("val_n_tasks", 0) or 0)
+    if n_tasks <= 0 or parts.val_tasks is None:
+        return None
+    return Validator(cfg, parts, parts.val_tasks, n_tasks)
 
 
 def callbacks(cfg: DictConfig, parts: Parts, evaluate: bool = True) -> list[Callback]:
@@ -274,10 +289,12 @@ def callbacks(cfg: DictConfig, parts: Parts, evaluate: bool = True) -> list[Call
 
 
 def train_from_config(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Callable[[dict, int], None] | None = None,
-                      evaluate: bool = True, checkpoint_extra: dict[str, Any] | None = None) -> dict:
+                      evaluate: bool = True, checkpoint_extra: dict[str, Any] | None = None,
+                      deadline: Deadline | None = None) -> dict:
     """`meta_train` with the config's settings, checkpointing in `run_dir` (resumes from it).
 
-    With `evaluate=False` the final meta-test evaluation is skipped (the caller evaluates).
+    With `evaluate=False` the final meta-test evaluation is skipped (the caller evaluates). `deadline`: the
+    session's wall-clock limit (`metaopt.deadline`; `metaopt_hydra.jobs`).
     """
     outer_optimizer = instantiate(cfg.outer_optim)(parts.meta.parameters())
     return meta_train(
@@ -292,4 +309,4 @@ def train_from_config(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Call
         max_grad_norm=cfg.max_grad_norm, checkpoint_extra=checkpoint_extra, callbacks=callbacks(cfg, parts, evaluate),
         lr_schedule=instantiate(cfg.lr_schedule) if cfg.get("lr_schedule") else None,
         time_limit=parse_seconds(cfg.time_limit) if cfg.get("time_limit") is not None else None,
-        prefetch=cfg.get("prefetch"), overlap=cfg.get("overlap"))
+        prefetch=cfg.get("prefetch"), overlap=cfg.get("overlap"), deadline=deadline)

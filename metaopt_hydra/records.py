@@ -17,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 __all__ = ["write_json_atomic", "failure_record", "resolved", "changed_keys", "ResumeMismatch",
            "RESUMABLE_KEYS", "check_outcome"]
 
-RESUMABLE_KEYS = ("meta_steps", "time_limit", "progress", "log_every", "checkpoint_every", "logger", "threads", "eval",
-                  "resume", "objective", "compare", "data")
+RESUMABLE_KEYS = ("meta_steps", "time_limit", "job_time_limit", "progress", "log_every", "checkpoint_every", "logger",
+                  "threads", "eval", "resume", "objective", "compare", "data")
 """Top-level keys that may change when a run resumes: how long, how it reports, and how it is evaluated;
 everything else defines the training trajectory and must match the checkpoint's config."""
 
