@@ -342,15 +342,18 @@ class _Checkpointer:
         self.override: dict[str, Any] = {}  # entries that replace the state's (an overlapped loop's undone step)
         self.stopped_by: str | None = None
 
-    def time_left(self) -> float:
+    def _left(self) -> tuple[float, float]:
+        """Seconds left before `time_limit` and before the deadline's reservation (inf: no such limit)."""
         training = math.inf if self.time_limit is None else self.time_limit - self.elapsed()
-        job = math.inf if self.deadline is None else self.deadline.training_left()
-        return min(training, job)
+        return training, math.inf if self.deadline is None else self.deadline.training_left()
+
+    def time_left(self) -> float:
+        return min(self._left())
 
     def stop(self) -> None:
         """Training stops for lack of time: say which limit."""
-        training = math.inf if self.time_limit is None else self.time_limit - self.elapsed()
-        self.stopped_by = "time_limit" if training <= self.time_left() else "job_time_limit"
+        training, job = self._left()
+        self.stopped_by = "job_time_limit" if job < training else "time_limit"
 
     def elapsed(self) -> float:
         """Seconds of training so far, earlier sessions included."""

@@ -65,8 +65,8 @@ def plan_protocols(cfg: DictConfig, parts: Parts, deadline: Deadline | None = No
             out.append(PlannedProtocol(name, {"task": str(OmegaConf.to_container(overrides)),
                                               "skipped": "eval.n_tasks=0"}))
             continue
-        settings: dict[str, Any] = {**cast(dict, OmegaConf.to_container(cfg.eval.task or {})),
-                                    **cast(dict, OmegaConf.to_container(overrides))}
+        base = cast(dict, OmegaConf.to_container(cfg.eval.task)) if cfg.eval.get("task") else {}  # {} is falsy
+        settings: dict[str, Any] = {**base, **cast(dict, OmegaConf.to_container(overrides))}
         try:
             tasks = instantiate(cfg.task, **settings)
         except Exception as error:  # the data's own error (e.g. no alphabet with 20 characters), wrapped by Hydra

@@ -38,6 +38,8 @@ def test_contract_submitit_sweep_and_summary(tmp_path):
     rows = [line for line in summary.stdout.splitlines() if line.startswith("| ") and "| ok |" in line]
     assert len(rows) == 2 and "seed=0" in rows[0] and "seed=1" in rows[1]
     assert (sweep / "summary.csv").read_text().count("\n") == 3  # header + 2 runs
+    job = _metrics(sweep / "0")  # job_time_limit=auto: the launcher's timeout (submitit_local's 60 min) less a minute
+    assert job["job_time_limit"] == 59 * 60 and job["job_within_limit"]
 
 
 def test_sweep_with_a_failing_job_keeps_the_others_and_reports_it(tmp_path):
@@ -106,6 +108,7 @@ def test_changed_keys_ignore_what_may_change_on_resume():
                                                           "=16: the config sets it for another estimator"),
     ("eval.n_tasks=-1", "eval.n_tasks must be >= 0"),
     ("compile=yes", "compile = 'yes': use true, false or auto"),
+    ("job_time_limit=1ms", "which leaves nothing for training"),
 ])
 def test_contract_failures_before_work_leave_a_record(tmp_path, override, message):
     result = run_train(tmp_path, "debug=tiny", *override.split())
@@ -124,6 +127,18 @@ def test_no_meta_test_tasks_skips_the_meta_test_and_the_protocols_said_why(tmp_p
     assert metrics["meta_test_skipped"].startswith("eval.n_tasks=0")
     assert metrics["protocols"]["more_shots"]["skipped"] == "eval.n_tasks=0"
     assert "meta-test skipped" in result.stdout
+
+
+def test_a_job_time_limit_reserves_the_evaluations_planned_before_training(tmp_path):
+    result = run_train(tmp_path, "debug=tiny", "job_time_limit=10m", "+eval.protocols.more_shots.k_shot=20")
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = _metrics(tmp_path)
+    assert set(metrics["job_reserved"]) == {"the final evaluation (4 tasks)", "Validation at the end",
+                                            "protocol more_shots (4 tasks)"}
+    assert metrics["job_time_limit"] == 600 and metrics["job_within_limit"] and metrics["stopped_by"] is None
+    assert metrics["job_seconds"] >= metrics["train_seconds"] and "meta_test_loss" in metrics["protocols"]["more_shots"]
+    log = (tmp_path / "train.log").read_text()
+    assert log.index("protocol more_shots: ") < log.index("left for training") < log.index("meta-step 1/")
 
 
 def test_a_run_writes_curves_threads_and_validation(tmp_path):

@@ -1,0 +1,154 @@
+"""A session's wall-clock limit, evaluation included (`metaopt.deadline`, `job_time_limit`): training stops where
+the work after it keeps its predicted seconds, and a run whose work after training cannot fit is refused first."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import metaopt as mo
+from metaopt.callbacks import Callback, Validation
+from metaopt.deadline import RESERVE_MARGIN, Deadline, DeadlineExceeded
+from metaopt_hydra.jobs import LAUNCHER_START_SECONDS, job_time_limit
+
+
+class FakeClock:
+    """Seconds that pass only when told (`advance`): a run's wall clock without wall-clock dependence."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TenSecondSteps(Callback):
+    """Every meta-step takes 10 s of the fake clock (an entry after each, log_every=1)."""
+
+    def __init__(self, clock: FakeClock):
+        self.clock, self.entries = clock, 0
+
+    def on_entry(self, state, entry, last) -> None:
+        self.clock.now += 10.0
+        self.entries += 1
+
+
+def test_reservations_are_kept_with_their_margin_and_the_rest_is_for_training():
+    clock = FakeClock()
+    deadline = Deadline(100.0, clock=clock)
+    deadline.reserve("the final evaluation", 20.0)
+    deadline.reserve("protocol p", 4.0)
+    assert deadline.reserved_seconds == pytest.approx(RESERVE_MARGIN * 24.0)
+    clock.now += 30.0
+    assert deadline.training_left() == pytest.approx(100.0 - 30.0 - 36.0)
+    deadline.check()  # 34 s left: fine
+    deadline.reserve("a baselines comparison", None)  # not predicted: named, nothing kept
+    assert deadline.unreserved == ["a baselines comparison"] and deadline.reserved_seconds == pytest.approx(36.0)
+    record = deadline.record()
+    assert record["job_time_limit"] == 100.0 and record["job_seconds"] == pytest.approx(30.0)
+    assert record["job_reserved"] == {"the final evaluation": 20.0, "protocol p": 4.0}
+    assert record["job_unreserved"] == ["a baselines comparison"]
+
+
+def test_nothing_left_for_training_is_refused_naming_the_work_after_it():
+    clock = FakeClock()
+    deadline = Deadline(60.0, clock=clock)
+    deadline.reserve("the final evaluation (600 tasks)", 35.0)  # x1.5 = 52.5 s
+    clock.now += 8.0  # set-up and planning
+    with pytest.raises(DeadlineExceeded, match=r"job time limit 60 s: 8 s .* the final evaluation \(600 tasks\) 35 s"):
+        deadline.check()
+    assert isinstance(DeadlineExceeded("x"), mo.BudgetExceeded)  # a budget refusal, as the planner's
+
+
+def test_shares_split_what_is_left_for_training():
+    clock = FakeClock()
+    deadline = Deadline(100.0, clock=clock)
+    deadline.reserve("the final evaluation", 20.0)  # 30 s kept: 70 s for training
+    first = deadline.share(2)
+    assert first.training_left() == pytest.approx(35.0) and first.reserved_seconds == 0.0
+    clock.now += 35.0
+    assert first.training_left() == pytest.approx(0.0) and deadline.share(1).training_left() == pytest.approx(35.0)
+    with pytest.raises(ValueError, match="parts >= 1"):
+        deadline.share(0)
+    with pytest.raises(ValueError, match="seconds > 0"):
+        Deadline(0.0)
+
+
+def _parts():
+    torch.manual_seed(0)
+    model = mo.MLP(1, (8,), 1)
+    loop = mo.InnerLoop(model, mo.optim.sgd(lr=0.01), mo.losses.mse)
+    meta = mo.meta_params(mo.Init(model))
+    return loop, meta, torch.optim.Adam(meta.parameters(), lr=1e-3)
+
+
+def _train(deadline, callbacks=(), steps=50, **kwargs):
+    loop, meta, opt = _parts()
+    return mo.meta_train(loop, meta, mo.Full(), mo.Sinusoid(k_shot=5), outer_optimizer=opt, meta_steps=steps,
+                         meta_batch_size=2, eval_n_tasks=8, eval_batch_size=8, progress=False, log_every=1,
+                         callbacks=callbacks, deadline=deadline, **kwargs)
+
+
+@pytest.mark.parametrize("reserved, steps", [(0.0, 10), (20.0, 7)])
+def test_training_stops_where_the_reserved_seconds_are_left(reserved, steps):
+    """Each meta-step takes 10 s of a fake clock; the limit is 100 s. The final evaluation's own prediction
+    (milliseconds of real time) is reserved as well, so a stop at a whole step is exact: 100 s -> 10 steps; 20 s
+    more reserved for work after training (x1.5 = 30 s) -> 7 steps."""
+    clock = FakeClock()
+    deadline = Deadline(100.0, clock=clock)
+    if reserved:
+        deadline.reserve("protocol p", reserved)
+    metrics = _train(deadline, [TenSecondSteps(clock)])
+    assert metrics["meta_steps"] == steps and metrics["stopped_at_time_limit"]
+    assert metrics["stopped_by"] == "job_time_limit" and math.isfinite(metrics["meta_test_loss"])
+    assert "the final evaluation (8 tasks)" in metrics["job_reserved"]
+    assert metrics["job_time_limit"] == 100.0
+
+
+def test_time_limit_stops_first_where_it_is_shorter_and_says_so():
+    metrics = _train(Deadline(3600.0), time_limit=1e-9)
+    assert metrics["meta_steps"] == 0 and metrics["stopped_by"] == "time_limit"
+    metrics = _train(None, steps=3)
+    assert metrics["meta_steps"] == 3 and metrics["stopped_by"] is None and "job_time_limit" not in metrics
+
+
+def test_a_run_whose_evaluation_cannot_fit_is_refused_before_any_meta_step(tmp_path):
+    clock = FakeClock()
+    deadline = Deadline(100.0, clock=clock)
+    deadline.reserve("protocol p", 70.0)  # x1.5 = 105 s > 100 s
+    steps = TenSecondSteps(clock)
+    with pytest.raises(DeadlineExceeded, match="protocol p 70 s"):
+        _train(deadline, [steps], checkpoint_path=tmp_path / "ckpt.pt")
+    assert steps.entries == 0 and not (tmp_path / "ckpt.pt").exists()
+
+
+def test_validation_at_the_end_is_reserved_where_it_predicts_and_named_where_it_cannot():
+    class Predicting:
+        def __call__(self, meta):
+            return {"val_loss": 1.0}
+
+        def predicted_seconds(self, meta):
+            return 4.0
+
+    deadline = Deadline(3600.0)
+    metrics = _train(deadline, [Validation(Predicting())], steps=2)
+    assert metrics["job_reserved"]["Validation at the end"] == 4.0 and metrics["val_loss"] == 1.0
+    metrics = _train(Deadline(3600.0), [Validation(lambda meta: {"val_loss": 2.0})], steps=2)
+    assert metrics["job_unreserved"] == ["Validation at the end"]
+
+
+def test_job_time_limit_auto_is_a_submitit_launchers_timeout_less_its_start():
+    auto = OmegaConf.create({"job_time_limit": "auto"})
+    slurm = OmegaConf.create({"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+                              "timeout_min": 240})
+    assert job_time_limit(auto, slurm) == 240 * 60 - LAUNCHER_START_SECONDS
+    short = OmegaConf.merge(slurm, {"timeout_min": 2})
+    assert job_time_limit(auto, short) == 120 * 0.75  # a short job keeps a quarter for its start
+    joblib = OmegaConf.create({"_target_": "hydra_plugins.hydra_joblib_launcher.JoblibLauncher", "n_jobs": 2})
+    assert job_time_limit(auto, joblib) is None and job_time_limit(auto) is None
+    assert job_time_limit(OmegaConf.create({"job_time_limit": "55m"}), slurm) == 3300.0
+    assert job_time_limit(OmegaConf.create({"job_time_limit": None}), slurm) is None
+    with pytest.raises(ValueError, match="cannot parse 'soon'"):
+        job_time_limit(OmegaConf.create({"job_time_limit": "soon"}))
