@@ -243,10 +243,9 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
       lr_schedule: the outer learning rate's multiplier by meta-step (see `StepConfig`; `metaopt.schedules`).
       time_limit: seconds of training (over resumed sessions; not evaluation): no meta-step starts that the
         median step says would end past it; then "stopped_at_time_limit" (not a failure), "meta_steps" ran.
-      deadline: this session's wall-clock limit, evaluation included (`metaopt.deadline`): the final evaluation
-        and the callbacks' work at the end reserve their predicted seconds before the first meta-step (refused,
-        `DeadlineExceeded`, where nothing is left for training), and no meta-step starts that the median step says
-        would end inside the reservation; "stopped_by" says which limit stopped training.
+      deadline: this session's wall clock, evaluation included (`metaopt.deadline`): the final evaluation and the
+        callbacks' end reserve their predicted seconds before any meta-step (`DeadlineExceeded` if nothing is left),
+        and no meta-step starts that would end inside them; "stopped_by" names the limit that stopped training.
       prefetch, overlap: draw each meta-step's tasks on a worker thread while the step before computes
         (`metaopt.prefetch`); step the optimizer before reading the step's finiteness flag, read it after the
         next step is launched, undo a step found non-finite (`metaopt.overlap`; its copies count in the plan).
@@ -285,7 +284,15 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
                                            meta_steps=meta_steps, inner_steps=inner_steps,
                                            meta_batch_size=meta_batch_size, time_limit=time_limit, overlap=overlap,
                                            stopped_by=save.stopped_by)
-    if evaluation is not None:  # None: the caller evaluates (e.g. several unroll lengths)
+    return _completed(metrics, state, budget, evaluation, callbacks, deadline)
+
+
+def _completed(metrics: dict[str, Any], state: TrainState, budget: Budget,
+               evaluation: Callable[[], dict[str, Any]] | None, callbacks: Sequence[Callback],
+               deadline: Deadline | None) -> dict[str, Any]:
+    """The run's metrics once training is over: the final evaluation's (None: the caller evaluates, e.g. several
+    unroll lengths), the peaks above the memory budget, the callbacks' at the end, the history, the deadline's."""
+    if evaluation is not None:
         metrics.update(evaluation())
     metrics["budget_exceeded"] = _over_budget(metrics, budget)
     for callback in callbacks:

@@ -45,7 +45,7 @@ from metaopt_hydra.records import (
 )
 from metaopt_hydra.threads import apply_threads, choose_threads
 
-__all__ = ["run_training", "train_ensemble", "planning_parts", "RunFailed"]
+__all__ = ["run_training", "train_ensemble", "RunFailed"]
 
 log = logging.getLogger("metaopt")
 
@@ -88,17 +88,6 @@ def previous_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 ENSEMBLE_SUMS = ("meta_steps", "meta_steps_asked", "train_seconds", "tasks_skipped", "tasks_nan_skipped",
                  "tasks_truncated")
 """Counts an ensemble run's metrics.json gives over all its members."""
-
-
-def planning_parts(cfg: DictConfig, parts: Parts) -> Parts:
-    """The parts the evaluations after training are planned with, before training: the run's own, or for an
-    ensemble (`ensemble: K`) an ensemble of K copies of the untrained member (the same shapes and cost as the
-    trained ensemble's; a plan holds sizes and timings, not weights)."""
-    count = int(cfg.get("ensemble", 1))
-    if count <= 1:
-        return parts
-    loop = ProtoNetEnsemble([(parts.loop, parts.meta)] * count)  # type: ignore[list-item]
-    return parts._replace(loop=loop, meta=ensemble_meta([parts.meta] * count))
 
 
 def train_ensemble(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Callable[[dict, int], None] | None,
@@ -156,8 +145,7 @@ def _plan_ensemble_evaluation(cfg: DictConfig, parts: Parts, deadline: Deadline 
     """The ensemble's meta-test, planned before its members train (None: no meta-test)."""
     if parts.eval_tasks is None or cfg.eval.n_tasks <= 0:
         return None
-    planning = planning_parts(cfg, parts)
-    plan = plan_evaluation(planning.loop, planning.meta, parts.eval_tasks, parts.budget,
+    plan = plan_evaluation(parts.loop, parts.meta, parts.eval_tasks, parts.budget,  # the untrained ensemble (build)
                            inner_steps=cfg.eval.inner_steps, batch_size=cfg.eval.batch_size,
                            batching=eval_batching(cfg), device=cfg.device)
     predicted = plan.predicted_seconds(cfg.eval.n_tasks)
@@ -231,7 +219,7 @@ def run_training(cfg: DictConfig) -> float:
         logger = instantiate(cfg.logger)
         logger.start(run_dir, resolved(cfg), run_id, sweep_dir)
         extra = {"config": resolved(cfg), "logger_run_id": run_id}
-        protocols = plan_protocols(cfg, planning_parts(cfg, parts), deadline)  # before training, as every evaluation
+        protocols = plan_protocols(cfg, parts, deadline)  # before training, as every evaluation after it
         if cfg.get("compare") and deadline is not None:
             deadline.reserve("compare (baselines trained and evaluated)", None)
         if int(cfg.get("ensemble", 1)) > 1:

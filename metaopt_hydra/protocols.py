@@ -57,8 +57,8 @@ def _protocol_loop(parts: Parts, tasks: TaskDistribution) -> InnerLoop:
 def plan_protocols(cfg: DictConfig, parts: Parts, deadline: Deadline | None = None) -> list[PlannedProtocol]:
     """Every entry of `eval.protocols`, its tasks built and checked and its evaluation planned (before training:
     the plan and predicted seconds are in the log, and reserved in `deadline`); a protocol the data cannot form or
-    the model cannot answer is planned as skipped. `parts`: the loop and meta-parameters the plan is timed with
-    (an ensemble's: its members as they will be, `metaopt_hydra.app`)."""
+    the model cannot answer is planned as skipped. `parts`: the run's, untrained (an ensemble's as `build` makes it:
+    the members' shapes and cost; a plan holds sizes and timings, not weights)."""
     out: list[PlannedProtocol] = []
     for name, overrides in (cfg.eval.get("protocols") or {}).items():
         if cfg.eval.n_tasks <= 0:
