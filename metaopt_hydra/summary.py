@@ -19,8 +19,8 @@ import yaml
 __all__ = ["collect_runs", "markdown_table", "write_csv", "METRICS"]
 
 METRICS = ("meta_test_loss", "meta_test_loss_ci95", "test_accuracy", "test_accuracy_ci95", "val_loss",
-           "learned", "baseline", "difference", "estimator_chosen", "meta_steps", "train_seconds",
-           "predicted_peak_bytes", "measured_peak_bytes", "threads")
+           "learned", "baseline", "difference", "estimator_chosen", "meta_steps", "stopped_by", "train_seconds",
+           "job_seconds", "predicted_peak_bytes", "measured_peak_bytes", "threads")
 
 
 def _overrides(run_dir: Path) -> str:
@@ -50,7 +50,7 @@ def collect_runs(root: Path) -> list[dict[str, Any]]:
         row["_metrics"] = metrics  # everything, for table scripts (not a column)
         row["status"] = metrics.get("status", "unknown")
         row["error"] = metrics.get("error", "")
-        row.update({k: metrics[k] for k in METRICS if k in metrics})
+        row.update({k: metrics[k] for k in METRICS if metrics.get(k) is not None})  # None: blank
         for name, scores in (metrics.get("protocols") or {}).items():  # eval.protocols: one column each
             score = scores.get("test_accuracy", scores.get("meta_test_loss"))
             if score is not None:

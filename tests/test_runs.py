@@ -70,6 +70,17 @@ def test_summary_lists_failed_and_missing_runs_without_crashing(tmp_path):
     assert "ValueError: x" in table and "0.5" in table
 
 
+def test_summary_says_which_runs_a_time_limit_stopped(tmp_path):
+    for run, stopped_by in (("0", "job_time_limit"), ("1", None)):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "metrics.json").write_text(json.dumps({"status": "ok", "stopped_by": stopped_by,
+                                                                  "job_seconds": 3300.0}))
+    rows = collect_runs(tmp_path)
+    assert rows[0]["stopped_by"] == "job_time_limit" and "stopped_by" not in rows[1]
+    table = markdown_table(rows).splitlines()
+    assert "stopped_by" in table[0] and "job_seconds" in table[0] and "None" not in table[3]
+
+
 def test_summary_has_a_column_per_evaluation_protocol(tmp_path):
     (tmp_path / "0").mkdir()
     protocols = {"within_alphabet_20way": {"test_accuracy": 0.715}, "skipped_one": {"skipped": "5-way head"}}
