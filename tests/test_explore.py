@@ -129,8 +129,9 @@ def test_each_trial_is_one_logged_run_grouped_by_study_and_resumed(monkeypatch, 
     parent, child = multiprocessing.Pipe()
     parent.send("continue")  # the explorer's go-ahead after the first rung, queued before it is asked for
     trial_worker(OmegaConf.to_yaml(cfg), str(tmp_path / "trial"), [2, 4], "my_study", conn=child)
-    messages = [parent.recv()[0] for _ in range(3)]
-    assert messages == ["rung", "rung", "done"]
+    messages = [parent.recv() for _ in range(3)]
+    assert [m[0] for m in messages] == ["rung", "rung", "done"]
+    assert all(m[1].validation_seconds > 0 for m in messages[:2])  # each rung's own validation, measured
     assert len(fake.inits) == 1 and fake.inits[0]["group"] == "my_study" and fake.finished == [0]
     rung_entries = [(step, m) for step, m in fake.logged if "rung" in m]
     assert [(step, m["rung"]) for step, m in rung_entries] == [(2, 0), (4, 1)] and "val_loss" in rung_entries[0][1]

@@ -351,6 +351,19 @@ def test_rung_times_calibrate_by_medians():
     assert times.to_next_rung(2.0, 20) == pytest.approx(5.0 + 40.0)
 
 
+def test_a_trials_next_rung_is_priced_with_its_own_validation():
+    """Two trials with the same training and start-up but validations of 1 s and 9 s (a 5-way and a 60-way model):
+    each one's next rung is priced with its own validation, a new trial's first rung with the median."""
+    times = RungTimes()
+    times.observe(1.0, 10, 10.0, 14.0, validation_seconds=1.0)
+    times.observe(1.0, 10, 10.0, 22.0, validation_seconds=9.0)
+    assert times.first_overheads == [3.0, 3.0]  # the validation is not start-up
+    assert times.to_first_rung(1.0, 10) == pytest.approx(3.0 + 5.0 + 10.0)
+    assert times.to_next_rung(1.0, 10, 1.0) == pytest.approx(3.0 + 1.0 + 10.0)
+    assert times.to_next_rung(1.0, 10, 9.0) == pytest.approx(3.0 + 9.0 + 10.0)
+    assert times.to_next_rung(1.0, 10) == pytest.approx(3.0 + 5.0 + 10.0)  # no validation of its own: the median
+
+
 def test_a_trial_whose_next_rung_would_end_past_the_deadline_stops_at_its_rung_as_complete():
     clock = FakeClock()
     runner = TimedRunner(clock)

@@ -68,6 +68,7 @@ class Rung(NamedTuple):
     val_loss: float
     train_seconds: float
     measured_peak_bytes: int
+    validation_seconds: float = 0.0  # the rung's validation, measured (its trial's next rungs are priced with it)
 
 
 class Message(NamedTuple):
@@ -337,7 +338,8 @@ class Explorer:
     def _next_rung_late(self, record: TrialRecord, rung: Rung) -> str | None:
         """Why the trial stops at `rung` (its next one is predicted to end past the deadline), or None."""
         steps = self.rung_steps[rung.level + 1]
-        seconds = self.times.to_next_rung(record.measured_step_seconds, steps - rung.meta_steps)
+        seconds = self.times.to_next_rung(record.measured_step_seconds, steps - rung.meta_steps,
+                                          rung.validation_seconds)
         left = self.deadline - self.clock()
         if seconds < left:
             return None
@@ -374,7 +376,7 @@ class Explorer:
             rung = message.rung
             self.times.observe(record.predicted_step_seconds, rung.meta_steps, rung.train_seconds,
                                self.clock() - running.since, record.rungs[-1].train_seconds if record.rungs else 0.0,
-                               first=not record.rungs)
+                               first=not record.rungs, validation_seconds=rung.validation_seconds)
             record.rungs.append(rung)
             if rung.level + 1 >= len(self.rung_steps):
                 return  # its "done" follows

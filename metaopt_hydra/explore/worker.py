@@ -9,6 +9,7 @@ checkpoint keeps, so a resumed study continues it.
 """
 from __future__ import annotations
 
+import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable, cast
@@ -33,12 +34,14 @@ def _rung(cfg: Any, parts: Any, run_dir: Path, index: int, steps: int, logger: R
     cfg.meta_steps = steps
     metrics = train_from_config(cfg, parts, run_dir, evaluate=False, log=logger.log,
                                 checkpoint_extra={"config": resolved(cfg), "logger_run_id": run_id})
+    start = time.perf_counter()
     val = validate(parts.meta) if validate is not None else {"val_loss": metrics["meta_train_loss"]}
+    validation_seconds = time.perf_counter() - start
     logger.log({**val, "rung": index}, steps)
-    metrics.update(val, status="ok", config=resolved(cfg), rung=index)
+    metrics.update(val, status="ok", config=resolved(cfg), rung=index, validation_seconds=validation_seconds)
     write_json_atomic(metrics, run_dir / "metrics.json")
     return Rung(index, steps, float(val["val_loss"]), float(metrics["train_seconds"]),
-                int(metrics["measured_peak_bytes"])), metrics
+                int(metrics["measured_peak_bytes"]), validation_seconds), metrics
 
 
 def worker_main(conn: Connection, threads: int, allocator: str = "system") -> None:
