@@ -273,7 +273,7 @@ def meta_train(loop: InnerLoop, meta: MetaParams, estimator: MetaGradientMethod,
     evaluation = _final_evaluation(loop, meta, eval_tasks or tasks, budget, eval_n_tasks, device=device,
                                    inner_steps=inner_steps if eval_inner_steps is None else eval_inner_steps,
                                    batch_size=eval_batch_size, batching=eval_batching or batching, deadline=deadline)
-    _reserve_callbacks(deadline, callbacks, meta)
+    _reserve_callbacks(deadline, callbacks, meta, state.step < meta_steps)
     save = _Checkpointer(state, checkpoint_path, _recorded(estimator, chosen) | (checkpoint_extra or {}), time_limit,
                          deadline)
     recorder = _Recorder(state, meta_steps, log_every, log, progress, estimator.name, callbacks)
@@ -322,16 +322,19 @@ def _final_evaluation(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution
                             batch_size=settings["batch_size"], device=device, budget=budget, plan=found)
 
 
-def _reserve_callbacks(deadline: Deadline | None, callbacks: Sequence[Callback], meta: MetaParams) -> None:
+def _reserve_callbacks(deadline: Deadline | None, callbacks: Sequence[Callback], meta: MetaParams,
+                       to_train: bool) -> None:
     """Reserve in `deadline` each callback's predicted seconds at the end (`Callback.end_seconds`), then refuse
-    (`DeadlineExceeded`) where nothing is left for training."""
+    (`DeadlineExceeded`) where nothing is left for training, if any is left to do (a resumed run whose training
+    is done only evaluates: refusing it would save nothing)."""
     if deadline is None:
         return
     for callback in callbacks:
         seconds = callback.end_seconds(meta)
         if seconds != 0.0:
             deadline.reserve(f"{type(callback).__name__} at the end", seconds)
-    deadline.check()
+    if to_train:
+        deadline.check()
 
 
 class _Checkpointer:

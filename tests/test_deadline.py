@@ -152,3 +152,12 @@ def test_job_time_limit_auto_is_a_submitit_launchers_timeout_less_its_start():
     assert job_time_limit(OmegaConf.create({"job_time_limit": None}), slurm) is None
     with pytest.raises(ValueError, match="cannot parse 'soon'"):
         job_time_limit(OmegaConf.create({"job_time_limit": "soon"}))
+
+
+def test_a_resumed_run_with_nothing_left_to_train_is_not_refused(tmp_path):
+    _train(None, steps=2, checkpoint_path=tmp_path / "ckpt.pt")
+    clock = FakeClock()
+    deadline = Deadline(100.0, clock=clock)
+    deadline.reserve("protocol p", 70.0)  # x1.5 > 100 s: a run with training to do is refused
+    metrics = _train(deadline, steps=2, checkpoint_path=tmp_path / "ckpt.pt")
+    assert metrics["meta_steps"] == 2 and math.isfinite(metrics["meta_test_loss"])
