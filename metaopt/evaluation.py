@@ -6,6 +6,7 @@ predicted and measured seconds.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from torch import Tensor
 from metaopt import losses
 from metaopt.batching import Batching, compress_support, resolve_batching, vmap_tasks
 from metaopt.budget import Budget, machine_bounded
+from metaopt.deadline import Deadline
 from metaopt.loop import InnerLoop, unroll
 from metaopt.memory import measure_peak_memory
 from metaopt.prediction import seconds_of
@@ -26,7 +28,9 @@ from metaopt.tasks.augment import pooled_views
 from metaopt.tasks.base import TaskDistribution
 from metaopt.types import MetaParams, Task
 
-__all__ = ["evaluate", "mean_ci95", "task_to", "EvalPlan", "plan_evaluation"]
+__all__ = ["evaluate", "mean_ci95", "task_to", "EvalPlan", "plan_evaluation", "plan_ahead"]
+
+logger = logging.getLogger("metaopt")
 
 EvalBatching = Literal["stacked", "vmap", "loop"]
 PROBE_TASKS = 4  # memory is measured at 1 and min(batch_size, PROBE_TASKS) tasks at once; explicit forms timed there
@@ -232,6 +236,20 @@ def _seconds_per_task(scores: Callable[..., None], count: int, form: EvalBatchin
     if not warm:
         scores(count, form)
     return min(seconds_of(lambda: scores(count, form), device) for _ in range(TIMING_ROUNDS)) / count
+
+
+def plan_ahead(what: str, loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, budget: Budget, n_tasks: int,
+               *, deadline: Deadline | None = None, **settings: Any) -> EvalPlan:
+    """An evaluation of `n_tasks` tasks that runs after training, planned before it (`plan_evaluation` with
+    `settings`): its plan and predicted seconds said in the log as `what` (e.g. "the final evaluation") and
+    reserved in the session's `deadline` (`metaopt.deadline`), if any."""
+    plan = plan_evaluation(loop, meta, tasks, budget, **settings)
+    predicted = plan.predicted_seconds(n_tasks)
+    logger.info("%s: %s; %d tasks predicted %s", what, plan.reason, n_tasks,
+                "untimed" if predicted is None else f"{predicted:.3g} s")
+    if deadline is not None:
+        deadline.reserve(f"{what} ({n_tasks} tasks)", predicted)
+    return plan
 
 
 def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_tasks: int = 600,

@@ -29,7 +29,7 @@ from metaopt.compiled import Compiled
 from metaopt.callbacks import Callback
 from metaopt.deadline import Deadline
 from metaopt.estimators.base import AbstractEstimator, MetaGradientMethod
-from metaopt.evaluation import evaluate, mean_ci95, plan_evaluation, task_to
+from metaopt.evaluation import evaluate, mean_ci95, plan_ahead, task_to
 from metaopt.guard import format_bytes
 from metaopt.loop import InnerLoop
 from metaopt.memory import Method, default_method, measure_peak_memory, tensor_bytes
@@ -312,12 +312,8 @@ def _final_evaluation(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution
     if n_tasks <= 0:
         return None
     tasks = tasks.to(device)
-    found = plan_evaluation(loop, meta, tasks, budget, device=device, **settings)
-    predicted = found.predicted_seconds(n_tasks)
-    logger.info("evaluation plan: %s; %d tasks predicted %s", found.reason, n_tasks,
-                "untimed" if predicted is None else f"{predicted:.3g} s")
-    if deadline is not None:
-        deadline.reserve(f"the final evaluation ({n_tasks} tasks)", predicted)
+    found = plan_ahead("the final evaluation", loop, meta, tasks, budget, n_tasks, deadline=deadline, device=device,
+                       **settings)
     return lambda: evaluate(loop, meta, tasks, n_tasks=n_tasks, inner_steps=settings["inner_steps"],
                             batch_size=settings["batch_size"], device=device, budget=budget, plan=found)
 

@@ -23,14 +23,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metaopt import evaluate
-from metaopt.evaluation import EvalPlan, plan_evaluation
+from metaopt.evaluation import EvalPlan
 from metaopt.allocator import set_allocator
 from metaopt.budget import parse_seconds
 from metaopt.checkpoint import load_checkpoint, save_atomic
 from metaopt.deadline import Deadline
 from metaopt.ensemble import ProtoNetEnsemble, ensemble_meta
 from metaopt_hydra.baselines import compare
-from metaopt_hydra.build import Parts, build, compile_record, eval_batching, member_config, train_from_config
+from metaopt_hydra.build import (Parts, build, compile_record, member_config, plan_config_evaluation,
+                                 train_from_config)
 from metaopt_hydra.curves import plot_curves
 from metaopt_hydra.loggers import NullLogger, RunLogger, new_run_id
 from metaopt_hydra.jobs import job_deadline
@@ -145,15 +146,8 @@ def _plan_ensemble_evaluation(cfg: DictConfig, parts: Parts, deadline: Deadline 
     """The ensemble's meta-test, planned before its members train (None: no meta-test)."""
     if parts.eval_tasks is None or cfg.eval.n_tasks <= 0:
         return None
-    plan = plan_evaluation(parts.loop, parts.meta, parts.eval_tasks, parts.budget,  # the untrained ensemble (build)
-                           inner_steps=cfg.eval.inner_steps, batch_size=cfg.eval.batch_size,
-                           batching=eval_batching(cfg), device=cfg.device)
-    predicted = plan.predicted_seconds(cfg.eval.n_tasks)
-    log.info("ensemble evaluation plan: %s; %d tasks predicted %s", plan.reason, cfg.eval.n_tasks,
-             "untimed" if predicted is None else f"{predicted:.3g} s")
-    if deadline is not None:
-        deadline.reserve(f"the final evaluation ({cfg.eval.n_tasks} tasks)", predicted)
-    return plan
+    return plan_config_evaluation(cfg, parts, parts.eval_tasks, "the final evaluation", cfg.eval.n_tasks,
+                                  deadline=deadline)  # with the untrained ensemble `build` made: the same shapes
 
 
 def _finish(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path, logger: RunLogger, threads: int,

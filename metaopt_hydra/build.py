@@ -23,7 +23,7 @@ from metaopt.compiled import Compiled
 from metaopt.deadline import Deadline
 from metaopt.ensemble import ProtoNetEnsemble, ensemble_meta
 from metaopt.estimators import AbstractEstimator, MetaGradientMethod
-from metaopt.evaluation import EvalPlan, plan_evaluation
+from metaopt.evaluation import EvalPlan, plan_ahead
 from metaopt.online import OnlineTasks
 from metaopt.tasks import RandomInit, TaskDistribution
 from metaopt.tasks.base import EmptySplit
@@ -236,6 +236,15 @@ def eval_batching(cfg: DictConfig) -> Batching:
     return cast(Batching, cfg.eval.get("batching") or cfg.batching)
 
 
+def plan_config_evaluation(cfg: DictConfig, parts: Parts, tasks: TaskDistribution, what: str, n_tasks: int, *,
+                           loop: InnerLoop | None = None, deadline: Deadline | None = None) -> EvalPlan:
+    """`plan_ahead` with the config's evaluation settings (eval.inner_steps, eval.batch_size, `eval_batching`,
+    device) for `n_tasks` of `tasks`, with the parts' loop (or `loop`), meta-parameters and budget."""
+    return plan_ahead(what, loop or parts.loop, parts.meta, tasks, parts.budget, n_tasks, deadline=deadline,
+                      inner_steps=cfg.eval.inner_steps, batch_size=cfg.eval.batch_size, batching=eval_batching(cfg),
+                      device=cfg.device)
+
+
 class Validator:
     """`validator(meta) -> {"val_loss", ["val_accuracy"]}` on `n_tasks` validation tasks (seed eval.seed + 1, so
     never the meta-test tasks), planned once (`plan_evaluation`, at the first call or the first
@@ -247,10 +256,8 @@ class Validator:
 
     def _planned(self, meta: MetaParams) -> EvalPlan:
         if self.plan is None:
-            cfg = self.cfg
-            self.plan = plan_evaluation(self.parts.loop, meta, self.tasks, self.parts.budget,
-                                        inner_steps=cfg.eval.inner_steps, batch_size=cfg.eval.batch_size,
-                                        batching=eval_batching(cfg), device=cfg.device)
+            self.plan = plan_config_evaluation(self.cfg, self.parts._replace(meta=meta), self.tasks, "validation",
+                                               self.n_tasks)
         return self.plan
 
     def predicted_seconds(self, meta: MetaParams) -> float | None:

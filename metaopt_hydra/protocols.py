@@ -26,10 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from metaopt import InnerLoop, evaluate
 from metaopt.deadline import Deadline
-from metaopt.evaluation import EvalPlan, plan_evaluation
+from metaopt.evaluation import EvalPlan
 from metaopt.prototypes import ClassAware
 from metaopt.tasks import RandomInit, TaskDistribution
-from metaopt_hydra.build import Parts, data_error, eval_batching
+from metaopt_hydra.build import Parts, data_error, plan_config_evaluation
 from metaopt_hydra.checks import check_task_fits_model
 
 __all__ = ["plan_protocols", "evaluate_protocols", "PlannedProtocol", "SCORES"]
@@ -82,14 +82,8 @@ def plan_protocols(cfg: DictConfig, parts: Parts, deadline: Deadline | None = No
             continue
         if cfg.get("random_init", False):
             tasks = RandomInit(tasks, parts.model)
-        plan = plan_evaluation(_protocol_loop(parts, tasks), parts.meta, tasks, parts.budget,
-                               inner_steps=cfg.eval.inner_steps, batch_size=cfg.eval.batch_size,
-                               batching=eval_batching(cfg), device=cfg.device)
-        predicted = plan.predicted_seconds(cfg.eval.n_tasks)
-        log.info("protocol %s: %s; %d tasks predicted %s", name, plan.reason, cfg.eval.n_tasks,
-                 "untimed" if predicted is None else f"{predicted:.3g} s")
-        if deadline is not None:
-            deadline.reserve(f"protocol {name} ({cfg.eval.n_tasks} tasks)", predicted)
+        plan = plan_config_evaluation(cfg, parts, tasks, f"protocol {name}", cfg.eval.n_tasks,
+                                      loop=_protocol_loop(parts, tasks), deadline=deadline)
         out.append(PlannedProtocol(name, {"task": repr(tasks)}, tasks, plan))
     return out
 

@@ -112,8 +112,8 @@ def test_validation_plans_once_and_reuses_the_plan(monkeypatch, tmp_path):
     from metaopt_hydra import build as build_module
 
     calls: list = []
-    real = build_module.plan_evaluation
-    monkeypatch.setattr(build_module, "plan_evaluation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = build_module.plan_ahead
+    monkeypatch.setattr(build_module, "plan_ahead", lambda *a, **k: calls.append(1) or real(*a, **k))
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose("train", overrides=["debug=tiny", "eval.val_n_tasks=4", "eval.batching=loop"])
     parts = build_module.build(cfg)
@@ -121,6 +121,7 @@ def test_validation_plans_once_and_reuses_the_plan(monkeypatch, tmp_path):
     assert validate is not None
     first, second = validate(parts.meta), validate(parts.meta)
     assert first == second and len(calls) == 1
+    assert validate.predicted_seconds(parts.meta) > 0 and len(calls) == 1  # a deadline's price: the same plan
 
 
 def _meta_train(tmp_path, **kwargs):
@@ -145,7 +146,7 @@ def test_an_evaluation_that_cannot_run_fails_before_training(tmp_path, monkeypat
         raise RuntimeError("evaluation cannot run")
 
     steps: list = []
-    monkeypatch.setattr(train_module, "plan_evaluation", broken)
+    monkeypatch.setattr(train_module, "plan_ahead", broken)
     monkeypatch.setattr(train_module, "_loop", lambda *args, **kwargs: steps.append(1))
     with pytest.raises(RuntimeError, match="evaluation cannot run"):
         _meta_train(tmp_path)
