@@ -50,7 +50,9 @@ class Deadline:
         self.seconds, self.clock, self.margin = float(seconds), clock, margin
         self.start = clock() if start is None else start
         self.reserved: dict[str, float] = {}  # what -> predicted seconds (before the margin)
+        self.kept: dict[str, float] = {}  # what -> seconds kept as they are (an allowance, not a prediction)
         self.unreserved: list[str] = []  # work after training whose seconds are not predicted
+        self.training_ended: float | None = None  # `elapsed()` when training ended (`end_training`)
 
     def elapsed(self) -> float:
         """Seconds since the session started."""
@@ -66,10 +68,15 @@ class Deadline:
             return
         self.reserved[what] = self.reserved.get(what, 0.0) + max(float(predicted_seconds), 0.0)
 
+    def keep(self, what: str, seconds: float) -> None:
+        """Keep `seconds` for `what` after training, as they are: an allowance (e.g. writing the record), not a
+        predicted figure that the margin scales."""
+        self.kept[what] = self.kept.get(what, 0.0) + max(float(seconds), 0.0)
+
     @property
     def reserved_seconds(self) -> float:
-        """The seconds kept for the work after training, margin included."""
-        return self.margin * sum(self.reserved.values())
+        """The seconds kept for the work after training: the predicted ones times the margin, and the allowances."""
+        return self.margin * sum(self.reserved.values()) + sum(self.kept.values())
 
     def training_left(self) -> float:
         """Seconds training may still take (negative: already past)."""
@@ -81,15 +88,20 @@ class Deadline:
         left = self.training_left()
         if left > 0:
             logger.info("job time limit %.1f s: %.1f s elapsed, %.1f s kept for %s (x%.2g of their predicted "
-                        "seconds), %.1f s left for %s", self.seconds, self.elapsed(), self.reserved_seconds,
-                        ", ".join(self.reserved) or "nothing", self.margin, left, before)
+                        "seconds) and the end, %.1f s left for %s", self.seconds, self.elapsed(),
+                        self.reserved_seconds, ", ".join(self.reserved) or "nothing", self.margin, left, before)
             return
-        kept = ", ".join(f"{what} {seconds:.3g} s" for what, seconds in self.reserved.items()) or "nothing"
+        predicted = ", ".join(f"{what} {seconds:.3g} s" for what, seconds in self.reserved.items()) or "nothing"
+        allowed = "".join(f"; {seconds:.3g} s kept for {what}" for what, seconds in self.kept.items())
         raise DeadlineExceeded(
             f"job time limit {self.seconds:.4g} s: {self.elapsed():.3g} s have gone to set-up and planning, and the "
-            f"work after training is predicted {kept} (kept x{self.margin:.2g}: {self.reserved_seconds:.4g} s), "
-            f"which leaves nothing for {before}; raise job_time_limit, or predict less work after training "
-            f"(fewer eval.n_tasks, fewer eval.protocols)")
+            f"work after training is predicted {predicted} (kept x{self.margin:.2g}{allowed}: "
+            f"{self.reserved_seconds:.4g} s in all), which leaves nothing for {before}; raise job_time_limit, or "
+            f"predict less work after training (fewer eval.n_tasks, fewer eval.protocols)")
+
+    def end_training(self) -> None:
+        """Mark the end of training: what follows is the work the reservations were for."""
+        self.training_ended = self.elapsed()
 
     def share(self, parts: int) -> "Deadline":
         """A deadline for the next of `parts` equal shares of what is left for training now (an ensemble's
@@ -100,9 +112,12 @@ class Deadline:
         return Deadline(max(self.elapsed() + left, 1e-9), start=self.start, clock=self.clock, margin=self.margin)
 
     def record(self) -> dict[str, Any]:
-        """The metrics.json entries: "job_time_limit" (s), "job_reserved" ({what: predicted s}),
-        "job_reserved_seconds" (margin included), "job_unreserved" (work with no prediction), "job_seconds"
-        (elapsed when recorded)."""
-        return {"job_time_limit": self.seconds, "job_reserved": dict(self.reserved),
+        """The metrics.json entries: "job_time_limit" (s), "job_reserved" ({what: predicted s}), "job_kept"
+        ({what: allowance s}), "job_reserved_seconds" (margin and allowances included), "job_unreserved" (work with no prediction), "job_seconds"
+        (elapsed when recorded) and "job_after_training_seconds" (from the end of training to now, measured; None
+        before it)."""
+        now = self.elapsed()
+        return {"job_time_limit": self.seconds, "job_reserved": dict(self.reserved), "job_kept": dict(self.kept),
                 "job_reserved_seconds": self.reserved_seconds, "job_unreserved": list(self.unreserved),
-                "job_seconds": self.elapsed()}
+                "job_seconds": now,
+                "job_after_training_seconds": None if self.training_ended is None else now - self.training_ended}

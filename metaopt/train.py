@@ -420,6 +420,8 @@ def _loop(state: TrainState, config: StepConfig, sample: Callable[[], Task], met
     finally:
         recorder.bar.close()
     save()
+    if save.deadline is not None:
+        save.deadline.end_training()
     return {"measured_peak_bytes": peaks[False], "compile_peak_bytes": peaks[True]}
 
 

@@ -126,6 +126,8 @@ def train_ensemble(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Callabl
         records.append({"dir": member_dir.name, "seed": int(member_cfg.seed),
                         **{k: metrics[k] for k in (*ENSEMBLE_SUMS, "meta_train_loss", "stopped_at_time_limit")
                            if k in metrics}})
+    if deadline is not None:
+        deadline.end_training()
     loop = ProtoNetEnsemble([(m.loop, m.meta) for m in members])  # type: ignore[misc]
     meta = ensemble_meta([m.meta for m in members])
     out: dict[str, Any] = {**{k: v for k, v in metrics.items() if k != "history"}, "members": records,
@@ -136,7 +138,8 @@ def train_ensemble(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Callabl
         out.update(evaluate(loop, meta, parts.eval_tasks, n_tasks=cfg.eval.n_tasks, inner_steps=cfg.eval.inner_steps,
                             batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, device=cfg.device, budget=parts.budget,
                             plan=final))
-    for key in ("job_time_limit", "job_reserved", "job_reserved_seconds", "job_unreserved", "job_seconds"):
+    for key in ("job_time_limit", "job_reserved", "job_kept", "job_reserved_seconds", "job_unreserved", "job_seconds",
+                "job_after_training_seconds"):
         out.pop(key, None)  # a member's share, not the run's (the run records its own deadline)
     save_atomic({"meta": meta.state_dict(), **checkpoint_extra}, run_dir / "checkpoint.pt")
     return out, parts._replace(loop=loop, meta=meta)
@@ -153,16 +156,16 @@ def _plan_ensemble_evaluation(cfg: DictConfig, parts: Parts, deadline: Deadline 
 def _finish(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path, logger: RunLogger, threads: int,
             deadline: Deadline | None = None) -> None:
     metrics.update(status="ok", threads=threads, config=resolved(cfg))
-    if deadline is not None:  # the whole session's, measured here: training, evaluations, comparison
-        metrics.update(deadline.record())
-        metrics["job_within_limit"] = metrics["job_seconds"] <= deadline.seconds
     why = check_outcome(metrics)
     if why is not None:
         metrics.update(status="failed", error=f"RunFailed: {why}")
-    write_json_atomic(metrics, run_dir / "metrics.json")
     plot_curves(metrics.get("history", []), run_dir / "curves.png",
                 f"{metrics.get('estimator_config', metrics.get('estimator'))}, T={cfg.inner_steps}, "
                 f"meta-batch {cfg.meta_batch_size}", metrics.get("train_seconds"))
+    if deadline is not None:  # the whole session's, measured last: training, evaluations, comparison, the plot
+        metrics.update(deadline.record())
+        metrics["job_within_limit"] = metrics["job_seconds"] <= deadline.seconds
+    write_json_atomic(metrics, run_dir / "metrics.json")
     logger.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, int(cfg.meta_steps))
     for name in ("metrics.json", "curves.png"):
         logger.artifact(run_dir / name)
@@ -206,7 +209,7 @@ def run_training(cfg: DictConfig) -> float:
         threads = choose_threads(cfg, launcher)
         apply_threads(threads)
         set_allocator(cfg.get("allocator", "system"))
-        deadline = job_deadline(cfg, launcher, started)
+        deadline = job_deadline(cfg, launcher)
         previous = previous_run(cfg, run_dir)
         parts = build(cfg)
         run_id = previous.get("logger_run_id") or new_run_id()

@@ -7,16 +7,24 @@ is no limit. A number or a string ("55m") sets it; null turns it off.
 """
 from __future__ import annotations
 
+import os
+import time
+
 from omegaconf import DictConfig
 
 from metaopt.budget import parse_seconds
 from metaopt.deadline import Deadline
 
-__all__ = ["job_time_limit", "job_deadline", "LAUNCHER_START_SECONDS"]
+__all__ = ["job_time_limit", "job_deadline", "process_age", "LAUNCHER_START_SECONDS", "END_SECONDS"]
 
 LAUNCHER_START_SECONDS = 60.0
 """Seconds of a launcher's job before the run's clock starts (the interpreter, imports, Hydra's composition: 5-10 s
 measured here), with room to spare; at most a quarter of a short job's timeout."""
+
+END_SECONDS = 2.0
+"""Seconds kept, as they are (no margin), for the job's end: writing the last checkpoint, metrics.json and curves.png
+(0.1-1 s measured here), and a last meta-step slower than the median the loop stops by. An allowance, not a
+prediction."""
 
 
 def job_time_limit(cfg: DictConfig, launcher: DictConfig | None = None) -> float | None:
@@ -41,7 +49,26 @@ def job_time_limit(cfg: DictConfig, launcher: DictConfig | None = None) -> float
     return seconds - min(LAUNCHER_START_SECONDS, seconds / 4)
 
 
-def job_deadline(cfg: DictConfig, launcher: DictConfig | None, start: float) -> Deadline | None:
-    """The session's `Deadline` from `start` (`time.perf_counter()` when the run began), or None without a limit."""
+def process_age() -> float:
+    """Seconds since this process started (Linux: /proc; elsewhere 0.0, i.e. from the first call). The job's
+    clock includes the interpreter's start, the imports and Hydra's composition before the run's own code."""
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, after the command
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(uptime - started_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def job_deadline(cfg: DictConfig, launcher: DictConfig | None) -> Deadline | None:
+    """The session's `Deadline`, its clock started when this process started (`process_age`), or None without a
+    limit. `END_SECONDS` are kept for the job's end (the record and the plot) beside what evaluation reserves."""
     seconds = job_time_limit(cfg, launcher)
-    return None if seconds is None else Deadline(seconds, start=start)
+    if seconds is None:
+        return None
+    deadline = Deadline(seconds, start=time.perf_counter() - process_age())
+    deadline.keep("the job's end (checkpoint, metrics.json, curves.png; a last meta-step slower than the median)",
+                  END_SECONDS)
+    return deadline

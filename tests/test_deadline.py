@@ -105,6 +105,7 @@ def test_training_stops_where_the_reserved_seconds_are_left(reserved, steps):
     assert metrics["stopped_by"] == "job_time_limit" and math.isfinite(metrics["meta_test_loss"])
     assert "the final evaluation (8 tasks)" in metrics["job_reserved"]
     assert metrics["job_time_limit"] == 100.0
+    assert metrics["job_seconds"] == pytest.approx(10.0 * steps) and metrics["job_after_training_seconds"] == 0.0
 
 
 def test_time_limit_stops_first_where_it_is_shorter_and_says_so():

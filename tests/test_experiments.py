@@ -178,6 +178,19 @@ def test_bench_eval_runs_small_and_both_plans_score_the_same_tasks_alike():
     assert float(row[8]) < 1e-5 and "stacked" in row[2]
 
 
+def test_bench_job_limit_runs_a_short_job_and_reports_it(tmp_path):
+    """bench_job_limit.py on the sinusoid with a 10-s job: the run ends ok (or is refused before training, on a
+    machine too loaded to set up in time), its row and the last line have their documented forms (no assertion on
+    the wall clock)."""
+    lines = run_experiment("bench_job_limit.py", "--problems", "sinusoid", "--limit", "10s", "--out", str(tmp_path))
+    assert re.fullmatch(r"job_within_limit (sinusoid:\d+\.\d{3} )?\(\d/\d within; \d refused before training\)",
+                        lines[-1]), lines[-1]
+    row = next(line for line in lines if line.startswith("| sinusoid | 10s |"))
+    metrics = json.loads((tmp_path / "sinusoid" / "metrics.json").read_text())
+    assert ("refused before training" in row) == (metrics["status"] != "ok")
+    assert metrics["status"] != "ok" or metrics["job_time_limit"] == 10.0 and metrics["job_after_training_seconds"] > 0
+
+
 def test_bench_es_times_online_pes_on_the_learned_optimizer_experiment():
     """bench_es.py's learned_optimizer_online problem (the experiment's config, population 2): the one-pass second
     window equals one at a time (the same noise, the same carried states), and the last line names it."""

@@ -1,0 +1,97 @@
+"""Benchmark: does a job end within its `job_time_limit`, evaluation included? (CPU, wall clock.)
+
+A job's wall clock (`job_time_limit`, `metaopt.deadline`) is kept by planning every evaluation that follows training
+before it starts and keeping their predicted seconds x1.5: training stops where what is left is that reservation.
+This bench runs `experiments/train.py` with a job limit on each problem, one after the other (each run alone, on
+`--threads` threads), and prints, per run, the limit, when the job ended, how training stopped, what was predicted
+for the work after training and what it measured. A problem whose evaluations cannot fit its limit is refused
+before training: the row says so (a refusal is a correct outcome, and its metrics.json says why).
+
+    python experiments/bench_job_limit.py [--threads 1] [--problems sinusoid omniglot_5way ...] [--data-root PATH]
+        [--out DIR] [--limit SECONDS]
+
+The last line is `job_within_limit <problem>:<job seconds / limit> ... (<k>/<n> within)`. Omniglot problems are
+skipped, with a line saying so, where the data is not found. Wall-clock figures vary with the machine's load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBLEMS = {  # name -> (job_time_limit, overrides of conf/train.yaml)
+    "sinusoid": ("30s", []),
+    "omniglot_5way": ("3m", ["experiment=omniglot_maml"]),
+    "omniglot_protonet": ("3m", ["experiment=omniglot_protonet", "ensemble=1", "task.split_by=alphabet",
+                                 "task.val_alphabets=1"]),
+    "omniglot_20way": ("4m", ["experiment=omniglot_maml", "task.n_way=20"]),  # its evaluations alone need ~6 min
+}
+
+
+def _data_root(overrides: list[str]) -> Path:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return Path(compose("train", overrides=overrides).data.root)
+
+
+def _row(name: str, limit: str, metrics: dict) -> tuple[str, float | None]:
+    """The table row of one run and its job seconds / limit (None: refused before training)."""
+    if metrics.get("status") != "ok":
+        error = str(metrics.get("error", ""))
+        refused = "DeadlineExceeded" in error
+        return (f"| {name} | {limit} | {'refused before training' if refused else 'failed'}: {error[:160]} |", None)
+    seconds, after = metrics["job_seconds"], metrics.get("job_after_training_seconds")
+    predicted = sum(metrics["job_reserved"].values())
+    ratio = seconds / metrics["job_time_limit"]
+    return (f"| {name} | {limit} | {seconds:.1f} s ({ratio:.2f}) | {metrics['meta_steps']} "
+            f"({metrics['stopped_by'] or 'all asked'}) | {metrics['train_seconds']:.1f} | {predicted:.1f} | "
+            f"{metrics['job_reserved_seconds']:.1f} | {after:.1f} | "
+            f"{after / predicted if predicted else float('nan'):.2f} |", ratio)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--problems", nargs="+", choices=list(PROBLEMS), default=list(PROBLEMS))
+    parser.add_argument("--data-root", default=None, help="Omniglot's folder (default: the config's data.root)")
+    parser.add_argument("--out", default=None, help="run directories (default: a temporary folder)")
+    parser.add_argument("--limit", default=None, help="one job_time_limit for every problem (e.g. 5s: a smoke run)")
+    args = parser.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_job_limit."))
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled"}
+    print(f"one run at a time, {args.threads} thread(s); run directories under {out}")
+    print("| problem | job_time_limit | job ended (/ limit) | meta-steps (stopped by) | training s | "
+          "predicted after training s | kept s (x1.5) | measured after training s | measured / predicted |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    ratios: dict[str, float] = {}
+    refused = 0
+    for name in args.problems:
+        limit, overrides = PROBLEMS[name]
+        limit = args.limit or limit
+        overrides = overrides + ([f"data.root={args.data_root}"] if args.data_root else [])
+        if name.startswith("omniglot") and not _data_root(overrides).exists():
+            print(f"| {name} | skipped: no Omniglot data at {_data_root(overrides)} |")
+            continue
+        run_dir = out / name
+        subprocess.run([sys.executable, str(ROOT / "experiments" / "train.py"), *overrides, "time_limit=null",
+                        f"job_time_limit={limit}", "progress=false", f"hydra.run.dir={run_dir}"],
+                       env=env, cwd=ROOT, capture_output=True, text=True)
+        line, ratio = _row(name, limit, json.loads((run_dir / "metrics.json").read_text()))
+        print(line, flush=True)
+        if ratio is None:
+            refused += 1
+        else:
+            ratios[name] = ratio
+    within = sum(r <= 1.0 for r in ratios.values())
+    print(f"job_within_limit {' '.join(f'{k}:{v:.3f}' for k, v in ratios.items())} "
+          f"({within}/{len(ratios)} within; {refused} refused before training)")
+
+
+if __name__ == "__main__":
+    main()
