@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 import metaopt as mo
@@ -162,3 +164,28 @@ def test_a_resumed_run_with_nothing_left_to_train_is_not_refused(tmp_path):
     deadline.reserve("protocol p", 70.0)  # x1.5 > 100 s: a run with training to do is refused
     metrics = _train(deadline, steps=2, checkpoint_path=tmp_path / "ckpt.pt")
     assert metrics["meta_steps"] == 2 and math.isfinite(metrics["meta_test_loss"])
+
+
+@given(limit=st.floats(1.0, 1e5), elapsed=st.floats(0.0, 1e5),
+       predicted=st.lists(st.one_of(st.none(), st.floats(0.0, 1e4)), max_size=5),
+       kept=st.floats(0.0, 100.0), parts=st.integers(1, 6))
+@settings(max_examples=200, deadline=None)
+def test_what_is_left_for_training_is_the_limit_less_the_clock_and_what_is_kept(limit, elapsed, predicted, kept,
+                                                                               parts):
+    clock = FakeClock()
+    deadline = Deadline(limit, clock=clock)
+    for i, seconds in enumerate(predicted):
+        deadline.reserve(f"work {i}", seconds)
+    deadline.keep("the end", kept)
+    clock.now += elapsed
+    reserved = RESERVE_MARGIN * sum(p for p in predicted if p is not None) + kept
+    left = limit - elapsed - reserved
+    assert deadline.training_left() == pytest.approx(left, abs=1e-6)
+    assert deadline.unreserved == [f"work {i}" for i, p in enumerate(predicted) if p is None]
+    if left > 0:
+        deadline.check()
+        assert deadline.share(parts).training_left() == pytest.approx(left / parts, abs=1e-6)
+    else:
+        with pytest.raises(DeadlineExceeded):
+            deadline.check()
+        assert deadline.share(parts).training_left() <= 1e-6  # nothing to share
