@@ -108,8 +108,9 @@ class Deadline:
         members trained in turn); the reservations stay with this one."""
         if parts < 1:
             raise ValueError(f"Deadline.share: need parts >= 1, got {parts}")
-        left = max(self.training_left(), 0.0) / parts
-        return Deadline(max(self.elapsed() + left, 1e-9), start=self.start, clock=self.clock, margin=self.margin)
+        now = self.elapsed()
+        left = max(self.seconds - now - self.reserved_seconds, 0.0) / parts
+        return Deadline(max(now + left, 1e-9), start=self.start, clock=self.clock, margin=self.margin)
 
     def record(self) -> dict[str, Any]:
         """The metrics.json entries: "job_time_limit" (s), "job_reserved" ({what: predicted s}), "job_kept"

@@ -324,13 +324,19 @@ def test_an_ensemble_run_trains_standalone_members_and_answers_as_one(data, tmp_
               f"data.root={data}", "task.size=16", "model.channels=4", "model.image_size=16", "task.split_by=alphabet",
               "task.val_alphabets=0", "task.test_alphabets=1", "task.n_way=2", "task.k_query=2", "eval.task.n_way=2",
               "eval.val_task.n_way=2"]
-    for args in (["ensemble=2", f"hydra.run.dir={tmp_path / 'ens'}"],
+    for args in (["ensemble=2", "job_time_limit=10m", f"hydra.run.dir={tmp_path / 'ens'}"],
                  ["seed=1", "ensemble=1", f"hydra.run.dir={tmp_path / 'solo'}"]):
         trained = subprocess.run([*common, *args], capture_output=True, text=True, env=env, cwd=root, timeout=300)
         assert trained.returncode == 0, trained.stderr[-3000:]
     metrics = json.loads((tmp_path / "ens" / "metrics.json").read_text())
     assert metrics["status"] == "ok" and "test_accuracy" in metrics
     assert [m["seed"] for m in metrics["members"]] == [0, 1] and metrics["meta_steps"] == 2 + 2
+    # The job's limit: the ensemble's evaluation planned before the members train; each member a share of the rest.
+    assert metrics["job_time_limit"] == 600 and metrics["job_within_limit"]
+    assert any(k.startswith("the final evaluation") for k in metrics["job_reserved"])
+    shares = [json.loads((tmp_path / "ens" / f"member{i}" / "metrics.json").read_text())["job_time_limit"]
+              for i in (0, 1)]
+    assert shares[0] < shares[1] == pytest.approx(600 - metrics["job_reserved_seconds"])  # then the evaluations
     member = torch.load(tmp_path / "ens" / "member1" / "checkpoint.pt", weights_only=False)["meta"]
     alone = torch.load(tmp_path / "solo" / "checkpoint.pt", weights_only=False)["meta"]
     both = torch.load(tmp_path / "ens" / "checkpoint.pt", weights_only=False)["meta"]
