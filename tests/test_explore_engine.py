@@ -326,6 +326,23 @@ def test_a_trial_predicted_to_reach_its_rung_past_the_deadline_does_not_take_a_s
     assert any("stopped at the deadline before its first rung" in r.error for r in unpredicted)
 
 
+def test_every_rung_reached_is_priced_and_the_report_says_how_well():
+    """The fake runner's rung takes its meta-steps x its true seconds per meta-step, nothing else: a later rung
+    (priced with the trial's own measured seconds) is predicted exactly; a first rung is predicted at half before
+    the first rungs calibrate the ratio, exactly after."""
+    from metaopt_hydra.explore.report import rung_price_summary
+    _, explorer = _timed_search(predicts=True)
+    later = [p.measured_seconds / p.predicted_seconds for p in explorer.rung_prices if not p.first]
+    first = [p.measured_seconds / p.predicted_seconds for p in explorer.rung_prices if p.first]
+    assert later and all(r == pytest.approx(1.0) for r in later)
+    assert first and all(r == pytest.approx(2.0) or r == pytest.approx(1.0) for r in first)
+    assert first[0] == pytest.approx(2.0) and first[-1] == pytest.approx(1.0)
+    line = rung_price_summary(explorer.rung_prices)
+    assert line.startswith("seconds to a rung, measured / predicted: first rungs median ")
+    assert f"later rungs median 1.00 (1.00-1.00) over {len(later)}, {len(later)} within 1.25x" in line
+    assert rung_price_summary([]).endswith("first rungs: none priced; later rungs: none priced")
+
+
 def test_admission_holds_back_by_the_calibrated_prediction():
     clock = FakeClock()
     explorer = _explorer(clock, rung_steps=10)

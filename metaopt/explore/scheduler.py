@@ -51,8 +51,8 @@ from metaopt.explore.pareto import non_dominated_ranks
 from metaopt.explore.queue import Candidate, CandidateQueue
 from metaopt.explore.timing import RungTimes
 
-__all__ = ["Rung", "TrialRecord", "TrialRunner", "Study", "Explorer", "Message", "Price", "CUT", "NOT_STARTED_LATE",
-           "STOPPED_BEFORE_LATE_RUNG"]
+__all__ = ["Rung", "RungPrice", "TrialRecord", "TrialRunner", "Study", "Explorer", "Message", "Price", "CUT",
+           "NOT_STARTED_LATE", "STOPPED_BEFORE_LATE_RUNG"]
 
 # How a trial's record (`error`) says what the deadline did to it (`metaopt_hydra.explore.report` counts them).
 CUT = "stopped at the deadline before its first rung"
@@ -69,6 +69,14 @@ class Rung(NamedTuple):
     train_seconds: float
     measured_peak_bytes: int
     validation_seconds: float = 0.0  # the rung's validation, measured (its trial's next rungs are priced with it)
+
+
+class RungPrice(NamedTuple):
+    """A rung's wall-clock seconds (from the trial's start, or its resumption), predicted and measured."""
+
+    first: bool  # the trial's first rung (priced at admission), or a later one (priced at the rung before)
+    predicted_seconds: float
+    measured_seconds: float
 
 
 class Message(NamedTuple):
@@ -174,6 +182,7 @@ class _Running:
     record: TrialRecord
     handle: Any
     since: float  # the clock when it was started or last resumed
+    predicted_seconds: float | None = None  # wall-clock seconds to its next rung, predicted when started or resumed
 
 
 class Explorer:
@@ -215,6 +224,7 @@ class Explorer:
         self.records: dict[int, TrialRecord] = {r.trial: r for r in previous or []}
         self.running: dict[int, _Running] = {}
         self.events: list[dict[str, Any]] = []
+        self.rung_prices: list[RungPrice] = []  # every rung reached with a price: predicted and measured seconds
         self.drawn = 0
         self._last_was_child = True  # the first start goes to the sampler
         self.times = RungTimes()
@@ -321,8 +331,9 @@ class Explorer:
                 self.queue.remove(candidate)
                 self._last_was_child = candidate.parent is not None
                 record.status = "running"
-                self.running[candidate.trial] = _Running(candidate, record,
-                                                         self.runner.start(candidate, self.rung_steps), self.clock())
+                self.running[candidate.trial] = _Running(
+                    candidate, record, self.runner.start(candidate, self.rung_steps), self.clock(),
+                    self.times.to_first_rung(candidate.predicted_step_seconds, self.rung_steps[0]))
                 self._event(candidate.trial, "start", predicted_peak_bytes=candidate.predicted_peak_bytes,
                             estimator_chosen=candidate.estimator_chosen)
 
@@ -335,16 +346,17 @@ class Explorer:
             return None
         return seconds, left
 
-    def _next_rung_late(self, record: TrialRecord, rung: Rung) -> str | None:
-        """Why the trial stops at `rung` (its next one is predicted to end past the deadline), or None."""
+    def _next_rung_late(self, record: TrialRecord, rung: Rung) -> tuple[str | None, float]:
+        """(why the trial stops at `rung`: its next one is predicted to end past the deadline, or None; the
+        predicted wall-clock seconds to that next rung)."""
         steps = self.rung_steps[rung.level + 1]
         seconds = self.times.to_next_rung(record.measured_step_seconds, steps - rung.meta_steps,
                                           rung.validation_seconds)
         left = self.deadline - self.clock()
         if seconds < left:
-            return None
+            return None, seconds
         return (f"stopped at rung {rung.level}: {STOPPED_BEFORE_LATE_RUNG} ({steps} meta-steps) was predicted "
-                f"{seconds:.3g} s away with {left:.3g} s left")
+                f"{seconds:.3g} s away with {left:.3g} s left"), seconds
 
     # --- rungs -------------------------------------------------------------------------------------------------
     def _pruning_reason(self, record: TrialRecord, rung: Rung) -> str | None:
@@ -374,6 +386,9 @@ class Explorer:
         record = running.record
         if message.kind == "rung" and message.rung is not None:
             rung = message.rung
+            if running.predicted_seconds is not None:
+                self.rung_prices.append(RungPrice(not record.rungs, running.predicted_seconds,
+                                                  self.clock() - running.since))
             self.times.observe(record.predicted_step_seconds, rung.meta_steps, rung.train_seconds,
                                self.clock() - running.since, record.rungs[-1].train_seconds if record.rungs else 0.0,
                                first=not record.rungs, validation_seconds=rung.validation_seconds)
@@ -381,14 +396,14 @@ class Explorer:
             if rung.level + 1 >= len(self.rung_steps):
                 return  # its "done" follows
             reason = self._pruning_reason(record, rung)
-            late = self._next_rung_late(record, rung) if reason is None else None
+            late, predicted = self._next_rung_late(record, rung) if reason is None else (None, None)
             if reason is not None:
                 self._stop(trial, "pruned", reason)
             elif late is not None:
                 self._stop(trial, "complete", late)
             else:
                 self.runner.resume(running.handle)
-                running.since = self.clock()
+                running.since, running.predicted_seconds = self.clock(), predicted
         elif message.kind == "done":
             self._stop(trial, "complete")
         elif message.kind == "error" and message.budget and record.retries < len(self.rung_steps):

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metaopt.budget import parse_bytes, parse_seconds
 from metaopt.explore import Explorer
-from metaopt_hydra.explore.report import front_of, time_summary, write_report
+from metaopt_hydra.explore.report import front_of, rung_price_summary, time_summary, write_report
 from metaopt_hydra.explore.runner import ProcessRunner
 from metaopt_hydra.explore.search import SearchSpace
 from metaopt_hydra.explore.study import ExplorerStudy, open_storage
@@ -95,4 +95,5 @@ def run_explore(cfg: DictConfig) -> float:
     print(f"{len(records)} trial(s) in {time.perf_counter() - started:.0f} s -> {run_dir / 'pareto.csv'}, "
           f"{run_dir / 'pareto.png'}, {run_dir / 'best'}")
     print(time_summary(records))
+    print(rung_price_summary(explorer.rung_prices))  # this worker's trials
     return min((r.val_loss for r in records if r.rungs), default=float("nan"))

@@ -14,9 +14,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from metaopt.explore.pareto import pareto_front  # noqa: E402
-from metaopt.explore.scheduler import CUT, NOT_STARTED_LATE, STOPPED_BEFORE_LATE_RUNG, TrialRecord  # noqa: E402
+from metaopt.explore.scheduler import (  # noqa: E402
+    CUT,
+    NOT_STARTED_LATE,
+    STOPPED_BEFORE_LATE_RUNG,
+    RungPrice,
+    TrialRecord,
+)
 
-__all__ = ["write_report", "COLUMNS", "front_of", "time_summary"]
+__all__ = ["write_report", "COLUMNS", "front_of", "time_summary", "rung_price_summary"]
 
 COLUMNS = ["trial", "status", "estimator_chosen", "predicted_peak_bytes", "measured_peak_bytes", "train_seconds",
            "val_loss", "pareto"]  # (the contract's first columns; the seconds per meta-step come last)
@@ -64,6 +70,24 @@ def time_summary(records: list[TrialRecord]) -> str:
     spread = f"{ratios[0]:.2f}-{ratios[-1]:.2f}" if len(ratios) > 1 else ""
     return (f"seconds per meta-step, measured / predicted at admission: median {median:.2f} ({spread}) over "
             f"{len(ratios)} trial(s); scaled by the median, {within} of {len(ratios)} within 1.25x; {deadline}")
+
+
+def rung_price_summary(prices: list[RungPrice]) -> str:
+    """One line on the explorer's price of a rung (wall clock, from a trial's start or resumption: its build, planning,
+    training, validation and checkpoint): measured / predicted seconds, median (range) and how many within 1.25x,
+    for first rungs (priced at admission) and later ones (priced at the rung before, with the trial's own
+    measured seconds per meta-step and validation)."""
+    parts = []
+    for first, name in ((True, "first rungs"), (False, "later rungs")):
+        ratios = sorted(p.measured_seconds / p.predicted_seconds for p in prices
+                        if p.first == first and p.predicted_seconds > 0)
+        if not ratios:
+            parts.append(f"{name}: none priced")
+            continue
+        within = sum(1 / 1.25 <= r <= 1.25 for r in ratios)
+        parts.append(f"{name} median {statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f}) over "
+                     f"{len(ratios)}, {within} within 1.25x")
+    return "seconds to a rung, measured / predicted: " + "; ".join(parts)
 
 
 def _megabytes(value: int) -> str:
