@@ -337,7 +337,7 @@ class _Checkpointer:
     """Saves the train state atomically with `extra` entries, summing training time over sessions; never a
     state with non-finite meta-parameters (the last good checkpoint stays: a non-finite one could never resume).
     Also the run's clock: `time_left()` before `time_limit` seconds of training (inf without one) or before the
-    `deadline`'s reservation, whichever is first (`stopped_by` names it once `time_left` has said it). `rewind`:
+    `deadline`'s reservation, whichever is first (`stop()` records which in `stopped_by`). `rewind`:
     a context in which the state's generator is as the steps taken left it (`Prefetcher.rewound`)."""
 
     def __init__(self, state: TrainState, path: str | Path | None, extra: dict[str, Any],
