@@ -34,7 +34,7 @@ from metaopt_hydra.build import (Parts, build, compile_record, member_config, pl
                                  train_from_config)
 from metaopt_hydra.curves import plot_curves
 from metaopt_hydra.loggers import NullLogger, RunLogger, new_run_id
-from metaopt_hydra.jobs import job_deadline
+from metaopt_hydra.jobs import job_deadline, terminated_as_interrupted
 from metaopt_hydra.protocols import evaluate_protocols, plan_protocols
 from metaopt_hydra.records import (
     ResumeMismatch,
@@ -201,7 +201,14 @@ def _report(cfg: DictConfig, metrics: dict[str, Any], run_dir: Path) -> None:
 
 
 def run_training(cfg: DictConfig) -> float:
-    """Train (or resume) the configured run in Hydra's run directory; return the objective."""
+    """Train (or resume) the configured run in Hydra's run directory; return the objective. SIGTERM (preemption,
+    cancellation) is handled as Ctrl-C is: the last completed meta-step checkpointed, an "interrupted" record
+    (`metaopt_hydra.jobs.terminated_as_interrupted`)."""
+    with terminated_as_interrupted():
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> float:
     run_dir, launcher, sweep_dir = _hydra()
     logger: RunLogger = NullLogger()
     exit_code, started = 1, time.perf_counter()

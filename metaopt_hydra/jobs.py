@@ -4,18 +4,29 @@
 killed at `timeout_min`, so a run under it trains until its evaluations' predicted seconds are what is left, less
 `LAUNCHER_START_SECONDS` for what the job did before this process's clock started; without such a launcher there
 is no limit. A number or a string ("55m") sets it; null turns it off.
+
+A job can also be stopped from outside: a scheduler's preemption or `scancel`, a `kill`, all send SIGTERM (SLURM
+sends SIGKILL some seconds later). `terminated_as_interrupted` turns SIGTERM into `JobTerminated`, a
+KeyboardInterrupt, so it is handled as Ctrl-C is: the training loop checkpoints the last completed meta-step and
+the run writes `metrics.json` with status "interrupted" (without it, the process died with no record and the
+checkpoint of up to `checkpoint_every` meta-steps before).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 import time
+from typing import Iterator
 
 from omegaconf import DictConfig
 
 from metaopt.budget import parse_seconds
 from metaopt.deadline import Deadline
 
-__all__ = ["job_time_limit", "job_deadline", "process_age", "LAUNCHER_START_SECONDS", "END_SECONDS"]
+__all__ = ["job_time_limit", "job_deadline", "process_age", "terminated_as_interrupted", "JobTerminated",
+           "LAUNCHER_START_SECONDS", "END_SECONDS"]
 
 LAUNCHER_START_SECONDS = 60.0
 """Seconds of a launcher's job before the run's clock starts (the interpreter, imports, Hydra's composition: 5-10 s
@@ -72,3 +83,25 @@ def job_deadline(cfg: DictConfig, launcher: DictConfig | None) -> Deadline | Non
     deadline.keep("the job's end (checkpoint, metrics.json, curves.png; a last meta-step slower than the median)",
                   END_SECONDS)
     return deadline
+
+
+class JobTerminated(KeyboardInterrupt):
+    """SIGTERM received (preemption, cancellation, `kill`): handled as Ctrl-C is (`terminated_as_interrupted`)."""
+
+
+@contextlib.contextmanager
+def terminated_as_interrupted() -> Iterator[None]:
+    """Within the block, SIGTERM raises `JobTerminated` in the main thread (elsewhere signals cannot be handled:
+    nothing changes); the previous handler is restored after it (a launcher's own, e.g. submitit's)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        raise JobTerminated(f"{signal.Signals(signum).name}: the job was told to stop (preempted, cancelled or "
+                            "killed); the last completed meta-step is checkpointed")
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -294,21 +294,26 @@ def test_resumed_run_keeps_its_logger_id(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.pt")["logger_run_id"] == first
 
 
-def test_ctrl_c_writes_an_interrupted_record_and_keeps_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("sent, error", [("SIGINT", "KeyboardInterrupt"), ("SIGTERM", "JobTerminated: SIGTERM")])
+def test_ctrl_c_or_sigterm_writes_an_interrupted_record_and_keeps_the_checkpoint(tmp_path, sent, error):
+    """Ctrl-C, or SIGTERM (a scheduler's preemption or cancellation, `kill`): the record says so and the last
+    completed meta-step is checkpointed on the way out (no periodic checkpoint is due in this run)."""
     import signal
     import time
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "experiments/train.py", f"hydra.run.dir={tmp_path}", "meta_steps=100000",
-                                "checkpoint_every=50", "progress=false", "log_every=50"], cwd=ROOT, env=env,
+                                "checkpoint_every=0", "progress=false", "log_every=50"], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while not (tmp_path / "checkpoint.pt").exists() and time.monotonic() < deadline:
+    log = tmp_path / "train.log"
+    while not (log.exists() and "meta-step 50/" in log.read_text()) and time.monotonic() < deadline:
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    assert not (tmp_path / "checkpoint.pt").exists()
+    process.send_signal(getattr(signal, sent))
     process.wait(timeout=60)
     assert process.returncode != 0
     record = _metrics(tmp_path)
-    assert record["status"] == "interrupted" and "KeyboardInterrupt" in record["error"]
+    assert record["status"] == "interrupted" and error in record["error"]
     assert load_checkpoint(tmp_path / "checkpoint.pt")["meta_step"] >= 50
 
 
