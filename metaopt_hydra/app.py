@@ -34,6 +34,7 @@ from metaopt_hydra.build import (Parts, build, compile_record, member_config, pl
                                  train_from_config)
 from metaopt_hydra.curves import plot_curves
 from metaopt_hydra.loggers import NullLogger, RunLogger, new_run_id
+from metaopt_hydra.dry_run import dry_run
 from metaopt_hydra.jobs import job_deadline, terminated_as_interrupted
 from metaopt_hydra.protocols import evaluate_protocols, plan_protocols
 from metaopt_hydra.records import (
@@ -208,8 +209,24 @@ def run_training(cfg: DictConfig) -> float:
         return _run(cfg)
 
 
+def _dry_run(cfg: DictConfig, run_dir: Path, launcher: DictConfig | None) -> float:
+    """`dry_run=true`: price the run without training it (`metaopt_hydra.dry_run`); a failure is recorded in
+    `dry_run.json`, never in the directory's `metrics.json` (it may hold a real run's)."""
+    try:
+        apply_threads(choose_threads(cfg, launcher))
+        set_allocator(cfg.get("allocator", "system"))
+        dry_run(cfg, run_dir, launcher)
+    except Exception as error:
+        write_json_atomic(failure_record(cfg, error), run_dir / "dry_run.json")
+        log.error("dry run failed: %s: %s (record: %s)", type(error).__name__, error, run_dir / "dry_run.json")
+        raise
+    return math.nan
+
+
 def _run(cfg: DictConfig) -> float:
     run_dir, launcher, sweep_dir = _hydra()
+    if cfg.get("dry_run", False):
+        return _dry_run(cfg, run_dir, launcher)
     logger: RunLogger = NullLogger()
     exit_code, started = 1, time.perf_counter()
     try:

@@ -152,6 +152,35 @@ def test_a_job_time_limit_reserves_the_evaluations_planned_before_training(tmp_p
     assert log.index("protocol more_shots: ") < log.index("left for training") < log.index("meta-step 1/")
 
 
+def test_a_dry_run_prices_the_run_without_touching_its_directory(tmp_path):
+    """dry_run=true: the plan, timed meta-steps on copies, the evaluations planned, the totals; written to
+    dry_run.json (a real run's metrics.json and checkpoint in the same directory stay as they were)."""
+    assert run_train(tmp_path, "debug=tiny").returncode == 0
+    before = {name: (tmp_path / name).read_bytes() for name in ("metrics.json", "checkpoint.pt")}
+    result = run_train(tmp_path, "debug=tiny", "dry_run=true", "job_time_limit=10m", "meta_steps=1000")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    record = json.loads((tmp_path / "dry_run.json").read_text())
+    assert record["status"] == "planned" and record["timed_meta_steps"] == 5 and record["meta_steps"] == 1000
+    assert record["predicted_train_seconds"] == pytest.approx(1000 * record["seconds_per_meta_step"])
+    assert set(record["predicted_evaluations"]) == {"the final evaluation (4 tasks)", "validation (4 tasks)"}
+    assert record["predicted_run_seconds"] > record["predicted_train_seconds"] > 0
+    assert record["meta_steps_within_job_limit"] > 1000  # 10 minutes hold far more than 1000 tiny steps
+    assert "training: 1000 meta-steps x " in result.stdout and "the whole run: " in result.stdout
+    failed = run_train(tmp_path, "debug=tiny", "dry_run=true", "budget.memory=abc")
+    assert failed.returncode != 0 and (tmp_path / "metrics.json").read_bytes() == before["metrics.json"]
+    assert "cannot parse 'abc'" in json.loads((tmp_path / "dry_run.json").read_text())["error"]
+
+
+def test_a_dry_run_prices_training_within_the_time_limit_and_for_every_member():
+    from metaopt_hydra.dry_run import _training_seconds
+    cfg = OmegaConf.create({"meta_steps": 1000, "time_limit": None})
+    assert _training_seconds(cfg, 0.5) == (500.0, 1000)
+    assert _training_seconds(OmegaConf.create({"meta_steps": 1000, "time_limit": "100s"}), 0.5) == (100.0, 200)
+    assert _training_seconds(OmegaConf.create({"meta_steps": 1000, "time_limit": None, "ensemble": 2}), 0.5) == \
+        (1000.0, 2000)
+
+
 def test_a_run_writes_curves_threads_and_validation(tmp_path):
     result = run_train(tmp_path, "debug=tiny", "threads=1", "eval.val_every=1")
     assert result.returncode == 0, result.stderr[-2000:]

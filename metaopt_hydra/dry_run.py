@@ -1,0 +1,127 @@
+"""`dry_run=true`: what a run would cost, before it runs — memory, seconds per meta-step, evaluations, the total.
+
+A researcher about to submit an hour-long job wants its price first. The dry run builds the config as the run would,
+plans its meta-step (`metaopt.planning`: the batching, the chunks, the predicted peak), runs `DRY_RUN_STEPS`
+meta-steps on copies of the meta-parameters (nothing is checkpointed; the run directory's checkpoint, if any, is not
+read) and takes their median seconds, plans every evaluation that follows training (the final meta-test,
+`eval.protocols`, the validation at the end: `metaopt.evaluation.plan_ahead`), and prints and writes
+(`dry_run.json` in the run directory, never `metrics.json`): the predicted seconds of training (meta_steps x the
+median step, within `time_limit`, x the ensemble's members), of the evaluations and of the whole run, the peak, and,
+under a `job_time_limit`, how many meta-steps fit. Approximate: measured steps at the start of a run (the median of
+a few), evaluation plans as the run makes them; a baselines comparison (`compare`) is not priced.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from metaopt import meta_train
+from metaopt.deadline import RESERVE_MARGIN
+from metaopt.guard import format_bytes
+from metaopt.budget import parse_seconds
+from metaopt_hydra.build import Parts, build, member_config, plan_config_evaluation, validation
+from metaopt_hydra.jobs import END_SECONDS, job_time_limit, process_age
+from metaopt_hydra.protocols import plan_protocols
+from metaopt_hydra.records import resolved, write_json_atomic
+
+__all__ = ["dry_run", "DRY_RUN_STEPS"]
+
+log = logging.getLogger("metaopt")
+
+DRY_RUN_STEPS = 5
+"""Meta-steps timed (the median is kept: the first pays one-off costs, e.g. a compilation)."""
+
+
+def _timed_steps(cfg: DictConfig, parts: Parts) -> dict[str, Any]:
+    """`DRY_RUN_STEPS` meta-steps of the run's plan on copies of its meta-parameters: `meta_train`'s metrics."""
+    meta = copy.deepcopy(parts.meta)
+    return meta_train(parts.loop, meta, parts.estimator, parts.tasks,
+                      outer_optimizer=instantiate(cfg.outer_optim)(meta.parameters()),
+                      meta_steps=min(DRY_RUN_STEPS, max(int(cfg.meta_steps), 1)), meta_batch_size=cfg.meta_batch_size,
+                      inner_steps=cfg.inner_steps, budget=parts.budget, batching=cfg.batching, seed=cfg.seed,
+                      eval_n_tasks=0, progress=False, device=cfg.device, on_nan=cfg.on_nan,
+                      max_grad_norm=cfg.max_grad_norm, log_every=DRY_RUN_STEPS,
+                      lr_schedule=instantiate(cfg.lr_schedule) if cfg.get("lr_schedule") else None,
+                      prefetch=cfg.get("prefetch"), overlap=cfg.get("overlap"))
+
+
+def _evaluations(cfg: DictConfig, parts: Parts) -> dict[str, float | None]:
+    """Predicted seconds of each evaluation after training ({what: seconds}; None: not timed)."""
+    out: dict[str, float | None] = {}
+    if parts.eval_tasks is not None and cfg.eval.n_tasks > 0:
+        plan = plan_config_evaluation(cfg, parts, parts.eval_tasks, "the final evaluation", cfg.eval.n_tasks)
+        out[f"the final evaluation ({cfg.eval.n_tasks} tasks)"] = plan.predicted_seconds(cfg.eval.n_tasks)
+    for protocol in plan_protocols(cfg, parts):
+        if protocol.plan is not None:
+            out[f"protocol {protocol.name} ({cfg.eval.n_tasks} tasks)"] = \
+                protocol.plan.predicted_seconds(cfg.eval.n_tasks)
+    validate = validation(cfg, parts) if int(cfg.get("ensemble", 1)) <= 1 else None  # members do not validate
+    if validate is not None:
+        out[f"validation ({validate.n_tasks} tasks)"] = validate.predicted_seconds(parts.meta)
+    return out
+
+
+def _training_seconds(cfg: DictConfig, step_seconds: float) -> tuple[float, int]:
+    """(predicted training seconds, meta-steps) of the run: its meta-steps at `step_seconds`, within `time_limit`,
+    for each of an ensemble's members."""
+    members = int(cfg.get("ensemble", 1))
+    steps = int(cfg.meta_steps)
+    seconds = steps * step_seconds * members
+    if cfg.get("time_limit") is not None:
+        limit = parse_seconds(cfg.time_limit)
+        if seconds > limit:
+            steps = int(limit / (step_seconds * members))
+            seconds = steps * step_seconds * members
+    return seconds, steps * members
+
+
+def dry_run(cfg: DictConfig, run_dir: Path, launcher: DictConfig | None = None) -> dict[str, Any]:
+    """Price the configured run without training it (see the module docstring); returns the `dry_run.json`
+    record and prints a summary."""
+    parts = build(cfg)
+    timed = _timed_steps(cfg, build(member_config(cfg, 0)) if int(cfg.get("ensemble", 1)) > 1 else parts)
+    evaluations = _evaluations(cfg, parts)
+    step_seconds = float(timed["seconds_per_meta_step"])
+    set_up = process_age() - float(timed["train_seconds"])  # everything but the timed steps: as a run's start
+    training, steps = _training_seconds(cfg, step_seconds)
+    after = sum(s for s in evaluations.values() if s is not None)
+    record: dict[str, Any] = {
+        "status": "planned", "plan": timed["plan"], "batching": timed["batching"], "chunk_size": timed["chunk_size"],
+        "estimator_chosen": timed["estimator_chosen"], "predicted_peak_bytes": timed["predicted_peak_bytes"],
+        "measured_peak_bytes": timed["measured_peak_bytes"], "seconds_per_meta_step": step_seconds,
+        "timed_meta_steps": timed["meta_steps"], "meta_steps": steps, "predicted_train_seconds": training,
+        "predicted_evaluations": evaluations, "predicted_set_up_seconds": set_up,
+        "predicted_run_seconds": set_up + training + after, "config": resolved(cfg)}
+    limit = job_time_limit(cfg, launcher)
+    if limit is not None:
+        left = limit - set_up - RESERVE_MARGIN * after - END_SECONDS
+        record.update(job_time_limit=limit,
+                      meta_steps_within_job_limit=max(int(left / (step_seconds * int(cfg.get("ensemble", 1)))), 0))
+    write_json_atomic(record, run_dir / "dry_run.json")
+    _say(record, evaluations)
+    return record
+
+
+def _say(record: dict[str, Any], evaluations: dict[str, float | None]) -> None:
+    def seconds(value: float | None) -> str:
+        return "not timed" if value is None else (f"{value:.3g} s" if value < 120 else f"{value / 60:.3g} min")
+    print(f"plan: {record['estimator_chosen']}, {record['batching']}, chunks of {record['chunk_size']}, predicted "
+          f"peak {format_bytes(record['predicted_peak_bytes'])} (measured "
+          f"{format_bytes(max(record['measured_peak_bytes'], 0))} over {record['timed_meta_steps']} timed meta-steps)")
+    print(f"training: {record['meta_steps']} meta-steps x {record['seconds_per_meta_step']:.3g} s (the median of "
+          f"{record['timed_meta_steps']}) = {seconds(record['predicted_train_seconds'])}")
+    for what, value in evaluations.items():
+        print(f"after training: {what}: {seconds(value)}")
+    print(f"set-up (imports, data, plans): {seconds(record['predicted_set_up_seconds'])}; the whole run: "
+          f"{seconds(record['predicted_run_seconds'])} (approximate; a baselines comparison is not priced)")
+    if "job_time_limit" in record:
+        print(f"job_time_limit {seconds(record['job_time_limit'])}: about {record['meta_steps_within_job_limit']} "
+              f"meta-steps fit beside the evaluations (x{RESERVE_MARGIN:g}) and the end")
+    if not math.isfinite(record["seconds_per_meta_step"]):
+        log.warning("dry run: no timed meta-step finished (non-finite losses?): the training price is unknown")
