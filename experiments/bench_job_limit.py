@@ -35,7 +35,15 @@ PROBLEMS = {  # name -> (job_time_limit, overrides of conf/train.yaml)
 }
 
 
-def _data_root(overrides: list[str]) -> Path:
+def run_train(overrides: list[str], run_dir: Path, threads: int, record: str = "metrics.json") -> dict:
+    """`experiments/train.py` with `overrides` in `run_dir` on `threads` threads, alone; its `record` (JSON)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled"}
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "train.py"), *overrides, "progress=false",
+                    f"hydra.run.dir={run_dir}"], env=env, cwd=ROOT, capture_output=True, text=True)
+    return json.loads((run_dir / record).read_text())
+
+
+def data_root(overrides: list[str]) -> Path:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         return Path(compose("train", overrides=overrides).data.root)
 
@@ -64,7 +72,6 @@ def main() -> None:
     parser.add_argument("--limit", default=None, help="one job_time_limit for every problem (e.g. 5s: a smoke run)")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_job_limit."))
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled"}
     print(f"one run at a time, {args.threads} thread(s); run directories under {out}")
     print("| problem | job_time_limit | job ended (/ limit) | meta-steps (stopped by) | training s | "
           "predicted after training s | kept s (x1.5) | measured after training s | measured / predicted |")
@@ -75,14 +82,11 @@ def main() -> None:
         limit, overrides = PROBLEMS[name]
         limit = args.limit or limit
         overrides = overrides + ([f"data.root={args.data_root}"] if args.data_root else [])
-        if name.startswith("omniglot") and not _data_root(overrides).exists():
-            print(f"| {name} | skipped: no Omniglot data at {_data_root(overrides)} |")
+        if name.startswith("omniglot") and not data_root(overrides).exists():
+            print(f"| {name} | skipped: no Omniglot data at {data_root(overrides)} |")
             continue
-        run_dir = out / name
-        subprocess.run([sys.executable, str(ROOT / "experiments" / "train.py"), *overrides, "time_limit=null",
-                        f"job_time_limit={limit}", "progress=false", f"hydra.run.dir={run_dir}"],
-                       env=env, cwd=ROOT, capture_output=True, text=True)
-        line, ratio = _row(name, limit, json.loads((run_dir / "metrics.json").read_text()))
+        metrics = run_train([*overrides, "time_limit=null", f"job_time_limit={limit}"], out / name, args.threads)
+        line, ratio = _row(name, limit, metrics)
         print(line, flush=True)
         if ratio is None:
             refused += 1

@@ -191,6 +191,16 @@ def test_bench_job_limit_runs_a_short_job_and_reports_it(tmp_path):
     assert metrics["status"] != "ok" or metrics["job_time_limit"] == 10.0 and metrics["job_after_training_seconds"] > 0
 
 
+def test_bench_dry_run_prices_then_runs_and_reports_it(tmp_path):
+    """bench_dry_run.py on the sinusoid, 200 meta-steps: the dry run's record and the run's, the row and the last
+    line in their documented forms (no assertion on the wall clock)."""
+    lines = run_experiment("bench_dry_run.py", "--problems", "sinusoid", "--meta-steps", "200", "--out", str(tmp_path))
+    assert re.fullmatch(r"dry_run_measured_over_predicted sinusoid:\d+\.\d\d", lines[-1]), lines[-1]
+    assert next(line for line in lines if line.startswith("| sinusoid | 200 |"))
+    assert json.loads((tmp_path / "sinusoid_dry" / "dry_run.json").read_text())["status"] == "planned"
+    assert not (tmp_path / "sinusoid_dry" / "metrics.json").exists()
+
+
 def test_bench_es_times_online_pes_on_the_learned_optimizer_experiment():
     """bench_es.py's learned_optimizer_online problem (the experiment's config, population 2): the one-pass second
     window equals one at a time (the same noise, the same carried states), and the last line names it."""
