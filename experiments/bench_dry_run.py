@@ -13,11 +13,7 @@ skipped, with a line saying so, where the data is not found. Wall-clock figures 
 """
 from __future__ import annotations
 
-import argparse
-import tempfile
-from pathlib import Path
-
-from bench_job_limit import data_root, run_train
+from bench_job_limit import out_dir, problem_overrides, run_train, runs_parser
 
 PROBLEMS = {  # name -> overrides of conf/train.yaml (sized to minutes)
     "sinusoid": [],
@@ -28,24 +24,18 @@ PROBLEMS = {  # name -> overrides of conf/train.yaml (sized to minutes)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--problems", nargs="+", choices=list(PROBLEMS), default=list(PROBLEMS))
-    parser.add_argument("--data-root", default=None, help="Omniglot's folder (default: the config's data.root)")
-    parser.add_argument("--out", default=None, help="run directories (default: a temporary folder)")
+    parser = runs_parser(__doc__ or "", list(PROBLEMS), "bench_dry_run.")
     parser.add_argument("--meta-steps", type=int, default=None, help="every problem's meta_steps (a smoke run)")
     args = parser.parse_args()
-    out = Path(args.out or tempfile.mkdtemp(prefix="bench_dry_run."))
-    print(f"one run at a time, {args.threads} thread(s); run directories under {out}")
+    out = out_dir(args)
     print("| problem | meta-steps | training s (predicted / measured) | after training s (predicted / measured) | "
           "whole run s (predicted / measured) | measured / predicted |")
     print("|---|---|---|---|---|---|")
     ratios = {}
     for name in args.problems:
-        overrides = PROBLEMS[name] + ([f"data.root={args.data_root}"] if args.data_root else []) + \
-            ([f"meta_steps={args.meta_steps}"] if args.meta_steps else [])
-        if name.startswith("omniglot") and not data_root(overrides).exists():
-            print(f"| {name} | skipped: no Omniglot data at {data_root(overrides)} |")
+        overrides = problem_overrides(name, PROBLEMS[name] + ([f"meta_steps={args.meta_steps}"] if args.meta_steps
+                                                               else []), args)
+        if overrides is None:
             continue
         priced = run_train([*overrides, "dry_run=true"], out / f"{name}_dry", args.threads, "dry_run.json")
         ran = run_train([*overrides, "job_time_limit=1d"], out / name, args.threads)  # the limit records the times

@@ -48,6 +48,34 @@ def data_root(overrides: list[str]) -> Path:
         return Path(compose("train", overrides=overrides).data.root)
 
 
+def runs_parser(doc: str, problems: list[str], prefix: str) -> argparse.ArgumentParser:
+    """The arguments every run-by-run bench takes: --threads, --problems, --data-root, --out (default: a new
+    temporary folder named `prefix`...)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--problems", nargs="+", choices=problems, default=problems)
+    parser.add_argument("--data-root", default=None, help="Omniglot's folder (default: the config's data.root)")
+    parser.add_argument("--out", default=None, type=Path, help="run directories (default: a temporary folder)")
+    parser.set_defaults(prefix=prefix)
+    return parser
+
+
+def problem_overrides(name: str, overrides: list[str], args: argparse.Namespace) -> list[str] | None:
+    """The problem's overrides with --data-root, or None (said in a table row) where its Omniglot data is missing."""
+    overrides = overrides + ([f"data.root={args.data_root}"] if args.data_root else [])
+    if name.startswith("omniglot") and not data_root(overrides).exists():
+        print(f"| {name} | skipped: no Omniglot data at {data_root(overrides)} |")
+        return None
+    return overrides
+
+
+def out_dir(args: argparse.Namespace) -> Path:
+    """--out, or a new temporary folder; said on the first line."""
+    out = args.out or Path(tempfile.mkdtemp(prefix=args.prefix))
+    print(f"one run at a time, {args.threads} thread(s); run directories under {out}")
+    return out
+
+
 def _row(name: str, limit: str, metrics: dict) -> tuple[str, float | None]:
     """The table row of one run and its job seconds / limit (None: refused before training)."""
     if metrics.get("status") != "ok":
@@ -64,26 +92,20 @@ def _row(name: str, limit: str, metrics: dict) -> tuple[str, float | None]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--problems", nargs="+", choices=list(PROBLEMS), default=list(PROBLEMS))
-    parser.add_argument("--data-root", default=None, help="Omniglot's folder (default: the config's data.root)")
-    parser.add_argument("--out", default=None, help="run directories (default: a temporary folder)")
+    parser = runs_parser(__doc__ or "", list(PROBLEMS), "bench_job_limit.")
     parser.add_argument("--limit", default=None, help="one job_time_limit for every problem (e.g. 5s: a smoke run)")
     args = parser.parse_args()
-    out = Path(args.out or tempfile.mkdtemp(prefix="bench_job_limit."))
-    print(f"one run at a time, {args.threads} thread(s); run directories under {out}")
+    out = out_dir(args)
     print("| problem | job_time_limit | job ended (/ limit) | meta-steps (stopped by) | training s | "
           "predicted after training s | kept s (x1.5) | measured after training s | measured / predicted |")
     print("|---|---|---|---|---|---|---|---|---|")
     ratios: dict[str, float] = {}
     refused = 0
     for name in args.problems:
-        limit, overrides = PROBLEMS[name]
+        limit, base = PROBLEMS[name]
         limit = args.limit or limit
-        overrides = overrides + ([f"data.root={args.data_root}"] if args.data_root else [])
-        if name.startswith("omniglot") and not data_root(overrides).exists():
-            print(f"| {name} | skipped: no Omniglot data at {data_root(overrides)} |")
+        overrides = problem_overrides(name, base, args)
+        if overrides is None:
             continue
         metrics = run_train([*overrides, "time_limit=null", f"job_time_limit={limit}"], out / name, args.threads)
         line, ratio = _row(name, limit, metrics)
