@@ -30,6 +30,7 @@ from metaopt.checkpoint import load_checkpoint, save_atomic
 from metaopt.deadline import Deadline
 from metaopt.ensemble import ProtoNetEnsemble, ensemble_meta
 from metaopt_hydra.baselines import compare
+from metaopt_hydra.comparison import plan_comparison
 from metaopt_hydra.build import (Parts, build, compile_record, member_config, plan_config_evaluation,
                                  train_from_config)
 from metaopt_hydra.curves import plot_curves
@@ -241,8 +242,7 @@ def _run(cfg: DictConfig) -> float:
         logger.start(run_dir, resolved(cfg), run_id, sweep_dir)
         extra = {"config": resolved(cfg), "logger_run_id": run_id}
         protocols = plan_protocols(cfg, parts, deadline)  # before training, as every evaluation after it
-        if cfg.get("compare") and deadline is not None:
-            deadline.reserve("compare (baselines trained and evaluated)", None)
+        comparison = plan_comparison(cfg, parts, deadline=deadline, run_dir=run_dir) if cfg.get("compare") else None
         if int(cfg.get("ensemble", 1)) > 1:
             metrics, parts = train_ensemble(cfg, parts, run_dir, log=logger.log, checkpoint_extra=extra,
                                             deadline=deadline)
@@ -254,7 +254,7 @@ def _run(cfg: DictConfig) -> float:
         if protocols:
             metrics["protocols"] = evaluate_protocols(cfg, parts, protocols)
         if cfg.get("compare"):
-            metrics.update(compare(cfg, parts, run_dir))
+            metrics.update(compare(cfg, parts, run_dir, comparison))
         _finish(cfg, metrics, run_dir, logger, threads, deadline)
         exit_code = 0
     except KeyboardInterrupt as interrupted:

@@ -22,65 +22,42 @@ learned run and the baseline are then evaluated on the same seeded meta-test tas
 the paired per-task difference gives a 95% CI of learned - baseline. Each name under
 `ablations` (e.g. fixed random warps against learned ones) is trained and selected the same
 way and meta-tested against the learned run, under `ablations` in metrics.json.
+
+Everything is planned before the learned run trains (`metaopt_hydra.comparison.plan_comparison`): the candidates
+built, every evaluation planned within the run's memory budget, and under a job's wall-clock limit the whole
+comparison priced and reserved; `compare` runs that plan.
 """
 from __future__ import annotations
 
-import itertools
 import logging
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
+from metaopt.evaluation import EvalPlan
 from metaopt.train import evaluate, mean_ci95
-from metaopt_hydra.build import Parts, build, eval_batching, train_from_config
+from metaopt_hydra.build import Parts, train_from_config
+from metaopt_hydra.comparison import (PER_TASK, PlannedCandidate, PlannedComparison, candidates, plan_comparison,
+                                      select_n_tasks)
+
+__all__ = ["compare", "candidates"]
 
 log = logging.getLogger("metaopt")
 
-_PER_TASK = {"meta_test_loss": "task_losses", "test_accuracy": "task_accuracies"}
-
-
-def candidates(cfg: DictConfig, section: str = "baselines") -> list[tuple[str, str, DictConfig]]:
-    """(name, label, config) of every candidate of `cfg.compare[section]` ("baselines" or "ablations")."""
-    out = []
-    # Resolved first, so interpolations keep the learned run's values when overrides null a node.
-    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    for name, spec in (cfg.compare.get(section) or {}).items():
-        grid = dict(spec.get("grid") or {})
-        for values in itertools.product(*grid.values()):
-            overrides = spec.get("overrides") or {}
-            # A list is merged in order: [{slot: null}, {slot: {...}}] replaces a node instead of merging into it.
-            base = OmegaConf.merge(resolved, *(overrides if OmegaConf.is_list(overrides) else [overrides]))
-            with open_dict(base):
-                base.compare = None
-                for key, value in zip(grid, values):
-                    OmegaConf.update(base, key, value, force_add=True)
-            label = name + "".join(f" {k}={v}" for k, v in zip(grid, values))
-            out.append((name, label, cast(DictConfig, base)))
-    if not out and section == "baselines":
-        raise ValueError("compare.baselines is empty: name at least one baseline")
-    return out
-
-
-def _evaluate(cfg: DictConfig, parts: Parts, steps: int, *, validation: bool = False,
+def _evaluate(cfg: DictConfig, parts: Parts, steps: int, plan: EvalPlan, *, validation: bool = False,
               n_tasks: int | None = None) -> dict[str, Any]:
     tasks = (parts.val_tasks or parts.tasks) if validation else parts.eval_tasks
     assert tasks is not None, "build() refuses a comparison without meta-test tasks"
     return evaluate(parts.loop, parts.meta, tasks, n_tasks=n_tasks or cfg.eval.n_tasks, inner_steps=steps,
-                    batch_size=cfg.eval.batch_size,
-                    seed=cfg.eval.seed + (1 if validation else 0), batching=eval_batching(cfg), device=cfg.device,
-                    return_per_task=True)
+                    batch_size=cfg.eval.batch_size, seed=cfg.eval.seed + (1 if validation else 0),
+                    device=cfg.device, return_per_task=True, budget=parts.budget, plan=plan)
 
 
-def _train(cfg: DictConfig, parts: Parts, run_dir: Path) -> None:
-    if cfg.meta_steps <= 0 or not any(True for _ in parts.meta.parameters()):
-        return  # nothing to learn: the baseline is its config as written
-    run_dir.mkdir(parents=True, exist_ok=True)
-    train_from_config(cfg, parts, run_dir, evaluate=False)
-
-
-def compare(cfg: DictConfig, learned: Parts, run_dir: Path) -> dict[str, Any]:
-    """Evaluate the learned run and its best baseline on the same meta-test tasks.
+def compare(cfg: DictConfig, learned: Parts, run_dir: Path,
+            planned: PlannedComparison | None = None) -> dict[str, Any]:
+    """Evaluate the learned run and its best baseline on the same meta-test tasks, as `planned` (default:
+    planned now, `plan_comparison`).
 
     Returns the metrics.json entries: `learned`, `baseline` (the headline metric at the
     first unroll length), their CIs, `metric_direction`, the paired difference and its CI,
@@ -88,64 +65,64 @@ def compare(cfg: DictConfig, learned: Parts, run_dir: Path) -> dict[str, Any]:
     the same figures under `at_inner_steps`; with `compare.ablations`, `ablations`:
     {name: {"label": its validation-best candidate, "candidates": validation scores, "at_inner_steps": ...}}.
     """
-    spec = cfg.compare
-    metric, direction = spec.metric, spec.direction
-    if metric not in _PER_TASK:
-        raise ValueError(f"compare.metric must be one of {sorted(_PER_TASK)}, got {metric!r}")
-    if direction not in ("lower", "higher"):
-        raise ValueError(f"compare.direction must be 'lower' or 'higher', got {direction!r}")
-    lengths = [int(t) for t in (spec.get("eval_inner_steps") or [cfg.eval.inner_steps])]
+    planned = planned or plan_comparison(cfg, learned, run_dir=run_dir)
+    metric, direction = cfg.compare.metric, cfg.compare.direction
     sign = 1 if direction == "lower" else -1
 
     def best_of(group: list[_Candidate]) -> _Candidate:
         return group[0] if len(group) == 1 else min(group, key=lambda c: sign * c.score)
 
-    scored = _train_and_score(cfg, candidates(cfg), run_dir / "baselines", lengths[0])
+    scored = _train_and_score(cfg, planned.section("baselines"), run_dir / "baselines", planned.lengths[0])
     best = best_of(scored)
     out: dict[str, Any] = {"metric": metric, "metric_direction": f"{direction} is better",
-                           "baseline_name": best.label, "baseline_candidates": {c.label: c.score for c in scored},
-                           "at_inner_steps": _paired(cfg, learned, best, metric, lengths)}
-    out.update(out["at_inner_steps"][lengths[0]])
-    ablations = _train_and_score(cfg, candidates(cfg, "ablations"), run_dir / "ablations", lengths[0])
+                           "baseline_name": best.planned.label,
+                           "baseline_candidates": {c.planned.label: c.score for c in scored},
+                           "at_inner_steps": _paired(cfg, learned, best.planned, metric, planned)}
+    out.update(out["at_inner_steps"][planned.lengths[0]])
+    ablations = _train_and_score(cfg, planned.section("ablations"), run_dir / "ablations", planned.lengths[0])
     if ablations:
         out["ablations"] = {}
-        for name in dict.fromkeys(c.name for c in ablations):
-            group = [c for c in ablations if c.name == name]
+        for name in dict.fromkeys(c.planned.name for c in ablations):
+            group = [c for c in ablations if c.planned.name == name]
             top = best_of(group)
-            out["ablations"][name] = {"label": top.label, "candidates": {c.label: c.score for c in group},
-                                      "at_inner_steps": _paired(cfg, learned, top, metric, lengths)}
+            out["ablations"][name] = {"label": top.planned.label,
+                                      "candidates": {c.planned.label: c.score for c in group},
+                                      "at_inner_steps": _paired(cfg, learned, top.planned, metric, planned)}
     return out
 
 
-def _train_and_score(cfg: DictConfig, pool: list[tuple[str, str, DictConfig]], root: Path,
-                     steps: int) -> list[_Candidate]:
-    """Build and (meta-)train every candidate; score each on validation tasks unless it is the only one."""
+class _Candidate:
+    """A planned candidate with its validation score (nan when there is nothing to select)."""
+
+    def __init__(self, score: float, planned: PlannedCandidate):
+        self.score, self.planned = score, planned
+
+
+def _train_and_score(cfg: DictConfig, pool: list[PlannedCandidate], root: Path, steps: int) -> list[_Candidate]:
+    """Meta-train every candidate that learns (in root/i: resumed from its checkpoint); score each on
+    validation tasks where it was planned to be (several to select from)."""
     scored = []
-    for i, (name, label, base_cfg) in enumerate(pool):
-        parts = build(base_cfg)
-        _train(base_cfg, parts, root / str(i))
-        score = (_evaluate(base_cfg, parts, steps, validation=True, n_tasks=cfg.compare.select_n_tasks)[cfg.compare.metric]
-                 if len(pool) > 1 else float("nan"))  # one candidate: nothing to select
-        log.info("candidate %s: validation %s %.4f", label, cfg.compare.metric, score)
-        scored.append(_Candidate(score, name, label, parts, base_cfg))
+    for i, candidate in enumerate(pool):
+        if candidate.trains:
+            (root / str(i)).mkdir(parents=True, exist_ok=True)
+            train_from_config(candidate.cfg, candidate.parts, root / str(i), evaluate=False)
+        score = float("nan")  # one candidate: nothing to select
+        if candidate.validation is not None:
+            score = _evaluate(candidate.cfg, candidate.parts, steps, candidate.validation, validation=True,
+                              n_tasks=select_n_tasks(cfg))[cfg.compare.metric]
+        log.info("candidate %s: validation %s %.4f", candidate.label, cfg.compare.metric, score)
+        scored.append(_Candidate(score, candidate))
     return scored
 
 
-class _Candidate(NamedTuple):
-    score: float  # the validation metric (nan when there is nothing to select)
-    name: str
-    label: str
-    parts: Parts
-    cfg: DictConfig
-
-
-def _paired(cfg: DictConfig, learned: Parts, baseline: _Candidate, metric: str,
-            lengths: list[int]) -> dict[int, dict[str, float]]:
+def _paired(cfg: DictConfig, learned: Parts, baseline: PlannedCandidate, metric: str,
+            planned: PlannedComparison) -> dict[int, dict[str, float]]:
     """learned and `baseline` on the same meta-test tasks at each unroll length, with the paired difference."""
     out = {}
-    for steps in lengths:
-        mine, theirs = _evaluate(cfg, learned, steps), _evaluate(baseline.cfg, baseline.parts, steps)
-        diff, diff_ci = mean_ci95(mine[_PER_TASK[metric]] - theirs[_PER_TASK[metric]])
+    for steps in planned.lengths:
+        mine = _evaluate(cfg, learned, steps, planned.learned[steps])
+        theirs = _evaluate(baseline.cfg, baseline.parts, steps, baseline.meta_test_plan(steps))
+        diff, diff_ci = mean_ci95(mine[PER_TASK[metric]] - theirs[PER_TASK[metric]])
         out[steps] = {"learned": mine[metric], "learned_ci95": mine[metric + "_ci95"],
                       "baseline": theirs[metric], "baseline_ci95": theirs[metric + "_ci95"],
                       "difference": diff, "difference_ci95": diff_ci}

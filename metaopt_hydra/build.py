@@ -237,12 +237,14 @@ def eval_batching(cfg: DictConfig) -> Batching:
 
 
 def plan_config_evaluation(cfg: DictConfig, parts: Parts, tasks: TaskDistribution, what: str, n_tasks: int, *,
-                           loop: InnerLoop | None = None, deadline: Deadline | None = None) -> EvalPlan:
-    """`plan_ahead` with the config's evaluation settings (eval.inner_steps, eval.batch_size, `eval_batching`,
-    device) for `n_tasks` of `tasks`, with the parts' loop (or `loop`), meta-parameters and budget."""
+                           loop: InnerLoop | None = None, deadline: Deadline | None = None,
+                           inner_steps: int | None = None) -> EvalPlan:
+    """`plan_ahead` with the config's evaluation settings (eval.inner_steps or `inner_steps`, eval.batch_size,
+    `eval_batching`, device) for `n_tasks` of `tasks`, with the parts' loop (or `loop`), meta-parameters and
+    budget."""
     return plan_ahead(what, loop or parts.loop, parts.meta, tasks, parts.budget, n_tasks, deadline=deadline,
-                      inner_steps=cfg.eval.inner_steps, batch_size=cfg.eval.batch_size, batching=eval_batching(cfg),
-                      device=cfg.device)
+                      inner_steps=cfg.eval.inner_steps if inner_steps is None else inner_steps,
+                      batch_size=cfg.eval.batch_size, batching=eval_batching(cfg), device=cfg.device)
 
 
 class Validator:

@@ -8,25 +8,24 @@ read) and takes their median seconds, plans every evaluation that follows traini
 (`dry_run.json` in the run directory, never `metrics.json`): the predicted seconds of training (meta_steps x the
 median step, within `time_limit`, x the ensemble's members), of the evaluations and of the whole run, the peak, and,
 under a `job_time_limit`, how many meta-steps fit. Approximate: measured steps at the start of a run (the median of
-a few), evaluation plans as the run makes them; a baselines comparison (`compare`) is not priced.
+a few), evaluation plans as the run makes them. A baselines comparison (`compare`) is priced piece by piece
+(`metaopt_hydra.comparison`): each candidate's training from its own timed steps, each evaluation from its plan.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from metaopt import meta_train
 from metaopt.deadline import RESERVE_MARGIN
 from metaopt.guard import format_bytes
-from metaopt.budget import parse_seconds
 from metaopt_hydra.build import Parts, build, member_config, plan_config_evaluation, validation
+from metaopt_hydra.comparison import plan_comparison
 from metaopt_hydra.jobs import END_SECONDS, job_time_limit, process_age
+from metaopt_hydra.pricing import TIMED_STEPS, timed_steps, training_seconds
 from metaopt_hydra.protocols import plan_protocols
 from metaopt_hydra.records import resolved, write_json_atomic
 
@@ -34,25 +33,13 @@ __all__ = ["dry_run", "DRY_RUN_STEPS"]
 
 log = logging.getLogger("metaopt")
 
-DRY_RUN_STEPS = 5
+DRY_RUN_STEPS = TIMED_STEPS
 """Meta-steps timed (the median is kept: the first pays one-off costs, e.g. a compilation)."""
 
 
-def _timed_steps(cfg: DictConfig, parts: Parts) -> dict[str, Any]:
-    """`DRY_RUN_STEPS` meta-steps of the run's plan on copies of its meta-parameters: `meta_train`'s metrics."""
-    meta = copy.deepcopy(parts.meta)
-    return meta_train(parts.loop, meta, parts.estimator, parts.tasks,
-                      outer_optimizer=instantiate(cfg.outer_optim)(meta.parameters()),
-                      meta_steps=min(DRY_RUN_STEPS, max(int(cfg.meta_steps), 1)), meta_batch_size=cfg.meta_batch_size,
-                      inner_steps=cfg.inner_steps, budget=parts.budget, batching=cfg.batching, seed=cfg.seed,
-                      eval_n_tasks=0, progress=False, device=cfg.device, on_nan=cfg.on_nan,
-                      max_grad_norm=cfg.max_grad_norm, log_every=DRY_RUN_STEPS,
-                      lr_schedule=instantiate(cfg.lr_schedule) if cfg.get("lr_schedule") else None,
-                      prefetch=cfg.get("prefetch"), overlap=cfg.get("overlap"))
-
-
 def _evaluations(cfg: DictConfig, parts: Parts) -> dict[str, float | None]:
-    """Predicted seconds of each evaluation after training ({what: seconds}; None: not timed)."""
+    """Predicted seconds of each piece of work after training ({what: seconds}; None: not timed): the
+    evaluations, and a baselines comparison's training and evaluations."""
     out: dict[str, float | None] = {}
     if parts.eval_tasks is not None and cfg.eval.n_tasks > 0:
         plan = plan_config_evaluation(cfg, parts, parts.eval_tasks, "the final evaluation", cfg.eval.n_tasks)
@@ -64,32 +51,20 @@ def _evaluations(cfg: DictConfig, parts: Parts) -> dict[str, float | None]:
     validate = validation(cfg, parts) if int(cfg.get("ensemble", 1)) <= 1 else None  # members do not validate
     if validate is not None:
         out[f"validation ({validate.n_tasks} tasks)"] = validate.predicted_seconds(parts.meta)
+    if cfg.get("compare"):  # its candidates' training timed, as the run's
+        out.update(plan_comparison(cfg, parts, price=True).predicted_seconds())
     return out
-
-
-def _training_seconds(cfg: DictConfig, step_seconds: float) -> tuple[float, int]:
-    """(predicted training seconds, meta-steps) of the run: its meta-steps at `step_seconds`, within `time_limit`,
-    for each of an ensemble's members."""
-    members = int(cfg.get("ensemble", 1))
-    steps = int(cfg.meta_steps)
-    seconds = steps * step_seconds * members
-    if cfg.get("time_limit") is not None:
-        limit = parse_seconds(cfg.time_limit)
-        if seconds > limit:
-            steps = int(limit / (step_seconds * members))
-            seconds = steps * step_seconds * members
-    return seconds, steps * members
 
 
 def dry_run(cfg: DictConfig, run_dir: Path, launcher: DictConfig | None = None) -> dict[str, Any]:
     """Price the configured run without training it (see the module docstring); returns the `dry_run.json`
     record and prints a summary."""
     parts = build(cfg)
-    timed = _timed_steps(cfg, build(member_config(cfg, 0)) if int(cfg.get("ensemble", 1)) > 1 else parts)
+    timed = timed_steps(cfg, build(member_config(cfg, 0)) if int(cfg.get("ensemble", 1)) > 1 else parts)
     evaluations = _evaluations(cfg, parts)
     step_seconds = float(timed["seconds_per_meta_step"])
     set_up = process_age() - float(timed["train_seconds"])  # everything but the timed steps: as a run's start
-    training, steps = _training_seconds(cfg, step_seconds)
+    training, steps = training_seconds(cfg, step_seconds)
     after = sum(s for s in evaluations.values() if s is not None)
     record: dict[str, Any] = {
         "status": "planned", "plan": timed["plan"], "batching": timed["batching"], "chunk_size": timed["chunk_size"],
@@ -119,7 +94,7 @@ def _say(record: dict[str, Any], evaluations: dict[str, float | None]) -> None:
     for what, value in evaluations.items():
         print(f"after training: {what}: {seconds(value)}")
     print(f"set-up (imports, data, plans): {seconds(record['predicted_set_up_seconds'])}; the whole run: "
-          f"{seconds(record['predicted_run_seconds'])} (approximate; a baselines comparison is not priced)")
+          f"{seconds(record['predicted_run_seconds'])} (approximate)")
     if "job_time_limit" in record:
         print(f"job_time_limit {seconds(record['job_time_limit'])}: about {record['meta_steps_within_job_limit']} "
               f"meta-steps fit beside the evaluations (x{RESERVE_MARGIN:g}) and the end")

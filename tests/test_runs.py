@@ -173,7 +173,7 @@ def test_a_dry_run_prices_the_run_without_touching_its_directory(tmp_path):
 
 
 def test_a_dry_run_prices_training_within_the_time_limit_and_for_every_member():
-    from metaopt_hydra.dry_run import _training_seconds
+    from metaopt_hydra.pricing import training_seconds as _training_seconds
     cfg = OmegaConf.create({"meta_steps": 1000, "time_limit": None})
     assert _training_seconds(cfg, 0.5) == (500.0, 1000)
     assert _training_seconds(OmegaConf.create({"meta_steps": 1000, "time_limit": "100s"}), 0.5) == (100.0, 200)
