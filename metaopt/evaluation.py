@@ -35,6 +35,10 @@ logger = logging.getLogger("metaopt")
 EvalBatching = Literal["stacked", "vmap", "loop"]
 PROBE_TASKS = 4  # memory is measured at 1 and min(batch_size, PROBE_TASKS) tasks at once; explicit forms timed there
 TIMING_ROUNDS = 2  # timed calls per size, after a warm-up; the fastest is kept
+PLANNING_SHARE = 0.5
+"""Past `PROBE_TASKS` at once, a size is timed only while the ladder's calls (a warm-up and `TIMING_ROUNDS` per size,
+counted at the fastest seconds per task so far) stay within this share of the evaluation it plans: a long unroll's
+ladder to 100 at once cost more than the 200-task evaluation itself."""
 
 
 def mean_ci95(values: Tensor) -> tuple[float, float]:
@@ -175,7 +179,7 @@ def _batched_piece(scores: Callable[[int], Any], budget: Budget, batch_size: int
 
 def plan_evaluation(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, budget: Budget, *,
                     inner_steps: int, batch_size: int, batching: Batching = "auto",
-                    device: torch.device | str = "cpu",
+                    device: torch.device | str = "cpu", n_tasks: int | None = None,
                     timer: Callable[[EvalBatching, int], float] | None = None) -> EvalPlan:
     """How to run meta-test tasks drawn `batch_size` at a time: by memory, then by time, as training is planned.
 
@@ -187,11 +191,14 @@ def plan_evaluation(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, 
     whose cost per task grows with the tasks at once on the CPU, while the sinusoid MLP's falls to the largest
     piece. Each size is timed where it will run (a warm-up call, then the fastest of `TIMING_ROUNDS`), so the
     prediction is of the chosen form itself. An explicit "stacked" (vmap where the loop does not stack), "vmap"
-    or "loop" is kept, and timed on `min(piece, PROBE_TASKS)` tasks for the prediction alone. `timer(form,
-    n_tasks)`: a stand-in for one timed call (tests)."""
+    or "loop" is kept, and timed on `min(piece, PROBE_TASKS)` tasks for the prediction alone. `n_tasks`: the tasks
+    the plan is for, where known: no size above it is sized or timed (an evaluation never runs more at once), and
+    past `PROBE_TASKS` the ladder stops where timing the next size would cost more than `PLANNING_SHARE` of the
+    evaluation. `timer(form, n_tasks)`: a stand-in for one timed call (tests)."""
     if batching not in ("auto", "stacked", "vmap", "loop"):
         raise ValueError(f"evaluation batching must be 'auto', 'stacked', 'vmap' or 'loop', got {batching!r}")
-    drawn = _PlanningTasks(tasks, inner_steps, device, min(batch_size, PROBE_TASKS))
+    largest = batch_size if n_tasks is None else max(1, min(batch_size, n_tasks))  # the most an evaluation runs
+    drawn = _PlanningTasks(tasks, inner_steps, device, min(largest, PROBE_TASKS))
     classification = tasks.kind == "classification"
     form: EvalBatching
     form, how = ("vmap", "vmapped") if batching == "vmap" else evaluation_form(loop, meta)
@@ -207,23 +214,29 @@ def plan_evaluation(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, 
         return _seconds_per_task(scores, count, run, timer, device, warm=(count, run) in ran)
 
     piece, why = (1, "one at a time (batching=loop)") if batching == "loop" else \
-        _batched_piece(scores, budget, batch_size, max(1, min(batch_size, PROBE_TASKS)), device)
+        _batched_piece(scores, budget, largest, max(1, min(largest, PROBE_TASKS)), device)
     if batching != "auto":
         size = 1 if batching == "loop" else min(piece, PROBE_TASKS)
         seconds = per_task(size)
         return EvalPlan("loop" if batching == "loop" else form, piece, f"{why}, {how}; {seconds * 1e3:.3g} ms per "
                         f"task timed at {size} at once", seconds, drawn.sample_seconds)
     timed: dict[int, float] = {}
-    best = 1
+    best, spent, stopped = 1, 0.0, ""  # spent: the ladder's task-runs, in seconds at the fastest so far
     for size in AbstractEstimator.doubling(2, piece):
+        if n_tasks is not None and size > PROBE_TASKS and \
+                spent + (TIMING_ROUNDS + 1) * size * timed[best] > PLANNING_SHARE * n_tasks * timed[best]:
+            stopped = f"; {size} at once not timed (its timing would cost over {PLANNING_SHARE:g} of the evaluation)"
+            break
+        warm = (size, "loop" if size == 1 else form) in ran
         timed[size] = per_task(size)
+        spent += (TIMING_ROUNDS + (0 if warm else 1)) * size * timed[size]
         if size > 1 and timed[size] >= timed[best]:
             break
         best = size
     ladder = ", ".join(f"{size}: {seconds * 1e3:.3g} ms" for size, seconds in timed.items())
     runs = "one at a time" if best == 1 else f"{best} at once, {how}"
     return EvalPlan("loop" if best == 1 else form, best, f"{why}, {how}; per task at 1, 2, 4, ... at once "
-                    f"({ladder}): {runs}", timed[best], drawn.sample_seconds)
+                    f"({ladder}{stopped}): {runs}", timed[best], drawn.sample_seconds)
 
 
 def _seconds_per_task(scores: Callable[..., None], count: int, form: EvalBatching,
@@ -243,7 +256,7 @@ def plan_ahead(what: str, loop: InnerLoop, meta: MetaParams, tasks: TaskDistribu
     """An evaluation of `n_tasks` tasks that runs after training, planned before it (`plan_evaluation` with
     `settings`): its plan and predicted seconds said in the log as `what` (e.g. "the final evaluation") and
     reserved in the session's `deadline` (`metaopt.deadline`), if any."""
-    plan = plan_evaluation(loop, meta, tasks, budget, **settings)
+    plan = plan_evaluation(loop, meta, tasks, budget, n_tasks=n_tasks, **settings)
     predicted = plan.predicted_seconds(n_tasks)
     logger.info("%s: %s; %d tasks predicted %s", what, plan.reason, n_tasks,
                 "untimed" if predicted is None else f"{predicted:.3g} s")
@@ -287,7 +300,7 @@ def evaluate(loop: InnerLoop, meta: MetaParams, tasks: TaskDistribution, *, n_ta
     start = time.perf_counter()
     if plan is None:
         plan = plan_evaluation(loop, meta, tasks, budget, inner_steps=inner_steps, batch_size=batch_size,
-                               batching=batching, device=device)
+                               batching=batching, device=device, n_tasks=n_tasks)
     planned = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     classification = tasks.kind == "classification"

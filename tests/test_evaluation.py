@@ -60,6 +60,22 @@ def test_the_pieces_timed_stop_at_what_fits_the_memory(monkeypatch):
     assert calls == [1] and (found.batching, found.piece) == ("loop", 1)
 
 
+@pytest.mark.parametrize("n_tasks, sizes, chosen", [
+    (None, [1, 2, 4, 8, 16, 20], 20),  # no count known: up to the piece
+    (3, [1, 2, 3], 3),  # no size above the tasks it plans for: an evaluation never runs more at once
+    (1000, [1, 2, 4, 8, 16, 20], 20),  # the whole ladder costs little of 1000 tasks
+    (200, [1, 2, 4, 8], 8),  # timing 16 at once would take the ladder past half of a 200-task evaluation
+    (40, [1, 2, 4], 4),  # 1, 2 and 4 at once (4 warm from the memory probes) cost 0.8 of a 40-task evaluation
+])
+def test_the_ladder_costs_at_most_a_share_of_the_evaluation_it_plans(n_tasks, sizes, chosen):
+    loop, meta, tasks = _problem()
+    calls: list = []
+    found = plan_evaluation(loop, meta, tasks, mo.Budget(memory="1GB"), inner_steps=2, batch_size=20,
+                            n_tasks=n_tasks, timer=timer_of(lambda n: 1 / n, calls))
+    assert calls == sizes and found.piece == chosen
+    assert ("not timed (its timing would cost over 0.5 of the evaluation)" in found.reason) == (n_tasks in (40, 200))
+
+
 @pytest.mark.parametrize("asked, form, piece, timed", [("vmap", "vmap", 20, 4), ("stacked", "stacked", 20, 4),
                                                        ("loop", "loop", 1, 1)])
 def test_an_explicit_batching_is_kept_and_timed_for_the_prediction_alone(asked, form, piece, timed):
