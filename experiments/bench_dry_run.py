@@ -6,7 +6,7 @@ meta-steps, the evaluations planned), then the same run trains for real, one aft
 after it and of the whole run (the dry run's set-up included), and measured / predicted.
 
     python experiments/bench_dry_run.py [--threads 1] [--problems sinusoid omniglot_5way omniglot_protonet]
-        [--data-root PATH] [--out DIR]
+        [--data-root PATH] [--out DIR]   (also: learned_optimizer, with a baselines comparison)
 
 The last line is `dry_run_measured_over_predicted <problem>:<whole run's ratio> ...`. Omniglot problems are
 skipped, with a line saying so, where the data is not found. Wall-clock figures vary with the machine's load.
@@ -20,6 +20,8 @@ PROBLEMS = {  # name -> overrides of conf/train.yaml (sized to minutes)
     "omniglot_5way": ["experiment=omniglot_maml", "meta_steps=200"],
     "omniglot_protonet": ["experiment=omniglot_protonet", "ensemble=1", "task.split_by=alphabet",
                           "task.val_alphabets=1", "meta_steps=300"],
+    # compare: 10 untrained baselines validated, one meta-trained; the learned and the selected one meta-tested
+    "learned_optimizer": ["experiment=learned_optimizer", "meta_steps=100"],
 }
 
 

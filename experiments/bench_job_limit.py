@@ -32,6 +32,8 @@ PROBLEMS = {  # name -> (job_time_limit, overrides of conf/train.yaml)
     "omniglot_protonet": ("3m", ["experiment=omniglot_protonet", "ensemble=1", "task.split_by=alphabet",
                                  "task.val_alphabets=1"]),
     "omniglot_20way": ("4m", ["experiment=omniglot_maml", "task.n_way=20"]),  # its evaluations alone need ~6 min
+    # a baselines comparison after training: a meta-trained baseline, 11 validations, meta-tests at 20 and 100 steps
+    "learned_optimizer": ("5m", ["experiment=learned_optimizer"]),
 }
 
 

@@ -137,8 +137,9 @@ class PlannedComparison:
                 timed = [self.learned[steps].predicted_seconds(self.n_tasks),
                          *(c.meta_test[steps].predicted_seconds(c.cfg.eval.n_tasks) if steps in c.meta_test
                            else None for c in members)]
+                known = [t for t in timed if t is not None]
                 out[f"compare: learned vs {group} at {steps} inner steps ({self.n_tasks} tasks each)"] = \
-                    None if None in timed else timed[0] + max(cast(list[float], timed[1:]))
+                    None if len(known) < len(timed) else known[0] + max(known[1:])
         return out
 
 
