@@ -43,6 +43,12 @@ class Callback:
         """Entries for the run's returned metrics."""
         return {}
 
+    def seconds_after(self, step: int, meta: MetaParams) -> float:
+        """Predicted seconds of this callback's work after meta-step `step` (counted from 1) during training, e.g.
+        a periodic validation: under a time limit the loop starts that step only where they fit beside it (0.0:
+        none, or not predicted)."""
+        return 0.0
+
     def end_seconds(self, meta: MetaParams) -> float | None:
         """Predicted seconds of this callback's work after the last meta-step (its last entry's and `on_end`'s),
         asked before training where the run has a wall-clock deadline (`metaopt.deadline`): 0.0 for none, None
@@ -78,6 +84,13 @@ class Validation(Callback):
         if self.latest is None or self.latest[0] != state.step:
             self.latest = (state.step, self.validate(state.meta))
         return dict(self.latest[1])
+
+    def seconds_after(self, step: int, meta: MetaParams) -> float:
+        """One validation's predicted seconds where one is due after `step` (0.0 where none is, or it has no
+        prediction)."""
+        predict = getattr(self.validate, "predicted_seconds", None)
+        seconds = predict(meta) if predict is not None and self.due(step) else None
+        return 0.0 if seconds is None else float(seconds)
 
     def end_seconds(self, meta: MetaParams) -> float | None:
         """One validation (at the last entry, or in `on_end` after a stop at a time limit): `validate`'s

@@ -85,6 +85,11 @@ class _Recorder:
                 c.due(step) for c in self.callbacks)
         return self.asked[step]
 
+    def seconds_after(self, step: int, meta: MetaParams) -> float:
+        """The callbacks' predicted seconds after meta-step `step` (counted from 1) during training; none after the
+        last (what follows it is reserved before training: `Callback.end_seconds`)."""
+        return 0.0 if step >= self.meta_steps else sum(c.seconds_after(step, meta) for c in self.callbacks)
+
     def record(self, state: TrainState, metrics: dict[str, float], seconds: float) -> None:
         if not math.isnan(metrics["meta_train_loss"]):
             self.step_seconds.append(seconds)
@@ -390,7 +395,9 @@ def _loop(state: TrainState, config: StepConfig, sample: Callable[[], Task], met
     ahead = _Ahead(state, config, recorder, save)
     try:
         while state.step + ahead.count < meta_steps:
-            if save.time_left() < (statistics.median(recorder.step_seconds[-50:]) if recorder.step_seconds else 0.0):
+            left = save.time_left()
+            if left < math.inf and left < (statistics.median(recorder.step_seconds[-50:]) if recorder.step_seconds
+                                           else 0.0) + recorder.seconds_after(state.step + ahead.count + 1, state.meta):
                 save.stop()
                 logger.warning("meta-step %d of %d: stopping at the %s", state.step, meta_steps,
                                "time limit" if save.stopped_by == "time_limit" else

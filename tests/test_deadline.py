@@ -142,6 +142,29 @@ def test_validation_at_the_end_is_reserved_where_it_predicts_and_named_where_it_
     assert metrics["job_unreserved"] == ["Validation at the end"]
 
 
+def test_a_periodic_validation_starts_only_where_it_fits_beside_its_step():
+    """Steps take no time of the fake clock; a validation after every second step takes 30 s and predicts them.
+    Limit 100 s, the validation at the end kept x1.5 (45 s): 55 s for training. Steps 1 and 2 (its validation: 30
+    s), step 3; step 4 is not started, as its validation (30 s) would eat 5 s of what is kept (it was started
+    before: the check counted the step alone). The validation at the end then runs in what was kept."""
+    clock = FakeClock()
+
+    class ThirtySeconds:
+        calls = 0
+
+        def __call__(self, meta):
+            clock.now += 30.0
+            ThirtySeconds.calls += 1
+            return {"val_loss": 1.0}
+
+        def predicted_seconds(self, meta):
+            return 30.0
+
+    metrics = _train(Deadline(100.0, clock=clock), [Validation(ThirtySeconds(), every=2)], steps=10)
+    assert metrics["meta_steps"] == 3 and metrics["stopped_by"] == "job_time_limit"
+    assert ThirtySeconds.calls == 2 and metrics["job_seconds"] == pytest.approx(60.0)  # step 2's, the end's
+
+
 def test_job_time_limit_auto_is_a_submitit_launchers_timeout_less_its_start():
     auto = OmegaConf.create({"job_time_limit": "auto"})
     slurm = OmegaConf.create({"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
