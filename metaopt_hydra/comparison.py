@@ -27,7 +27,8 @@ from metaopt.evaluation import EvalPlan
 from metaopt_hydra.build import Parts, build, plan_config_evaluation
 from metaopt_hydra.pricing import kept_random_state, timed_steps, training_seconds
 
-__all__ = ["candidates", "check_compare", "PER_TASK", "plan_comparison", "select_n_tasks", "PlannedCandidate", "PlannedComparison"]
+__all__ = ["candidates", "check_compare", "PER_TASK", "plan_comparison", "select_n_tasks", "PlannedCandidate",
+           "PlannedComparison"]
 
 log = logging.getLogger("metaopt")
 
@@ -77,8 +78,9 @@ class PlannedCandidate:
     """A candidate as planned before training. `trains`: it has meta-parameters and meta_steps > 0, so it is
     meta-trained before it is scored; `validation`: its plan on `compare.select_n_tasks` validation tasks at the
     first unroll length (None: the only one of its section, nothing to select); `meta_test`: {unroll length: plan}
-    on the meta-test tasks (every length where the comparison is priced, else filled by `meta_test_plan`); `train_seconds`: its training's predicted seconds (None: not priced) over
-    `meta_steps` steps left (a checkpoint's finished steps not counted)."""
+    on the meta-test tasks (every length where the comparison is priced, else filled by `meta_test_plan`);
+    `train_seconds`: its training's predicted seconds (None: not priced) over `meta_steps` steps left (a
+    checkpoint's finished steps not counted)."""
 
     section: str
     name: str
