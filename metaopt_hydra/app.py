@@ -40,8 +40,8 @@ from metaopt_hydra.jobs import job_deadline, terminated_as_interrupted
 from metaopt_hydra.protocols import evaluate_protocols, plan_protocols
 from metaopt_hydra.records import (
     ResumeMismatch,
-    changed_keys,
     check_outcome,
+    checkpoint_changes,
     failure_record,
     resolved,
     write_json_atomic,
@@ -76,16 +76,15 @@ def previous_run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if not path.exists():
         return {}
     ckpt = load_checkpoint(path)
-    before = ckpt.get("config")
-    changed = changed_keys(before, resolved(cfg)) if before is not None else ["(no config in the checkpoint)"]
-    if not changed:
+    refusal = checkpoint_changes(cfg, ckpt, run_dir)
+    if refusal is None:
         return {"logger_run_id": ckpt.get("logger_run_id")}
     if cfg.get("resume", "check") == "fresh":
         path.replace(run_dir / "checkpoint.pt.replaced")
-        log.warning("resume=fresh: %s was made with another config (%s); starting over", path, ", ".join(changed))
+        log.warning("resume=fresh: %s was made with another config (%s); starting over", path,
+                    ", ".join(refusal.changed))
         return {}
-    raise ResumeMismatch(f"{run_dir} holds a checkpoint made with another config; changed: {', '.join(changed)}. "
-                         f"Use another hydra.run.dir, or resume=fresh to start over in this one")
+    raise refusal
 
 
 ENSEMBLE_SUMS = ("meta_steps", "meta_steps_asked", "train_seconds", "tasks_skipped", "tasks_nan_skipped",

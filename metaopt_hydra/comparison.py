@@ -20,12 +20,11 @@ from typing import cast
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from metaopt.budget import parse_seconds
 from metaopt.checkpoint import load_checkpoint
 from metaopt.deadline import Deadline
 from metaopt.evaluation import EvalPlan
 from metaopt_hydra.build import Parts, build, plan_config_evaluation
-from metaopt_hydra.pricing import kept_random_state, timed_steps, training_seconds
+from metaopt_hydra.pricing import kept_random_state, left_to_train, timed_steps, training_seconds
 
 __all__ = ["candidates", "check_compare", "PER_TASK", "plan_comparison", "select_n_tasks", "PlannedCandidate",
            "PlannedComparison"]
@@ -145,18 +144,6 @@ class PlannedComparison:
         return out
 
 
-def _steps_left(cfg: DictConfig, checkpoint: Path | None) -> DictConfig:
-    """`cfg` with the meta-steps (and `time_limit`) its checkpoint, if any, has not used yet."""
-    if checkpoint is None or not checkpoint.exists():
-        return cfg
-    state = load_checkpoint(checkpoint)
-    left = cast(DictConfig, OmegaConf.create(OmegaConf.to_container(cfg)))
-    left.meta_steps = max(int(cfg.meta_steps) - int(state["meta_step"]), 0)
-    if cfg.get("time_limit") is not None:
-        left.time_limit = max(parse_seconds(cfg.time_limit) - float(state.get("train_seconds", 0.0)), 1e-9)
-    return left
-
-
 def _candidate(cfg: DictConfig, section: str, name: str, label: str, base: DictConfig, lengths: list[int],
                select: bool, price: bool, checkpoint: Path | None) -> PlannedCandidate:
     parts = build(base)
@@ -166,7 +153,8 @@ def _candidate(cfg: DictConfig, section: str, name: str, label: str, base: DictC
                                         select_n_tasks(cfg), inner_steps=lengths[0]) if select else None
     seconds, steps_left = None, 0
     if trains:
-        left = _steps_left(base, checkpoint)
+        left = left_to_train(base, load_checkpoint(checkpoint) if checkpoint is not None and checkpoint.exists()
+                             else None)
         steps_left = int(left.meta_steps)
         if price and steps_left > 0:
             seconds, steps_left = training_seconds(left, float(timed_steps(left, parts)["seconds_per_meta_step"]))

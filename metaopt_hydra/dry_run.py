@@ -2,8 +2,9 @@
 
 A researcher about to submit an hour-long job wants its price first. The dry run builds the config as the run would,
 plans its meta-step (`metaopt.planning`: the batching, the chunks, the predicted peak), runs `DRY_RUN_STEPS`
-meta-steps on copies of the meta-parameters (nothing is checkpointed; the run directory's checkpoint, if any, is not
-read) and takes their median seconds, plans every evaluation that follows training (the final meta-test,
+meta-steps on copies of the meta-parameters (nothing is checkpointed) and takes their median seconds, prices the
+meta-steps left (a checkpoint in the run directory is read as a resume would: its finished steps are not priced, one
+made with another config is refused), plans every evaluation that follows training (the final meta-test,
 `eval.protocols`, the validation at the end: `metaopt.evaluation.plan_ahead`), and prints and writes
 (`dry_run.json` in the run directory, never `metrics.json`): the predicted seconds of training (meta_steps x the
 median step, within `time_limit`, x the ensemble's members), of the evaluations and of the whole run, the peak, and,
@@ -20,14 +21,15 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from metaopt.checkpoint import load_checkpoint
 from metaopt.deadline import RESERVE_MARGIN
 from metaopt.guard import format_bytes
 from metaopt_hydra.build import Parts, build, member_config, plan_config_evaluation, validation
 from metaopt_hydra.comparison import plan_comparison
 from metaopt_hydra.jobs import END_SECONDS, job_time_limit, process_age
-from metaopt_hydra.pricing import TIMED_STEPS, timed_steps, training_seconds
+from metaopt_hydra.pricing import TIMED_STEPS, left_to_train, timed_steps, training_seconds
 from metaopt_hydra.protocols import plan_protocols
-from metaopt_hydra.records import resolved, write_json_atomic
+from metaopt_hydra.records import checkpoint_changes, resolved, write_json_atomic
 
 __all__ = ["dry_run", "DRY_RUN_STEPS"]
 
@@ -56,21 +58,40 @@ def _evaluations(cfg: DictConfig, parts: Parts) -> dict[str, float | None]:
     return out
 
 
+def _resumed(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, int]:
+    """(the config priced, the meta-step the run would resume from). A checkpoint in `run_dir` made with this
+    config leaves its meta-steps and `time_limit` left to train, as the run resumes; one made with another is
+    refused as the run would refuse it (`ResumeMismatch`), unless resume=fresh (priced from the start; the
+    checkpoint is not moved). An ensemble is priced from the start (its members' checkpoints are not read)."""
+    path = run_dir / "checkpoint.pt"
+    if int(cfg.get("ensemble", 1)) > 1 or not path.exists():
+        return cfg, 0
+    checkpoint = load_checkpoint(path)
+    refusal = checkpoint_changes(cfg, checkpoint, run_dir)
+    if refusal is not None:
+        if cfg.get("resume", "check") == "fresh":
+            return cfg, 0
+        raise refusal
+    return left_to_train(cfg, checkpoint), int(checkpoint["meta_step"])
+
+
 def dry_run(cfg: DictConfig, run_dir: Path, launcher: DictConfig | None = None) -> dict[str, Any]:
     """Price the configured run without training it (see the module docstring); returns the `dry_run.json`
     record and prints a summary."""
+    priced, resumed_from = _resumed(cfg, run_dir)
     parts = build(cfg)
     timed = timed_steps(cfg, build(member_config(cfg, 0)) if int(cfg.get("ensemble", 1)) > 1 else parts)
     evaluations = _evaluations(cfg, parts)
     step_seconds = float(timed["seconds_per_meta_step"])
     set_up = process_age() - float(timed["train_seconds"])  # everything but the timed steps: as a run's start
-    training, steps = training_seconds(cfg, step_seconds)
+    training, steps = training_seconds(priced, step_seconds)
     after = sum(s for s in evaluations.values() if s is not None)
     record: dict[str, Any] = {
         "status": "planned", "plan": timed["plan"], "batching": timed["batching"], "chunk_size": timed["chunk_size"],
         "estimator_chosen": timed["estimator_chosen"], "predicted_peak_bytes": timed["predicted_peak_bytes"],
         "measured_peak_bytes": timed["measured_peak_bytes"], "seconds_per_meta_step": step_seconds,
-        "timed_meta_steps": timed["meta_steps"], "meta_steps": steps, "predicted_train_seconds": training,
+        "timed_meta_steps": timed["meta_steps"], "meta_steps": steps, "resumed_from_meta_step": resumed_from,
+        "predicted_train_seconds": training,
         "predicted_evaluations": evaluations, "predicted_set_up_seconds": set_up,
         "predicted_run_seconds": set_up + training + after, "config": resolved(cfg)}
     limit = job_time_limit(cfg, launcher)
@@ -89,8 +110,9 @@ def _say(record: dict[str, Any], evaluations: dict[str, float | None]) -> None:
     print(f"plan: {record['estimator_chosen']}, {record['batching']}, chunks of {record['chunk_size']}, predicted "
           f"peak {format_bytes(record['predicted_peak_bytes'])} (measured "
           f"{format_bytes(max(record['measured_peak_bytes'], 0))} over {record['timed_meta_steps']} timed meta-steps)")
-    print(f"training: {record['meta_steps']} meta-steps x {record['seconds_per_meta_step']:.3g} s (the median of "
-          f"{record['timed_meta_steps']}) = {seconds(record['predicted_train_seconds'])}")
+    resumed = f" (resumed from meta-step {record['resumed_from_meta_step']})" if record["resumed_from_meta_step"] else ""
+    print(f"training: {record['meta_steps']} meta-steps{resumed} x {record['seconds_per_meta_step']:.3g} s (the "
+          f"median of {record['timed_meta_steps']}) = {seconds(record['predicted_train_seconds'])}")
     for what, value in evaluations.items():
         print(f"after training: {what}: {seconds(value)}")
     print(f"set-up (imports, data, plans): {seconds(record['predicted_set_up_seconds'])}; the whole run: "

@@ -7,17 +7,17 @@ Approximate: the median of `TIMED_STEPS` meta-steps at the start of a run.
 from __future__ import annotations
 
 import copy
-from typing import Any, ContextManager
+from typing import Any, ContextManager, cast
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from metaopt import meta_train
 from metaopt.budget import parse_seconds
 from metaopt_hydra.build import Parts
 
-__all__ = ["timed_steps", "training_seconds", "kept_random_state", "TIMED_STEPS"]
+__all__ = ["timed_steps", "training_seconds", "left_to_train", "kept_random_state", "TIMED_STEPS"]
 
 TIMED_STEPS = 5
 """Meta-steps timed (the median is kept: the first pays one-off costs, e.g. a compilation)."""
@@ -58,3 +58,15 @@ def training_seconds(cfg: DictConfig, step_seconds: float) -> tuple[float, int]:
             steps = int(limit / (step_seconds * members))
             seconds = steps * step_seconds * members
     return seconds, steps * members
+
+
+def left_to_train(cfg: DictConfig, checkpoint: dict[str, Any] | None) -> DictConfig:
+    """`cfg` with the meta-steps (and `time_limit`) that `checkpoint` (a loaded one; None: a fresh start) has not
+    used yet: what a resumed session trains."""
+    if checkpoint is None:
+        return cfg
+    left = cast(DictConfig, OmegaConf.create(OmegaConf.to_container(cfg)))
+    left.meta_steps = max(int(cfg.meta_steps) - int(checkpoint["meta_step"]), 0)
+    if cfg.get("time_limit") is not None:
+        left.time_limit = max(parse_seconds(cfg.time_limit) - float(checkpoint.get("train_seconds", 0.0)), 1e-9)
+    return left

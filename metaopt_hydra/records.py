@@ -18,13 +18,18 @@ __all__ = ["write_json_atomic", "failure_record", "resolved", "changed_keys", "R
            "RESUMABLE_KEYS", "check_outcome"]
 
 RESUMABLE_KEYS = ("meta_steps", "time_limit", "job_time_limit", "progress", "log_every", "checkpoint_every", "logger",
-                  "threads", "eval", "resume", "objective", "compare", "data")
-"""Top-level keys that may change when a run resumes: how long, how it reports, and how it is evaluated;
+                  "threads", "eval", "resume", "objective", "compare", "data", "dry_run")
+"""Top-level keys that may change when a run resumes: how long, how it reports, how it is evaluated (and whether it
+is only priced: a dry run reads a checkpoint as the run would);
 everything else defines the training trajectory and must match the checkpoint's config."""
 
 
 class ResumeMismatch(ValueError):
-    """A run directory's checkpoint was made with another configuration."""
+    """A run directory's checkpoint was made with another configuration (`changed`: the dotted keys)."""
+
+    def __init__(self, message: str, changed: list[str] | None = None):
+        super().__init__(message)
+        self.changed = list(changed or [])
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
@@ -48,6 +53,17 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, f"{prefix}{k}."))
         return out or {prefix.rstrip("."): {}}
     return {prefix.rstrip("."): tree}
+
+
+def checkpoint_changes(cfg: DictConfig, checkpoint: dict[str, Any], run_dir: Path) -> ResumeMismatch | None:
+    """Why `checkpoint` (a run directory's, loaded) cannot resume under `cfg`: the refusal naming the keys that
+    changed outside `RESUMABLE_KEYS`, or None where it can."""
+    before = checkpoint.get("config")
+    changed = changed_keys(before, resolved(cfg)) if before is not None else ["(no config in the checkpoint)"]
+    if not changed:
+        return None
+    return ResumeMismatch(f"{run_dir} holds a checkpoint made with another config; changed: {', '.join(changed)}. "
+                          f"Use another hydra.run.dir, or resume=fresh to start over in this one", changed)
 
 
 def changed_keys(before: dict[str, Any], now: dict[str, Any]) -> list[str]:

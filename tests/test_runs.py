@@ -161,13 +161,20 @@ def test_a_dry_run_prices_the_run_without_touching_its_directory(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     record = json.loads((tmp_path / "dry_run.json").read_text())
-    assert record["status"] == "planned" and record["timed_meta_steps"] == 5 and record["meta_steps"] == 1000
-    assert record["predicted_train_seconds"] == pytest.approx(1000 * record["seconds_per_meta_step"])
+    # The directory's run finished debug=tiny's 2 meta-steps: resumed with meta_steps=1000, 998 are left to train.
+    assert record["status"] == "planned" and record["timed_meta_steps"] == 5 and record["meta_steps"] == 998
+    assert record["resumed_from_meta_step"] == 2 and "(resumed from meta-step 2)" in result.stdout
+    assert record["predicted_train_seconds"] == pytest.approx(998 * record["seconds_per_meta_step"])
     assert set(record["predicted_evaluations"]) == {"the final evaluation (4 tasks)", "validation (4 tasks)"}
     assert record["predicted_run_seconds"] > record["predicted_train_seconds"] > 0
     assert record["meta_steps_within_job_limit"] > 1000  # 10 minutes hold far more than 1000 tiny steps
-    assert "training: 1000 meta-steps x " in result.stdout and "the whole run: " in result.stdout
-    failed = run_train(tmp_path, "debug=tiny", "dry_run=true", "budget.memory=abc")
+    assert "training: 998 meta-steps (resumed" in result.stdout and "the whole run: " in result.stdout
+    refused = run_train(tmp_path, "debug=tiny", "dry_run=true", "seed=7")  # the run itself would refuse to resume
+    assert refused.returncode != 0 and "changed: seed" in json.loads((tmp_path / "dry_run.json").read_text())["error"]
+    fresh = run_train(tmp_path, "debug=tiny", "dry_run=true", "seed=7", "resume=fresh", "meta_steps=1000")
+    assert fresh.returncode == 0 and json.loads((tmp_path / "dry_run.json").read_text())["meta_steps"] == 1000
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before  # resume=fresh moved nothing
+    failed = run_train(tmp_path, "debug=tiny", "dry_run=true", "budget.memory=abc", "resume=fresh")
     assert failed.returncode != 0 and (tmp_path / "metrics.json").read_bytes() == before["metrics.json"]
     assert "cannot parse 'abc'" in json.loads((tmp_path / "dry_run.json").read_text())["error"]
 
