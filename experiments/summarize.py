@@ -2,7 +2,8 @@
 
 Reads every run under DIR (a Hydra multirun directory, or an explore directory), prints a
 Markdown table (one row per run: overrides, status, metrics, error) and writes DIR/summary.csv.
-Failed or missing runs are listed with their error.
+Failed or missing runs are listed with their error. A sweep of dry runs (`-m ... dry_run=true`) is listed as
+"planned", with a last line that sums its price.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from metaopt_hydra.summary import collect_runs, markdown_table, write_csv
+from metaopt_hydra.summary import collect_runs, dry_run_totals, markdown_table, write_csv
 
 
 def main() -> int:
@@ -27,7 +28,12 @@ def main() -> int:
     print(markdown_table(rows))
     write_csv(rows, args.dir / "summary.csv")
     ok = sum(r["status"] == "ok" for r in rows)
-    print(f"\n{len(rows)} run(s): {ok} ok, {len(rows) - ok} not ok -> {args.dir / 'summary.csv'}")
+    planned = sum(r["status"] == "planned" for r in rows)
+    priced = f"{planned} planned (dry runs), " if planned else ""
+    print(f"\n{len(rows)} run(s): {ok} ok, {priced}{len(rows) - ok - planned} not ok -> {args.dir / 'summary.csv'}")
+    totals = dry_run_totals(rows)
+    if totals:
+        print(totals)
     return 0
 
 

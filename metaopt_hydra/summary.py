@@ -3,7 +3,9 @@
 A run is a folder with a `metrics.json` (any depth below the directory); its overrides come
 from Hydra's `.hydra/overrides.yaml` beside it. A run without metrics.json but with a
 `.hydra` folder is listed as "missing" (it died before writing one, e.g. killed). Failed runs
-are listed with their error, never mislabelled, and never crash the summary.
+are listed with their error, never mislabelled, and never crash the summary. A folder with only a
+`dry_run.json` (`dry_run=true`: a sweep priced before it is submitted) is listed as "planned" with its
+predicted seconds and peak, and `dry_run_totals` sums the sweep's price.
 """
 from __future__ import annotations
 
@@ -16,11 +18,12 @@ from typing import Any
 
 import yaml
 
-__all__ = ["collect_runs", "markdown_table", "write_csv", "METRICS"]
+__all__ = ["collect_runs", "markdown_table", "write_csv", "dry_run_totals", "METRICS"]
 
 METRICS = ("meta_test_loss", "meta_test_loss_ci95", "test_accuracy", "test_accuracy_ci95", "val_loss",
            "learned", "baseline", "difference", "estimator_chosen", "meta_steps", "stopped_by", "train_seconds",
-           "job_seconds", "predicted_peak_bytes", "measured_peak_bytes", "threads")
+           "job_seconds", "predicted_run_seconds", "meta_steps_within_job_limit", "predicted_peak_bytes",
+           "measured_peak_bytes", "threads")
 
 
 def _overrides(run_dir: Path) -> str:
@@ -34,19 +37,15 @@ def _overrides(run_dir: Path) -> str:
 def collect_runs(root: Path) -> list[dict[str, Any]]:
     """One row per run under `root` (sorted by path): run, overrides, status, error, `METRICS`, and the whole
     metrics.json under "_metrics" (for table scripts; not a column)."""
-    dirs = {p.parent for p in root.rglob("metrics.json")} | {p.parent for p in root.rglob(".hydra") if p.is_dir()}
+    dirs = {p.parent for name in ("metrics.json", "dry_run.json") for p in root.rglob(name)} | \
+        {p.parent for p in root.rglob(".hydra") if p.is_dir()}
     rows = []
     for run_dir in sorted(dirs, key=lambda d: [int(x) if x.isdigit() else x for x in d.relative_to(root).parts]):
         if any(part in ("baselines", "best") or re.fullmatch(r"member\d+", part)
                for part in run_dir.relative_to(root).parts):
             continue  # a comparison's baselines, the explorer's exported configs, an ensemble's members: their run's
         row: dict[str, Any] = {"run": str(run_dir.relative_to(root)) or ".", "overrides": _overrides(run_dir)}
-        try:
-            metrics = json.loads((run_dir / "metrics.json").read_text())
-        except FileNotFoundError:
-            metrics = {"status": "missing", "error": "no metrics.json (the run died before writing one)"}
-        except (OSError, json.JSONDecodeError) as error:
-            metrics = {"status": "unreadable", "error": f"metrics.json: {error}"}
+        metrics = _record(run_dir)
         row["_metrics"] = metrics  # everything, for table scripts (not a column)
         row["status"] = metrics.get("status", "unknown")
         row["error"] = metrics.get("error", "")
@@ -57,6 +56,37 @@ def collect_runs(root: Path) -> list[dict[str, Any]]:
                 row[f"{name}_{'accuracy' if 'test_accuracy' in scores else 'loss'}"] = score
         rows.append(row)
     return rows
+
+
+def _record(run_dir: Path) -> dict[str, Any]:
+    """The run's metrics.json; where there is none, its dry run's record (`dry_run.json`: status "planned" or
+    "failed"), else a "missing" record."""
+    for name in ("metrics.json", "dry_run.json"):
+        try:
+            return json.loads((run_dir / name).read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, json.JSONDecodeError) as error:
+            return {"status": "unreadable", "error": f"{name}: {error}"}
+    return {"status": "missing", "error": "no metrics.json (the run died before writing one)"}
+
+
+def dry_run_totals(rows: list[dict[str, Any]]) -> str | None:
+    """A sweep's price from its dry runs' rows ("planned"): the runs, their predicted seconds in all and the
+    longest (approximate, each priced alone), the largest predicted peak, and how many fit their job_time_limit;
+    None where no row is planned."""
+    planned = [r["_metrics"] for r in rows if r["status"] == "planned"]
+    if not planned:
+        return None
+    seconds = [float(m["predicted_run_seconds"]) for m in planned]
+    peak = max(float(m["predicted_peak_bytes"]) for m in planned)
+    line = (f"priced by dry runs: {len(planned)} run(s), {sum(seconds) / 3600:.3g} h predicted in all, the longest "
+            f"{max(seconds) / 60:.3g} min, the largest predicted peak {peak / 1e6:.4g} MB")
+    limited = [m for m in planned if "job_time_limit" in m]
+    if limited:
+        fit = sum(float(m["predicted_run_seconds"]) <= float(m["job_time_limit"]) for m in limited)
+        line += f"; {fit} of {len(limited)} within their job_time_limit"
+    return line
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:

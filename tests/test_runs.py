@@ -17,7 +17,7 @@ import metaopt as mo
 from metaopt import estimators as E
 from metaopt.checkpoint import load_checkpoint
 from metaopt_hydra.records import changed_keys, check_outcome
-from metaopt_hydra.summary import collect_runs, markdown_table
+from metaopt_hydra.summary import collect_runs, dry_run_totals, markdown_table
 from metaopt_hydra.threads import choose_threads
 
 
@@ -68,6 +68,31 @@ def test_summary_lists_failed_and_missing_runs_without_crashing(tmp_path):
                                                        ("3", "unreadable")]
     table = markdown_table(rows)
     assert "ValueError: x" in table and "0.5" in table
+
+
+def test_a_sweep_of_dry_runs_is_summarized_as_planned_with_its_price(tmp_path):
+    """`-m ... dry_run=true` prices a sweep before it is submitted: summarize lists each job as planned (not as
+    missing: there is no metrics.json), a failed pricing as failed, and sums the price."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "experiments/train.py", "-m", "debug=tiny", "dry_run=true",
+                             "job_time_limit=10m", "meta_steps=100,200", f"hydra.sweep.dir={sweep}"],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (sweep / "2").mkdir()
+    (sweep / "2" / "dry_run.json").write_text(json.dumps({"status": "failed", "error": "ValueError: y"}))
+    rows = collect_runs(sweep)
+    assert [(r["run"], r["status"]) for r in rows] == [("0", "planned"), ("1", "planned"), ("2", "failed")]
+    assert [r["meta_steps"] for r in rows[:2]] == [100, 200] and rows[1]["predicted_run_seconds"] > 0
+    records = [r["_metrics"] for r in rows[:2]]
+    total = (records[0]["predicted_run_seconds"] + records[1]["predicted_run_seconds"]) / 3600
+    assert dry_run_totals(rows).startswith(f"priced by dry runs: 2 run(s), {total:.3g} h predicted in all")
+    assert dry_run_totals(rows).endswith("; 2 of 2 within their job_time_limit")
+    summary = subprocess.run([sys.executable, "experiments/summarize.py", str(sweep)], capture_output=True,
+                             text=True, env=env, cwd=ROOT, timeout=120)
+    assert summary.returncode == 0 and "3 run(s): 0 ok, 2 planned (dry runs), 1 not ok" in summary.stdout
+    assert summary.stdout.rstrip().splitlines()[-1] == dry_run_totals(rows)
+    assert dry_run_totals(rows[2:]) is None
 
 
 def test_summary_says_which_runs_a_time_limit_stopped(tmp_path):
