@@ -36,7 +36,7 @@ from metaopt_hydra.build import (Parts, build, compile_record, member_config, pl
 from metaopt_hydra.curves import plot_curves
 from metaopt_hydra.loggers import NullLogger, RunLogger, new_run_id
 from metaopt_hydra.dry_run import dry_run
-from metaopt_hydra.jobs import job_deadline, terminated_as_interrupted
+from metaopt_hydra.jobs import job_deadline, job_started, terminated_as_interrupted
 from metaopt_hydra.protocols import evaluate_protocols, plan_protocols
 from metaopt_hydra.records import (
     ResumeMismatch,
@@ -205,17 +205,18 @@ def run_training(cfg: DictConfig) -> float:
     """Train (or resume) the configured run in Hydra's run directory; return the objective. SIGTERM (preemption,
     cancellation) is handled as Ctrl-C is: the last completed meta-step checkpointed, an "interrupted" record
     (`metaopt_hydra.jobs.terminated_as_interrupted`)."""
+    job_start = job_started()  # this job's wall clock (a sweep's later jobs in the same process: from now)
     with terminated_as_interrupted():
-        return _run(cfg)
+        return _run(cfg, job_start)
 
 
-def _dry_run(cfg: DictConfig, run_dir: Path, launcher: DictConfig | None) -> float:
+def _dry_run(cfg: DictConfig, run_dir: Path, launcher: DictConfig | None, job_start: float) -> float:
     """`dry_run=true`: price the run without training it (`metaopt_hydra.dry_run`); a failure is recorded in
     `dry_run.json`, never in the directory's `metrics.json` (it may hold a real run's)."""
     try:
         apply_threads(choose_threads(cfg, launcher))
         set_allocator(cfg.get("allocator", "system"))
-        dry_run(cfg, run_dir, launcher)
+        dry_run(cfg, run_dir, launcher, job_start)
     except Exception as error:
         write_json_atomic(failure_record(cfg, error), run_dir / "dry_run.json")
         log.error("dry run failed: %s: %s (record: %s)", type(error).__name__, error, run_dir / "dry_run.json")
@@ -223,17 +224,17 @@ def _dry_run(cfg: DictConfig, run_dir: Path, launcher: DictConfig | None) -> flo
     return math.nan
 
 
-def _run(cfg: DictConfig) -> float:
+def _run(cfg: DictConfig, job_start: float) -> float:
     run_dir, launcher, sweep_dir = _hydra()
     if cfg.get("dry_run", False):
-        return _dry_run(cfg, run_dir, launcher)
+        return _dry_run(cfg, run_dir, launcher, job_start)
     logger: RunLogger = NullLogger()
     exit_code, started = 1, time.perf_counter()
     try:
         threads = choose_threads(cfg, launcher)
         apply_threads(threads)
         set_allocator(cfg.get("allocator", "system"))
-        deadline = job_deadline(cfg, launcher)
+        deadline = job_deadline(cfg, launcher, job_start)
         previous = previous_run(cfg, run_dir)
         parts = build(cfg)
         run_id = previous.get("logger_run_id") or new_run_id()

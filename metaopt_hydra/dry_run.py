@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,15 +76,18 @@ def _resumed(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, int]:
     return left_to_train(cfg, checkpoint), int(checkpoint["meta_step"])
 
 
-def dry_run(cfg: DictConfig, run_dir: Path, launcher: DictConfig | None = None) -> dict[str, Any]:
+def dry_run(cfg: DictConfig, run_dir: Path, launcher: DictConfig | None = None,
+            started: float | None = None) -> dict[str, Any]:
     """Price the configured run without training it (see the module docstring); returns the `dry_run.json`
-    record and prints a summary."""
+    record and prints a summary. `started`: the `time.perf_counter()` at which the job's clock started
+    (`jobs.job_started`; default: this process's start), from which the set-up is measured."""
+    started = time.perf_counter() - process_age() if started is None else started
     priced, resumed_from = _resumed(cfg, run_dir)
     parts = build(cfg)
     timed = timed_steps(cfg, build(member_config(cfg, 0)) if int(cfg.get("ensemble", 1)) > 1 else parts)
     evaluations = _evaluations(cfg, parts)
     step_seconds = float(timed["seconds_per_meta_step"])
-    set_up = process_age() - float(timed["train_seconds"])  # everything but the timed steps: as a run's start
+    set_up = time.perf_counter() - started - float(timed["train_seconds"])  # all but the timed steps: a run's start
     training, steps = training_seconds(priced, step_seconds)
     after = sum(s for s in evaluations.values() if s is not None)
     record: dict[str, Any] = {

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from metaopt.budget import parse_seconds
 from metaopt.deadline import Deadline
 
-__all__ = ["job_time_limit", "job_deadline", "process_age", "terminated_as_interrupted", "JobTerminated",
+__all__ = ["job_time_limit", "job_deadline", "job_started", "process_age", "terminated_as_interrupted", "JobTerminated",
            "LAUNCHER_START_SECONDS", "END_SECONDS"]
 
 LAUNCHER_START_SECONDS = 60.0
@@ -73,13 +73,28 @@ def process_age() -> float:
         return 0.0
 
 
-def job_deadline(cfg: DictConfig, launcher: DictConfig | None) -> Deadline | None:
-    """The session's `Deadline`, its clock started when this process started (`process_age`), or None without a
-    limit. `END_SECONDS` are kept for the job's end (the record and the plot) beside what evaluation reserves."""
+_jobs_started = 0  # jobs this process has started (`job_started`)
+
+
+def job_started() -> float:
+    """The `time.perf_counter()` at which this job's wall clock started; call it once, as the job starts. A
+    process's first job started with the process (`process_age`: the interpreter, the imports and Hydra's
+    composition count); a later one in the same process starts now (Hydra's basic launcher runs a sweep's jobs in
+    turn in one process, and joblib reuses its workers: their clocks had counted every job before them)."""
+    global _jobs_started
+    _jobs_started += 1
+    now = time.perf_counter()
+    return now - process_age() if _jobs_started == 1 else now
+
+
+def job_deadline(cfg: DictConfig, launcher: DictConfig | None, start: float | None = None) -> Deadline | None:
+    """The session's `Deadline`, its clock started at `start` (`job_started()`; default: when this process
+    started, `process_age`), or None without a limit. `END_SECONDS` are kept for the job's end (the record and the
+    plot) beside what evaluation reserves."""
     seconds = job_time_limit(cfg, launcher)
     if seconds is None:
         return None
-    deadline = Deadline(seconds, start=time.perf_counter() - process_age())
+    deadline = Deadline(seconds, start=time.perf_counter() - process_age() if start is None else start)
     deadline.keep("the job's end (checkpoint, metrics.json, curves.png; a last meta-step slower than the median)",
                   END_SECONDS)
     return deadline

@@ -165,6 +165,32 @@ def test_a_periodic_validation_starts_only_where_it_fits_beside_its_step():
     assert ThirtySeconds.calls == 2 and metrics["job_seconds"] == pytest.approx(60.0)  # step 2's, the end's
 
 
+def test_a_processs_first_job_starts_with_the_process_and_a_later_one_when_it_starts(monkeypatch):
+    from metaopt_hydra import jobs
+    monkeypatch.setattr(jobs, "_jobs_started", 0)
+    monkeypatch.setattr(jobs, "process_age", lambda: 100.0)
+    monkeypatch.setattr(jobs.time, "perf_counter", lambda: 1000.0)
+    assert jobs.job_started() == 900.0  # the interpreter, imports and composition count for the first job
+    assert jobs.job_started() == 1000.0  # a sweep's next job in the same process: not the jobs before it
+
+
+def test_a_sweeps_jobs_run_in_one_process_each_have_their_own_clock(tmp_path):
+    """Hydra's basic launcher runs a sweep's jobs in turn in one process: the second job's clock starts with it
+    (it had counted the first job's seconds, and a tight limit refused or shortened every later job)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from test_experiments import ROOT
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "experiments/train.py", "-m", "debug=tiny", "job_time_limit=10m",
+                             "seed=0,1", f"hydra.sweep.dir={tmp_path}"], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, second = (json.loads((tmp_path / job / "metrics.json").read_text()) for job in ("0", "1"))
+    assert second["job_seconds"] < first["job_seconds"]  # the first's include the interpreter and the imports
+
+
 def test_job_time_limit_auto_is_a_submitit_launchers_timeout_less_its_start():
     auto = OmegaConf.create({"job_time_limit": "auto"})
     slurm = OmegaConf.create({"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
