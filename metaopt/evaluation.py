@@ -1,8 +1,9 @@
 """Meta-testing: post-adaptation performance on fresh seeded tasks, planned as training is: by memory, then by time.
 
 `plan_evaluation` sizes the pieces (stacked where the loop stacks, else vmapped) to the memory budget, then times 1,
-2, 4, ... tasks at once up to that size and runs the fastest (`EvalPlan`); `evaluate` runs the plan and reports its
-predicted and measured seconds.
+2, 4, ... tasks at once up to that size (never above the tasks it plans for, and within `PLANNING_SHARE` of the
+evaluation) and runs the fastest (`EvalPlan`); `evaluate` runs the plan and reports its predicted and measured
+seconds.
 """
 from __future__ import annotations
 
