@@ -40,9 +40,10 @@ DRY_RUN_STEPS = TIMED_STEPS
 """Meta-steps timed (the median is kept: the first pays one-off costs, e.g. a compilation)."""
 
 
-def _evaluations(cfg: DictConfig, parts: Parts) -> dict[str, float | None]:
+def _evaluations(cfg: DictConfig, parts: Parts, run_dir: Path) -> dict[str, float | None]:
     """Predicted seconds of each piece of work after training ({what: seconds}; None: not timed): the
-    evaluations, and a baselines comparison's training and evaluations."""
+    evaluations, and a baselines comparison's training (what its candidates' checkpoints in `run_dir` have left)
+    and evaluations."""
     out: dict[str, float | None] = {}
     if parts.eval_tasks is not None and cfg.eval.n_tasks > 0:
         plan = plan_config_evaluation(cfg, parts, parts.eval_tasks, "the final evaluation", cfg.eval.n_tasks)
@@ -55,7 +56,7 @@ def _evaluations(cfg: DictConfig, parts: Parts) -> dict[str, float | None]:
     if validate is not None:
         out[f"validation ({validate.n_tasks} tasks)"] = validate.predicted_seconds(parts.meta)
     if cfg.get("compare"):  # its candidates' training timed, as the run's
-        out.update(plan_comparison(cfg, parts, price=True).predicted_seconds())
+        out.update(plan_comparison(cfg, parts, price=True, run_dir=run_dir).predicted_seconds())
     return out
 
 
@@ -85,7 +86,7 @@ def dry_run(cfg: DictConfig, run_dir: Path, launcher: DictConfig | None = None,
     priced, resumed_from = _resumed(cfg, run_dir)
     parts = build(cfg)
     timed = timed_steps(cfg, build(member_config(cfg, 0)) if int(cfg.get("ensemble", 1)) > 1 else parts)
-    evaluations = _evaluations(cfg, parts)
+    evaluations = _evaluations(cfg, parts, run_dir)
     step_seconds = float(timed["seconds_per_meta_step"])
     set_up = time.perf_counter() - started - float(timed["train_seconds"])  # all but the timed steps: a run's start
     training, steps = training_seconds(priced, step_seconds)
