@@ -60,6 +60,25 @@ def test_the_price_is_every_piece_and_the_selected_meta_test_at_the_slowest_of_i
     assert unpriced.predicted_seconds()["compare: adam_meta_learned_lr trained (2 meta-steps)"] is None
 
 
+def test_every_evaluation_of_the_comparison_is_planned_within_the_runs_memory_budget(monkeypatch):
+    """The comparison's evaluations had planned themselves on `Budget()`, the machine's memory, whatever
+    `budget.memory` said; each is now sized to the run's budget."""
+    from metaopt import evaluation
+    seen = []
+    sized = evaluation._batched_piece
+
+    def recording(scores, budget, *args):
+        seen.append(budget.memory)
+        return sized(scores, budget, *args)
+
+    monkeypatch.setattr(evaluation, "_batched_piece", recording)
+    cfg = _config("budget.memory=3GB")
+    parts = build(cfg)
+    planned = plan_comparison(cfg, parts)
+    planned.candidates[0].meta_test_plan(2)  # the selected candidate's, planned when it is meta-tested
+    assert len(seen) == 5 + 2 + 1 and set(seen) == {parts.budget.memory} and parts.budget.memory == 3e9
+
+
 @pytest.mark.parametrize("done, left", [(1, 1), (2, 0)])
 def test_a_resumed_comparison_prices_only_the_steps_its_checkpoints_have_not_taken(tmp_path, done, left):
     cfg = _config()
