@@ -115,7 +115,8 @@ def _say(record: dict[str, Any], evaluations: dict[str, float | None]) -> None:
     print(f"plan: {record['estimator_chosen']}, {record['batching']}, chunks of {record['chunk_size']}, predicted "
           f"peak {format_bytes(record['predicted_peak_bytes'])} (measured "
           f"{format_bytes(max(record['measured_peak_bytes'], 0))} over {record['timed_meta_steps']} timed meta-steps)")
-    resumed = f" (resumed from meta-step {record['resumed_from_meta_step']})" if record["resumed_from_meta_step"] else ""
+    start = record["resumed_from_meta_step"]
+    resumed = f" (resumed from meta-step {start})" if start else ""
     print(f"training: {record['meta_steps']} meta-steps{resumed} x {record['seconds_per_meta_step']:.3g} s (the "
           f"median of {record['timed_meta_steps']}) = {seconds(record['predicted_train_seconds'])}")
     for what, value in evaluations.items():
