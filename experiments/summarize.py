@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from metaopt_hydra.summary import collect_runs, dry_run_totals, markdown_table, write_csv
+from metaopt_hydra.summary import collect_runs, dry_run_totals, launcher_parallelism, markdown_table, write_csv
 
 
 def main() -> int:
@@ -31,7 +31,8 @@ def main() -> int:
     planned = sum(r["status"] == "planned" for r in rows)
     priced = f"{planned} planned (dry runs), " if planned else ""
     print(f"\n{len(rows)} run(s): {ok} ok, {priced}{len(rows) - ok - planned} not ok -> {args.dir / 'summary.csv'}")
-    totals = dry_run_totals(rows)
+    first = next((r for r in rows if r["status"] == "planned"), None)
+    totals = dry_run_totals(rows, launcher_parallelism(args.dir / first["run"]) if first else 1)
     if totals:
         print(totals)
     return 0

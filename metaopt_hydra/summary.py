@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
-__all__ = ["collect_runs", "markdown_table", "write_csv", "dry_run_totals", "METRICS"]
+from metaopt_hydra.threads import available_cores
+
+__all__ = ["collect_runs", "markdown_table", "write_csv", "dry_run_totals", "launcher_parallelism", "METRICS"]
 
 METRICS = ("meta_test_loss", "meta_test_loss_ci95", "test_accuracy", "test_accuracy_ci95", "val_loss",
            "learned", "baseline", "difference", "estimator_chosen", "meta_steps", "stopped_by", "train_seconds",
@@ -71,10 +73,36 @@ def _record(run_dir: Path) -> dict[str, Any]:
     return {"status": "missing", "error": "no metrics.json (the run died before writing one)"}
 
 
-def dry_run_totals(rows: list[dict[str, Any]]) -> str | None:
+def launcher_parallelism(run_dir: Path) -> int:
+    """How many of a sweep's jobs its launcher runs at once, read from a job's `.hydra/hydra.yaml`: joblib's
+    `n_jobs` (-1 or null: the cores), submitit's `array_parallelism`; 1 for Hydra's basic launcher, which runs them
+    in turn, and wherever it cannot be read."""
+    try:
+        launcher = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["launcher"]
+        target = str(launcher.get("_target_", "")).lower()
+        if "joblib" in target:
+            n_jobs = launcher.get("n_jobs")
+            return available_cores() if n_jobs in (None, -1) else max(int(n_jobs), 1)
+        if "submitit" in target:
+            return max(int(launcher.get("array_parallelism") or 1), 1)
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError):
+        pass
+    return 1
+
+
+def _makespan(seconds: list[float], slots: int) -> float:
+    """The wall clock of jobs of `seconds` on `slots` at a time, longest first, each to the slot free first."""
+    loads = [0.0] * max(min(slots, len(seconds)), 1)
+    for job in sorted(seconds, reverse=True):
+        loads[loads.index(min(loads))] += job
+    return max(loads)
+
+
+def dry_run_totals(rows: list[dict[str, Any]], parallel: int = 1) -> str | None:
     """A sweep's price from its dry runs' rows ("planned"): the runs, their predicted seconds in all and the
-    longest (approximate, each priced alone), the largest predicted peak, and how many fit their job_time_limit;
-    None where no row is planned."""
+    longest (approximate, each priced alone), the wall clock with `parallel` jobs at a time (the launcher's:
+    `launcher_parallelism`; a cluster's queue can only add to it), the largest predicted peak, and how many fit
+    their job_time_limit; None where no row is planned."""
     planned = [r["_metrics"] for r in rows if r["status"] == "planned"]
     if not planned:
         return None
@@ -82,6 +110,8 @@ def dry_run_totals(rows: list[dict[str, Any]]) -> str | None:
     peak = max(float(m["predicted_peak_bytes"]) for m in planned)
     line = (f"priced by dry runs: {len(planned)} run(s), {sum(seconds) / 3600:.3g} h predicted in all, the longest "
             f"{max(seconds) / 60:.3g} min, the largest predicted peak {peak / 1e6:.4g} MB")
+    if parallel > 1:
+        line += f"; {parallel} at a time (the launcher's): about {_makespan(seconds, parallel) / 3600:.3g} h"
     limited = [m for m in planned if "job_time_limit" in m]
     if limited:
         fit = sum(float(m["predicted_run_seconds"]) <= float(m["job_time_limit"]) for m in limited)

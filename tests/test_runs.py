@@ -95,6 +95,26 @@ def test_a_sweep_of_dry_runs_is_summarized_as_planned_with_its_price(tmp_path):
     assert dry_run_totals(rows[2:]) is None
 
 
+@pytest.mark.parametrize("launcher, parallel", [
+    ({"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}, 1),  # jobs in turn
+    ({"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": 3}, 3),
+    ({"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+      "array_parallelism": 64}, 64),
+    ({"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": "${oops}"}, 1),
+])
+def test_a_priced_sweeps_wall_clock_follows_its_launchers_parallelism(tmp_path, launcher, parallel):
+    from metaopt_hydra.summary import launcher_parallelism
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "hydra.yaml").write_text(json.dumps({"hydra": {"launcher": launcher}}))
+    assert launcher_parallelism(tmp_path) == parallel
+    rows = [{"status": "planned", "_metrics": {"predicted_run_seconds": s * 3600.0, "predicted_peak_bytes": 1e6}}
+            for s in (3, 2, 2, 1)]
+    # Longest first, each to the slot free first: on 2 at a time {3, 1} and {2, 2}: 4 h; on 3: {3}, {2, 1}, {2}: 3 h.
+    assert dry_run_totals(rows, 2).endswith("; 2 at a time (the launcher's): about 4 h")
+    assert dry_run_totals(rows, 3).endswith("about 3 h") and "at a time" not in dry_run_totals(rows, 1)
+    assert dry_run_totals(rows, 64).endswith("about 3 h")  # never less than the longest job
+
+
 def test_summary_says_which_runs_a_time_limit_stopped(tmp_path):
     for run, stopped_by in (("0", "job_time_limit"), ("1", None)):
         (tmp_path / run).mkdir()
