@@ -20,7 +20,8 @@ import yaml
 
 from metaopt_hydra.threads import available_cores
 
-__all__ = ["collect_runs", "markdown_table", "write_csv", "dry_run_totals", "launcher_parallelism", "METRICS"]
+__all__ = ["collect_runs", "markdown_table", "write_csv", "dry_run_totals", "duration", "launcher_parallelism",
+           "METRICS"]
 
 METRICS = ("meta_test_loss", "meta_test_loss_ci95", "test_accuracy", "test_accuracy_ci95", "val_loss",
            "learned", "baseline", "difference", "estimator_chosen", "meta_steps", "stopped_by", "train_seconds",
@@ -90,6 +91,13 @@ def launcher_parallelism(run_dir: Path) -> int:
     return 1
 
 
+def duration(seconds: float) -> str:
+    """Seconds as a person reads them: "45 s", "12.5 min", "3.2 h"."""
+    if seconds < 120:
+        return f"{seconds:.3g} s"
+    return f"{seconds / 60:.3g} min" if seconds < 7200 else f"{seconds / 3600:.3g} h"
+
+
 def _makespan(seconds: list[float], slots: int) -> float:
     """The wall clock of jobs of `seconds` on `slots` at a time, longest first, each to the slot free first."""
     loads = [0.0] * max(min(slots, len(seconds)), 1)
@@ -108,10 +116,10 @@ def dry_run_totals(rows: list[dict[str, Any]], parallel: int = 1) -> str | None:
         return None
     seconds = [float(m["predicted_run_seconds"]) for m in planned]
     peak = max(float(m["predicted_peak_bytes"]) for m in planned)
-    line = (f"priced by dry runs: {len(planned)} run(s), {sum(seconds) / 3600:.3g} h predicted in all, the longest "
-            f"{max(seconds) / 60:.3g} min, the largest predicted peak {peak / 1e6:.4g} MB")
+    line = (f"priced by dry runs: {len(planned)} run(s), {duration(sum(seconds))} predicted in all, the longest "
+            f"{duration(max(seconds))}, the largest predicted peak {peak / 1e6:.4g} MB")
     if parallel > 1:
-        line += f"; {parallel} at a time (the launcher's): about {_makespan(seconds, parallel) / 3600:.3g} h"
+        line += f"; {parallel} at a time (the launcher's): about {duration(_makespan(seconds, parallel))}"
     limited = [m for m in planned if "job_time_limit" in m]
     if limited:
         fit = sum(float(m["predicted_run_seconds"]) <= float(m["job_time_limit"]) for m in limited)

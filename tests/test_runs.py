@@ -17,7 +17,7 @@ import metaopt as mo
 from metaopt import estimators as E
 from metaopt.checkpoint import load_checkpoint
 from metaopt_hydra.records import changed_keys, check_outcome
-from metaopt_hydra.summary import collect_runs, dry_run_totals, markdown_table
+from metaopt_hydra.summary import collect_runs, dry_run_totals, duration, markdown_table
 from metaopt_hydra.threads import choose_threads
 
 
@@ -85,8 +85,8 @@ def test_a_sweep_of_dry_runs_is_summarized_as_planned_with_its_price(tmp_path):
     assert [(r["run"], r["status"]) for r in rows] == [("0", "planned"), ("1", "planned"), ("2", "failed")]
     assert [r["meta_steps"] for r in rows[:2]] == [100, 200] and rows[1]["predicted_run_seconds"] > 0
     records = [r["_metrics"] for r in rows[:2]]
-    total = (records[0]["predicted_run_seconds"] + records[1]["predicted_run_seconds"]) / 3600
-    assert dry_run_totals(rows).startswith(f"priced by dry runs: 2 run(s), {total:.3g} h predicted in all")
+    total = records[0]["predicted_run_seconds"] + records[1]["predicted_run_seconds"]
+    assert dry_run_totals(rows).startswith(f"priced by dry runs: 2 run(s), {duration(total)} predicted in all")
     assert dry_run_totals(rows).endswith("; 2 of 2 within their job_time_limit")
     summary = subprocess.run([sys.executable, "experiments/summarize.py", str(sweep)], capture_output=True,
                              text=True, env=env, cwd=ROOT, timeout=120)
@@ -104,6 +104,7 @@ def test_a_sweep_of_dry_runs_is_summarized_as_planned_with_its_price(tmp_path):
 ])
 def test_a_priced_sweeps_wall_clock_follows_its_launchers_parallelism(tmp_path, launcher, parallel):
     from metaopt_hydra.summary import launcher_parallelism
+    assert [duration(s) for s in (45.0, 750.0, 11520.0)] == ["45 s", "12.5 min", "3.2 h"]
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "hydra.yaml").write_text(json.dumps({"hydra": {"launcher": launcher}}))
     assert launcher_parallelism(tmp_path) == parallel
