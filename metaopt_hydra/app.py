@@ -100,9 +100,6 @@ def train_ensemble(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Callabl
     one `ProtoNetEnsemble` (planned before the members train, reserved in `deadline`) and save their
     meta-parameters together in `run_dir/checkpoint.pt` (what `build(cfg)` loads). Returns the metrics (the
     members' counts summed, `ENSEMBLE_SUMS`; each member's in "members") and the parts with the ensemble."""
-    if cfg.get("compare"):
-        raise ValueError("ensemble > 1 with compare: a learned-vs-baseline comparison of ensembles is not supported; "
-                         "set compare=null or ensemble=1")
     count = int(cfg.ensemble)
     limit = parse_seconds(cfg.time_limit) if cfg.get("time_limit") is not None else None
     final = _plan_ensemble_evaluation(cfg, parts, deadline)

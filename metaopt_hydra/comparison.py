@@ -38,7 +38,10 @@ PER_TASK = {"meta_test_loss": "task_losses", "test_accuracy": "task_accuracies"}
 
 
 def check_compare(cfg: DictConfig) -> None:
-    """Refuse a `compare` section whose metric or direction is unknown (before any work)."""
+    """Refuse a `compare` section whose metric or direction is unknown, or beside an ensemble (before any work)."""
+    if int(cfg.get("ensemble", 1)) > 1:
+        raise ValueError("ensemble > 1 with compare: a learned-vs-baseline comparison of ensembles is not supported; "
+                         "set compare=null or ensemble=1")
     if cfg.compare.get("metric") not in PER_TASK:
         raise ValueError(f"compare.metric must be one of {sorted(PER_TASK)}, got {cfg.compare.get('metric')!r}")
     if cfg.compare.get("direction") not in ("lower", "higher"):

@@ -90,10 +90,11 @@ def test_a_resumed_comparison_prices_only_the_steps_its_checkpoints_have_not_tak
     assert math.isfinite(candidate.train_seconds)
 
 
-@pytest.mark.parametrize("key, value, message", [("metric", "f1", "compare.metric must be one of"),
-                                                 ("direction", "up", "compare.direction must be")])
-def test_an_unknown_metric_or_direction_is_refused_before_any_work(key, value, message):
-    cfg = _config(f"compare.{key}={value}")
+@pytest.mark.parametrize("override, message", [("compare.metric=f1", "compare.metric must be one of"),
+                                               ("compare.direction=up", "compare.direction must be"),
+                                               ("ensemble=2", "comparison of ensembles is not supported")])
+def test_an_unknown_metric_or_direction_or_an_ensemble_is_refused_before_any_work(override, message):
+    cfg = _config(override)
     with pytest.raises(ValueError, match=message):
         check_compare(cfg)
     with pytest.raises(ValueError, match=message):  # first thing, before building a candidate or the learned run
