@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
+from metaopt.budget import parse_seconds
 from metaopt.checkpoint import load_checkpoint
 from metaopt.deadline import RESERVE_MARGIN
 from metaopt.guard import format_bytes
@@ -60,21 +61,48 @@ def _evaluations(cfg: DictConfig, parts: Parts, run_dir: Path) -> dict[str, floa
     return out
 
 
-def _resumed(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, int]:
-    """(the config priced, the meta-step the run would resume from). A checkpoint in `run_dir` made with this
-    config leaves its meta-steps and `time_limit` left to train, as the run resumes; one made with another is
-    refused as the run would refuse it (`ResumeMismatch`), unless resume=fresh (priced from the start; the
-    checkpoint is not moved). An ensemble is priced from the start (its members' checkpoints are not read)."""
+def _checkpoint(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The checkpoint in `run_dir` the run would resume from, or None (none, or resume=fresh over another config's:
+    priced from the start, the checkpoint not moved). One made with another config is refused as the run would
+    refuse it (`ResumeMismatch`)."""
     path = run_dir / "checkpoint.pt"
-    if int(cfg.get("ensemble", 1)) > 1 or not path.exists():
-        return cfg, 0
+    if not path.exists():
+        return None
     checkpoint = load_checkpoint(path)
     refusal = checkpoint_changes(cfg, checkpoint, run_dir)
-    if refusal is not None:
-        if cfg.get("resume", "check") == "fresh":
-            return cfg, 0
-        raise refusal
-    return left_to_train(cfg, checkpoint), int(checkpoint["meta_step"])
+    if refusal is None:
+        return checkpoint
+    if cfg.get("resume", "check") == "fresh":
+        return None
+    raise refusal
+
+
+def _resumed(cfg: DictConfig, run_dir: Path) -> list[tuple[DictConfig, dict[str, Any] | None]]:
+    """(config, checkpoint to resume from) of the run, or of each member of an ensemble (in run_dir/member{i}),
+    read before any work."""
+    if int(cfg.get("ensemble", 1)) <= 1:
+        return [(cfg, _checkpoint(cfg, run_dir))]
+    members = [member_config(cfg, i) for i in range(int(cfg.ensemble))]
+    return [(member, _checkpoint(member, run_dir / f"member{i}")) for i, member in enumerate(members)]
+
+
+def _training(cfg: DictConfig, resumed: list[tuple[DictConfig, dict[str, Any] | None]],
+              step_seconds: float) -> tuple[float, int, int]:
+    """(predicted training seconds, meta-steps left, meta-steps done) over what the run, or each member of an
+    ensemble in turn, has left: a checkpoint's steps and `time_limit` seconds are not priced again, and members
+    share what is left of `time_limit` as `train_ensemble` shares it."""
+    limit = parse_seconds(cfg.time_limit) if cfg.get("time_limit") is not None else None
+    seconds, steps, done, used = 0.0, 0, 0, 0.0
+    for i, (member, checkpoint) in enumerate(resumed):
+        if limit is not None and len(resumed) > 1:  # an equal share of what the members before it left
+            with open_dict(member):  # a member's own config (`member_config`)
+                member.time_limit = max((limit - used) / (len(resumed) - i), 1.0)
+        left = left_to_train(member, checkpoint)
+        member_seconds, member_steps = training_seconds(left, step_seconds)
+        spent = float(checkpoint.get("train_seconds", 0.0)) if checkpoint else 0.0
+        seconds, steps, used = seconds + member_seconds, steps + member_steps, used + spent + member_seconds
+        done += int(checkpoint["meta_step"]) if checkpoint else 0
+    return seconds, steps, done
 
 
 def dry_run(cfg: DictConfig, run_dir: Path, launcher: DictConfig | None = None,
@@ -83,13 +111,13 @@ def dry_run(cfg: DictConfig, run_dir: Path, launcher: DictConfig | None = None,
     record and prints a summary. `started`: the `time.perf_counter()` at which the job's clock started
     (`jobs.job_started`; default: this process's start), from which the set-up is measured."""
     started = time.perf_counter() - process_age() if started is None else started
-    priced, resumed_from = _resumed(cfg, run_dir)
+    resumed = _resumed(cfg, run_dir)
     parts = build(cfg)
     timed = timed_steps(cfg, build(member_config(cfg, 0)) if int(cfg.get("ensemble", 1)) > 1 else parts)
     evaluations = _evaluations(cfg, parts, run_dir)
     step_seconds = float(timed["seconds_per_meta_step"])
     set_up = time.perf_counter() - started - float(timed["train_seconds"])  # all but the timed steps: a run's start
-    training, steps = training_seconds(priced, step_seconds)
+    training, steps, resumed_from = _training(cfg, resumed, step_seconds)
     after = sum(s for s in evaluations.values() if s is not None)
     record: dict[str, Any] = {
         "status": "planned", "plan": timed["plan"], "batching": timed["batching"], "chunk_size": timed["chunk_size"],

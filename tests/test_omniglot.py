@@ -337,6 +337,12 @@ def test_an_ensemble_run_trains_standalone_members_and_answers_as_one(data, tmp_
     shares = [json.loads((tmp_path / "ens" / f"member{i}" / "metrics.json").read_text())["job_time_limit"]
               for i in (0, 1)]
     assert shares[0] < shares[1] == pytest.approx(600 - metrics["job_reserved_seconds"])  # then the evaluations
+    # A dry run of the finished ensemble prices what its members' checkpoints have left: nothing (2 steps each done).
+    priced = subprocess.run([*common, "ensemble=2", "dry_run=true", f"hydra.run.dir={tmp_path / 'ens'}"],
+                            capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert priced.returncode == 0, priced.stderr[-3000:]
+    record = json.loads((tmp_path / "ens" / "dry_run.json").read_text())
+    assert (record["meta_steps"], record["resumed_from_meta_step"], record["predicted_train_seconds"]) == (0, 4, 0.0)
     member = torch.load(tmp_path / "ens" / "member1" / "checkpoint.pt", weights_only=False)["meta"]
     alone = torch.load(tmp_path / "solo" / "checkpoint.pt", weights_only=False)["meta"]
     both = torch.load(tmp_path / "ens" / "checkpoint.pt", weights_only=False)["meta"]

@@ -234,6 +234,20 @@ def test_a_dry_run_prices_training_within_the_time_limit_and_for_every_member():
         (1000.0, 2000)
 
 
+def test_a_dry_run_prices_what_each_member_of_a_resumed_ensemble_has_left():
+    """Members share what is left of time_limit in turn (as train_ensemble shares it): member 0 has spent 30 s of
+    its 50-s share (30 steps), so 20 steps are left; member 1 then gets the 50 s left: 50 steps at 1 s each."""
+    from metaopt_hydra.build import member_config
+    from metaopt_hydra.dry_run import _training
+    cfg = OmegaConf.create({"meta_steps": 1000, "time_limit": "100s", "ensemble": 2, "seed": 0})
+    resumed = [(member_config(cfg, 0), {"meta_step": 30, "train_seconds": 30.0}), (member_config(cfg, 1), None)]
+    assert _training(cfg, resumed, 1.0) == (70.0, 70, 30)
+    unlimited = OmegaConf.create({"meta_steps": 100, "time_limit": None, "ensemble": 2, "seed": 0})
+    resumed = [(member_config(unlimited, 0), {"meta_step": 100, "train_seconds": 9.0}),
+               (member_config(unlimited, 1), {"meta_step": 40, "train_seconds": 4.0})]
+    assert _training(unlimited, resumed, 0.5) == (30.0, 60, 140)  # 0 and 60 steps left
+
+
 def test_a_run_writes_curves_threads_and_validation(tmp_path):
     result = run_train(tmp_path, "debug=tiny", "threads=1", "eval.val_every=1")
     assert result.returncode == 0, result.stderr[-2000:]
