@@ -88,8 +88,7 @@ class Validation(Callback):
     def seconds_after(self, step: int, meta: MetaParams) -> float:
         """One validation's predicted seconds where one is due after `step` (0.0 where none is, or it has no
         prediction)."""
-        predict = getattr(self.validate, "predicted_seconds", None)
-        seconds = predict(meta) if predict is not None and self.due(step) else None
+        seconds = self.end_seconds(meta) if self.due(step) else None
         return 0.0 if seconds is None else float(seconds)
 
     def end_seconds(self, meta: MetaParams) -> float | None:

@@ -7,8 +7,8 @@ it is killed whatever it was doing, so the evaluation that would have given the 
 validation at the end) reserves its predicted seconds, times `margin`, before the first meta-step, and training
 stops when the next meta-step would eat into them. Evaluation's predictions come from timed calls
 (`metaopt.evaluation.plan_evaluation`), so the reservation is approximate: `margin` (1.5) covers the 0.97-1.42x
-measured / predicted ratios README records. Work whose seconds are not predicted (a baselines comparison) cannot
-be reserved; it is named in `unreserved` and `record()`.
+measured / predicted ratios README records. Work whose seconds are not predicted (an evaluation that could not be
+timed, a callback without a prediction) cannot be reserved; it is named in `unreserved` and `record()`.
 """
 from __future__ import annotations
 
@@ -113,9 +113,9 @@ class Deadline:
         return Deadline(max(now + left, 1e-9), start=self.start, clock=self.clock, margin=self.margin)
 
     def record(self) -> dict[str, Any]:
-        """The metrics.json entries: "job_time_limit" (s), "job_reserved" ({what: predicted s}), "job_kept"
-        ({what: allowance s}), "job_reserved_seconds" (margin and allowances included), "job_unreserved" (work with no prediction), "job_seconds"
-        (elapsed when recorded) and "job_after_training_seconds" (from the end of training to now, measured; None
+        """The metrics.json entries, every key "job_...": "job_time_limit" (s), "job_reserved" ({what: predicted
+        s}), "job_kept" ({what: allowance s}), "job_reserved_seconds" (margin and allowances included),
+        "job_unreserved" (work with no prediction), "job_seconds" (elapsed when recorded) and "job_after_training_seconds" (from the end of training to now, measured; None
         before it)."""
         now = self.elapsed()
         return {"job_time_limit": self.seconds, "job_reserved": dict(self.reserved), "job_kept": dict(self.kept),

@@ -136,9 +136,8 @@ def train_ensemble(cfg: DictConfig, parts: Parts, run_dir: Path, *, log: Callabl
         out.update(evaluate(loop, meta, parts.eval_tasks, n_tasks=cfg.eval.n_tasks, inner_steps=cfg.eval.inner_steps,
                             batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, device=cfg.device, budget=parts.budget,
                             plan=final))
-    for key in ("job_time_limit", "job_reserved", "job_kept", "job_reserved_seconds", "job_unreserved", "job_seconds",
-                "job_after_training_seconds"):
-        out.pop(key, None)  # a member's share, not the run's (the run records its own deadline)
+    for key in [k for k in out if k.startswith("job_")]:  # `Deadline.record()`'s: a member's share, not the run's
+        out.pop(key)
     save_atomic({"meta": meta.state_dict(), **checkpoint_extra}, run_dir / "checkpoint.pt")
     return out, parts._replace(loop=loop, meta=meta)
 
