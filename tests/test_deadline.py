@@ -17,7 +17,7 @@ from metaopt_hydra.jobs import LAUNCHER_START_SECONDS, job_time_limit
 
 
 class FakeClock:
-    """Seconds that pass only when told (`advance`): a run's wall clock without wall-clock dependence."""
+    """Seconds that pass only when told (`now` is moved): a run's wall clock without wall-clock dependence."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -46,12 +46,12 @@ def test_reservations_are_kept_with_their_margin_and_the_rest_is_for_training():
     clock.now += 30.0
     assert deadline.training_left() == pytest.approx(100.0 - 30.0 - 36.0)
     deadline.check()  # 34 s left: fine
-    deadline.reserve("a baselines comparison", None)  # not predicted: named, nothing kept
-    assert deadline.unreserved == ["a baselines comparison"] and deadline.reserved_seconds == pytest.approx(36.0)
+    deadline.reserve("an untimed evaluation", None)  # not predicted: named, nothing kept
+    assert deadline.unreserved == ["an untimed evaluation"] and deadline.reserved_seconds == pytest.approx(36.0)
     record = deadline.record()
     assert record["job_time_limit"] == 100.0 and record["job_seconds"] == pytest.approx(30.0)
     assert record["job_reserved"] == {"the final evaluation": 20.0, "protocol p": 4.0}
-    assert record["job_unreserved"] == ["a baselines comparison"]
+    assert record["job_unreserved"] == ["an untimed evaluation"]
 
 
 def test_nothing_left_for_training_is_refused_naming_the_work_after_it():
