@@ -21,7 +21,7 @@ recomputed (checkpointing) cannot update them twice.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, cast
+from typing import Callable, Iterable, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +32,8 @@ from metaopt.optim import InnerOptimizer
 from metaopt.slots import DataSlot, InitSlot, LossSlot, OptimizerSlot
 from metaopt.types import Batch, Buffers, Hyper, InnerState, LossFn, MetaParams, OptState, Params, Task
 
-__all__ = ["InnerLoop", "unroll", "task_outer_loss", "detach_state", "call_module", "SLOTS"]
+__all__ = ["InnerLoop", "unroll", "task_outer_loss", "detach_state", "call_module", "adapt_patterns", "adapted_names",
+           "SLOTS"]
 
 SLOTS = ("init", "optimizer", "loss", "data")
 
@@ -58,10 +59,16 @@ class InnerLoop:
       proximal: lambda of iMAML's proximal term (Rajeswaran et al. 2019): the inner
         objective becomes inner_loss + lambda/2 ||params - params_0||^2, which makes
         the inner solution depend smoothly on the initialization params_0. 0: none.
+      adapt: the parameters the inner steps train, as module paths ("head" is `head.weight` and `head.bias`;
+        an exact parameter name works too); the others are held at their initial values in every inner
+        step: no inner gradient is taken for them and the inner optimizer keeps no state for them, yet the
+        outer loss still depends on them (directly and through the adapted ones), so an initialization
+        meta-learns them too. `["head"]` on `Conv4` is ANIL (Raghu et al. 2020: almost no inner loop),
+        `["features"]` BOIL (Oh et al. 2021: body only). None: every parameter (MAML).
     """
 
     def __init__(self, model: nn.Module, optimizer: InnerOptimizer, loss_fn: LossFn,
-                 outer_loss_fn: LossFn | None = None, proximal: float = 0.0):
+                 outer_loss_fn: LossFn | None = None, proximal: float = 0.0, adapt: Sequence[str] | None = None):
         if proximal < 0:
             raise ValueError(f"InnerLoop: proximal must be >= 0, got {proximal}")
         self.model = model
@@ -70,6 +77,37 @@ class InnerLoop:
         self.outer_loss_fn = outer_loss_fn if outer_loss_fn is not None else loss_fn
         self.proximal = proximal
         self.param_shapes = {k: p.shape for k, p in model.named_parameters()}
+        self.adapt = self._checked_adapt(adapt)
+
+    def adaptable_names(self) -> list[str]:
+        """The names of the parameters an inner step may train (`adapt` selects among them)."""
+        return list(self.param_shapes)
+
+    def _checked_adapt(self, adapt: Sequence[str] | None) -> tuple[str, ...] | None:
+        patterns = adapt_patterns(adapt)
+        if patterns is None:
+            return None
+        names = self.adaptable_names()
+        if not patterns:
+            raise ValueError("InnerLoop: adapt=[] would train no parameter in the inner loop; name the module paths "
+                             "to adapt (e.g. ['head']), or adapt=None for every parameter")
+        unmatched = [p for p in patterns if not adapted_names(names, (p,))]
+        if unmatched:
+            raise ValueError(f"InnerLoop: adapt={list(patterns)}: {unmatched} name no parameter of "
+                             f"{type(self.model).__name__}; its parameters are {names}")
+        return patterns
+
+    def adapted(self, params: Params) -> Params:
+        """The entries of `params` that the inner steps train (all of them without `adapt`)."""
+        if self.adapt is None:
+            return params
+        return {k: params[k] for k in adapted_names(params, self.adapt)}
+
+    def with_adapted(self, params: Params, trained: Params) -> Params:
+        """`params` with the trained entries replaced (in `params`' order; held ones as they are)."""
+        if self.adapt is None:
+            return trained
+        return {k: trained.get(k, v) for k, v in params.items()}
 
     @property
     def second_order_vmap_unsafe(self) -> list[str]:
@@ -129,7 +167,9 @@ class InnerLoop:
         return call_module(self.model, params, buffers, x)
 
     def optimizer_init(self, meta: MetaParams, params: Params) -> OptState:
-        """The inner optimizer's state at step 0 (a learned optimizer's hidden state, momenta, ...)."""
+        """The inner optimizer's state at step 0 (a learned optimizer's hidden state, momenta, ...), for the
+        parameters the inner steps train."""
+        params = self.adapted(params)
         if "optimizer" in meta:
             return cast(OptimizerSlot, meta["optimizer"]).init_state(self.optimizer, params)
         return self.optimizer.init(params)
@@ -156,7 +196,8 @@ class InnerLoop:
         else:
             loss = self.loss_fn(pred, batch.y)
         if self.proximal:
-            loss = loss + 0.5 * self.proximal * sum(((p - state.anchor[k]) ** 2).sum() for k, p in params.items())
+            loss = loss + 0.5 * self.proximal * sum(((p - state.anchor[k]) ** 2).sum()
+                                                    for k, p in self.adapted(params).items())
         return loss, buffers
 
     def step(self, state: InnerState, batch: Batch, meta: MetaParams, *, create_graph: bool = True,
@@ -174,24 +215,25 @@ class InnerLoop:
             computes them once for all steps).
 
         The inner gradient is `torch.func.grad`'s, which composes with vmap and jvp
-        (batched tasks, forward mode).
+        (batched tasks, forward mode); it is taken for the adapted parameters only (`adapt`).
         """
         batch = self.support_batch(batch, meta)
 
-        def objective(params: Params) -> tuple[Tensor, Buffers]:
-            return self.inner_objective(params, state, batch, meta)
+        def objective(trained: Params) -> tuple[Tensor, Buffers]:
+            return self.inner_objective(self.with_adapted(state.params, trained), state, batch, meta)
 
-        grads, buffers = torch.func.grad(objective, has_aux=True)(state.params)
+        trained = self.adapted(state.params)
+        grads, buffers = torch.func.grad(objective, has_aux=True)(trained)
         if not create_graph:
             grads = {k: g.detach() for k, g in grads.items()}
         if hyper is None:
             hyper = self.hyper(meta)
         if "optimizer" in meta:
             params, opt_state = cast(OptimizerSlot, meta["optimizer"]).update(
-                self.optimizer, state.params, grads, state.opt_state, hyper)
+                self.optimizer, trained, grads, state.opt_state, hyper)
         else:
-            params, opt_state = self.optimizer.update(state.params, grads, state.opt_state, hyper)
-        return InnerState(params, buffers, opt_state, state.anchor)
+            params, opt_state = self.optimizer.update(trained, grads, state.opt_state, hyper)
+        return InnerState(self.with_adapted(state.params, params), buffers, opt_state, state.anchor)
 
     def predict(self, state: InnerState, x: Tensor) -> Tensor:
         """The adapted model's prediction on `x` (buffers are not updated)."""
@@ -246,6 +288,19 @@ def call_module(module: nn.Module, params: Params, buffers: Buffers, x: Tensor,
     fresh = {k: b + zero.to(b.dtype) for k, b in buffers.items()}
     pred = functional_call(module, (params, fresh), (x,), kwargs)
     return pred, {k: b.detach() for k, b in fresh.items()}
+
+
+def adapt_patterns(adapt: Sequence[str] | str | None) -> tuple[str, ...] | None:
+    """`adapt` (a list of module paths, from Python or a config) as a tuple; one string is one path; None stays."""
+    if adapt is None:
+        return None
+    return (adapt,) if isinstance(adapt, str) else tuple(str(a) for a in adapt)
+
+
+def adapted_names(names: Iterable[str], patterns: Sequence[str]) -> list[str]:
+    """The names (in their order) that one of `patterns` names: the parameter itself, or a module path above it
+    ("head" names "head.weight"; "features.0" names "features.0.weight", not "features.01.weight")."""
+    return [n for n in names if any(n == p or n.startswith(p + ".") for p in patterns)]
 
 
 def detach_state(state: InnerState) -> InnerState:

@@ -1,6 +1,8 @@
 """Proto-MAML (Triantafillou et al. 2020, Meta-Dataset): MAML whose linear head starts at the support prototypes."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -38,14 +40,20 @@ class ProtoMAMLLoop(ClassAware, InnerLoop):
       loss_fn: inner and outer loss on the logits (cross-entropy).
       n_way: classes per task at most; labels are 0..n_way-1.
       outer_loss_fn, proximal: as in `InnerLoop` (the proximal anchor includes the initial head).
+      adapt: as in `InnerLoop`; "head" names the prototype head (`["head"]`: only the head adapts, ANIL's
+        Proto-MAML).
     """
 
     def __init__(self, model: nn.Module, optimizer: InnerOptimizer, loss_fn: LossFn = losses.cross_entropy,
-                 n_way: int = 5, outer_loss_fn: LossFn | None = None, proximal: float = 0.0, **unused: object):
-        super().__init__(model, optimizer, loss_fn, outer_loss_fn, proximal)
+                 n_way: int = 5, outer_loss_fn: LossFn | None = None, proximal: float = 0.0,
+                 adapt: Sequence[str] | None = None, **unused: object):
+        super().__init__(model, optimizer, loss_fn, outer_loss_fn, proximal, adapt)
         if n_way < 2:
             raise ValueError(f"ProtoMAMLLoop: n_way must be >= 2, got {n_way}")
         self.n_way = n_way
+
+    def adaptable_names(self) -> list[str]:
+        return [*super().adaptable_names(), HEAD_WEIGHT, HEAD_BIAS]
 
     def check(self, meta: MetaParams) -> None:
         super().check(meta)

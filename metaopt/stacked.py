@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaopt.loop import InnerLoop, call_module
+from metaopt.loop import InnerLoop, adapted_names, call_module
 from metaopt.metacall import call_with_meta
 from metaopt.models import MLP, BatchNorm, Conv4, MatmulConv2d
 from metaopt.losses import per_task
@@ -309,6 +309,7 @@ class StackedLoop(InnerLoop):
         # Not super().__init__ (it would re-walk the model's parameters at every call): the configuration only.
         self.model, self.optimizer, self.loss_fn = loop.model, loop.optimizer, loop.loss_fn
         self.outer_loss_fn, self.proximal, self.param_shapes = loop.outer_loss_fn, loop.proximal, loop.param_shapes
+        self.adapt = loop.adapt
         self.tasks, self.functional, self.row_meta = tasks, functional, row_meta
 
     def per_row(self, meta: MetaParams, fn: Callable[..., Any], *args: Any) -> Any:
@@ -356,7 +357,8 @@ class StackedLoop(InnerLoop):
         def on_rows(value: Tensor, name: str) -> Tensor:
             rank = len(self.param_shapes[name])
             return value.reshape(value.shape[0], *[1] * (rank - value.dim() + 1), *value.shape[1:])
-        return {key: {name: on_rows(cast(Tensor, hyper_for(value, name)), name) for name in self.param_shapes}
+        names = adapted_names(self.param_shapes, self.adapt) if self.adapt is not None else self.param_shapes
+        return {key: {name: on_rows(cast(Tensor, hyper_for(value, name)), name) for name in names}
                 for key, value in rows.items()}
 
     def inner_objective(self, params: Params, state: InnerState, batch: Batch,
@@ -373,7 +375,7 @@ class StackedLoop(InnerLoop):
             losses = per_task(self.loss_fn, pred, batch.y)
         if self.proximal:
             losses = losses + 0.5 * self.proximal * sum(
-                ((p - state.anchor[k]) ** 2).flatten(1).sum(1) for k, p in params.items())
+                ((p - state.anchor[k]) ** 2).flatten(1).sum(1) for k, p in self.adapted(params).items())
         return losses, buffers
 
     def step(self, state: InnerState, batch: Batch, meta: MetaParams, *, create_graph: bool = True,
@@ -381,25 +383,25 @@ class StackedLoop(InnerLoop):
         """Every task's inner step: the gradient of the summed inner losses is each task's own (tasks share
         no tensor), taken with `torch.autograd.grad`, cheaper than vmap over `torch.func.grad`."""
         batch = self.support_batch(batch, meta)
+        trained = self.adapted(state.params)
         if self.functional or _inside_jvp():
             def objective(params: Params) -> tuple[Tensor, Buffers]:
-                losses, buffers = self.inner_objective(params, state, batch, meta)
+                losses, buffers = self.inner_objective(self.with_adapted(state.params, params), state, batch, meta)
                 return losses.sum(), buffers
 
-            grads, buffers = torch.func.grad(objective, has_aux=True)(state.params)
+            grads, buffers = torch.func.grad(objective, has_aux=True)(trained)
             if not create_graph:
                 grads = {k: g.detach() for k, g in grads.items()}
         else:
             # Under no_grad (a graph-free unroll) every parameter becomes a fresh leaf: a view taken there of one that
             # requires grad (the initialization expanded) says requires_grad but is not in any graph.
             tracked = torch.is_grad_enabled()
-            params = {k: p if p.requires_grad and tracked else p.detach().requires_grad_()
-                      for k, p in state.params.items()}
+            params = {k: p if p.requires_grad and tracked else p.detach().requires_grad_() for k, p in trained.items()}
             # The gradients' own graph serves the outer gradient only where the inner objective reads a tensor in the
             # outer graph; through fresh leaves alone (the state after truncated's cut) it would be built and unused.
             graph = create_graph and tracked and self._objective_in_graph(state, batch, meta)
             with torch.enable_grad():
-                losses, buffers = self.inner_objective(params, state, batch, meta)
+                losses, buffers = self.inner_objective(self.with_adapted(state.params, params), state, batch, meta)
                 grads = dict(zip(params, torch.autograd.grad(losses.sum(), list(params.values()),
                                                              create_graph=graph)))
         if hyper is None:
@@ -408,15 +410,15 @@ class StackedLoop(InnerLoop):
         if "optimizer" in meta:
             update = functools.partial(cast(OptimizerSlot, meta["optimizer"]).update, self.optimizer)
         if _steps_all_tasks_at_once(self, meta):
-            new_params, opt_state = update(state.params, grads, state.opt_state, hyper)
+            new_params, opt_state = update(trained, grads, state.opt_state, hyper)
         elif self.row_meta is not None and "optimizer" in meta:
             new_params, opt_state = self.per_row(
                 meta, lambda m, p, g, s, h: cast(OptimizerSlot, m["optimizer"]).update(self.optimizer, p, g, s, h),
-                state.params, grads, state.opt_state, hyper)
+                trained, grads, state.opt_state, hyper)
         else:
             new_params, opt_state = torch.func.vmap(lambda p, g, s: update(p, g, s, hyper))(
-                state.params, grads, state.opt_state)
-        return InnerState(new_params, buffers, opt_state, state.anchor)
+                trained, grads, state.opt_state)
+        return InnerState(self.with_adapted(state.params, new_params), buffers, opt_state, state.anchor)
 
     @staticmethod
     def _objective_in_graph(state: InnerState, batch: Batch, meta: MetaParams) -> bool:

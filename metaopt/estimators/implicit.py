@@ -77,6 +77,11 @@ class Implicit(AbstractEstimator):
             raise EstimatorUnsupported(
                 "implicit cannot differentiate meta-parameters in slot 'optimizer': an update rule does not change "
                 "the inner stationarity condition, so its implicit gradient is zero; use full, checkpoint or forward")
+        if loop.adapt is not None:
+            raise EstimatorUnsupported(
+                f"implicit differentiates the stationarity of every inner parameter, but the loop adapts only "
+                f"{list(loop.adapt)} (adapt): the held parameters are not at a stationary point of the inner loss; "
+                f"use full, checkpoint or forward")
         if "init" in meta and not loop.proximal:
             raise EstimatorUnsupported(
                 "implicit needs InnerLoop(proximal=lambda > 0) to meta-learn an initialization (iMAML): without the "

@@ -33,6 +33,10 @@ class Reptile(AbstractEstimator):
             raise EstimatorUnsupported(
                 f"reptile meta-learns only an initialization (slot 'init'), but meta has slots "
                 f"{sorted(meta.keys())}; use first_order or full for other meta-parameters")
+        if loop.adapt is not None:
+            raise EstimatorUnsupported(
+                f"reptile moves the initialization towards the adapted parameters, but the loop adapts only "
+                f"{list(loop.adapt)} (adapt): the held ones would never move; use first_order or full")
 
     def task_objective(self, loop: InnerLoop, meta: MetaParams, task: Task,
                        guard: StepGuard | None) -> TaskObjective:

@@ -6,6 +6,7 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
+from metaopt.loop import adapt_patterns, adapted_names
 from metaopt.metaparams.base import AbstractOptimizerMetaParam, param_key, param_name
 from metaopt.types import Hyper
 
@@ -28,16 +29,25 @@ class LearningRates(AbstractOptimizerMetaParam):
         (Li et al. 2017 draw from [0.005, 0.1]).
       granularity: "scalar", "tensor" or "element".
       generator: random source for a (low, high) init.
+      adapt: rates only for these parameters (module paths, as `InnerLoop(adapt=...)`: the ones the inner
+        steps train; a held parameter's rate would never be read). None: every parameter.
     """
 
     def __init__(self, model: nn.Module, init: float | Sequence[float] = 0.01,
-                 granularity: Granularity = "tensor", generator: torch.Generator | None = None):
+                 granularity: Granularity = "tensor", generator: torch.Generator | None = None,
+                 adapt: Sequence[str] | None = None):
         super().__init__()
         if granularity not in ("scalar", "tensor", "element"):
             raise ValueError(f"LearningRates: granularity must be 'scalar', 'tensor' or 'element', "
                              f"got {granularity!r}")
         self.granularity = granularity
         shapes = {n: p.shape for n, p in model.named_parameters()}
+        patterns = adapt_patterns(adapt)
+        if patterns is not None:
+            shapes = {n: shapes[n] for n in adapted_names(shapes, patterns)}
+            if not shapes:
+                raise ValueError(f"LearningRates: adapt={list(patterns)} names no parameter of "
+                                 f"{type(model).__name__}")
         dtype = next(model.parameters()).dtype
 
         def initial(shape: torch.Size) -> torch.Tensor:
