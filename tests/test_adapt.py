@@ -159,3 +159,31 @@ def test_estimators_that_cannot_hold_parameters_refuse(estimator):
     _, loop, meta = _anil()
     with pytest.raises(mo.EstimatorUnsupported, match="adapt"):
         estimator(loop, meta, tiny_tasks(2, INNER_STEPS))
+
+
+def _compose(overrides: list[str]):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return compose(config_name="train", overrides=["debug=tiny", *overrides])
+
+
+@pytest.mark.parametrize("value", ["[net.4]", "net.4"])
+def test_the_config_key_reaches_the_loop_and_the_learned_rates(value):
+    from metaopt_hydra.build import build
+
+    parts = build(_compose([f"adapt={value}", "metaparam=lrs"]))
+    assert parts.loop.adapt == ("net.4",)
+    assert {name for name, _ in parts.meta["optimizer"].named_parameters()} == {"lrs.net/4/weight", "lrs.net/4/bias"}
+
+
+def test_a_loop_without_inner_gradient_steps_refuses_adapt():
+    from metaopt_hydra.build import build
+
+    cfg = _compose(["adapt=[head]", "loop=protonet", "model=conv4", "model.out_features=0", "model.image_size=16",
+                    "model.channels=4", "task=patterns", "task.size=16"])
+    with pytest.raises(ValueError, match="loop=PrototypeLoop takes no inner gradient steps"):
+        build(cfg)
