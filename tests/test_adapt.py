@@ -201,3 +201,21 @@ def test_compiled_anil_equals_eager(batching):
     torch.testing.assert_close(result.outer_loss, eager.outer_loss, rtol=1e-10, atol=0)
     for k, g in eager.grads.items():
         torch.testing.assert_close(result.grads[k], g, rtol=1e-10, atol=1e-12, msg=f"gradient of {k}")
+
+
+@pytest.mark.parametrize("estimator", [lambda: mo.EvolutionStrategies(population=4, particles_per_pass=4),
+                                       lambda: mo.PersistentES(population=4, k=1, particles_per_pass=2)])
+def test_stacked_evolution_strategies_with_the_heads_rates_equal_vmap(estimator):
+    """Rows at their own meta-values (`row_meta`): each row's learned rates, the head's only, step its head."""
+    model = tiny_model()
+    loop = mo.InnerLoop(model, mo.optim.momentum(lr=0.05, momentum=0.5), mo.losses.mse, adapt=[HEAD])
+    meta = mo.meta_params(mo.Init(model), mo.LearningRates(model, init=(0.05, 0.15), granularity="element",
+                                                           adapt=[HEAD]))
+    tasks = tiny_tasks(3, 3)
+    stacked = estimator()(loop, meta, tasks, batching="stacked")
+    vmapped = estimator()(loop, meta, tasks, batching="vmap")
+    assert stacked.stats["batching"] == "stacked"
+    torch.testing.assert_close(stacked.outer_loss, vmapped.outer_loss, rtol=1e-9, atol=1e-12)
+    for k, g in vmapped.grads.items():
+        assert g.abs().sum() > 0, k
+        torch.testing.assert_close(stacked.grads[k], g, rtol=1e-9, atol=1e-12)
