@@ -2,7 +2,7 @@
 
 Reads every run under DIR (a Hydra multirun directory, or an explore directory), prints a
 Markdown table (one row per run: overrides, status, metrics, error) and writes DIR/summary.csv.
-Failed or missing runs are listed with their error. A sweep of dry runs (`-m ... dry_run=true`) is listed as
+Failed or missing runs are listed with their error; a run whose process still lives, as "running". A sweep of dry runs (`-m ... dry_run=true`) is listed as
 "planned", with a last line that sums its price.
 """
 from __future__ import annotations
@@ -29,8 +29,11 @@ def main() -> int:
     write_csv(rows, args.dir / "summary.csv")
     ok = sum(r["status"] == "ok" for r in rows)
     planned = sum(r["status"] == "planned" for r in rows)
+    running = sum(r["status"] in ("running", "running?") for r in rows)
     priced = f"{planned} planned (dry runs), " if planned else ""
-    print(f"\n{len(rows)} run(s): {ok} ok, {priced}{len(rows) - ok - planned} not ok -> {args.dir / 'summary.csv'}")
+    live = f"{running} running, " if running else ""
+    print(f"\n{len(rows)} run(s): {ok} ok, {live}{priced}{len(rows) - ok - planned - running} not ok -> "
+          f"{args.dir / 'summary.csv'}")
     first = next((r for r in rows if r["status"] == "planned"), None)
     totals = dry_run_totals(rows, launcher_parallelism(args.dir / first["run"]) if first else 1)
     if totals:

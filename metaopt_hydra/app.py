@@ -37,6 +37,7 @@ from metaopt_hydra.curves import plot_curves
 from metaopt_hydra.loggers import NullLogger, RunLogger, new_run_id
 from metaopt_hydra.dry_run import dry_run
 from metaopt_hydra.jobs import job_deadline, job_started, terminated_as_interrupted
+from metaopt_hydra.liveness import marked_running
 from metaopt_hydra.protocols import evaluate_protocols, plan_protocols
 from metaopt_hydra.records import (
     ResumeMismatch,
@@ -222,6 +223,12 @@ def _dry_run(cfg: DictConfig, run_dir: Path, launcher: DictConfig | None, job_st
 
 def _run(cfg: DictConfig, job_start: float) -> float:
     run_dir, launcher, sweep_dir = _hydra()
+    with marked_running(run_dir):  # `running.json` while it runs: a summary tells a running job from a killed one
+        return _run_in(cfg, job_start, run_dir, launcher, sweep_dir)
+
+
+def _run_in(cfg: DictConfig, job_start: float, run_dir: Path, launcher: DictConfig | None,
+            sweep_dir: str | None) -> float:
     if cfg.get("dry_run", False):
         return _dry_run(cfg, run_dir, launcher, job_start)
     logger: RunLogger = NullLogger()

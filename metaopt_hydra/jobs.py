@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from metaopt.budget import parse_seconds
 from metaopt.deadline import Deadline
+from metaopt_hydra.liveness import start_ticks
 
 __all__ = ["job_time_limit", "job_deadline", "job_started", "process_age", "terminated_as_interrupted", "JobTerminated",
            "LAUNCHER_START_SECONDS", "END_SECONDS"]
@@ -63,14 +64,13 @@ def job_time_limit(cfg: DictConfig, launcher: DictConfig | None = None) -> float
 def process_age() -> float:
     """Seconds since this process started (Linux: /proc; elsewhere 0.0, i.e. from the first call). The job's
     clock includes the interpreter's start, the imports and Hydra's composition before the run's own code."""
+    started_ticks = start_ticks()
     try:
-        with open("/proc/self/stat") as f:
-            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, after the command
         with open("/proc/uptime") as f:
             uptime = float(f.read().split()[0])
-        return max(uptime - started_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
     except (OSError, ValueError, IndexError):
         return 0.0
+    return 0.0 if started_ticks is None else max(uptime - started_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
 
 
 _jobs_started = 0  # jobs this process has started (`job_started`)

@@ -2,7 +2,8 @@
 
 A run is a folder with a `metrics.json` (any depth below the directory); its overrides come
 from Hydra's `.hydra/overrides.yaml` beside it. A run without metrics.json but with a
-`.hydra` folder is listed as "missing" (it died before writing one, e.g. killed). Failed runs
+`.hydra` folder is listed as "running" while its process lives (`metaopt_hydra.liveness`), else as "missing" (it
+died before writing one, e.g. killed). Failed runs
 are listed with their error, never mislabelled, and never crash the summary. A folder with only a
 `dry_run.json` (`dry_run=true`: a sweep priced before it is submitted) is listed as "planned" with its
 predicted seconds and peak, and `dry_run_totals` sums the sweep's price.
@@ -18,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from metaopt_hydra.liveness import running_record
 from metaopt_hydra.threads import available_cores
 
 __all__ = ["collect_runs", "markdown_table", "write_csv", "dry_run_totals", "duration", "launcher_parallelism",
@@ -62,8 +64,12 @@ def collect_runs(root: Path) -> list[dict[str, Any]]:
 
 
 def _record(run_dir: Path) -> dict[str, Any]:
-    """The run's metrics.json; where there is none, its dry run's record (`dry_run.json`: status "planned" or
-    "failed"), else a "missing" record."""
+    """A running run's record (`liveness.running_record`: its process lives, or is on another host), else the run's
+    metrics.json, else its dry run's record (`dry_run.json`: status "planned" or "failed"), else a "missing" record
+    (with where its process ran, where it left a `running.json`)."""
+    live = running_record(run_dir)
+    if live is not None and live["status"] != "missing":
+        return live  # a resumed run's metrics.json is an earlier session's
     for name in ("metrics.json", "dry_run.json"):
         try:
             return json.loads((run_dir / name).read_text())
@@ -71,7 +77,7 @@ def _record(run_dir: Path) -> dict[str, Any]:
             continue
         except (OSError, json.JSONDecodeError) as error:
             return {"status": "unreadable", "error": f"{name}: {error}"}
-    return {"status": "missing", "error": "no metrics.json (the run died before writing one)"}
+    return live or {"status": "missing", "error": "no metrics.json (the run died before writing one)"}
 
 
 def launcher_parallelism(run_dir: Path) -> int:

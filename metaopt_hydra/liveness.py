@@ -1,0 +1,71 @@
+"""Whether a run with no final record yet is still running: `running.json` (host, pid, start) in its directory.
+
+A run writes it when it starts and removes it when it ends, whichever way it ends in Python (ok, failed,
+interrupted: the records say which); a process that is killed outright (SIGKILL, the out-of-memory killer, a lost
+node) leaves it behind. `summarize.py` reads it for a run without `metrics.json`: on the same host, a live process
+with that pid *and that start time* (a pid is reused) is "running"; a gone one is "missing", with where and when it
+ran. From another host (a cluster's login node) nothing can be checked: "running?", with how long ago the run last
+wrote a file. Before this, a sweep summarized while it ran listed its running jobs as dead ("missing").
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from metaopt_hydra.records import write_json_atomic
+
+__all__ = ["RUNNING", "marked_running", "running_record", "start_ticks"]
+
+RUNNING = "running.json"
+
+
+def start_ticks(pid: int | str = "self") -> int | None:
+    """When process `pid` started, in clock ticks since boot (Linux /proc: field 22 of its stat); None where it does
+    not exist or the system has no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])  # after the command, which may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@contextmanager
+def marked_running(run_dir: Path) -> Iterator[None]:
+    """`running.json` in `run_dir` while the block runs (removed however it ends, unless the process is killed)."""
+    path = run_dir / RUNNING
+    write_json_atomic({"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": start_ticks(),
+                       "started": time.time()}, path)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _last_written(run_dir: Path) -> float:
+    """Seconds since the newest file directly in `run_dir` (its log, checkpoint, curves) was written."""
+    times = [p.stat().st_mtime for p in run_dir.iterdir() if p.is_file()]
+    return time.time() - max(times, default=time.time())
+
+
+def running_record(run_dir: Path) -> dict[str, Any] | None:
+    """A summary record from the run's `running.json`: status "running" (its process lives: `job_seconds` so far),
+    "missing" (its process is gone: the error says where and when it ran) or "running?" (on another host: not
+    checkable here); None where the run has no readable `running.json`."""
+    try:
+        marker = json.loads((run_dir / RUNNING).read_text())
+        host, pid, ticks, started = marker["host"], int(marker["pid"]), marker["start_ticks"], float(marker["started"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+    if host != socket.gethostname():
+        return {"status": "running?", "error": f"running.json: pid {pid} on {host} since {since}, not checkable from "
+                                               f"here; last wrote a file {_last_written(run_dir):.0f} s ago"}
+    if start_ticks(pid) is not None and start_ticks(pid) == ticks:
+        return {"status": "running", "error": "", "job_seconds": time.time() - started}
+    return {"status": "missing", "error": f"no metrics.json: its process (pid {pid} on {host}, started {since}) is "
+                                          "gone without a record: killed (SIGKILL, out of memory) or the host restarted"}
