@@ -5,7 +5,8 @@ interrupted: the records say which); a process that is killed outright (SIGKILL,
 node) leaves it behind. `summarize.py` reads it for a run without `metrics.json`: on the same host, a live process
 with that pid *and that start time* (a pid is reused) is "running"; a gone one is "missing", with where and when it
 ran. From another host (a cluster's login node) nothing can be checked: "running?", with how long ago the run last
-wrote a file. Before this, a sweep summarized while it ran listed its running jobs as dead ("missing").
+wrote a file. Before this, a sweep summarized while it ran listed its running jobs as dead ("missing"). A second
+run started in a directory where a live process on this host runs is refused before it touches anything.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Any, Iterator
 
 from metaopt_hydra.records import write_json_atomic
 
-__all__ = ["RUNNING", "marked_running", "running_record", "start_ticks"]
+__all__ = ["RUNNING", "RunDirectoryInUse", "marked_running", "running_record", "start_ticks"]
 
 RUNNING = "running.json"
 
@@ -34,10 +35,24 @@ def start_ticks(pid: int | str = "self") -> int | None:
         return None
 
 
+class RunDirectoryInUse(RuntimeError):
+    """Another live process on this host runs in the directory: two runs there would overwrite each other's
+    checkpoints and records."""
+
+
 @contextmanager
 def marked_running(run_dir: Path) -> Iterator[None]:
-    """`running.json` in `run_dir` while the block runs (removed however it ends, unless the process is killed)."""
+    """`running.json` in `run_dir` while the block runs (removed however it ends, unless the process is killed).
+
+    Raises:
+      RunDirectoryInUse: a live process on this host already runs there (the same job submitted twice); nothing
+        in the directory is touched.
+    """
     path = run_dir / RUNNING
+    live = running_record(run_dir)
+    if live is not None and live["status"] == "running":
+        raise RunDirectoryInUse(f"{run_dir} is in use: {live['by']} runs there (its {RUNNING}); two runs in one "
+                                "directory would overwrite each other's checkpoints. Wait for it, or stop it first")
     write_json_atomic({"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": start_ticks(),
                        "started": time.time()}, path)
     try:
@@ -66,6 +81,7 @@ def running_record(run_dir: Path) -> dict[str, Any] | None:
         return {"status": "running?", "error": f"running.json: pid {pid} on {host} since {since}, not checkable from "
                                                f"here; last wrote a file {_last_written(run_dir):.0f} s ago"}
     if start_ticks(pid) is not None and start_ticks(pid) == ticks:
-        return {"status": "running", "error": "", "job_seconds": time.time() - started}
+        return {"status": "running", "error": "", "job_seconds": time.time() - started,
+                "by": f"pid {pid} on {host} (since {since})"}
     return {"status": "missing", "error": f"no metrics.json: its process (pid {pid} on {host}, started {since}) is "
                                           "gone without a record: killed (SIGKILL, out of memory) or the host restarted"}

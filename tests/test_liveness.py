@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_experiments import ROOT
 
-from metaopt_hydra.liveness import RUNNING, marked_running, running_record, start_ticks
+from metaopt_hydra.liveness import RUNNING, RunDirectoryInUse, marked_running, running_record, start_ticks
 from metaopt_hydra.summary import collect_runs
 
 
@@ -38,6 +38,17 @@ def test_the_marker_lives_as_long_as_the_block_however_it_ends(tmp_path):
         with marked_running(tmp_path):
             raise RuntimeError("a failed run")
     assert not (tmp_path / RUNNING).exists()
+
+
+def test_a_directory_a_live_process_runs_in_is_refused_untouched(tmp_path):
+    _marker(tmp_path, started=123.0)
+    with pytest.raises(RunDirectoryInUse, match=f"pid {os.getpid()} on {socket.gethostname()}"):
+        with marked_running(tmp_path):
+            pass
+    assert json.loads((tmp_path / RUNNING).read_text())["started"] == 123.0
+    _marker(tmp_path, pid=_gone_pid())  # a killed run's marker: a new run takes the directory over
+    with marked_running(tmp_path):
+        assert json.loads((tmp_path / RUNNING).read_text())["pid"] == os.getpid()
 
 
 def test_a_live_process_is_running_and_a_gone_or_reused_pid_is_missing(tmp_path):
@@ -70,8 +81,9 @@ def test_the_summary_reads_the_marker_before_an_earlier_sessions_record(tmp_path
 
 
 def test_a_killed_run_is_told_from_a_running_one(tmp_path):
-    """A real run: "running" in the summary while it trains, "missing" with its pid once SIGKILL ends it (no Python
-    code runs: the marker stays), and no marker left by a run that ends normally."""
+    """A real run: "running" in the summary while it trains (a second run in its directory refused, writing nothing),
+    "missing" with its pid once SIGKILL ends it (no Python code runs: the marker stays), and no marker left by a run
+    that ends normally."""
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     run = tmp_path / "sweep" / "0"
     process = subprocess.Popen([sys.executable, "experiments/train.py", f"hydra.run.dir={run}", "meta_steps=100000",
@@ -84,6 +96,9 @@ def test_a_killed_run_is_told_from_a_running_one(tmp_path):
     summary = subprocess.run([sys.executable, "experiments/summarize.py", str(tmp_path / "sweep")], cwd=ROOT,
                              env=env, capture_output=True, text=True)
     assert "| running |" in summary.stdout and "1 run(s): 0 ok, 1 running, 0 not ok" in summary.stdout
+    twice = subprocess.run([sys.executable, "experiments/train.py", f"hydra.run.dir={run}", "debug=tiny"], cwd=ROOT,
+                           env=env, capture_output=True, text=True)  # the same job submitted twice
+    assert twice.returncode != 0 and "is in use: pid" in twice.stderr and not (run / "metrics.json").exists()
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     row = collect_runs(tmp_path / "sweep")[0]
