@@ -2,7 +2,8 @@
 
 Reads every run under DIR (a Hydra multirun directory, or an explore directory), prints a
 Markdown table (one row per run: overrides, status, metrics, error) and writes DIR/summary.csv.
-Failed or missing runs are listed with their error; a run whose process still lives, as "running". A sweep of dry runs (`-m ... dry_run=true`) is listed as
+Failed or missing runs are listed with their error; a run whose process still lives, as "running". Runs that
+differ only in `seed=` are also summarized over their seeds (mean ± standard deviation). A sweep of dry runs (`-m ... dry_run=true`) is listed as
 "planned", with a last line that sums its price.
 """
 from __future__ import annotations
@@ -11,7 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from metaopt_hydra.summary import collect_runs, dry_run_totals, launcher_parallelism, markdown_table, write_csv
+from metaopt_hydra.summary import (collect_runs, dry_run_totals, launcher_parallelism, markdown_table, over_seeds,
+                                   write_csv)
 
 
 def main() -> int:
@@ -27,6 +29,9 @@ def main() -> int:
         return 1
     print(markdown_table(rows))
     write_csv(rows, args.dir / "summary.csv")
+    seeds = over_seeds(rows)
+    if seeds:
+        print("\nover seeds (mean ± std of the runs that ended ok):\n" + seeds)
     ok = sum(r["status"] == "ok" for r in rows)
     planned = sum(r["status"] == "planned" for r in rows)
     running = sum(r["status"] in ("running", "running?") for r in rows)

@@ -23,7 +23,7 @@ from metaopt_hydra.liveness import running_record
 from metaopt_hydra.threads import available_cores
 
 __all__ = ["collect_runs", "markdown_table", "write_csv", "dry_run_totals", "duration", "launcher_parallelism",
-           "METRICS"]
+           "over_seeds", "METRICS", "SEED_METRICS"]
 
 METRICS = ("meta_test_loss", "meta_test_loss_ci95", "test_accuracy", "test_accuracy_ci95", "val_loss",
            "learned", "baseline", "difference", "estimator_chosen", "meta_steps", "stopped_by", "train_seconds",
@@ -131,6 +131,39 @@ def dry_run_totals(rows: list[dict[str, Any]], parallel: int = 1) -> str | None:
         fit = sum(float(m["predicted_run_seconds"]) <= float(m["job_time_limit"]) for m in limited)
         line += f"; {fit} of {len(limited)} within their job_time_limit"
     return line
+
+
+SEED_METRICS = ("meta_test_loss", "test_accuracy", "train_seconds")
+
+
+def _mean_std(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.4g} (one run)"
+    return f"{mean:.4g} ± {math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)):.2g}"
+
+
+def over_seeds(rows: list[dict[str, Any]]) -> str | None:
+    """A Markdown table of the runs that differ only in `seed=`, one row per such group: the seeds, how many ended
+    ok, and the mean ± standard deviation over those (n - 1) of `SEED_METRICS`; None where no group has two
+    seeds (a single run is no spread)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        tokens = str(row["overrides"]).split(" ")
+        if any(t.startswith("seed=") for t in tokens):
+            groups.setdefault(" ".join(t for t in tokens if not t.startswith("seed=")), []).append(row)
+    groups = {k: v for k, v in groups.items() if len(v) > 1}
+    if not groups:
+        return None
+    lines = ["| overrides (less seed) | seeds | ok | " + " | ".join(SEED_METRICS) + " |",
+             "|" + "---|" * (3 + len(SEED_METRICS))]
+    for overrides, members in groups.items():
+        ok = [m for m in members if m["status"] == "ok"]
+        seeds = ",".join(t.removeprefix("seed=") for m in members for t in str(m["overrides"]).split(" ")
+                         if t.startswith("seed="))
+        cells = [_mean_std([float(m[k]) for m in ok]) if ok and all(k in m for m in ok) else "" for k in SEED_METRICS]
+        lines.append(f"| {_cell(overrides)} | {seeds} | {len(ok)} of {len(members)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:

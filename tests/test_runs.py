@@ -434,3 +434,22 @@ def test_compile_auto_records_its_choice_and_a_short_run_stays_eager(tmp_path):
     assert metrics["status"] == "ok" and metrics["compiled"] is False and metrics["compile_choice"] == "eager"
     assert metrics["compile_seconds"] == 0 and "under the 60 s after which compiling may pay" in metrics["plan"]
     assert metrics["predicted_eval_seconds"] > 0 and metrics["eval_seconds"] > 0
+
+
+def test_runs_that_differ_only_in_seed_are_summarized_over_seeds():
+    from metaopt_hydra.summary import over_seeds
+
+    def row(overrides, status="ok", **metrics):
+        return {"overrides": overrides, "status": status, **metrics}
+
+    rows = [row("seed=0 lr=1", meta_test_loss=1.0, train_seconds=10.0),
+            row("seed=1 lr=1", meta_test_loss=3.0, train_seconds=30.0),
+            row("seed=2 lr=1", status="failed"),
+            row("seed=0 lr=2", meta_test_loss=5.0, train_seconds=7.0),
+            row("lr=3", meta_test_loss=9.0)]  # no seed override: not a group
+    table = over_seeds(rows).splitlines()
+    assert len(table) == 2 + 1  # lr=2 has one seed: no spread, no row
+    assert table[2] == "| lr=1 | 0,1,2 | 2 of 3 | 2 ± 1.4 |  | 20 ± 14 |"
+    assert over_seeds(rows[3:]) is None
+    rows[1]["status"] = "failed"
+    assert "| 1 (one run) |" in over_seeds(rows)
