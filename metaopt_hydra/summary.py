@@ -144,26 +144,26 @@ def _mean_std(values: list[float]) -> str:
 
 
 def over_seeds(rows: list[dict[str, Any]]) -> str | None:
-    """A Markdown table of the runs that differ only in `seed=`, one row per such group: the seeds, how many ended
-    ok, and the mean ± standard deviation over those (n - 1) of `SEED_METRICS`; None where no group has two
-    seeds (a single run is no spread)."""
+    """Lines (plain text, not table rows: a sweep's table keeps one row per run) on the runs that differ only in
+    `seed=`, one per such group: its overrides less the seed, the seeds, how many ended ok, and the mean ± standard
+    deviation over those (n - 1) of `SEED_METRICS`; None where no group has two seeds (a single run is no spread)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         tokens = str(row["overrides"]).split(" ")
         if any(t.startswith("seed=") for t in tokens):
             groups.setdefault(" ".join(t for t in tokens if not t.startswith("seed=")), []).append(row)
-    groups = {k: v for k, v in groups.items() if len(v) > 1}
-    if not groups:
-        return None
-    lines = ["| overrides (less seed) | seeds | ok | " + " | ".join(SEED_METRICS) + " |",
-             "|" + "---|" * (3 + len(SEED_METRICS))]
+    lines = []
     for overrides, members in groups.items():
+        if len(members) < 2:
+            continue
         ok = [m for m in members if m["status"] == "ok"]
         seeds = ",".join(t.removeprefix("seed=") for m in members for t in str(m["overrides"]).split(" ")
                          if t.startswith("seed="))
-        cells = [_mean_std([float(m[k]) for m in ok]) if ok and all(k in m for m in ok) else "" for k in SEED_METRICS]
-        lines.append(f"| {_cell(overrides)} | {seeds} | {len(ok)} of {len(members)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        figures = [f"{k} {_mean_std([float(m[k]) for m in ok])}" for k in SEED_METRICS
+                   if ok and all(k in m for m in ok)]
+        lines.append(f"  {overrides or '(no other override)'}: seeds {seeds} ({len(ok)} of {len(members)} ended ok)"
+                     + (": " + ", ".join(figures) if figures else ""))
+    return "\n".join(lines) or None
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:

@@ -37,6 +37,7 @@ def test_contract_submitit_sweep_and_summary(tmp_path):
     assert summary.returncode == 0, summary.stderr
     rows = [line for line in summary.stdout.splitlines() if line.startswith("| ") and "| ok |" in line]
     assert len(rows) == 2 and "seed=0" in rows[0] and "seed=1" in rows[1]
+    assert "  debug=tiny: seeds 0,1 (2 of 2 ended ok): meta_test_loss " in summary.stdout  # and not as table rows
     assert (sweep / "summary.csv").read_text().count("\n") == 3  # header + 2 runs
     job = _metrics(sweep / "0")  # job_time_limit=auto: the launcher's timeout (submitit_local's 60 min) less a minute
     assert job["job_time_limit"] == 59 * 60 and job["job_within_limit"]
@@ -447,9 +448,8 @@ def test_runs_that_differ_only_in_seed_are_summarized_over_seeds():
             row("seed=2 lr=1", status="failed"),
             row("seed=0 lr=2", meta_test_loss=5.0, train_seconds=7.0),
             row("lr=3", meta_test_loss=9.0)]  # no seed override: not a group
-    table = over_seeds(rows).splitlines()
-    assert len(table) == 2 + 1  # lr=2 has one seed: no spread, no row
-    assert table[2] == "| lr=1 | 0,1,2 | 2 of 3 | 2 ± 1.4 |  | 20 ± 14 |"
+    lines = over_seeds(rows).splitlines()
+    assert lines == ["  lr=1: seeds 0,1,2 (2 of 3 ended ok): meta_test_loss 2 ± 1.4, train_seconds 20 ± 14"]  # lr=2: one
     assert over_seeds(rows[3:]) is None
     rows[1]["status"] = "failed"
-    assert "| 1 (one run) |" in over_seeds(rows)
+    assert "meta_test_loss 1 (one run)" in over_seeds(rows)
