@@ -67,6 +67,20 @@ def _last_written(run_dir: Path) -> float:
     return time.time() - max(times, default=time.time())
 
 
+def _alive(pid: int, ticks: int | None) -> bool:
+    """Whether process `pid` lives and is the one that started at `ticks`; where the marker could not record a
+    start (no /proc: not Linux), whether any process `pid` lives."""
+    if ticks is not None:
+        return start_ticks(pid) == ticks
+    try:
+        os.kill(pid, 0)  # no signal: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, another user's
+    return True
+
+
 def running_record(run_dir: Path) -> dict[str, Any] | None:
     """A summary record from the run's `running.json`: status "running" (its process lives: `job_seconds` so far),
     "missing" (its process is gone: the error says where and when it ran) or "running?" (on another host: not
@@ -80,7 +94,7 @@ def running_record(run_dir: Path) -> dict[str, Any] | None:
     if host != socket.gethostname():
         return {"status": "running?", "error": f"running.json: pid {pid} on {host} since {since}, not checkable from "
                                                f"here; last wrote a file {_last_written(run_dir):.0f} s ago"}
-    if start_ticks(pid) is not None and start_ticks(pid) == ticks:
+    if _alive(pid, ticks):
         return {"status": "running", "error": "", "job_seconds": time.time() - started,
                 "by": f"pid {pid} on {host} (since {since})"}
     return {"status": "missing", "error": f"no metrics.json: its process (pid {pid} on {host}, started {since}) is "

@@ -63,6 +63,10 @@ def test_a_live_process_is_running_and_a_gone_or_reused_pid_is_missing(tmp_path)
     _marker(tmp_path, host="another-node")
     record = running_record(tmp_path)
     assert record["status"] == "running?" and "another-node" in record["error"] and "not checkable" in record["error"]
+    _marker(tmp_path, start_ticks=None)  # no /proc where it started: the pid alone
+    assert running_record(tmp_path)["status"] == "running"
+    _marker(tmp_path, start_ticks=None, pid=_gone_pid())
+    assert running_record(tmp_path)["status"] == "missing"
     (tmp_path / RUNNING).write_text("{")  # half-written: as if there were none
     assert running_record(tmp_path) is None
 
