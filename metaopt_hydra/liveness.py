@@ -4,15 +4,18 @@ A run writes it when it starts and removes it when it ends, whichever way it end
 interrupted: the records say which); a process that is killed outright (SIGKILL, the out-of-memory killer, a lost
 node) leaves it behind. `summarize.py` reads it for a run without `metrics.json`: on the same host, a live process
 with that pid *and that start time* (a pid is reused) is "running"; a gone one is "missing", with where and when it
-ran. From another host (a cluster's login node) nothing can be checked: "running?", with how long ago the run last
-wrote a file. Before this, a sweep summarized while it ran listed its running jobs as dead ("missing"). A second
-run started in a directory where a live process on this host runs is refused before it touches anything.
+ran. A run under SLURM records its job, and from another host (a cluster's login node) `squeue` tells: a live job
+is "running", an ended one (TIMEOUT, OUT_OF_MEMORY, ... or gone from squeue) "missing". Where nothing can be
+checked (another host, no squeue): "running?", with how long ago the run last wrote a file. Before this, a sweep
+summarized while it ran listed its running jobs as dead ("missing"). A second run started in a directory where a
+live process on this host runs is refused before it touches anything.
 """
 from __future__ import annotations
 
 import json
 import os
 import socket
+import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,9 +23,11 @@ from typing import Any, Iterator
 
 from metaopt_hydra.records import write_json_atomic
 
-__all__ = ["RUNNING", "RunDirectoryInUse", "marked_running", "running_record", "start_ticks"]
+__all__ = ["RUNNING", "RunDirectoryInUse", "marked_running", "running_record", "slurm_job", "slurm_state",
+           "start_ticks"]
 
 RUNNING = "running.json"
+SLURM_LIVE = ("RUNNING", "COMPLETING", "CONFIGURING", "SUSPENDED", "STOPPED", "PENDING", "REQUEUED", "RESIZING")
 
 
 def start_ticks(pid: int | str = "self") -> int | None:
@@ -54,11 +59,29 @@ def marked_running(run_dir: Path) -> Iterator[None]:
         raise RunDirectoryInUse(f"{run_dir} is in use: {live['by']} runs there (its {RUNNING}); two runs in one "
                                 "directory would overwrite each other's checkpoints. Wait for it, or stop it first")
     write_json_atomic({"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": start_ticks(),
-                       "started": time.time()}, path)
+                       "started": time.time(), "slurm_job": slurm_job()}, path)
     try:
         yield
     finally:
         path.unlink(missing_ok=True)
+
+
+def slurm_job() -> str | None:
+    """This process's SLURM job as `squeue --jobs` names it ("123", or "123_4" for task 4 of an array, as
+    submitit's array jobs run); None outside SLURM."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
+def slurm_state(job: str) -> str | None:
+    """SLURM's state of `job` ("RUNNING", "TIMEOUT", ...; "" where SLURM no longer knows it), or None where squeue
+    cannot be asked (not on PATH, or no answer in 10 s)."""
+    try:
+        answer = subprocess.run(["squeue", "--noheader", f"--jobs={job}", "--states=all", "--format=%T"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return answer.stdout.strip().splitlines()[0].strip() if answer.returncode == 0 and answer.stdout.strip() else ""
 
 
 def _last_written(run_dir: Path) -> float:
@@ -91,6 +114,15 @@ def running_record(run_dir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+    job = marker.get("slurm_job")
+    state = slurm_state(job) if job and host != socket.gethostname() else None
+    if state in SLURM_LIVE:
+        return {"status": "running", "error": "", "job_seconds": time.time() - started,
+                "by": f"SLURM job {job} on {host} (since {since}, {state})"}
+    if state is not None:
+        return {"status": "missing", "error": f"no metrics.json: SLURM job {job} (on {host}, started {since}) ended "
+                                              f"without a record ({state or 'no longer in squeue'}): killed, e.g. "
+                                              "past its time limit or out of memory"}
     if host != socket.gethostname():
         return {"status": "running?", "error": f"running.json: pid {pid} on {host} since {since}, not checkable from "
                                                f"here; last wrote a file {_last_written(run_dir):.0f} s ago"}

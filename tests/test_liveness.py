@@ -111,3 +111,29 @@ def test_a_killed_run_is_told_from_a_running_one(tmp_path):
     finished = subprocess.run([sys.executable, "experiments/train.py", f"hydra.run.dir={done}", "debug=tiny"],
                               cwd=ROOT, env=env, capture_output=True, text=True)
     assert finished.returncode == 0 and not (done / RUNNING).exists()
+
+
+@pytest.mark.parametrize("answer, status, said", [
+    ("RUNNING", "running", "SLURM job 77_3"), ("PENDING", "running", "PENDING"),
+    ("TIMEOUT", "missing", "ended without a record (TIMEOUT)"), ("", "missing", "no longer in squeue"),
+    (None, "running?", "not checkable")])
+def test_a_slurm_job_on_another_host_is_asked_of_squeue(tmp_path, monkeypatch, answer, status, said):
+    """From a login node: the marker names the SLURM job (an array's task as squeue names it), and squeue's state
+    decides; without squeue, nothing can be checked."""
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    run = tmp_path / "run"
+    run.mkdir()
+    with marked_running(run):
+        marker = json.loads((run / RUNNING).read_text())
+    assert marker["slurm_job"] == "77_3"
+    _marker(run, host="node-12", slurm_job="77_3")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if answer is not None:
+        squeue = bin_dir / "squeue"
+        squeue.write_text(f"#!/bin/sh\ncase \"$*\" in *--jobs=77_3*) printf '{answer}\\n';; esac\n")
+        squeue.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir) if answer is None else f"{bin_dir}:{os.environ['PATH']}")
+    record = running_record(run)
+    assert record["status"] == status and said in (record.get("by", "") + record["error"])
