@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -90,6 +91,18 @@ def _last_written(run_dir: Path) -> float:
     return time.time() - max(times, default=time.time())
 
 
+def _logged_meta_step(run_dir: Path) -> int | None:
+    """The last meta-step the run's log reports (`meta-step N/M`, the end of its `.log` files), or None."""
+    steps = None
+    for log in sorted(run_dir.glob("*.log")):
+        with open(log, "rb") as f:
+            f.seek(max(f.seek(0, os.SEEK_END) - 65536, 0))
+            found = re.findall(rb"meta-step (\d+)/\d+", f.read())
+        if found:
+            steps = max(steps or 0, int(found[-1]))
+    return steps
+
+
 def _alive(pid: int, ticks: int | None) -> bool:
     """Whether process `pid` lives and is the one that started at `ticks`; where the marker could not record a
     start (no /proc: not Linux), whether any process `pid` lives."""
@@ -105,9 +118,9 @@ def _alive(pid: int, ticks: int | None) -> bool:
 
 
 def running_record(run_dir: Path) -> dict[str, Any] | None:
-    """A summary record from the run's `running.json`: status "running" (its process lives: `job_seconds` so far),
-    "missing" (its process is gone: the error says where and when it ran) or "running?" (on another host: not
-    checkable here); None where the run has no readable `running.json`."""
+    """A summary record from the run's `running.json`: status "running" (its process lives: `job_seconds` so far and
+    `meta_steps`, the last its log reports), "missing" (its process is gone: the error says where and when it ran)
+    or "running?" (on another host: not checkable here); None where the run has no readable `running.json`."""
     try:
         marker = json.loads((run_dir / RUNNING).read_text())
         host, pid, ticks, started = marker["host"], int(marker["pid"]), marker["start_ticks"], float(marker["started"])
@@ -116,9 +129,10 @@ def running_record(run_dir: Path) -> dict[str, Any] | None:
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
     job = marker.get("slurm_job")
     state = slurm_state(job) if job and host != socket.gethostname() else None
+    live = {"status": "running", "error": "", "job_seconds": time.time() - started,
+            **({"meta_steps": step} if (step := _logged_meta_step(run_dir)) is not None else {})}
     if state in SLURM_LIVE:
-        return {"status": "running", "error": "", "job_seconds": time.time() - started,
-                "by": f"SLURM job {job} on {host} (since {since}, {state})"}
+        return {**live, "by": f"SLURM job {job} on {host} (since {since}, {state})"}
     if state is not None:
         return {"status": "missing", "error": f"no metrics.json: SLURM job {job} (on {host}, started {since}) ended "
                                               f"without a record ({state or 'no longer in squeue'}): killed, e.g. "
@@ -127,7 +141,6 @@ def running_record(run_dir: Path) -> dict[str, Any] | None:
         return {"status": "running?", "error": f"running.json: pid {pid} on {host} since {since}, not checkable from "
                                                f"here; last wrote a file {_last_written(run_dir):.0f} s ago"}
     if _alive(pid, ticks):
-        return {"status": "running", "error": "", "job_seconds": time.time() - started,
-                "by": f"pid {pid} on {host} (since {since})"}
+        return {**live, "by": f"pid {pid} on {host} (since {since})"}
     return {"status": "missing", "error": f"no metrics.json: its process (pid {pid} on {host}, started {since}) is "
                                           "gone without a record: killed (SIGKILL, out of memory) or the host restarted"}

@@ -53,7 +53,9 @@ def test_a_directory_a_live_process_runs_in_is_refused_untouched(tmp_path):
 
 def test_a_live_process_is_running_and_a_gone_or_reused_pid_is_missing(tmp_path):
     _marker(tmp_path)
-    assert running_record(tmp_path)["status"] == "running"
+    assert running_record(tmp_path)["status"] == "running" and "meta_steps" not in running_record(tmp_path)
+    (tmp_path / "train.log").write_text("meta-step 5/10: loss 1\nmeta-step 7/10: loss 0.5\n")
+    assert running_record(tmp_path)["meta_steps"] == 7  # how far it has come, from its log
     pid = _gone_pid()
     _marker(tmp_path, pid=pid)
     record = running_record(tmp_path)
@@ -100,6 +102,7 @@ def test_a_killed_run_is_told_from_a_running_one(tmp_path):
     summary = subprocess.run([sys.executable, "experiments/summarize.py", str(tmp_path / "sweep")], cwd=ROOT,
                              env=env, capture_output=True, text=True)
     assert "| running |" in summary.stdout and "1 run(s): 0 ok, 1 running, 0 not ok" in summary.stdout
+    assert collect_runs(tmp_path / "sweep")[0]["meta_steps"] >= 50
     twice = subprocess.run([sys.executable, "experiments/train.py", f"hydra.run.dir={run}", "debug=tiny"], cwd=ROOT,
                            env=env, capture_output=True, text=True)  # the same job submitted twice
     assert twice.returncode != 0 and "is in use: pid" in twice.stderr and not (run / "metrics.json").exists()
