@@ -3,8 +3,8 @@
 Reads every run under DIR (a Hydra multirun directory, or an explore directory), prints a
 Markdown table (one row per run: overrides, status, metrics, error) and writes DIR/summary.csv.
 Failed or missing runs are listed with their error; a run whose process still lives, as "running". Runs that
-differ only in `seed=` are also summarized over their seeds (mean ± standard deviation). A sweep of dry runs (`-m ... dry_run=true`) is listed as
-"planned", with a last line that sums its price.
+differ only in `seed=` are also summarized over their seeds (mean ± standard deviation), one line per group. A
+sweep of dry runs (`-m ... dry_run=true`) is listed as "planned", with a last line that sums its price.
 """
 from __future__ import annotations
 

@@ -115,8 +115,8 @@ class Deadline:
     def record(self) -> dict[str, Any]:
         """The metrics.json entries, every key "job_...": "job_time_limit" (s), "job_reserved" ({what: predicted
         s}), "job_kept" ({what: allowance s}), "job_reserved_seconds" (margin and allowances included),
-        "job_unreserved" (work with no prediction), "job_seconds" (elapsed when recorded) and "job_after_training_seconds" (from the end of training to now, measured; None
-        before it)."""
+        "job_unreserved" (work with no prediction), "job_seconds" (elapsed when recorded) and
+        "job_after_training_seconds" (from the end of training to now, measured; None before it)."""
         now = self.elapsed()
         return {"job_time_limit": self.seconds, "job_reserved": dict(self.reserved), "job_kept": dict(self.kept),
                 "job_reserved_seconds": self.reserved_seconds, "job_unreserved": list(self.unreserved),

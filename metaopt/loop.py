@@ -78,6 +78,8 @@ class InnerLoop:
         self.proximal = proximal
         self.param_shapes = {k: p.shape for k, p in model.named_parameters()}
         self.adapt = self._checked_adapt(adapt)
+        # The names themselves, matched once here: the inner step selects by membership, no pattern matching.
+        self.adapted_keys = None if self.adapt is None else frozenset(adapted_names(self.adaptable_names(), self.adapt))
 
     def adaptable_names(self) -> list[str]:
         """The names of the parameters an inner step may train (`adapt` selects among them)."""
@@ -99,13 +101,13 @@ class InnerLoop:
 
     def adapted(self, params: Params) -> Params:
         """The entries of `params` that the inner steps train (all of them without `adapt`)."""
-        if self.adapt is None:
+        if self.adapted_keys is None:
             return params
-        return {k: params[k] for k in adapted_names(params, self.adapt)}
+        return {k: v for k, v in params.items() if k in self.adapted_keys}
 
     def with_adapted(self, params: Params, trained: Params) -> Params:
         """`params` with the trained entries replaced (in `params`' order; held ones as they are)."""
-        if self.adapt is None:
+        if self.adapted_keys is None:
             return trained
         return {k: trained.get(k, v) for k, v in params.items()}
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metaopt.loop import InnerLoop, adapted_names, call_module
+from metaopt.loop import InnerLoop, call_module
 from metaopt.metacall import call_with_meta
 from metaopt.models import MLP, BatchNorm, Conv4, MatmulConv2d
 from metaopt.losses import per_task
@@ -309,7 +309,7 @@ class StackedLoop(InnerLoop):
         # Not super().__init__ (it would re-walk the model's parameters at every call): the configuration only.
         self.model, self.optimizer, self.loss_fn = loop.model, loop.optimizer, loop.loss_fn
         self.outer_loss_fn, self.proximal, self.param_shapes = loop.outer_loss_fn, loop.proximal, loop.param_shapes
-        self.adapt = loop.adapt
+        self.adapt, self.adapted_keys = loop.adapt, loop.adapted_keys
         self.tasks, self.functional, self.row_meta = tasks, functional, row_meta
 
     def per_row(self, meta: MetaParams, fn: Callable[..., Any], *args: Any) -> Any:
@@ -357,7 +357,7 @@ class StackedLoop(InnerLoop):
         def on_rows(value: Tensor, name: str) -> Tensor:
             rank = len(self.param_shapes[name])
             return value.reshape(value.shape[0], *[1] * (rank - value.dim() + 1), *value.shape[1:])
-        names = adapted_names(self.param_shapes, self.adapt) if self.adapt is not None else self.param_shapes
+        names = [n for n in self.param_shapes if self.adapted_keys is None or n in self.adapted_keys]
         return {key: {name: on_rows(cast(Tensor, hyper_for(value, name)), name) for name in names}
                 for key, value in rows.items()}
 

@@ -98,8 +98,8 @@ def build(cfg: DictConfig, load_tasks: bool = True) -> Parts:
         check_data_slot_fits_model(cfg, drawn, model, meta)
     loop = instantiate(cfg.loop)(model=model, optimizer=instantiate(cfg.inner_optim), loss_fn=loss_fn)
     if cfg.get("adapt") is not None and getattr(loop, "adapt", None) is None:
-        raise ValueError(f"adapt={list(adapt_patterns(cfg.adapt) or [])}: loop={target_name(cfg.loop)} takes no inner gradient steps to "
-                         "restrict; adapt applies to loop=gradient or loop=protomaml")
+        raise ValueError(f"adapt={list(adapt_patterns(cfg.adapt) or [])}: loop={target_name(cfg.loop)} takes no inner "
+                         "gradient steps to restrict; adapt applies to loop=gradient or loop=protomaml")
     if int(cfg.get("ensemble", 1)) > 1:  # members 1.. as built alone (their own seeds); trained or loaded later
         others = [build(member_config(cfg, i), load_tasks=False) for i in range(1, int(cfg.ensemble))]
         members = [(loop, meta), *((other.loop, other.meta) for other in others)]

@@ -129,10 +129,8 @@ def running_record(run_dir: Path) -> dict[str, Any] | None:
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
     job = marker.get("slurm_job")
     state = slurm_state(job) if job and host != socket.gethostname() else None
-    live = {"status": "running", "error": "", "job_seconds": time.time() - started,
-            **({"meta_steps": step} if (step := _logged_meta_step(run_dir)) is not None else {})}
     if state in SLURM_LIVE:
-        return {**live, "by": f"SLURM job {job} on {host} (since {since}, {state})"}
+        return _running(run_dir, started, f"SLURM job {job} on {host} (since {since}, {state})")
     if state is not None:
         return {"status": "missing", "error": f"no metrics.json: SLURM job {job} (on {host}, started {since}) ended "
                                               f"without a record ({state or 'no longer in squeue'}): killed, e.g. "
@@ -141,6 +139,14 @@ def running_record(run_dir: Path) -> dict[str, Any] | None:
         return {"status": "running?", "error": f"running.json: pid {pid} on {host} since {since}, not checkable from "
                                                f"here; last wrote a file {_last_written(run_dir):.0f} s ago"}
     if _alive(pid, ticks):
-        return {**live, "by": f"pid {pid} on {host} (since {since})"}
+        return _running(run_dir, started, f"pid {pid} on {host} (since {since})")
     return {"status": "missing", "error": f"no metrics.json: its process (pid {pid} on {host}, started {since}) is "
-                                          "gone without a record: killed (SIGKILL, out of memory) or the host restarted"}
+                                          "gone without a record: killed (SIGKILL, out of memory) or the host "
+                                          "restarted"}
+
+
+def _running(run_dir: Path, started: float, by: str) -> dict[str, Any]:
+    """A live run's record: `job_seconds` so far, `meta_steps` as its log last reports them, and who runs it."""
+    step = _logged_meta_step(run_dir)
+    return {"status": "running", "error": "", "job_seconds": time.time() - started, "by": by,
+            **({} if step is None else {"meta_steps": step})}

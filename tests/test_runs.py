@@ -449,7 +449,8 @@ def test_runs_that_differ_only_in_seed_are_summarized_over_seeds():
             row("seed=0 lr=2", meta_test_loss=5.0, train_seconds=7.0),
             row("lr=3", meta_test_loss=9.0)]  # no seed override: not a group
     lines = over_seeds(rows).splitlines()
-    assert lines == ["  lr=1: seeds 0,1,2 (2 of 3 ended ok): meta_test_loss 2 ± 1.4, train_seconds 20 ± 14"]  # lr=2: one
+    # lr=2 has one seed: no spread, no line
+    assert lines == ["  lr=1: seeds 0,1,2 (2 of 3 ended ok): meta_test_loss 2 ± 1.4, train_seconds 20 ± 14"]
     assert over_seeds(rows[3:]) is None
     rows[1]["status"] = "failed"
     assert "meta_test_loss 1 (one run)" in over_seeds(rows)
